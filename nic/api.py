@@ -1,0 +1,148 @@
+"""nic as a library: pixels or Pillow images in, .nic bytes out, and back.
+
+    >>> import nic
+    >>> data = nic.encode(Image.open("photo.png"), quality=4)
+    >>> image = nic.decode(data)
+
+This is where the math modules meet: :mod:`nic.model` (transforms),
+:mod:`nic.coding` (range coding), :mod:`nic.container` (file format). The model is
+loaded once per process and per weights file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import container
+from .container import COLOUR_GRAY, COLOUR_RGB, FormatError, Header
+
+
+@dataclass(frozen=True)
+class Decoded:
+    pixels: np.ndarray  # uint8 (H, W, 3) or (H, W, 1)
+    header: Header
+    latents: np.ndarray  # int64 (C, rows, cols), as decoded
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _coder(model, quality: int):
+    from .coding import LatentCoder
+
+    cache = model.__dict__.setdefault("_coders", {})
+    if quality not in cache:
+        cache[quality] = LatentCoder(model.tables[quality - 1])
+    return cache[quality]
+
+
+def quantize_latents(model, pixels: np.ndarray, quality: int) -> np.ndarray:
+    """Integer latents of uint8 pixels (H, W, 1|3): round(g_a(x)·gain)."""
+    torch = _torch()
+    from .model import pad_to_multiple
+
+    x = torch.from_numpy(np.array(pixels, copy=True)).permute(2, 0, 1).unsqueeze(0).float() / 255.0
+    if x.shape[1] == 1:
+        x = x.expand(1, 3, *x.shape[2:])
+    x = pad_to_multiple(x).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        y = model.analysis(x, quality)[0]
+    y = y.to(torch.float64).numpy()
+    if not np.isfinite(y).all():
+        raise ValueError("analysis transform produced non-finite values")
+    return np.round(y).astype(np.int64)
+
+
+def reconstruct(model, latents: np.ndarray, quality: int, height: int, width: int, gray: bool) -> np.ndarray:
+    """uint8 pixels (H, W, 1|3) from integer latents."""
+    torch = _torch()
+    y_hat = torch.from_numpy(latents.astype(np.float32)).unsqueeze(0).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        x_hat = model.synthesis(y_hat, quality)[0, :, :height, :width]
+    if gray:
+        x_hat = x_hat.mean(dim=0, keepdim=True)
+    x = torch.nan_to_num(x_hat, nan=0.0).clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
+    return x.permute(1, 2, 0).contiguous().numpy()
+
+
+def encode_pixels(pixels: np.ndarray, quality: int = 4, weights: str | Path | None = None) -> bytes:
+    """.nic bytes of uint8 pixels of shape (H, W, 3) or (H, W, 1)."""
+    from .weights import default_weights
+
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] not in (1, 3):
+        raise ValueError("pixels must be uint8 of shape (H, W, 3) or (H, W, 1)")
+    height, width = pixels.shape[:2]
+    if height < 1 or width < 1:
+        raise ValueError("image has no pixels")
+    if width > 0xFFFFFFFF or height > 0xFFFFFFFF or -(-height // 16) > 0xFFFF or -(-width // 16) > 0xFFFF:
+        raise ValueError(f"image of {width}x{height} is larger than the format allows")
+    model, digest = default_weights(weights)
+    if not 1 <= quality <= model.config.qualities:
+        raise ValueError(f"quality must be 1..{model.config.qualities}, got {quality}")
+    latents = quantize_latents(model, pixels, quality)
+    payload = _coder(model, quality).encode(latents)
+    header = Header(
+        model_id=model.config.model_id, quality=quality,
+        colour=COLOUR_GRAY if pixels.shape[2] == 1 else COLOUR_RGB,
+        width=width, height=height, weights_hash=digest,
+        latent_shape=tuple(latents.shape), payload_length=len(payload),
+    )
+    return container.pack(header, payload)
+
+
+def decode_pixels(data: bytes, weights: str | Path | None = None,
+                  max_pixels: int = container.DEFAULT_MAX_PIXELS) -> Decoded:
+    """Decode .nic bytes; raises FormatError or WeightsError naming the problem."""
+    from .coding import CorruptStream
+    from .weights import weights_for
+
+    parsed = container.unpack(data, max_pixels)
+    header = parsed.header
+    model, _ = weights_for(header.model_id, header.weights_hash, weights)
+    if not 1 <= header.quality <= model.config.qualities:
+        raise FormatError(f"quality {header.quality} is not one of the weights' 1..{model.config.qualities}")
+    if header.latent_shape[0] != model.config.M:
+        raise FormatError(f"file has {header.latent_shape[0]} latent channels, the model has {model.config.M}")
+    try:
+        latents = _coder(model, header.quality).decode(parsed.payload, header.latent_shape)
+    except CorruptStream as exc:
+        raise FormatError(f"payload is corrupt: {exc}") from None
+    pixels = reconstruct(model, latents, header.quality, header.height, header.width,
+                         header.colour == COLOUR_GRAY)
+    return Decoded(pixels, header, latents)
+
+
+def encode(image, quality: int = 4, weights: str | Path | None = None, background: str | None = None) -> bytes:
+    """Encode a Pillow image or a uint8 numpy array (H, W), (H, W, 1|3|4) to .nic bytes."""
+    from PIL import Image
+
+    from .images import pixels_from_image
+
+    if isinstance(image, Image.Image):
+        pixels = pixels_from_image(image, background)
+    else:
+        array = np.asarray(image)
+        if array.dtype != np.uint8:
+            raise ValueError(f"arrays must be uint8, got {array.dtype}")
+        if array.ndim == 2:
+            array = array[..., None]
+        if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+            raise ValueError(f"array shape {array.shape} is not (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)")
+        if array.shape[2] == 4:
+            pixels = pixels_from_image(Image.fromarray(array, "RGBA"), background)
+        else:
+            pixels = array
+    return encode_pixels(pixels, quality, weights)
+
+
+def decode(data: bytes, weights: str | Path | None = None):
+    """Decode .nic bytes to a Pillow image (mode RGB or L)."""
+    from .images import image_from_pixels
+
+    return image_from_pixels(decode_pixels(data, weights).pixels)

@@ -1,0 +1,159 @@
+"""The .nic file format, version 1.
+
+All integers are little-endian. A file is a fixed 38-byte header, the range-coded
+payload, the payload's CRC, then zero or more sections.
+
+| offset | size | field            | meaning                                                    |
+|-------:|-----:|------------------|------------------------------------------------------------|
+| 0      | 4    | magic            | ``89 4E 49 43`` (0x89 "NIC"): the high bit catches 7-bit channels |
+| 4      | 1    | version          | container format version, 1                                |
+| 5      | 1    | model id         | 1 = bls2017-gained (:class:`nic.model.Config`)              |
+| 6      | 1    | quality          | 1..8                                                       |
+| 7      | 1    | colour layout    | 1 = RGB, 2 = grayscale (decoded to one channel)            |
+| 8      | 4    | width            | pixels, ≥ 1                                                |
+| 12     | 4    | height           | pixels, ≥ 1                                                |
+| 16     | 8    | weights hash     | first 8 bytes of the SHA-256 of the weights' tensors       |
+| 24     | 2    | latent channels  | M                                                          |
+| 26     | 2    | latent rows      | ceil(height / 16)                                          |
+| 28     | 2    | latent columns   | ceil(width / 16)                                           |
+| 30     | 4    | payload length   | bytes, a multiple of 4                                     |
+| 34     | 4    | header CRC       | CRC-32 of bytes 0..33                                      |
+| 38     | n    | payload          | range-coded latents (:mod:`nic.coding`), 32-bit LE words   |
+| 38+n   | 4    | payload CRC      | CRC-32 of the payload                                      |
+
+Sections (how the format grows without a new version): each is a 4-byte ASCII
+type, a 4-byte length, the data and a CRC-32 over type and data. As in PNG, a type
+whose first letter is lowercase is *ancillary*: a reader that does not know it skips
+it; an unknown uppercase (*critical*) type makes the file unreadable. Version 1
+defines no section, so a version-1 reader skips every ancillary section and refuses
+files with critical ones. Any other byte after the payload CRC is an error.
+
+Every check happens before anything is allocated from a header field: dimensions
+against a pixel limit, latent shape against the dimensions, payload length against
+the pixels and the bytes actually present. No I/O here: bytes in, bytes out.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+MAGIC = b"\x89NIC"
+VERSION = 1
+HEADER = struct.Struct("<4sBBBBII8sHHHI")  # without its CRC
+HEADER_SIZE = HEADER.size + 4  # 38
+SECTION_HEAD = struct.Struct("<4sI")
+
+COLOUR_RGB = 1
+COLOUR_GRAY = 2
+COLOUR_NAMES = {COLOUR_RGB: "RGB", COLOUR_GRAY: "grayscale"}
+
+DEFAULT_MAX_PIXELS = 2 * 89_478_485
+"""Like Pillow's decompression-bomb error threshold (2 x its warning limit)."""
+
+MAX_BITS_PER_PIXEL = 64
+"""No honest payload comes near this; larger claims are refused before reading."""
+
+
+class FormatError(ValueError):
+    """The bytes are not a valid .nic file; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class Header:
+    model_id: int
+    quality: int
+    colour: int
+    width: int
+    height: int
+    weights_hash: bytes
+    latent_shape: tuple[int, int, int]
+    payload_length: int
+    version: int = VERSION
+
+    def pack(self) -> bytes:
+        c, h, w = self.latent_shape
+        fixed = HEADER.pack(MAGIC, self.version, self.model_id, self.quality, self.colour,
+                            self.width, self.height, self.weights_hash, c, h, w, self.payload_length)
+        return fixed + struct.pack("<I", zlib.crc32(fixed))
+
+
+@dataclass(frozen=True)
+class Container:
+    header: Header
+    payload: bytes
+    sections: list[tuple[bytes, bytes]] = field(default_factory=list)  # ancillary ones kept
+
+
+def pack(header: Header, payload: bytes) -> bytes:
+    if header.payload_length != len(payload):
+        raise ValueError("header payload length does not match the payload")
+    return header.pack() + payload + struct.pack("<I", zlib.crc32(payload))
+
+
+def parse_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Header:
+    """Validate and parse the fixed header (the first 38 bytes)."""
+    if len(data) == 0:
+        raise FormatError("empty input: not a .nic file")
+    if data[:4] != MAGIC[: min(len(data), 4)]:
+        raise FormatError("not a .nic file (bad magic bytes)")
+    if len(data) < 5:
+        raise FormatError("truncated file: the header ends at byte %d of %d" % (len(data), HEADER_SIZE))
+    if data[4] != VERSION:
+        raise FormatError(f"unsupported .nic format version {data[4]} (this nic reads version {VERSION})")
+    if len(data) < HEADER_SIZE:
+        raise FormatError("truncated file: the header ends at byte %d of %d" % (len(data), HEADER_SIZE))
+    fixed = data[: HEADER.size]
+    (stored_crc,) = struct.unpack_from("<I", data, HEADER.size)
+    if zlib.crc32(fixed) != stored_crc:
+        raise FormatError("header is corrupt (CRC mismatch)")
+    (_, version, model_id, quality, colour, width, height, weights_hash,
+     channels, rows, cols, payload_length) = HEADER.unpack(fixed)
+    if colour not in COLOUR_NAMES:
+        raise FormatError(f"unknown colour layout {colour}")
+    if width < 1 or height < 1:
+        raise FormatError(f"invalid dimensions {width}x{height}")
+    if width * height > max_pixels:
+        raise FormatError(f"image of {width}x{height} = {width * height} pixels exceeds the limit of "
+                          f"{max_pixels} pixels (raise it with --max-pixels)")
+    if rows != -(-height // 16) or cols != -(-width // 16) or channels < 1:
+        raise FormatError(f"latent shape {channels}x{rows}x{cols} does not fit a {width}x{height} image")
+    if payload_length % 4:
+        raise FormatError("payload length is not a multiple of 4 bytes")
+    if payload_length > 1024 + width * height * MAX_BITS_PER_PIXEL // 8:
+        raise FormatError(f"payload length {payload_length} is implausible for {width}x{height} pixels")
+    return Header(model_id, quality, colour, width, height, weights_hash, (channels, rows, cols),
+                  payload_length, version)
+
+
+def unpack(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Container:
+    """Parse a whole file; raises :class:`FormatError` naming the problem."""
+    header = parse_header(data, max_pixels)
+    end = HEADER_SIZE + header.payload_length
+    if len(data) < end + 4:
+        raise FormatError(f"truncated file: {len(data)} bytes, the header promises at least {end + 4}")
+    payload = data[HEADER_SIZE:end]
+    (stored_crc,) = struct.unpack_from("<I", data, end)
+    if zlib.crc32(payload) != stored_crc:
+        raise FormatError("payload is corrupt (CRC mismatch)")
+    sections = []
+    offset = end + 4
+    while offset < len(data):
+        if len(data) - offset < SECTION_HEAD.size + 4:
+            raise FormatError(f"trailing garbage after the payload at byte {offset}")
+        kind, length = SECTION_HEAD.unpack_from(data, offset)
+        body_end = offset + SECTION_HEAD.size + length
+        if body_end + 4 > len(data):
+            raise FormatError(f"truncated section at byte {offset}")
+        body = data[offset + SECTION_HEAD.size : body_end]
+        (crc,) = struct.unpack_from("<I", data, body_end)
+        if zlib.crc32(kind + body) != crc:
+            raise FormatError(f"section at byte {offset} is corrupt (CRC mismatch)")
+        if not all(65 <= b <= 90 or 97 <= b <= 122 for b in kind):
+            raise FormatError(f"invalid section type at byte {offset}")
+        if kind[0] < 97:
+            raise FormatError(f"file needs section {kind.decode()}, which this nic does not know")
+        sections.append((kind, body))
+        offset = body_end + 4
+    return Container(header, payload, sections)

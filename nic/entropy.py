@@ -1,0 +1,183 @@
+"""The learned factorized entropy model and its integer CDF tables.
+
+Density: the "non-parametric" univariate density of Ballé, Minnen, Singh, Hwang
+and Johnston, "Variational image compression with a scale hyperprior" (ICLR 2018),
+appendix 6.1. Per latent channel c, a cumulative c(x) = sigmoid(f_K ∘ … ∘ f_1(x))
+where each f_k(x) = h_k(H_k x + b_k) with H_k ≥ 0 (softplus) and
+h_k(x) = x + tanh(a_k) ⊙ tanh(x), so that c is monotone in x. The probability of the
+quantized value round(y) = k, smoothed by the uniform noise used in training, is
+
+    p(k) = c(k + ½) − c(k − ½).
+
+For coding, :func:`integer_tables` evaluates p once per channel on integers and
+stores frequencies that sum to 2**PRECISION, with one extra *escape* symbol whose
+frequency covers the tails. The range coder only ever sees those integers, so
+decoding never depends on floating-point rounding in this network. No I/O here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+import torch.nn.functional as F
+
+PRECISION = 16
+"""Bits of the integer frequency tables: every table sums to 2**PRECISION."""
+
+LIKELIHOOD_FLOOR = 1e-9
+
+
+class FactorizedDensity(nn.Module):
+    """One learned monotone cumulative per channel (Ballé 2018, appendix 6.1)."""
+
+    def __init__(self, channels: int, filters: tuple[int, ...] = (3, 3, 3, 3), init_scale: float = 10.0):
+        super().__init__()
+        self.channels = channels
+        widths = (1, *filters, 1)
+        scale = init_scale ** (1.0 / (len(widths) - 1))
+        self.matrices = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        self.factors = nn.ParameterList()
+        for k in range(len(widths) - 1):
+            init = float(np.log(np.expm1(1.0 / scale / widths[k + 1])))
+            self.matrices.append(nn.Parameter(torch.full((channels, widths[k + 1], widths[k]), init)))
+            self.biases.append(nn.Parameter(torch.rand(channels, widths[k + 1], 1) - 0.5))
+            if k < len(widths) - 2:
+                self.factors.append(nn.Parameter(torch.zeros(channels, widths[k + 1], 1)))
+
+    def logits_cumulative(self, x: Tensor) -> Tensor:
+        """logit of c(x) for x of shape (channels, 1, n)."""
+        logits = x
+        for k, (matrix, bias) in enumerate(zip(self.matrices, self.biases)):
+            logits = torch.matmul(F.softplus(matrix), logits) + bias
+            if k < len(self.factors):
+                logits = logits + torch.tanh(self.factors[k]) * torch.tanh(logits)
+        return logits
+
+    def probability(self, y: Tensor, rows: Tensor | None = None) -> Tensor:
+        """p(y) = c(y + ½) − c(y − ½) for y of shape (batch, C, h, w).
+
+        ``rows`` (batch, C) picks which of this module's channels models each
+        sample's channel (default: channel c for c); one module can so hold the
+        densities of several qualities and evaluate a mixed batch in one pass."""
+        b, c, h, w = y.shape
+        values = y.reshape(b * c, 1, h * w)
+        if rows is None:
+            rows = torch.arange(c, device=y.device).expand(b, c)
+        lower = self._logits_cumulative_rows(values - 0.5, rows.reshape(-1))
+        upper = self._logits_cumulative_rows(values + 0.5, rows.reshape(-1))
+        # Subtract in whichever tail keeps the sigmoids away from 1, for precision.
+        sign = -torch.sign(lower + upper).detach()
+        p = torch.abs(torch.sigmoid(sign * upper) - torch.sigmoid(sign * lower))
+        return torch.clamp_min(p.reshape(b, c, h, w), LIKELIHOOD_FLOOR)
+
+    def _logits_cumulative_rows(self, x: Tensor, rows: Tensor) -> Tensor:
+        logits = x
+        for k, (matrix, bias) in enumerate(zip(self.matrices, self.biases)):
+            logits = torch.matmul(F.softplus(matrix)[rows], logits) + bias[rows]
+            if k < len(self.factors):
+                logits = logits + torch.tanh(self.factors[k])[rows] * torch.tanh(logits)
+        return logits
+
+
+@dataclass(frozen=True)
+class IntegerTables:
+    """Per-channel integer frequency tables of one quantized latent.
+
+    Channel c codes the integers offsets[c] .. offsets[c] + lengths[c] − 1 as
+    symbols 0 .. lengths[c] − 1; symbol lengths[c] is the escape. Its frequencies
+    are frequencies[starts[c] : starts[c] + lengths[c] + 1], all ≥ 1, summing to
+    2**PRECISION.
+    """
+
+    offsets: np.ndarray  # int32 (channels,)
+    lengths: np.ndarray  # int32 (channels,)
+    frequencies: np.ndarray  # int32 (Σ (lengths + 1),)
+
+    @property
+    def starts(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.lengths + 1)[:-1]]).astype(np.int64)
+
+    def select(self, start: int, stop: int) -> "IntegerTables":
+        """The tables of channels start .. stop − 1."""
+        starts = self.starts
+        end = int(starts[stop - 1]) + int(self.lengths[stop - 1]) + 1
+        return IntegerTables(self.offsets[start:stop].copy(), self.lengths[start:stop].copy(),
+                             self.frequencies[int(starts[start]) : end].copy())
+
+    def channel(self, c: int) -> np.ndarray:
+        start = int(self.starts[c])
+        return self.frequencies[start : start + int(self.lengths[c]) + 1]
+
+
+def quantize_pmf(pmf: np.ndarray, tail: float, precision: int = PRECISION) -> np.ndarray:
+    """Integer frequencies (pmf…, escape) summing to 2**precision, each ≥ 1.
+
+    Deterministic given the float64 input; this only runs at export time.
+    """
+    total = 1 << precision
+    probs = np.append(np.clip(pmf, 0.0, None), max(tail, 0.0))
+    probs = probs / probs.sum()
+    freq = np.maximum(1, np.round(probs * total)).astype(np.int64)
+    # Repair the sum by taking from / giving to the largest bins.
+    while freq.sum() != total:
+        diff = total - int(freq.sum())
+        order = np.argsort(-freq, kind="stable")
+        if diff > 0:
+            freq[order[0]] += diff
+        else:
+            for i in order:
+                take = min(-diff, int(freq[i]) - 1)
+                freq[i] -= take
+                diff += take
+                if diff == 0:
+                    break
+    return freq.astype(np.int32)
+
+
+@torch.no_grad()
+def integer_tables(density: FactorizedDensity, tail_mass: float = 1e-6, search_radius: int = 1024,
+                   max_length: int = 2048) -> IntegerTables:
+    """Export per-channel integer tables from a trained density.
+
+    The support of channel c is the smallest integer interval holding all but
+    ``tail_mass`` of its probability (at most ``max_length`` values); the mass
+    outside goes to the escape symbol.
+    """
+    grid = torch.arange(-search_radius, search_radius + 1, dtype=torch.float64)
+    density64 = _as_float64(density)
+    c = density.channels
+    values = grid.reshape(1, 1, -1).expand(c, 1, -1).contiguous()
+    upper = torch.sigmoid(density64.logits_cumulative(values + 0.5))[:, 0, :].numpy()
+    lower = torch.sigmoid(density64.logits_cumulative(values - 0.5))[:, 0, :].numpy()
+    offsets, lengths, freqs = [], [], []
+    for ch in range(c):
+        # c(k - ½) crosses tail/2 at the low end, c(k + ½) crosses 1 − tail/2 at the high end.
+        lo = int(np.searchsorted(upper[ch], tail_mass / 2))
+        hi = int(np.searchsorted(lower[ch], 1 - tail_mass / 2)) - 1
+        lo, hi = min(lo, len(grid) - 1), max(hi, 0)
+        if hi < lo:
+            lo = hi = (lo + hi) // 2
+        if hi - lo + 1 > max_length:
+            centre = (lo + hi) // 2
+            lo, hi = centre - max_length // 2, centre - max_length // 2 + max_length - 1
+        pmf = upper[ch, lo : hi + 1] - lower[ch, lo : hi + 1]
+        escape = max(0.0, 1.0 - float(pmf.sum()))
+        offsets.append(int(grid[lo]))
+        lengths.append(hi - lo + 1)
+        freqs.append(quantize_pmf(pmf, escape))
+    return IntegerTables(
+        offsets=np.asarray(offsets, dtype=np.int32),
+        lengths=np.asarray(lengths, dtype=np.int32),
+        frequencies=np.concatenate(freqs).astype(np.int32),
+    )
+
+
+def _as_float64(density: FactorizedDensity) -> FactorizedDensity:
+    import copy
+
+    clone = copy.deepcopy(density)
+    return clone.double()

@@ -1,0 +1,125 @@
+"""Image files in and out through Pillow, with the input policy of nic.
+
+Inputs become uint8 arrays of shape (H, W, 3) for colour or (H, W, 1) for grayscale:
+
+* EXIF orientation is applied, so pixels are as a viewer shows them;
+* palette, 1-bit, CMYK, YCbCr, LAB and HSV images are converted to RGB (or L);
+* 16-bit and 32-bit grayscale are scaled to 8 bits (nic codes 8-bit samples);
+* alpha: an alpha channel that is fully opaque carries nothing and is dropped;
+  real transparency is refused unless a ``background`` colour is given to flatten
+  onto (``nic encode --background white``). nic never drops transparency silently.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
+
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".tif": "TIFF",
+                  ".tiff": "TIFF", ".webp": "WEBP", ".ppm": "PPM", ".pgm": "PPM", ".pnm": "PPM"}
+
+
+class ImageError(ValueError):
+    """The input image cannot be read or is not acceptable; the message says why."""
+
+
+def pixels_from_image(im: Image.Image, background: str | None = None) -> np.ndarray:
+    """uint8 (H, W, 3 or 1) pixels from a Pillow image, by the policy above."""
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception:  # a broken EXIF block must not stop encoding the pixels
+        pass
+    mode = im.mode
+    if mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    elif mode == "PA":
+        im = im.convert("RGBA")
+    elif mode in ("1",):
+        im = im.convert("L")
+    elif mode.startswith("I;16") or mode in ("I", "F"):
+        array = np.asarray(im, dtype=np.float64)
+        peak = 65535.0 if mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+        return np.clip(np.round(array * (255.0 / peak)), 0, 255).astype(np.uint8)[..., None]
+    elif mode in ("CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
+        im = im.convert("RGB")
+    elif mode == "La":
+        im = im.convert("LA")
+    elif mode == "RGBa":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA"):
+        alpha = np.asarray(im.getchannel("A"))
+        if alpha.min(initial=255) < 255:
+            if background is None:
+                raise ImageError("input has transparency, which nic does not store; flatten it onto a "
+                                 "colour with --background (e.g. --background white)")
+            try:
+                colour = ImageColor.getrgb(background)[:3]
+            except ValueError:
+                raise ImageError(f"unknown background colour {background!r}") from None
+            base = Image.new("RGB", im.size, colour)
+            base.paste(im.convert("RGBA"), mask=im.getchannel("A"))
+            im = base if im.mode == "RGBA" or len(set(colour)) > 1 else base.convert("L")
+        else:
+            im = im.convert("RGB" if im.mode == "RGBA" else "L")
+    if im.mode == "L":
+        return np.asarray(im, dtype=np.uint8)[..., None]
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return np.asarray(im, dtype=np.uint8)
+
+
+def read_image(data: bytes, background: str | None = None, max_pixels: int | None = None) -> np.ndarray:
+    """Decode image bytes (PNG, JPEG, WebP, TIFF, …) into pixels; raises ImageError."""
+    if not data:
+        raise ImageError("input is empty")
+    try:
+        with warnings.catch_warnings():
+            # nic applies its own limit below; Pillow's stays as the backstop at 2x.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            saved_limit = Image.MAX_IMAGE_PIXELS
+            try:
+                if max_pixels is not None:
+                    Image.MAX_IMAGE_PIXELS = max_pixels
+                im = Image.open(io.BytesIO(data))
+                if max_pixels is not None and im.width * im.height > max_pixels:
+                    raise ImageError(f"image of {im.width}x{im.height} exceeds the limit of {max_pixels} "
+                                     "pixels (raise it with --max-pixels)")
+                im.load()
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved_limit
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("input is not an image Pillow can read") from None
+    except Image.DecompressionBombError:
+        raise ImageError("image is too large (decompression bomb limit; raise it with --max-pixels)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"cannot read image: {exc}") from None
+    return pixels_from_image(im, background)
+
+
+def image_from_pixels(pixels: np.ndarray) -> Image.Image:
+    if pixels.shape[2] == 1:
+        return Image.fromarray(pixels[..., 0], mode="L")
+    return Image.fromarray(pixels, mode="RGB")
+
+
+def output_format(name: str | None) -> str:
+    """Pillow format for an output name by its extension; PNG for stdout."""
+    if name is None or name == "-":
+        return "PNG"
+    suffix = "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
+    if suffix not in OUTPUT_FORMATS:
+        raise ImageError(f"cannot tell the output format from {name!r}; use one of "
+                         + ", ".join(sorted(OUTPUT_FORMATS)))
+    return OUTPUT_FORMATS[suffix]
+
+
+def write_image(pixels: np.ndarray, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    options = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
+    image_from_pixels(pixels).save(buffer, format=fmt, **options)
+    return buffer.getvalue()

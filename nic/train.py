@@ -1,0 +1,296 @@
+"""Training: R + λ·D on random crops of natural photographs.
+
+One run trains the shared transforms of every quality: each sample of a batch draws a quality
+(a shuffled cycle over 1..Q) and minimizes bpp + λ_q·255²·MSE for it. bf16 autocast
+with channels_last tensors is the fastest setup on CPUs with AVX-512 bf16/AMX
+(see docs/training.md); the densities and the loss stay in fp32.
+
+Checkpoints (model, optimizer, step, elapsed time, RNG) are written atomically every
+few minutes and resumed from. They hold optimizer state and are never shipped:
+``nic train --export`` turns one into a weights file.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .model import Codec, Config, rate_distortion_loss
+
+DENSITY_LR_SCALE = 5.0
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".ppm"}
+
+
+@dataclass
+class TrainOptions:
+    data: list[Path]
+    out: Path
+    N: int = 128
+    M: int = 192
+    patch: int = 128
+    batch: int = 8
+    lr: float = 2e-4
+    lr_final: float = 1e-5
+    minutes: float | None = 60.0
+    steps: int | None = None
+    qualities: list[int] | None = None  # default: all
+    checkpoint_minutes: float = 5.0
+    seed: int = 0
+    bf16: bool = True
+    channels_last: bool = True
+    device: str = "cpu"
+    init: Path | None = None  # weights (.npz) to start from
+    finetune_decoder: bool = False
+    log_every: int = 20
+    exclude: list[str] = field(default_factory=lambda: ["kodak", "kodim"])
+
+
+def find_images(folders: list[Path], exclude: list[str]) -> list[Path]:
+    """Image files under the folders, recursively, sorted; names containing an
+    excluded word (the Kodak benchmark) are refused loudly rather than skipped."""
+    files = []
+    for folder in folders:
+        folder = Path(folder)
+        candidates = [folder] if folder.is_file() else sorted(folder.rglob("*"))
+        for path in candidates:
+            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                if any(word in path.parent.name.lower() for word in exclude):
+                    raise ValueError(f"refusing to train on {path}: it looks like the Kodak benchmark")
+                files.append(path)
+    if not files:
+        raise ValueError("no training images found in " + ", ".join(map(str, folders)))
+    return files
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        return np.asarray(im.convert("RGB"))
+
+
+class CropSampler:
+    """Random crops of ``patch``² pixels, after a random downscale of the photo.
+
+    Ballé et al. downscaled photos by a random factor before cropping, which
+    removes JPEG blocking and sensor noise that would otherwise be learned. The
+    factor is drawn from [max(0.5, patch/min side), 1]; crops are also flipped.
+    """
+
+    def __init__(self, images: list[np.ndarray], patch: int, rng: random.Random):
+        self.images = [img for img in images if min(img.shape[:2]) >= patch]
+        if not self.images:
+            raise ValueError(f"no training image is at least {patch}x{patch}")
+        self.patch = patch
+        self.rng = rng
+        area = np.array([img.shape[0] * img.shape[1] for img in self.images], dtype=np.float64)
+        self.weights = list(np.sqrt(area))  # big photos more often, small ones still seen
+
+    def crop(self) -> torch.Tensor:
+        img = self.rng.choices(self.images, weights=self.weights)[0]
+        h, w = img.shape[:2]
+        low = max(0.5, self.patch / min(h, w))
+        scale = self.rng.uniform(low, 1.0)
+        size = min(min(h, w), int(math.ceil(self.patch / scale)))
+        top, left = self.rng.randint(0, h - size), self.rng.randint(0, w - size)
+        x = torch.from_numpy(np.ascontiguousarray(img[top : top + size, left : left + size]))
+        x = x.permute(2, 0, 1).unsqueeze(0).float() / 255.0
+        if size != self.patch:
+            x = F.interpolate(x, size=(self.patch, self.patch), mode="bilinear", antialias=True, align_corners=False)
+        if self.rng.random() < 0.5:
+            x = x.flip(-1)
+        if self.rng.random() < 0.5:
+            x = x.flip(-2)
+        return x.clamp(0.0, 1.0)
+
+    def batch(self, size: int) -> torch.Tensor:
+        return torch.cat([self.crop() for _ in range(size)])
+
+
+def quality_cycle(qualities: list[int], rng: random.Random) -> Iterator[int]:
+    while True:
+        order = list(qualities)
+        rng.shuffle(order)
+        yield from order
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(opts: TrainOptions, report: Callable[[dict], None] | None = None) -> Path:
+    """Run (or resume) training; returns the checkpoint path."""
+    opts.out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = opts.out / "checkpoint.pt"
+    rng = random.Random(opts.seed)
+    torch.manual_seed(opts.seed)
+
+    config = Config(N=opts.N, M=opts.M)
+    model = Codec(config)
+    state = None
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        config = Config.from_json(state["config"])
+        model = Codec(config)
+        model.load_state_dict(state["model"])
+    elif opts.init is not None:
+        from .weights import load_weights
+
+        model = load_weights(opts.init)[0].train()
+        config = model.config
+    model.to(opts.device)
+    if opts.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    if opts.finetune_decoder:
+        # Decoder fine-tuning (Borzechowski et al.): only g_s and the inverse gains learn.
+        for name, param in model.named_parameters():
+            param.requires_grad = name.startswith("g_s.") or name == "inverse_gain"
+    params = [p for p in model.parameters() if p.requires_grad]
+    # The densities are small and each sees few samples: they learn 5x faster.
+    density_params = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("density.")]
+    other_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("density.")]
+    groups = [{"params": other_params, "lr_scale": 1.0}]
+    if density_params:
+        groups.append({"params": density_params, "lr_scale": DENSITY_LR_SCALE})
+    optimizer = torch.optim.Adam(groups, lr=opts.lr)
+    step, elapsed = 0, 0.0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed = state["step"], state["elapsed"]
+        rng.setstate(_rng_state_from(state["rng"]))
+        torch.set_rng_state(state["torch_rng"])
+
+    files = find_images(opts.data, opts.exclude)
+    images = [load_rgb(p) for p in files]
+    sampler = CropSampler(images, opts.patch, rng)
+    qualities = opts.qualities or list(range(1, config.qualities + 1))
+    cycle = quality_cycle(qualities, rng)
+    lambda_table = torch.tensor(config.lambdas, dtype=torch.float32, device=opts.device)
+
+    log_path = opts.out / "log.csv"
+    new_log = not log_path.exists()
+    log_file = open(log_path, "a", newline="")
+    log = csv.writer(log_file)
+    if new_log:
+        log.writerow(["step", "elapsed_s", "loss", "bpp", "psnr", "lr", "kpx_per_s"])
+
+    budget = opts.minutes * 60.0 if opts.minutes else None
+
+    def lr_at(fraction: float) -> float:
+        # Cosine from lr to lr_final over the budget (time or steps).
+        fraction = min(max(fraction, 0.0), 1.0)
+        return opts.lr_final + 0.5 * (opts.lr - opts.lr_final) * (1 + math.cos(math.pi * fraction))
+
+    def save() -> None:
+        save_atomic({
+            "config": config.to_json(), "model": {k: v.contiguous() for k, v in model.state_dict().items()},
+            "optimizer": optimizer.state_dict(), "step": step, "elapsed": elapsed,
+            "rng": _rng_state_to(rng.getstate()), "torch_rng": torch.get_rng_state(),
+        }, ckpt_path)
+
+    last_save = time.monotonic()
+    window_px, window_t = 0, 0.0
+    sums = np.zeros(3)
+    model.train()
+    try:
+        while True:
+            if opts.steps is not None and step >= opts.steps:
+                break
+            if budget is not None and elapsed >= budget:
+                break
+            fraction = step / opts.steps if opts.steps else elapsed / budget if budget else 0.0
+            lr = lr_at(fraction)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            t0 = time.monotonic()
+            qualities_now = torch.tensor([next(cycle) for _ in range(opts.batch)], device=opts.device)
+            x = sampler.batch(opts.batch).to(opts.device)
+            if opts.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            lambdas = lambda_table[qualities_now - 1]
+            with torch.autocast(opts.device.split(":")[0], dtype=torch.bfloat16, enabled=opts.bf16):
+                if opts.finetune_decoder:
+                    with torch.no_grad():
+                        gain = model.gain[qualities_now - 1].reshape(opts.batch, -1, 1, 1)
+                        y_hat = torch.round((model.g_a(x) * gain).float())
+                        bits = model.latent_bits(y_hat, qualities_now)
+                    inverse = model.inverse_gain[qualities_now - 1].reshape(opts.batch, -1, 1, 1)
+                    x_tilde = model.g_s(y_hat * inverse)
+                else:
+                    x_tilde, bits = model(x, qualities_now)
+            losses, bpp, mse = rate_distortion_loss(x, x_tilde, bits, lambdas)
+            loss = losses.mean()
+            if opts.finetune_decoder:
+                loss = (lambdas * 255.0**2 * mse).mean()  # the rate is fixed by the frozen parts
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            dt = time.monotonic() - t0
+            step += 1
+            elapsed += dt
+            window_px += x.shape[0] * x.shape[2] * x.shape[3]
+            window_t += dt
+            psnr = float((10 * torch.log10(1.0 / mse.detach().clamp_min(1e-10))).mean())
+            sums += (loss.item(), bpp.mean().item(), psnr)
+            if step % opts.log_every == 0:
+                mean = sums / opts.log_every
+                row = {"step": step, "elapsed_s": round(elapsed, 1),
+                       "loss": round(mean[0], 4), "bpp": round(mean[1], 4), "psnr": round(mean[2], 3),
+                       "lr": f"{lr:.2e}", "kpx_per_s": round(window_px / window_t / 1e3, 1)}
+                log.writerow(row.values())
+                log_file.flush()
+                if report:
+                    report(row)
+                sums[:] = 0
+                window_px, window_t = 0, 0.0
+            if time.monotonic() - last_save > opts.checkpoint_minutes * 60:
+                save()
+                last_save = time.monotonic()
+    finally:
+        save()
+        log_file.close()
+    return ckpt_path
+
+
+def _rng_state_to(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _rng_state_from(state: list) -> tuple:
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
+def export_checkpoint(checkpoint: Path, output: Path, half: bool = False) -> bytes:
+    """Weights file (with integer tables) from a training checkpoint; returns its hash."""
+    from .model import to_arrays
+    from .weights import save_weights
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model = Codec(Config.from_json(state["config"]))
+    model.load_state_dict(state["model"])
+    model.eval()
+    if half:
+        # Tables must describe the weights as shipped, so round first, then export.
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if (name.startswith("g_a.") or name.startswith("g_s.")) and param.ndim == 4:
+                    param.copy_(param.half().float())
+    model.export_tables()
+    return save_weights(to_arrays(model, half=half), output)

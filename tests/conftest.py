@@ -1,0 +1,42 @@
+"""Shared fixtures. Nothing here reads ../shared: test images are generated."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def smooth_image(height: int, width: int, channels: int = 3, seed: int = 0) -> np.ndarray:
+    """A deterministic photo-like uint8 image: gradients, a disc and mild noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    base = [
+        128 + 100 * np.sin(xx / max(width, 1) * 3.1 + c) * np.cos(yy / max(height, 1) * 2.3 - c)
+        for c in range(channels)
+    ]
+    img = np.stack(base, axis=-1)
+    disc = (yy - height / 2) ** 2 + (xx - width / 3) ** 2 < (min(height, width) / 4) ** 2
+    img[disc] = img[disc] * 0.5 + 60
+    img += rng.normal(0, 4, img.shape)
+    return np.clip(np.round(img), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def rgb_image() -> np.ndarray:
+    return smooth_image(48, 64)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> str:
+    """A small random-init model (N=M=16) with exported tables: fast, and not the shipped one."""
+    import torch
+
+    from nic.model import Codec, Config, to_arrays
+    from nic.weights import save_weights
+
+    torch.manual_seed(0)
+    model = Codec(Config(N=16, M=16)).eval()
+    model.export_tables()
+    path = tmp_path_factory.mktemp("weights") / "tiny.npz"
+    save_weights(to_arrays(model), path)
+    return str(path)

@@ -1,0 +1,201 @@
+"""The command line, in-process (CliRunner) and as real processes with pipes."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from nic.cli import cli
+from conftest import smooth_image
+
+
+def png_bytes(pixels: np.ndarray, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    if pixels.ndim == 3 and pixels.shape[2] == 1:
+        pixels = pixels[..., 0]
+    Image.fromarray(pixels, mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_png(path: Path, pixels: np.ndarray) -> Path:
+    path.write_bytes(png_bytes(pixels))
+    return path
+
+
+def run_cli(*args: str, input: bytes | None = None):
+    return CliRunner().invoke(cli, list(args), input=input, catch_exceptions=False)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * np.log10(255.0**2 / max(mse, 1e-10))
+
+
+def test_version_names_package_and_format():
+    result = run_cli("--version")
+    assert result.exit_code == 0
+    assert "0.1.0" in result.output and "container format 1" in result.output
+
+
+@pytest.mark.parametrize("quality", range(1, 9))
+def test_every_quality_round_trips_with_shipped_weights(tmp_path, quality):
+    pixels = smooth_image(40, 56, seed=quality)
+    src = write_png(tmp_path / "in.png", pixels)
+    assert run_cli("encode", str(src), "-q", str(quality), "-o", str(tmp_path / "a.nic")).exit_code == 0
+    assert run_cli("decode", str(tmp_path / "a.nic"), "-o", str(tmp_path / "out.png")).exit_code == 0
+    out = np.asarray(Image.open(tmp_path / "out.png"))
+    assert out.shape == pixels.shape
+    assert psnr(out, pixels) > 15
+
+
+def test_rate_and_quality_rise_with_quality(tmp_path):
+    pixels = smooth_image(64, 96, seed=7)
+    src = write_png(tmp_path / "in.png", pixels)
+    sizes, scores = [], []
+    for quality in (1, 4, 8):
+        nic_path = tmp_path / f"{quality}.nic"
+        run_cli("encode", str(src), "-q", str(quality), "-o", str(nic_path))
+        run_cli("decode", str(nic_path), "-o", str(tmp_path / f"{quality}.png"))
+        sizes.append(nic_path.stat().st_size)
+        scores.append(psnr(np.asarray(Image.open(tmp_path / f"{quality}.png")), pixels))
+    assert sizes == sorted(sizes) and scores == sorted(scores)
+
+
+@pytest.mark.parametrize("height,width", [(1, 1), (17, 33), (3, 1000), (1000, 3), (16, 16)])
+def test_odd_sizes_round_trip(tmp_path, tiny_weights, height, width):
+    pixels = smooth_image(height, width, seed=height + width)
+    src = write_png(tmp_path / "in.png", pixels)
+    assert run_cli("encode", str(src), "--weights", tiny_weights, "-o", str(tmp_path / "a.nic")).exit_code == 0
+    info = run_cli("info", str(tmp_path / "a.nic")).output
+    assert f"{width}x{height}" in info
+    assert run_cli("decode", str(tmp_path / "a.nic"), "--weights", tiny_weights,
+                   "-o", str(tmp_path / "b.png")).exit_code == 0
+    assert np.asarray(Image.open(tmp_path / "b.png")).shape == pixels.shape
+
+
+def test_grayscale_in_grayscale_out(tmp_path):
+    pixels = smooth_image(24, 40, channels=1)
+    src = write_png(tmp_path / "gray.png", pixels)
+    run_cli("encode", str(src), "-o", str(tmp_path / "g.nic"))
+    assert "grayscale" in run_cli("info", str(tmp_path / "g.nic")).output
+    run_cli("decode", str(tmp_path / "g.nic"), "-o", str(tmp_path / "g.png"))
+    out = Image.open(tmp_path / "g.png")
+    assert out.mode == "L" and out.size == (40, 24)
+
+
+def test_alpha_is_refused_unless_flattened(tmp_path):
+    rgba = np.dstack([smooth_image(20, 20), np.full((20, 20), 128, np.uint8)])
+    src = tmp_path / "a.png"
+    src.write_bytes(png_bytes(rgba, "RGBA"))
+    result = CliRunner().invoke(cli, ["encode", str(src), "-o", str(tmp_path / "a.nic")])
+    assert result.exit_code == 1 and "transparency" in result.output and "--background" in result.output
+    assert not (tmp_path / "a.nic").exists()
+    result = run_cli("encode", str(src), "--background", "white", "-o", str(tmp_path / "a.nic"))
+    assert result.exit_code == 0 and (tmp_path / "a.nic").exists()
+    # Fully opaque alpha carries nothing: accepted as RGB.
+    opaque = np.dstack([smooth_image(20, 20), np.full((20, 20), 255, np.uint8)])
+    src.write_bytes(png_bytes(opaque, "RGBA"))
+    assert run_cli("encode", str(src), "-o", str(tmp_path / "b.nic")).exit_code == 0
+
+
+def test_same_input_gives_same_bytes_with_1_and_2_threads(tmp_path):
+    src = write_png(tmp_path / "in.png", smooth_image(64, 80, seed=3))
+    outputs = []
+    for threads in ("1", "2", "1"):
+        out = tmp_path / f"t{threads}-{len(outputs)}.nic"
+        run_cli("encode", str(src), "-q", "5", "-j", threads, "-o", str(out))
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1] == outputs[2]
+
+
+def test_errors_are_one_line_with_exit_code_1(tmp_path):
+    runner = CliRunner()
+    cases = [
+        ["encode", str(tmp_path / "missing.png"), "-o", str(tmp_path / "x.nic")],
+        ["encode", str(tmp_path), "-o", str(tmp_path / "x.nic")],
+        ["decode", str(write_png(tmp_path / "img.png", smooth_image(8, 8))), "-o", str(tmp_path / "x.png")],
+        ["info", str(tmp_path / "img.png")],
+    ]
+    (tmp_path / "empty.png").write_bytes(b"")
+    cases.append(["encode", str(tmp_path / "empty.png"), "-o", str(tmp_path / "x.nic")])
+    (tmp_path / "junk.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 30)
+    cases.append(["encode", str(tmp_path / "junk.png"), "-o", str(tmp_path / "x.nic")])
+    for args in cases:
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 1, (args, result.output)
+        assert result.output.startswith("nic: error: ") and result.output.count("\n") == 1, result.output
+        assert not (tmp_path / "x.nic").exists() and not (tmp_path / "x.png").exists()
+
+
+def test_usage_errors_exit_2(tmp_path):
+    result = CliRunner().invoke(cli, ["encode", "x.png", "-q", "9"])
+    assert result.exit_code == 2
+
+
+def test_failed_encode_never_clobbers_existing_output(tmp_path):
+    target = tmp_path / "keep.nic"
+    target.write_bytes(b"precious")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    result = CliRunner().invoke(cli, ["encode", str(tmp_path / "bad.png"), "-o", str(target)])
+    assert result.exit_code == 1
+    assert target.read_bytes() == b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.png", "keep.nic"]
+
+
+def test_unwritable_destination_is_a_clean_error(tmp_path):
+    src = write_png(tmp_path / "in.png", smooth_image(16, 16))
+    result = CliRunner().invoke(cli, ["encode", str(src), "-o", str(tmp_path / "no" / "dir" / "x.nic")])
+    assert result.exit_code == 1 and "directory does not exist" in result.output
+
+
+def test_corrupt_file_is_refused_by_decode(tmp_path):
+    src = write_png(tmp_path / "in.png", smooth_image(16, 16))
+    run_cli("encode", str(src), "-o", str(tmp_path / "a.nic"))
+    data = bytearray((tmp_path / "a.nic").read_bytes())
+    data[len(data) // 2] ^= 0x10
+    (tmp_path / "b.nic").write_bytes(bytes(data))
+    result = CliRunner().invoke(cli, ["decode", str(tmp_path / "b.nic"), "-o", str(tmp_path / "b.png")])
+    assert result.exit_code == 1 and "corrupt" in result.output
+    assert not (tmp_path / "b.png").exists()
+
+
+def test_wrong_weights_are_named(tmp_path, tiny_weights):
+    src = write_png(tmp_path / "in.png", smooth_image(16, 16))
+    run_cli("encode", str(src), "--weights", tiny_weights, "-o", str(tmp_path / "a.nic"))
+    result = CliRunner().invoke(cli, ["decode", str(tmp_path / "a.nic"), "-o", str(tmp_path / "a.png")])
+    assert result.exit_code == 1 and "needs weights" in result.output
+
+
+def _nic(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nic", *args], input=input, capture_output=True, timeout=120)
+
+
+def test_real_processes_in_a_pipeline(tmp_path):
+    pixels = smooth_image(33, 47, seed=11)
+    src = png_bytes(pixels)
+    encoded = _nic("encode", "-", "-q", "3", "-o", "-", input=src)
+    assert encoded.returncode == 0 and encoded.stderr == b""
+    assert encoded.stdout[:4] == b"\x89NIC"
+    decoded = _nic("decode", "-", "-o", "-", input=encoded.stdout)
+    assert decoded.returncode == 0 and decoded.stderr == b""
+    out = np.asarray(Image.open(io.BytesIO(decoded.stdout)))
+    assert out.shape == pixels.shape
+    # The same bytes as an in-process encode.
+    (tmp_path / "in.png").write_bytes(src)
+    run_cli("encode", str(tmp_path / "in.png"), "-q", "3", "-o", str(tmp_path / "a.nic"))
+    assert (tmp_path / "a.nic").read_bytes() == encoded.stdout
+
+
+def test_real_process_errors_have_no_traceback(tmp_path):
+    result = _nic("decode", "-", "-o", "-", input=b"garbage that is not nic")
+    assert result.returncode == 1
+    assert result.stderr.decode().strip() == "nic: error: -: not a .nic file (bad magic bytes)"
+    assert result.stdout == b""

@@ -1,0 +1,102 @@
+import struct
+import zlib
+
+import pytest
+
+from nic.container import (COLOUR_RGB, HEADER_SIZE, MAGIC, FormatError, Header, pack, parse_header,
+                           unpack)
+
+
+def make_file(payload: bytes = bytes(range(32)), width: int = 33, height: int = 17) -> bytes:
+    header = Header(model_id=1, quality=3, colour=COLOUR_RGB, width=width, height=height,
+                    weights_hash=b"\x01\x02\x03\x04\x05\x06\x07\x08",
+                    latent_shape=(192, -(-height // 16), -(-width // 16)), payload_length=len(payload))
+    return pack(header, payload)
+
+
+def section(kind: bytes, body: bytes) -> bytes:
+    return kind + struct.pack("<I", len(body)) + body + struct.pack("<I", zlib.crc32(kind + body))
+
+
+def test_round_trip():
+    data = make_file()
+    parsed = unpack(data)
+    assert parsed.header.width == 33 and parsed.header.height == 17
+    assert parsed.header.latent_shape == (192, 2, 3)
+    assert parsed.payload == bytes(range(32))
+    assert data[:4] == MAGIC and len(data) == HEADER_SIZE + 32 + 4
+
+
+@pytest.mark.parametrize("cut", range(0, HEADER_SIZE + 36))
+def test_truncation_at_every_offset_is_a_format_error(cut):
+    data = make_file()
+    with pytest.raises(FormatError):
+        unpack(data[:cut])
+
+
+def test_every_single_bit_flip_is_detected():
+    data = make_file()
+    for position in range(len(data)):
+        for bit in range(8):
+            corrupted = bytearray(data)
+            corrupted[position] ^= 1 << bit
+            with pytest.raises(FormatError):
+                unpack(bytes(corrupted))
+
+
+def test_messages_name_the_problem():
+    data = bytearray(make_file())
+    with pytest.raises(FormatError, match="magic"):
+        unpack(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    with pytest.raises(FormatError, match="empty"):
+        unpack(b"")
+    data[4] = 2
+    with pytest.raises(FormatError, match="version 2"):
+        unpack(bytes(data))
+    good = make_file()
+    with pytest.raises(FormatError, match="payload is corrupt"):
+        unpack(good[:-5] + bytes([good[-5] ^ 1]) + good[-4:])
+    with pytest.raises(FormatError, match="truncated"):
+        unpack(good[:-1])
+
+
+def _with_header_fields(**changes) -> bytes:
+    fields = dict(model_id=1, quality=3, colour=COLOUR_RGB, width=33, height=17, weights_hash=bytes(8),
+                  latent_shape=(192, 2, 3), payload_length=4)
+    fields.update(changes)
+    return Header(**fields).pack() + bytes(8)
+
+
+def test_absurd_dimensions_fail_before_reading_the_payload():
+    data = _with_header_fields(width=100000, height=100000, latent_shape=(192, 6250, 6250))
+    with pytest.raises(FormatError, match="exceeds the limit"):
+        parse_header(data)
+    with pytest.raises(FormatError, match="invalid dimensions"):
+        parse_header(_with_header_fields(width=0, latent_shape=(192, 2, 0)))
+    with pytest.raises(FormatError, match="latent shape"):
+        parse_header(_with_header_fields(latent_shape=(192, 9, 9)))
+    with pytest.raises(FormatError, match="implausible"):
+        parse_header(_with_header_fields(payload_length=2**31))
+    with pytest.raises(FormatError, match="colour"):
+        parse_header(_with_header_fields(colour=9))
+
+
+def test_pixel_limit_is_configurable():
+    data = make_file()
+    with pytest.raises(FormatError, match="limit"):
+        unpack(data, max_pixels=100)
+    assert unpack(data, max_pixels=33 * 17).header.width == 33
+
+
+def test_unknown_ancillary_sections_are_skipped_and_critical_ones_refused():
+    data = make_file()
+    parsed = unpack(data + section(b"xTRA", b"hello"))
+    assert parsed.sections == [(b"xTRA", b"hello")]
+    with pytest.raises(FormatError, match="ICCP"):
+        unpack(data + section(b"ICCP", b"profile"))
+    with pytest.raises(FormatError, match="trailing"):
+        unpack(data + b"\x00\x01")
+    broken = bytearray(data + section(b"xTRA", b"hello"))
+    broken[-6] ^= 0x40
+    with pytest.raises(FormatError, match="section"):
+        unpack(bytes(broken))
