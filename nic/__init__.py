@@ -31,3 +31,14 @@ def decode(data: bytes, weights=None):
 
 
 __all__ = ["encode", "decode", "__version__", "FORMAT_VERSION"]
+
+
+def _register_pillow_plugin() -> None:
+    try:
+        from .pillow_plugin import register
+    except ImportError:  # Pillow missing: the CLI reports that where it matters
+        return
+    register()
+
+
+_register_pillow_plugin()

@@ -25,6 +25,8 @@ class Decoded:
     pixels: np.ndarray  # uint8 (H, W, 3) or (H, W, 1)
     header: Header
     latents: np.ndarray  # int64 (C, rows, cols), as decoded
+    icc_profile: bytes | None = None
+    exif: bytes | None = None
 
 
 def _torch():
@@ -43,36 +45,23 @@ def _coder(model, quality: int):
 
 
 def quantize_latents(model, pixels: np.ndarray, quality: int) -> np.ndarray:
-    """Integer latents of uint8 pixels (H, W, 1|3): round(g_a(x)·gain)."""
-    torch = _torch()
-    from .model import pad_to_multiple
+    """Integer latents of uint8 pixels (H, W, 1|3): round(g_a(x)·gain), in tiles (nic.tiling)."""
+    from .tiling import quantize_tiled
 
-    x = torch.from_numpy(np.array(pixels, copy=True)).permute(2, 0, 1).unsqueeze(0).float() / 255.0
-    if x.shape[1] == 1:
-        x = x.expand(1, 3, *x.shape[2:])
-    x = pad_to_multiple(x).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        y = model.analysis(x, quality)[0]
-    y = y.to(torch.float64).numpy()
-    if not np.isfinite(y).all():
-        raise ValueError("analysis transform produced non-finite values")
-    return np.round(y).astype(np.int64)
+    return quantize_tiled(model, pixels, quality)
 
 
 def reconstruct(model, latents: np.ndarray, quality: int, height: int, width: int, gray: bool) -> np.ndarray:
-    """uint8 pixels (H, W, 1|3) from integer latents."""
-    torch = _torch()
-    y_hat = torch.from_numpy(latents.astype(np.float32)).unsqueeze(0).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        x_hat = model.synthesis(y_hat, quality)[0, :, :height, :width]
-    if gray:
-        x_hat = x_hat.mean(dim=0, keepdim=True)
-    x = torch.nan_to_num(x_hat, nan=0.0).clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
-    return x.permute(1, 2, 0).contiguous().numpy()
+    """uint8 pixels (H, W, 1|3) from integer latents, in tiles (nic.tiling)."""
+    from .tiling import reconstruct_tiled
+
+    return reconstruct_tiled(model, latents, quality, height, width, gray)
 
 
-def encode_pixels(pixels: np.ndarray, quality: int = 4, weights: str | Path | None = None) -> bytes:
-    """.nic bytes of uint8 pixels of shape (H, W, 3) or (H, W, 1)."""
+def encode_pixels(pixels: np.ndarray, quality: int = 4, weights: str | Path | None = None,
+                  icc_profile: bytes | None = None, exif: bytes | None = None) -> bytes:
+    """.nic bytes of uint8 pixels of shape (H, W, 3) or (H, W, 1), with optional
+    metadata carried verbatim in ancillary sections."""
     from .weights import default_weights
 
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] not in (1, 3):
@@ -93,7 +82,38 @@ def encode_pixels(pixels: np.ndarray, quality: int = 4, weights: str | Path | No
         width=width, height=height, weights_hash=digest,
         latent_shape=tuple(latents.shape), payload_length=len(payload),
     )
-    return container.pack(header, payload)
+    sections = []
+    if icc_profile:
+        sections.append((container.SECTION_ICC, bytes(icc_profile)))
+    if exif:
+        sections.append((container.SECTION_EXIF, bytes(exif)))
+    return container.pack(header, payload, sections)
+
+
+def encode_to_target(pixels: np.ndarray, max_bytes: int, weights: str | Path | None = None,
+                     icc_profile: bytes | None = None, exif: bytes | None = None) -> tuple[bytes, int]:
+    """(file, quality) of the largest file not above ``max_bytes`` (binary search over the
+    trained qualities, as cwebp -size does); the smallest file if none fits."""
+    from .weights import default_weights
+
+    model, _ = default_weights(weights)
+    low, high = 1, model.config.qualities
+    results: dict[int, bytes] = {}
+
+    def size_at(quality: int) -> int:
+        if quality not in results:
+            results[quality] = encode_pixels(pixels, quality, weights, icc_profile, exif)
+        return len(results[quality])
+
+    if size_at(low) > max_bytes:
+        return results[low], low
+    while low < high:  # invariant: size_at(low) fits
+        middle = (low + high + 1) // 2
+        if size_at(middle) <= max_bytes:
+            low = middle
+        else:
+            high = middle - 1
+    return results[low], low
 
 
 def decode_pixels(data: bytes, weights: str | Path | None = None,
@@ -115,16 +135,23 @@ def decode_pixels(data: bytes, weights: str | Path | None = None,
         raise FormatError(f"payload is corrupt: {exc}") from None
     pixels = reconstruct(model, latents, header.quality, header.height, header.width,
                          header.colour == COLOUR_GRAY)
-    return Decoded(pixels, header, latents)
+    known = dict(parsed.sections)
+    return Decoded(pixels, header, latents, known.get(container.SECTION_ICC), known.get(container.SECTION_EXIF))
 
 
-def encode(image, quality: int = 4, weights: str | Path | None = None, background: str | None = None) -> bytes:
-    """Encode a Pillow image or a uint8 numpy array (H, W), (H, W, 1|3|4) to .nic bytes."""
+def encode(image, quality: int = 4, weights: str | Path | None = None, background: str | None = None,
+           strip: bool = False) -> bytes:
+    """Encode a Pillow image or a uint8 numpy array (H, W), (H, W, 1|3|4) to .nic bytes.
+
+    A Pillow image's ICC profile and EXIF travel along unless ``strip``."""
     from PIL import Image
 
-    from .images import pixels_from_image
+    from .images import image_metadata, pixels_from_image
 
+    icc_profile = exif = None
     if isinstance(image, Image.Image):
+        if not strip:
+            icc_profile, exif = image_metadata(image)
         pixels = pixels_from_image(image, background)
     else:
         array = np.asarray(image)
@@ -138,11 +165,18 @@ def encode(image, quality: int = 4, weights: str | Path | None = None, backgroun
             pixels = pixels_from_image(Image.fromarray(array, "RGBA"), background)
         else:
             pixels = array
-    return encode_pixels(pixels, quality, weights)
+    return encode_pixels(pixels, quality, weights, icc_profile, exif)
 
 
 def decode(data: bytes, weights: str | Path | None = None):
-    """Decode .nic bytes to a Pillow image (mode RGB or L)."""
+    """Decode .nic bytes to a Pillow image (mode RGB or L), with ``info["icc_profile"]``
+    and ``info["exif"]`` when the file carries them."""
     from .images import image_from_pixels
 
-    return image_from_pixels(decode_pixels(data, weights).pixels)
+    decoded = decode_pixels(data, weights)
+    image = image_from_pixels(decoded.pixels)
+    if decoded.icc_profile:
+        image.info["icc_profile"] = decoded.icc_profile
+    if decoded.exif:
+        image.info["exif"] = decoded.exif
+    return image

@@ -143,75 +143,197 @@ def cli() -> None:
     """
 
 
+SIZE_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KIB": 1024, "M": 1000**2, "MB": 1000**2, "MIB": 1024**2}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '50KB', '1.5MB', '64KiB' or '20000' (K = 1000, Ki = 1024)."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else None
+    if not match or unit not in SIZE_UNITS:
+        raise click.BadParameter(f"{text!r} is not a size like 50KB, 1.5MB, 64KiB or 20000")
+    size = int(float(match.group(1)) * SIZE_UNITS[unit])
+    if size < 1:
+        raise click.BadParameter("the size must be at least 1 byte")
+    return size
+
+
+def plan_outputs(inputs: tuple[str, ...], output: str | None, out_dir: str | None, suffix: str) -> list[tuple[str, str]]:
+    """(input, output) pairs; several inputs need -d DIR or go beside their sources."""
+    if len(inputs) > 1:
+        if output is not None:
+            raise click.UsageError("-o names one output; with several inputs use -d DIR")
+        if "-" in inputs:
+            raise click.UsageError("'-' (stdin) can only be the sole input")
+    if output is not None and out_dir is not None:
+        raise click.UsageError("give -o or -d, not both")
+    pairs = []
+    for source in inputs:
+        if out_dir is not None:
+            if source == "-":
+                raise click.UsageError("-d needs named inputs, not '-'")
+            target = str(Path(out_dir) / (Path(source).stem + suffix))
+        else:
+            target = output if output is not None else default_output(source, suffix)
+        pairs.append((source, target))
+    targets = [t for _, t in pairs if t != "-"]
+    if len(set(targets)) != len(targets):
+        raise click.UsageError("two inputs would write the same output file")
+    if any(s == t and s != "-" for s, t in pairs):
+        raise click.UsageError("an output would overwrite its own input")
+    return pairs
+
+
+def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: bool) -> None:
+    """Run ``work(source, data) -> (output bytes, pixels, note)`` on every pair.
+
+    One input: an error is fatal (one line, exit 1). Several: every file is tried,
+    with a progress bar on a terminal and a summary table; exit 1 if any failed."""
+    if out_dir is not None:
+        try:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise NicError(f"{out_dir}: cannot create directory ({exc.strerror or exc})") from None
+    console = stderr_console()
+    batch = len(pairs) > 1
+    totals = {"files": 0, "failed": 0, "in": 0, "out": 0, "bits": 0.0}
+
+    def one(source: str, target: str) -> None:
+        started = time.perf_counter()
+        data = read_input(source)
+        try:
+            result, pixels, note = work(source, data)
+        except _domain_errors() as exc:
+            raise NicError(f"{source}: {exc}") from None
+        write_output(target, result)
+        totals["files"] += 1
+        totals["in"] += len(data)
+        totals["out"] += len(result)
+        nic_bytes = len(result) if target.endswith(".nic") or note.startswith("quality") else len(data)
+        totals["bits"] += 8 * nic_bytes / pixels
+        if verbose:
+            console.print(f"{source} → {target}: {note}, {len(data)} → {len(result)} bytes, "
+                          f"{8 * nic_bytes / pixels:.4f} bpp, {time.perf_counter() - started:.2f} s")
+
+    if not batch:
+        one(*pairs[0])
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True, disable=not console.is_terminal) as progress:
+        task = progress.add_task("files", total=len(pairs))
+        for source, target in pairs:
+            progress.update(task, description=Path(source).name)
+            try:
+                one(source, target)
+            except NicError as exc:
+                totals["failed"] += 1
+                console.print(f"nic: error: {exc.format_message()}")
+            progress.advance(task)
+    from rich.table import Table
+
+    table = Table(title=None, show_header=True, header_style="bold")
+    for column in ("files", "failed", "bytes in", "bytes out", "mean bpp"):
+        table.add_column(column, justify="right")
+    mean_bpp = totals["bits"] / totals["files"] if totals["files"] else float("nan")
+    table.add_row(str(totals["files"]), str(totals["failed"]), str(totals["in"]), str(totals["out"]),
+                  f"{mean_bpp:.4f}")
+    console.print(table)
+    if totals["failed"]:
+        sys.exit(1)
+
+
 @cli.command()
-@click.argument("input", metavar="IN")
+@click.argument("inputs", metavar="IN...", nargs=-1, required=True)
 @click.option("-o", "--output", metavar="OUT", default=None,
               help="Output .nic file, '-' for stdout [default: IN with .nic, stdout for '-'].")
-@click.option("-q", "--quality", type=click.IntRange(1, 8), default=4, show_default=True,
-              help="Quality 1..8: higher is larger and better.")
+@click.option("-d", "--out-dir", metavar="DIR", default=None,
+              help="Write each IN's .nic into DIR (created if missing).")
+@click.option("-q", "--quality", type=click.IntRange(1, 8), default=None,
+              help="Quality 1..8: higher is larger and better.  [default: 4]")
+@click.option("--size", "target_size", metavar="SIZE", default=None,
+              help="Pick the quality whose file is the largest not above SIZE (50KB, 1.5MB, 64KiB, 20000).")
+@click.option("--bpp", "target_bpp", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Pick the quality whose file is the largest not above this many bits per pixel.")
 @click.option("--background", metavar="COLOUR", default=None,
               help="Flatten transparent input onto this colour (e.g. white, #808080).")
+@click.option("--strip", is_flag=True, help="Do not store the input's ICC profile and EXIF.")
 @threads_option
 @weights_option
 @max_pixels_option
-@click.option("-v", "--verbose", is_flag=True, help="Print size, bpp and time on stderr.")
-def encode(input: str, output: str | None, quality: int, background: str | None, threads: int | None,
-           weights: str | None, max_pixels: int, verbose: bool) -> None:
-    """Encode image IN (PNG, JPEG, WebP, TIFF, …; '-' for stdin) to .nic."""
-    output = output or default_output(input, ".nic")
-    started = time.perf_counter()
-    data = read_input(input)
-    try:
-        from .images import read_image
+@click.option("-v", "--verbose", is_flag=True, help="Print size, bpp, chosen quality and time on stderr.")
+def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, quality: int | None,
+           target_size: str | None, target_bpp: float | None, background: str | None, strip: bool,
+           threads: int | None, weights: str | None, max_pixels: int, verbose: bool) -> None:
+    """Encode images IN... (PNG, JPEG, WebP, TIFF, …; '-' for stdin) to .nic."""
+    if sum(x is not None for x in (quality, target_size, target_bpp)) > 1:
+        raise click.UsageError("give one of -q, --size and --bpp")
+    max_bytes = parse_size(target_size) if target_size is not None else None
+    pairs = plan_outputs(inputs, output, out_dir, ".nic")
 
-        pixels = read_image(data, background=background, max_pixels=max_pixels)
+    def work(source: str, data: bytes):
+        from .images import read_image_with_metadata
+
+        pixels, icc_profile, exif = read_image_with_metadata(data, background=background, max_pixels=max_pixels)
+        if strip:
+            icc_profile = exif = None
         set_threads(threads)
-        from .api import encode_pixels
+        from .api import encode_pixels, encode_to_target
 
-        encoded = encode_pixels(pixels, quality, weights)
-    except _domain_errors() as exc:
-        raise NicError(f"{input}: {exc}") from None
-    write_output(output, encoded)
-    if verbose:
+        count = pixels.shape[0] * pixels.shape[1]
+        if max_bytes is None and target_bpp is None:
+            chosen = quality or 4
+            result = encode_pixels(pixels, chosen, weights, icc_profile, exif)
+            note = f"quality {chosen}"
+        else:
+            limit = max_bytes if max_bytes is not None else int(target_bpp * count / 8)
+            result, chosen = encode_to_target(pixels, limit, weights, icc_profile, exif)
+            note = f"quality {chosen} chosen for ≤ {limit} bytes"
+            if len(result) > limit:
+                note += " (not reached: even quality 1 is larger)"
         h, w = pixels.shape[:2]
-        seconds = time.perf_counter() - started
-        stderr_console().print(f"{input} → {output}: {w}x{h}, quality {quality}, {len(encoded)} bytes, "
-                               f"{8 * len(encoded) / (w * h):.4f} bpp, {seconds:.2f} s")
+        return result, count, f"{note}, {w}x{h}"
+
+    run_jobs(pairs, work, out_dir, verbose)
 
 
 @cli.command()
-@click.argument("input", metavar="IN")
+@click.argument("inputs", metavar="IN...", nargs=-1, required=True)
 @click.option("-o", "--output", metavar="OUT", default=None,
               help="Output image; the format follows the extension, PNG for '-' "
                    "[default: IN with .png, stdout for '-'].")
+@click.option("-d", "--out-dir", metavar="DIR", default=None,
+              help="Write each IN's image into DIR (created if missing).")
+@click.option("--format", "out_format", type=click.Choice(["png", "jpg", "webp", "tif", "bmp", "ppm"]),
+              default="png", show_default=True, help="Image format with -d or a default output name.")
+@click.option("--strip", is_flag=True, help="Do not restore the ICC profile and EXIF stored in IN.")
 @threads_option
 @weights_option
 @max_pixels_option
 @click.option("-v", "--verbose", is_flag=True, help="Print size, bpp and time on stderr.")
-def decode(input: str, output: str | None, threads: int | None, weights: str | None, max_pixels: int,
-           verbose: bool) -> None:
-    """Decode .nic file IN ('-' for stdin) to an image."""
-    output = output or default_output(input, ".png")
-    started = time.perf_counter()
-    data = read_input(input)
-    try:
+def decode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, out_format: str, strip: bool,
+           threads: int | None, weights: str | None, max_pixels: int, verbose: bool) -> None:
+    """Decode .nic files IN... ('-' for stdin) to images."""
+    pairs = plan_outputs(inputs, output, out_dir, "." + out_format)
+
+    def work(source: str, data: bytes):
         from .images import output_format, write_image
 
-        fmt = output_format(output)
+        target = dict(pairs)[source]
+        fmt = output_format(target)
         set_threads(threads)
         from .api import decode_pixels
 
         decoded = decode_pixels(data, weights, max_pixels)
-        image_bytes = write_image(decoded.pixels, fmt)
-    except _domain_errors() as exc:
-        raise NicError(f"{input}: {exc}") from None
-    write_output(output, image_bytes)
-    if verbose:
+        icc_profile, exif = (None, None) if strip else (decoded.icc_profile, decoded.exif)
         h = decoded.header
-        seconds = time.perf_counter() - started
-        stderr_console().print(f"{input} → {output}: {h.width}x{h.height}, quality {h.quality}, "
-                               f"{len(data)} bytes, {8 * len(data) / (h.width * h.height):.4f} bpp, "
-                               f"{seconds:.2f} s")
+        return (write_image(decoded.pixels, fmt, icc_profile, exif), h.width * h.height,
+                f"{h.width}x{h.height}, quality {h.quality}")
+
+    run_jobs(pairs, work, out_dir, verbose)
 
 
 @cli.command()
@@ -294,6 +416,9 @@ def train(data, out, minutes, steps, qualities, N, M, patch, batch, lr, lr_final
         path = run_training(opts, report)
     except ValueError as exc:
         raise NicError(str(exc)) from None
+    except KeyboardInterrupt:
+        console.print(f"stopped; checkpoint saved in {out}, run the same command to resume")
+        sys.exit(130)
     console.print(f"checkpoint: {path}")
 
 
@@ -305,8 +430,36 @@ def export(checkpoint: str, output: str, half: bool) -> None:
     """Turn a training CHECKPOINT into a weights file with integer CDF tables."""
     from .train import export_checkpoint
 
-    digest = export_checkpoint(Path(checkpoint), Path(output), half)
+    try:
+        digest = export_checkpoint(Path(checkpoint), Path(output), half)
+    except ValueError as exc:
+        raise NicError(str(exc)) from None
     click.echo(f"{output}: weights {digest.hex()}")
+
+
+@cli.command()
+@click.argument("folder", metavar="DIR", type=click.Path(exists=True, file_okay=False))
+@click.option("-q", "--quality", "qualities", metavar="LIST", default=None,
+              help="nic qualities, e.g. 1,4,8 or 2-5 [default: all; --speed: the middle one].")
+@click.option("--codecs", default="jpeg,webp,jpeg2000,avif", show_default=True,
+              help="Pillow baselines to compare with ('none' for nic only).")
+@click.option("--json", "json_out", metavar="OUT", default=None, help="Write every per-image figure as JSON.")
+@click.option("--plot", "plot_out", metavar="OUT.png", default=None, help="Write the PSNR-vs-bpp plot as PNG.")
+@click.option("--speed", is_flag=True, help="Time encode/decode (median ms, MP/s) instead of the RD sweep.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N images.")
+@threads_option
+@weights_option
+def bench(folder: str, qualities: str | None, codecs: str, json_out: str | None, plot_out: str | None,
+          speed: bool, limit: int | None, threads: int | None, weights: str | None) -> None:
+    """Rate-distortion (bpp, PSNR, MS-SSIM, BD-rate) of nic and Pillow codecs on the images in DIR."""
+    from .bench import BenchOptions, run_command
+
+    set_threads(threads)
+    try:
+        run_command(BenchOptions(Path(folder), qualities, codecs, json_out, plot_out, speed, weights, limit),
+                    err=stderr_console())
+    except _domain_errors() as exc:
+        raise NicError(str(exc)) from None
 
 
 def main() -> None:

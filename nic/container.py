@@ -22,11 +22,21 @@ payload, the payload's CRC, then zero or more sections.
 | 38+n   | 4    | payload CRC      | CRC-32 of the payload                                      |
 
 Sections (how the format grows without a new version): each is a 4-byte ASCII
-type, a 4-byte length, the data and a CRC-32 over type and data. As in PNG, a type
-whose first letter is lowercase is *ancillary*: a reader that does not know it skips
-it; an unknown uppercase (*critical*) type makes the file unreadable. Version 1
-defines no section, so a version-1 reader skips every ancillary section and refuses
-files with critical ones. Any other byte after the payload CRC is an error.
+type, a 4-byte length (at most 16 MiB), the data and a CRC-32 over type and data.
+As in PNG, a type whose first letter is lowercase is *ancillary*: a reader that does
+not know it skips it; an unknown uppercase (*critical*) type makes the file
+unreadable, with a message naming it. Version 1 defines two ancillary sections:
+
+| type (stable id) | content                                                          |
+|------------------|------------------------------------------------------------------|
+| `iCCP`           | the source's ICC colour profile, verbatim                        |
+| `eXIf`           | the source's EXIF block (orientation already applied, tag reset) |
+
+A future feature that a reader may ignore (say, a thumbnail) gets a new ancillary
+type; one that changes how pixels decode gets a critical type, so version-1 readers
+refuse such files predictably instead of decoding them wrongly. Only a change to the
+fixed header needs a new format version. Any byte after the payload CRC that does
+not parse as a section is an error.
 
 Every check happens before anything is allocated from a header field: dimensions
 against a pixel limit, latent shape against the dimensions, payload length against
@@ -51,6 +61,12 @@ COLOUR_NAMES = {COLOUR_RGB: "RGB", COLOUR_GRAY: "grayscale"}
 
 DEFAULT_MAX_PIXELS = 2 * 89_478_485
 """Like Pillow's decompression-bomb error threshold (2 x its warning limit)."""
+
+MAX_SECTION = 16 * 1024 * 1024
+"""Largest section body (an ICC profile or EXIF block is far smaller)."""
+
+SECTION_ICC = b"iCCP"
+SECTION_EXIF = b"eXIf"
 
 MAX_BITS_PER_PIXEL = 64
 """No honest payload comes near this; larger claims are refused before reading."""
@@ -86,10 +102,18 @@ class Container:
     sections: list[tuple[bytes, bytes]] = field(default_factory=list)  # ancillary ones kept
 
 
-def pack(header: Header, payload: bytes) -> bytes:
+def pack(header: Header, payload: bytes, sections: list[tuple[bytes, bytes]] | tuple = ()) -> bytes:
+    """The whole file: header, payload, payload CRC, then the given (type, data) sections."""
     if header.payload_length != len(payload):
         raise ValueError("header payload length does not match the payload")
-    return header.pack() + payload + struct.pack("<I", zlib.crc32(payload))
+    parts = [header.pack(), payload, struct.pack("<I", zlib.crc32(payload))]
+    for kind, body in sections:
+        if len(kind) != 4 or not kind.isalpha() or not kind.isascii():
+            raise ValueError(f"invalid section type {kind!r}")
+        if len(body) > MAX_SECTION:
+            raise ValueError(f"section {kind.decode()} is larger than {MAX_SECTION} bytes")
+        parts += [SECTION_HEAD.pack(kind, len(body)), body, struct.pack("<I", zlib.crc32(kind + body))]
+    return b"".join(parts)
 
 
 def parse_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Header:
@@ -143,6 +167,8 @@ def unpack(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Container:
         if len(data) - offset < SECTION_HEAD.size + 4:
             raise FormatError(f"trailing garbage after the payload at byte {offset}")
         kind, length = SECTION_HEAD.unpack_from(data, offset)
+        if length > MAX_SECTION:
+            raise FormatError(f"section at byte {offset} claims {length} bytes, more than the {MAX_SECTION} allowed")
         body_end = offset + SECTION_HEAD.size + length
         if body_end + 4 > len(data):
             raise FormatError(f"truncated section at byte {offset}")

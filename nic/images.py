@@ -5,7 +5,8 @@ Inputs become uint8 arrays of shape (H, W, 3) for colour or (H, W, 1) for graysc
 * EXIF orientation is applied, so pixels are as a viewer shows them;
 * palette, 1-bit, CMYK, YCbCr, LAB and HSV images are converted to RGB (or L);
 * 16-bit and 32-bit grayscale are scaled to 8 bits (nic codes 8-bit samples);
-* alpha: an alpha channel that is fully opaque carries nothing and is dropped;
+* alpha (an alpha channel, or a PNG tRNS colour key, which is transparency too):
+  an alpha channel that is fully opaque carries nothing and is dropped;
   real transparency is refused unless a ``background`` colour is given to flatten
   onto (``nic encode --background white``). nic never drops transparency silently.
 """
@@ -33,16 +34,24 @@ def pixels_from_image(im: Image.Image, background: str | None = None) -> np.ndar
     except Exception:  # a broken EXIF block must not stop encoding the pixels
         pass
     mode = im.mode
-    if mode == "P":
+    key = im.info.get("transparency")  # a PNG tRNS colour key is transparency too
+    if mode in ("1", "L", "RGB") and key is not None:
+        im = im.convert("RGBA" if mode == "RGB" else "LA")
+    elif mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
     elif mode == "PA":
         im = im.convert("RGBA")
     elif mode in ("1",):
         im = im.convert("L")
     elif mode.startswith("I;16") or mode in ("I", "F"):
-        array = np.asarray(im, dtype=np.float64)
+        raw = np.asarray(im)
+        array = np.nan_to_num(raw.astype(np.float64), nan=0.0)  # NaN (float TIFF) → 0, ±inf clip below
         peak = 65535.0 if mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
-        return np.clip(np.round(array * (255.0 / peak)), 0, 255).astype(np.uint8)[..., None]
+        gray = np.clip(np.round(array * (255.0 / peak)), 0, 255).astype(np.uint8)
+        if not isinstance(key, int) or not (raw == key).any():
+            return gray[..., None]
+        alpha = np.where(raw == key, 0, 255).astype(np.uint8)
+        im = Image.merge("LA", (Image.fromarray(gray, "L"), Image.fromarray(alpha, "L")))
     elif mode in ("CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
         im = im.convert("RGB")
     elif mode == "La":
@@ -71,8 +80,19 @@ def pixels_from_image(im: Image.Image, background: str | None = None) -> np.ndar
     return np.asarray(im, dtype=np.uint8)
 
 
-def read_image(data: bytes, background: str | None = None, max_pixels: int | None = None) -> np.ndarray:
-    """Decode image bytes (PNG, JPEG, WebP, TIFF, …) into pixels; raises ImageError."""
+REFUSED_FORMATS = frozenset({"EPS"})
+"""Pillow reads EPS by running Ghostscript on it: never for untrusted input."""
+
+
+def input_formats() -> list[str]:
+    """The Pillow formats nic reads: all it has, less REFUSED_FORMATS."""
+    Image.init()
+    return [name for name in Image.OPEN if name not in REFUSED_FORMATS]
+
+
+def read_image_with_metadata(data: bytes, background: str | None = None, max_pixels: int | None = None
+                             ) -> tuple[np.ndarray, bytes | None, bytes | None]:
+    """(pixels, ICC profile, EXIF) of image bytes (PNG, JPEG, WebP, TIFF, …); raises ImageError."""
     if not data:
         raise ImageError("input is empty")
     try:
@@ -83,7 +103,7 @@ def read_image(data: bytes, background: str | None = None, max_pixels: int | Non
             try:
                 if max_pixels is not None:
                     Image.MAX_IMAGE_PIXELS = max_pixels
-                im = Image.open(io.BytesIO(data))
+                im = Image.open(io.BytesIO(data), formats=input_formats())
                 if max_pixels is not None and im.width * im.height > max_pixels:
                     raise ImageError(f"image of {im.width}x{im.height} exceeds the limit of {max_pixels} "
                                      "pixels (raise it with --max-pixels)")
@@ -98,7 +118,25 @@ def read_image(data: bytes, background: str | None = None, max_pixels: int | Non
         raise ImageError("image is too large (decompression bomb limit; raise it with --max-pixels)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"cannot read image: {exc}") from None
-    return pixels_from_image(im, background)
+    return (pixels_from_image(im, background), *image_metadata(im))
+
+
+def read_image(data: bytes, background: str | None = None, max_pixels: int | None = None) -> np.ndarray:
+    """Pixels of image bytes (PNG, JPEG, WebP, TIFF, …); raises ImageError."""
+    return read_image_with_metadata(data, background, max_pixels)[0]
+
+
+def image_metadata(im: Image.Image) -> tuple[bytes | None, bytes | None]:
+    """(ICC profile, EXIF) of an image, EXIF without its orientation tag, since nic
+    stores pixels already turned upright."""
+    icc = im.info.get("icc_profile") or None
+    try:
+        exif = im.getexif()
+        exif.pop(0x0112, None)  # Orientation
+        exif_bytes = exif.tobytes() if len(exif) else None
+    except Exception:  # unreadable EXIF is dropped, not fatal: the pixels are what matter
+        exif_bytes = None
+    return icc, exif_bytes
 
 
 def image_from_pixels(pixels: np.ndarray) -> Image.Image:
@@ -118,8 +156,18 @@ def output_format(name: str | None) -> str:
     return OUTPUT_FORMATS[suffix]
 
 
-def write_image(pixels: np.ndarray, fmt: str) -> bytes:
+METADATA_FORMATS = {"PNG", "JPEG", "WEBP", "TIFF"}
+"""Output formats that can carry an ICC profile and EXIF through Pillow."""
+
+
+def write_image(pixels: np.ndarray, fmt: str, icc_profile: bytes | None = None, exif: bytes | None = None) -> bytes:
+    """Encode pixels as ``fmt``; metadata goes along where the format can hold it."""
     buffer = io.BytesIO()
-    options = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
+    options: dict = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
+    if fmt in METADATA_FORMATS:
+        if icc_profile:
+            options["icc_profile"] = icc_profile
+        if exif:
+            options["exif"] = exif
     image_from_pixels(pixels).save(buffer, format=fmt, **options)
     return buffer.getvalue()

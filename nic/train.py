@@ -16,6 +16,7 @@ import csv
 import math
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,6 +183,13 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None) -> P
     lambda_table = torch.tensor(config.lambdas, dtype=torch.float32, device=opts.device)
 
     log_path = opts.out / "log.csv"
+    if state is not None and log_path.exists():
+        # Rows written after the checkpoint describe steps that will be redone: drop them.
+        with open(log_path, newline="") as f:
+            rows = list(csv.reader(f))
+        kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
+        with open(log_path, "w", newline="") as f:
+            csv.writer(f).writerows(kept)
     new_log = not log_path.exists()
     log_file = open(log_path, "a", newline="")
     log = csv.writer(log_file)
@@ -202,9 +210,13 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None) -> P
             "rng": _rng_state_to(rng.getstate()), "torch_rng": torch.get_rng_state(),
         }, ckpt_path)
 
+    def stop_on_signal(signum, frame):
+        raise KeyboardInterrupt  # so that the finally clause below saves a checkpoint
+
+    previous_handler = signal.signal(signal.SIGTERM, stop_on_signal)
     last_save = time.monotonic()
     window_px, window_t = 0, 0.0
-    sums = np.zeros(3)
+    sums, counted = np.zeros(3), 0
     model.train()
     try:
         while True:
@@ -247,8 +259,9 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None) -> P
             window_t += dt
             psnr = float((10 * torch.log10(1.0 / mse.detach().clamp_min(1e-10))).mean())
             sums += (loss.item(), bpp.mean().item(), psnr)
+            counted += 1
             if step % opts.log_every == 0:
-                mean = sums / opts.log_every
+                mean = sums / counted
                 row = {"step": step, "elapsed_s": round(elapsed, 1),
                        "loss": round(mean[0], 4), "bpp": round(mean[1], 4), "psnr": round(mean[2], 3),
                        "lr": f"{lr:.2e}", "kpx_per_s": round(window_px / window_t / 1e3, 1)}
@@ -256,7 +269,7 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None) -> P
                 log_file.flush()
                 if report:
                     report(row)
-                sums[:] = 0
+                sums[:], counted = 0, 0
                 window_px, window_t = 0, 0.0
             if time.monotonic() - last_save > opts.checkpoint_minutes * 60:
                 save()
@@ -264,6 +277,7 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None) -> P
     finally:
         save()
         log_file.close()
+        signal.signal(signal.SIGTERM, previous_handler)
     return ckpt_path
 
 

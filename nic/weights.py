@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import zipfile
 from functools import lru_cache
 from pathlib import Path
@@ -35,21 +36,40 @@ def weights_hash(arrays: dict[str, np.ndarray]) -> bytes:
     return digest.digest()[:8]
 
 
+MAX_WEIGHTS_BYTES = 1 << 30
+"""Largest total (uncompressed) size of the arrays in a weights file; the shipped ones are ~10 MB."""
+
+
 def read_arrays(data: bytes) -> dict[str, np.ndarray]:
     try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            # The sizes a zip declares bound what its members can inflate to; refuse big ones
+            # before numpy allocates an array of whatever shape a member's header claims.
+            total = sum(info.file_size for info in archive.infolist())
+        if total > MAX_WEIGHTS_BYTES:
+            raise WeightsError(f"not a valid weights file (its arrays would take {total} bytes, "
+                               f"more than the {MAX_WEIGHTS_BYTES} allowed)")
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:
             return {name: archive[name] for name in archive.files}
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError) as exc:
-        raise WeightsError(f"not a valid weights file ({exc})") from None
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError, MemoryError) as exc:
+        if isinstance(exc, WeightsError):
+            raise
+        raise WeightsError(f"not a valid weights file ({exc or type(exc).__name__})") from None
 
 
 def save_weights(arrays: dict[str, np.ndarray], path: Path) -> bytes:
-    """Write atomically; returns the weights hash."""
+    """Write atomically (a temporary file, fsync, rename); returns the weights hash."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return weights_hash(arrays)
 
 
@@ -69,6 +89,9 @@ def _load_path(path: str, mtime: float):
         model = from_arrays(arrays)
     except ValueError as exc:
         raise WeightsError(f"{path}: {exc}") from None
+    except (TypeError, IndexError, RuntimeError, MemoryError) as exc:
+        # A config the network cannot be built from (wrong types, negative or absurd sizes).
+        raise WeightsError(f"{path}: not a valid weights file ({type(exc).__name__}: {exc})") from None
     return model, weights_hash(arrays)
 
 
@@ -76,10 +99,18 @@ def load_weights(path: Path | str):
     """(model, hash) from a weights file; cached per process."""
     path = Path(path)
     try:
-        mtime = path.stat().st_mtime
+        info = path.stat()
     except OSError as exc:
         raise WeightsError(f"cannot read weights {path}: {exc.strerror}") from None
-    return _load_path(str(path.resolve()), mtime)
+    if not stat.S_ISREG(info.st_mode):  # a folder, a FIFO or /dev/zero would never end or fail late
+        raise WeightsError(f"cannot read weights {path}: not a regular file")
+    if info.st_size > MAX_WEIGHTS_BYTES:
+        raise WeightsError(f"cannot read weights {path}: {info.st_size} bytes, more than the "
+                           f"{MAX_WEIGHTS_BYTES} allowed")
+    try:
+        return _load_path(str(path.resolve()), info.st_mtime)
+    except OSError as exc:
+        raise WeightsError(f"cannot read weights {path}: {exc.strerror or exc}") from None
 
 
 def candidates() -> list[Path]:

@@ -1,0 +1,138 @@
+"""Generate man/nic.1 from the click definitions, so the page cannot drift.
+
+    python -m nic.manpage > man/nic.1
+
+tests/test_manpage.py checks that the committed page equals this output and that
+``groff -man -ww`` has nothing to say about it.
+"""
+
+from __future__ import annotations
+
+import click
+
+from . import __version__
+from .cli import cli
+
+DATE = "2026-11-22"
+
+INTRO = r""".SH DESCRIPTION
+nic compresses photographs with the learned transform codec of Ball\['e], Laparra and
+Simoncelli, \(lqEnd-to-end optimized image compression\(rq (ICLR 2017): a convolutional
+analysis transform with GDN, uniform scalar quantization, a learned factorized entropy
+model, range coding from integer tables, and a synthesis transform with IGDN.
+.PP
+nic is silent unless \fB\-v\fR is given, so it fits in pipelines: \fB\-\fR names
+standard input or output. Errors are one line on standard error. Output files are
+written to a temporary file and renamed, so a failure or an interrupt never leaves a
+partial or clobbered file.
+"""
+
+OUTRO = r""".SH EXIT STATUS
+.TP
+.B 0
+success
+.TP
+.B 1
+an error: unreadable or invalid input, missing weights, unwritable output; with
+several inputs, at least one of them failed (the others were still done)
+.TP
+.B 2
+a usage error (unknown option, bad value)
+.TP
+.B 130
+interrupted
+.SH ENVIRONMENT
+.TP
+.B NIC_WEIGHTS_DIR
+a folder searched for weights files (\fIdefault.npz\fR first) before the installed ones
+.TP
+.B NIC_DEBUG
+set to show a traceback for internal errors
+.SH FILES
+A .nic file (format version 1) is a 38\-byte little\-endian header \(em magic
+\fB89 4E 49 43\fR, version, model id, quality, colour layout, width, height, an
+8\-byte weights hash, latent shape, payload length and a CRC\-32 of the header \(em
+then the range\-coded payload, its CRC\-32, and optional PNG\-style sections:
+\fBiCCP\fR (ICC profile) and \fBeXIf\fR (EXIF). Sections whose type starts with a
+lowercase letter are skipped by readers that do not know them; an unknown uppercase
+type makes a file unreadable. The full table is in the module nic.container.
+.SH EXAMPLES
+.nf
+nic encode photo.png \-q 4 \-o photo.nic
+nic decode photo.nic \-o photo.png
+nic info photo.nic
+cat a.png | nic encode \- \-q 3 \-o \- | nic decode \- \-o \- > b.png
+nic encode *.jpg \-d compressed/ \-\-size 50KB
+nic decode compressed/*.nic \-d restored/ \-\-format png
+nic bench ../shared/data/kodak \-\-plot rd.png \-\-json kodak.json
+.fi
+.SH SHELL COMPLETION
+nic uses click's completion. For bash, add to \fI~/.bashrc\fR:
+.PP
+.nf
+eval "$(_NIC_COMPLETE=bash_source nic)"
+.fi
+.PP
+For zsh use \fBzsh_source\fR in \fI~/.zshrc\fR; for fish,
+\fB_NIC_COMPLETE=fish_source nic | source\fR in \fI~/.config/fish/completions/nic.fish\fR.
+.SH SEE ALSO
+.BR cjpeg (1),
+.BR cwebp (1),
+.BR avifenc (1)
+"""
+
+
+def escape(text: str) -> str:
+    """roff-safe text: backslashes, leading dots/quotes, hyphens as minus signs."""
+    text = text.replace("\\", "\\e").replace("-", "\\-")
+    text = "".join(ch if ord(ch) < 128 else f"\\[u{ord(ch):04X}]" for ch in text)
+    lines = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith((".", "'")):
+            line = "\\&" + line
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def option_lines(param: click.Parameter) -> list[str]:
+    if not isinstance(param, click.Option) or param.hidden:
+        return []
+    names = ", ".join(f"\\fB{escape(n)}\\fR" for n in param.opts + param.secondary_opts)
+    if not param.is_flag and not param.count:
+        metavar = param.metavar or param.type.get_metavar(param, click.get_current_context())
+        if metavar is None:
+            metavar = {"integer range": "N", "float range": "X", "integer": "N", "float": "X"}.get(
+                param.type.name, param.type.name.upper())
+        names += f" \\fI{escape(metavar)}\\fR"
+    help_text = (param.help or "").replace("\b", "")
+    if param.show_default and param.default is not None and not param.is_flag:
+        help_text += f" [default: {param.default}]"
+    return [".TP", names, escape(help_text)]
+
+
+def render() -> str:
+    out = [f'.TH NIC 1 "{DATE}" "nic {__version__}" "User Commands"', ".SH NAME",
+           "nic \\- a learned image codec", ".SH SYNOPSIS"]
+    with click.Context(cli, info_name="nic") as group_ctx:
+        for name in sorted(cli.commands):
+            command = cli.commands[name]
+            with click.Context(command, info_name=name, parent=group_ctx):
+                pieces = [escape(p) for p in command.collect_usage_pieces(click.get_current_context())]
+            out += [".br", f"\\fBnic {name}\\fR {' '.join(pieces)}"]
+    out.append(INTRO.rstrip())
+    out.append(".SH COMMANDS")
+    with click.Context(cli, info_name="nic") as group_ctx:
+        for name in sorted(cli.commands):
+            command = cli.commands[name]
+            with click.Context(command, info_name=name, parent=group_ctx):
+                out += [".SS " + name, escape((command.help or "").replace("\b", "").strip())]
+                for param in command.params:
+                    out += option_lines(param)
+                out += [".TP", "\\fB\\-h\\fR, \\fB\\-\\-help\\fR", "Show the command's help and exit."]
+    out.append(OUTRO.rstrip())
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    click.echo(render(), nl=False)

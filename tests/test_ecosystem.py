@@ -1,0 +1,113 @@
+"""Python API, Pillow plugin, metadata, target size and batch use."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import nic
+from nic.cli import cli, parse_size
+from conftest import smooth_image
+
+FAKE_ICC = b"\x00\x00\x02\x0cfake-icc-profile-for-tests" + bytes(64)
+
+
+def photo_with_metadata(path) -> None:
+    image = Image.fromarray(smooth_image(40, 56, seed=5))
+    exif = Image.Exif()
+    exif[0x010F] = "nic test camera"  # Make
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to view
+    image.save(path, format="JPEG", quality=95, exif=exif.tobytes(), icc_profile=FAKE_ICC)
+
+
+def test_python_api_round_trips_pil_images_and_arrays():
+    pixels = smooth_image(30, 50, seed=2)
+    from_array = nic.encode(pixels, quality=3)
+    from_image = nic.encode(Image.fromarray(pixels), quality=3)
+    assert from_array == from_image
+    decoded = nic.decode(from_array)
+    assert decoded.mode == "RGB" and decoded.size == (50, 30)
+    gray = nic.decode(nic.encode(pixels[..., 0]))
+    assert gray.mode == "L"
+    with pytest.raises(ValueError):
+        nic.encode(pixels.astype(np.float32))
+
+
+def test_pillow_plugin_opens_and_saves(tmp_path):
+    pixels = smooth_image(24, 40, seed=4)
+    Image.fromarray(pixels).save(tmp_path / "a.nic", quality=6)
+    with Image.open(tmp_path / "a.nic") as im:
+        assert im.format == "NIC" and im.size == (40, 24) and im.mode == "RGB"
+        assert im.info["quality"] == 6
+        assert np.asarray(im).shape == (24, 40, 3)
+    assert Image.MIME["NIC"] == "image/x-nic"
+
+
+def test_metadata_survives_and_strip_drops_it(tmp_path):
+    photo_with_metadata(tmp_path / "in.jpg")
+    runner = CliRunner()
+    assert runner.invoke(cli, ["encode", str(tmp_path / "in.jpg"), "-o", str(tmp_path / "a.nic")]).exit_code == 0
+    info = runner.invoke(cli, ["info", str(tmp_path / "a.nic")]).output
+    assert "iCCP" in info and "eXIf" in info
+    assert runner.invoke(cli, ["decode", str(tmp_path / "a.nic"), "-o", str(tmp_path / "a.png")]).exit_code == 0
+    with Image.open(tmp_path / "a.png") as out:
+        assert out.size == (40, 56)  # turned upright on encode
+        assert out.info.get("icc_profile") == FAKE_ICC
+        exif = out.getexif()
+        assert exif.get(0x010F) == "nic test camera" and 0x0112 not in exif
+    runner.invoke(cli, ["decode", str(tmp_path / "a.nic"), "--strip", "-o", str(tmp_path / "s.png")])
+    with Image.open(tmp_path / "s.png") as out:
+        assert "icc_profile" not in out.info and not out.getexif()
+    runner.invoke(cli, ["encode", str(tmp_path / "in.jpg"), "--strip", "-o", str(tmp_path / "s.nic")])
+    assert "iCCP" not in runner.invoke(cli, ["info", str(tmp_path / "s.nic")]).output
+
+
+@pytest.mark.parametrize("text,expected", [("20000", 20000), ("50KB", 50000), ("50k", 50000),
+                                           ("1.5MB", 1500000), ("64KiB", 65536)])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+def test_target_size_picks_the_largest_file_that_fits(tmp_path):
+    pixels = smooth_image(64, 96, seed=9)
+    Image.fromarray(pixels).save(tmp_path / "in.png")
+    sizes = [len(nic.encode(pixels, quality=q)) for q in range(1, 9)]
+    target = (sizes[3] + sizes[4]) // 2  # between quality 4 and 5
+    result = CliRunner().invoke(cli, ["encode", str(tmp_path / "in.png"), "--size", str(target), "-v",
+                                      "-o", str(tmp_path / "t.nic")])
+    assert result.exit_code == 0, result.output
+    expected = max(q for q in range(1, 9) if sizes[q - 1] <= target)
+    assert (tmp_path / "t.nic").stat().st_size == sizes[expected - 1]
+    assert f"quality {expected} chosen" in result.output
+    bpp = 8 * sizes[2] / (64 * 96)
+    CliRunner().invoke(cli, ["encode", str(tmp_path / "in.png"), "--bpp", f"{bpp:.6f}", "-o", str(tmp_path / "b.nic")])
+    assert (tmp_path / "b.nic").stat().st_size <= sizes[2]
+    assert CliRunner().invoke(cli, ["encode", str(tmp_path / "in.png"), "-q", "3", "--size", "1KB"]).exit_code == 2
+
+
+def test_batch_encode_and_decode_continue_past_failures(tmp_path):
+    for i in range(3):
+        Image.fromarray(smooth_image(16 + i, 20, seed=i)).save(tmp_path / f"img{i}.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    inputs = [str(tmp_path / f"img{i}.png") for i in range(3)] + [str(tmp_path / "broken.png")]
+    result = CliRunner().invoke(cli, ["encode", *inputs, "-d", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "broken.png" in result.output and "mean bpp" in result.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["img0.nic", "img1.nic", "img2.nic"]
+    nics = sorted(str(p) for p in (tmp_path / "out").iterdir())
+    result = CliRunner().invoke(cli, ["decode", *nics, "-d", str(tmp_path / "dec")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "dec").iterdir()) == ["img0.png", "img1.png", "img2.png"]
+    with Image.open(tmp_path / "dec" / "img1.png") as im:
+        assert im.size == (20, 17)
+
+
+def test_batch_usage_errors(tmp_path):
+    runner = CliRunner()
+    assert runner.invoke(cli, ["encode", "a.png", "b.png", "-o", "x.nic"]).exit_code == 2
+    assert runner.invoke(cli, ["encode", "-", "b.png", "-d", str(tmp_path)]).exit_code == 2
+    assert runner.invoke(cli, ["encode", "x/a.png", "y/a.png", "-d", str(tmp_path)]).exit_code == 2
