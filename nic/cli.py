@@ -390,9 +390,13 @@ def info(file: str, max_pixels: int) -> None:
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--log-every", type=click.IntRange(1), default=100, show_default=True, help="Steps per log line.")
+@click.option("--holdout", type=click.IntRange(0), default=0, show_default=True,
+              help="Set aside this many DATA images for validation (real bpp and PSNR, validation.csv).")
+@click.option("--validate-minutes", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="Minutes between validations.")
 @threads_option
 def train(data, out, minutes, steps, qualities, N, M, patch, batch, lr, lr_final, init, finetune_decoder,
-          bf16, channels_last, device, seed, log_every, threads) -> None:
+          bf16, channels_last, device, seed, log_every, holdout, validate_minutes, threads) -> None:
     """Train (or resume) on the images under DATA folders (never on Kodak)."""
     from .train import TrainOptions, train as run_training
 
@@ -403,7 +407,8 @@ def train(data, out, minutes, steps, qualities, N, M, patch, batch, lr, lr_final
         data=[Path(d) for d in data], out=Path(out), N=N, M=M, patch=patch, batch=batch, lr=lr,
         lr_final=lr_final, minutes=minutes, steps=steps, qualities=list(qualities) or None, seed=seed,
         bf16=bf16, channels_last=channels_last, device=device, init=Path(init) if init else None,
-        finetune_decoder=finetune_decoder, log_every=log_every,
+        finetune_decoder=finetune_decoder, log_every=log_every, holdout=holdout,
+        validate_minutes=validate_minutes,
     )
     console = stderr_console()
 
@@ -412,8 +417,12 @@ def train(data, out, minutes, steps, qualities, N, M, patch, batch, lr, lr_final
                       f"bpp {row['bpp']:.3f}  PSNR {row['psnr']:.2f}  lr {row['lr']}  "
                       f"{row['kpx_per_s']:.0f} kpx/s")
 
+    def report_validation(step: int, rows: list[dict]) -> None:
+        console.print(f"validation at step {step}: " + ", ".join(
+            f"q{r['quality']} {r['bpp']:.3f} bpp {r['psnr']:.2f} dB" for r in rows))
+
     try:
-        path = run_training(opts, report)
+        path = run_training(opts, report, report_validation)
     except ValueError as exc:
         raise NicError(str(exc)) from None
     except KeyboardInterrupt:

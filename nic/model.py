@@ -93,16 +93,24 @@ class Codec(nn.Module):
 
     # ---- training ----------------------------------------------------------------
 
-    def forward(self, x: Tensor, qualities: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, qualities: Tensor, hard: bool = False) -> tuple[Tensor, Tensor]:
         """(x̃, bits per sample) with ỹ = g_a(x)·gain + U(−½, ½).
 
         ``qualities`` (1-based, one per sample) may differ within a batch, so every
-        gain and every density learns at every step."""
+        gain and every density learns at every step. With ``hard``, ỹ = round(y)
+        exactly as the encoder quantizes, with no gradient into g_a or the
+        densities: the decoder fine-tuning of Borzechowski et al."""
         q = qualities.long() - 1
-        y = self.g_a(x) * self.gain[q].reshape(len(q), -1, 1, 1).to(x.dtype)
-        y = y.float()  # the density and the noise stay in fp32 under autocast
-        y_tilde = y + torch.empty_like(y).uniform_(-0.5, 0.5)
-        bits = self.latent_bits(y_tilde, qualities)
+        if hard:
+            with torch.no_grad():
+                y = (self.g_a(x) * self.gain[q].reshape(len(q), -1, 1, 1).to(x.dtype)).float()
+                y_tilde = torch.round(y)
+                bits = self.latent_bits(y_tilde, qualities)
+        else:
+            y = self.g_a(x) * self.gain[q].reshape(len(q), -1, 1, 1).to(x.dtype)
+            y = y.float()  # the density and the noise stay in fp32 under autocast
+            y_tilde = y + torch.empty_like(y).uniform_(-0.5, 0.5)
+            bits = self.latent_bits(y_tilde, qualities)
         x_tilde = self.g_s(y_tilde * self.inverse_gain[q].reshape(len(q), -1, 1, 1))
         return x_tilde, bits
 

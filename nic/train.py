@@ -53,6 +53,8 @@ class TrainOptions:
     init: Path | None = None  # weights (.npz) to start from
     finetune_decoder: bool = False
     log_every: int = 20
+    holdout: int = 0  # training images set aside for validation
+    validate_minutes: float = 10.0
     exclude: list[str] = field(default_factory=lambda: ["kodak", "kodim"])
 
 
@@ -132,12 +134,67 @@ def save_atomic(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def train(opts: TrainOptions, report: Callable[[dict], None] | None = None) -> Path:
-    """Run (or resume) training; returns the checkpoint path."""
+def split_holdout(files: list[Path], count: int) -> tuple[list[Path], list[Path]]:
+    """(training files, validation files): every k-th file is held out, deterministically."""
+    if count <= 0:
+        return files, []
+    if count >= len(files):
+        raise ValueError(f"cannot hold out {count} of {len(files)} images")
+    stride = len(files) // count
+    held = set(range(stride // 2, len(files), stride)[:count])
+    return [f for i, f in enumerate(files) if i not in held], [f for i, f in enumerate(files) if i in held]
+
+
+@torch.no_grad()
+def validate(model: Codec, images: list[np.ndarray], qualities: list[int]) -> list[dict]:
+    """Real rate and PSNR per quality: integer tables, range coder, 8-bit output."""
+    from .api import quantize_latents, reconstruct
+    from .coding import LatentCoder
+    from .container import HEADER_SIZE
+
+    model.eval()
+    model.export_tables()
+    rows = []
+    for quality in qualities:
+        coder = LatentCoder(model.tables[quality - 1])
+        bpps, psnrs = [], []
+        for pixels in images:
+            height, width = pixels.shape[:2]
+            latents = quantize_latents(model, pixels, quality)
+            payload = coder.encode(latents)
+            decoded = reconstruct(model, coder.decode(payload, latents.shape), quality, height, width, False)
+            mse = np.mean((decoded.astype(np.float64) - pixels) ** 2)
+            bpps.append(8 * (len(payload) + HEADER_SIZE + 4) / (height * width))
+            psnrs.append(10 * np.log10(255.0**2 / max(mse, 1e-10)))
+        rows.append({"quality": quality, "bpp": float(np.mean(bpps)), "psnr": float(np.mean(psnrs))})
+    model.tables = None
+    model.train()
+    return rows
+
+
+def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
+          report_validation: Callable[[int, list[dict]], None] | None = None) -> Path:
+    """Run (or resume) training; returns the checkpoint path.
+
+    Under ``torchrun`` (WORLD_SIZE > 1) each process trains on its own crops with
+    DistributedDataParallel (gloo on CPU, NCCL on CUDA); rank 0 alone logs, validates
+    and writes checkpoints. ``opts.batch`` is the batch of each process."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = 0
+    device = opts.device
+    if world > 1:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        rank = dist.get_rank()
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+            torch.cuda.set_device(device)
+    leader = rank == 0
     opts.out.mkdir(parents=True, exist_ok=True)
     ckpt_path = opts.out / "checkpoint.pt"
-    rng = random.Random(opts.seed)
-    torch.manual_seed(opts.seed)
+    rng = random.Random(opts.seed + rank)
+    torch.manual_seed(opts.seed)  # the same initial weights on every rank
 
     config = Config(N=opts.N, M=opts.M)
     model = Codec(config)
@@ -150,11 +207,13 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None) -> P
     elif opts.init is not None:
         from .weights import load_weights
 
-        model = load_weights(opts.init)[0].train()
+        model = Codec(load_weights(opts.init)[0].config)
+        model.load_state_dict(load_weights(opts.init)[0].state_dict())
         config = model.config
-    model.to(opts.device)
+    model.to(device)
     if opts.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    torch.manual_seed(opts.seed + 1000 * rank + (state["step"] if state else 0))  # noise differs per rank
 
     if opts.finetune_decoder:
         # Decoder fine-tuning (Borzechowski et al.): only g_s and the inverse gains learn.
@@ -172,29 +231,47 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None) -> P
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed = state["step"], state["elapsed"]
-        rng.setstate(_rng_state_from(state["rng"]))
-        torch.set_rng_state(state["torch_rng"])
+        if world == 1:
+            rng.setstate(_rng_state_from(state["rng"]))
+            torch.set_rng_state(state["torch_rng"])
+    network = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
 
-    files = find_images(opts.data, opts.exclude)
+        network = DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
+
+    files, held_out = split_holdout(find_images(opts.data, opts.exclude), opts.holdout)
     images = [load_rgb(p) for p in files]
+    validation_images = [load_rgb(p) for p in held_out] if leader else []
     sampler = CropSampler(images, opts.patch, rng)
     qualities = opts.qualities or list(range(1, config.qualities + 1))
     cycle = quality_cycle(qualities, rng)
-    lambda_table = torch.tensor(config.lambdas, dtype=torch.float32, device=opts.device)
+    lambda_table = torch.tensor(config.lambdas, dtype=torch.float32, device=device)
 
     log_path = opts.out / "log.csv"
-    if state is not None and log_path.exists():
+    val_path = opts.out / "validation.csv"
+    if leader and state is not None:
         # Rows written after the checkpoint describe steps that will be redone: drop them.
-        with open(log_path, newline="") as f:
-            rows = list(csv.reader(f))
-        kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
-        with open(log_path, "w", newline="") as f:
-            csv.writer(f).writerows(kept)
-    new_log = not log_path.exists()
-    log_file = open(log_path, "a", newline="")
-    log = csv.writer(log_file)
-    if new_log:
-        log.writerow(["step", "elapsed_s", "loss", "bpp", "psnr", "lr", "kpx_per_s"])
+        for path in (log_path, val_path):
+            if path.exists():
+                with open(path, newline="") as f:
+                    rows = list(csv.reader(f))
+                kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
+                with open(path, "w", newline="") as f:
+                    csv.writer(f).writerows(kept)
+    log_file = val_file = None
+    if leader:
+        new_log = not log_path.exists()
+        log_file = open(log_path, "a", newline="")
+        log = csv.writer(log_file)
+        if new_log:
+            log.writerow(["step", "elapsed_s", "loss", "bpp", "psnr", "lr", "kpx_per_s"])
+        if validation_images:
+            new_val = not val_path.exists()
+            val_file = open(val_path, "a", newline="")
+            val_log = csv.writer(val_file)
+            if new_val:
+                val_log.writerow(["step", "elapsed_s", "quality", "bpp", "psnr"])
 
     budget = opts.minutes * 60.0 if opts.minutes else None
 
@@ -204,63 +281,72 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None) -> P
         return opts.lr_final + 0.5 * (opts.lr - opts.lr_final) * (1 + math.cos(math.pi * fraction))
 
     def save() -> None:
+        if not leader:
+            return
         save_atomic({
             "config": config.to_json(), "model": {k: v.contiguous() for k, v in model.state_dict().items()},
             "optimizer": optimizer.state_dict(), "step": step, "elapsed": elapsed,
             "rng": _rng_state_to(rng.getstate()), "torch_rng": torch.get_rng_state(),
         }, ckpt_path)
 
+    def run_validation() -> None:
+        rows = validate(model, validation_images, qualities)
+        for row in rows:
+            val_log.writerow([step, round(elapsed, 1), row["quality"], round(row["bpp"], 4), round(row["psnr"], 3)])
+        val_file.flush()
+        if report_validation:
+            report_validation(step, rows)
+
     def stop_on_signal(signum, frame):
         raise KeyboardInterrupt  # so that the finally clause below saves a checkpoint
 
     previous_handler = signal.signal(signal.SIGTERM, stop_on_signal)
-    last_save = time.monotonic()
+    last_save = last_validation = time.monotonic()
     window_px, window_t = 0, 0.0
     sums, counted = np.zeros(3), 0
     model.train()
+    completed = False
     try:
         while True:
-            if opts.steps is not None and step >= opts.steps:
-                break
-            if budget is not None and elapsed >= budget:
+            done = (opts.steps is not None and step >= opts.steps) or (budget is not None and elapsed >= budget)
+            if world > 1:  # every rank must stop at the same step, or the others hang
+                flag = torch.tensor([float(done)], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                done = bool(flag.item())
+            if done:
+                completed = True
                 break
             fraction = step / opts.steps if opts.steps else elapsed / budget if budget else 0.0
             lr = lr_at(fraction)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
             t0 = time.monotonic()
-            qualities_now = torch.tensor([next(cycle) for _ in range(opts.batch)], device=opts.device)
-            x = sampler.batch(opts.batch).to(opts.device)
+            qualities_now = torch.tensor([next(cycle) for _ in range(opts.batch)], device=device)
+            x = sampler.batch(opts.batch).to(device)
             if opts.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             lambdas = lambda_table[qualities_now - 1]
-            with torch.autocast(opts.device.split(":")[0], dtype=torch.bfloat16, enabled=opts.bf16):
-                if opts.finetune_decoder:
-                    with torch.no_grad():
-                        gain = model.gain[qualities_now - 1].reshape(opts.batch, -1, 1, 1)
-                        y_hat = torch.round((model.g_a(x) * gain).float())
-                        bits = model.latent_bits(y_hat, qualities_now)
-                    inverse = model.inverse_gain[qualities_now - 1].reshape(opts.batch, -1, 1, 1)
-                    x_tilde = model.g_s(y_hat * inverse)
-                else:
-                    x_tilde, bits = model(x, qualities_now)
+            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=opts.bf16):
+                x_tilde, bits = network(x, qualities_now, hard=opts.finetune_decoder)
             losses, bpp, mse = rate_distortion_loss(x, x_tilde, bits, lambdas)
             loss = losses.mean()
-            if opts.finetune_decoder:
-                loss = (lambdas * 255.0**2 * mse).mean()  # the rate is fixed by the frozen parts
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # with hard latents the rate term has no gradient: distortion only
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             dt = time.monotonic() - t0
+            if world > 1:  # one clock for all ranks, so the time budget ends everywhere at once
+                shared = torch.tensor([dt], device=device)
+                dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+                dt = float(shared.item())
             step += 1
             elapsed += dt
-            window_px += x.shape[0] * x.shape[2] * x.shape[3]
+            window_px += x.shape[0] * x.shape[2] * x.shape[3] * world
             window_t += dt
             psnr = float((10 * torch.log10(1.0 / mse.detach().clamp_min(1e-10))).mean())
             sums += (loss.item(), bpp.mean().item(), psnr)
             counted += 1
-            if step % opts.log_every == 0:
+            if leader and step % opts.log_every == 0:
                 mean = sums / counted
                 row = {"step": step, "elapsed_s": round(elapsed, 1),
                        "loss": round(mean[0], 4), "bpp": round(mean[1], 4), "psnr": round(mean[2], 3),
@@ -271,13 +357,22 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None) -> P
                     report(row)
                 sums[:], counted = 0, 0
                 window_px, window_t = 0, 0.0
-            if time.monotonic() - last_save > opts.checkpoint_minutes * 60:
+            if leader and time.monotonic() - last_save > opts.checkpoint_minutes * 60:
                 save()
                 last_save = time.monotonic()
+            if leader and validation_images and time.monotonic() - last_validation > opts.validate_minutes * 60:
+                run_validation()
+                last_validation = time.monotonic()
     finally:
         save()
-        log_file.close()
+        if completed and leader and validation_images:
+            run_validation()
+        for handle in (log_file, val_file):
+            if handle is not None:
+                handle.close()
         signal.signal(signal.SIGTERM, previous_handler)
+        if world > 1:
+            dist.destroy_process_group()
     return ckpt_path
 
 

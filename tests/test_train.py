@@ -1,0 +1,89 @@
+"""nic train / export on a tiny model and tiny generated photos (seconds, not minutes)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from nic.cli import cli
+from conftest import smooth_image
+
+TINY = ["--N", "8", "--M", "8", "--patch", "32", "--batch", "2", "--no-bf16", "--log-every", "1"]
+
+
+@pytest.fixture
+def photos(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(smooth_image(48 + 8 * i, 64, seed=i)).save(folder / f"p{i}.png")
+    return folder
+
+
+def read_log(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_train_resume_validate_and_export(tmp_path, photos):
+    out = tmp_path / "run"
+    args = ["train", str(photos), "--out", str(out), "--steps", "3", "--holdout", "2", *TINY]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert [int(r["step"]) for r in read_log(out / "log.csv")] == [1, 2, 3]
+    validation = read_log(out / "validation.csv")
+    assert len(validation) == 8 and all(float(r["bpp"]) > 0 for r in validation)
+    # Resume: a larger step budget continues from step 3.
+    args[args.index("3")] = "5"
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    assert [int(r["step"]) for r in read_log(out / "log.csv")] == [1, 2, 3, 4, 5]
+    result = CliRunner().invoke(cli, ["export", str(out / "checkpoint.pt"), "-o", str(tmp_path / "w.npz")])
+    assert result.exit_code == 0, result.output
+    pixels = smooth_image(20, 30)
+    Image.fromarray(pixels).save(tmp_path / "img.png")
+    assert CliRunner().invoke(cli, ["encode", str(tmp_path / "img.png"), "--weights", str(tmp_path / "w.npz"),
+                                    "-o", str(tmp_path / "img.nic")]).exit_code == 0
+    assert CliRunner().invoke(cli, ["decode", str(tmp_path / "img.nic"), "--weights", str(tmp_path / "w.npz"),
+                                    "-o", str(tmp_path / "out.png")]).exit_code == 0
+
+
+def test_decoder_finetuning_changes_only_the_decoder(tmp_path, photos, tiny_weights):
+    out = tmp_path / "ft"
+    result = CliRunner().invoke(cli, ["train", str(photos), "--out", str(out), "--steps", "2", "--init", tiny_weights,
+                                      "--finetune-decoder", "--lr", "1e-2", *TINY[:-2]])
+    assert result.exit_code == 0, result.output
+    import torch
+
+    from nic.weights import load_weights
+
+    before = load_weights(tiny_weights)[0].state_dict()
+    after = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    changed = {name for name, value in before.items() if not torch.equal(value, after[name])}
+    assert any(name.startswith("g_s.") for name in changed)
+    assert all(name.startswith("g_s.") or name == "inverse_gain" for name in changed), changed
+
+
+def test_training_refuses_kodak(tmp_path):
+    kodak = tmp_path / "kodak"
+    kodak.mkdir()
+    Image.fromarray(smooth_image(64, 64)).save(kodak / "kodim01.png")
+    result = CliRunner().invoke(cli, ["train", str(kodak), "--out", str(tmp_path / "r"), "--steps", "1", *TINY])
+    assert result.exit_code == 1 and "Kodak" in result.output
+
+
+def test_torchrun_with_two_processes(tmp_path, photos):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "nic", "train", str(photos), "--out", str(tmp_path / "ddp"), "--steps", "3", *TINY]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = read_log(tmp_path / "ddp" / "log.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert (tmp_path / "ddp" / "checkpoint.pt").exists()
