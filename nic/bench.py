@@ -476,6 +476,21 @@ def load_anchors() -> dict:
         return {}
 
 
+def load_nic_curve(path: Path) -> tuple[str, list[float], list[float]]:
+    """(label, mean bpp, mean PSNR) of the nic curve in an earlier ``--json`` report, so
+    two weights (say, before and after decoder fine-tuning) get a BD-rate."""
+    import json
+
+    try:
+        report = json.loads(path.read_text())
+        points = report["codecs"]["nic"]["points"]
+        rates = [float(p["mean"]["bpp"]) for p in points]
+        psnrs = [float(p["mean"]["psnr"]) for p in points]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a nic bench JSON report ({exc})") from None
+    return f"nic {report.get('weights', '?')}", rates, psnrs
+
+
 def parse_qualities(text: str | None, available: int) -> list[int]:
     """'1,4,8' or '2-5' → sorted distinct qualities in 1..available; None → all."""
     if text is None or not text.strip():
@@ -790,6 +805,7 @@ class BenchOptions:
     speed: bool = False
     weights: str | None = None
     limit: int | None = None
+    compare: tuple[str, ...] = ()  # earlier `nic bench --json` files: their nic curves become references
 
 
 def _read(path: Path) -> np.ndarray:
@@ -953,6 +969,9 @@ def _run_rd(paths: Sequence[Path], sizes: list[dict], qualities: list[int], base
     for codec in baselines:
         references[codec] = (BASELINES[codec].label, "this run", BASELINES[codec].label + " (this run)",
                              [p.mean("bpp") for p in curves[codec]], [p.mean("psnr") for p in curves[codec]])
+    for path in opts.compare:
+        name, rates, psnrs = load_nic_curve(Path(path))
+        references[f"compare:{path}"] = (name, str(path), f"{name} ({path})", rates, psnrs)
     anchors = load_anchors().get("anchors", {}) if kodak else {}
     if kodak and not anchors:
         err.print("note: nic/anchors.json is missing; no published curves to compare with")

@@ -456,17 +456,20 @@ def export(checkpoint: str, output: str, half: bool) -> None:
 @click.option("--plot", "plot_out", metavar="OUT.png", default=None, help="Write the PSNR-vs-bpp plot as PNG.")
 @click.option("--speed", is_flag=True, help="Time encode/decode (median ms, MP/s) instead of the RD sweep.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N images.")
+@click.option("--compare", metavar="JSON", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="An earlier --json report whose nic curve is one more BD-rate reference (repeatable).")
 @threads_option
 @weights_option
 def bench(folder: str, qualities: str | None, codecs: str, json_out: str | None, plot_out: str | None,
-          speed: bool, limit: int | None, threads: int | None, weights: str | None) -> None:
+          speed: bool, limit: int | None, compare: tuple[str, ...], threads: int | None,
+          weights: str | None) -> None:
     """Rate-distortion (bpp, PSNR, MS-SSIM, BD-rate) of nic and Pillow codecs on the images in DIR."""
     from .bench import BenchOptions, run_command
 
     set_threads(threads)
     try:
-        run_command(BenchOptions(Path(folder), qualities, codecs, json_out, plot_out, speed, weights, limit),
-                    err=stderr_console())
+        run_command(BenchOptions(Path(folder), qualities, codecs, json_out, plot_out, speed, weights, limit,
+                                 compare), err=stderr_console())
     except _domain_errors() as exc:
         raise NicError(str(exc)) from None
 

@@ -285,6 +285,14 @@ def test_bench_command_writes_json_and_png(tmp_path, request):
     assert report["kodak"] is False and "anchors" not in report
     image = Image.open(io.BytesIO(out_png.read_bytes()))
     assert image.format == "PNG" and image.size == (1000, 700)
+    # A second run compared with the first: the same weights give a BD-rate of 0.
+    result = CliRunner().invoke(cli, ["bench", str(folder), "--codecs", "none", "-q", "1,8", "--compare",
+                                      str(out_json), "--json", str(tmp_path / "again.json"), *_weights_args(request)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    again = json.loads((tmp_path / "again.json").read_text())
+    (compared,) = [v for k, v in again["bd_rate"]["against"].items() if k.startswith("compare:")]
+    assert compared["bd_rate_percent"] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_bench_command_speed_mode(tmp_path, request):

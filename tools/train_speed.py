@@ -1,0 +1,66 @@
+"""Training throughput (pixels/second) of the nic model under each numeric setup.
+
+    python tools/train_speed.py [--batch 8] [--patch 128] [--steps 6] [--threads 2]
+
+Times full training steps (forward, R + λD loss, backward, Adam) of the default
+model (N=128, M=192) on random crops-sized tensors, for fp32 NCHW, channels_last,
+bf16 autocast and both, and prints a table. Run it on an otherwise idle machine:
+another process on the same cores slows torch's thread pool far more than its share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from nic.model import Codec, rate_distortion_loss
+
+
+def measure(channels_last: bool, bf16: bool, batch: int, patch: int, steps: int) -> float:
+    torch.manual_seed(0)
+    model = Codec()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-4)
+    x = torch.rand(batch, 3, patch, patch)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    qualities = torch.arange(batch) % 8 + 1
+    lambdas = torch.tensor(model.config.lambdas)[qualities - 1]
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            x_tilde, bits = model(x, qualities)
+        loss = rate_distortion_loss(x, x_tilde, bits, lambdas)[0].mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    best = sorted(times[1:])[len(times[1:]) // 2]  # median, first step (warm-up) excluded
+    return batch * patch * patch / best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--patch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch} x {args.patch}²")
+    print(f"{'setup':<28}{'kpx/s':>8}{'speed-up':>10}")
+    base = None
+    for name, cl, bf16 in [("fp32 NCHW", False, False), ("fp32 channels_last", True, False),
+                           ("bf16 autocast NCHW", False, True), ("bf16 autocast channels_last", True, True)]:
+        rate = measure(cl, bf16, args.batch, args.patch, args.steps)
+        base = base or rate
+        print(f"{name:<28}{rate / 1e3:>8.0f}{rate / base:>9.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
