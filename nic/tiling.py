@@ -30,11 +30,12 @@ whole image sees there: the replicate padding of :func:`nic.model.pad_to_multipl
 only the convolutions count.
 
 Whole-image inference is the one-tile case of the same code (any image whose latent
-grid fits in one tile core). Floating-point results can still differ in the last bits
-between tile shapes (a convolution backend may pick another algorithm or summation
-order for another size); a latent that lands within ~1e-6 of a rounding boundary can
-then round the other way. Tiling never touches the container: a file is decodable
-with any tile size.
+grid fits in one tile core). Floating-point results could still differ in the last
+bits between tile shapes (a convolution backend may pick another algorithm or
+summation order for another size), and a latent within ~1e-6 of a rounding boundary
+would then round the other way; measured: 0 of 7.08 M latents differ (24 Kodak
+images, quality 8, tiles of 128 and 768 px against the whole image). Tiling never
+touches the container: a file is decodable with any tile size.
 
 Memory: the input stays uint8; each tile is converted to float32 on its own, and the
 decoder writes each tile's uint8 pixels into one preallocated output array. Peak
@@ -160,11 +161,16 @@ def _pixel_block(pixels: np.ndarray, r0: int, r1: int, c0: int, c1: int) -> np.n
 
 
 def _to_input(block: np.ndarray) -> Tensor:
-    """uint8 (h, w, 1|3) → float (1, 3, h, w) in [0, 1], channels_last."""
-    x = torch.from_numpy(np.array(block, copy=True)).permute(2, 0, 1).unsqueeze(0).float() / 255.0
+    """uint8 (h, w, 1|3) → float (1, 3, h, w) in [0, 1], in MEMORY_FORMAT.
+
+    Built as NHWC and permuted, so a channels_last result has true channels_last
+    strides (stride[0] = h·w·3). ``permute(2, 0, 1).unsqueeze(0)`` instead leaves
+    stride[0] = 3: is_contiguous(channels_last) still says yes, but the convolutions
+    then see an NCHW tensor and run (and answer) in NCHW, ~25% slower here."""
+    x = torch.from_numpy(np.array(block, copy=True)).unsqueeze(0).permute(0, 3, 1, 2)
     if x.shape[1] == 1:
         x = x.expand(1, 3, *x.shape[2:])
-    return x.contiguous(memory_format=MEMORY_FORMAT)
+    return x.to(dtype=torch.float32, memory_format=MEMORY_FORMAT).div_(255.0)
 
 
 def analysis_tiles(model, pixels: np.ndarray, quality: int, tile: int | None = None

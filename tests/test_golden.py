@@ -1,0 +1,139 @@
+"""Determinism and golden bitstreams (issue #7, docs/robustness.md).
+
+tests/golden/bitstreams.json holds the SHA-256 of the .nic bytes of a fixed generated
+32x48 image at every quality (and one grayscale file), together with the hash of the
+weights that made them and the SHA-256 of the image's pixels. The test fails when
+anything differs: the bitstream of a given image, weights and nic version must never
+drift silently (files already written must keep decoding to the same pixels, and an
+encoder change that alters bytes should be a decision, not an accident).
+
+When the change is intended (new weights, a deliberate encoder change), regenerate
+and commit the file:
+
+    NIC_REGENERATE_GOLDEN=1 python -m pytest -q tests/test_golden.py
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nic import api, container
+from nic.weights import default_weights
+
+GOLDEN = Path(__file__).parent / "golden" / "bitstreams.json"
+REGENERATE = os.environ.get("NIC_REGENERATE_GOLDEN") == "1"
+HOW_TO_REGENERATE = ("if the change is intended, run `NIC_REGENERATE_GOLDEN=1 python -m pytest -q "
+                     "tests/test_golden.py` and commit tests/golden/bitstreams.json")
+QUALITIES = range(1, 9)
+
+
+def golden_image(height: int = 32, width: int = 48, channels: int = 3, seed: int = 20240607) -> np.ndarray:
+    """A fixed photo-like image: integer arithmetic and numpy's PCG64 only, so that it is
+    the same on every machine (its SHA-256 is recorded next to the bitstreams)."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    yy, xx = np.mgrid[0:height, 0:width]
+    planes = [(xx * (3 + c) + yy * (5 - c) + ((xx // 8 + yy // 8) % 2) * 60) % 256 for c in range(channels)]
+    image = np.stack(planes, axis=-1).astype(np.int64)
+    image = (image + rng.integers(-12, 13, size=image.shape)) // 2 + 64
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def threads():
+    """torch's thread count, restored afterwards."""
+    import torch
+
+    saved = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(saved)
+
+
+def current() -> dict:
+    _, digest = default_weights()
+    rgb, gray = golden_image(), golden_image(channels=1)
+    files = {f"q{q}": api.encode_pixels(rgb, q) for q in QUALITIES}
+    files["gray-q4"] = api.encode_pixels(gray, 4)
+    return {
+        "about": "SHA-256 of nic bitstreams of tests/test_golden.py:golden_image(); " + HOW_TO_REGENERATE,
+        "weights_hash": digest.hex(),
+        "image_sha256": {"rgb-32x48": sha256(rgb.tobytes()), "gray-32x48": sha256(gray.tobytes())},
+        "bitstreams": {name: {"sha256": sha256(data), "bytes": len(data)} for name, data in files.items()},
+    }
+
+
+def test_golden_bitstreams(threads):
+    threads(1)
+    now = current()
+    if REGENERATE:
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(now, indent=1) + "\n")
+    assert GOLDEN.is_file(), f"{GOLDEN} is missing; {HOW_TO_REGENERATE}"
+    recorded = json.loads(GOLDEN.read_text())
+    assert now["image_sha256"] == recorded["image_sha256"], (
+        "the generated golden image changed (numpy's generator or golden_image()); " + HOW_TO_REGENERATE)
+    assert now["weights_hash"] == recorded["weights_hash"], (
+        f"the golden bitstreams were made with weights {recorded['weights_hash']}, the installed weights "
+        f"are {now['weights_hash']}; {HOW_TO_REGENERATE}")
+    changed = [name for name in recorded["bitstreams"]
+               if now["bitstreams"].get(name) != recorded["bitstreams"][name]]
+    assert not changed, (f"the bitstreams of {', '.join(changed)} changed with the same weights "
+                         f"(an encoder change?); {HOW_TO_REGENERATE}")
+    assert sorted(now["bitstreams"]) == sorted(recorded["bitstreams"])
+
+
+def test_same_bytes_across_runs_and_thread_counts(threads):
+    image = golden_image()
+    streams = {}
+    for count in (1, 2, 1):
+        threads(count)
+        streams.setdefault(count, []).append([api.encode_pixels(image, q) for q in QUALITIES])
+    assert streams[1][0] == streams[1][1], "encoding twice in one process gave different bytes"
+    assert streams[1][0] == streams[2][0], "the bitstream depends on torch's thread count"
+
+
+def test_decoding_is_deterministic(threads):
+    threads(1)
+    data = api.encode_pixels(golden_image(), 5)
+    first = api.decode_pixels(data).pixels
+    assert np.array_equal(first, api.decode_pixels(data).pixels)
+    threads(2)
+    other = api.decode_pixels(data).pixels
+    # Pixels are not part of the format's contract across thread counts (float summation
+    # order may differ), but they may not drift by more than a rounding step.
+    assert np.abs(first.astype(int) - other.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_decoded_latents_equal_the_encoders(threads, channels):
+    threads(1)
+    model, _ = default_weights()
+    image = golden_image(channels=channels)
+    for quality in QUALITIES:
+        data = api.encode_pixels(image, quality)
+        decoded = api.decode_pixels(data)
+        expected = api.quantize_latents(model, image, quality)
+        assert decoded.latents.dtype == np.int64
+        np.testing.assert_array_equal(decoded.latents, expected, err_msg=f"quality {quality}")
+        header = container.unpack(data).header
+        assert header.latent_shape == expected.shape
+        assert decoded.pixels.shape == image.shape
+
+
+def test_escapes_round_trip_exactly():
+    """Latents far outside every table (escape + bypass codes) come back bit-exact."""
+    model, _ = default_weights()
+    coder = api._coder(model, 4)
+    latents = np.zeros((model.config.M, 2, 3), dtype=np.int64)
+    extremes = [0, 1, -1, 5000, -5000, 2**16, -(2**16) - 1, 2**31 - 1, -(2**31 - 1)]
+    latents.flat[:len(extremes)] = extremes
+    assert np.array_equal(coder.decode(coder.encode(latents), latents.shape), latents)

@@ -1,0 +1,283 @@
+#!/usr/bin/env python
+"""Speed of nic's transforms against their FLOP floor (docs/speed.md).
+
+    python tools/bench_speed.py flops                      # FLOPs of g_a and g_s for 768x512
+    python tools/bench_speed.py conv -j 2                  # this CPU's 5x5 conv throughput
+    python tools/bench_speed.py codec -j 2 IMAGES...       # encode/decode ms per image, in-process
+    python tools/bench_speed.py bf16 IMAGES...             # what bf16 autocast does to latents and PSNR
+    python tools/bench_speed.py tiles -j 1 2048x1536 --tiles 256 448 768   # tile size sweep
+
+IMAGES are files (e.g. ../shared/data/kodak/kodim*.png) or WxH for a generated image.
+The model is loaded once; the first run of each shape is a warm-up and not counted.
+Measurement only: nothing here is imported by nic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def load_pixels(spec: str) -> tuple[str, np.ndarray]:
+    if "x" in spec and not Path(spec).exists():
+        w, h = (int(v) for v in spec.lower().split("x"))
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from measure_memory import synthetic_image
+
+        return spec, synthetic_image(w, h)
+    from nic.images import read_image
+
+    return Path(spec).name, read_image(Path(spec).read_bytes())
+
+
+# ---- FLOPs ------------------------------------------------------------------------------
+
+def count_macs(model, height: int, width: int) -> dict[str, list[tuple[str, int]]]:
+    """Multiply-adds of every convolution (GDN's 1x1 included) for one image, by a
+    forward pass with hooks. A transposed conv costs in_pixels·C_in·C_out·k²."""
+    rows: dict[str, list[tuple[str, int]]] = {"g_a": [], "g_s": []}
+    current = []
+    hooks = []
+
+    def conv_hook(name):
+        def hook(module, inputs, output):
+            x = inputs[0]
+            k = module.kernel_size[0] * module.kernel_size[1]
+            if isinstance(module, nn.ConvTranspose2d):
+                macs = x.shape[2] * x.shape[3] * module.in_channels * module.out_channels * k
+            else:
+                macs = output.shape[2] * output.shape[3] * module.in_channels * module.out_channels * k
+            current.append((f"{name} {tuple(x.shape[1:])}→{tuple(output.shape[1:])}", macs))
+        return hook
+
+    def gdn_hook(name):
+        def hook(module, inputs, output):
+            x = inputs[0]
+            current.append((f"{name} 1x1 {x.shape[1]}x{x.shape[1]} at {x.shape[2]}x{x.shape[3]}",
+                            x.shape[1] ** 2 * x.shape[2] * x.shape[3]))
+        return hook
+
+    for part in ("g_a", "g_s"):
+        for name, module in getattr(model, part).named_children():
+            if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+                hooks.append(module.register_forward_hook(conv_hook(f"{part}.{name}")))
+            else:
+                hooks.append(module.register_forward_hook(gdn_hook(f"{part}.{name}")))
+    with torch.inference_mode():
+        y = model.g_a(torch.zeros(1, 3, height, width))
+        rows["g_a"], current[:] = list(current), []
+        model.g_s(y)
+        rows["g_s"] = list(current)
+    for hook in hooks:
+        hook.remove()
+    return rows
+
+
+def cmd_flops(args) -> None:
+    from nic.weights import default_weights
+
+    model = default_weights()[0]
+    for part, rows in count_macs(model, args.height, args.width).items():
+        print(f"{part} for {args.width}x{args.height}:")
+        for name, macs in rows:
+            print(f"  {name:<52} {macs / 1e6:10.1f} M MAC")
+        total = sum(m for _, m in rows)
+        print(f"  {'total':<52} {total / 1e6:10.1f} M MAC = {2 * total / 1e9:.2f} GFLOP "
+              f"({total / (args.width * args.height):.0f} MAC/pixel)")
+
+
+# ---- raw conv throughput ---------------------------------------------------------------
+
+def cmd_conv(args) -> None:
+    torch.set_num_threads(args.threads)
+    x = torch.randn(1, 128, 384, 256)  # g_a's second layer for a 768x512 image
+    cases = [("conv 5x5/2 128→128 from 384x256", nn.Conv2d(128, 128, 5, 2, 2)),
+             ("deconv 5x5/2 128→128 to 384x256", nn.ConvTranspose2d(128, 128, 5, 2, 2, output_padding=1))]
+    for name, layer in cases:
+        layer = layer.eval()
+        inp = x if isinstance(layer, nn.Conv2d) else x[:, :, ::2, ::2].contiguous()
+        macs = 192 * 128 * 128 * 128 * 25
+        for fmt in ("contiguous", "channels_last"):
+            mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+            i = inp.contiguous(memory_format=mf)
+            l = layer.to(memory_format=mf)
+            with torch.inference_mode():
+                l(i)
+                times = []
+                for _ in range(args.repeat):
+                    t0 = time.perf_counter()
+                    l(i)
+                    times.append(time.perf_counter() - t0)
+            best, med = min(times), statistics.median(times)
+            print(f"{name:<36} {fmt:<14} {args.threads} thr: best {best * 1e3:7.1f} ms "
+                  f"= {2 * macs / best / 1e9:6.1f} GFLOP/s (median {2 * macs / med / 1e9:6.1f})")
+
+
+# ---- the codec in-process -------------------------------------------------------------
+
+def cmd_codec(args) -> None:
+    from nic import api, tiling
+    from nic.weights import default_weights
+
+    torch.set_num_threads(args.threads)
+    model = default_weights()[0]
+    if args.tile:
+        tiling.DEFAULT_TILE = args.tile
+    if args.contiguous:
+        tiling.MEMORY_FORMAT = torch.contiguous_format
+    print(f"threads {args.threads}, tile {tiling.DEFAULT_TILE}, {tiling.MEMORY_FORMAT}, quality {args.quality}")
+    totals = {"enc": [], "dec": [], "g_a": [], "g_s": [], "mp": []}
+    for spec in args.images:
+        name, pixels = load_pixels(spec)
+        h, w = pixels.shape[:2]
+        api.encode_pixels(pixels, args.quality)  # warm-up (weights, tables, oneDNN primitives)
+        enc, dec, ga, gs = [], [], [], []
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            data = api.encode_pixels(pixels, args.quality)
+            t1 = time.perf_counter()
+            decoded = api.decode_pixels(data)
+            t2 = time.perf_counter()
+            latents = api.quantize_latents(model, pixels, args.quality)
+            t3 = time.perf_counter()
+            api.reconstruct(model, latents, args.quality, h, w, pixels.shape[2] == 1)
+            t4 = time.perf_counter()
+            enc.append(t1 - t0), dec.append(t2 - t1), ga.append(t3 - t2), gs.append(t4 - t3)
+        mse = np.mean((decoded.pixels.astype(np.float64) - pixels) ** 2)
+        print(f"{name:<14} {w}x{h}  encode {min(enc) * 1e3:7.0f} ms (g_a {min(ga) * 1e3:6.0f})  "
+              f"decode {min(dec) * 1e3:7.0f} ms (g_s {min(gs) * 1e3:6.0f})  "
+              f"{8 * len(data) / (w * h):.3f} bpp  {10 * np.log10(255**2 / mse):.2f} dB", flush=True)
+        for key, values in (("enc", enc), ("dec", dec), ("g_a", ga), ("g_s", gs)):
+            totals[key].append(min(values))
+        totals["mp"].append(w * h / 1e6)
+    if len(args.images) > 1:
+        mp = sum(totals["mp"])
+        print(f"mean over {len(args.images)}: encode {statistics.mean(totals['enc']) * 1e3:.0f} ms, "
+              f"decode {statistics.mean(totals['dec']) * 1e3:.0f} ms, g_a {statistics.mean(totals['g_a']) * 1e3:.0f} ms, "
+              f"g_s {statistics.mean(totals['g_s']) * 1e3:.0f} ms; encode {mp / sum(totals['enc']):.2f} MP/s, "
+              f"decode {mp / sum(totals['dec']):.2f} MP/s")
+
+
+def cmd_tiles(args) -> None:
+    """g_a and g_s per tile size: wall and CPU seconds (process CPU time is the fairer
+    number while other processes load the machine) and minor page faults (fresh
+    memory the allocator had to get from the kernel)."""
+    from nic import tiling
+    from nic.weights import default_weights
+
+    torch.set_num_threads(args.threads)
+    model = default_weights()[0]
+    name, pixels = load_pixels(args.image)
+    h, w = pixels.shape[:2]
+    reference = None
+
+    def measured(f):
+        r0, c0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.perf_counter()
+        out = f()
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        return out, (time.perf_counter() - w0, time.process_time() - c0, r1.ru_minflt - r0.ru_minflt)
+
+    results: dict[int, list] = {}
+    for _ in range(args.repeat):
+        for tile in args.tiles:  # interleaved, so a burst of load hits every size alike
+            latents, enc = measured(lambda: tiling.quantize_tiled(model, pixels, args.quality, tile))
+            _, dec = measured(lambda: tiling.reconstruct_tiled(model, latents, args.quality, h, w, False, tile))
+            if reference is None:
+                reference = latents
+            changed = int(np.count_nonzero(latents != reference))
+            results.setdefault(tile, []).append((*enc, *dec, changed))
+    print(f"{name} {w}x{h}, {args.threads} threads; best of {args.repeat}")
+    print(f"{'tile':>5} {'tiles':>5} {'enc wall':>9} {'enc cpu':>8} {'enc faults':>10} "
+          f"{'dec wall':>9} {'dec cpu':>8} {'dec faults':>10} {'changed':>7}")
+    for tile, rows in results.items():
+        a = np.array(rows)
+        n = len(tiling.tiles(-(-h // 16), -(-w // 16), tile))
+        print(f"{tile:>5} {n:>5} {a[:, 0].min():9.2f} {a[:, 1].min():8.2f} {a[:, 2].min():10.0f} "
+              f"{a[:, 3].min():9.2f} {a[:, 4].min():8.2f} {a[:, 5].min():10.0f} {int(a[:, 6].max()):>7}")
+
+
+def cmd_bf16(args) -> None:
+    from nic import api
+    from nic.weights import default_weights
+
+    torch.set_num_threads(args.threads)
+    model = default_weights()[0]
+    for spec in args.images:
+        name, pixels = load_pixels(spec)
+        h, w = pixels.shape[:2]
+        for quality in args.qualities:
+            ref = api.quantize_latents(model, pixels, quality)
+            t0 = time.perf_counter()
+            ref = api.quantize_latents(model, pixels, quality)
+            t1 = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                api.quantize_latents(model, pixels, quality)
+                t2 = time.perf_counter()
+                bf = api.quantize_latents(model, pixels, quality)
+                t3 = time.perf_counter()
+            out_ref = api.reconstruct(model, ref, quality, h, w, False)
+            out_bf_enc = api.reconstruct(model, bf, quality, h, w, False)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                api.reconstruct(model, ref, quality, h, w, False)
+                t4 = time.perf_counter()
+                out_bf_dec = api.reconstruct(model, ref, quality, h, w, False)
+                t5 = time.perf_counter()
+
+            def psnr(a):
+                return 10 * np.log10(255**2 / np.mean((a.astype(np.float64) - pixels) ** 2))
+
+            coder = api._coder(model, quality)
+            bits_ref, bits_bf = 8 * len(coder.encode(ref)), 8 * len(coder.encode(bf))
+            print(f"{name} q{quality}: bf16 g_a changes {np.mean(bf != ref) * 100:.2f}% of latents, "
+                  f"bpp {bits_ref / (w * h):.4f} → {bits_bf / (w * h):.4f}, PSNR {psnr(out_ref):.3f} → "
+                  f"{psnr(out_bf_enc):.3f} dB; bf16 g_s: PSNR {psnr(out_bf_dec):.3f} dB, "
+                  f"max pixel diff {np.abs(out_bf_dec.astype(int) - out_ref).max()}; "
+                  f"g_a {(t1 - t0) * 1e3:.0f} → {(t3 - t2) * 1e3:.0f} ms, "
+                  f"g_s bf16 {(t5 - t4) * 1e3:.0f} ms", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("flops")
+    p.add_argument("--width", type=int, default=768)
+    p.add_argument("--height", type=int, default=512)
+    p.set_defaults(run=cmd_flops)
+    p = sub.add_parser("conv")
+    p.add_argument("-j", "--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--repeat", type=int, default=5)
+    p.set_defaults(run=cmd_conv)
+    p = sub.add_parser("codec")
+    p.add_argument("images", nargs="+")
+    p.add_argument("-j", "--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("-q", "--quality", type=int, default=4)
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--tile", type=int, default=None, help="override nic.tiling.DEFAULT_TILE")
+    p.add_argument("--contiguous", action="store_true", help="NCHW tiles instead of channels_last")
+    p.set_defaults(run=cmd_codec)
+    p = sub.add_parser("tiles")
+    p.add_argument("image")
+    p.add_argument("--tiles", type=int, nargs="+", default=[256, 384, 448, 512, 768, 1024])
+    p.add_argument("-j", "--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("-q", "--quality", type=int, default=4)
+    p.add_argument("--repeat", type=int, default=2)
+    p.set_defaults(run=cmd_tiles)
+    p = sub.add_parser("bf16")
+    p.add_argument("images", nargs="+")
+    p.add_argument("-j", "--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--qualities", type=int, nargs="+", default=[1, 4, 8])
+    p.set_defaults(run=cmd_bf16)
+    args = parser.parse_args()
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
