@@ -11,6 +11,7 @@ loaded once per process and per weights file.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,10 +36,15 @@ def _torch():
     return torch
 
 
+_CODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _coder(model, quality: int):
     from .coding import LatentCoder
 
-    cache = model.__dict__.setdefault("_coders", {})
+    # Kept beside the model, not on it, so the model stays copyable (constriction's
+    # models do not pickle).
+    cache = _CODERS.setdefault(model, {})
     if quality not in cache:
         cache[quality] = LatentCoder(model.tables[quality - 1])
     return cache[quality]
@@ -119,10 +125,11 @@ def encode_to_target(pixels: np.ndarray, max_bytes: int, weights: str | Path | N
 def decode_pixels(data: bytes, weights: str | Path | None = None,
                   max_pixels: int = container.DEFAULT_MAX_PIXELS) -> Decoded:
     """Decode .nic bytes; raises FormatError or WeightsError naming the problem."""
+    parsed = container.unpack(data, max_pixels)  # garbage is refused before torch loads
+
     from .coding import CorruptStream
     from .weights import weights_for
 
-    parsed = container.unpack(data, max_pixels)
     header = parsed.header
     model, _ = weights_for(header.model_id, header.weights_hash, weights)
     if not 1 <= header.quality <= model.config.qualities:

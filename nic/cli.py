@@ -36,23 +36,69 @@ def _domain_errors():
     return (FormatError, ImageError, WeightsError, ValueError)
 
 
-def read_input(name: str, limit: int | None = None) -> bytes:
-    """Bytes of a file, or of stdin for '-'."""
+IMAGE_INPUT_LIMIT = 1 << 30
+"""Most bytes read from one input image (an uncompressed 178-megapixel RGB image is 534 MB)."""
+
+SECTIONS_LIMIT = 64 << 20
+"""Most bytes of sections read after a .nic payload."""
+
+
+def read_input(name: str, limit: int = IMAGE_INPUT_LIMIT, first: int | None = None,
+               more: "callable | None" = None) -> bytes:
+    """Bytes of a file, or of stdin for '-', read in chunks and never more than ``limit``.
+
+    With ``first`` and ``more``, the first ``first`` bytes are read, then ``more(head)``
+    gives the real limit (a .nic header says how long its file can be), so a stream of
+    garbage is refused after a few bytes instead of after ``limit``."""
     try:
         if name == "-":
             if sys.stdin.isatty():
                 raise NicError("refusing to read binary data from a terminal; pipe something in")
-            return sys.stdin.buffer.read()
+            return _read_bounded(sys.stdin.buffer, name, limit, first, more)
         path = Path(name)
         if path.is_dir():
             raise NicError(f"{name}: is a directory")
-        return path.read_bytes()
+        with open(path, "rb") as stream:
+            return _read_bounded(stream, name, limit, first, more)
     except FileNotFoundError:
         raise NicError(f"{name}: no such file") from None
     except PermissionError:
         raise NicError(f"{name}: permission denied") from None
     except OSError as exc:
         raise NicError(f"{name}: {exc.strerror or exc}") from None
+
+
+def _read_bounded(stream, name: str, limit: int, first: int | None, more) -> bytes:
+    data = bytearray()
+    if first is not None:
+        while len(data) < first:
+            chunk = stream.read(first - len(data))
+            if not chunk:
+                break
+            data += chunk
+        if len(data) < first:
+            return bytes(data)
+        limit = min(limit, more(bytes(data)))
+    while len(data) <= limit:
+        chunk = stream.read(min(1 << 22, limit + 1 - len(data)))
+        if not chunk:
+            return bytes(data)
+        data += chunk
+    raise NicError(f"{name}: input is larger than {limit} bytes")
+
+
+def read_nic_input(name: str, max_pixels: int) -> bytes:
+    """A .nic file's bytes, bounded by what its header declares."""
+    from .container import HEADER_SIZE, FormatError, parse_header
+
+    def limit(head: bytes) -> int:
+        try:
+            header = parse_header(head, max_pixels)
+        except FormatError as exc:
+            raise NicError(f"{name}: {exc}") from None
+        return HEADER_SIZE + header.payload_length + 4 + SECTIONS_LIMIT
+
+    return read_input(name, IMAGE_INPUT_LIMIT + SECTIONS_LIMIT, HEADER_SIZE, limit)
 
 
 def write_output(name: str, data: bytes) -> None:
@@ -186,7 +232,7 @@ def plan_outputs(inputs: tuple[str, ...], output: str | None, out_dir: str | Non
     return pairs
 
 
-def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: bool) -> None:
+def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: bool, reader=read_input) -> None:
     """Run ``work(source, data) -> (output bytes, pixels, note)`` on every pair.
 
     One input: an error is fatal (one line, exit 1). Several: every file is tried,
@@ -202,7 +248,7 @@ def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: b
 
     def one(source: str, target: str) -> None:
         started = time.perf_counter()
-        data = read_input(source)
+        data = reader(source)
         try:
             result, pixels, note = work(source, data)
         except _domain_errors() as exc:
@@ -333,7 +379,7 @@ def decode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, out
         return (write_image(decoded.pixels, fmt, icc_profile, exif), h.width * h.height,
                 f"{h.width}x{h.height}, quality {h.quality}")
 
-    run_jobs(pairs, work, out_dir, verbose)
+    run_jobs(pairs, work, out_dir, verbose, reader=lambda source: read_nic_input(source, max_pixels))
 
 
 @cli.command()
@@ -343,7 +389,7 @@ def info(file: str, max_pixels: int) -> None:
     """Print the header fields of .nic FILE ('-' for stdin) and its bpp."""
     from .container import COLOUR_NAMES, FormatError, unpack
 
-    data = read_input(file)
+    data = read_nic_input(file, max_pixels)
     try:
         parsed = unpack(data, max_pixels)
     except FormatError as exc:
@@ -475,6 +521,9 @@ def bench(folder: str, qualities: str | None, codecs: str, json_out: str | None,
 
 
 def main() -> None:
+    # Idle OpenMP threads sleep instead of spinning: measured faster when the machine
+    # is busy (docs/speed.md), and it must be set before torch is imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         cli.main(prog_name="nic", standalone_mode=True)
     except KeyboardInterrupt:

@@ -32,6 +32,9 @@ from .layers import GDN, conv, deconv
 MSE_LAMBDAS = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483, 0.0932, 0.1800)
 """CompressAI's MSE λ per quality 1..8 (loss λ·255²·MSE + bpp)."""
 
+MAX_CHANNELS = 1024
+"""Largest N or M a weights file may declare (the shipped model has 128 and 192)."""
+
 DOWNSAMPLING = 16
 """g_a halves height and width four times."""
 
@@ -55,9 +58,20 @@ class Config:
 
     @classmethod
     def from_json(cls, text: str) -> "Config":
+        """Parse and validate (before anything is allocated from these numbers)."""
         fields = json.loads(text)
-        fields["lambdas"] = tuple(fields["lambdas"])
-        return cls(**fields)
+        if not isinstance(fields, dict):
+            raise ValueError("config is not an object")
+        fields["lambdas"] = tuple(fields.get("lambdas", ()))
+        config = cls(**fields)
+        for name in ("model_id", "N", "M"):
+            value = getattr(config, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_CHANNELS:
+                raise ValueError(f"config field {name} = {value!r} is out of range")
+        if not 1 <= len(config.lambdas) <= 255 or not all(
+                isinstance(v, (int, float)) and 0 < v < 1e6 for v in config.lambdas):
+            raise ValueError("config lambdas must be 1..255 positive numbers")
+        return config
 
 
 def latent_shape(config: Config, height: int, width: int) -> tuple[int, int, int]:

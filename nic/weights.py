@@ -141,7 +141,12 @@ def weights_for(model_id: int, wanted: bytes, path: Path | str | None = None):
     """(model, hash) matching a .nic file's model id and weights hash."""
     paths = [Path(path)] if path is not None else candidates()
     for candidate in paths:
-        model, digest = load_weights(candidate)
+        try:
+            model, digest = load_weights(candidate)
+        except WeightsError:
+            if path is not None:
+                raise
+            continue  # one broken file among the installed ones must not block the others
         if digest == wanted and model.config.model_id == model_id:
             return model, digest
     raise WeightsError(f"this file needs weights {wanted.hex()} (model id {model_id}), which are not installed; "

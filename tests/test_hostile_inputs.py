@@ -585,8 +585,6 @@ def test_hostile_input_in_a_real_process(tmp_path):
         assert listing(tmp_path) == before
 
 
-@pytest.mark.xfail(reason="nic.cli.read_input reads any input to the end, unbounded (docs/robustness.md, "
-                          "open issues)", strict=False)
 @pytest.mark.skipif(not Path("/dev/zero").exists() or sys.platform != "linux", reason="needs /dev/zero")
 def test_endless_input_is_refused_not_read_into_memory(tmp_path):
     """`nic info /dev/zero` must stop at a bound, not read until memory runs out.
