@@ -50,11 +50,12 @@ def _coder(model, quality: int):
     return cache[quality]
 
 
-def quantize_latents(model, pixels: np.ndarray, quality: int) -> np.ndarray:
-    """Integer latents of uint8 pixels (H, W, 1|3): round(g_a(x)·gain), in tiles (nic.tiling)."""
-    from .tiling import quantize_tiled
+def quantize_latents(model, pixels: np.ndarray, quality: int, effort: int = 1) -> np.ndarray:
+    """Integer latents of uint8 pixels (H, W, 1|3): round(g_a(x)·gain) in tiles
+    (nic.tiling) at effort 1, chosen by D + λR at higher efforts (nic.quantization)."""
+    from .quantization import quantize
 
-    return quantize_tiled(model, pixels, quality)
+    return quantize(model, pixels, quality, effort)
 
 
 def reconstruct(model, latents: np.ndarray, quality: int, height: int, width: int, gray: bool) -> np.ndarray:
@@ -65,9 +66,12 @@ def reconstruct(model, latents: np.ndarray, quality: int, height: int, width: in
 
 
 def encode_pixels(pixels: np.ndarray, quality: int = 4, weights: str | Path | None = None,
-                  icc_profile: bytes | None = None, exif: bytes | None = None) -> bytes:
+                  icc_profile: bytes | None = None, exif: bytes | None = None, effort: int = 1) -> bytes:
     """.nic bytes of uint8 pixels of shape (H, W, 3) or (H, W, 1), with optional
-    metadata carried verbatim in ancillary sections."""
+    metadata carried verbatim in ancillary sections. ``effort`` 1..4 is the encoder's
+    quantization search (1: rounding; see nic.quantization); any effort decodes the same way."""
+    from .quantization import EFFORTS
+
     from .weights import default_weights
 
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] not in (1, 3):
@@ -80,7 +84,9 @@ def encode_pixels(pixels: np.ndarray, quality: int = 4, weights: str | Path | No
     model, digest = default_weights(weights)
     if not 1 <= quality <= model.config.qualities:
         raise ValueError(f"quality must be 1..{model.config.qualities}, got {quality}")
-    latents = quantize_latents(model, pixels, quality)
+    if effort not in EFFORTS:
+        raise ValueError(f"effort must be {EFFORTS[0]}..{EFFORTS[-1]}, got {effort}")
+    latents = quantize_latents(model, pixels, quality, effort)
     payload = _coder(model, quality).encode(latents)
     header = Header(
         model_id=model.config.model_id, quality=quality,
@@ -97,7 +103,8 @@ def encode_pixels(pixels: np.ndarray, quality: int = 4, weights: str | Path | No
 
 
 def encode_to_target(pixels: np.ndarray, max_bytes: int, weights: str | Path | None = None,
-                     icc_profile: bytes | None = None, exif: bytes | None = None) -> tuple[bytes, int]:
+                     icc_profile: bytes | None = None, exif: bytes | None = None,
+                     effort: int = 1) -> tuple[bytes, int]:
     """(file, quality) of the largest file not above ``max_bytes`` (binary search over the
     trained qualities, as cwebp -size does); the smallest file if none fits."""
     from .weights import default_weights
@@ -108,7 +115,7 @@ def encode_to_target(pixels: np.ndarray, max_bytes: int, weights: str | Path | N
 
     def size_at(quality: int) -> int:
         if quality not in results:
-            results[quality] = encode_pixels(pixels, quality, weights, icc_profile, exif)
+            results[quality] = encode_pixels(pixels, quality, weights, icc_profile, exif, effort)
         return len(results[quality])
 
     if size_at(low) > max_bytes:
@@ -147,10 +154,11 @@ def decode_pixels(data: bytes, weights: str | Path | None = None,
 
 
 def encode(image, quality: int = 4, weights: str | Path | None = None, background: str | None = None,
-           strip: bool = False) -> bytes:
+           strip: bool = False, effort: int = 1) -> bytes:
     """Encode a Pillow image or a uint8 numpy array (H, W), (H, W, 1|3|4) to .nic bytes.
 
-    A Pillow image's ICC profile and EXIF travel along unless ``strip``."""
+    A Pillow image's ICC profile and EXIF travel along unless ``strip``. ``effort`` 1..4
+    spends more encoding time for a smaller file at the same quality (nic.quantization)."""
     from PIL import Image
 
     from .images import image_metadata, pixels_from_image
@@ -172,7 +180,7 @@ def encode(image, quality: int = 4, weights: str | Path | None = None, backgroun
             pixels = pixels_from_image(Image.fromarray(array, "RGBA"), background)
         else:
             pixels = array
-    return encode_pixels(pixels, quality, weights, icc_profile, exif)
+    return encode_pixels(pixels, quality, weights, icc_profile, exif, effort)
 
 
 def decode(data: bytes, weights: str | Path | None = None):

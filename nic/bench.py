@@ -488,7 +488,8 @@ def load_nic_curve(path: Path) -> tuple[str, list[float], list[float]]:
         psnrs = [float(p["mean"]["psnr"]) for p in points]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path}: not a nic bench JSON report ({exc})") from None
-    return f"nic {report.get('weights', '?')}", rates, psnrs
+    effort = report.get("effort", 1)
+    return f"nic {report.get('weights', '?')}" + (f" effort {effort}" if effort != 1 else ""), rates, psnrs
 
 
 def parse_qualities(text: str | None, available: int) -> list[int]:
@@ -547,7 +548,7 @@ class Point:
 
 
 def round_trip(codec: str, param: float, pixels: np.ndarray,
-               weights: str | None) -> tuple[bytes, np.ndarray, float, float]:
+               weights: str | None, effort: int = 1) -> tuple[bytes, np.ndarray, float, float]:
     """(file bytes, decoded pixels, encode seconds, decode seconds) of one image.
 
     Both timings are in-process and start from pixels in memory (no file I/O, no PNG
@@ -557,7 +558,7 @@ def round_trip(codec: str, param: float, pixels: np.ndarray,
         from .api import decode_pixels, encode_pixels
 
         start = time.perf_counter()
-        data = encode_pixels(pixels, quality=int(param), weights=weights)
+        data = encode_pixels(pixels, quality=int(param), weights=weights, effort=effort)
         middle = time.perf_counter()
         out = decode_pixels(data, weights).pixels
     else:
@@ -568,10 +569,10 @@ def round_trip(codec: str, param: float, pixels: np.ndarray,
     return data, out, middle - start, time.perf_counter() - middle
 
 
-def measure(codec: str, param: float, pixels: np.ndarray, weights: str | None) -> dict:
+def measure(codec: str, param: float, pixels: np.ndarray, weights: str | None, effort: int = 1) -> dict:
     """Encode, decode and score one image at one setting (timings in milliseconds)."""
     h, w, _ = pixels.shape
-    data, out, enc, dec = round_trip(codec, param, pixels, weights)
+    data, out, enc, dec = round_trip(codec, param, pixels, weights, effort)
     try:
         msssim: float | None = ms_ssim(pixels, out)
     except ValueError:  # under 16 px on a side: MS-SSIM is undefined
@@ -806,6 +807,7 @@ class BenchOptions:
     weights: str | None = None
     limit: int | None = None
     compare: tuple[str, ...] = ()  # earlier `nic bench --json` files: their nic curves become references
+    effort: int = 1  # nic's encoder effort (nic.quantization)
 
 
 def _read(path: Path) -> np.ndarray:
@@ -829,13 +831,13 @@ def _images(paths: Sequence[Path], sizes: list[dict]):
         yield path.name, pixels
 
 
-def _warm_up(codecs: Sequence[tuple[str, float]], weights: str | None) -> None:
+def _warm_up(codecs: Sequence[tuple[str, float]], weights: str | None, effort: int = 1) -> None:
     """One untimed round on a small image, so one-time setup (range-coder tables per
     quality, library initialisation, torch kernel selection) is not charged to image 1."""
     rng = np.random.default_rng(0)
     tiny = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
     for codec, param in codecs:
-        measure(codec, param, tiny, weights)
+        measure(codec, param, tiny, weights, effort)
 
 
 def _progress(console):
@@ -893,7 +895,7 @@ def run_command(opts: BenchOptions, out=None, err=None) -> dict:
     sizes: list[dict] = []  # filled as the images are read
 
     report = {
-        "nic_version": _version(), "weights": digest.hex(), "model": model.config.name,
+        "nic_version": _version(), "weights": digest.hex(), "model": model.config.name, "effort": opts.effort,
         "folder": str(folder), "kodak": kodak, "images": sizes,
         "libraries": _library_versions(), "skipped": skipped,
         "model_load_ms": load_ms, "torch_import_ms": torch_ms,
@@ -936,14 +938,15 @@ def _run_rd(paths: Sequence[Path], sizes: list[dict], qualities: list[int], base
     plan: list[tuple[str, float]] = [("nic", q) for q in qualities]
     for name in baselines:
         plan += [(name, p) for p in BASELINES[name].params]
-    _warm_up([("nic", q) for q in qualities] + [(b, BASELINES[b].mid) for b in baselines], opts.weights)
+    _warm_up([("nic", q) for q in qualities] + [(b, BASELINES[b].mid) for b in baselines], opts.weights,
+             opts.effort)
     points = {(codec, param): Point(codec, param, setting_label(codec, param)) for codec, param in plan}
     with _progress(err) as progress:
         task = progress.add_task("bench", total=len(paths) * len(plan))
         for name, pixels in _images(paths, sizes):
             for codec, param in plan:
                 progress.update(task, description=f"{name} {codec} {setting_label(codec, param)}")
-                record = measure(codec, param, pixels, opts.weights)
+                record = measure(codec, param, pixels, opts.weights, opts.effort)
                 points[(codec, param)].images.append({"image": name, **record})
                 progress.advance(task)
 
@@ -1048,7 +1051,7 @@ def _run_speed(paths: Sequence[Path], sizes: list[dict], qualities: list[int], b
     from rich.table import Table
 
     plan = [("nic", float(q)) for q in qualities] + [(b, float(BASELINES[b].mid)) for b in baselines]
-    _warm_up(plan, opts.weights)
+    _warm_up(plan, opts.weights, opts.effort)
     rows = []
     with _progress(err) as progress:
         task = progress.add_task("speed", total=len(paths) * len(plan))
@@ -1057,7 +1060,7 @@ def _run_speed(paths: Sequence[Path], sizes: list[dict], qualities: list[int], b
             for codec, param in plan:
                 progress.update(task, description=f"{name} {codec} {setting_label(codec, param)}")
                 h, w, _ = pixels.shape
-                data, decoded, enc, dec = round_trip(codec, param, pixels, opts.weights)
+                data, decoded, enc, dec = round_trip(codec, param, pixels, opts.weights, opts.effort)
                 results[(codec, param)].append({
                     "image": name, "megapixels": h * w / 1e6, "enc_ms": enc * 1e3, "dec_ms": dec * 1e3,
                     "bpp": 8.0 * len(data) / (h * w), "psnr": psnr(pixels, decoded)})

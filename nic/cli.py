@@ -304,6 +304,9 @@ def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: b
               help="Pick the quality whose file is the largest not above SIZE (50KB, 1.5MB, 64KiB, 20000).")
 @click.option("--bpp", "target_bpp", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Pick the quality whose file is the largest not above this many bits per pixel.")
+@click.option("-e", "--effort", type=click.IntRange(1, 4), default=1, show_default=True,
+              help="Encoder search: 1 rounds the latents; 2..4 choose them by distortion + λ·rate "
+                   "(smaller files at the same quality, several times slower). Decoding is unchanged.")
 @click.option("--background", metavar="COLOUR", default=None,
               help="Flatten transparent input onto this colour (e.g. white, #808080).")
 @click.option("--strip", is_flag=True, help="Do not store the input's ICC profile and EXIF.")
@@ -312,7 +315,7 @@ def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: b
 @max_pixels_option
 @click.option("-v", "--verbose", is_flag=True, help="Print size, bpp, chosen quality and time on stderr.")
 def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, quality: int | None,
-           target_size: str | None, target_bpp: float | None, background: str | None, strip: bool,
+           target_size: str | None, target_bpp: float | None, effort: int, background: str | None, strip: bool,
            threads: int | None, weights: str | None, max_pixels: int, verbose: bool) -> None:
     """Encode images IN... (PNG, JPEG, WebP, TIFF, …; '-' for stdin) to .nic."""
     if sum(x is not None for x in (quality, target_size, target_bpp)) > 1:
@@ -332,12 +335,12 @@ def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, qua
         count = pixels.shape[0] * pixels.shape[1]
         if max_bytes is None and target_bpp is None:
             chosen = quality or 4
-            result = encode_pixels(pixels, chosen, weights, icc_profile, exif)
-            note = f"quality {chosen}"
+            result = encode_pixels(pixels, chosen, weights, icc_profile, exif, effort)
+            note = f"quality {chosen}, effort {effort}"
         else:
             limit = max_bytes if max_bytes is not None else int(target_bpp * count / 8)
-            result, chosen = encode_to_target(pixels, limit, weights, icc_profile, exif)
-            note = f"quality {chosen} chosen for ≤ {limit} bytes"
+            result, chosen = encode_to_target(pixels, limit, weights, icc_profile, exif, effort)
+            note = f"quality {chosen} chosen for ≤ {limit} bytes, effort {effort}"
             if len(result) > limit:
                 note += " (not reached: even quality 1 is larger)"
         h, w = pixels.shape[:2]
@@ -504,10 +507,12 @@ def export(checkpoint: str, output: str, half: bool) -> None:
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N images.")
 @click.option("--compare", metavar="JSON", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="An earlier --json report whose nic curve is one more BD-rate reference (repeatable).")
+@click.option("-e", "--effort", type=click.IntRange(1, 4), default=1, show_default=True,
+              help="nic's encoder effort (as in nic encode).")
 @threads_option
 @weights_option
 def bench(folder: str, qualities: str | None, codecs: str, json_out: str | None, plot_out: str | None,
-          speed: bool, limit: int | None, compare: tuple[str, ...], threads: int | None,
+          speed: bool, limit: int | None, compare: tuple[str, ...], effort: int, threads: int | None,
           weights: str | None) -> None:
     """Rate-distortion (bpp, PSNR, MS-SSIM, BD-rate) of nic and Pillow codecs on the images in DIR."""
     from .bench import BenchOptions, run_command
@@ -515,7 +520,7 @@ def bench(folder: str, qualities: str | None, codecs: str, json_out: str | None,
     set_threads(threads)
     try:
         run_command(BenchOptions(Path(folder), qualities, codecs, json_out, plot_out, speed, weights, limit,
-                                 compare), err=stderr_console())
+                                 compare, effort), err=stderr_console())
     except _domain_errors() as exc:
         raise NicError(str(exc)) from None
 

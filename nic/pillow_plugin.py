@@ -3,7 +3,7 @@
     >>> import nic
     >>> from PIL import Image
     >>> Image.open("photo.nic")              # decodes with the installed weights
-    >>> im.save("photo.nic", quality=4)      # encodes; quality 1..8
+    >>> im.save("photo.nic", quality=4)      # encodes; quality 1..8 (effort=1..4 optional)
 
 Opening reads and validates only the header (cheap, no torch); the pixels are
 decoded on first access, like any lazy Pillow format.
@@ -58,7 +58,8 @@ def _save(im: Image.Image, fp, filename) -> None:
     from .api import encode
 
     quality = int(im.encoderinfo.get("quality", 4))
-    fp.write(encode(im, quality=quality, background=im.encoderinfo.get("background")))
+    effort = int(im.encoderinfo.get("effort", 1))
+    fp.write(encode(im, quality=quality, background=im.encoderinfo.get("background"), effort=effort))
 
 
 def register() -> None:

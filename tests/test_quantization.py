@@ -1,0 +1,91 @@
+"""Entropy-constrained quantization (encoder effort levels), nic.quantization."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nic.api import _coder, decode_pixels, encode_pixels
+from nic.quantization import EFFORTS, TableRate, image_cost, quantize
+from nic.weights import default_weights
+from conftest import smooth_image
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    model, _ = default_weights(None)
+    return model
+
+
+def test_table_rate_is_the_coded_length(shipped):
+    """The rate the search minimizes is what the range coder spends (escapes included)."""
+    rng = np.random.default_rng(1)
+    quality = 3
+    latents = rng.integers(-3, 4, size=(shipped.config.M, 5, 7))
+    latents[0, 0, 0] = 100_000  # far outside every table: escape + bypass bits
+    latents[5, 2, 3] = -7_000
+    bits = float(TableRate(shipped.tables[quality - 1])(torch.from_numpy(latents)).sum())
+    coded = 8 * len(_coder(shipped, quality).encode(latents))
+    assert bits <= coded <= bits + 64  # the coder's flush adds at most two 32-bit words
+
+
+@pytest.mark.parametrize("effort", EFFORTS)
+def test_every_effort_round_trips(effort):
+    pixels = smooth_image(40, 56, seed=effort)
+    data = encode_pixels(pixels, quality=4, effort=effort)
+    decoded = decode_pixels(data)
+    model, _ = default_weights(None)
+    assert np.array_equal(decoded.latents, quantize(model, pixels, 4, effort))
+    assert decoded.pixels.shape == pixels.shape
+
+
+def test_grayscale_effort_round_trips():
+    pixels = smooth_image(33, 17, channels=1)
+    decoded = decode_pixels(encode_pixels(pixels, quality=2, effort=3))
+    assert decoded.pixels.shape == (33, 17, 1)
+
+
+@pytest.mark.parametrize("quality", [1, 8])
+def test_higher_effort_never_raises_the_cost(shipped, quality):
+    """J = bits + λ·255²·SSE/3 is non-increasing in the effort on a one-tile image."""
+    pixels = smooth_image(64, 96, seed=quality)
+    costs = []
+    for effort in EFFORTS:
+        bits, distortion = image_cost(shipped, pixels, quantize(shipped, pixels, quality, effort), quality)
+        costs.append(bits + distortion)
+    assert all(later <= earlier + 1e-6 for earlier, later in zip(costs, costs[1:])), costs
+    assert costs[-1] < costs[0]  # and the search does find something on a real-looking image
+
+
+def test_effort_bytes_are_deterministic_across_runs_and_threads():
+    pixels = smooth_image(48, 64, seed=7)
+    threads = torch.get_num_threads()
+    try:
+        outputs = []
+        for count in (1, 2, 1):
+            torch.set_num_threads(count)
+            outputs.append(encode_pixels(pixels, quality=5, effort=3))
+    finally:
+        torch.set_num_threads(threads)
+    assert outputs[0] == outputs[1] == outputs[2]
+
+
+def test_effort_outside_range_is_refused():
+    with pytest.raises(ValueError, match="effort"):
+        encode_pixels(smooth_image(16, 16), quality=4, effort=5)
+
+
+def test_multi_tile_image_round_trips(monkeypatch):
+    """Tiles of the search see their neighbours' final latents; the result still decodes."""
+    import nic.quantization as quantization
+
+    monkeypatch.setattr(quantization, "TILE_LATENTS", 2)
+    pixels = smooth_image(80, 72, seed=3)
+    model, _ = default_weights(None)
+    latents = quantize(model, pixels, 6, 2)
+    bits, distortion = image_cost(model, pixels, latents, 6)
+    rounded = quantize(model, pixels, 6, 1)
+    assert bits + distortion <= sum(image_cost(model, pixels, rounded, 6)) + 1e-6
+    data = encode_pixels(pixels, quality=6, effort=2)
+    assert decode_pixels(data).pixels.shape == pixels.shape
