@@ -16,11 +16,13 @@ __version__ = "0.1.0"
 from .container import VERSION as FORMAT_VERSION  # noqa: E402
 
 
-def encode(image, quality: int = 4, weights=None, background: str | None = None) -> bytes:
-    """Encode a Pillow image or uint8 array to .nic bytes (see :func:`nic.api.encode`)."""
+def encode(image, quality: int = 4, weights=None, background: str | None = None, strip: bool = False,
+           effort: int = 1) -> bytes:
+    """Encode a Pillow image or uint8 array to .nic bytes (see :func:`nic.api.encode`);
+    ``effort`` 2..4 searches for fewer bytes at the same quality (slower encode)."""
     from .api import encode as _encode
 
-    return _encode(image, quality=quality, weights=weights, background=background)
+    return _encode(image, quality=quality, weights=weights, background=background, strip=strip, effort=effort)
 
 
 def decode(data: bytes, weights=None):

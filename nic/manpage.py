@@ -59,6 +59,7 @@ type makes a file unreadable. The full table is in the module nic.container.
 .SH EXAMPLES
 .nf
 nic encode photo.png \-q 4 \-o photo.nic
+nic encode photo.png \-q 4 \-e 3 \-o smaller.nic
 nic decode photo.nic \-o photo.png
 nic info photo.nic
 cat a.png | nic encode \- \-q 3 \-o \- | nic decode \- \-o \- > b.png

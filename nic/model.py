@@ -48,6 +48,7 @@ class Config:
     N: int = 128
     M: int = 192
     lambdas: tuple[float, ...] = MSE_LAMBDAS
+    decoder_finetuned: bool = False  # g_s retrained on rounded latents (nic train --finetune-decoder)
 
     @property
     def qualities(self) -> int:
@@ -68,6 +69,8 @@ class Config:
             value = getattr(config, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_CHANNELS:
                 raise ValueError(f"config field {name} = {value!r} is out of range")
+        if not isinstance(config.decoder_finetuned, bool):
+            raise ValueError("config field decoder_finetuned must be true or false")
         if not 1 <= len(config.lambdas) <= 255 or not all(
                 isinstance(v, (int, float)) and 0 < v < 1e6 for v in config.lambdas):
             raise ValueError("config lambdas must be 1..255 positive numbers")
@@ -116,8 +119,10 @@ class Codec(nn.Module):
         densities: the decoder fine-tuning of Borzechowski et al."""
         q = qualities.long() - 1
         if hard:
-            with torch.no_grad():
-                y = (self.g_a(x) * self.gain[q].reshape(len(q), -1, 1, 1).to(x.dtype)).float()
+            # fp32 even under autocast: bf16 would round some latents the other way than
+            # the encoder does, and the decoder must learn the encoder's exact integers.
+            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+                y = self.g_a(x.float()) * self.gain[q].reshape(len(q), -1, 1, 1)
                 y_tilde = torch.round(y)
                 bits = self.latent_bits(y_tilde, qualities)
         else:

@@ -13,6 +13,7 @@ few minutes and resumed from. They hold optimizer state and are never shipped:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 import random
@@ -207,9 +208,12 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
     elif opts.init is not None:
         from .weights import load_weights
 
-        model = Codec(load_weights(opts.init)[0].config)
-        model.load_state_dict(load_weights(opts.init)[0].state_dict())
-        config = model.config
+        initial = load_weights(opts.init)[0]
+        config = initial.config
+        if opts.finetune_decoder:
+            config = dataclasses.replace(config, decoder_finetuned=True)
+        model = Codec(config)
+        model.load_state_dict(initial.state_dict())
     model.to(device)
     if opts.channels_last:
         model = model.to(memory_format=torch.channels_last)

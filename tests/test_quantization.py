@@ -89,3 +89,34 @@ def test_multi_tile_image_round_trips(monkeypatch):
     assert bits + distortion <= sum(image_cost(model, pixels, rounded, 6)) + 1e-6
     data = encode_pixels(pixels, quality=6, effort=2)
     assert decode_pixels(data).pixels.shape == pixels.shape
+
+
+def test_shipped_weights_have_a_finetuned_decoder(shipped):
+    """The default weights are the ones whose decoder was retrained on rounded latents."""
+    assert shipped.config.decoder_finetuned
+
+
+def test_effort_through_the_python_api_and_pillow(tmp_path):
+    import nic
+    from PIL import Image
+
+    image = Image.fromarray(smooth_image(32, 48, seed=2))
+    assert nic.decode(nic.encode(image, quality=3, effort=2)).size == (48, 32)
+    image.save(tmp_path / "x.nic", quality=3, effort=2)
+    assert (tmp_path / "x.nic").read_bytes() == nic.encode(image, quality=3, effort=2)
+
+
+def test_cli_effort_option(tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from nic.cli import cli
+
+    Image.fromarray(smooth_image(32, 32, seed=4)).save(tmp_path / "in.png")
+    result = CliRunner().invoke(cli, ["encode", str(tmp_path / "in.png"), "-q", "2", "-e", "2", "-v",
+                                      "-o", str(tmp_path / "out.nic")])
+    assert result.exit_code == 0, result.output
+    assert "effort 2" in result.output
+    assert CliRunner().invoke(cli, ["decode", str(tmp_path / "out.nic"), "-o", str(tmp_path / "out.png")]).exit_code == 0
+    bad = CliRunner().invoke(cli, ["encode", str(tmp_path / "in.png"), "-e", "9", "-o", str(tmp_path / "x.nic")])
+    assert bad.exit_code == 2 and not (tmp_path / "x.nic").exists()

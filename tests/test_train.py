@@ -87,3 +87,26 @@ def test_torchrun_with_two_processes(tmp_path, photos):
     rows = read_log(tmp_path / "ddp" / "log.csv")
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
     assert (tmp_path / "ddp" / "checkpoint.pt").exists()
+    from nic.model import Config
+
+    assert Config.from_json(torch.load(out / "checkpoint.pt", weights_only=True)["config"]).decoder_finetuned
+
+
+def test_hard_latents_are_the_encoders_even_under_bf16(tiny_weights):
+    """Decoder fine-tuning must see exactly the integers the encoder sends."""
+    import torch
+
+    from nic.tiling import quantize_tiled
+    from nic.weights import load_weights
+    from conftest import smooth_image
+
+    model = load_weights(tiny_weights)[0]
+    pixels = smooth_image(64, 48)
+    x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0).float() / 255.0
+    seen = {}
+    handle = model.g_s.register_forward_pre_hook(lambda module, args: seen.setdefault("y", args[0]))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x, torch.tensor([3]), hard=True)
+    handle.remove()
+    scaled = seen["y"].float() / model.inverse_gain[2].reshape(1, -1, 1, 1)
+    assert torch.equal(torch.round(scaled)[0].long(), torch.from_numpy(quantize_tiled(model, pixels, 3)))
