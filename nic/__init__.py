@@ -11,22 +11,36 @@ Importing nic is cheap: torch is loaded on first use.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for the hints only: importing nic stays cheap (no numpy, no torch)
+    from pathlib import Path
+
+    import numpy as np
+    from numpy.typing import NDArray
+    from PIL import Image
+
 __version__ = "0.1.0"
 
 from .container import VERSION as FORMAT_VERSION  # noqa: E402
 
 
-def encode(image, quality: int = 4, weights=None, background: str | None = None, strip: bool = False,
-           effort: int = 1) -> bytes:
-    """Encode a Pillow image or uint8 array to .nic bytes (see :func:`nic.api.encode`);
-    ``effort`` 2..4 searches for fewer bytes at the same quality (slower encode)."""
+def encode(image: Image.Image | NDArray[np.uint8], quality: int = 4, weights: str | Path | None = None,
+           background: str | None = None, strip: bool = False, effort: int = 1) -> bytes:
+    """Encode a Pillow image or uint8 array of shape (H, W), (H, W, 1|3|4) to .nic bytes
+    (see :func:`nic.api.encode`) at ``quality`` 1..8, with the ``weights`` file given or
+    the installed ones. Transparency is refused unless flattened onto ``background``; a
+    Pillow image's ICC profile and EXIF travel along unless ``strip``; ``effort`` 2..4
+    searches for fewer bytes at the same quality (slower encode). Raises ValueError."""
     from .api import encode as _encode
 
     return _encode(image, quality=quality, weights=weights, background=background, strip=strip, effort=effort)
 
 
-def decode(data: bytes, weights=None):
-    """Decode .nic bytes to a Pillow image (see :func:`nic.api.decode`)."""
+def decode(data: bytes, weights: str | Path | None = None) -> Image.Image:
+    """Decode .nic bytes to a Pillow image of mode RGB or L (see :func:`nic.api.decode`),
+    with ``info["icc_profile"]`` and ``info["exif"]`` when the file carries them. Raises
+    nic.container.FormatError or nic.weights.WeightsError (both ValueErrors) naming the problem."""
     from .api import decode as _decode
 
     return _decode(data, weights=weights)

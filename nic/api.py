@@ -14,8 +14,13 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # Pillow is imported where it is used, not with this module
+    from numpy.typing import NDArray
+    from PIL import Image
 
 from . import container
 from .container import COLOUR_GRAY, COLOUR_RGB, FormatError, Header
@@ -153,8 +158,8 @@ def decode_pixels(data: bytes, weights: str | Path | None = None,
     return Decoded(pixels, header, latents, known.get(container.SECTION_ICC), known.get(container.SECTION_EXIF))
 
 
-def encode(image, quality: int = 4, weights: str | Path | None = None, background: str | None = None,
-           strip: bool = False, effort: int = 1) -> bytes:
+def encode(image: Image.Image | NDArray[np.uint8], quality: int = 4, weights: str | Path | None = None,
+           background: str | None = None, strip: bool = False, effort: int = 1) -> bytes:
     """Encode a Pillow image or a uint8 numpy array (H, W), (H, W, 1|3|4) to .nic bytes.
 
     A Pillow image's ICC profile and EXIF travel along unless ``strip``. ``effort`` 1..4
@@ -183,7 +188,7 @@ def encode(image, quality: int = 4, weights: str | Path | None = None, backgroun
     return encode_pixels(pixels, quality, weights, icc_profile, exif, effort)
 
 
-def decode(data: bytes, weights: str | Path | None = None):
+def decode(data: bytes, weights: str | Path | None = None) -> Image.Image:
     """Decode .nic bytes to a Pillow image (mode RGB or L), with ``info["icc_profile"]``
     and ``info["exif"]`` when the file carries them."""
     from .images import image_from_pixels

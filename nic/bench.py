@@ -376,9 +376,9 @@ class Baseline:
 
 
 BASELINES: dict[str, Baseline] = {
-    "jpeg": Baseline("jpeg", "JPEG", "jpg", (5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95), 75,
+    "jpeg": Baseline("jpeg", "JPEG", "jpg", (2, 3, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95), 75,
                      "Pillow/libjpeg, quality sweep, 4:2:0, optimized Huffman tables"),
-    "webp": Baseline("webp", "WebP", "webp", (5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95), 75,
+    "webp": Baseline("webp", "WebP", "webp", (0, 2, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95), 75,
                      "Pillow/libwebp, method=6, quality sweep"),
     "jpeg2000": Baseline("jpeg2000", "JPEG 2000", "jpg_2000",
                          (0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0), 1.0,
@@ -840,6 +840,13 @@ def _warm_up(codecs: Sequence[tuple[str, float]], weights: str | None, effort: i
         measure(codec, param, tiny, weights, effort)
 
 
+def escape(text: str) -> str:
+    """``text`` safe to show through rich markup (an image named 'a[b].png' stays as is)."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
 def _progress(console):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
@@ -865,6 +872,7 @@ def run_command(opts: BenchOptions, out=None, err=None) -> dict:
 
     out = out or Console(highlight=False)
     err = err or Console(stderr=True, highlight=False)
+    started = time.perf_counter()
     folder = Path(opts.folder)
     if not folder.is_dir():
         raise ValueError(f"{folder}: not a folder")
@@ -904,6 +912,8 @@ def run_command(opts: BenchOptions, out=None, err=None) -> dict:
         report.update(_run_speed(paths, sizes, qualities, baselines, opts, load_ms, torch_ms, out, err))
     else:
         report.update(_run_rd(paths, sizes, qualities, baselines, opts, kodak, len(all_paths), out, err))
+    report["elapsed_s"] = time.perf_counter() - started  # the whole command, model load included
+    err.print(f"bench took {report['elapsed_s'] / 60:.1f} min")
     if opts.json_out:
         from .cli import write_output
 
@@ -945,7 +955,7 @@ def _run_rd(paths: Sequence[Path], sizes: list[dict], qualities: list[int], base
         task = progress.add_task("bench", total=len(paths) * len(plan))
         for name, pixels in _images(paths, sizes):
             for codec, param in plan:
-                progress.update(task, description=f"{name} {codec} {setting_label(codec, param)}")
+                progress.update(task, description=f"{escape(name)} {codec} {setting_label(codec, param)}")
                 record = measure(codec, param, pixels, opts.weights, opts.effort)
                 points[(codec, param)].images.append({"image": name, **record})
                 progress.advance(task)
@@ -1058,7 +1068,7 @@ def _run_speed(paths: Sequence[Path], sizes: list[dict], qualities: list[int], b
         results = {key: [] for key in plan}
         for name, pixels in _images(paths, sizes):
             for codec, param in plan:
-                progress.update(task, description=f"{name} {codec} {setting_label(codec, param)}")
+                progress.update(task, description=f"{escape(name)} {codec} {setting_label(codec, param)}")
                 h, w, _ = pixels.shape
                 data, decoded, enc, dec = round_trip(codec, param, pixels, opts.weights, opts.effort)
                 results[(codec, param)].append({

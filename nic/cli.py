@@ -28,6 +28,28 @@ class NicError(click.ClickException):
         click.echo(f"nic: error: {self.format_message()}", err=True)
 
 
+class Interrupted(click.ClickException):
+    """Ctrl-C: one line and exit code 130, the shell convention for SIGINT."""
+
+    exit_code = 130
+
+    def __init__(self) -> None:
+        super().__init__("interrupted")
+
+    def show(self, file=None) -> None:
+        click.echo("nic: interrupted", err=True)
+
+
+class NicGroup(click.Group):
+    def invoke(self, ctx: click.Context):
+        # click turns KeyboardInterrupt into a blank line, "Aborted!" and exit 1 before
+        # main() could see it; converting it here keeps the one-line convention.
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Interrupted() from None
+
+
 def _domain_errors():
     from .container import FormatError
     from .images import ImageError
@@ -165,7 +187,9 @@ def set_threads(threads: int | None) -> None:
 def stderr_console():
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    # File names are printed as given: with markup on, 'a[bold]b.png' would lose its
+    # brackets and 'no[/x].png' would raise MarkupError; ':fire:' would become an emoji.
+    return Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
 
 
 threads_option = click.option("-j", "--threads", type=click.IntRange(1, 1024), default=None,
@@ -176,7 +200,7 @@ max_pixels_option = click.option("--max-pixels", type=click.IntRange(1), default
                                  show_default=True, help="Refuse images with more pixels than this.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=NicGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="nic",
                       message=f"%(prog)s %(version)s (container format {FORMAT_VERSION})")
 def cli() -> None:
@@ -268,8 +292,10 @@ def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: b
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, transient=True, disable=not console.is_terminal) as progress:
+    # markup=False: the description is a file name (see stderr_console).
+    with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=console, transient=True,
+                  disable=not console.is_terminal) as progress:
         task = progress.add_task("files", total=len(pairs))
         for source, target in pairs:
             progress.update(task, description=Path(source).name)
@@ -427,17 +453,21 @@ def info(file: str, max_pixels: int) -> None:
               help="Train only these qualities [default: all].")
 @click.option("--N", "N", type=click.IntRange(8), default=128, show_default=True, help="Hidden channels.")
 @click.option("--M", "M", type=click.IntRange(8), default=192, show_default=True, help="Latent channels.")
-@click.option("--patch", type=click.IntRange(16), default=128, show_default=True)
-@click.option("--batch", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--patch", type=click.IntRange(16), default=128, show_default=True,
+              help="Side of the square training crops, in pixels.")
+@click.option("--batch", type=click.IntRange(1), default=8, show_default=True, help="Crops per step.")
 @click.option("--lr", type=float, default=2e-4, show_default=True, help="Initial learning rate (cosine decay).")
-@click.option("--lr-final", type=float, default=1e-5, show_default=True)
+@click.option("--lr-final", type=float, default=1e-5, show_default=True,
+              help="Learning rate at the end of the budget.")
 @click.option("--init", type=click.Path(dir_okay=False), default=None, help="Start from these weights.")
 @click.option("--finetune-decoder", is_flag=True,
               help="Freeze g_a and densities; train g_s on hard-rounded latents (distortion only).")
 @click.option("--bf16/--no-bf16", default=True, show_default=True, help="bf16 autocast.")
-@click.option("--channels-last/--no-channels-last", default=True, show_default=True)
+@click.option("--channels-last/--no-channels-last", default=True, show_default=True,
+              help="NHWC (channels-last) tensors: fastest with --bf16 on CPUs with AVX-512 bf16 or AMX.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Random seed for the initial weights, the crops and the quality order.")
 @click.option("--log-every", type=click.IntRange(1), default=100, show_default=True, help="Steps per log line.")
 @click.option("--holdout", type=click.IntRange(0), default=0, show_default=True,
               help="Set aside this many DATA images for validation (real bpp and PSNR, validation.csv).")
@@ -529,16 +559,23 @@ def main() -> None:
     # Idle OpenMP threads sleep instead of spinning: measured faster when the machine
     # is busy (docs/speed.md), and it must be set before torch is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Not standalone: click would print "Aborted!" and exit 1 for Ctrl-C; every exit
+    # code is decided here instead.
     try:
-        cli.main(prog_name="nic", standalone_mode=True)
-    except KeyboardInterrupt:
-        click.echo("nic: interrupted", err=True)
+        code = cli.main(prog_name="nic", standalone_mode=False)
+    except click.ClickException as exc:  # NicError, Interrupted, usage errors (exit 2)
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (click.Abort, KeyboardInterrupt):  # Ctrl-C before a command started (still parsing)
+        Interrupted().show()
         sys.exit(130)
     except Exception as exc:  # a bug, not bad input: still one line, unless debugging
         if os.environ.get("NIC_DEBUG"):
             raise
         click.echo(f"nic: internal error: {type(exc).__name__}: {exc} (NIC_DEBUG=1 shows where)", err=True)
         sys.exit(1)
+    # --help and --version return click's exit code (0); a finished command returns None.
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

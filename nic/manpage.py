@@ -66,6 +66,8 @@ cat a.png | nic encode \- \-q 3 \-o \- | nic decode \- \-o \- > b.png
 nic encode *.jpg \-d compressed/ \-\-size 50KB
 nic decode compressed/*.nic \-d restored/ \-\-format png
 nic bench ../shared/data/kodak \-\-plot rd.png \-\-json kodak.json
+nic train ../shared/data/train \-\-out runs/main \-\-minutes 120
+nic export runs/main/checkpoint.pt \-o weights/default.npz \-\-half
 .fi
 .SH SHELL COMPLETION
 nic uses click's completion. For bash, add to \fI~/.bashrc\fR:
@@ -112,25 +114,44 @@ def option_lines(param: click.Parameter) -> list[str]:
     return [".TP", names, escape(help_text)]
 
 
+def help_lines(param: click.Parameter, what: str) -> list[str]:
+    """The help option, whose own text ("Show this message") reads wrongly in a man page."""
+    return [".TP", ", ".join(f"\\fB{escape(n)}\\fR" for n in param.opts), f"Show {what} and exit."]
+
+
+def group_context() -> click.Context:
+    # With the group's context_settings, as `nic` itself makes it: they hold -h beside --help,
+    # and click caches each command's help option from the first context that asks for it.
+    return click.Context(cli, info_name="nic", **cli.context_settings)
+
+
 def render() -> str:
     out = [f'.TH NIC 1 "{DATE}" "nic {__version__}" "User Commands"', ".SH NAME",
            "nic \\- a learned image codec", ".SH SYNOPSIS"]
-    with click.Context(cli, info_name="nic") as group_ctx:
+    with group_context() as group_ctx:
+        # The group's own options (-V, -h) work without a command.
+        group_params = [p for p in cli.get_params(group_ctx) if isinstance(p, click.Option) and not p.hidden]
+        out.append("\\fBnic\\fR " + " ".join(f"[\\fB{escape(p.opts[0])}\\fR]" for p in group_params))
         for name in sorted(cli.commands):
             command = cli.commands[name]
             with click.Context(command, info_name=name, parent=group_ctx):
                 pieces = [escape(p) for p in command.collect_usage_pieces(click.get_current_context())]
             out += [".br", f"\\fBnic {name}\\fR {' '.join(pieces)}"]
     out.append(INTRO.rstrip())
+    out.append(".SH OPTIONS")
+    with group_context() as group_ctx:
+        help_option = cli.get_help_option(group_ctx)
+        for param in cli.get_params(group_ctx):
+            out += help_lines(param, "the list of commands") if param is help_option else option_lines(param)
     out.append(".SH COMMANDS")
-    with click.Context(cli, info_name="nic") as group_ctx:
+    with group_context() as group_ctx:
         for name in sorted(cli.commands):
             command = cli.commands[name]
             with click.Context(command, info_name=name, parent=group_ctx):
                 out += [".SS " + name, escape((command.help or "").replace("\b", "").strip())]
                 for param in command.params:
                     out += option_lines(param)
-                out += [".TP", "\\fB\\-h\\fR, \\fB\\-\\-help\\fR", "Show the command's help and exit."]
+                out += help_lines(command.get_help_option(click.get_current_context()), "the command's help")
     out.append(OUTRO.rstrip())
     return "\n".join(out) + "\n"
 

@@ -2,21 +2,40 @@
 
     >>> import nic
     >>> from PIL import Image
-    >>> Image.open("photo.nic")              # decodes with the installed weights
+    >>> im = Image.open("photo.nic")         # decodes with the installed weights
+    >>> im.info["icc_profile"], im.info["exif"]   # present when the file carries them
     >>> im.save("photo.nic", quality=4)      # encodes; quality 1..8 (effort=1..4 optional)
 
-Opening reads and validates only the header (cheap, no torch); the pixels are
-decoded on first access, like any lazy Pillow format.
+Opening reads the file and validates its header (cheap, no torch), and puts the
+ICC profile and EXIF the file carries in ``info["icc_profile"]`` and ``info["exif"]``
+straight away, as Pillow's JPEG plugin does; the pixels are decoded on first access,
+like any lazy Pillow format.
+
+Saving takes ``quality=`` (1..8, default 4), ``effort=`` (1..4, default 1) and
+``background=`` (a colour to flatten transparency onto), as :func:`nic.encode` does,
+and Pillow's usual metadata keywords: ``icc_profile=`` and ``exif=`` (bytes, or an
+:class:`PIL.Image.Exif` for ``exif``) replace what the image carries, ``None``
+leaves it out, and ``strip=True`` leaves out both. Without them the image's own ICC
+profile and EXIF are kept. Like Pillow's PNG and JPEG writers, other formats do not
+copy ``info["exif"]`` on their own: ``im.save("out.png", exif=im.getexif())``.
 """
 
 from __future__ import annotations
 
+from typing import IO
+
 from PIL import Image, ImageFile
 
-from .container import COLOUR_GRAY, HEADER_SIZE, MAGIC, FormatError, parse_header
+from .container import COLOUR_GRAY, HEADER_SIZE, MAGIC, SECTION_EXIF, SECTION_ICC, FormatError, parse_header, unpack
 
 FORMAT = "NIC"
 MIME = "image/x-nic"
+
+SECTIONS_LIMIT = 64 << 20
+"""Most bytes of sections read after a payload (as nic.cli.SECTIONS_LIMIT, not imported
+from there because nic.cli loads click)."""
+
+ORIENTATION = 0x0112
 
 
 def _accept(prefix: bytes) -> bool:
@@ -36,6 +55,20 @@ class NicImageFile(ImageFile.ImageFile):
         self._size = (header.width, header.height)
         self._mode = "L" if header.colour == COLOUR_GRAY else "RGB"
         self.info["quality"] = header.quality
+        # The metadata sections follow the payload, so the whole file is read now for
+        # info to have them after open. The header bounds how much that is, and the
+        # payload is compressed: far less than the pixels that load() will allocate.
+        self._nic_data = head + _read_at_most(self.fp, header.payload_length + 4 + SECTIONS_LIMIT)
+        try:
+            sections = dict(unpack(self._nic_data).sections)
+        except FormatError:
+            # A damaged file still opens, as in Pillow's own formats: load() raises
+            # the FormatError that says what is wrong, where a caller asks for pixels.
+            sections = {}
+        if sections.get(SECTION_ICC):
+            self.info["icc_profile"] = sections[SECTION_ICC]
+        if sections.get(SECTION_EXIF):
+            self.info["exif"] = sections[SECTION_EXIF]
         self.tile = []
 
     def load(self):
@@ -43,23 +76,68 @@ class NicImageFile(ImageFile.ImageFile):
             from .api import decode_pixels
             from .images import image_from_pixels
 
-            self.fp.seek(0)
-            decoded = decode_pixels(self.fp.read())
+            decoded = decode_pixels(self._nic_data)
             image = image_from_pixels(decoded.pixels)
             self.im = image.im
             self._nic_loaded = True
+            self._nic_data = b""  # the pixels are what is kept from here on
             if self._exclusive_fp and self.fp:
                 self.fp.close()
             self.fp = None
         return Image.Image.load(self)
 
 
-def _save(im: Image.Image, fp, filename) -> None:
-    from .api import encode
+def _read_at_most(fp: IO[bytes], limit: int) -> bytes:
+    # In chunks: one read(limit) would allocate all of a hostile header's claim up front.
+    chunks = []
+    left = limit
+    while left > 0:
+        chunk = fp.read(min(left, 1 << 22))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
-    quality = int(im.encoderinfo.get("quality", 4))
-    effort = int(im.encoderinfo.get("effort", 1))
-    fp.write(encode(im, quality=quality, background=im.encoderinfo.get("background"), effort=effort))
+
+def _exif_bytes(exif: bytes | Image.Exif) -> bytes | None:
+    """An ``exif=`` save argument as nic stores EXIF: without its orientation tag, since
+    nic stores pixels as they are shown (see nic.images.image_metadata)."""
+    if isinstance(exif, Image.Exif):
+        parsed = exif
+    else:
+        parsed = Image.Exif()
+        try:
+            parsed.load(bytes(exif))
+        except Exception:  # Pillow raises various errors on a malformed block
+            raise ValueError("exif= is not a readable EXIF block") from None
+    if ORIENTATION in parsed:
+        # Copied, not popped in place: the caller's Exif object stays as it was.
+        kept = Image.Exif()
+        kept.load(parsed.tobytes())
+        del kept[ORIENTATION]
+        parsed = kept
+    return parsed.tobytes() if len(parsed) else None
+
+
+def _save(im: Image.Image, fp: IO[bytes], filename: str | bytes) -> None:
+    from .api import encode_pixels
+    from .images import image_metadata, pixels_from_image
+
+    options = im.encoderinfo
+    quality = int(options.get("quality", 4))
+    effort = int(options.get("effort", 1))
+    icc_profile, exif = (None, None) if options.get("strip") else image_metadata(im)
+    if not options.get("strip"):
+        # Present but None (or empty) means "leave it out", as with Pillow's PNG writer.
+        if "icc_profile" in options:
+            icc_profile = bytes(options["icc_profile"]) if options["icc_profile"] else None
+        if "exif" in options:
+            exif = _exif_bytes(options["exif"]) if options["exif"] else None
+    # nic.api.encode reads metadata only from the image, so the pieces it is made of
+    # are called here, in the same order, to put explicit metadata in their place.
+    pixels = pixels_from_image(im, options.get("background"))
+    fp.write(encode_pixels(pixels, quality, None, icc_profile, exif, effort))
 
 
 def register() -> None:

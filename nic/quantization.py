@@ -13,23 +13,22 @@ with R(ŷ) the exact code length under the integer tables that the range coder u
 (−log2 of each symbol's frequency / 2¹⁶, plus the bypass bits of escaped values) and
 SSE over pixels in [0, 1] (so J / pixels is the training loss bpp + λ·255²·MSE).
 
-Effort levels; effort e runs the searches of efforts 2 … e and keeps a result only
-when its exactly evaluated J is lower, so (within a tile) a higher effort never has a
-higher J than a lower one:
+Effort levels; effort e runs the searches of efforts 2 … e in order and keeps a
+result only when its exactly evaluated J is lower, so (within a tile) a higher effort
+never has a higher J than a lower one:
 
 1. plain rounding (the default);
-2. greedy RDOQ: every latent may move to ⌊y⌋, ⌈y⌉ or 0; the change of J is predicted
-   from the exact rate difference, the gradient of the distortion through g_s and a
-   per-channel curvature (the energy of the channel's impulse response), the predicted
-   gains are applied and checked with a real decode (with back-off to the best quarter
-   of them when the check fails), a few passes;
-3. and 4. latent optimization first (Yang, Bamler and Mandt, "Improving inference for
-   neural image compression", NeurIPS 2020; Campos et al., "Content adaptive
-   optimization for neural image compression", CVPRW 2019): gradient steps on a
-   continuous ŷ under the training proxy (uniform noise, then rounding with a
-   straight-through gradient) with the learned density as rate, then greedy RDOQ
-   around the optimized values. Effort 3 adds a short search (12 steps), effort 4 a
-   longer one (40 steps) on top of it.
+2. latent optimization (Campos et al., "Content adaptive optimization for neural image
+   compression", CVPRW 2019; Yang, Bamler and Mandt, "Improving inference for neural
+   image compression", NeurIPS 2020): 8 Adam steps on continuous latents that the
+   forward pass rounds (straight-through gradient), with the learned density of the
+   quality as rate and the distortion through g_s; the cheapest rounded latents seen
+   are kept;
+3. 24 more steps, restarted from where effort 2 stopped;
+4. 64 more steps, then greedy RDOQ: latents move by ±1 or to 0 where the exact rate
+   difference, the distortion gradient through g_s and a per-channel curvature
+   predict a gain, at most one change per local maximum of the predicted gain, each
+   pass checked with a real decode.
 
 Work is done in tiles of the latent grid, so memory stays bounded. Changing the core
 latents of a tile changes the pixels of the core's 16-pixel blocks widened by the

@@ -149,5 +149,8 @@ def weights_for(model_id: int, wanted: bytes, path: Path | str | None = None):
             continue  # one broken file among the installed ones must not block the others
         if digest == wanted and model.config.model_id == model_id:
             return model, digest
+        if path is not None:
+            raise WeightsError(f"this file needs weights {wanted.hex()} (model id {model_id}), but {path} "
+                               f"holds weights {digest.hex()} (model id {model.config.model_id})")
     raise WeightsError(f"this file needs weights {wanted.hex()} (model id {model_id}), which are not installed; "
                        f"pass them with --weights or install the nic version that made the file")

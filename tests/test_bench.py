@@ -214,6 +214,58 @@ def test_bd_rate_by_hand_on_two_segment_curves():
     assert got == pytest.approx(100 * (2**-0.5 - 1), abs=1e-9)
 
 
+def test_bd_rate_by_hand_on_three_point_pchip_curves():
+    """Curved, non-parallel curves, where pchip differs from other interpolants.
+
+    x = PSNR 30, 32, 34 (h = 2), y = ln R. Reference y = 0, 1, 1.5: secants 0.5, 0.25;
+    interior slope = harmonic mean 2/(1/0.5 + 1/0.25) = 1/3; end slopes by the
+    three-point formula ((2h+h)·δ0 − h·δ1)/2h = 0.625 and (3h·δ1 − h·δ0)/2h = 0.125.
+    A cubic Hermite segment integrates to h(y0+y1)/2 + h²(d0−d1)/12:
+    1 + (0.625 − 1/3)/3 = 1.0972 and 2.5 + (1/3 − 0.125)/3 = 2.5694, total 11/3.
+    Test y = −0.5, 0.25, 1.5: secants 0.375, 0.625; slopes 0.25, 0.46875, 0.75;
+    segments −0.25 − 0.21875/3 and 1.75 − 0.28125/3, total 4/3.
+    BD-rate = exp((4/3 − 11/3)/4) − 1 = exp(−7/12) − 1 = −44.20 %."""
+    ref_rates = np.exp([0.0, 1.0, 1.5])
+    test_rates = np.exp([-0.5, 0.25, 1.5])
+    psnrs = [30.0, 32.0, 34.0]
+    got = bd_rate(ref_rates, psnrs, test_rates, psnrs)
+    assert got == pytest.approx(100 * (math.exp(-7 / 12) - 1), abs=1e-9)
+    # Straight segments (trapezoids 3.5 and 1.5) would give exp(−0.5) − 1 = −39.35 %.
+    assert got != pytest.approx(100 * (math.exp(-0.5) - 1), abs=1.0)
+
+
+def test_jpeg2000_baseline_uses_the_colour_transform_and_the_9_7_wavelet():
+    """Pillow's default mct=0 costs JPEG 2000 3-5 dB on RGB; the bench must not publish that."""
+    data = bench.encode_baseline("jpeg2000", 0.5, smooth_image(64, 64))
+    cod = data.index(b"\xff\x52")  # COD marker: Lcod(2) Scod(1) order(1) layers(2) MCT(1) …
+    assert data[cod + 8] == 1, "multi-component transform is off"
+    assert data[cod + 13] == 0, "not the 9/7 irreversible wavelet"
+    gray = bench.encode_baseline("jpeg2000", 0.5, smooth_image(64, 64, channels=1))
+    assert gray[gray.index(b"\xff\x52") + 8] == 0  # one component: nothing to transform
+
+
+def test_bench_on_kodak_compares_with_the_published_anchors(tmp_path, request, monkeypatch):
+    """The Kodak path end to end (on 2 tiny stand-ins): the three published curves are
+    BD-rate references and the anchors are copied into the report."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(smooth_image(48, 64, seed=20 + i)).save(folder / f"kodim0{i + 1}.png")
+    monkeypatch.setattr(bench, "looks_like_kodak", lambda paths: True)
+    from nic.cli import cli
+
+    out_json = tmp_path / "k.json"
+    result = CliRunner().invoke(cli, ["bench", str(folder), "--codecs", "none", "-q", "1,4,8", "--json",
+                                      str(out_json), *_weights_args(request)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out_json.read_text())
+    assert report["kodak"] is True and report["elapsed_s"] > 0
+    anchors = bench.load_anchors()["anchors"]
+    assert set(anchors) == {"balle2017", "bmshj2018-factorized", "bmshj2018-hyperprior"}
+    assert set(anchors) <= set(report["bd_rate"]["against"])
+    assert report["anchors"]["anchors"] == anchors
+
+
 def test_bd_psnr_of_a_curve_shifted_up_by_half_a_db():
     assert bd_psnr(REF_RATES, REF_PSNR, REF_RATES, REF_PSNR + 0.5) == pytest.approx(0.5, abs=1e-9)
 

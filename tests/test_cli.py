@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import array
+import fcntl
 import io
 import os
+import signal
 import subprocess
 import sys
+import termios
+import time
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +179,30 @@ def test_wrong_weights_are_named(tmp_path, tiny_weights):
     assert result.exit_code == 1 and "needs weights" in result.output
 
 
+def test_given_weights_that_do_not_match_are_not_called_missing(tmp_path, tiny_weights):
+    src = write_png(tmp_path / "in.png", smooth_image(16, 16))
+    run_cli("encode", str(src), "--weights", tiny_weights, "-o", str(tmp_path / "a.nic"))
+    from nic.weights import candidates
+
+    other = str(candidates()[0])
+    result = CliRunner().invoke(cli, ["decode", str(tmp_path / "a.nic"), "--weights", other,
+                                      "-o", str(tmp_path / "a.png")])
+    assert result.exit_code == 1 and "needs weights" in result.output
+    assert "not installed" not in result.output and "pass them with --weights" not in result.output
+
+
+def test_file_names_with_brackets_are_printed_as_given(tmp_path):
+    """rich must not read '[...]' in a file name as markup (MarkupError, or lost text)."""
+    src = write_png(tmp_path / "a[bold]b.png", smooth_image(16, 16))
+    missing = tmp_path / "no[/x].png"
+    result = CliRunner().invoke(cli, ["encode", str(missing), str(src), "-d", str(tmp_path / "out"), "-v"])
+    assert result.exit_code == 1, result.output
+    assert f"nic: error: {missing}: no such file" in result.stderr
+    assert f"{src} → {tmp_path / 'out' / 'a[bold]b.nic'}: quality 4" in result.stderr
+    assert "internal error" not in result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a[bold]b.nic"]
+
+
 def _nic(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nic", *args], input=input, capture_output=True, timeout=120)
 
@@ -192,6 +221,44 @@ def test_real_processes_in_a_pipeline(tmp_path):
     (tmp_path / "in.png").write_bytes(src)
     run_cli("encode", str(tmp_path / "in.png"), "-q", "3", "-o", str(tmp_path / "a.nic"))
     assert (tmp_path / "a.nic").read_bytes() == encoded.stdout
+
+
+def _unread_bytes(pipe) -> int:
+    count = array.array("i", [0])
+    fcntl.ioctl(pipe.fileno(), termios.FIONREAD, count)
+    return count[0]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="FIONREAD on a pipe's write end is Linux behaviour")
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
+    target = tmp_path / "out.png"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nic", "decode", "-", "-o", str(target)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        # A shell without job control starts background jobs with SIGINT ignored, and
+        # Python keeps an ignored SIGINT ignored: the test would then hang, not fail.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        # Part of a header: once nic has read it, it is blocked waiting for the rest,
+        # inside the command (a SIGINT during start-up would hit the imports instead).
+        process.stdin.write(b"\x89NIC")
+        process.stdin.flush()
+        deadline = time.monotonic() + 120
+        while _unread_bytes(process.stdin) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _unread_bytes(process.stdin) == 0, "nic never started reading"
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 130
+        assert process.stderr.read().decode() == "nic: interrupted\n"
+        assert process.stdout.read() == b""
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for pipe in (process.stdin, process.stdout, process.stderr):
+            pipe.close()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_real_process_errors_have_no_traceback(tmp_path):

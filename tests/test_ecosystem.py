@@ -66,6 +66,58 @@ def test_metadata_survives_and_strip_drops_it(tmp_path):
     assert "iCCP" not in runner.invoke(cli, ["info", str(tmp_path / "s.nic")]).output
 
 
+def nic_with_metadata(path) -> None:
+    image = Image.fromarray(smooth_image(32, 48, seed=7))
+    exif = Image.Exif()
+    exif[0x010F] = "nic test camera"  # Make
+    image.save(path, quality=3, exif=exif.tobytes(), icc_profile=FAKE_ICC)
+
+
+def test_pillow_open_exposes_metadata_and_png_keeps_it(tmp_path):
+    nic_with_metadata(tmp_path / "a.nic")
+    with Image.open(tmp_path / "a.nic") as im:
+        assert im.info["icc_profile"] == FAKE_ICC  # straight after open, before any decoding
+        assert im.getexif().get(0x010F) == "nic test camera"
+        # PNG keeps the ICC profile by itself; EXIF goes along when asked, as from any format.
+        im.save(tmp_path / "b.png", exif=im.getexif())
+    with Image.open(tmp_path / "b.png") as out:
+        assert out.info["icc_profile"] == FAKE_ICC
+        assert out.getexif().get(0x010F) == "nic test camera"
+        assert out.size == (48, 32)
+    assert nic.decode((tmp_path / "a.nic").read_bytes()).info["icc_profile"] == FAKE_ICC
+
+
+def test_pillow_save_strip_and_explicit_metadata(tmp_path):
+    nic_with_metadata(tmp_path / "a.nic")
+    with Image.open(tmp_path / "a.nic") as im:
+        im.save(tmp_path / "stripped.nic", strip=True)
+        other_icc = b"\x00\x00\x01\x00another-profile" + bytes(32)
+        rotated = Image.Exif()
+        rotated[0x0131] = "nic tests"  # Software
+        rotated[0x0112] = 6  # dropped: nic stores pixels as they are shown
+        im.save(tmp_path / "explicit.nic", icc_profile=other_icc, exif=rotated)
+        im.save(tmp_path / "no_icc.nic", icc_profile=None)
+    with Image.open(tmp_path / "stripped.nic") as out:
+        assert "icc_profile" not in out.info and "exif" not in out.info
+    with Image.open(tmp_path / "explicit.nic") as out:
+        assert out.info["icc_profile"] == other_icc
+        exif = out.getexif()
+        assert exif.get(0x0131) == "nic tests" and 0x010F not in exif and 0x0112 not in exif
+    assert 0x0112 in rotated  # the caller's Exif is left as it was
+    with Image.open(tmp_path / "no_icc.nic") as out:
+        assert "icc_profile" not in out.info and out.getexif().get(0x010F) == "nic test camera"
+
+
+def test_pillow_opens_a_damaged_file_and_load_names_the_damage(tmp_path):
+    nic_with_metadata(tmp_path / "a.nic")
+    data = (tmp_path / "a.nic").read_bytes()
+    (tmp_path / "cut.nic").write_bytes(data[:-10])
+    with Image.open(tmp_path / "cut.nic") as im:
+        assert im.size == (48, 32) and "icc_profile" not in im.info
+        with pytest.raises(nic.container.FormatError, match="truncated"):
+            im.load()
+
+
 @pytest.mark.parametrize("text,expected", [("20000", 20000), ("50KB", 50000), ("50k", 50000),
                                            ("1.5MB", 1500000), ("64KiB", 65536)])
 def test_parse_size(text, expected):

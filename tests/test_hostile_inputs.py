@@ -349,6 +349,19 @@ def test_unwritable_directory_is_a_clean_error(tmp_path, png_file):
         locked.chmod(0o700)
 
 
+def test_permission_denied_is_a_clean_error_even_as_root(tmp_path, png_file, monkeypatch):
+    """The test above cannot run as root (root ignores permissions): fake the refusal."""
+    import nic.cli
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(nic.cli.tempfile, "mkstemp", refuse)
+    before = listing(tmp_path)
+    assert_clean_error(run("encode", str(png_file), "-o", str(tmp_path / "x.nic")), tmp_path, before,
+                       "permission denied")
+
+
 @pytest.mark.parametrize("where", ["fsync", "write"])
 def test_full_disk_is_a_clean_error_and_leaves_no_temp_file(tmp_path, png_file, monkeypatch, where):
     import nic.cli
