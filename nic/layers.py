@@ -74,6 +74,12 @@ class GDN(nn.Module):
         gamma = self.gamma_reparam(self.gamma).reshape(channels, channels, 1, 1)
         # Σ_j γ_ij x_j² is a 1x1 convolution of x² with γ.
         norm = F.conv2d(x * x, gamma.to(x.dtype), beta.to(x.dtype))
+        if not torch.is_grad_enabled():
+            # Inference: the same operations in place, so the full-resolution layers do not
+            # write two more fresh tensors (they are ≈ 48 MiB each for a Kodak image and
+            # freshly page-faulted memory is slow; docs/speed.md). Bit-identical results.
+            norm.sqrt_()
+            return norm.mul_(x) if self.inverse else torch.div(x, norm, out=norm)
         norm = torch.sqrt(norm)
         return x * norm if self.inverse else x / norm
 

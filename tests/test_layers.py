@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from nic.layers import GDN, NonNegative, conv, deconv
@@ -46,3 +47,19 @@ def test_strided_convolutions_halve_and_double():
     y = conv(3, 5)(x)
     assert y.shape == (1, 5, 16, 24)
     assert deconv(5, 3)(y).shape == (1, 3, 32, 48)
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_inference_path_is_bit_identical_to_the_autograd_path(inverse):
+    """GDN computes in place when autograd is off; the numbers must not change."""
+    torch.manual_seed(0)
+    layer = GDN(16, inverse=inverse)
+    with torch.no_grad():
+        layer.gamma.add_(0.3 * torch.rand_like(layer.gamma))
+    x = torch.randn(2, 16, 20, 24).contiguous(memory_format=torch.channels_last)
+    with torch.enable_grad():
+        reference = layer(x).detach()
+    before = x.clone()
+    with torch.inference_mode():
+        assert torch.equal(layer(x), reference)
+    assert torch.equal(x, before)  # the input is not overwritten
