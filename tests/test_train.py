@@ -68,6 +68,9 @@ def test_decoder_finetuning_changes_only_the_decoder(tmp_path, photos, tiny_weig
     changed = {name for name, value in before.items() if not torch.equal(value, after[name])}
     assert any(name.startswith("g_s.") for name in changed)
     assert all(name.startswith("g_s.") or name == "inverse_gain" for name in changed), changed
+    from nic.model import Config
+
+    assert Config.from_json(torch.load(out / "checkpoint.pt", weights_only=True)["config"]).decoder_finetuned
 
 
 def test_training_refuses_kodak(tmp_path):
@@ -87,9 +90,6 @@ def test_torchrun_with_two_processes(tmp_path, photos):
     rows = read_log(tmp_path / "ddp" / "log.csv")
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
     assert (tmp_path / "ddp" / "checkpoint.pt").exists()
-    from nic.model import Config
-
-    assert Config.from_json(torch.load(out / "checkpoint.pt", weights_only=True)["config"]).decoder_finetuned
 
 
 def test_hard_latents_are_the_encoders_even_under_bf16(tiny_weights):
