@@ -75,8 +75,6 @@ def encode_pixels(pixels: np.ndarray, quality: int = 4, weights: str | Path | No
     """.nic bytes of uint8 pixels of shape (H, W, 3) or (H, W, 1), with optional
     metadata carried verbatim in ancillary sections. ``effort`` 1..4 is the encoder's
     quantization search (1: rounding; see nic.quantization); any effort decodes the same way."""
-    from .quantization import EFFORTS
-
     from .weights import default_weights
 
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] not in (1, 3):
@@ -89,8 +87,6 @@ def encode_pixels(pixels: np.ndarray, quality: int = 4, weights: str | Path | No
     model, digest = default_weights(weights)
     if not 1 <= quality <= model.config.qualities:
         raise ValueError(f"quality must be 1..{model.config.qualities}, got {quality}")
-    if effort not in EFFORTS:
-        raise ValueError(f"effort must be {EFFORTS[0]}..{EFFORTS[-1]}, got {effort}")
     latents = quantize_latents(model, pixels, quality, effort)
     payload = _coder(model, quality).encode(latents)
     header = Header(

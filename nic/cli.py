@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .container import DEFAULT_MAX_PIXELS, VERSION as FORMAT_VERSION
+from .container import DEFAULT_MAX_PIXELS, SECTIONS_LIMIT, VERSION as FORMAT_VERSION
 
 
 class NicError(click.ClickException):
@@ -60,9 +60,6 @@ def _domain_errors():
 
 IMAGE_INPUT_LIMIT = 1 << 30
 """Most bytes read from one input image (an uncompressed 178-megapixel RGB image is 534 MB)."""
-
-SECTIONS_LIMIT = 64 << 20
-"""Most bytes of sections read after a .nic payload."""
 
 
 def read_input(name: str, limit: int = IMAGE_INPUT_LIMIT, first: int | None = None,
@@ -111,14 +108,14 @@ def _read_bounded(stream, name: str, limit: int, first: int | None, more) -> byt
 
 def read_nic_input(name: str, max_pixels: int) -> bytes:
     """A .nic file's bytes, bounded by what its header declares."""
-    from .container import HEADER_SIZE, FormatError, parse_header
+    from .container import HEADER_SIZE, FormatError, max_file_size, parse_header
 
     def limit(head: bytes) -> int:
         try:
             header = parse_header(head, max_pixels)
         except FormatError as exc:
             raise NicError(f"{name}: {exc}") from None
-        return HEADER_SIZE + header.payload_length + 4 + SECTIONS_LIMIT
+        return max_file_size(header)
 
     return read_input(name, IMAGE_INPUT_LIMIT + SECTIONS_LIMIT, HEADER_SIZE, limit)
 

@@ -71,6 +71,9 @@ SECTION_EXIF = b"eXIf"
 MAX_BITS_PER_PIXEL = 64
 """No honest payload comes near this; larger claims are refused before reading."""
 
+SECTIONS_LIMIT = 64 << 20
+"""Most bytes of sections a reader takes after the payload (each is ≤ MAX_SECTION)."""
+
 
 class FormatError(ValueError):
     """The bytes are not a valid .nic file; the message says what is wrong."""
@@ -149,6 +152,12 @@ def parse_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Header:
         raise FormatError(f"payload length {payload_length} is implausible for {width}x{height} pixels")
     return Header(model_id, quality, colour, width, height, weights_hash, (channels, rows, cols),
                   payload_length, version)
+
+
+def max_file_size(header: Header) -> int:
+    """Most bytes a file with this (validated) header is read to: header, payload, its
+    CRC and at most SECTIONS_LIMIT of sections. Readers stop there instead of at EOF."""
+    return HEADER_SIZE + header.payload_length + 4 + SECTIONS_LIMIT
 
 
 def unpack(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Container:

@@ -81,6 +81,9 @@ def pixels_from_image(im: Image.Image, background: str | None = None) -> np.ndar
 
 
 REFUSED_FORMATS = frozenset({"EPS"})
+
+ORIENTATION = 0x0112
+"""The EXIF orientation tag: nic stores pixels upright, so stored EXIF goes without it."""
 """Pillow reads EPS by running Ghostscript on it: never for untrusted input."""
 
 
@@ -132,7 +135,7 @@ def image_metadata(im: Image.Image) -> tuple[bytes | None, bytes | None]:
     icc = im.info.get("icc_profile") or None
     try:
         exif = im.getexif()
-        exif.pop(0x0112, None)  # Orientation
+        exif.pop(ORIENTATION, None)
         exif_bytes = exif.tobytes() if len(exif) else None
     except Exception:  # unreadable EXIF is dropped, not fatal: the pixels are what matter
         exif_bytes = None

@@ -26,16 +26,11 @@ from typing import IO
 
 from PIL import Image, ImageFile
 
-from .container import COLOUR_GRAY, HEADER_SIZE, MAGIC, SECTION_EXIF, SECTION_ICC, FormatError, parse_header, unpack
+from .container import (COLOUR_GRAY, HEADER_SIZE, MAGIC, SECTION_EXIF, SECTION_ICC, FormatError, max_file_size,
+                        parse_header, unpack)
 
 FORMAT = "NIC"
 MIME = "image/x-nic"
-
-SECTIONS_LIMIT = 64 << 20
-"""Most bytes of sections read after a payload (as nic.cli.SECTIONS_LIMIT, not imported
-from there because nic.cli loads click)."""
-
-ORIENTATION = 0x0112
 
 
 def _accept(prefix: bytes) -> bool:
@@ -58,7 +53,7 @@ class NicImageFile(ImageFile.ImageFile):
         # The metadata sections follow the payload, so the whole file is read now for
         # info to have them after open. The header bounds how much that is, and the
         # payload is compressed: far less than the pixels that load() will allocate.
-        self._nic_data = head + _read_at_most(self.fp, header.payload_length + 4 + SECTIONS_LIMIT)
+        self._nic_data = head + _read_at_most(self.fp, max_file_size(header) - HEADER_SIZE)
         try:
             sections = dict(unpack(self._nic_data).sections)
         except FormatError:
@@ -103,6 +98,7 @@ def _read_at_most(fp: IO[bytes], limit: int) -> bytes:
 def _exif_bytes(exif: bytes | Image.Exif) -> bytes | None:
     """An ``exif=`` save argument as nic stores EXIF: without its orientation tag, since
     nic stores pixels as they are shown (see nic.images.image_metadata)."""
+    from .images import ORIENTATION  # here, not above: importing nic does not load numpy
     if isinstance(exif, Image.Exif):
         parsed = exif
     else:

@@ -279,14 +279,13 @@ def kappa(model, quality: int, channels: int) -> float:
 def quantize(model, pixels: np.ndarray, quality: int, effort: int, tile: int | None = None,
              progress=None) -> np.ndarray:
     """int64 latents (M, rows, cols) of uint8 pixels (H, W, 1|3) at an effort level."""
-    from .tiling import analysis_tiles, quantize_tiled, tiles
+    from .tiling import analysis_tiles, check_pixels, quantize_tiled, tiles
 
     if effort not in EFFORTS:
         raise ValueError(f"effort must be one of {EFFORTS}, got {effort}")
     if effort == 1:
         return quantize_tiled(model, pixels, quality, tile, progress)
-    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] not in (1, 3):
-        raise ValueError("pixels must be uint8 of shape (H, W, 3) or (H, W, 1)")
+    check_pixels(pixels)
     height, width = pixels.shape[:2]
     shape = (model.config.M, -(-height // DOWNSAMPLING), -(-width // DOWNSAMPLING))
     continuous = torch.empty(shape, dtype=torch.float32)
@@ -320,16 +319,10 @@ def quantize(model, pixels: np.ndarray, quality: int, effort: int, tile: int | N
 
 
 def image_cost(model, pixels: np.ndarray, latents: np.ndarray, quality: int) -> tuple[float, float]:
-    """(bits, κ·SSE) of integer latents for an image, decoded whole: J = bits + κ·SSE."""
-    from .tiling import _to_input
-
+    """(bits, κ·SSE) of integer latents for an image, decoded whole: J = bits + κ·SSE.
+    The whole latent grid as one tile, so J is measured exactly as the search measures it."""
+    grid = torch.from_numpy(latents)
+    part = _Tile(model, quality, pixels, grid, (0, grid.shape[1]), (0, grid.shape[2]),
+                 kappa(model, quality, pixels.shape[2]))
     with torch.no_grad():
-        bits = float(_table_rate(model, quality)(torch.from_numpy(latents)).sum())
-        x_hat = model.synthesis(torch.from_numpy(latents.astype(np.float32)).unsqueeze(0), quality)
-        height, width = pixels.shape[:2]
-        x_hat = x_hat[:, :, :height, :width].clamp(0.0, 1.0)
-        if pixels.shape[2] == 1:
-            x_hat = x_hat.mean(dim=1, keepdim=True)
-        target = _to_input(pixels)[:, : pixels.shape[2]].contiguous()
-        sse = float((x_hat - target).pow(2).sum())
-    return bits, kappa(model, quality, pixels.shape[2]) * sse
+        return float(part.rate(grid).sum()), part.kappa * float(part._sse(part._with_core(grid.float())))

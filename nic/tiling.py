@@ -190,13 +190,18 @@ def analysis_tiles(model, pixels: np.ndarray, quality: int, tile: int | None = N
         yield (slice(r0, r1), slice(c0, c1)), y
 
 
+def check_pixels(pixels: np.ndarray) -> None:
+    """Raise ValueError unless ``pixels`` is what g_a takes: uint8 of shape (H, W, 1|3)."""
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] not in (1, 3):
+        raise ValueError("pixels must be uint8 of shape (H, W, 3) or (H, W, 1)")
+
+
 def quantize_tiled(model, pixels: np.ndarray, quality: int, tile: int | None = None,
                    progress: Progress | None = None) -> np.ndarray:
     """int64 latents round(g_a(x)·gain) of uint8 pixels (H, W, 1|3), computed in tiles.
 
     Raises ValueError if the analysis transform produces non-finite values."""
-    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] not in (1, 3):
-        raise ValueError("pixels must be uint8 of shape (H, W, 3) or (H, W, 1)")
+    check_pixels(pixels)
     height, width = pixels.shape[:2]
     latents = np.empty((model.config.M, -(-height // DOWNSAMPLING), -(-width // DOWNSAMPLING)), dtype=np.int64)
     grid = tiles(latents.shape[1], latents.shape[2], DEFAULT_TILE if tile is None else tile)

@@ -4,7 +4,7 @@
         [--weights W.npz] [--reference-weights R.npz] [--json OUT.json] [-j 2]
 
 Every row is a (weights, effort) pair measured on the same images and qualities, in
-process, as `nic bench` measures nic (real .nic bytes, PSNR over RGB of the 8-bit
+process, by `nic bench`'s own measure() (real .nic bytes, PSNR over RGB of the 8-bit
 decode, means over images per quality). BD-rate (pchip, nic.bench.bd_rate) of each row
 is against the first row: the reference weights (default: the same weights) at effort 1.
 The encode-time column is the mean encode time relative to that first row.
@@ -15,31 +15,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from nic.api import decode_pixels, encode_pixels
-from nic.bench import bd_metrics, list_images, parse_qualities, psnr
+from nic.bench import bd_metrics, list_images, measure, parse_qualities
 from nic.images import read_image
 from nic.weights import default_weights
 
 
-def measure(images: list[np.ndarray], qualities: list[int], weights: str | None, effort: int) -> dict:
+def measure_row(images: list[np.ndarray], qualities: list[int], weights: str | None, effort: int) -> dict:
     points = []
     for quality in qualities:
-        bpps, psnrs, times = [], [], []
-        for pixels in images:
-            start = time.perf_counter()
-            data = encode_pixels(pixels, quality, weights, effort=effort)
-            times.append(time.perf_counter() - start)
-            decoded = decode_pixels(data, weights).pixels
-            bpps.append(8 * len(data) / (pixels.shape[0] * pixels.shape[1]))
-            psnrs.append(psnr(pixels, decoded))
-        points.append({"quality": quality, "bpp": float(np.mean(bpps)), "psnr": float(np.mean(psnrs)),
-                       "enc_s": float(np.mean(times))})
+        records = [measure("nic", quality, pixels, weights, effort) for pixels in images]  # as nic bench does
+        points.append({"quality": quality, "bpp": float(np.mean([r["bpp"] for r in records])),
+                       "psnr": float(np.mean([r["psnr"] for r in records])),
+                       "enc_s": float(np.mean([r["enc_ms"] for r in records])) / 1e3})
         print(f"  q{quality}: {points[-1]['bpp']:.4f} bpp {points[-1]['psnr']:.3f} dB "
               f"{points[-1]['enc_s']:.2f} s", flush=True)
     return {"weights": weights or "shipped", "effort": effort, "points": points}
@@ -61,17 +53,21 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model, digest = default_weights(args.weights)
     qualities = parse_qualities(args.qualities, model.config.qualities)
+    if not args.folder.is_dir():
+        raise SystemExit(f"effort_table: {args.folder}: not a folder")
     paths = list_images(args.folder)[: args.limit]
+    if not paths:
+        raise SystemExit(f"effort_table: {args.folder}: no images")
     images = [read_image(p.read_bytes()) for p in paths]
     efforts = [int(e) for e in args.efforts.split(",")]
 
     rows = []
     if args.reference_weights:
         print(f"reference weights {args.reference_weights}, effort 1", flush=True)
-        rows.append(measure(images, qualities, args.reference_weights, 1))
+        rows.append(measure_row(images, qualities, args.reference_weights, 1))
     for effort in efforts:
         print(f"weights {args.weights or 'shipped'}, effort {effort}", flush=True)
-        rows.append(measure(images, qualities, args.weights, effort))
+        rows.append(measure_row(images, qualities, args.weights, effort))
 
     first = rows[0]
     ref_rates = [p["bpp"] for p in first["points"]]

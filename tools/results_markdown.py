@@ -19,7 +19,11 @@ def _number(value, digits: int) -> str:
 
 
 def main(path: str) -> None:
-    report = json.loads(Path(path).read_text())
+    try:
+        report = json.loads(Path(path).read_text())
+        report["codecs"]["nic"], report["bd_rate"]["against"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"results_markdown: {path}: not a nic bench JSON report ({exc})") from None
     images = report["images"]
     effort = report.get("effort", 1)
     print(f"nic {report['nic_version']}, weights `{report['weights']}`, effort {effort}, "
