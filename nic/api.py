@@ -14,13 +14,15 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 if TYPE_CHECKING:  # Pillow is imported where it is used, not with this module
     from numpy.typing import NDArray
     from PIL import Image
+
+    from .tiling import PixelRows, Progress
 
 from . import container
 from .container import COLOUR_GRAY, COLOUR_RGB, FormatError, Header
@@ -55,23 +57,50 @@ def _coder(model, quality: int):
     return cache[quality]
 
 
-def quantize_latents(model, pixels: np.ndarray, quality: int, effort: int = 1) -> np.ndarray:
+def quantize_latents(model, pixels: np.ndarray, quality: int, effort: int = 1,
+                     progress: Progress | None = None) -> np.ndarray:
     """Integer latents of uint8 pixels (H, W, 1|3): round(g_a(x)·gain) in tiles
     (nic.tiling) at effort 1, chosen by D + λR at higher efforts (nic.quantization)."""
     from .quantization import quantize
 
-    return quantize(model, pixels, quality, effort)
+    return quantize(model, pixels, quality, effort, progress=progress)
 
 
-def reconstruct(model, latents: np.ndarray, quality: int, height: int, width: int, gray: bool) -> np.ndarray:
+def reconstruct(model, latents: np.ndarray, quality: int, height: int, width: int, gray: bool,
+                progress: Progress | None = None) -> np.ndarray:
     """uint8 pixels (H, W, 1|3) from integer latents, in tiles (nic.tiling)."""
     from .tiling import reconstruct_tiled
 
-    return reconstruct_tiled(model, latents, quality, height, width, gray)
+    return reconstruct_tiled(model, latents, quality, height, width, gray, progress=progress)
+
+
+def _check_dimensions(width: int, height: int) -> None:
+    if height < 1 or width < 1:
+        raise ValueError("image has no pixels")
+    if width > 0xFFFFFFFF or height > 0xFFFFFFFF or -(-height // 16) > 0xFFFF or -(-width // 16) > 0xFFFF:
+        raise ValueError(f"image of {width}x{height} is larger than the format allows")
+
+
+def _file_parts(model, digest: bytes, quality: int, channels: int, width: int, height: int,
+                latent_shape: tuple[int, int, int], payload, icc_profile: bytes | None,
+                exif: bytes | None) -> list:
+    header = Header(
+        model_id=model.config.model_id, quality=quality,
+        colour=COLOUR_GRAY if channels == 1 else COLOUR_RGB,
+        width=width, height=height, weights_hash=digest,
+        latent_shape=tuple(latent_shape), payload_length=memoryview(payload).nbytes,
+    )
+    sections = []
+    if icc_profile:
+        sections.append((container.SECTION_ICC, bytes(icc_profile)))
+    if exif:
+        sections.append((container.SECTION_EXIF, bytes(exif)))
+    return container.pack_parts(header, payload, sections)
 
 
 def encode_pixels(pixels: np.ndarray, quality: int = 4, weights: str | Path | None = None,
-                  icc_profile: bytes | None = None, exif: bytes | None = None, effort: int = 1) -> bytes:
+                  icc_profile: bytes | None = None, exif: bytes | None = None, effort: int = 1,
+                  progress: Progress | None = None) -> bytes:
     """.nic bytes of uint8 pixels of shape (H, W, 3) or (H, W, 1), with optional
     metadata carried verbatim in ancillary sections. ``effort`` 1..4 is the encoder's
     quantization search (1: rounding; see nic.quantization); any effort decodes the same way."""
@@ -80,27 +109,39 @@ def encode_pixels(pixels: np.ndarray, quality: int = 4, weights: str | Path | No
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] not in (1, 3):
         raise ValueError("pixels must be uint8 of shape (H, W, 3) or (H, W, 1)")
     height, width = pixels.shape[:2]
-    if height < 1 or width < 1:
-        raise ValueError("image has no pixels")
-    if width > 0xFFFFFFFF or height > 0xFFFFFFFF or -(-height // 16) > 0xFFFF or -(-width // 16) > 0xFFFF:
-        raise ValueError(f"image of {width}x{height} is larger than the format allows")
+    _check_dimensions(width, height)
     model, digest = default_weights(weights)
     if not 1 <= quality <= model.config.qualities:
         raise ValueError(f"quality must be 1..{model.config.qualities}, got {quality}")
-    latents = quantize_latents(model, pixels, quality, effort)
+    latents = quantize_latents(model, pixels, quality, effort, progress)
     payload = _coder(model, quality).encode(latents)
-    header = Header(
-        model_id=model.config.model_id, quality=quality,
-        colour=COLOUR_GRAY if pixels.shape[2] == 1 else COLOUR_RGB,
-        width=width, height=height, weights_hash=digest,
-        latent_shape=tuple(latents.shape), payload_length=len(payload),
-    )
-    sections = []
-    if icc_profile:
-        sections.append((container.SECTION_ICC, bytes(icc_profile)))
-    if exif:
-        sections.append((container.SECTION_EXIF, bytes(exif)))
-    return container.pack(header, payload, sections)
+    return b"".join(_file_parts(model, digest, quality, pixels.shape[2], width, height, latents.shape,
+                                payload, icc_profile, exif))
+
+
+def encode_rows(source: PixelRows, quality: int = 4, weights: str | Path | None = None,
+                icc_profile: bytes | None = None, exif: bytes | None = None,
+                progress: Progress | None = None, spill_bytes: int | None = None) -> list:
+    """The .nic file of an image read strip by strip (effort 1), as a list of buffers to
+    write in order, so that no stage holds the whole image or a second copy of the file.
+
+    Memory stays flat as the image grows: see nic.tiling (latents above ``spill_bytes``
+    go to a temporary file). Gives the same bytes as :func:`encode_pixels` at effort 1."""
+    from .tiling import DOWNSAMPLING, latent_store, quantize_into
+    from .weights import default_weights
+
+    width, height = source.width, source.height
+    _check_dimensions(width, height)
+    if source.channels not in (1, 3):
+        raise ValueError("images must have 1 or 3 channels")
+    model, digest = default_weights(weights)
+    if not 1 <= quality <= model.config.qualities:
+        raise ValueError(f"quality must be 1..{model.config.qualities}, got {quality}")
+    shape = (model.config.M, -(-height // DOWNSAMPLING), -(-width // DOWNSAMPLING))
+    with latent_store(shape, spill_bytes) as latents:
+        quantize_into(model, source, quality, latents, progress=progress)
+        payload = _coder(model, quality).encode_channels(latents.channel)
+    return _file_parts(model, digest, quality, source.channels, width, height, shape, payload, icc_profile, exif)
 
 
 def encode_to_target(pixels: np.ndarray, max_bytes: int, weights: str | Path | None = None,
@@ -130,12 +171,9 @@ def encode_to_target(pixels: np.ndarray, max_bytes: int, weights: str | Path | N
     return results[low], low
 
 
-def decode_pixels(data: bytes, weights: str | Path | None = None,
-                  max_pixels: int = container.DEFAULT_MAX_PIXELS) -> Decoded:
-    """Decode .nic bytes; raises FormatError or WeightsError naming the problem."""
+def _open_for_decoding(data: bytes, weights: str | Path | None, max_pixels: int):
     parsed = container.unpack(data, max_pixels)  # garbage is refused before torch loads
 
-    from .coding import CorruptStream
     from .weights import weights_for
 
     header = parsed.header
@@ -144,14 +182,53 @@ def decode_pixels(data: bytes, weights: str | Path | None = None,
         raise FormatError(f"quality {header.quality} is not one of the weights' 1..{model.config.qualities}")
     if header.latent_shape[0] != model.config.M:
         raise FormatError(f"file has {header.latent_shape[0]} latent channels, the model has {model.config.M}")
+    return parsed, model
+
+
+def decode_pixels(data: bytes, weights: str | Path | None = None,
+                  max_pixels: int = container.DEFAULT_MAX_PIXELS, progress: Progress | None = None) -> Decoded:
+    """Decode .nic bytes; raises FormatError or WeightsError naming the problem."""
+    from .coding import CorruptStream
+
+    parsed, model = _open_for_decoding(data, weights, max_pixels)
+    header = parsed.header
     try:
         latents = _coder(model, header.quality).decode(parsed.payload, header.latent_shape)
     except CorruptStream as exc:
         raise FormatError(f"payload is corrupt: {exc}") from None
     pixels = reconstruct(model, latents, header.quality, header.height, header.width,
-                         header.colour == COLOUR_GRAY)
+                         header.colour == COLOUR_GRAY, progress)
     known = dict(parsed.sections)
     return Decoded(pixels, header, latents, known.get(container.SECTION_ICC), known.get(container.SECTION_EXIF))
+
+
+RowSink = Callable[[np.ndarray], None]
+
+
+def decode_rows(data: bytes, open_sink: Callable[[Header, bytes | None, bytes | None], RowSink],
+                weights: str | Path | None = None, max_pixels: int = container.DEFAULT_MAX_PIXELS,
+                progress: Progress | None = None, spill_bytes: int | None = None) -> Header:
+    """Decode .nic bytes strip by strip, for images too large to hold whole.
+
+    Once the file is validated and its latents decoded, ``open_sink(header, icc_profile,
+    exif)`` is called and returns the function that receives the uint8 pixel rows
+    (n, width, 1|3), top to bottom. The same pixels as :func:`decode_pixels`."""
+    from .coding import CorruptStream
+    from .tiling import latent_store, reconstruct_into
+
+    parsed, model = _open_for_decoding(data, weights, max_pixels)
+    header = parsed.header
+    with latent_store(header.latent_shape, spill_bytes) as latents:
+        try:
+            _coder(model, header.quality).decode_channels(parsed.payload, header.latent_shape,
+                                                          latents.put_channel, latents.patch)
+        except CorruptStream as exc:
+            raise FormatError(f"payload is corrupt: {exc}") from None
+        known = dict(parsed.sections)
+        sink = open_sink(header, known.get(container.SECTION_ICC), known.get(container.SECTION_EXIF))
+        reconstruct_into(model, latents, header.quality, header.height, header.width,
+                         header.colour == COLOUR_GRAY, sink, progress=progress)
+    return header
 
 
 def encode(image: Image.Image | NDArray[np.uint8], quality: int = 4, weights: str | Path | None = None,

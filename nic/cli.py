@@ -13,7 +13,9 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Iterator
 
 import click
 
@@ -69,22 +71,13 @@ def read_input(name: str, limit: int = IMAGE_INPUT_LIMIT, first: int | None = No
     With ``first`` and ``more``, the first ``first`` bytes are read, then ``more(head)``
     gives the real limit (a .nic header says how long its file can be), so a stream of
     garbage is refused after a few bytes instead of after ``limit``."""
-    try:
-        if name == "-":
-            if sys.stdin.isatty():
-                raise NicError("refusing to read binary data from a terminal; pipe something in")
-            return _read_bounded(sys.stdin.buffer, name, limit, first, more)
-        path = Path(name)
-        if path.is_dir():
-            raise NicError(f"{name}: is a directory")
-        with open(path, "rb") as stream:
+    if name == "-" and sys.stdin.isatty():
+        raise NicError("refusing to read binary data from a terminal; pipe something in")
+    with (open_input(name) if name != "-" else nullcontext(sys.stdin.buffer)) as stream:
+        try:
             return _read_bounded(stream, name, limit, first, more)
-    except FileNotFoundError:
-        raise NicError(f"{name}: no such file") from None
-    except PermissionError:
-        raise NicError(f"{name}: permission denied") from None
-    except OSError as exc:
-        raise NicError(f"{name}: {exc.strerror or exc}") from None
+        except OSError as exc:
+            raise NicError(f"{name}: {exc.strerror or exc}") from None
 
 
 def _read_bounded(stream, name: str, limit: int, first: int | None, more) -> bytes:
@@ -120,13 +113,32 @@ def read_nic_input(name: str, max_pixels: int) -> bytes:
     return read_input(name, IMAGE_INPUT_LIMIT + SECTIONS_LIMIT, HEADER_SIZE, limit)
 
 
-def write_output(name: str, data: bytes) -> None:
-    """Write all of ``data`` to a file atomically, or to stdout for '-'."""
+class _CountingStream:
+    """Write-only wrapper that counts bytes (a pipe has no tell())."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.written = 0
+
+    def write(self, data) -> int:
+        self.stream.write(data)
+        size = memoryview(data).nbytes
+        self.written += size
+        return size
+
+
+@contextmanager
+def atomic_output(name: str) -> Iterator[_CountingStream]:
+    """A binary stream for an output file, or stdout for '-'.
+
+    A file is written to a temporary file beside the target and renamed into place
+    only when the block ends without an error, so a failure or Ctrl-C never leaves a
+    partial or clobbered file."""
     if name == "-":
         if sys.stdout.isatty():
             raise NicError("refusing to write binary data to a terminal; use -o FILE or a pipe")
         try:
-            sys.stdout.buffer.write(data)
+            yield _CountingStream(sys.stdout.buffer)
             sys.stdout.buffer.flush()
         except BrokenPipeError:
             # The reader went away (e.g. `| head`): not our error; stay quiet.
@@ -140,16 +152,17 @@ def write_output(name: str, data: bytes) -> None:
     folder = path.parent if str(path.parent) else Path(".")
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        except FileNotFoundError:
+            raise NicError(f"{name}: directory does not exist") from None
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield _CountingStream(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
         tmp = None
-    except FileNotFoundError:
-        raise NicError(f"{name}: directory does not exist") from None
     except PermissionError:
         raise NicError(f"{name}: permission denied") from None
     except OSError as exc:
@@ -160,6 +173,54 @@ def write_output(name: str, data: bytes) -> None:
                 os.unlink(tmp)
             except OSError:
                 pass
+
+
+def write_output(name: str, parts: bytes | list) -> int:
+    """Write bytes (or a list of buffers, in order) to a file atomically, or to stdout
+    for '-'; returns the number of bytes written."""
+    with atomic_output(name) as stream:
+        for part in [parts] if isinstance(parts, (bytes, bytearray)) else parts:
+            stream.write(part)
+    return stream.written
+
+
+def open_input(name: str):
+    """An input file opened for binary reading, with nic's one-line errors."""
+    try:
+        path = Path(name)
+        if path.is_dir():
+            raise NicError(f"{name}: is a directory")
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise NicError(f"{name}: no such file") from None
+    except PermissionError:
+        raise NicError(f"{name}: permission denied") from None
+    except OSError as exc:
+        raise NicError(f"{name}: {exc.strerror or exc}") from None
+
+
+PROGRESS_PIXELS = 4_000_000
+"""Images from this size on get a progress bar (on a terminal): over a second of work."""
+
+
+@contextmanager
+def image_progress(pixels: int, description: str, show: bool = True):
+    """A tile progress callback drawing a rich bar on stderr, or None: never on a
+    non-terminal stderr, never for small images, never inside a batch's own bar."""
+    console = stderr_console()
+    if not show or pixels < PROGRESS_PIXELS or not console.is_terminal:
+        yield None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}", markup=False), BarColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task(description, total=None)
+
+        def advance(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield advance
 
 
 def _umask() -> int:
@@ -253,8 +314,9 @@ def plan_outputs(inputs: tuple[str, ...], output: str | None, out_dir: str | Non
     return pairs
 
 
-def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: bool, reader=read_input) -> None:
-    """Run ``work(source, data) -> (output bytes, pixels, note)`` on every pair.
+def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: bool) -> None:
+    """Run ``work(source, target, batch) -> (bytes in, bytes out, pixels, nic bytes, note)``
+    on every pair; ``work`` reads its input and writes its output.
 
     One input: an error is fatal (one line, exit 1). Several: every file is tried,
     with a progress bar on a terminal and a summary table; exit 1 if any failed."""
@@ -269,19 +331,18 @@ def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: b
 
     def one(source: str, target: str) -> None:
         started = time.perf_counter()
-        data = reader(source)
         try:
-            result, pixels, note = work(source, data)
+            size_in, size_out, pixels, nic_bytes, note = work(source, target, batch)
         except _domain_errors() as exc:
             raise NicError(f"{source}: {exc}") from None
-        write_output(target, result)
+        except OSError as exc:  # reading a streamed input failed midway
+            raise NicError(f"{source}: {exc.strerror or exc}") from None
         totals["files"] += 1
-        totals["in"] += len(data)
-        totals["out"] += len(result)
-        nic_bytes = len(result) if target.endswith(".nic") or note.startswith("quality") else len(data)
+        totals["in"] += size_in
+        totals["out"] += size_out
         totals["bits"] += 8 * nic_bytes / pixels
         if verbose:
-            console.print(f"{source} → {target}: {note}, {len(data)} → {len(result)} bytes, "
+            console.print(f"{source} → {target}: {note}, {size_in} → {size_out} bytes, "
                           f"{8 * nic_bytes / pixels:.4f} bpp, {time.perf_counter() - started:.2f} s")
 
     if not batch:
@@ -346,19 +407,26 @@ def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, qua
     max_bytes = parse_size(target_size) if target_size is not None else None
     pairs = plan_outputs(inputs, output, out_dir, ".nic")
 
-    def work(source: str, data: bytes):
+    def work(source: str, target: str, batch: bool):
+        if source != "-" and effort == 1 and max_bytes is None and target_bpp is None:
+            streamed = encode_streamed(source, target, batch)
+            if streamed is not None:
+                return streamed
         from .images import read_image_with_metadata
 
+        data = read_input(source)
         pixels, icc_profile, exif = read_image_with_metadata(data, background=background, max_pixels=max_pixels)
         if strip:
             icc_profile = exif = None
         set_threads(threads)
         from .api import encode_pixels, encode_to_target
 
-        count = pixels.shape[0] * pixels.shape[1]
+        h, w = pixels.shape[:2]
+        count = h * w
         if max_bytes is None and target_bpp is None:
             chosen = quality or 4
-            result = encode_pixels(pixels, chosen, weights, icc_profile, exif, effort)
+            with image_progress(count, f"encoding {Path(source).name}", not batch) as progress:
+                result = encode_pixels(pixels, chosen, weights, icc_profile, exif, effort, progress)
             note = f"quality {chosen}, effort {effort}"
         else:
             limit = max_bytes if max_bytes is not None else int(target_bpp * count / 8)
@@ -366,8 +434,32 @@ def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, qua
             note = f"quality {chosen} chosen for ≤ {limit} bytes, effort {effort}"
             if len(result) > limit:
                 note += " (not reached: even quality 1 is larger)"
-        h, w = pixels.shape[:2]
-        return result, count, f"{note}, {w}x{h}"
+        size = write_output(target, result)
+        return len(data), size, count, size, f"{note}, {w}x{h}"
+
+    def encode_streamed(source: str, target: str, batch: bool):
+        """Encode straight from the file, a strip of rows at a time (nic.streaming), or
+        None when the file is not one the streaming readers take."""
+        from .streaming import open_rows
+
+        with open_input(source) as stream:
+            reader = open_rows(stream, background, max_pixels)
+            if reader is None:
+                return None
+            try:
+                icc_profile, exif = (None, None) if strip else (reader.icc_profile, reader.exif)
+                set_threads(threads)
+                from .api import encode_rows
+
+                count = reader.width * reader.height
+                chosen = quality or 4
+                with image_progress(count, f"encoding {Path(source).name}", not batch) as progress:
+                    parts = encode_rows(reader, chosen, weights, icc_profile, exif, progress)
+            finally:
+                reader.close()
+            size_in = os.fstat(stream.fileno()).st_size
+        size = write_output(target, parts)
+        return size_in, size, count, size, f"quality {chosen}, effort {effort}, {reader.width}x{reader.height}"
 
     run_jobs(pairs, work, out_dir, verbose)
 
@@ -391,21 +483,40 @@ def decode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, out
     """Decode .nic files IN... ('-' for stdin) to images."""
     pairs = plan_outputs(inputs, output, out_dir, "." + out_format)
 
-    def work(source: str, data: bytes):
+    def work(source: str, target: str, batch: bool):
+        from .container import COLOUR_GRAY, parse_header
         from .images import output_format, write_image
+        from .streaming import STREAMED_FORMATS, row_writer
 
-        target = dict(pairs)[source]
+        data = read_nic_input(source, max_pixels)
         fmt = output_format(target)
         set_threads(threads)
-        from .api import decode_pixels
+        from .api import decode_pixels, decode_rows
 
-        decoded = decode_pixels(data, weights, max_pixels)
-        icc_profile, exif = (None, None) if strip else (decoded.icc_profile, decoded.exif)
-        h = decoded.header
-        return (write_image(decoded.pixels, fmt, icc_profile, exif), h.width * h.height,
-                f"{h.width}x{h.height}, quality {h.quality}")
+        h = parse_header(data, max_pixels)
+        note = f"{h.width}x{h.height}, quality {h.quality}"
+        with image_progress(h.width * h.height, f"decoding {Path(source).name}", not batch) as progress:
+            with atomic_output(target) as stream:
+                writers = []
 
-    run_jobs(pairs, work, out_dir, verbose, reader=lambda source: read_nic_input(source, max_pixels))
+                def open_sink(header, icc_profile, exif):
+                    if strip:
+                        icc_profile = exif = None
+                    channels = 1 if header.colour == COLOUR_GRAY else 3
+                    writers.append(row_writer(fmt, stream, header.width, header.height, channels,
+                                              icc_profile, exif))
+                    return writers[0].write
+
+                if fmt in STREAMED_FORMATS:
+                    decode_rows(data, open_sink, weights, max_pixels, progress)
+                    writers[0].close()
+                else:  # Pillow writes these formats from a whole image
+                    decoded = decode_pixels(data, weights, max_pixels, progress)
+                    icc_profile, exif = (None, None) if strip else (decoded.icc_profile, decoded.exif)
+                    stream.write(write_image(decoded.pixels, fmt, icc_profile, exif))
+        return len(data), stream.written, h.width * h.height, len(data), note
+
+    run_jobs(pairs, work, out_dir, verbose)
 
 
 @cli.command()

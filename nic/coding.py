@@ -18,6 +18,8 @@ same fixed-point model on every machine. No I/O here.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import constriction
 
@@ -50,47 +52,64 @@ class LatentCoder:
     def encode(self, latents: np.ndarray) -> bytes:
         if latents.ndim != 3 or latents.shape[0] != self.channels:
             raise ValueError(f"latents must have shape ({self.channels}, H, W), got {latents.shape}")
-        values = latents.astype(np.int64).reshape(self.channels, -1)
-        if np.abs(values).max(initial=0) > LATENT_LIMIT:
-            raise ValueError("latent magnitude exceeds 2**31 - 1")
+        return self.encode_channels(lambda c: latents[c].reshape(-1)).tobytes()
+
+    def encode_channels(self, channel: Callable[[int], np.ndarray]) -> np.ndarray:
+        """Payload as little-endian 32-bit words; ``channel(c)`` gives channel c's
+        latents in raster order (from memory or from a spill file, one at a time)."""
         encoder = constriction.stream.queue.RangeEncoder()
         escaped = []
         for c in range(self.channels):
-            symbols = values[c] - int(self.tables.offsets[c])
+            values = channel(c).astype(np.int64)
+            if np.abs(values).max(initial=0) > LATENT_LIMIT:
+                raise ValueError("latent magnitude exceeds 2**31 - 1")
+            symbols = values - int(self.tables.offsets[c])
             length = int(self.tables.lengths[c])
             outside = (symbols < 0) | (symbols >= length)
             symbols[outside] = length
             encoder.encode(symbols.astype(np.int32), self.models[c])
-            escaped.append(values[c][outside])
+            escaped.append(values[outside])
         _encode_escapes(encoder, np.concatenate(escaped))
-        return encoder.get_compressed().astype("<u4").tobytes()
+        return encoder.get_compressed().astype("<u4", copy=False)
 
     def decode(self, payload: bytes, shape: tuple[int, int, int]) -> np.ndarray:
+        channels, rows, cols = shape
+        out = np.empty((channels, rows * cols), dtype=np.int64)
+
+        def patch(flat: np.ndarray, values: np.ndarray) -> None:
+            out.reshape(-1)[flat] = values
+
+        self.decode_channels(payload, shape, out.__setitem__, patch)
+        return out.reshape(channels, rows, cols)
+
+    def decode_channels(self, payload: bytes, shape: tuple[int, int, int],
+                        put_channel: Callable[[int, np.ndarray], None],
+                        patch: Callable[[np.ndarray, np.ndarray], None]) -> None:
+        """Decode channel by channel into ``put_channel(c, values)``, then hand the
+        escaped values to ``patch(flat indices over (C, H, W), values)``."""
         channels, rows, cols = shape
         if channels != self.channels:
             raise CorruptStream(f"stream has {channels} latent channels, tables have {self.channels}")
         if len(payload) % 4:
             raise CorruptStream("payload length is not a multiple of 4 bytes")
-        words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
+        words = np.frombuffer(payload, dtype="<u4").astype(np.uint32, copy=False)
         count = rows * cols
-        out = np.empty((channels, count), dtype=np.int64)
         try:
             decoder = constriction.stream.queue.RangeDecoder(words)
-            escape_mask = []
+            escapes = []
             for c in range(channels):
                 symbols = decoder.decode(self.models[c], count).astype(np.int64)
                 length = int(self.tables.lengths[c])
-                out[c] = symbols + int(self.tables.offsets[c])
-                escape_mask.append(symbols == length)
-            mask = np.stack(escape_mask)
-            n_escapes = int(mask.sum())
-            if n_escapes:
-                out[mask] = _decode_escapes(decoder, n_escapes)
-        except CorruptStream:
+                put_channel(c, symbols + int(self.tables.offsets[c]))
+                # Flat positions, not a mask: memory in proportion to the escapes, not the image.
+                escapes.append(np.flatnonzero(symbols == length) + c * count)
+            flat = np.concatenate(escapes)
+            if len(flat):
+                patch(flat, _decode_escapes(decoder, len(flat)))
+        except (CorruptStream, OSError, MemoryError):  # ours, or the spill file's: not the stream's fault
             raise
         except Exception as exc:  # constriction reports corrupt data with its own errors
             raise CorruptStream(f"range decoder failed ({exc})") from None
-        return out.reshape(channels, rows, cols)
 
 
 def _encode_escapes(encoder, values: np.ndarray) -> None:

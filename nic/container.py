@@ -107,7 +107,14 @@ class Container:
 
 def pack(header: Header, payload: bytes, sections: list[tuple[bytes, bytes]] | tuple = ()) -> bytes:
     """The whole file: header, payload, payload CRC, then the given (type, data) sections."""
-    if header.payload_length != len(payload):
+    return b"".join(pack_parts(header, payload, sections))
+
+
+def pack_parts(header: Header, payload, sections: list[tuple[bytes, bytes]] | tuple = ()) -> list:
+    """:func:`pack` as a list of buffers to write in order, without joining them: the
+    payload (any buffer, e.g. a numpy array of little-endian words) is not copied."""
+    payload = memoryview(payload).cast("B")
+    if header.payload_length != payload.nbytes:
         raise ValueError("header payload length does not match the payload")
     parts = [header.pack(), payload, struct.pack("<I", zlib.crc32(payload))]
     for kind, body in sections:
@@ -116,7 +123,7 @@ def pack(header: Header, payload: bytes, sections: list[tuple[bytes, bytes]] | t
         if len(body) > MAX_SECTION:
             raise ValueError(f"section {kind.decode()} is larger than {MAX_SECTION} bytes")
         parts += [SECTION_HEAD.pack(kind, len(body)), body, struct.pack("<I", zlib.crc32(kind + body))]
-    return b"".join(parts)
+    return parts
 
 
 def parse_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Header:

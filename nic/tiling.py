@@ -37,19 +37,29 @@ would then round the other way; measured: 0 of 7.08 M latents differ (24 Kodak
 images, quality 8, tiles of 128 and 768 px against the whole image). Tiling never
 touches the container: a file is decodable with any tile size.
 
-Memory: the input stays uint8; each tile is converted to float32 on its own, and the
-decoder writes each tile's uint8 pixels into one preallocated output array. Peak
-memory is the uint8 image, the latents and one tile's activations. No I/O here.
+Memory: each tile is converted to float32 on its own. The pixels come from a
+:class:`PixelRows` source read strip by strip (a whole uint8 array, or a file read a
+few hundred rows at a time by :mod:`nic.streaming`), and the decoder hands each strip
+of finished rows to a sink (an output array, or a streaming image writer). The
+latents live in a :class:`LatentStore`: an array in memory, or, for images whose
+latents would take more than ``SPILL_BYTES``, a temporary file (:class:`SpilledLatents`),
+because the range coder's channel-major order needs every latent before the first
+is coded (encoder) or after the last is decoded (decoder). Peak memory is then one
+strip of pixels, one strip of latents and one tile's activations, whatever the image
+size. The temporary file is the only I/O here.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+import os
+import tempfile
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .coding import LATENT_LIMIT
 from .model import DOWNSAMPLING
 
 DEFAULT_TILE = 768
@@ -62,6 +72,183 @@ MEMORY_FORMAT = torch.channels_last
 
 Progress = Callable[[int, int], None]
 """progress(tiles_done, tiles_total), called after each tile."""
+
+SPILL_BYTES = 256 << 20
+"""Latents (as int32) larger than this go to a temporary file instead of memory:
+256 MiB is an image of about 87 megapixels (192 channels per 16x16 pixels)."""
+
+
+# ---- pixel sources and latent stores -------------------------------------------------
+
+class PixelRows(Protocol):
+    """Rows of a uint8 image, read in order: ``read(n)`` returns the next n rows
+    (fewer at the end) as (n, width, channels). nic.streaming's readers are these."""
+
+    width: int
+    height: int
+    channels: int
+
+    def read(self, count: int) -> np.ndarray: ...
+
+
+class ArrayRows:
+    """A whole uint8 image (H, W, 1|3) as :class:`PixelRows`."""
+
+    def __init__(self, pixels: np.ndarray):
+        check_pixels(pixels)
+        self.pixels = pixels
+        self.height, self.width, self.channels = pixels.shape
+        self.position = 0
+
+    def read(self, count: int) -> np.ndarray:
+        start, self.position = self.position, min(self.height, self.position + count)
+        return self.pixels[start:self.position]
+
+
+class _RowWindow:
+    """Random access to rows start … stop−1 of a sequential source, for starts that
+    never decrease: keeps only the rows from the last start on."""
+
+    def __init__(self, source: PixelRows):
+        self.source = source
+        self.first = 0  # image row of buffer[0]
+        self.buffer = np.empty((0, source.width, source.channels), dtype=np.uint8)
+        self.whole = source.pixels if isinstance(source, ArrayRows) else None
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        if self.whole is not None:  # no copy for an image already in memory
+            return self.whole[start:stop]
+        if start < self.first:
+            raise ValueError("rows must be requested in order")
+        end = self.first + len(self.buffer)
+        first = min(start, end)  # image row of parts[0][0]; rows before ``start`` are dropped below
+        parts = [self.buffer[first - self.first:]]
+        have = end
+        while have < stop:
+            part = self.source.read(stop - have)
+            if len(part) == 0:
+                raise ValueError(f"image ended at row {have} of {self.source.height}")
+            parts.append(part)
+            have += len(part)
+        buffer = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        self.buffer, self.first = buffer[start - first:], start
+        return self.buffer[:stop - start]
+
+
+class LatentStore:
+    """Integer latents (M, rows, cols) in memory. The encoder puts tiles in raster
+    order and the coder reads whole channels; the decoder puts whole channels and
+    the synthesis reads strips of latent rows."""
+
+    def __init__(self, shape: tuple[int, int, int], dtype=np.int64, array: np.ndarray | None = None):
+        self.shape = tuple(shape)
+        self.array = np.empty(self.shape, dtype=dtype) if array is None else array
+
+    def put(self, rows: slice, cols: slice, values: np.ndarray) -> None:
+        self.array[:, rows, cols] = values
+
+    def finish(self) -> None:
+        """Called once every tile is in."""
+
+    def channel(self, c: int) -> np.ndarray:
+        return self.array[c].reshape(-1)
+
+    def put_channel(self, c: int, values: np.ndarray) -> None:
+        self.array[c] = values.reshape(self.shape[1:])
+
+    def patch(self, flat: np.ndarray, values: np.ndarray) -> None:
+        """Set latents by flat index over the whole (M, rows, cols) grid, in increasing order."""
+        self.array.reshape(-1)[flat] = values
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return self.array[:, start:stop]
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class SpilledLatents(LatentStore):
+    """int32 latents in an anonymous temporary file, channel-major like the array,
+    so that a channel is one contiguous read and a strip of rows one read per channel.
+    The file is unlinked at creation (nothing is left behind on a crash)."""
+
+    ITEM = 4
+
+    def __init__(self, shape: tuple[int, int, int], directory: str | None = None):
+        self.shape = tuple(shape)
+        self.file = tempfile.TemporaryFile(prefix="nic-latents-", dir=directory)
+        self.fd = self.file.fileno()
+        self.pending: tuple[int, int, np.ndarray] | None = None  # the strip being filled
+
+    def _offset(self, c: int, row: int) -> int:
+        return (c * self.shape[1] * self.shape[2] + row * self.shape[2]) * self.ITEM
+
+    def _write(self, offset: int, values: np.ndarray) -> None:
+        view = memoryview(np.ascontiguousarray(values, dtype=np.int32)).cast("B")
+        while len(view):
+            done = os.pwrite(self.fd, view, offset)
+            view, offset = view[done:], offset + done
+
+    def _read(self, offset: int, count: int) -> np.ndarray:
+        out = np.empty(count, dtype=np.int32)
+        view, done = memoryview(out).cast("B"), 0
+        while done < len(view):
+            got = os.preadv(self.fd, [view[done:]], offset + done)
+            if got == 0:
+                raise OSError("temporary latent file is shorter than written")
+            done += got
+        return out
+
+    def put(self, rows: slice, cols: slice, values: np.ndarray) -> None:
+        if self.pending is None or self.pending[0] != rows.start:
+            self.finish()
+            strip = np.zeros((self.shape[0], rows.stop - rows.start, self.shape[2]), dtype=np.int32)
+            self.pending = (rows.start, rows.stop, strip)
+        self.pending[2][:, :, cols] = values
+
+    def finish(self) -> None:
+        if self.pending is not None:
+            start, _, strip = self.pending
+            for c in range(self.shape[0]):
+                self._write(self._offset(c, start), strip[c])
+            self.pending = None
+
+    def channel(self, c: int) -> np.ndarray:
+        return self._read(self._offset(c, 0), self.shape[1] * self.shape[2])
+
+    def put_channel(self, c: int, values: np.ndarray) -> None:
+        self._write(self._offset(c, 0), values)
+
+    def patch(self, flat: np.ndarray, values: np.ndarray) -> None:
+        per_channel = self.shape[1] * self.shape[2]
+        channels = flat // per_channel
+        for c in np.unique(channels):
+            take = channels == c
+            data = self.channel(int(c))
+            data[flat[take] - c * per_channel] = values[take]
+            self.put_channel(int(c), data)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        count = (stop - start) * self.shape[2]
+        return np.stack([self._read(self._offset(c, start), count).reshape(stop - start, self.shape[2])
+                         for c in range(self.shape[0])])
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def latent_store(shape: tuple[int, int, int], spill_bytes: int | None = None) -> LatentStore:
+    """Memory for small images, a temporary file above ``spill_bytes`` (default SPILL_BYTES)."""
+    limit = SPILL_BYTES if spill_bytes is None else spill_bytes
+    if shape[0] * shape[1] * shape[2] * SpilledLatents.ITEM > limit:
+        return SpilledLatents(shape)
+    return LatentStore(shape, np.int32)
 
 
 # ---- halo from the architecture ------------------------------------------------------
@@ -173,21 +360,26 @@ def _to_input(block: np.ndarray) -> Tensor:
     return x.to(dtype=torch.float32, memory_format=MEMORY_FORMAT).div_(255.0)
 
 
-def analysis_tiles(model, pixels: np.ndarray, quality: int, tile: int | None = None
+def analysis_tiles(model, pixels: np.ndarray | PixelRows, quality: int, tile: int | None = None
                    ) -> Iterator[tuple[tuple[slice, slice], Tensor]]:
-    """Yield (latent core slices, y·gain of that core as float (M, h, w)) tile by tile."""
+    """Yield (latent core slices, y·gain of that core as float (M, h, w)) tile by tile,
+    in raster order; ``pixels`` is a uint8 array or a :class:`PixelRows` read in order."""
+    source = ArrayRows(pixels) if isinstance(pixels, np.ndarray) else pixels
+    window = _RowWindow(source)
     tile = DEFAULT_TILE if tile is None else tile
-    height, width = pixels.shape[:2]
+    height, width = source.height, source.width
     rows, cols = -(-height // DOWNSAMPLING), -(-width // DOWNSAMPLING)
     halo = analysis_halo(model.g_a)
     d = DOWNSAMPLING
-    for (r0, r1), (c0, c1) in tiles(rows, cols, tile):
+    for r0, r1 in _splits(rows, check_tile(tile)):
         a0, a1 = _with_halo(r0, r1, rows, halo)
-        b0, b1 = _with_halo(c0, c1, cols, halo)
-        x = _to_input(_pixel_block(pixels, a0 * d, a1 * d, b0 * d, b1 * d))
-        with torch.inference_mode():
-            y = model.analysis(x, quality)[0, :, r0 - a0:r1 - a0, c0 - b0:c1 - b0]
-        yield (slice(r0, r1), slice(c0, c1)), y
+        strip = window.rows(a0 * d, min(a1 * d, height))
+        for c0, c1 in _splits(cols, check_tile(tile)):
+            b0, b1 = _with_halo(c0, c1, cols, halo)
+            x = _to_input(_pixel_block(strip, 0, (a1 - a0) * d, b0 * d, b1 * d))
+            with torch.inference_mode():
+                y = model.analysis(x, quality)[0, :, r0 - a0:r1 - a0, c0 - b0:c1 - b0]
+            yield (slice(r0, r1), slice(c0, c1)), y
 
 
 def check_pixels(pixels: np.ndarray) -> None:
@@ -196,52 +388,87 @@ def check_pixels(pixels: np.ndarray) -> None:
         raise ValueError("pixels must be uint8 of shape (H, W, 3) or (H, W, 1)")
 
 
-def quantize_tiled(model, pixels: np.ndarray, quality: int, tile: int | None = None,
-                   progress: Progress | None = None) -> np.ndarray:
-    """int64 latents round(g_a(x)·gain) of uint8 pixels (H, W, 1|3), computed in tiles.
+def quantize_into(model, pixels: np.ndarray | PixelRows, quality: int, latents: LatentStore,
+                  tile: int | None = None, progress: Progress | None = None) -> None:
+    """Put round(g_a(x)·gain) of every tile into ``latents``, tile by tile.
 
     Raises ValueError if the analysis transform produces non-finite values."""
-    check_pixels(pixels)
-    height, width = pixels.shape[:2]
-    latents = np.empty((model.config.M, -(-height // DOWNSAMPLING), -(-width // DOWNSAMPLING)), dtype=np.int64)
-    grid = tiles(latents.shape[1], latents.shape[2], DEFAULT_TILE if tile is None else tile)
+    _, rows, cols = latents.shape
+    count = len(tiles(rows, cols, DEFAULT_TILE if tile is None else tile))
     for done, (where, y) in enumerate(analysis_tiles(model, pixels, quality, tile), 1):
         if not torch.isfinite(y).all():
             raise ValueError("analysis transform produced non-finite values")
-        latents[:, where[0], where[1]] = torch.round(y).numpy()
+        if float(y.abs().max()) >= LATENT_LIMIT:  # before an int32 store could wrap it
+            raise ValueError("latent magnitude exceeds 2**31 - 1")
+        latents.put(where[0], where[1], torch.round(y).numpy())
         if progress is not None:
-            progress(done, len(grid))
-    return latents
+            progress(done, count)
+    latents.finish()
+
+
+def quantize_tiled(model, pixels: np.ndarray, quality: int, tile: int | None = None,
+                   progress: Progress | None = None) -> np.ndarray:
+    """int64 latents round(g_a(x)·gain) of uint8 pixels (H, W, 1|3), computed in tiles."""
+    check_pixels(pixels)
+    height, width = pixels.shape[:2]
+    store = LatentStore((model.config.M, -(-height // DOWNSAMPLING), -(-width // DOWNSAMPLING)))
+    quantize_into(model, pixels, quality, store, tile, progress)
+    return store.array
 
 
 # ---- g_s ----------------------------------------------------------------------------
 
-def reconstruct_tiled(model, latents: np.ndarray, quality: int, height: int, width: int, gray: bool,
-                      tile: int | None = None, progress: Progress | None = None) -> np.ndarray:
-    """uint8 pixels (H, W, 1|3) from integer latents (M, rows, cols), computed in tiles
-    and written tile by tile into the output array."""
+def reconstruct_into(model, latents: LatentStore, quality: int, height: int, width: int, gray: bool,
+                     sink: Callable[[np.ndarray], None], tile: int | None = None,
+                     progress: Progress | None = None) -> None:
+    """Decode integer latents (M, rows, cols) in tiles and hand ``sink`` the uint8 pixel
+    rows (n, width, 1|3) strip by strip, top to bottom: all ``height`` rows in all."""
     tile = DEFAULT_TILE if tile is None else tile
     _, rows, cols = latents.shape
     d = DOWNSAMPLING
     if rows * d < height or cols * d < width:
         raise ValueError(f"latents of {rows}x{cols} cannot cover {height}x{width} pixels")
     halo = synthesis_halo(model.g_s)
-    out = np.empty((height, width, 1 if gray else 3), dtype=np.uint8)
-    grid = [t for t in tiles(rows, cols, tile) if t[0][0] * d < height and t[1][0] * d < width]
-    for done, ((r0, r1), (c0, c1)) in enumerate(grid, 1):
+    core = check_tile(tile)
+    row_runs = [(r0, r1) for r0, r1 in _splits(rows, core) if r0 * d < height]
+    col_runs = [(c0, c1) for c0, c1 in _splits(cols, core) if c0 * d < width]
+    done = 0
+    for r0, r1 in row_runs:
         a0, a1 = _with_halo(r0, r1, rows, halo)
-        b0, b1 = _with_halo(c0, c1, cols, halo)
-        y_hat = torch.from_numpy(latents[:, a0:a1, b0:b1].astype(np.float32)).unsqueeze(0)
-        y_hat = y_hat.contiguous(memory_format=MEMORY_FORMAT)
-        # The core's pixels, cropped to the image (the padding is never written).
+        band = latents.rows(a0, a1)
         p0, p1 = r0 * d, min(r1 * d, height)
-        q0, q1 = c0 * d, min(c1 * d, width)
-        with torch.inference_mode():
-            x_hat = model.synthesis(y_hat, quality)[0, :, p0 - a0 * d:p1 - a0 * d, q0 - b0 * d:q1 - b0 * d]
-            if gray:
-                x_hat = x_hat.mean(dim=0, keepdim=True)
-            x = torch.nan_to_num(x_hat, nan=0.0).clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
-        out[p0:p1, q0:q1] = x.permute(1, 2, 0).numpy()
-        if progress is not None:
-            progress(done, len(grid))
+        strip = np.empty((p1 - p0, width, 1 if gray else 3), dtype=np.uint8)
+        for c0, c1 in col_runs:
+            b0, b1 = _with_halo(c0, c1, cols, halo)
+            y_hat = torch.from_numpy(band[:, :, b0:b1].astype(np.float32)).unsqueeze(0)
+            y_hat = y_hat.contiguous(memory_format=MEMORY_FORMAT)
+            # The core's pixels, cropped to the image (the padding is never written).
+            q0, q1 = c0 * d, min(c1 * d, width)
+            with torch.inference_mode():
+                x_hat = model.synthesis(y_hat, quality)[0, :, p0 - a0 * d:p1 - a0 * d, q0 - b0 * d:q1 - b0 * d]
+                if gray:
+                    x_hat = x_hat.mean(dim=0, keepdim=True)
+                x = torch.nan_to_num(x_hat, nan=0.0).clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
+            strip[:, q0:q1] = x.permute(1, 2, 0).numpy()
+            done += 1
+            if progress is not None:
+                progress(done, len(row_runs) * len(col_runs))
+        del band
+        sink(strip)
+
+
+def reconstruct_tiled(model, latents: np.ndarray, quality: int, height: int, width: int, gray: bool,
+                      tile: int | None = None, progress: Progress | None = None) -> np.ndarray:
+    """uint8 pixels (H, W, 1|3) from integer latents (M, rows, cols), computed in tiles
+    and written strip by strip into the output array."""
+    out = np.empty((height, width, 1 if gray else 3), dtype=np.uint8)
+    filled = 0
+
+    def into_array(strip: np.ndarray) -> None:
+        nonlocal filled
+        out[filled:filled + len(strip)] = strip
+        filled += len(strip)
+
+    reconstruct_into(model, LatentStore(latents.shape, array=latents), quality, height, width, gray,
+                     into_array, tile, progress)
     return out

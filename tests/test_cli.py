@@ -266,3 +266,68 @@ def test_real_process_errors_have_no_traceback(tmp_path):
     assert result.returncode == 1
     assert result.stderr.decode().strip() == "nic: error: -: not a .nic file (bad magic bytes)"
     assert result.stdout == b""
+
+
+# ---- files streamed a strip at a time (nic.streaming) give what whole images give ----------
+
+def test_streamed_encode_and_decode_equal_the_whole_image_path(tmp_path, monkeypatch):
+    import nic
+    from nic import tiling
+
+    monkeypatch.setattr(tiling, "DEFAULT_TILE", 48)  # several strips even for a small image
+    pixels = smooth_image(130, 75, seed=9)
+    exif = Image.Exif()
+    exif[0x010F] = "nic test camera"
+    Image.fromarray(pixels).save(tmp_path / "a.png", icc_profile=b"\x00fake-icc" + bytes(40), exif=exif.tobytes())
+    assert run_cli("encode", str(tmp_path / "a.png"), "-q", "2", "-o", str(tmp_path / "a.nic")).exit_code == 0
+    with Image.open(tmp_path / "a.png") as im:
+        expected = nic.encode(im, quality=2)
+    assert (tmp_path / "a.nic").read_bytes() == expected  # streamed file input, same bytes
+    (tmp_path / "a.ppm").write_bytes(b"P6\n75 130\n255\n" + pixels.tobytes())
+    assert run_cli("encode", str(tmp_path / "a.ppm"), "-q", "2", "-o", str(tmp_path / "p.nic")).exit_code == 0
+    assert (tmp_path / "p.nic").read_bytes() == nic.encode(pixels, quality=2)
+
+    whole = np.asarray(nic.decode(expected))
+    for name in ("b.png", "b.ppm", "b.bmp"):  # PNG and PPM are streamed out, BMP goes through Pillow
+        assert run_cli("decode", str(tmp_path / "a.nic"), "-o", str(tmp_path / name)).exit_code == 0
+        with Image.open(tmp_path / name) as out:
+            assert np.array_equal(np.asarray(out), whole)
+    with Image.open(tmp_path / "b.png") as out:
+        assert out.info["icc_profile"] == b"\x00fake-icc" + bytes(40)
+        assert out.getexif().get(0x010F) == "nic test camera"
+
+
+def test_streamed_input_that_is_rotated_or_transparent_follows_the_policy(tmp_path):
+    import nic
+
+    pixels = smooth_image(24, 40, seed=3)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to view: pixels must be turned upright
+    Image.fromarray(pixels).save(tmp_path / "r.png", exif=exif.tobytes())
+    assert run_cli("encode", str(tmp_path / "r.png"), "-o", str(tmp_path / "r.nic")).exit_code == 0
+    assert nic.decode((tmp_path / "r.nic").read_bytes()).size == (24, 40)
+    rgba = np.concatenate([pixels, np.full((24, 40, 1), 255, np.uint8)], axis=2)
+    rgba[3, 5, 3] = 0
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "t.png")
+    result = CliRunner().invoke(cli, ["encode", str(tmp_path / "t.png"), "-o", str(tmp_path / "t.nic")])
+    assert result.exit_code == 1 and "transparency" in result.output and not (tmp_path / "t.nic").exists()
+    assert run_cli("encode", str(tmp_path / "t.png"), "--background", "white",
+                   "-o", str(tmp_path / "t.nic")).exit_code == 0
+
+
+def test_progress_bar_only_for_big_images_on_a_terminal(monkeypatch):
+    from nic import cli as cli_module
+
+    with cli_module.image_progress(10**9, "big") as progress:  # pytest's stderr is no terminal
+        assert progress is None
+
+    from rich.console import Console
+
+    monkeypatch.setattr(cli_module, "stderr_console", lambda: Console(file=io.StringIO(), force_terminal=True))
+    with cli_module.image_progress(100, "small") as progress:
+        assert progress is None
+    with cli_module.image_progress(10**9, "big", show=False) as progress:  # inside a batch's own bar
+        assert progress is None
+    with cli_module.image_progress(10**9, "big") as progress:
+        progress(1, 4)
+        progress(4, 4)

@@ -183,3 +183,82 @@ def test_read_only_input_and_non_finite_output(tiny_weights):
         broken.gain.fill_(float("nan"))
     with pytest.raises(ValueError, match="non-finite"):
         tiling.quantize_tiled(broken, pixels, 1)
+
+
+# ---- strip sources and latent stores (bounded memory for huge images) -------------------------
+
+class ChunkedRows:
+    """A PixelRows that hands out at most ``chunk`` rows per read, like a file reader."""
+
+    def __init__(self, pixels: np.ndarray, chunk: int):
+        self.pixels, self.chunk, self.position = pixels, chunk, 0
+        self.height, self.width, self.channels = pixels.shape
+
+    def read(self, count: int) -> np.ndarray:
+        start = self.position
+        self.position = min(self.height, start + min(count, self.chunk))
+        return self.pixels[start:self.position].copy()
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_rows_read_in_strips_give_the_same_file(chunk):
+    pixels = smooth_image(150, 90, seed=4)
+    reference = api.encode_pixels(pixels, 3)
+    previous = tiling.DEFAULT_TILE
+    try:
+        tiling.DEFAULT_TILE = 48  # several tile rows, each with its halo re-read
+        parts = api.encode_rows(ChunkedRows(pixels, chunk), 3)
+        spilled = api.encode_rows(ChunkedRows(pixels, chunk), 3, spill_bytes=0)
+    finally:
+        tiling.DEFAULT_TILE = previous
+    assert b"".join(bytes(p) for p in parts) == reference
+    assert b"".join(bytes(p) for p in spilled) == reference
+
+
+def test_rows_decoded_in_strips_equal_the_whole_image():
+    pixels = smooth_image(100, 70, channels=1, seed=5)
+    data = api.encode_pixels(pixels, 5)
+    whole = api.decode_pixels(data)
+    for spill in (None, 0):
+        strips, opened = [], []
+
+        def open_sink(header, icc, exif):
+            opened.append(header)
+            return strips.append
+
+        previous = tiling.DEFAULT_TILE
+        try:
+            tiling.DEFAULT_TILE = 32
+            header = api.decode_rows(data, open_sink, spill_bytes=spill)
+        finally:
+            tiling.DEFAULT_TILE = previous
+        assert opened == [header] and header.height == 100
+        assert len(strips) > 1 and all(s.shape[1:] == (70, 1) for s in strips)
+        assert np.array_equal(np.concatenate(strips), whole.pixels)
+
+
+def test_spilled_latents_match_memory():
+    rng = np.random.default_rng(0)
+    values = rng.integers(-2**31 + 1, 2**31 - 1, size=(5, 7, 9)).astype(np.int64)
+    with tiling.SpilledLatents(values.shape) as spilled:
+        for r0, r1 in ((0, 3), (3, 7)):
+            for c0, c1 in ((0, 4), (4, 9)):
+                spilled.put(slice(r0, r1), slice(c0, c1), values[:, r0:r1, c0:c1])
+        spilled.finish()
+        for c in range(5):
+            assert np.array_equal(spilled.channel(c), values[c].reshape(-1))
+        assert np.array_equal(spilled.rows(2, 5), values[:, 2:5])
+        flat = np.array([0, 64, 200, 314])
+        spilled.patch(flat, np.array([1, 2, 3, 4]))
+        expected = values.reshape(-1).copy()
+        expected[flat] = [1, 2, 3, 4]
+        assert np.array_equal(np.stack([spilled.channel(c) for c in range(5)]).reshape(-1), expected)
+
+
+def test_rows_out_of_order_are_refused():
+    window = tiling._RowWindow(ChunkedRows(smooth_image(40, 8), 5))
+    window.rows(10, 20)
+    with pytest.raises(ValueError, match="in order"):
+        window.rows(5, 12)
+    with pytest.raises(ValueError, match="ended"):
+        window.rows(30, 41)

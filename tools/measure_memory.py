@@ -4,14 +4,15 @@
     python tools/measure_memory.py 1 6 24          # megapixels, 3:2 (24 → 6000x4000)
     python tools/measure_memory.py 1 --tile 512    # with nic.tiling.DEFAULT_TILE = 512
     python tools/measure_memory.py 1 --mallopt scoped   # with an allocator setting of docs/speed.md
-    python tools/measure_memory.py 400 -j 2        # the big one: minutes, and ~1.2 GB of PNG input
+    python tools/measure_memory.py 24 20000x20000  # the big one: minutes, and ~1 GB of PNG input
 
 For each size a smooth synthetic photo-like image is written as PNG to a temporary
 folder; then `nic encode IN.png -o X.nic` and `nic decode X.nic -o OUT.png` run as
 subprocesses under `/usr/bin/time -v` (or, without it, with
 resource.getrusage(RUSAGE_CHILDREN).ru_maxrss). The numbers are of the whole
-process: Python, torch, Pillow's PNG decode of the input and encode of the output,
-the latents, the range coder and the transforms. Measurement only: not part of nic.
+process: Python, torch, the PNG reading and writing (a strip at a time, nic.streaming),
+the latents (in memory, or in a temporary file above nic.tiling.SPILL_BYTES), the
+range coder and the transforms. Measurement only: not part of nic.
 """
 
 from __future__ import annotations
@@ -62,6 +63,20 @@ def size_for(megapixels: float) -> tuple[int, int]:
     return 24 * k, 16 * k
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """(width, height) from '24' (megapixels, 3:2) or '20000x20000'."""
+    try:
+        if "x" in text:
+            width, height = (int(v) for v in text.lower().split("x"))
+        else:
+            width, height = size_for(float(text))
+    except ValueError:
+        raise SystemExit(f"size {text!r} is neither megapixels nor WxH") from None
+    if width < 1 or height < 1:
+        raise SystemExit(f"size {text!r} has no pixels")
+    return width, height
+
+
 def run_measured(command: list[str]) -> tuple[float, float]:
     """(peak RSS in MiB, wall seconds) of one subprocess; raises on failure."""
     if os.path.exists(TIME):
@@ -101,8 +116,8 @@ MALLOPT = {
         "        finally:\n"
         "            libc.mallopt(-4, 65536); libc.mallopt(-1, 128 << 10); libc.malloc_trim(0)\n"
         "    return run\n"
-        "nic.tiling.quantize_tiled = scoped(nic.tiling.quantize_tiled)\n"
-        "nic.tiling.reconstruct_tiled = scoped(nic.tiling.reconstruct_tiled)\n"),
+        "nic.tiling.quantize_into = scoped(nic.tiling.quantize_into)\n"
+        "nic.tiling.reconstruct_into = scoped(nic.tiling.reconstruct_into)\n"),
 }
 """Allocator settings docs/speed.md discusses: glibc hands big freed blocks back to the
 kernel, which must zero them again when the next tile asks (a page fault per 4 KiB);
@@ -123,7 +138,8 @@ def nic_command(tile: int | None, mallopt: str | None) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("megapixels", type=float, nargs="+", help="image sizes in megapixels (3:2)")
+    parser.add_argument("sizes", metavar="SIZE", nargs="+",
+                        help="image sizes: megapixels (3:2, e.g. 24 → 6000x4000) or WxH (e.g. 20000x20000)")
     parser.add_argument("-q", "--quality", type=int, default=4)
     parser.add_argument("-j", "--threads", type=int, default=None, help="passed to nic as -j")
     parser.add_argument("--tile", type=int, default=None, help="set nic.tiling.DEFAULT_TILE in the nic process")
@@ -149,8 +165,8 @@ def main() -> None:
     print(f"{'size':>12} {'MP':>6} {'PNG MiB':>8} {'encode MiB':>11} {'enc s':>7} {'decode MiB':>11} "
           f"{'dec s':>7} {'bpp':>6}", flush=True)
     try:
-        for mp in args.megapixels:
-            width, height = size_for(mp)
+        for size in args.sizes:
+            width, height = parse_size(size)
             src, coded, out = folder / f"{width}x{height}.png", folder / f"{width}x{height}.nic", \
                 folder / f"{width}x{height}.out.png"
             pixels = synthetic_image(width, height)
