@@ -570,6 +570,9 @@ def info(file: str, max_pixels: int) -> None:
 @click.option("--init", type=click.Path(dir_okay=False), default=None, help="Start from these weights.")
 @click.option("--finetune-decoder", is_flag=True,
               help="Freeze g_a and densities; train g_s on hard-rounded latents (distortion only).")
+@click.option("--finetune-effort", type=click.IntRange(1, 4), default=1, show_default=True,
+              help="With --finetune-decoder: learn from the latents that encoder effort picks "
+                   "(2..4 run nic encode's search on every crop: several times slower).")
 @click.option("--bf16/--no-bf16", default=True, show_default=True, help="bf16 autocast.")
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True,
               help="NHWC (channels-last) tensors: fastest with --bf16 on CPUs with AVX-512 bf16 or AMX.")
@@ -583,7 +586,7 @@ def info(file: str, max_pixels: int) -> None:
               help="Minutes between validations.")
 @threads_option
 def train(data, out, minutes, steps, qualities, N, M, patch, batch, lr, lr_final, init, finetune_decoder,
-          bf16, channels_last, device, seed, log_every, holdout, validate_minutes, threads) -> None:
+          finetune_effort, bf16, channels_last, device, seed, log_every, holdout, validate_minutes, threads) -> None:
     """Train (or resume) on the images under DATA folders (never on Kodak)."""
     from .train import TrainOptions, train as run_training
 
@@ -594,7 +597,7 @@ def train(data, out, minutes, steps, qualities, N, M, patch, batch, lr, lr_final
         data=[Path(d) for d in data], out=Path(out), N=N, M=M, patch=patch, batch=batch, lr=lr,
         lr_final=lr_final, minutes=minutes, steps=steps, qualities=list(qualities) or None, seed=seed,
         bf16=bf16, channels_last=channels_last, device=device, init=Path(init) if init else None,
-        finetune_decoder=finetune_decoder, log_every=log_every, holdout=holdout,
+        finetune_decoder=finetune_decoder, finetune_effort=finetune_effort, log_every=log_every, holdout=holdout,
         validate_minutes=validate_minutes,
     )
     console = stderr_console()

@@ -53,6 +53,7 @@ class TrainOptions:
     device: str = "cpu"
     init: Path | None = None  # weights (.npz) to start from
     finetune_decoder: bool = False
+    finetune_effort: int = 1  # with finetune_decoder: the encoder effort whose latents g_s learns from
     log_every: int = 20
     holdout: int = 0  # training images set aside for validation
     validate_minutes: float = 10.0
@@ -127,6 +128,31 @@ def quality_cycle(qualities: list[int], rng: random.Random) -> Iterator[int]:
         order = list(qualities)
         rng.shuffle(order)
         yield from order
+
+
+def effort_latents(model: Codec, x: torch.Tensor, qualities: torch.Tensor, effort: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x rounded to 8 bits, the integer latents nic's encoder picks for it at ``effort``).
+
+    Step 3 of Borzechowski et al.: the decoder learns from the latents the
+    entropy-constrained search really sends, not from rounded ones. The search runs
+    per crop through nic.quantization with the current g_s (what the encoder will use
+    with these weights); its own backward passes must not touch the parameters' grads."""
+    from .quantization import quantize
+
+    pixels = (x.detach().float() * 255.0).round().clamp(0, 255).to(torch.uint8)
+    learning = [p for p in model.parameters() if p.requires_grad]
+    for param in learning:
+        param.requires_grad_(False)
+    try:
+        latents = [torch.from_numpy(quantize(model, pixels[i].permute(1, 2, 0).contiguous().numpy(), int(q), effort))
+                   for i, q in enumerate(qualities.tolist())]
+    finally:
+        for param in learning:
+            param.requires_grad_(True)
+    x8 = (pixels.float() / 255.0).contiguous(memory_format=torch.channels_last if x.is_contiguous(
+        memory_format=torch.channels_last) else torch.contiguous_format)
+    return x8, torch.stack(latents).float()
 
 
 def save_atomic(obj: dict, path: Path) -> None:
@@ -219,6 +245,10 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
         model = model.to(memory_format=torch.channels_last)
     torch.manual_seed(opts.seed + 1000 * rank + (state["step"] if state else 0))  # noise differs per rank
 
+    if opts.finetune_effort != 1 and (not opts.finetune_decoder or world > 1 or opts.finetune_effort not in (2, 3, 4)):
+        raise ValueError("--finetune-effort 2..4 needs --finetune-decoder and a single process")
+    if opts.finetune_effort > 1:
+        model.export_tables()  # the encoder's search measures rate with the integer tables
     if opts.finetune_decoder:
         # Decoder fine-tuning (Borzechowski et al.): only g_s and the inverse gains learn.
         for name, param in model.named_parameters():
@@ -330,8 +360,15 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
             if opts.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             lambdas = lambda_table[qualities_now - 1]
-            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=opts.bf16):
-                x_tilde, bits = network(x, qualities_now, hard=opts.finetune_decoder)
+            if opts.finetune_effort > 1:
+                x, y_hat = effort_latents(model, x, qualities_now, opts.finetune_effort)
+                with torch.no_grad():
+                    bits = model.latent_bits(y_hat, qualities_now)  # logged only: the rate is fixed
+                with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=opts.bf16):
+                    x_tilde = model.g_s(y_hat * model.inverse_gain[qualities_now - 1].reshape(len(y_hat), -1, 1, 1))
+            else:
+                with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=opts.bf16):
+                    x_tilde, bits = network(x, qualities_now, hard=opts.finetune_decoder)
             losses, bpp, mse = rate_distortion_loss(x, x_tilde, bits, lambdas)
             loss = losses.mean()
             optimizer.zero_grad(set_to_none=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import os
 import subprocess
@@ -54,10 +55,12 @@ def test_train_resume_validate_and_export(tmp_path, photos):
                                     "-o", str(tmp_path / "out.png")]).exit_code == 0
 
 
-def test_decoder_finetuning_changes_only_the_decoder(tmp_path, photos, tiny_weights):
+@pytest.mark.parametrize("effort", [1, 2])
+def test_decoder_finetuning_changes_only_the_decoder(tmp_path, photos, tiny_weights, effort):
     out = tmp_path / "ft"
     result = CliRunner().invoke(cli, ["train", str(photos), "--out", str(out), "--steps", "2", "--init", tiny_weights,
-                                      "--finetune-decoder", "--lr", "1e-2", *TINY[:-2]])
+                                      "--finetune-decoder", "--finetune-effort", str(effort), "--lr", "1e-2",
+                                      *TINY[:-2]])
     assert result.exit_code == 0, result.output
     import torch
 
@@ -71,6 +74,32 @@ def test_decoder_finetuning_changes_only_the_decoder(tmp_path, photos, tiny_weig
     from nic.model import Config
 
     assert Config.from_json(torch.load(out / "checkpoint.pt", weights_only=True)["config"]).decoder_finetuned
+
+
+def test_effort_latents_are_what_the_encoder_sends(tiny_weights):
+    import torch
+
+    from nic.quantization import quantize
+    from nic.train import effort_latents
+    from nic.weights import load_weights
+
+    model = copy.deepcopy(load_weights(tiny_weights)[0])  # the loaded one is shared (cached)
+    pixels = smooth_image(32, 32, seed=3)
+    expected = torch.from_numpy(quantize(model, pixels, 2, 2))
+    x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0).float() / 255.0
+    for param in model.g_s.parameters():
+        param.requires_grad_(True)
+        param.grad = None
+    x8, latents = effort_latents(model, x, torch.tensor([2]), 2)
+    assert torch.equal(x8, x)  # already 8-bit
+    assert torch.equal(latents[0].long(), expected)
+    assert all(p.grad is None and p.requires_grad for p in model.g_s.parameters())  # the search left no gradients
+
+
+def test_finetune_effort_needs_finetune_decoder(tmp_path, photos):
+    result = CliRunner().invoke(cli, ["train", str(photos), "--out", str(tmp_path / "x"), "--steps", "1",
+                                      "--finetune-effort", "2", *TINY])
+    assert result.exit_code == 1 and "needs --finetune-decoder" in result.output
 
 
 def test_training_refuses_kodak(tmp_path):
