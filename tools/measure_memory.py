@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Peak memory and time of whole `nic encode` / `nic decode` processes, by image size.
+"""Speed and peak memory of nic, by image size: the table of docs/speed.md.
 
+    python tools/measure_memory.py --kodak ../shared/data/kodak 1 6 24 20000x20000
     python tools/measure_memory.py 1 6 24          # megapixels, 3:2 (24 → 6000x4000)
     python tools/measure_memory.py 1 --tile 512    # with nic.tiling.DEFAULT_TILE = 512
     python tools/measure_memory.py 1 --mallopt scoped   # with an allocator setting of docs/speed.md
@@ -12,7 +13,10 @@ subprocesses under `/usr/bin/time -v` (or, without it, with
 resource.getrusage(RUSAGE_CHILDREN).ru_maxrss). The numbers are of the whole
 process: Python, torch, the PNG reading and writing (a strip at a time, nic.streaming),
 the latents (in memory, or in a temporary file above nic.tiling.SPILL_BYTES), the
-range coder and the transforms. Measurement only: not part of nic.
+range coder and the transforms. With --kodak DIR, every image of DIR is also encoded
+and decoded in this process, as `nic bench` times them (pixels in memory, one warm-up
+image first), for the per-image milliseconds. At the end a Markdown table of all of it.
+Measurement only: not part of nic.
 """
 
 from __future__ import annotations
@@ -136,6 +140,27 @@ def nic_command(tile: int | None, mallopt: str | None) -> list[str]:
     return [sys.executable, "-c", code]
 
 
+def kodak_speed(folder: Path, quality: int, threads: int | None) -> tuple[int, tuple[int, int], float, float]:
+    """(images, (width, height) of the first, mean encode ms, mean decode ms), in process."""
+    import torch
+
+    from nic.bench import _read, list_images, round_trip
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    paths = list_images(folder)
+    if not paths:
+        raise SystemExit(f"--kodak {folder}: no images")
+    try:
+        images = [_read(path) for path in paths]
+    except ValueError as exc:
+        raise SystemExit(f"--kodak: {exc}") from None
+    round_trip("nic", quality, images[0], None)  # warm-up: weights, tables, oneDNN kernels
+    times = [round_trip("nic", quality, pixels, None)[2:] for pixels in images]
+    height, width = images[0].shape[:2]
+    return (len(images), (width, height), 1e3 * float(np.mean([t[0] for t in times])),
+            1e3 * float(np.mean([t[1] for t in times])))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sizes", metavar="SIZE", nargs="+",
@@ -147,6 +172,8 @@ def main() -> None:
                         help="run nic with glibc's mmap off and trim threshold at 1 GiB, for the whole "
                              "process or only around the tiled transforms (see MALLOPT)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the files in this folder")
+    parser.add_argument("--kodak", type=Path, default=None, metavar="DIR",
+                        help="also time in-process encode/decode of every image in DIR (ms per image)")
     args = parser.parse_args()
 
     from PIL import Image
@@ -162,6 +189,14 @@ def main() -> None:
     baseline, baseline_s = run_measured([sys.executable, "-c", "import torch, PIL.Image, nic.api, nic.weights; "
                                          "nic.weights.default_weights()"])
     print(f"baseline (python + torch + nic + weights loaded): {baseline:.0f} MiB, {baseline_s:.1f} s", flush=True)
+    rows = [f"| python + torch + nic + weights | | | | {baseline:.0f} MiB | | | |"]
+    if args.kodak is not None:
+        count, (kw, kh), enc_ms, dec_ms = kodak_speed(args.kodak, args.quality, args.threads)
+        mp = kw * kh / 1e6
+        print(f"{args.kodak}: {count} images, in-process: encode {enc_ms:.0f} ms, decode {dec_ms:.0f} ms per image",
+              flush=True)
+        rows.append(f"| {args.kodak.name} ({count} images, in-process, mean) | {kw}x{kh} | {enc_ms:.0f} ms | "
+                    f"{mp / enc_ms * 1e3:.2f} | | {dec_ms:.0f} ms | {mp / dec_ms * 1e3:.2f} | |")
     print(f"{'size':>12} {'MP':>6} {'PNG MiB':>8} {'encode MiB':>11} {'enc s':>7} {'decode MiB':>11} "
           f"{'dec s':>7} {'bpp':>6}", flush=True)
     try:
@@ -179,12 +214,20 @@ def main() -> None:
             bpp = 8 * coded.stat().st_size / (width * height)
             print(f"{f'{width}x{height}':>12} {width * height / 1e6:6.1f} {src.stat().st_size / 2**20:8.1f} "
                   f"{enc_rss:11.0f} {enc_s:7.1f} {dec_rss:11.0f} {dec_s:7.1f} {bpp:6.3f}", flush=True)
+            mp = width * height / 1e6
+            rows.append(f"| {mp:.1f} MP, whole process, PNG in and out | {width}x{height} | {enc_s:.1f} s | "
+                        f"{mp / enc_s:.2f} | {enc_rss:.0f} MiB | {dec_s:.1f} s | {mp / dec_s:.2f} | {dec_rss:.0f} MiB |")
             if args.keep is None:
                 for path in (src, coded, out):
                     path.unlink(missing_ok=True)
     finally:
         if args.keep is None:
             shutil.rmtree(folder, ignore_errors=True)
+    threads = args.threads or os.cpu_count()
+    print(f"\nquality {args.quality}, {threads} threads\n")
+    print("| image | size | encode | MP/s | encode peak RSS | decode | MP/s | decode peak RSS |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":
