@@ -331,3 +331,29 @@ def test_progress_bar_only_for_big_images_on_a_terminal(monkeypatch):
     with cli_module.image_progress(10**9, "big") as progress:
         progress(1, 4)
         progress(4, 4)
+
+
+LIGHT_COMMANDS_PROBE = """
+import sys
+from nic.cli import main
+sys.argv = ["nic", *sys.argv[1:]]
+try:
+    main()
+except SystemExit:
+    pass
+heavy = sorted(m for m in ("torch", "numpy") if m in sys.modules)
+print("HEAVY:" + ",".join(heavy), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["encode", "--help"], ["info", "FILE"]])
+def test_help_and_info_do_not_import_torch(tmp_path, args):
+    """`nic --help` and `nic info` stay fast (docs/speed.md) by never importing torch or numpy."""
+    if args == ["info", "FILE"]:
+        image = tmp_path / "a.png"
+        Image.fromarray(smooth_image(24, 32)).save(image)
+        assert _nic("encode", str(image), "-o", str(tmp_path / "a.nic")).returncode == 0
+        args = ["info", str(tmp_path / "a.nic")]
+    proc = subprocess.run([sys.executable, "-c", LIGHT_COMMANDS_PROBE, *args], capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.decode().strip().splitlines()[-1] == "HEAVY:", proc.stderr
