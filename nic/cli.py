@@ -74,10 +74,16 @@ def read_input(name: str, limit: int = IMAGE_INPUT_LIMIT, first: int | None = No
     if name == "-" and sys.stdin.isatty():
         raise NicError("refusing to read binary data from a terminal; pipe something in")
     with (open_input(name) if name != "-" else nullcontext(sys.stdin.buffer)) as stream:
-        try:
-            return _read_bounded(stream, name, limit, first, more)
-        except OSError as exc:
-            raise NicError(f"{name}: {exc.strerror or exc}") from None
+        return read_stream(stream, name, limit, first, more)
+
+
+def read_stream(stream, name: str, limit: int = IMAGE_INPUT_LIMIT, first: int | None = None,
+                more: "callable | None" = None) -> bytes:
+    """What :func:`read_input` reads, from a stream that is already open."""
+    try:
+        return _read_bounded(stream, name, limit, first, more)
+    except OSError as exc:
+        raise NicError(f"{name}: {exc.strerror or exc}") from None
 
 
 def _read_bounded(stream, name: str, limit: int, first: int | None, more) -> bytes:
@@ -113,15 +119,28 @@ def read_nic_input(name: str, max_pixels: int) -> bytes:
     return read_input(name, IMAGE_INPUT_LIMIT + SECTIONS_LIMIT, HEADER_SIZE, limit)
 
 
-class _CountingStream:
-    """Write-only wrapper that counts bytes (a pipe has no tell())."""
+def _write_error(name: str, exc: OSError) -> NicError:
+    if isinstance(exc, PermissionError):
+        return NicError(f"{name}: permission denied")
+    return NicError(f"{name}: cannot write ({exc.strerror or exc})")
 
-    def __init__(self, stream):
+
+class _CountingStream:
+    """Write-only wrapper that counts bytes (a pipe has no tell()) and names the output
+    in its write errors (other errors of the work that feeds it keep their own names)."""
+
+    def __init__(self, stream, name: str):
         self.stream = stream
+        self.name = name
         self.written = 0
 
     def write(self, data) -> int:
-        self.stream.write(data)
+        try:
+            self.stream.write(data)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise _write_error(self.name, exc) from None
         size = memoryview(data).nbytes
         self.written += size
         return size
@@ -138,7 +157,7 @@ def atomic_output(name: str) -> Iterator[_CountingStream]:
         if sys.stdout.isatty():
             raise NicError("refusing to write binary data to a terminal; use -o FILE or a pipe")
         try:
-            yield _CountingStream(sys.stdout.buffer)
+            yield _CountingStream(sys.stdout.buffer, name)
             sys.stdout.buffer.flush()
         except BrokenPipeError:
             # The reader went away (e.g. `| head`): not our error; stay quiet.
@@ -156,17 +175,23 @@ def atomic_output(name: str) -> Iterator[_CountingStream]:
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
         except FileNotFoundError:
             raise NicError(f"{name}: directory does not exist") from None
+        except OSError as exc:
+            raise _write_error(name, exc) from None
         with os.fdopen(fd, "wb") as f:
-            yield _CountingStream(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+            # Only the output's own operations are its errors: an OSError of the work
+            # inside the block (reading the input, a temporary file) passes through.
+            yield _CountingStream(f, name)
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as exc:
+                raise _write_error(name, exc) from None
+        try:
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise _write_error(name, exc) from None
         tmp = None
-    except PermissionError:
-        raise NicError(f"{name}: permission denied") from None
-    except OSError as exc:
-        raise NicError(f"{name}: cannot write ({exc.strerror or exc})") from None
     finally:
         if tmp is not None:
             try:
@@ -409,12 +434,13 @@ def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, qua
 
     def work(source: str, target: str, batch: bool):
         if source != "-" and effort == 1 and max_bytes is None and target_bpp is None:
-            streamed = encode_streamed(source, target, batch)
+            streamed, data = encode_streamed(source, target, batch)
             if streamed is not None:
                 return streamed
+        else:
+            data = read_input(source)
         from .images import read_image_with_metadata
 
-        data = read_input(source)
         pixels, icc_profile, exif = read_image_with_metadata(data, background=background, max_pixels=max_pixels)
         if strip:
             icc_profile = exif = None
@@ -438,14 +464,15 @@ def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, qua
         return len(data), size, count, size, f"{note}, {w}x{h}"
 
     def encode_streamed(source: str, target: str, batch: bool):
-        """Encode straight from the file, a strip of rows at a time (nic.streaming), or
-        None when the file is not one the streaming readers take."""
+        """(result, None) after encoding straight from the file, a strip of rows at a
+        time (nic.streaming), or (None, the file's bytes) when the streaming readers do
+        not take it. The file is opened once: a named pipe cannot be read twice."""
         from .streaming import open_rows
 
         with open_input(source) as stream:
             reader = open_rows(stream, background, max_pixels)
             if reader is None:
-                return None
+                return None, read_stream(stream, source)
             try:
                 icc_profile, exif = (None, None) if strip else (reader.icc_profile, reader.exif)
                 set_threads(threads)
@@ -459,7 +486,7 @@ def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, qua
                 reader.close()
             size_in = os.fstat(stream.fileno()).st_size
         size = write_output(target, parts)
-        return size_in, size, count, size, f"quality {chosen}, effort {effort}, {reader.width}x{reader.height}"
+        return (size_in, size, count, size, f"quality {chosen}, effort {effort}, {reader.width}x{reader.height}"), None
 
     run_jobs(pairs, work, out_dir, verbose)
 

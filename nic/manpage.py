@@ -48,6 +48,10 @@ a folder searched for weights files (\fIdefault.npz\fR first) before the install
 .TP
 .B NIC_DEBUG
 set to show a traceback for internal errors
+.TP
+.B TMPDIR
+where the latents of images over about 87 megapixels wait during encoding and
+decoding (an unlinked temporary file; default \fI/tmp\fR): a disk, not a RAM\-backed tmpfs
 .SH FILES
 A .nic file (format version 1) is a 38\-byte little\-endian header \(em magic
 \fB89 4E 49 43\fR, version, model id, quality, colour layout, width, height, an

@@ -70,7 +70,11 @@ def _broken(message: str) -> ImageError:
 
 
 def _check_pixels(width: int, height: int, max_pixels: int | None) -> None:
-    if max_pixels is not None and width * height > max_pixels:
+    if max_pixels is None:
+        # No caller limit: Pillow's decompression-bomb error, worded as nic.images words it.
+        if Image.MAX_IMAGE_PIXELS and width * height > 2 * Image.MAX_IMAGE_PIXELS:
+            raise ImageError("image is too large (decompression bomb limit; raise it with --max-pixels)")
+    elif width * height > max_pixels:
         raise ImageError(f"image of {width}x{height} exceeds the limit of {max_pixels} "
                          "pixels (raise it with --max-pixels)")
 
@@ -125,8 +129,6 @@ class RowReader:
             try:
                 self._read_into(out)
                 self._left -= n
-                if self._left == 0:
-                    self._finish()
             except ImageError as exc:
                 self._error = str(exc)
                 raise
@@ -134,9 +136,6 @@ class RowReader:
 
     def _read_into(self, out: np.ndarray) -> None:
         raise NotImplementedError
-
-    def _finish(self) -> None:
-        """Called once the last row is read: check what follows the pixels."""
 
     def close(self) -> None:
         """Forget the stream (the caller closes it) and the decoding state."""
@@ -156,10 +155,14 @@ def open_rows(stream: BinaryIO, background: str | None = None, max_pixels: int |
     Pillow path must read it.
 
     Raises ImageError for a broken file, or one of more than ``max_pixels`` pixels
-    (None: no limit here, where Pillow would apply its decompression-bomb limit).
-    A PNG's chunk list is checked up to IEND before this returns (truncation shows
-    here); IDAT CRCs, zlib errors and the amount of image data are checked as rows
-    are read, more strictly than Pillow, which ignores data left over after the rows.
+    (None: Pillow's decompression-bomb limit, 2 x Image.MAX_IMAGE_PIXELS, as the
+    whole-image path applies it). A PNG's chunks up to the image data are checked,
+    CRCs included, before this returns, as Pillow checks them when it opens a file.
+    From the image data on, this is exactly as lenient as Pillow's loader, so that a
+    file gives the same pixels, or fails, on both paths: IDAT CRCs and data after the
+    last row are not checked, and a problem after the image data that shows now
+    (truncation, a bad CRC, no IEND) leaves the file to Pillow (None). zlib errors and
+    image data that ends before the last row raise ImageError while rows are read.
     """
     seekable = getattr(stream, "seekable", None)
     if seekable is None or not seekable():
@@ -244,67 +247,88 @@ def _read_chunk_body(stream: BinaryIO, kind: bytes, length: int) -> bytes:
 
 def _scan_png(stream: BinaryIO, start: int, size: int) -> _PngScan:
     """Walk all chunks after IHDR up to IEND, seeking past IDAT bodies, so that
-    metadata after the image data is seen too (Pillow reads it when it loads)."""
+    metadata after the image data is seen too (Pillow reads it when it loads).
+
+    Up to the image data a problem is an ImageError: Pillow refuses such files when it
+    opens them. From the first IDAT chunk on it is _LeaveToPillow: Pillow's loader does
+    not check IDAT CRCs and skips what it cannot read after the image data, so the
+    whole-image path decides (it may well read the pixels)."""
     scan = _PngScan()
     pos = start + 8 + 25
     end = start + size
     idat_run = "before"  # before, in, after the IDAT chunks
-    first_idat = None
     seen: set[bytes] = set()
     while True:
-        stream.seek(pos)
-        if pos + 12 > end:
-            raise _broken("PNG is truncated (it ends before its IEND chunk)")
-        length, kind = struct.unpack(">I4s", stream.read(8))
-        if not all(65 <= c <= 90 or 97 <= c <= 122 for c in kind):
-            raise _broken(f"PNG is corrupt: invalid chunk type at byte {pos - start}")
-        name = kind.decode("ascii")
-        if length > MAX_PNG_INT:
-            raise _broken(f"PNG chunk {name} is corrupt (invalid length)")
-        if pos + 12 + length > end:
-            raise _broken(f"PNG is truncated in {name}")
-        if kind == b"IEND":
-            _read_chunk_body(stream, kind, length)
-            break
-        if kind == b"IDAT":
-            if idat_run == "after":
-                raise _LeaveToPillow  # split IDAT runs: Pillow decodes only the first
+        try:
+            length, kind = _chunk_header(stream, pos, start, end)
+            if kind == b"IEND":
+                break  # Pillow reads neither its body nor its CRC
+            if kind == b"IDAT":
+                if idat_run == "after":
+                    raise _LeaveToPillow  # split IDAT runs: Pillow decodes only the first
+                if idat_run == "before":
+                    scan.first_idat = pos
+                idat_run = "in"
+            else:
+                if idat_run == "in":
+                    idat_run = "after"
+                if (kind in _REFUSED_CHUNKS or kind == b"IHDR" or (kind in seen and kind in (b"iCCP", b"eXIf"))
+                        or (kind[0] < 97 and kind not in _KNOWN_CRITICAL)):
+                    raise _LeaveToPillow
+                seen.add(kind)
+                _read_ancillary(stream, scan, kind, length, check_crc=idat_run == "before")
+        except ImageError:
             if idat_run == "before":
-                first_idat = pos
-            idat_run = "in"
-            pos += 12 + length  # CRCs are checked while streaming
-            continue
-        if idat_run == "in":
-            idat_run = "after"
-        if (kind in _REFUSED_CHUNKS or kind == b"IHDR" or (kind in seen and kind in (b"iCCP", b"eXIf"))
-                or (kind[0] < 97 and kind not in _KNOWN_CRITICAL)):
-            raise _LeaveToPillow
-        seen.add(kind)
-        if kind == b"iCCP":
-            if length > MAX_SECTION + 4096:
-                raise _broken(f"PNG ICC profile is larger than {MAX_SECTION} bytes")
-            scan.icc_profile = _icc_profile(_read_chunk_body(stream, kind, length))
-        elif kind == b"eXIf":
-            if length > MAX_SECTION:
-                raise _LeaveToPillow  # larger than nic keeps: the whole path says what to do
-            scan.exif = _exif_without_orientation(_read_chunk_body(stream, kind, length))
-        elif kind in _TEXT_CHUNKS:
-            head = _read_exact(stream, min(length, 80), f"PNG is truncated in {name}")
-            keyword = head.split(b"\0", 1)[0].lower()
-            # Pillow takes EXIF (and an orientation) from "Raw profile type exif" and
-            # XMP text chunks too; such files take the whole-image path.
-            if b"exif" in keyword or b"xmp" in keyword:
-                raise _LeaveToPillow
-            if idat_run == "before":
-                _rest_of_chunk(stream, kind, length - len(head), zlib.crc32(head, zlib.crc32(kind)))
-        elif idat_run == "before":
-            # Pillow checks the CRCs of all chunks before IDAT, so this does too.
-            _rest_of_chunk(stream, kind, length, zlib.crc32(kind))
+                raise
+            raise _LeaveToPillow from None
         pos += 12 + length
-    if first_idat is None:
+    if idat_run == "before":
         raise _broken("PNG has no image data (no IDAT chunk)")
-    scan.first_idat = first_idat
     return scan
+
+
+def _chunk_header(stream: BinaryIO, pos: int, start: int, end: int) -> tuple[int, bytes]:
+    """(length, type) of the chunk at ``pos``, checked against the file's end."""
+    stream.seek(pos)
+    if pos + 12 > end:
+        raise _broken("PNG is truncated (it ends before its IEND chunk)")
+    length, kind = struct.unpack(">I4s", stream.read(8))
+    if not all(65 <= c <= 90 or 97 <= c <= 122 for c in kind):
+        raise _broken(f"PNG is corrupt: invalid chunk type at byte {pos - start}")
+    name = kind.decode("ascii")
+    if length > MAX_PNG_INT:
+        raise _broken(f"PNG chunk {name} is corrupt (invalid length)")
+    # A truncated IDAT shows as a missing IEND on the next turn, past the image data:
+    # Pillow may still get every row from it (when only the adler32 or CRC is cut).
+    if kind != b"IDAT" and pos + 12 + length > end:
+        raise _broken(f"PNG is truncated in {name}")
+    return length, kind
+
+
+def _read_ancillary(stream: BinaryIO, scan: _PngScan, kind: bytes, length: int, check_crc: bool) -> None:
+    """Keep what an ancillary chunk adds to the image (ICC profile, EXIF); refuse what the
+    streaming reader cannot reproduce; check CRCs where Pillow does (before IDAT)."""
+    name = kind.decode("ascii")
+    if kind == b"iCCP":
+        if length > MAX_SECTION + 4096:
+            raise _broken(f"PNG ICC profile is larger than {MAX_SECTION} bytes")
+        scan.icc_profile = _icc_profile(_read_chunk_body(stream, kind, length))
+    elif kind == b"eXIf":
+        if length > MAX_SECTION:
+            raise _LeaveToPillow  # larger than nic keeps: the whole path says what to do
+        scan.exif = _exif_without_orientation(_read_chunk_body(stream, kind, length))
+    elif kind in _TEXT_CHUNKS:
+        head = _read_exact(stream, min(length, 80), f"PNG is truncated in {name}")
+        keyword = head.split(b"\0", 1)[0].lower()
+        # Pillow takes EXIF (and an orientation) from "Raw profile type exif" and
+        # XMP text chunks too; such files take the whole-image path.
+        if b"exif" in keyword or b"xmp" in keyword:
+            raise _LeaveToPillow
+        if check_crc:
+            _rest_of_chunk(stream, kind, length - len(head), zlib.crc32(head, zlib.crc32(kind)))
+    elif check_crc:
+        # Pillow checks the CRCs of all chunks before IDAT, so this does too.
+        _rest_of_chunk(stream, kind, length, zlib.crc32(kind))
 
 
 def _rest_of_chunk(stream: BinaryIO, kind: bytes, left: int, crc: int) -> None:
@@ -321,10 +345,8 @@ def _icc_profile(body: bytes) -> bytes | None:
     """The profile of an iCCP chunk body, decoded as Pillow does it (a zlib error
     gives no profile), but bounded by MAX_SECTION rather than Pillow's 1 MiB."""
     sep = body.find(b"\0")
-    if sep < 1 or sep + 1 >= len(body):
-        raise _broken("PNG iCCP chunk is malformed")
-    if body[sep + 1] != 0:
-        raise _broken(f"PNG iCCP chunk has unknown compression method {body[sep + 1]}")
+    if sep < 0 or sep + 1 >= len(body) or body[sep + 1] != 0:
+        raise _LeaveToPillow  # malformed: Pillow's own reading of it decides
     inflater = zlib.decompressobj()
     try:
         profile = inflater.decompress(body[sep + 2:], MAX_SECTION + 1)
@@ -353,13 +375,14 @@ def _exif_without_orientation(body: bytes) -> bytes | None:
 
 
 class _IdatInflater:
-    """The zlib stream spread over consecutive IDAT chunks, inflated on demand, each
-    chunk's CRC checked (before its data is used when it fits in one block)."""
+    """The zlib stream spread over consecutive IDAT chunks, inflated on demand, as
+    Pillow's loader reads it: chunk CRCs are skipped, not checked, and nothing after
+    the last row is read."""
 
     def __init__(self, stream: BinaryIO) -> None:
         self._stream = stream
         self._left = 0  # body bytes left in the current IDAT chunk
-        self._crc = 0
+        self._in_chunk = False  # its CRC is still to be skipped
         self._more = True  # IDAT chunks may follow
         self._zlib = zlib.decompressobj()
 
@@ -368,19 +391,16 @@ class _IdatInflater:
         while self._left == 0:
             if not self._more:
                 return b""
+            if self._in_chunk:
+                _read_exact(self._stream, 4, "PNG is truncated in IDAT")
             header = _read_exact(self._stream, 8, "PNG is truncated in IDAT")
             length, kind = struct.unpack(">I4s", header)
             if kind != b"IDAT":
                 self._more = False
                 return b""
-            self._left, self._crc = length, zlib.crc32(kind)
-            if length == 0:
-                _check_crc(self._stream, kind, self._crc)
+            self._left, self._in_chunk = length, True
         block = _read_exact(self._stream, min(self._left, READ_BLOCK), "PNG is truncated in IDAT")
         self._left -= len(block)
-        self._crc = zlib.crc32(block, self._crc)
-        if self._left == 0:
-            _check_crc(self._stream, b"IDAT", self._crc)
         return block
 
     def _inflate(self, data: bytes, limit: int) -> bytes:
@@ -405,19 +425,6 @@ class _IdatInflater:
             elif not data:
                 raise _broken("PNG image data ends before the last row (truncated zlib stream)")
         return b"".join(parts)
-
-    def finish(self) -> None:
-        """After the last row: the zlib stream must end, with no image data left over."""
-        while not self._zlib.eof:
-            data = self._zlib.unconsumed_tail or self._next_input()
-            if self._inflate(data, 1):
-                raise _broken("PNG has more image data than its size needs")
-            if not data:
-                raise _broken("PNG image data is corrupt (the zlib stream does not end)")
-        # Bytes after the end of the zlib stream, in this IDAT chunk or later ones (whose
-        # CRCs are still checked), are data no row needs.
-        if self._zlib.unused_data or self._next_input():
-            raise _broken("PNG has more image data than its size needs")
 
 
 class _PngReader(RowReader):
@@ -465,9 +472,6 @@ class _PngReader(RowReader):
         # the same): opaque alpha dropped, transparency flattened onto the background
         # or refused with the same message.
         return pixels_from_image(im.crop((0, 1, self.width, k + 1)), self._background)
-
-    def _finish(self) -> None:
-        self._inflater.finish()
 
     def close(self) -> None:
         super().close()

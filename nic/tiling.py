@@ -182,9 +182,18 @@ class SpilledLatents(LatentStore):
 
     def __init__(self, shape: tuple[int, int, int], directory: str | None = None):
         self.shape = tuple(shape)
-        self.file = tempfile.TemporaryFile(prefix="nic-latents-", dir=directory)
+        self.directory = directory or tempfile.gettempdir()
+        try:
+            self.file = tempfile.TemporaryFile(prefix="nic-latents-", dir=directory)
+        except OSError as exc:
+            raise self._failed(exc) from None
         self.fd = self.file.fileno()
         self.pending: tuple[int, int, np.ndarray] | None = None  # the strip being filled
+
+    def _failed(self, exc: OSError) -> OSError:
+        """The same error, saying which file failed (callers name only their own files)."""
+        return OSError(exc.errno, f"temporary file for the latents in {self.directory}: "
+                                  f"{exc.strerror or exc} (TMPDIR sets the folder)")
 
     def _offset(self, c: int, row: int) -> int:
         return (c * self.shape[1] * self.shape[2] + row * self.shape[2]) * self.ITEM
@@ -192,16 +201,22 @@ class SpilledLatents(LatentStore):
     def _write(self, offset: int, values: np.ndarray) -> None:
         view = memoryview(np.ascontiguousarray(values, dtype=np.int32)).cast("B")
         while len(view):
-            done = os.pwrite(self.fd, view, offset)
+            try:
+                done = os.pwrite(self.fd, view, offset)
+            except OSError as exc:
+                raise self._failed(exc) from None
             view, offset = view[done:], offset + done
 
     def _read(self, offset: int, count: int) -> np.ndarray:
         out = np.empty(count, dtype=np.int32)
         view, done = memoryview(out).cast("B"), 0
         while done < len(view):
-            got = os.preadv(self.fd, [view[done:]], offset + done)
+            try:
+                got = os.preadv(self.fd, [view[done:]], offset + done)
+            except OSError as exc:
+                raise self._failed(exc) from None
             if got == 0:
-                raise OSError("temporary latent file is shorter than written")
+                raise OSError(f"temporary file for the latents in {self.directory} is shorter than written")
             done += got
         return out
 

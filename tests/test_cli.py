@@ -357,3 +357,43 @@ def test_help_and_info_do_not_import_torch(tmp_path, args):
     proc = subprocess.run([sys.executable, "-c", LIGHT_COMMANDS_PROBE, *args], capture_output=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.decode().strip().splitlines()[-1] == "HEAVY:", proc.stderr
+
+
+def test_named_pipe_input_is_opened_once(tmp_path):
+    """A FIFO cannot be read twice: the streaming reader's refusal (not seekable) must
+    not close it and open it again (that would kill the writer and block for good)."""
+    import threading
+
+    fifo = tmp_path / "in.png"
+    os.mkfifo(fifo)
+    data = png_bytes(smooth_image(24, 40))
+
+    def feed() -> None:
+        with open(fifo, "wb") as f:
+            f.write(data)
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    proc = _nic("encode", str(fifo), "-o", str(tmp_path / "a.nic"))
+    writer.join(10)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "a.nic").stat().st_size > 0
+
+
+def test_temporary_file_errors_are_not_blamed_on_the_output(tmp_path, monkeypatch):
+    import tempfile
+
+    from nic import tiling
+
+    src = write_png(tmp_path / "in.png", smooth_image(24, 40))
+    assert run_cli("encode", str(src), "-o", str(tmp_path / "a.nic")).exit_code == 0
+    monkeypatch.setattr(tiling, "SPILL_BYTES", 0)  # every image's latents go to a file
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    for args in (["encode", str(src), "-o", str(tmp_path / "b.nic")],
+                 ["decode", str(tmp_path / "a.nic"), "-o", str(tmp_path / "out.png")]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1
+        message = result.stderr.strip()
+        assert "temporary file for the latents in" in message and "cannot write" not in message, message
+        assert len(message.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.nic", "in.png"]

@@ -351,21 +351,58 @@ def read_png(data: bytes) -> None:
     read_all(reader, 3)
 
 
+def outcomes(data: bytes) -> tuple[object, object]:
+    """(streamed, whole): what each path makes of PNG bytes: pixels, "error", or, for
+    the streamed path, "pillow" when it leaves the file to the whole-image path."""
+    from nic.images import read_image
+
+    try:
+        reader = open_rows(io.BytesIO(data))
+        streamed = "pillow" if reader is None else read_all(reader, 3)
+    except ImageError:
+        streamed = "error"
+    try:
+        whole = read_image(data)
+    except ImageError:
+        whole = "error"
+    return streamed, whole
+
+
+def assert_same_as_pillow(data: bytes) -> str:
+    """The streamed path gives what the whole-image path gives (or defers to it):
+    so `nic encode file.png` and `nic encode - < file.png` never differ."""
+    streamed, whole = outcomes(data)
+    if isinstance(streamed, str):
+        assert streamed == "pillow" or isinstance(whole, str), f"streamed path: {streamed}, Pillow read it"
+        return streamed
+    assert isinstance(whole, np.ndarray) and np.array_equal(streamed, whole)
+    return "pixels"
+
+
 def test_truncated_png_at_every_offset():
     data = pillow_png(noise(7, 5, 3, seed=2), icc_profile=b"p" * 40, exif=metadata_exif(1))
+    seen = set()
     for end in range(8, len(data)):
-        with pytest.raises(ImageError, match="truncated|IEND|IHDR"):
-            read_png(data[:end])
+        seen.add(assert_same_as_pillow(data[:end]))
+    assert seen == {"error", "pillow"}  # before the image data: refused; after it: Pillow decides
+    with pytest.raises(ImageError, match="truncated in eXIf"):
+        read_png(data[:data.index(b"eXIf") + 10])
 
 
 def test_flipped_bytes():
+    """Flipped bits before the image data are refused (CRCs); in and after it, the
+    result is Pillow's, whatever it is."""
     data = pillow_png(noise(7, 5, 3, seed=4))
     idat = data.index(b"IDAT")
-    for pos in list(range(8, 33)) + list(range(idat + 4, len(data) - 12)):  # IHDR, IDAT body and CRC
+    for pos in range(8, 33):  # IHDR
         broken = bytearray(data)
         broken[pos] ^= 0x10
         with pytest.raises(ImageError):
             read_png(bytes(broken))
+    for pos in range(idat - 4, len(data)):  # IDAT length, type, body, CRC, IEND
+        broken = bytearray(data)
+        broken[pos] ^= 0x10
+        assert_same_as_pillow(bytes(broken))
 
 
 def test_flipped_bytes_with_valid_crc_never_crash():
@@ -384,20 +421,49 @@ def test_flipped_bytes_with_valid_crc_never_crash():
         assert np.array_equal(rows, whole_pixels(data, "white"))
 
 
-def test_wrong_amount_of_image_data():
+def test_lenient_where_pillow_is():
+    """Files Pillow reads that a stricter reader would refuse: the same pixels here."""
     pixels = noise(4, 3, 3)
     good = hand_png(pixels, [1])
-    assert np.array_equal(stream_pixels(good), pixels)
-    with pytest.raises(ImageError, match="more image data"):
-        read_png(hand_png(pixels, [1], raw_tail=b"\0"))
     chunks = parse_png(good)
+    bad_crc = bytearray(good)
+    bad_crc[good.index(b"IEND") - 1] ^= 1  # the IDAT's CRC
+    cases = {
+        "IDAT CRC": bytes(bad_crc),
+        "bytes after the rows": hand_png(pixels, [1], raw_tail=b"\0"),
+        "bytes after the zlib stream": build_png([chunks[0], (b"IDAT", chunks[1][1] + b"x"), chunks[2]]),
+        "no adler32": build_png([chunks[0], (b"IDAT", chunks[1][1][:-4]), chunks[2]]),
+        "no IEND": good[:good.index(b"IEND") - 4],
+        "IEND with a body": good[:-12] + chunk(b"IEND", b"x" * 1000),
+        "IEND CRC": good[:-1] + bytes([good[-1] ^ 1]),
+    }
+    for name, data in cases.items():
+        assert assert_same_as_pillow(data) in ("pixels", "pillow"), name
+        assert np.array_equal(whole_pixels(data), pixels), name
+
+
+def test_iccp_as_pillow_reads_it():
+    pixels = noise(3, 4, 3)
+    chunks = parse_png(pillow_png(pixels))
+    profile = zlib.compress(b"q" * 50)
+    for body in (b"\0\0" + profile, b"no separator", b"name\0\x05" + profile):
+        data = build_png(chunks[:1] + [(b"iCCP", body)] + chunks[1:])
+        assert_same_as_pillow(data)
+        reader = open_rows(io.BytesIO(data))
+        if body.startswith(b"\0"):  # an empty name: Pillow takes the profile
+            assert reader.icc_profile == b"q" * 50 == image_metadata(Image.open(io.BytesIO(data)))[0]
+        else:  # malformed: Pillow's own reading of it decides
+            assert reader is None
+
+
+def test_wrong_amount_of_image_data():
+    pixels = noise(4, 3, 3)
+    chunks = parse_png(hand_png(pixels, [1]))
     short = zlib.compress(zlib.decompress(chunks[1][1])[:-1])
+    data = build_png([chunks[0], (b"IDAT", short), chunks[2]])
     with pytest.raises(ImageError, match="too short"):
-        read_png(build_png([chunks[0], (b"IDAT", short), chunks[2]]))
-    with pytest.raises(ImageError, match="more image data"):  # bytes after the zlib stream
-        read_png(build_png([chunks[0], (b"IDAT", chunks[1][1] + b"x"), chunks[2]]))
-    with pytest.raises(ImageError, match="does not end"):  # adler32 missing
-        read_png(build_png([chunks[0], (b"IDAT", chunks[1][1][:-4]), chunks[2]]))
+        read_png(data)
+    assert_same_as_pillow(data)
     with pytest.raises(ImageError, match="no IDAT"):
         open_rows(io.BytesIO(build_png([chunks[0], chunks[2]])))
 
@@ -431,6 +497,10 @@ def test_max_pixels_checked_before_pixel_data():
     assert open_rows(io.BytesIO(pillow_png(noise(6, 5, 3))), max_pixels=30) is not None
     with pytest.raises(ImageError, match="image of 70000x70000 exceeds"):
         open_rows(io.BytesIO(b"P6 70000 70000 255\n"), max_pixels=1000)
+    # No limit given: Pillow's decompression-bomb limit, as on the whole-image path.
+    bomb = 2 * Image.MAX_IMAGE_PIXELS + 1
+    with pytest.raises(ImageError, match="decompression bomb"):
+        open_rows(io.BytesIO(build_png([ihdr(bomb, 1, 2)])))
 
 
 # ----------------------------------------------------------------- reading PGM/PPM
