@@ -603,6 +603,8 @@ def info(file: str, max_pixels: int) -> None:
 @click.option("--bf16/--no-bf16", default=True, show_default=True, help="bf16 autocast.")
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True,
               help="NHWC (channels-last) tensors: fastest with --bf16 on CPUs with AVX-512 bf16 or AMX.")
+@click.option("--compile", "compiled", is_flag=True,
+              help="torch.compile the network (needs a C++ compiler; compiling takes the first ~20 s).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Random seed for the initial weights, the crops and the quality order.")
@@ -613,7 +615,8 @@ def info(file: str, max_pixels: int) -> None:
               help="Minutes between validations.")
 @threads_option
 def train(data, out, minutes, steps, qualities, N, M, patch, batch, lr, lr_final, init, finetune_decoder,
-          finetune_effort, bf16, channels_last, device, seed, log_every, holdout, validate_minutes, threads) -> None:
+          finetune_effort, bf16, channels_last, compiled, device, seed, log_every, holdout, validate_minutes,
+          threads) -> None:
     """Train (or resume) on the images under DATA folders (never on Kodak)."""
     from .train import TrainOptions, train as run_training
 
@@ -623,7 +626,7 @@ def train(data, out, minutes, steps, qualities, N, M, patch, batch, lr, lr_final
     opts = TrainOptions(
         data=[Path(d) for d in data], out=Path(out), N=N, M=M, patch=patch, batch=batch, lr=lr,
         lr_final=lr_final, minutes=minutes, steps=steps, qualities=list(qualities) or None, seed=seed,
-        bf16=bf16, channels_last=channels_last, device=device, init=Path(init) if init else None,
+        bf16=bf16, channels_last=channels_last, compile=compiled, device=device, init=Path(init) if init else None,
         finetune_decoder=finetune_decoder, finetune_effort=finetune_effort, log_every=log_every, holdout=holdout,
         validate_minutes=validate_minutes,
     )

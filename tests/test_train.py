@@ -139,3 +139,15 @@ def test_hard_latents_are_the_encoders_even_under_bf16(tiny_weights):
     handle.remove()
     scaled = seen["y"].float() / model.inverse_gain[2].reshape(1, -1, 1, 1)
     assert torch.equal(torch.round(scaled)[0].long(), torch.from_numpy(quantize_tiled(model, pixels, 3)))
+
+
+def test_compiled_training_matches_eager(tmp_path, photos):
+    """--compile changes the speed, not the arithmetic (beyond float reassociation)."""
+    losses = {}
+    for flag in ("", "--compile"):
+        out = tmp_path / f"run{flag}"
+        args = ["train", str(photos), "--out", str(out), "--steps", "2", *TINY] + ([flag] if flag else [])
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+        losses[flag] = [float(r["loss"]) for r in read_log(out / "log.csv")]
+    assert np.allclose(losses[""], losses["--compile"], rtol=1e-3), losses

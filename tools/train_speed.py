@@ -1,10 +1,11 @@
 """Training throughput (pixels/second) of the nic model under each numeric setup.
 
-    python tools/train_speed.py [--batch 8] [--patch 128] [--steps 6] [--threads 2]
+    python tools/train_speed.py [--batch 8] [--patch 128] [--steps 6] [--threads 2] [--compile]
 
 Times full training steps (forward, R + λD loss, backward, Adam) of the default
 model (N=128, M=192) on random crops-sized tensors, for fp32 NCHW, channels_last,
-bf16 autocast and both, and prints a table. Run it on an otherwise idle machine:
+bf16 autocast and both (and, with --compile, both under torch.compile: the first
+steps compile, which takes minutes), and prints a table. Run it on an otherwise idle machine:
 another process on the same cores slows torch's thread pool far more than its share.
 """
 
@@ -18,11 +19,12 @@ import torch
 from nic.model import Codec, rate_distortion_loss
 
 
-def measure(channels_last: bool, bf16: bool, batch: int, patch: int, steps: int) -> float:
+def measure(channels_last: bool, bf16: bool, batch: int, patch: int, steps: int, compiled: bool = False) -> float:
     torch.manual_seed(0)
     model = Codec()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    network = torch.compile(model) if compiled else model
     optimizer = torch.optim.Adam(model.parameters(), 1e-4)
     x = torch.rand(batch, 3, patch, patch)
     if channels_last:
@@ -33,13 +35,14 @@ def measure(channels_last: bool, bf16: bool, batch: int, patch: int, steps: int)
     for _ in range(steps):
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            x_tilde, bits = model(x, qualities)
+            x_tilde, bits = network(x, qualities)
         loss = rate_distortion_loss(x, x_tilde, bits, lambdas)[0].mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         times.append(time.perf_counter() - start)
-    best = sorted(times[1:])[len(times[1:]) // 2]  # median, first step (warm-up) excluded
+    warm = times[3:] if compiled else times[1:]  # compiling (and recompiling once) is not throughput
+    best = sorted(warm)[len(warm) // 2]  # median of the warm steps
     return batch * patch * patch / best
 
 
@@ -49,17 +52,24 @@ def main() -> None:
     parser.add_argument("--patch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--compile", action="store_true", help="add a row: bf16 + channels_last under torch.compile")
+    parser.add_argument("--only-compile", action="store_true", help="only that row and its uncompiled twin")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch} x {args.patch}²")
-    print(f"{'setup':<28}{'kpx/s':>8}{'speed-up':>10}")
+    print(f"{'setup':<32}{'kpx/s':>8}{'speed-up':>10}")
     base = None
-    for name, cl, bf16 in [("fp32 NCHW", False, False), ("fp32 channels_last", True, False),
-                           ("bf16 autocast NCHW", False, True), ("bf16 autocast channels_last", True, True)]:
-        rate = measure(cl, bf16, args.batch, args.patch, args.steps)
+    setups = [("fp32 NCHW", False, False, False), ("fp32 channels_last", True, False, False),
+              ("bf16 autocast NCHW", False, True, False), ("bf16 autocast channels_last", True, True, False)]
+    if args.only_compile:
+        setups = setups[-1:]
+    if args.compile or args.only_compile:
+        setups.append(("bf16 + channels_last, compiled", True, True, True))
+    for name, cl, bf16, compiled in setups:
+        rate = measure(cl, bf16, args.batch, args.patch, max(args.steps, 8) if compiled else args.steps, compiled)
         base = base or rate
-        print(f"{name:<28}{rate / 1e3:>8.0f}{rate / base:>9.2f}x", flush=True)
+        print(f"{name:<32}{rate / 1e3:>8.0f}{rate / base:>9.2f}x", flush=True)
 
 
 if __name__ == "__main__":
