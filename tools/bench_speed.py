@@ -6,6 +6,7 @@
     python tools/bench_speed.py codec -j 2 IMAGES...       # encode/decode ms per image, in-process
     python tools/bench_speed.py bf16 IMAGES...             # what bf16 autocast does to latents and PSNR
     python tools/bench_speed.py tiles -j 1 2048x1536 --tiles 256 448 768   # tile size sweep
+    python tools/bench_speed.py tiling --tile 128 IMAGES...  # tiled against whole-image results
 
 IMAGES are files (e.g. ../shared/data/kodak/kodim*.png) or WxH for a generated image.
 The model is loaded once; the first run of each shape is a warm-up and not counted.
@@ -204,6 +205,38 @@ def cmd_tiles(args) -> None:
               f"{a[:, 3].min():9.2f} {a[:, 4].min():8.2f} {a[:, 5].min():10.0f} {int(a[:, 6].max()):>7}")
 
 
+def cmd_tiling(args) -> None:
+    """Tiled against whole-image inference, per image and quality: latents that differ,
+    and the PSNR of tiled encode + tiled decode against whole encode + whole decode."""
+    from nic import tiling
+    from nic.bench import psnr
+    from nic.weights import default_weights
+
+    torch.set_num_threads(args.threads)
+    model = default_weights()[0]
+    changed = latents_total = 0
+    gaps = []
+    for spec in args.images:
+        name, pixels = load_pixels(spec)
+        h, w = pixels.shape[:2]
+        whole = -(-max(h, w) // 16) * 16  # one tile: whole-image inference
+        gray = pixels.shape[2] == 1
+        for quality in args.qualities:
+            lat_tiled = tiling.quantize_tiled(model, pixels, quality, args.tile)
+            lat_whole = tiling.quantize_tiled(model, pixels, quality, whole)
+            out_tiled = tiling.reconstruct_tiled(model, lat_tiled, quality, h, w, gray, args.tile)
+            out_whole = tiling.reconstruct_tiled(model, lat_whole, quality, h, w, gray, whole)
+            diff = int(np.count_nonzero(lat_tiled != lat_whole))
+            gap = psnr(pixels, out_tiled) - psnr(pixels, out_whole)
+            changed, latents_total = changed + diff, latents_total + lat_whole.size
+            gaps.append(gap)
+            print(f"{name} q{quality}: {diff} of {lat_whole.size} latents differ, PSNR tiled − whole "
+                  f"{gap:+.4f} dB, max pixel difference "
+                  f"{int(np.abs(out_tiled.astype(int) - out_whole).max())}", flush=True)
+    print(f"tile {args.tile}: {changed} of {latents_total} latents differ; PSNR tiled − whole: "
+          f"largest |gap| {max(abs(g) for g in gaps):.4f} dB, mean {float(np.mean(gaps)):+.5f} dB")
+
+
 def cmd_bf16(args) -> None:
     from nic import api
     from nic.weights import default_weights
@@ -270,6 +303,12 @@ def main() -> None:
     p.add_argument("-q", "--quality", type=int, default=4)
     p.add_argument("--repeat", type=int, default=2)
     p.set_defaults(run=cmd_tiles)
+    p = sub.add_parser("tiling")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--tile", type=int, default=128)
+    p.add_argument("-j", "--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--qualities", type=int, nargs="+", default=[1, 8])
+    p.set_defaults(run=cmd_tiling)
     p = sub.add_parser("bf16")
     p.add_argument("images", nargs="+")
     p.add_argument("-j", "--threads", type=int, default=torch.get_num_threads())
