@@ -611,12 +611,14 @@ def info(file: str, max_pixels: int) -> None:
 @click.option("--log-every", type=click.IntRange(1), default=100, show_default=True, help="Steps per log line.")
 @click.option("--holdout", type=click.IntRange(0), default=0, show_default=True,
               help="Set aside this many DATA images for validation (real bpp and PSNR, validation.csv).")
+@click.option("--validate", "validation", multiple=True, type=click.Path(exists=True),
+              help="A folder (or file) of images to validate on as well, never trained on (repeatable).")
 @click.option("--validate-minutes", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
               help="Minutes between validations.")
 @threads_option
 def train(data, out, minutes, steps, qualities, N, M, patch, batch, lr, lr_final, init, finetune_decoder,
-          finetune_effort, bf16, channels_last, compiled, device, seed, log_every, holdout, validate_minutes,
-          threads) -> None:
+          finetune_effort, bf16, channels_last, compiled, device, seed, log_every, holdout, validation,
+          validate_minutes, threads) -> None:
     """Train (or resume) on the images under DATA folders (never on Kodak)."""
     from .train import TrainOptions, train as run_training
 
@@ -628,6 +630,7 @@ def train(data, out, minutes, steps, qualities, N, M, patch, batch, lr, lr_final
         lr_final=lr_final, minutes=minutes, steps=steps, qualities=list(qualities) or None, seed=seed,
         bf16=bf16, channels_last=channels_last, compile=compiled, device=device, init=Path(init) if init else None,
         finetune_decoder=finetune_decoder, finetune_effort=finetune_effort, log_every=log_every, holdout=holdout,
+        validation=[Path(v) for v in validation],
         validate_minutes=validate_minutes,
     )
     console = stderr_console()

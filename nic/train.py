@@ -57,6 +57,7 @@ class TrainOptions:
     finetune_effort: int = 1  # with finetune_decoder: the encoder effort whose latents g_s learns from
     log_every: int = 20
     holdout: int = 0  # training images set aside for validation
+    validation: list[Path] = field(default_factory=list)  # folders (or files) validated on as well
     validate_minutes: float = 10.0
     exclude: list[str] = field(default_factory=lambda: ["kodak", "kodim"])
 
@@ -281,6 +282,13 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
 
     files, held_out = split_holdout(find_images(opts.data, opts.exclude), opts.holdout)
     images = [load_rgb(p) for p in files]
+    if opts.validation:
+        extra = find_images(opts.validation, opts.exclude)
+        validated = {f.resolve() for f in extra}
+        files = [f for f in files if f.resolve() not in validated]  # never train on what is validated
+        if not files:
+            raise ValueError("every training image is also a --validate image")
+        held_out = held_out + extra
     validation_images = [load_rgb(p) for p in held_out] if leader else []
     sampler = CropSampler(images, opts.patch, rng)
     qualities = opts.qualities or list(range(1, config.qualities + 1))

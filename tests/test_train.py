@@ -151,3 +151,19 @@ def test_compiled_training_matches_eager(tmp_path, photos):
         assert result.exit_code == 0, result.output
         losses[flag] = [float(r["loss"]) for r in read_log(out / "log.csv")]
     assert np.allclose(losses[""], losses["--compile"], rtol=1e-3), losses
+
+
+def test_validation_folder(tmp_path, photos):
+    """--validate DIR: validated on (real bpp and PSNR per quality), never trained on."""
+    val = tmp_path / "val"
+    val.mkdir()
+    Image.fromarray(smooth_image(40, 56, seed=9)).save(val / "v.png")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", str(photos), "--out", str(out), "--steps", "2",
+                                      "--validate", str(val), *TINY])
+    assert result.exit_code == 0, result.output
+    rows = read_log(out / "validation.csv")
+    assert [int(r["quality"]) for r in rows] == list(range(1, 9)) and all(float(r["bpp"]) > 0 for r in rows)
+    result = CliRunner().invoke(cli, ["train", str(photos), "--out", str(tmp_path / "run2"), "--steps", "2",
+                                      "--validate", str(photos), *TINY])
+    assert result.exit_code == 1 and "every training image is also a --validate image" in result.output
