@@ -584,8 +584,11 @@ def info(file: str, max_pixels: int) -> None:
               help="Run folder: checkpoint.pt, log.csv (resumed if it exists).")
 @click.option("--minutes", type=float, default=None, help="Time budget (training time, summed over resumes).")
 @click.option("--steps", type=click.IntRange(1), default=None, help="Step budget (instead of --minutes).")
-@click.option("--quality", "qualities", type=click.IntRange(1, 8), multiple=True,
+@click.option("--quality", "qualities", type=click.IntRange(1, 255), multiple=True,
               help="Train only these qualities [default: all].")
+@click.option("--lambda", "lambdas", type=click.FloatRange(0, min_open=True), multiple=True,
+              help="A new model's rate-distortion λ, one per quality, lowest first (repeatable) "
+                   "[default: 8 qualities, λ 0.0018 … 0.18].")
 @click.option("--N", "N", type=click.IntRange(8), default=128, show_default=True, help="Hidden channels.")
 @click.option("--M", "M", type=click.IntRange(8), default=192, show_default=True, help="Latent channels.")
 @click.option("--patch", type=click.IntRange(16), default=128, show_default=True,
@@ -616,7 +619,7 @@ def info(file: str, max_pixels: int) -> None:
 @click.option("--validate-minutes", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
               help="Minutes between validations.")
 @threads_option
-def train(data, out, minutes, steps, qualities, N, M, patch, batch, lr, lr_final, init, finetune_decoder,
+def train(data, out, minutes, steps, qualities, lambdas, N, M, patch, batch, lr, lr_final, init, finetune_decoder,
           finetune_effort, bf16, channels_last, compiled, device, seed, log_every, holdout, validation,
           validate_minutes, threads) -> None:
     """Train (or resume) on the images under DATA folders (never on Kodak)."""
@@ -628,6 +631,7 @@ def train(data, out, minutes, steps, qualities, N, M, patch, batch, lr, lr_final
     opts = TrainOptions(
         data=[Path(d) for d in data], out=Path(out), N=N, M=M, patch=patch, batch=batch, lr=lr,
         lr_final=lr_final, minutes=minutes, steps=steps, qualities=list(qualities) or None, seed=seed,
+        lambdas=list(lambdas) or None,
         bf16=bf16, channels_last=channels_last, compile=compiled, device=device, init=Path(init) if init else None,
         finetune_decoder=finetune_decoder, finetune_effort=finetune_effort, log_every=log_every, holdout=holdout,
         validation=[Path(v) for v in validation],

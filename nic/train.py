@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import Codec, Config, rate_distortion_loss
+from .model import MSE_LAMBDAS, Codec, Config, rate_distortion_loss
 
 DENSITY_LR_SCALE = 5.0
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".ppm"}
@@ -46,6 +46,7 @@ class TrainOptions:
     minutes: float | None = 60.0
     steps: int | None = None
     qualities: list[int] | None = None  # default: all
+    lambdas: list[float] | None = None  # a new model's λ per quality (default: MSE_LAMBDAS, 8 qualities)
     checkpoint_minutes: float = 5.0
     seed: int = 0
     bf16: bool = True
@@ -225,12 +226,19 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
     rng = random.Random(opts.seed + rank)
     torch.manual_seed(opts.seed)  # the same initial weights on every rank
 
-    config = Config(N=opts.N, M=opts.M)
+    lambdas = tuple(sorted(opts.lambdas)) if opts.lambdas else MSE_LAMBDAS
+    if not all(0 < v < 1e6 for v in lambdas) or len(lambdas) > 255:
+        raise ValueError("--lambda takes 1..255 positive values")
+    config = Config(N=opts.N, M=opts.M, lambdas=lambdas)
     model = Codec(config)
     state = None
+    if opts.lambdas and opts.init is not None:
+        raise ValueError("--lambda sets up a new model; --init weights keep their own λ")
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         config = Config.from_json(state["config"])
+        if opts.lambdas and config.lambdas != lambdas:
+            raise ValueError(f"the checkpoint in {opts.out} was trained for λ {config.lambdas}, not {lambdas}")
         model = Codec(config)
         model.load_state_dict(state["model"])
     elif opts.init is not None:
@@ -292,6 +300,8 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
     validation_images = [load_rgb(p) for p in held_out] if leader else []
     sampler = CropSampler(images, opts.patch, rng)
     qualities = opts.qualities or list(range(1, config.qualities + 1))
+    if max(qualities) > config.qualities:
+        raise ValueError(f"--quality {max(qualities)}: the model has qualities 1..{config.qualities}")
     cycle = quality_cycle(qualities, rng)
     lambda_table = torch.tensor(config.lambdas, dtype=torch.float32, device=device)
 

@@ -167,3 +167,21 @@ def test_validation_folder(tmp_path, photos):
     result = CliRunner().invoke(cli, ["train", str(photos), "--out", str(tmp_path / "run2"), "--steps", "2",
                                       "--validate", str(photos), *TINY])
     assert result.exit_code == 1 and "every training image is also a --validate image" in result.output
+
+
+def test_lambda_sets_up_a_new_model(tmp_path, photos):
+    out = tmp_path / "run"
+    args = ["train", str(photos), "--out", str(out), "--steps", "1", "--lambda", "0.02", "--lambda", "0.005", *TINY]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    weights = tmp_path / "w.npz"
+    assert CliRunner().invoke(cli, ["export", str(out / "checkpoint.pt"), "-o", str(weights)]).exit_code == 0
+    from nic.weights import load_weights
+
+    assert load_weights(weights)[0].config.lambdas == (0.005, 0.02)  # sorted: quality 1 is the smallest
+    changed = [*args[:-len(TINY)], *TINY]
+    changed[changed.index("0.02")] = "0.03"  # resuming with other λ is refused
+    result = CliRunner().invoke(cli, changed)
+    assert result.exit_code == 1 and "was trained for λ" in result.output
+    result = CliRunner().invoke(cli, ["train", str(photos), "--out", str(tmp_path / "r2"), "--steps", "1",
+                                      "--lambda", "0.02", "--quality", "3", *TINY])
+    assert result.exit_code == 1 and "qualities 1..1" in result.output
