@@ -98,6 +98,15 @@ def _file_parts(model, digest: bytes, quality: int, channels: int, width: int, h
     return container.pack_parts(header, payload, sections)
 
 
+def default_quality(weights: str | Path | None = None) -> int:
+    """The quality ``nic encode`` uses when none is given: 4, the middle of the shipped
+    1..8, or the weights' highest quality when they have fewer (a one-rate model)."""
+    from .weights import default_weights
+
+    model, _ = default_weights(weights)
+    return min(4, model.config.qualities)
+
+
 def encode_pixels(pixels: np.ndarray, quality: int = 4, weights: str | Path | None = None,
                   icc_profile: bytes | None = None, exif: bytes | None = None, effort: int = 1,
                   progress: Progress | None = None) -> bytes:

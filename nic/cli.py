@@ -10,6 +10,7 @@ torch is imported only by the commands that run the model, so ``nic --help`` and
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -146,6 +147,13 @@ class _CountingStream:
         return size
 
 
+def _detach_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's flush at exit does not fail (and
+    print a second error) on bytes still buffered for a broken or full output."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
 @contextmanager
 def atomic_output(name: str) -> Iterator[_CountingStream]:
     """A binary stream for an output file, or stdout for '-'.
@@ -158,11 +166,16 @@ def atomic_output(name: str) -> Iterator[_CountingStream]:
             raise NicError("refusing to write binary data to a terminal; use -o FILE or a pipe")
         try:
             yield _CountingStream(sys.stdout.buffer, name)
-            sys.stdout.buffer.flush()
+            try:
+                sys.stdout.buffer.flush()
+            except BrokenPipeError:
+                raise
+            except OSError as exc:  # e.g. a full disk behind `> file`: the output's error
+                _detach_stdout()
+                raise _write_error(name, exc) from None
         except BrokenPipeError:
             # The reader went away (e.g. `| head`): not our error; stay quiet.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
+            _detach_stdout()
             sys.exit(1)
         return
     path = Path(name)
@@ -407,8 +420,9 @@ def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: b
               help="Output .nic file, '-' for stdout [default: IN with .nic, stdout for '-'].")
 @click.option("-d", "--out-dir", metavar="DIR", default=None,
               help="Write each IN's .nic into DIR (created if missing).")
-@click.option("-q", "--quality", type=click.IntRange(1, 8), default=None,
-              help="Quality 1..8: higher is larger and better.  [default: 4]")
+@click.option("-q", "--quality", type=click.IntRange(1, 255), default=None,
+              help="Quality 1..8 with the shipped weights (other weights may have more): "
+                   "higher is larger and better.  [default: 4, or the weights' highest if lower]")
 @click.option("--size", "target_size", metavar="SIZE", default=None,
               help="Pick the quality whose file is the largest not above SIZE (50KB, 1.5MB, 64KiB, 20000).")
 @click.option("--bpp", "target_bpp", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -445,12 +459,12 @@ def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, qua
         if strip:
             icc_profile = exif = None
         set_threads(threads)
-        from .api import encode_pixels, encode_to_target
+        from .api import default_quality, encode_pixels, encode_to_target
 
         h, w = pixels.shape[:2]
         count = h * w
         if max_bytes is None and target_bpp is None:
-            chosen = quality or 4
+            chosen = quality or default_quality(weights)
             with image_progress(count, f"encoding {Path(source).name}", not batch) as progress:
                 result = encode_pixels(pixels, chosen, weights, icc_profile, exif, effort, progress)
             note = f"quality {chosen}, effort {effort}"
@@ -476,10 +490,10 @@ def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, qua
             try:
                 icc_profile, exif = (None, None) if strip else (reader.icc_profile, reader.exif)
                 set_threads(threads)
-                from .api import encode_rows
+                from .api import default_quality, encode_rows
 
                 count = reader.width * reader.height
-                chosen = quality or 4
+                chosen = quality or default_quality(weights)
                 with image_progress(count, f"encoding {Path(source).name}", not batch) as progress:
                     parts = encode_rows(reader, chosen, weights, icc_profile, exif, progress)
             finally:
@@ -586,7 +600,7 @@ def info(file: str, max_pixels: int) -> None:
 @click.option("--steps", type=click.IntRange(1), default=None, help="Step budget (instead of --minutes).")
 @click.option("--quality", "qualities", type=click.IntRange(1, 255), multiple=True,
               help="Train only these qualities [default: all].")
-@click.option("--lambda", "lambdas", type=click.FloatRange(0, min_open=True), multiple=True,
+@click.option("--lambda", "lambdas", type=click.FloatRange(0, 1e6, min_open=True, max_open=True), multiple=True,
               help="A new model's rate-distortion λ, one per quality, lowest first (repeatable) "
                    "[default: 8 qualities, λ 0.0018 … 0.18].")
 @click.option("--N", "N", type=click.IntRange(8), default=128, show_default=True, help="Hidden channels.")
@@ -627,6 +641,13 @@ def train(data, out, minutes, steps, qualities, lambdas, N, M, patch, batch, lr,
 
     if minutes is None and steps is None:
         raise click.UsageError("give --minutes or --steps")
+    if lambdas and init:
+        raise click.UsageError("--lambda sets up a new model; --init weights keep their own λ")
+    if len(set(lambdas)) != len(lambdas) or len(lambdas) > 255:
+        raise click.UsageError("--lambda takes at most 255 different values, one per quality")
+    if compiled and device == "cpu" and not any(
+            shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c):
+        raise NicError("--compile needs a C++ compiler (g++ or clang++; or set CXX); train without it")
     set_threads(threads)
     opts = TrainOptions(
         data=[Path(d) for d in data], out=Path(out), N=N, M=M, patch=patch, batch=batch, lr=lr,

@@ -8,7 +8,7 @@ payload, the payload's CRC, then zero or more sections.
 | 0      | 4    | magic            | ``89 4E 49 43`` (0x89 "NIC"): the high bit catches 7-bit channels |
 | 4      | 1    | version          | container format version, 1                                |
 | 5      | 1    | model id         | 1 = bls2017-gained (:class:`nic.model.Config`)              |
-| 6      | 1    | quality          | 1..8                                                       |
+| 6      | 1    | quality          | 1..Q, the weights' quality count (8 for the shipped ones)  |
 | 7      | 1    | colour layout    | 1 = RGB, 2 = grayscale (decoded to one channel)            |
 | 8      | 4    | width            | pixels, ≥ 1                                                |
 | 12     | 4    | height           | pixels, ≥ 1                                                |

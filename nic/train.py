@@ -19,6 +19,7 @@ import os
 import random
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -63,7 +64,7 @@ class TrainOptions:
     exclude: list[str] = field(default_factory=lambda: ["kodak", "kodim"])
 
 
-def find_images(folders: list[Path], exclude: list[str]) -> list[Path]:
+def find_images(folders: list[Path], exclude: list[str], purpose: str = "training") -> list[Path]:
     """Image files under the folders, recursively, sorted; names containing an
     excluded word (the Kodak benchmark) are refused loudly rather than skipped."""
     files = []
@@ -73,10 +74,10 @@ def find_images(folders: list[Path], exclude: list[str]) -> list[Path]:
         for path in candidates:
             if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
                 if any(word in path.parent.name.lower() for word in exclude):
-                    raise ValueError(f"refusing to train on {path}: it looks like the Kodak benchmark")
+                    raise ValueError(f"refusing to use {path} for {purpose}: it looks like the Kodak benchmark")
                 files.append(path)
     if not files:
-        raise ValueError("no training images found in " + ", ".join(map(str, folders)))
+        raise ValueError(f"no {purpose} images found in " + ", ".join(map(str, folders)))
     return files
 
 
@@ -221,19 +222,20 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
             torch.cuda.set_device(device)
     leader = rank == 0
-    opts.out.mkdir(parents=True, exist_ok=True)
     ckpt_path = opts.out / "checkpoint.pt"
     rng = random.Random(opts.seed + rank)
     torch.manual_seed(opts.seed)  # the same initial weights on every rank
 
     lambdas = tuple(sorted(opts.lambdas)) if opts.lambdas else MSE_LAMBDAS
-    if not all(0 < v < 1e6 for v in lambdas) or len(lambdas) > 255:
-        raise ValueError("--lambda takes 1..255 positive values")
+    if not all(0 < v < 1e6 for v in lambdas) or not 1 <= len(set(lambdas)) == len(lambdas) <= 255:
+        raise ValueError("--lambda takes 1..255 different values in (0, 1e6)")
+    if opts.lambdas and opts.init is not None:
+        raise ValueError("--lambda sets up a new model; --init weights keep their own λ")
+    if opts.finetune_effort != 1 and (not opts.finetune_decoder or world > 1 or opts.finetune_effort not in (2, 3, 4)):
+        raise ValueError("--finetune-effort 2..4 needs --finetune-decoder and a single process")
     config = Config(N=opts.N, M=opts.M, lambdas=lambdas)
     model = Codec(config)
     state = None
-    if opts.lambdas and opts.init is not None:
-        raise ValueError("--lambda sets up a new model; --init weights keep their own λ")
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         config = Config.from_json(state["config"])
@@ -250,13 +252,24 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
             config = dataclasses.replace(config, decoder_finetuned=True)
         model = Codec(config)
         model.load_state_dict(initial.state_dict())
+    qualities = opts.qualities or list(range(1, config.qualities + 1))
+    if max(qualities) > config.qualities:
+        raise ValueError(f"--quality {max(qualities)}: the model has qualities 1..{config.qualities}")
+    files, held_out = split_holdout(find_images(opts.data, opts.exclude), opts.holdout)
+    if opts.validation:
+        extra = find_images(opts.validation, opts.exclude, "validation")
+        validated = {f.resolve() for f in extra}
+        files = [f for f in files if f.resolve() not in validated]  # never train on what is validated
+        if not files:
+            raise ValueError("every training image is also a --validate image")
+        held = {f.resolve() for f in held_out}
+        held_out = held_out + [f for f in extra if f.resolve() not in held]  # each validated once
+    opts.out.mkdir(parents=True, exist_ok=True)
     model.to(device)
     if opts.channels_last:
         model = model.to(memory_format=torch.channels_last)
     torch.manual_seed(opts.seed + 1000 * rank + (state["step"] if state else 0))  # noise differs per rank
 
-    if opts.finetune_effort != 1 and (not opts.finetune_decoder or world > 1 or opts.finetune_effort not in (2, 3, 4)):
-        raise ValueError("--finetune-effort 2..4 needs --finetune-decoder and a single process")
     if opts.finetune_effort > 1:
         model.export_tables()  # the encoder's search measures rate with the integer tables
     if opts.finetune_decoder:
@@ -288,20 +301,9 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
         # on 2 cores, counted in the time budget). The weights stay the module's own.
         network = torch.compile(network)
 
-    files, held_out = split_holdout(find_images(opts.data, opts.exclude), opts.holdout)
     images = [load_rgb(p) for p in files]
-    if opts.validation:
-        extra = find_images(opts.validation, opts.exclude)
-        validated = {f.resolve() for f in extra}
-        files = [f for f in files if f.resolve() not in validated]  # never train on what is validated
-        if not files:
-            raise ValueError("every training image is also a --validate image")
-        held_out = held_out + extra
     validation_images = [load_rgb(p) for p in held_out] if leader else []
     sampler = CropSampler(images, opts.patch, rng)
-    qualities = opts.qualities or list(range(1, config.qualities + 1))
-    if max(qualities) > config.qualities:
-        raise ValueError(f"--quality {max(qualities)}: the model has qualities 1..{config.qualities}")
     cycle = quality_cycle(qualities, rng)
     lambda_table = torch.tensor(config.lambdas, dtype=torch.float32, device=device)
 
@@ -364,69 +366,70 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
     model.train()
     completed = False
     try:
-        while True:
-            done = (opts.steps is not None and step >= opts.steps) or (budget is not None and elapsed >= budget)
-            if world > 1:  # every rank must stop at the same step, or the others hang
-                flag = torch.tensor([float(done)], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                done = bool(flag.item())
-            if done:
-                completed = True
-                break
-            fraction = step / opts.steps if opts.steps else elapsed / budget if budget else 0.0
-            lr = lr_at(fraction)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
-            t0 = time.monotonic()
-            qualities_now = torch.tensor([next(cycle) for _ in range(opts.batch)], device=device)
-            x = sampler.batch(opts.batch).to(device)
-            if opts.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            lambdas = lambda_table[qualities_now - 1]
-            if opts.finetune_effort > 1:
-                x, y_hat = effort_latents(model, x, qualities_now, opts.finetune_effort)
-                with torch.no_grad():
-                    bits = model.latent_bits(y_hat, qualities_now)  # logged only: the rate is fixed
-                with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=opts.bf16):
-                    x_tilde = model.g_s(y_hat * model.inverse_gain[qualities_now - 1].reshape(len(y_hat), -1, 1, 1))
-            else:
-                with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=opts.bf16):
-                    x_tilde, bits = network(x, qualities_now, hard=opts.finetune_decoder)
-            losses, bpp, mse = rate_distortion_loss(x, x_tilde, bits, lambdas)
-            loss = losses.mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # with hard latents the rate term has no gradient: distortion only
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            dt = time.monotonic() - t0
-            if world > 1:  # one clock for all ranks, so the time budget ends everywhere at once
-                shared = torch.tensor([dt], device=device)
-                dist.all_reduce(shared, op=dist.ReduceOp.MAX)
-                dt = float(shared.item())
-            step += 1
-            elapsed += dt
-            window_px += x.shape[0] * x.shape[2] * x.shape[3] * world
-            window_t += dt
-            psnr = float((10 * torch.log10(1.0 / mse.detach().clamp_min(1e-10))).mean())
-            sums += (loss.item(), bpp.mean().item(), psnr)
-            counted += 1
-            if leader and step % opts.log_every == 0:
-                mean = sums / counted
-                row = {"step": step, "elapsed_s": round(elapsed, 1),
-                       "loss": round(mean[0], 4), "bpp": round(mean[1], 4), "psnr": round(mean[2], 3),
-                       "lr": f"{lr:.2e}", "kpx_per_s": round(window_px / window_t / 1e3, 1)}
-                log.writerow(row.values())
-                log_file.flush()
-                if report:
-                    report(row)
-                sums[:], counted = 0, 0
-                window_px, window_t = 0, 0.0
-            if leader and time.monotonic() - last_save > opts.checkpoint_minutes * 60:
-                save()
-                last_save = time.monotonic()
-            if leader and validation_images and time.monotonic() - last_validation > opts.validate_minutes * 60:
-                run_validation()
-                last_validation = time.monotonic()
+        with _compile_errors(opts.compile):
+            while True:
+                done = (opts.steps is not None and step >= opts.steps) or (budget is not None and elapsed >= budget)
+                if world > 1:  # every rank must stop at the same step, or the others hang
+                    flag = torch.tensor([float(done)], device=device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    done = bool(flag.item())
+                if done:
+                    completed = True
+                    break
+                fraction = step / opts.steps if opts.steps else elapsed / budget if budget else 0.0
+                lr = lr_at(fraction)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * group["lr_scale"]
+                t0 = time.monotonic()
+                qualities_now = torch.tensor([next(cycle) for _ in range(opts.batch)], device=device)
+                x = sampler.batch(opts.batch).to(device)
+                if opts.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                lambdas = lambda_table[qualities_now - 1]
+                if opts.finetune_effort > 1:
+                    x, y_hat = effort_latents(model, x, qualities_now, opts.finetune_effort)
+                    with torch.no_grad():
+                        bits = model.latent_bits(y_hat, qualities_now)  # logged only: the rate is fixed
+                    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=opts.bf16):
+                        x_tilde = model.g_s(y_hat * model.inverse_gain[qualities_now - 1].reshape(len(y_hat), -1, 1, 1))
+                else:
+                    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=opts.bf16):
+                        x_tilde, bits = network(x, qualities_now, hard=opts.finetune_decoder)
+                losses, bpp, mse = rate_distortion_loss(x, x_tilde, bits, lambdas)
+                loss = losses.mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()  # with hard latents the rate term has no gradient: distortion only
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                dt = time.monotonic() - t0
+                if world > 1:  # one clock for all ranks, so the time budget ends everywhere at once
+                    shared = torch.tensor([dt], device=device)
+                    dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+                    dt = float(shared.item())
+                step += 1
+                elapsed += dt
+                window_px += x.shape[0] * x.shape[2] * x.shape[3] * world
+                window_t += dt
+                psnr = float((10 * torch.log10(1.0 / mse.detach().clamp_min(1e-10))).mean())
+                sums += (loss.item(), bpp.mean().item(), psnr)
+                counted += 1
+                if leader and step % opts.log_every == 0:
+                    mean = sums / counted
+                    row = {"step": step, "elapsed_s": round(elapsed, 1),
+                           "loss": round(mean[0], 4), "bpp": round(mean[1], 4), "psnr": round(mean[2], 3),
+                           "lr": f"{lr:.2e}", "kpx_per_s": round(window_px / window_t / 1e3, 1)}
+                    log.writerow(row.values())
+                    log_file.flush()
+                    if report:
+                        report(row)
+                    sums[:], counted = 0, 0
+                    window_px, window_t = 0, 0.0
+                if leader and time.monotonic() - last_save > opts.checkpoint_minutes * 60:
+                    save()
+                    last_save = time.monotonic()
+                if leader and validation_images and time.monotonic() - last_validation > opts.validate_minutes * 60:
+                    run_validation()
+                    last_validation = time.monotonic()
     finally:
         save()
         if completed and leader and validation_images:
@@ -438,6 +441,19 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
         if world > 1:
             dist.destroy_process_group()
     return ckpt_path
+
+
+@contextmanager
+def _compile_errors(active: bool) -> Iterator[None]:
+    """torch.compile fails lazily, at the first step, with a page of text (no C++
+    compiler, no Dynamo for this Python): make that a one-line ValueError."""
+    try:
+        yield
+    except Exception as exc:
+        if not active or not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ValueError(f"--compile failed ({type(exc).__name__}: {first}); train without --compile") from exc
 
 
 def _rng_state_to(state: tuple) -> list:

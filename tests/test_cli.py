@@ -141,8 +141,21 @@ def test_errors_are_one_line_with_exit_code_1(tmp_path):
 
 
 def test_usage_errors_exit_2(tmp_path):
-    result = CliRunner().invoke(cli, ["encode", "x.png", "-q", "9"])
+    result = CliRunner().invoke(cli, ["encode", "x.png", "-q", "0"])
     assert result.exit_code == 2
+
+
+def test_quality_beyond_the_weights_is_a_one_line_error(tmp_path):
+    """-q takes up to 255 (weights may have more qualities than the shipped 8); the
+    weights decide, with a message that says their range."""
+    source = write_png(tmp_path / "img.png", smooth_image(16, 16))
+    for args in (["encode", str(source), "-q", "9", "-o", str(tmp_path / "x.nic")],
+                 ["encode", "-", "-q", "9", "-o", str(tmp_path / "x.nic")]):
+        result = CliRunner().invoke(cli, args, input=source.read_bytes())
+        assert result.exit_code == 1, result.output
+        assert result.output.startswith("nic: error: ") and result.output.count("\n") == 1, result.output
+        assert result.output.endswith(": quality must be 1..8, got 9\n"), result.output
+        assert not (tmp_path / "x.nic").exists()
 
 
 def test_failed_encode_never_clobbers_existing_output(tmp_path):
@@ -266,6 +279,16 @@ def test_real_process_errors_have_no_traceback(tmp_path):
     assert result.returncode == 1
     assert result.stderr.decode().strip() == "nic: error: -: not a .nic file (bad magic bytes)"
     assert result.stdout == b""
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_full_disk_behind_stdout_is_the_outputs_one_line_error(tmp_path):
+    source = write_png(tmp_path / "img.png", smooth_image(16, 16))
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run([sys.executable, "-m", "nic", "encode", str(source), "-o", "-"],
+                                stdout=full, stderr=subprocess.PIPE, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.decode() == "nic: error: -: cannot write (No space left on device)\n"
 
 
 # ---- files streamed a strip at a time (nic.streaming) give what whole images give ----------

@@ -185,3 +185,70 @@ def test_lambda_sets_up_a_new_model(tmp_path, photos):
     result = CliRunner().invoke(cli, ["train", str(photos), "--out", str(tmp_path / "r2"), "--steps", "1",
                                       "--lambda", "0.02", "--quality", "3", *TINY])
     assert result.exit_code == 1 and "qualities 1..1" in result.output
+    # nic encode's default quality (4) is capped at the weights' highest, here 2
+    Image.fromarray(smooth_image(24, 40)).save(tmp_path / "a.png")
+    result = CliRunner().invoke(cli, ["encode", str(tmp_path / "a.png"), "--weights", str(weights),
+                                      "-o", str(tmp_path / "a.nic")])
+    assert result.exit_code == 0, result.output
+    from nic.container import parse_header
+
+    assert parse_header((tmp_path / "a.nic").read_bytes()).quality == 2
+
+
+def test_bad_options_are_refused_before_anything_is_written(tmp_path, photos):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (["--lambda", "0.02", "--quality", "3"], 1, "the model has qualities 1..1"),
+        (["--lambda", "0.02", "--init", str(tmp_path / "w.npz")], 2, "--init weights keep their own λ"),
+        (["--lambda", "0.02", "--lambda", "0.02"], 2, "different values"),
+        (["--lambda", "inf"], 2, "--lambda"),
+        (["--validate", str(empty)], 1, "no validation images found"),
+        (["--finetune-effort", "2"], 1, "--finetune-effort 2..4 needs --finetune-decoder"),
+    ]
+    for args, code, message in cases:
+        out = tmp_path / "run"
+        result = CliRunner().invoke(cli, ["train", str(photos), "--out", str(out), "--steps", "1", *args, *TINY])
+        assert result.exit_code == code and message in result.output, (args, result.output)
+        assert not out.exists(), args  # refused before the run folder is made or an image is read
+
+
+def test_validate_images_inside_the_training_folder_are_not_trained_on(tmp_path, photos, monkeypatch):
+    import nic.train
+
+    loaded = []
+    real_load = nic.train.load_rgb
+    monkeypatch.setattr(nic.train, "load_rgb", lambda path: loaded.append(path.resolve()) or real_load(path))
+    val = photos / "val"
+    val.mkdir()
+    Image.fromarray(smooth_image(40, 56, seed=9)).save(val / "v.png")
+    result = CliRunner().invoke(cli, ["train", str(photos), "--out", str(tmp_path / "run"), "--steps", "1",
+                                      "--holdout", "1", "--validate", str(val), *TINY])
+    assert result.exit_code == 0, result.output
+    # 7 images found: 1 held out, v.png validated only; 5 trained on. Each is read once.
+    assert len(loaded) == len(set(loaded)) == 7 and (val / "v.png").resolve() in loaded
+    assert len(read_log(tmp_path / "run" / "validation.csv")) == 8  # one row per quality
+
+
+def test_compile_without_a_compiler_is_a_one_line_error(tmp_path, photos, monkeypatch):
+    monkeypatch.setattr("nic.cli.shutil.which", lambda name: None)
+    result = CliRunner().invoke(cli, ["train", str(photos), "--out", str(tmp_path / "run"), "--steps", "1",
+                                      "--compile", *TINY])
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert "--compile needs a C++ compiler" in result.output and not (tmp_path / "run").exists()
+
+
+def test_compile_failures_at_the_first_step_become_one_line():
+    """torch.compile fails lazily with a page of text; only its own errors are rewritten."""
+    from nic.train import _compile_errors
+
+    Failure = type("InvalidCxxCompiler", (RuntimeError,), {"__module__": "torch._inductor.exc"})
+    with pytest.raises(ValueError, match=r"^--compile failed \(InvalidCxxCompiler: no compiler\); train without"):
+        with _compile_errors(True):
+            raise Failure("no compiler\nSet TORCH_LOGS=+dynamo for more")
+    with pytest.raises(Failure):
+        with _compile_errors(False):
+            raise Failure("not compiling: not ours to rewrite")
+    with pytest.raises(KeyError):
+        with _compile_errors(True):
+            raise KeyError("a bug elsewhere stays a bug")
