@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gc
 import math
 import os
 import random
@@ -439,6 +440,15 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
                 handle.close()
         signal.signal(signal.SIGTERM, previous_handler)
         if world > 1:
+            if completed:
+                # Leave together (not after an error: the others may be inside another
+                # collective, and torchrun stops them anyway).
+                dist.barrier()
+            # DDP's reducer keeps the gloo group alive past destroy_process_group(); freed
+            # only at interpreter exit, its worker threads sometimes aborted the process
+            # ("terminate called without an active exception"). Free it here, first.
+            network = None
+            gc.collect()
             dist.destroy_process_group()
     return ckpt_path
 
