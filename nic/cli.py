@@ -637,14 +637,14 @@ def train(data, out, minutes, steps, qualities, lambdas, N, M, patch, batch, lr,
           finetune_effort, bf16, channels_last, compiled, device, seed, log_every, holdout, validation,
           validate_minutes, threads) -> None:
     """Train (or resume) on the images under DATA folders (never on Kodak)."""
-    from .train import TrainOptions, train as run_training
+    from .train import TrainOptions, checked_lambdas, train as run_training
 
     if minutes is None and steps is None:
         raise click.UsageError("give --minutes or --steps")
-    if lambdas and init:
-        raise click.UsageError("--lambda sets up a new model; --init weights keep their own λ")
-    if len(set(lambdas)) != len(lambdas) or len(lambdas) > 255:
-        raise click.UsageError("--lambda takes at most 255 different values, one per quality")
+    try:
+        checked_lambdas(list(lambdas), init)  # train() checks again; here a misuse exits 2
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     if compiled and device == "cpu" and not any(
             shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c):
         raise NicError("--compile needs a C++ compiler (g++ or clang++; or set CXX); train without it")

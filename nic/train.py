@@ -65,6 +65,19 @@ class TrainOptions:
     exclude: list[str] = field(default_factory=lambda: ["kodak", "kodim"])
 
 
+def checked_lambdas(lambdas: list[float] | None, init: Path | None) -> tuple[float, ...]:
+    """A new model's λ per quality, sorted (quality 1 the smallest; MSE_LAMBDAS when none
+    are given). ValueError for values a model cannot have, and with ``init``, whose
+    weights keep their own λ."""
+    if not lambdas:
+        return MSE_LAMBDAS
+    if init is not None:
+        raise ValueError("--lambda sets up a new model; --init weights keep their own λ")
+    if not all(0 < v < 1e6 for v in lambdas) or not len(set(lambdas)) == len(lambdas) <= 255:
+        raise ValueError("--lambda takes 1..255 different values in (0, 1e6)")
+    return tuple(sorted(lambdas))
+
+
 def find_images(folders: list[Path], exclude: list[str], purpose: str = "training") -> list[Path]:
     """Image files under the folders, recursively, sorted; names containing an
     excluded word (the Kodak benchmark) are refused loudly rather than skipped."""
@@ -227,11 +240,7 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
     rng = random.Random(opts.seed + rank)
     torch.manual_seed(opts.seed)  # the same initial weights on every rank
 
-    lambdas = tuple(sorted(opts.lambdas)) if opts.lambdas else MSE_LAMBDAS
-    if not all(0 < v < 1e6 for v in lambdas) or not 1 <= len(set(lambdas)) == len(lambdas) <= 255:
-        raise ValueError("--lambda takes 1..255 different values in (0, 1e6)")
-    if opts.lambdas and opts.init is not None:
-        raise ValueError("--lambda sets up a new model; --init weights keep their own λ")
+    lambdas = checked_lambdas(opts.lambdas, opts.init)
     if opts.finetune_effort != 1 and (not opts.finetune_decoder or world > 1 or opts.finetune_effort not in (2, 3, 4)):
         raise ValueError("--finetune-effort 2..4 needs --finetune-decoder and a single process")
     config = Config(N=opts.N, M=opts.M, lambdas=lambdas)
