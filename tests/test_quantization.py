@@ -27,7 +27,10 @@ def test_table_rate_is_the_coded_length(shipped):
     latents[5, 2, 3] = -7_000
     bits = float(TableRate(shipped.tables[quality - 1])(torch.from_numpy(latents)).sum())
     coded = 8 * len(_coder(shipped, quality).encode(latents))
-    assert bits <= coded <= bits + 64  # the coder's flush adds at most two 32-bit words
+    # The flush adds at most two 32-bit words; it also writes only the words needed to
+    # land inside the final interval, so one message can end up below its information
+    # content by less than a word (these weights: 84,384 bits for 84,385.85).
+    assert bits - 32 < coded <= bits + 64
 
 
 @pytest.mark.parametrize("effort", EFFORTS)
