@@ -1,7 +1,7 @@
 """One shared model for 8 qualities, or one model per quality? Measured at equal CPU time.
 
     python tools/strategy_table.py ../shared/data/kodak --data ../shared/data/train \
-        --data /work/debian-photos --init weights/default.npz --minutes 2.5 -q 2,6 \
+        --data /work/debian-photos --init weights/default.npz --minutes 2.5 -q 1,2,6 \
         --out runs/strategy [-j 2] [--compile] [--json docs/results/strategy.json]
 
 From the same starting weights (a shared model), two ways to spend 8 x MINUTES of CPU:
