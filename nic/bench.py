@@ -581,16 +581,16 @@ def measure(codec: str, param: float, pixels: np.ndarray, weights: str | None, e
             "ms_ssim": msssim, "enc_ms": enc * 1e3, "dec_ms": dec * 1e3}
 
 
-def _clean(value):
+def json_safe(value):
     """JSON-safe copy: NaN and ±inf become null (strict JSON has neither)."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, np.generic):
-        return _clean(value.item())
+        return json_safe(value.item())
     return value
 
 
@@ -917,7 +917,7 @@ def run_command(opts: BenchOptions, out=None, err=None) -> dict:
     if opts.json_out:
         from .cli import write_output
 
-        text = json.dumps(_clean(report), indent=1, allow_nan=False) + "\n"
+        text = json.dumps(json_safe(report), indent=1, allow_nan=False) + "\n"
         write_output(opts.json_out, text.encode())
         err.print(f"wrote {opts.json_out}")
     return report

@@ -14,7 +14,7 @@ From the same starting weights (a shared model), two ways to spend 8 x MINUTES o
   with -q are run: each costs MINUTES, and the others would cost the same.
 
 Both use the same learning-rate schedule (cosine, --lr to --lr-final). Every model is
-measured on FOLDER in process with `nic bench`'s measure() (real .nic bytes, mean bpp
+measured on FOLDER in process with `nic bench`'s round trip (real .nic bytes, mean bpp
 and PSNR over images). Columns: J = bpp + λ·255²·MSE (the loss both minimize, mean
 over images), and the rate change at equal PSNR against the shared run's curve (pchip
 of log bpp over PSNR through its 8 points; negative: the per-quality model needs fewer
@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nic.bench import hermite_eval, list_images, measure, parse_qualities, pchip_slopes
+from nic.bench import (hermite_eval, json_safe, list_images, pareto_front, parse_qualities, pchip_slopes,
+                       psnr, round_trip)
 from nic.images import read_image
 from nic.weights import default_weights
 
@@ -57,18 +58,21 @@ def train(name: str, out: Path, args: argparse.Namespace, minutes: float, qualit
 
 
 def point(images: list[np.ndarray], weights: Path, quality: int, lam: float) -> dict:
-    records = [measure("nic", quality, pixels, str(weights), 1) for pixels in images]
-    mse = np.mean([10 ** (-r["psnr"] / 10) for r in records])  # per image, on [0, 1] pixels
-    bpp = float(np.mean([r["bpp"] for r in records]))
-    return {"quality": quality, "bpp": bpp, "psnr": float(np.mean([r["psnr"] for r in records])),
-            "J": bpp + lam * 255.0**2 * float(mse)}
+    """Mean bpp, PSNR and J over the images, from real .nic files (nic bench's round trip)."""
+    bpps, psnrs = [], []
+    for pixels in images:
+        data, decoded, _, _ = round_trip("nic", quality, pixels, str(weights))
+        bpps.append(8.0 * len(data) / (pixels.shape[0] * pixels.shape[1]))
+        psnrs.append(psnr(pixels, decoded))
+    mse = np.mean([10 ** (-p / 10) for p in psnrs])  # per image, on [0, 1] pixels
+    bpp = float(np.mean(bpps))
+    return {"quality": quality, "bpp": bpp, "psnr": float(np.mean(psnrs)), "J": bpp + lam * 255.0**2 * float(mse)}
 
 
 def rate_change(curve: list[dict], bpp: float, psnr: float) -> float:
     """bpp over the rate the curve needs for the same PSNR, minus 1 (pchip in log bpp)."""
-    ordered = sorted(curve, key=lambda p: p["psnr"])
-    x = np.array([p["psnr"] for p in ordered])
-    y = np.log([p["bpp"] for p in ordered])
+    rates, x = pareto_front([p["bpp"] for p in curve], [p["psnr"] for p in curve])  # as nic bench's BD-rate
+    y = np.log(rates)
     if not x[0] <= psnr <= x[-1]:
         return float("nan")
     return float(bpp / np.exp(hermite_eval(x, y, pchip_slopes(x, y), psnr)) - 1)
@@ -127,12 +131,10 @@ def main() -> None:
         print(f"| {r['quality']} | {r['lambda']} | {r['model']} | {r['minutes']:g} | {r['bpp']:.4f} | "
               f"{r['psnr']:.3f} | {r['J']:.4f} | {percent(r['rate_vs_shared'])} |")
     if args.json:  # strict JSON: a rate change outside the shared curve is null
-        for r in rows:
-            r["rate_vs_shared"] = None if np.isnan(r["rate_vs_shared"]) else r["rate_vs_shared"]
-        Path(args.json).write_text(json.dumps({
+        Path(args.json).write_text(json.dumps(json_safe({
             "folder": str(args.folder), "images": [p.name for p in paths], "init": str(args.init),
             "minutes_per_quality": args.minutes, "start": start_curve, "shared": shared_curve,
-            "rows": rows}, indent=1))
+            "rows": rows}), indent=1, allow_nan=False))
 
 
 if __name__ == "__main__":
