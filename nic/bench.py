@@ -304,6 +304,17 @@ class BDResult:
     note: str = ""
 
 
+def rate_change(curve_rates: Sequence[float], curve_psnrs: Sequence[float], rate: float, psnr: float) -> float:
+    """rate over what the curve needs for the same PSNR, minus 1 (pchip of log-rate over
+    PSNR through the curve's Pareto points, as in :func:`bd_rate`); NaN outside the
+    curve's PSNR range, where it would be extrapolation."""
+    rates, x = pareto_front(curve_rates, curve_psnrs)
+    if len(x) < 2 or not x[0] <= psnr <= x[-1]:
+        return float("nan")
+    y = np.log(rates)
+    return float(rate / np.exp(hermite_eval(x, y, pchip_slopes(x, y), psnr)) - 1)
+
+
 def bd_rate(ref_rates: Sequence[float], ref_psnrs: Sequence[float],
             test_rates: Sequence[float], test_psnrs: Sequence[float]) -> float:
     """Bjøntegaard delta rate of the test curve against the reference curve, in percent.

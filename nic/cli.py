@@ -602,7 +602,7 @@ def info(file: str, max_pixels: int) -> None:
               help="Train only these qualities [default: all].")
 @click.option("--lambda", "lambdas", type=click.FloatRange(0, 1e6, min_open=True, max_open=True), multiple=True,
               help="A new model's rate-distortion λ, one per quality, lowest first (repeatable) "
-                   "[default: 8 qualities, λ 0.0018 … 0.18].")
+                   "[default: 8 qualities, λ 0.0018 … 0.18]; with --specialize, a new λ for each --quality.")
 @click.option("--N", "N", type=click.IntRange(8), default=128, show_default=True, help="Hidden channels.")
 @click.option("--M", "M", type=click.IntRange(8), default=192, show_default=True, help="Latent channels.")
 @click.option("--patch", type=click.IntRange(16), default=128, show_default=True,
@@ -617,6 +617,9 @@ def info(file: str, max_pixels: int) -> None:
 @click.option("--finetune-effort", type=click.IntRange(1, 4), default=1, show_default=True,
               help="With --finetune-decoder: learn from the latents that encoder effort picks "
                    "(2..4 run nic encode's search on every crop: several times slower).")
+@click.option("--specialize", is_flag=True,
+              help="With --init and --quality: give those qualities a g_a/g_s pair of their own "
+                   "(a copy of the shared one) and train only them; the other qualities stay as they are.")
 @click.option("--bf16/--no-bf16", default=True, show_default=True, help="bf16 autocast.")
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True,
               help="NHWC (channels-last) tensors: fastest with --bf16 on CPUs with AVX-512 bf16 or AMX.")
@@ -634,7 +637,7 @@ def info(file: str, max_pixels: int) -> None:
               help="Minutes between validations.")
 @threads_option
 def train(data, out, minutes, steps, qualities, lambdas, N, M, patch, batch, lr, lr_final, init, finetune_decoder,
-          finetune_effort, bf16, channels_last, compiled, device, seed, log_every, holdout, validation,
+          finetune_effort, specialize, bf16, channels_last, compiled, device, seed, log_every, holdout, validation,
           validate_minutes, threads) -> None:
     """Train (or resume) on the images under DATA folders (never on Kodak)."""
     from .train import TrainOptions, checked_lambdas, train as run_training
@@ -642,7 +645,7 @@ def train(data, out, minutes, steps, qualities, lambdas, N, M, patch, batch, lr,
     if minutes is None and steps is None:
         raise click.UsageError("give --minutes or --steps")
     try:
-        checked_lambdas(list(lambdas), init)  # train() checks again; here a misuse exits 2
+        checked_lambdas(list(lambdas), init, specialize)  # train() checks again; here a misuse exits 2
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     if compiled and device == "cpu" and not any(
@@ -654,7 +657,8 @@ def train(data, out, minutes, steps, qualities, lambdas, N, M, patch, batch, lr,
         lr_final=lr_final, minutes=minutes, steps=steps, qualities=list(qualities) or None, seed=seed,
         lambdas=list(lambdas) or None,
         bf16=bf16, channels_last=channels_last, compile=compiled, device=device, init=Path(init) if init else None,
-        finetune_decoder=finetune_decoder, finetune_effort=finetune_effort, log_every=log_every, holdout=holdout,
+        finetune_decoder=finetune_decoder, finetune_effort=finetune_effort, specialize=specialize,
+        log_every=log_every, holdout=holdout,
         validation=[Path(v) for v in validation],
         validate_minutes=validate_minutes,
     )

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import MSE_LAMBDAS, Codec, Config, rate_distortion_loss
+from .model import MSE_LAMBDAS, Codec, Config, rate_distortion_loss, specialize, transform_part
 
 DENSITY_LR_SCALE = 5.0
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".ppm"}
@@ -58,6 +58,7 @@ class TrainOptions:
     init: Path | None = None  # weights (.npz) to start from
     finetune_decoder: bool = False
     finetune_effort: int = 1  # with finetune_decoder: the encoder effort whose latents g_s learns from
+    specialize: bool = False  # give each trained quality its own g_a/g_s (from --init) and train only those
     log_every: int = 20
     holdout: int = 0  # training images set aside for validation
     validation: list[Path] = field(default_factory=list)  # folders (or files) validated on as well
@@ -65,16 +66,21 @@ class TrainOptions:
     exclude: list[str] = field(default_factory=lambda: ["kodak", "kodim"])
 
 
-def checked_lambdas(lambdas: list[float] | None, init: Path | None) -> tuple[float, ...]:
+def checked_lambdas(lambdas: list[float] | None, init: Path | None, specialize: bool = False
+                    ) -> tuple[float, ...]:
     """A new model's λ per quality, sorted (quality 1 the smallest; MSE_LAMBDAS when none
     are given). ValueError for values a model cannot have, and with ``init``, whose
-    weights keep their own λ."""
+    weights keep their own λ, unless ``specialize``: then ``lambdas`` are new λ for the
+    specialized qualities, one each in the order of --quality, returned as given."""
     if not lambdas:
         return MSE_LAMBDAS
-    if init is not None:
-        raise ValueError("--lambda sets up a new model; --init weights keep their own λ")
     if not all(0 < v < 1e6 for v in lambdas) or not len(set(lambdas)) == len(lambdas) <= 255:
         raise ValueError("--lambda takes 1..255 different values in (0, 1e6)")
+    if specialize:
+        return tuple(lambdas)
+    if init is not None:
+        raise ValueError("--lambda sets up a new model (or, with --specialize, retargets the specialized "
+                         "qualities); --init weights keep their own λ")
     return tuple(sorted(lambdas))
 
 
@@ -240,16 +246,25 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
     rng = random.Random(opts.seed + rank)
     torch.manual_seed(opts.seed)  # the same initial weights on every rank
 
-    lambdas = checked_lambdas(opts.lambdas, opts.init)
+    lambdas = checked_lambdas(opts.lambdas, opts.init, opts.specialize)
     if opts.finetune_effort != 1 and (not opts.finetune_decoder or world > 1 or opts.finetune_effort not in (2, 3, 4)):
         raise ValueError("--finetune-effort 2..4 needs --finetune-decoder and a single process")
+    if opts.specialize and (opts.init is None or not opts.qualities or opts.finetune_decoder):
+        raise ValueError("--specialize needs --init weights and --quality, and trains the whole pair: "
+                         "fine-tune its decoder in a second run")
+    retarget = {}
+    if opts.specialize and opts.lambdas:
+        if len(opts.lambdas) != len(opts.qualities):
+            raise ValueError("--specialize takes one --lambda per --quality, or none")
+        retarget = dict(zip(opts.qualities, lambdas))
+        lambdas = MSE_LAMBDAS  # the table comes from --init
     config = Config(N=opts.N, M=opts.M, lambdas=lambdas)
     model = Codec(config)
     state = None
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         config = Config.from_json(state["config"])
-        if opts.lambdas and config.lambdas != lambdas:
+        if opts.lambdas and not retarget and config.lambdas != lambdas:
             raise ValueError(f"the checkpoint in {opts.out} was trained for λ {config.lambdas}, not {lambdas}")
         model = Codec(config)
         model.load_state_dict(state["model"])
@@ -265,6 +280,9 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
     qualities = opts.qualities or list(range(1, config.qualities + 1))
     if max(qualities) > config.qualities:
         raise ValueError(f"--quality {max(qualities)}: the model has qualities 1..{config.qualities}")
+    if opts.specialize and state is None:
+        model = specialize(model, qualities, lambdas=retarget)
+        config = model.config
     files, held_out = split_holdout(find_images(opts.data, opts.exclude), opts.holdout)
     if opts.validation:
         extra = find_images(opts.validation, opts.exclude, "validation")
@@ -283,9 +301,16 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
     if opts.finetune_effort > 1:
         model.export_tables()  # the encoder's search measures rate with the integer tables
     if opts.finetune_decoder:
-        # Decoder fine-tuning (Borzechowski et al.): only g_s and the inverse gains learn.
+        # Decoder fine-tuning (Borzechowski et al.): only g_s and the inverse gains learn
+        # (a specialized quality's own g_s; a pair no trained quality uses gets no gradient).
         for name, param in model.named_parameters():
-            param.requires_grad = name.startswith("g_s.") or name == "inverse_gain"
+            param.requires_grad = transform_part(name) == "g_s" or name == "inverse_gain"
+    elif opts.specialize:
+        # Only the trained qualities' own pairs, gains and densities: the shared pair and the
+        # other qualities stay as they were (their rows of gain and density get zero gradients).
+        for name, param in model.named_parameters():
+            param.requires_grad = transform_part(name) is None or any(
+                name.startswith(f"own.q{q}.") for q in qualities)
     params = [p for p in model.parameters() if p.requires_grad]
     # The densities are small and each sees few samples: they learn 5x faster.
     density_params = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("density.")]
@@ -401,7 +426,7 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
                     with torch.no_grad():
                         bits = model.latent_bits(y_hat, qualities_now)  # logged only: the rate is fixed
                     with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=opts.bf16):
-                        x_tilde = model.g_s(y_hat * model.inverse_gain[qualities_now - 1].reshape(len(y_hat), -1, 1, 1))
+                        x_tilde = model.synthesize(y_hat, qualities_now)
                 else:
                     with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=opts.bf16):
                         x_tilde, bits = network(x, qualities_now, hard=opts.finetune_decoder)
@@ -487,7 +512,7 @@ def _rng_state_from(state: list) -> tuple:
 
 def export_checkpoint(checkpoint: Path, output: Path, half: bool = False) -> bytes:
     """Weights file (with integer tables) from a training checkpoint; returns its hash."""
-    from .model import to_arrays
+    from .model import is_conv_kernel, to_arrays
     from .weights import save_weights
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -498,7 +523,7 @@ def export_checkpoint(checkpoint: Path, output: Path, half: bool = False) -> byt
         # Tables must describe the weights as shipped, so round first, then export.
         with torch.no_grad():
             for name, param in model.named_parameters():
-                if (name.startswith("g_a.") or name.startswith("g_s.")) and param.ndim == 4:
+                if is_conv_kernel(name, param.ndim):
                     param.copy_(param.half().float())
     model.export_tables()
     return save_weights(to_arrays(model, half=half), output)

@@ -22,6 +22,18 @@ def smooth_image(height: int, width: int, channels: int = 3, seed: int = 0) -> n
 
 
 @pytest.fixture
+def photos(tmp_path):
+    """A folder of six small generated photos to train on."""
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(smooth_image(48 + 8 * i, 64, seed=i)).save(folder / f"p{i}.png")
+    return folder
+
+
+@pytest.fixture
 def rgb_image() -> np.ndarray:
     return smooth_image(48, 64)
 

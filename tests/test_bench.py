@@ -417,3 +417,13 @@ def test_bench_command_on_gray_odd_sized_input_with_one_point(tmp_path, request)
     for codec in ("nic", "jpeg", "jpeg2000"):
         record = report["codecs"][codec]["points"][0]["images"][0]
         assert record["psnr"] > 5 and 0 < record["ms_ssim"] <= 1
+
+
+def test_rate_change_at_equal_psnr():
+    rates, psnrs = [0.2, 0.4, 0.8, 1.6], [27.0, 30.0, 33.0, 36.0]
+    assert bench.rate_change(rates, psnrs, 0.4, 30.0) == pytest.approx(0.0)
+    assert bench.rate_change(rates, psnrs, 0.36, 30.0) == pytest.approx(-0.1)
+    # Between knots the curve is the pchip of log-rate, as BD-rate integrates it: here a line.
+    assert bench.rate_change(rates, psnrs, 0.4 * 2 ** 0.5, 31.5) == pytest.approx(0.0)
+    assert math.isnan(bench.rate_change(rates, psnrs, 0.1, 26.9))  # no extrapolation
+    assert math.isnan(bench.rate_change([0.2], [27.0], 0.2, 27.0))

@@ -19,15 +19,6 @@ from conftest import smooth_image
 TINY = ["--N", "8", "--M", "8", "--patch", "32", "--batch", "2", "--no-bf16", "--log-every", "1"]
 
 
-@pytest.fixture
-def photos(tmp_path):
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for i in range(6):
-        Image.fromarray(smooth_image(48 + 8 * i, 64, seed=i)).save(folder / f"p{i}.png")
-    return folder
-
-
 def read_log(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))

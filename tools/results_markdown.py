@@ -1,16 +1,21 @@
 """The README's results tables, printed from a `nic bench --json` report.
 
     python tools/results_markdown.py docs/results/kodak.json
+    python tools/results_markdown.py docs/results/kodak.json --per-quality BEFORE.json
 
 So the numbers in README.md are the JSON's, not retyped: nic's points (mean bpp, PSNR,
 MS-SSIM and encode/decode time over the images), then the BD-rate of nic against every
-reference in the report (negative: nic needs fewer bits for the same PSNR).
+reference in the report (negative: nic needs fewer bits for the same PSNR). With
+--per-quality, one table instead: each quality's point before and after, and the rate
+change at equal PSNR against the before curve (pchip, as BD-rate; a dash outside its
+PSNR range).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
+import math
 from pathlib import Path
 
 
@@ -18,12 +23,34 @@ def _number(value, digits: int) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def main(path: str) -> None:
+def load(path: str) -> dict:
     try:
         report = json.loads(Path(path).read_text())
-        report["codecs"]["nic"], report["bd_rate"]["against"]
+        report["codecs"]["nic"]["points"], report["bd_rate"]["against"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SystemExit(f"results_markdown: {path}: not a nic bench JSON report ({exc})") from None
+    return report
+
+
+def per_quality(path: str, before_path: str) -> None:
+    from nic.bench import rate_change
+
+    after, before = load(path), load(before_path)
+    old = {p["param"]: p["mean"] for p in before["codecs"]["nic"]["points"]}
+    curve = sorted(old.values(), key=lambda m: m["bpp"])
+    print(f"weights `{before['weights']}` → `{after['weights']}`, {len(after['images'])} images of "
+          f"`{after['folder']}`; means over images.\n")
+    print("| quality | bpp before | PSNR before | bpp after | PSNR after | rate at equal PSNR |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for point in after["codecs"]["nic"]["points"]:
+        new, was = point["mean"], old.get(point["param"])
+        change = rate_change([m["bpp"] for m in curve], [m["psnr"] for m in curve], new["bpp"], new["psnr"])
+        print(f"| {point['param']} | {_number(was and was['bpp'], 3)} | {_number(was and was['psnr'], 2)} | "
+              f"{new['bpp']:.3f} | {new['psnr']:.2f} | {'—' if math.isnan(change) else f'{100 * change:+.1f} %'} |")
+
+
+def main(path: str) -> None:
+    report = load(path)
     images = report["images"]
     effort = report.get("effort", 1)
     print(f"nic {report['nic_version']}, weights `{report['weights']}`, effort {effort}, "
@@ -43,6 +70,11 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python tools/results_markdown.py REPORT.json")
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("report", help="nic bench --json report")
+    parser.add_argument("--per-quality", metavar="BEFORE", help="compare each quality with this earlier report")
+    args = parser.parse_args()
+    if args.per_quality:
+        per_quality(args.report, args.per_quality)
+    else:
+        main(args.report)

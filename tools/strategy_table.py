@@ -32,8 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nic.bench import (hermite_eval, json_safe, list_images, pareto_front, parse_qualities, pchip_slopes,
-                       psnr, round_trip)
+from nic.bench import json_safe, list_images, parse_qualities, psnr, rate_change, round_trip
 from nic.images import read_image
 from nic.weights import default_weights
 
@@ -67,15 +66,6 @@ def point(images: list[np.ndarray], weights: Path, quality: int, lam: float) -> 
     mse = np.mean([10 ** (-p / 10) for p in psnrs])  # per image, on [0, 1] pixels
     bpp = float(np.mean(bpps))
     return {"quality": quality, "bpp": bpp, "psnr": float(np.mean(psnrs)), "J": bpp + lam * 255.0**2 * float(mse)}
-
-
-def rate_change(curve: list[dict], bpp: float, psnr: float) -> float:
-    """bpp over the rate the curve needs for the same PSNR, minus 1 (pchip in log bpp)."""
-    rates, x = pareto_front([p["bpp"] for p in curve], [p["psnr"] for p in curve])  # as nic bench's BD-rate
-    y = np.log(rates)
-    if not x[0] <= psnr <= x[-1]:
-        return float("nan")
-    return float(bpp / np.exp(hermite_eval(x, y, pchip_slopes(x, y), psnr)) - 1)
 
 
 def percent(change: float) -> str:
@@ -114,6 +104,7 @@ def main() -> None:
     every = range(1, len(lambdas) + 1)
     start_curve = [point(images, args.init, q, lambdas[q - 1]) for q in every]
     shared_curve = [point(images, shared, q, lambdas[q - 1]) for q in every]
+    shared_rates, shared_psnrs = [c["bpp"] for c in shared_curve], [c["psnr"] for c in shared_curve]
     rows = []
     for q in qualities:
         own = point(images, specialized[q], q, lambdas[q - 1])
@@ -121,7 +112,7 @@ def main() -> None:
                                   ("shared", shared_curve[q - 1], args.minutes * len(lambdas)),
                                   ("one per quality", own, args.minutes)):
             rows.append({"quality": q, "lambda": lambdas[q - 1], "model": label, "minutes": minutes, **p,
-                         "rate_vs_shared": rate_change(shared_curve, p["bpp"], p["psnr"])})
+                         "rate_vs_shared": rate_change(shared_rates, shared_psnrs, p["bpp"], p["psnr"])})
 
     print(f"\n{len(images)} images of {args.folder}; from {args.init}; {args.minutes:g} min per quality, "
           f"{args.minutes * len(lambdas):g} min shared\n")

@@ -1,0 +1,202 @@
+"""Specialized qualities: a quality with a g_a/g_s pair of its own (nic.model.specialize)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import smooth_image
+from nic.api import decode_pixels, encode_pixels, quantize_latents, reconstruct
+from nic.cli import cli
+from nic.model import Codec, Config, from_arrays, specialize, to_arrays
+from nic.weights import WeightsError, load_weights, save_weights
+
+TINY = ["--patch", "32", "--batch", "2", "--no-bf16", "--log-every", "1"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_model(seed: int = 0) -> Codec:
+    torch.manual_seed(seed)
+    model = Codec(Config(N=8, M=8)).eval()
+    model.export_tables()
+    return model
+
+
+def perturbed(model: Codec, seed: int) -> Codec:
+    """A copy with every parameter moved a little: stands in for a model trained further."""
+    other = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in other.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    other.export_tables()
+    return other
+
+
+def test_a_fresh_specialization_codes_exactly_like_the_shared_pair():
+    model = tiny_model()
+    special = specialize(model, [2])
+    assert special.config.specialized == (2,) and set(special.own) == {"q2"}
+    pixels = smooth_image(40, 56)
+    for quality in (1, 2, 3):
+        latents = quantize_latents(model, pixels, quality)
+        assert np.array_equal(quantize_latents(special, pixels, quality), latents)
+        assert np.array_equal(reconstruct(special, latents, quality, 40, 56, False),
+                              reconstruct(model, latents, quality, 40, 56, False))
+
+
+def test_a_mixed_batch_is_each_sample_through_its_own_pair():
+    special = specialize(tiny_model(), [2, 5])
+    with torch.no_grad():
+        for param in special.own.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    x = torch.rand(5, 3, 32, 32)
+    qualities = torch.tensor([2, 1, 5, 2, 8])
+    with torch.no_grad():
+        together, bits = special(x, qualities, hard=True)
+        alone = [special(x[i:i + 1], qualities[i:i + 1], hard=True) for i in range(5)]
+    torch.testing.assert_close(together, torch.cat([a[0] for a in alone]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(bits, torch.cat([a[1] for a in alone]))
+
+
+def test_grafting_takes_the_donors_quality_and_keeps_the_rest():
+    base = tiny_model()
+    donor = perturbed(base, seed=1)
+    grafted = specialize(base, [], {3: donor})
+    pixels = smooth_image(32, 48)
+    for quality, source in ((3, donor), (1, base), (4, base)):
+        latents = quantize_latents(source, pixels, quality)
+        assert np.array_equal(quantize_latents(grafted, pixels, quality), latents)
+        assert np.array_equal(reconstruct(grafted, latents, quality, 32, 48, False),
+                              reconstruct(source, latents, quality, 32, 48, False))
+        assert np.array_equal(grafted.tables[quality - 1].frequencies, source.tables[quality - 1].frequencies)
+    with pytest.raises(ValueError, match="another N, M"):
+        specialize(base, [], {2: Codec(Config(N=8, M=16))})
+    with pytest.raises(ValueError, match="not one of"):
+        specialize(base, [9])
+
+
+def test_specialized_weights_round_trip_through_a_file(tmp_path):
+    base = tiny_model()
+    special = specialize(base, [], {2: perturbed(base, seed=2)})
+    path = tmp_path / "special.npz"
+    digest = save_weights(to_arrays(special, half=True), path)
+    arrays = dict(np.load(path))
+    assert arrays["own.q2.g_a.0.weight"].dtype == np.float16 and arrays["own.q2.g_s.1.beta"].dtype == np.float32
+    loaded, loaded_digest = load_weights(path)
+    assert loaded_digest == digest and loaded.config.specialized == (2,)
+    pixels = smooth_image(24, 40)
+    for quality in (1, 2):
+        data = encode_pixels(pixels, quality, weights=path)
+        decoded = decode_pixels(data, weights=path).pixels
+        assert decoded.shape == pixels.shape
+    # A pair missing from the file, or a config naming a quality the model lacks, is refused.
+    del arrays["own.q2.g_s.0.weight"]
+    save_weights(arrays, tmp_path / "partial.npz")
+    with pytest.raises(WeightsError, match="lack tensor own.q2.g_s.0.weight"):
+        load_weights(tmp_path / "partial.npz")
+
+
+@pytest.mark.parametrize("value", [[9], [2, 1], [1, 1], [True], [0], "2", [2.0]])
+def test_config_refuses_a_bad_specialized_list(value):
+    fields = json.loads(Config().to_json())
+    fields["specialized"] = value
+    with pytest.raises(ValueError, match="specialized"):
+        Config.from_json(json.dumps(fields))
+
+
+def test_weights_without_specialized_qualities_keep_their_config_bytes():
+    # Weights made before specialization existed must keep their hash when re-exported.
+    assert "specialized" not in json.loads(Config().to_json())
+    assert Config.from_json(Config().to_json()) == Config()
+    assert from_arrays(to_arrays(tiny_model())).config.specialized == ()
+
+
+def checkpoint_state(folder: Path) -> tuple[Config, dict]:
+    state = torch.load(folder / "checkpoint.pt", weights_only=True)
+    return Config.from_json(state["config"]), state["model"]
+
+
+def test_train_specialize_trains_only_that_quality(tmp_path, photos):
+    base = tiny_model()
+    init = tmp_path / "base.npz"
+    save_weights(to_arrays(base), init)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", str(photos), "--out", str(out), "--steps", "2", "--init", str(init),
+                                      "--quality", "2", "--specialize", "--lr", "1e-2", *TINY])
+    assert result.exit_code == 0, result.output
+    config, after = checkpoint_state(out)
+    assert config.specialized == (2,)
+    before = base.state_dict()
+    for name, value in before.items():
+        if name.startswith(("g_a.", "g_s.")):
+            assert torch.equal(after[name], value), name  # the shared pair is untouched
+    assert not torch.equal(after["own.q2.g_a.0.weight"], before["g_a.0.weight"])
+    M = config.M
+    for name in ("gain", "inverse_gain"):
+        changed = (after[name] != before[name]).any(dim=1)
+        assert changed.tolist() == [q == 2 for q in range(1, 9)], name
+    for name, value in before.items():
+        if name.startswith("density."):
+            rows = (after[name] != value).reshape(len(value), -1).any(dim=1)
+            assert not rows[:M].any() and not rows[2 * M:].any(), name
+    # Decoder fine-tuning of the specialized quality moves its own g_s only.
+    special = tmp_path / "special.npz"
+    assert CliRunner().invoke(cli, ["export", str(out / "checkpoint.pt"), "-o", str(special)]).exit_code == 0
+    ft = tmp_path / "ft"
+    result = CliRunner().invoke(cli, ["train", str(photos), "--out", str(ft), "--steps", "2", "--init", str(special),
+                                      "--quality", "2", "--finetune-decoder", "--lr", "1e-2", *TINY])
+    assert result.exit_code == 0, result.output
+    tuned = checkpoint_state(ft)[1]
+    changed = {name for name, value in after.items() if not torch.equal(value, tuned[name])}
+    assert changed and all(name.startswith("own.q2.g_s.") or name == "inverse_gain" for name in changed), changed
+
+
+def test_specialize_needs_init_and_quality(tmp_path, photos, tiny_weights):
+    for extra in ([], ["--init", tiny_weights], ["--quality", "1"],
+                  ["--init", tiny_weights, "--quality", "1", "--finetune-decoder"]):
+        result = CliRunner().invoke(cli, ["train", str(photos), "--out", str(tmp_path / "x"), "--steps", "1",
+                                          "--specialize", *extra, *TINY])
+        assert result.exit_code == 1 and "--specialize needs" in result.output, result.output
+    assert not (tmp_path / "x" / "checkpoint.pt").exists()
+
+
+def test_graft_tool(tmp_path):
+    base, donor = tiny_model(), perturbed(tiny_model(), seed=4)
+    save_weights(to_arrays(base), tmp_path / "base.npz")
+    save_weights(to_arrays(donor), tmp_path / "q5.npz")
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "graft_qualities.py"), str(tmp_path / "base.npz"),
+                             "-q", f"5={tmp_path / 'q5.npz'}", "-o", str(tmp_path / "out.npz")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    model = load_weights(tmp_path / "out.npz")[0]
+    assert model.config.specialized == (5,)
+    assert torch.equal(model.own.q5.g_s[0].weight, donor.g_s[0].weight)
+
+
+def test_specialize_can_retarget_a_qualitys_lambda(tmp_path, photos, tiny_weights):
+    out = tmp_path / "run"
+    args = ["train", str(photos), "--out", str(out), "--steps", "1", "--init", tiny_weights, "--specialize",
+            "--quality", "1", "--lambda", "0.001", *TINY]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    config = checkpoint_state(out)[0]
+    assert config.lambdas[0] == 0.001 and config.lambdas[1:] == Config().lambdas[1:]
+    for extra, message in ((["--quality", "2", "--lambda", "0.5"], "λ must increase"),
+                           (["--quality", "2", "--lambda", "0.003", "--lambda", "0.004"], "one --lambda per")):
+        result = CliRunner().invoke(cli, ["train", str(photos), "--out", str(tmp_path / "bad"), "--steps", "1",
+                                          "--init", tiny_weights, "--specialize", *extra, *TINY])
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert not (tmp_path / "bad").exists()
+    # A grafted donor brings its own λ for its quality.
+    donor = perturbed(tiny_model(), seed=5)
+    donor.config = Config(N=8, M=8, lambdas=(0.001, *Config().lambdas[1:]))
+    assert specialize(tiny_model(), [], {1: donor}).config.lambdas[0] == 0.001
