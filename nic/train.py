@@ -300,17 +300,23 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
 
     if opts.finetune_effort > 1:
         model.export_tables()  # the encoder's search measures rate with the integer tables
+    # The pairs of transforms the trained qualities run through ("" = the shared pair): only
+    # those may learn, or DistributedDataParallel would wait for gradients that never come.
+    pairs = {f"own.q{q}." if q in config.specialized else "" for q in qualities}
+
+    def in_trained_pair(name: str) -> bool:
+        return (name[:name.index(".", 4) + 1] if name.startswith("own.") else "") in pairs
+
     if opts.finetune_decoder:
-        # Decoder fine-tuning (Borzechowski et al.): only g_s and the inverse gains learn
-        # (a specialized quality's own g_s; a pair no trained quality uses gets no gradient).
+        # Decoder fine-tuning (Borzechowski et al.): only g_s and the inverse gains learn.
         for name, param in model.named_parameters():
-            param.requires_grad = transform_part(name) == "g_s" or name == "inverse_gain"
-    elif opts.specialize:
-        # Only the trained qualities' own pairs, gains and densities: the shared pair and the
-        # other qualities stay as they were (their rows of gain and density get zero gradients).
+            param.requires_grad = (transform_part(name) == "g_s" and in_trained_pair(name)) or name == "inverse_gain"
+    else:
+        # The pairs the trained qualities use, the gains and the densities. With --specialize
+        # that leaves the shared pair and the other qualities as they were (their rows of gain
+        # and density get zero gradients, so Adam does not move them).
         for name, param in model.named_parameters():
-            param.requires_grad = transform_part(name) is None or any(
-                name.startswith(f"own.q{q}.") for q in qualities)
+            param.requires_grad = transform_part(name) is None or in_trained_pair(name)
     params = [p for p in model.parameters() if p.requires_grad]
     # The densities are small and each sees few samples: they learn 5x faster.
     density_params = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("density.")]

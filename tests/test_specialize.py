@@ -200,3 +200,21 @@ def test_specialize_can_retarget_a_qualitys_lambda(tmp_path, photos, tiny_weight
     donor = perturbed(tiny_model(), seed=5)
     donor.config = Config(N=8, M=8, lambdas=(0.001, *Config().lambdas[1:]))
     assert specialize(tiny_model(), [], {1: donor}).config.lambdas[0] == 0.001
+
+
+def test_training_only_specialized_qualities_leaves_the_shared_pair(tmp_path, photos):
+    # Without --specialize too: a pair no trained quality runs through must not learn
+    # (under DistributedDataParallel it would wait forever for its gradients).
+    base = tiny_model()
+    special = specialize(base, [], {2: perturbed(base, seed=6)})
+    init = tmp_path / "special.npz"
+    save_weights(to_arrays(special), init)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", str(photos), "--out", str(out), "--steps", "2", "--init", str(init),
+                                      "--quality", "2", "--lr", "1e-2", *TINY])
+    assert result.exit_code == 0, result.output
+    after = checkpoint_state(out)[1]
+    before = special.state_dict()
+    assert all(torch.equal(after[n], v) for n, v in before.items() if n.startswith(("g_a.", "g_s."))), \
+        "the shared pair moved"
+    assert not torch.equal(after["own.q2.g_a.0.weight"], before["own.q2.g_a.0.weight"])
