@@ -301,10 +301,18 @@ def specialize(model: Codec, qualities: list[int], donors: dict[int, Codec] | No
 
 # ---- weights as plain arrays (no pickle) -------------------------------------------
 
+def transform_pair(name: str) -> tuple[str, str] | None:
+    """(pair, part) of a transform parameter: pair "" for the shared one or "q3" for
+    quality 3's own, part "g_a" or "g_s"; None for any other parameter."""
+    fields = name.split(".")
+    pair, part = (fields[1], fields[2]) if fields[0] == "own" and len(fields) > 2 else ("", fields[0])
+    return (pair, part) if part in ("g_a", "g_s") else None
+
+
 def transform_part(name: str) -> str | None:
     """"g_a" or "g_s" for a parameter of a (shared or own) transform, else None."""
-    part = name.split(".")[2 if name.startswith("own.") else 0]
-    return part if part in ("g_a", "g_s") else None
+    found = transform_pair(name)
+    return found[1] if found else None
 
 
 def is_conv_kernel(name: str, ndim: int) -> bool:
@@ -336,14 +344,20 @@ def from_arrays(arrays: dict[str, np.ndarray]) -> Codec:
         config = Config.from_json(bytes(arrays["config"].astype(np.uint8)).decode())
     except (KeyError, ValueError, TypeError) as exc:
         raise ValueError(f"weights have no valid config ({exc})") from None
-    model = Codec(config)
-    state = model.state_dict()
-    for name, tensor in state.items():
+    model = Codec(dataclasses.replace(config, specialized=()))
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    # Each own pair has the shared pair's shapes. Check they are all in the file before
+    # building them: a config listing 255 specialized qualities must bring 255 pairs.
+    shapes.update({f"own.q{q}.{name}": shape for q in config.specialized
+                   for name, shape in list(shapes.items()) if transform_part(name)})
+    for name, shape in shapes.items():
         if name not in arrays:
             raise ValueError(f"weights lack tensor {name}")
-        value = arrays[name]
-        if tuple(value.shape) != tuple(tensor.shape):
-            raise ValueError(f"tensor {name} has shape {value.shape}, expected {tuple(tensor.shape)}")
+        if tuple(arrays[name].shape) != shape:
+            raise ValueError(f"tensor {name} has shape {arrays[name].shape}, expected {shape}")
+    if config.specialized:
+        model = Codec(config)
+    state = model.state_dict()
     with torch.no_grad():
         for name, tensor in state.items():
             # Into the parameter itself, converting as it copies: no fp32 copy of the whole

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import MSE_LAMBDAS, Codec, Config, rate_distortion_loss, specialize, transform_part
+from .model import MSE_LAMBDAS, Codec, Config, rate_distortion_loss, specialize, transform_pair
 
 DENSITY_LR_SCALE = 5.0
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".ppm"}
@@ -302,21 +302,18 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
         model.export_tables()  # the encoder's search measures rate with the integer tables
     # The pairs of transforms the trained qualities run through ("" = the shared pair): only
     # those may learn, or DistributedDataParallel would wait for gradients that never come.
-    pairs = {f"own.q{q}." if q in config.specialized else "" for q in qualities}
-
-    def in_trained_pair(name: str) -> bool:
-        return (name[:name.index(".", 4) + 1] if name.startswith("own.") else "") in pairs
-
-    if opts.finetune_decoder:
-        # Decoder fine-tuning (Borzechowski et al.): only g_s and the inverse gains learn.
-        for name, param in model.named_parameters():
-            param.requires_grad = (transform_part(name) == "g_s" and in_trained_pair(name)) or name == "inverse_gain"
-    else:
-        # The pairs the trained qualities use, the gains and the densities. With --specialize
-        # that leaves the shared pair and the other qualities as they were (their rows of gain
-        # and density get zero gradients, so Adam does not move them).
-        for name, param in model.named_parameters():
-            param.requires_grad = transform_part(name) is None or in_trained_pair(name)
+    pairs = {f"q{q}" if q in config.specialized else "" for q in qualities}
+    for name, param in model.named_parameters():
+        pair = transform_pair(name)
+        if opts.finetune_decoder:
+            # Decoder fine-tuning (Borzechowski et al.): only g_s and the inverse gains learn.
+            param.requires_grad = name == "inverse_gain" or (
+                pair is not None and pair[1] == "g_s" and pair[0] in pairs)
+        else:
+            # The used pairs, the gains and the densities. With --specialize that leaves the
+            # shared pair and the other qualities as they were (their rows of gain and density
+            # get zero gradients, so Adam does not move them).
+            param.requires_grad = pair is None or pair[0] in pairs
     params = [p for p in model.parameters() if p.requires_grad]
     # The densities are small and each sees few samples: they learn 5x faster.
     density_params = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("density.")]

@@ -98,11 +98,26 @@ def test_specialized_weights_round_trip_through_a_file(tmp_path):
         data = encode_pixels(pixels, quality, weights=path)
         decoded = decode_pixels(data, weights=path).pixels
         assert decoded.shape == pixels.shape
-    # A pair missing from the file, or a config naming a quality the model lacks, is refused.
+    # A pair missing from the file is refused.
     del arrays["own.q2.g_s.0.weight"]
     save_weights(arrays, tmp_path / "partial.npz")
     with pytest.raises(WeightsError, match="lack tensor own.q2.g_s.0.weight"):
         load_weights(tmp_path / "partial.npz")
+
+
+def test_a_config_claiming_pairs_the_file_lacks_is_refused_before_they_are_built(tmp_path, monkeypatch):
+    arrays = to_arrays(tiny_model())
+    config = json.loads(bytes(arrays["config"]).decode())
+    config["specialized"] = list(range(1, 9))
+    arrays["config"] = np.frombuffer(json.dumps(config).encode(), dtype=np.uint8)
+    save_weights(arrays, tmp_path / "claims.npz")
+
+    def no_pairs(*args):
+        raise AssertionError("own pairs built before the file was checked")
+
+    monkeypatch.setattr("nic.model.Transforms", no_pairs)
+    with pytest.raises(WeightsError, match="lack tensor own.q1."):
+        load_weights(tmp_path / "claims.npz")
 
 
 @pytest.mark.parametrize("value", [[9], [2, 1], [1, 1], [True], [0], "2", [2.0]])
@@ -177,6 +192,12 @@ def test_graft_tool(tmp_path):
                              "-q", f"5={tmp_path / 'q5.npz'}", "-o", str(tmp_path / "out.npz")],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(b"not a zip")
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "graft_qualities.py"), str(tmp_path / "base.npz"),
+                             "-q", f"5={broken}", "-o", str(tmp_path / "none.npz")], capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "not a valid weights file" in result.stderr
+    assert not (tmp_path / "none.npz").exists()
     model = load_weights(tmp_path / "out.npz")[0]
     assert model.config.specialized == (5,)
     assert torch.equal(model.own.q5.g_s[0].weight, donor.g_s[0].weight)

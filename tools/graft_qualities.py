@@ -3,8 +3,8 @@
     python tools/graft_qualities.py weights/default.npz -q 1=runs/spec/q1.npz \
         -q 2=runs/spec/q2.npz -o runs/spec/grafted.npz [--half]
 
-Each ``Q=FILE`` is a whole model (same N, M and λ table as BASE) that was trained for
-quality Q alone, e.g. ``nic train --init BASE --quality Q`` run on another machine, or
+Each ``Q=FILE`` is a whole model (same N, M and number of qualities as BASE) trained
+for quality Q alone (Q's λ is taken from FILE), e.g. ``nic train --init BASE --quality Q`` run on another machine, or
 in parallel with the others. The result keeps BASE for every other quality and gives
 Q its own g_a/g_s from FILE, with FILE's gain, inverse gain and density for Q (see
 ``nic.model.specialize``); it is what ``nic train --specialize`` would have produced
@@ -29,13 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", type=Path, required=True)
     parser.add_argument("--half", action="store_true", help="store conv kernels as fp16")
     args = parser.parse_args(argv)
-    donors = {}
+    sources = {}
     for item in args.quality:
         quality, _, path = item.partition("=")
         if not quality.isdigit() or not path:
             parser.error(f"-q {item}: expected Q=FILE")
-        donors[int(quality)] = load_weights(path)[0]
-    try:
+        sources[int(quality)] = path
+    try:  # WeightsError (unreadable or invalid files) is a ValueError too
+        donors = {quality: load_weights(path)[0] for quality, path in sources.items()}
         model = specialize(load_weights(args.base)[0], [], donors)
     except ValueError as exc:
         print(f"graft_qualities: {exc}", file=sys.stderr)
