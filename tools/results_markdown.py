@@ -32,21 +32,32 @@ def load(path: str) -> dict:
     return report
 
 
+def loss(point: dict) -> float:
+    """J = bpp + λ·255²·MSE, the training loss, mean over the point's images, with the λ
+    of nic's standard table (nic.model.MSE_LAMBDAS) for the point's quality."""
+    from nic.model import MSE_LAMBDAS
+
+    lam = MSE_LAMBDAS[int(point["param"]) - 1]
+    return sum(i["bpp"] + lam * 255.0**2 * 10 ** (-i["psnr"] / 10) for i in point["images"]) / len(point["images"])
+
+
 def per_quality(path: str, before_path: str) -> None:
     from nic.bench import rate_change
 
     after, before = load(path), load(before_path)
-    old = {p["param"]: p["mean"] for p in before["codecs"]["nic"]["points"]}
-    curve = sorted(old.values(), key=lambda m: m["bpp"])
+    old = {p["param"]: p for p in before["codecs"]["nic"]["points"]}
+    curve = sorted((p["mean"] for p in old.values()), key=lambda m: m["bpp"])
     print(f"weights `{before['weights']}` → `{after['weights']}`, {len(after['images'])} images of "
-          f"`{after['folder']}`; means over images.\n")
-    print("| quality | bpp before | PSNR before | bpp after | PSNR after | rate at equal PSNR |")
-    print("|---:|---:|---:|---:|---:|---:|")
+          f"`{after['folder']}`; means over images; J with the standard λ of each quality.\n")
+    print("| quality | bpp before | PSNR before | bpp after | PSNR after | J before → after | rate at equal PSNR |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for point in after["codecs"]["nic"]["points"]:
         new, was = point["mean"], old.get(point["param"])
         change = rate_change([m["bpp"] for m in curve], [m["psnr"] for m in curve], new["bpp"], new["psnr"])
-        print(f"| {point['param']} | {_number(was and was['bpp'], 3)} | {_number(was and was['psnr'], 2)} | "
-              f"{new['bpp']:.3f} | {new['psnr']:.2f} | {'—' if math.isnan(change) else f'{100 * change:+.1f} %'} |")
+        j = f"{loss(was):.4f} → {loss(point):.4f} ({100 * (loss(point) / loss(was) - 1):+.1f} %)" if was else "—"
+        print(f"| {point['param']} | {_number(was and was['mean']['bpp'], 4)} | "
+              f"{_number(was and was['mean']['psnr'], 3)} | {new['bpp']:.4f} | {new['psnr']:.3f} | {j} | "
+              f"{'—' if math.isnan(change) else f'{100 * change:+.1f} %'} |")
 
 
 def main(path: str) -> None:
