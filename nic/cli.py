@@ -620,6 +620,9 @@ def info(file: str, max_pixels: int) -> None:
 @click.option("--specialize", is_flag=True,
               help="With --init and --quality: give those qualities a g_a/g_s pair of their own "
                    "(a copy of the shared one) and train only them; the other qualities stay as they are.")
+@click.option("--own-N", "own_N", type=click.IntRange(8, 1024), default=None,
+              help="With --specialize: give those pairs this many hidden channels (at least what they have; "
+                   "the added channels start out changing nothing).")
 @click.option("--bf16/--no-bf16", default=True, show_default=True, help="bf16 autocast.")
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True,
               help="NHWC (channels-last) tensors: fastest with --bf16 on CPUs with AVX-512 bf16 or AMX.")
@@ -637,7 +640,7 @@ def info(file: str, max_pixels: int) -> None:
               help="Minutes between validations.")
 @threads_option
 def train(data, out, minutes, steps, qualities, lambdas, N, M, patch, batch, lr, lr_final, init, finetune_decoder,
-          finetune_effort, specialize, bf16, channels_last, compiled, device, seed, log_every, holdout, validation,
+          finetune_effort, specialize, own_N, bf16, channels_last, compiled, device, seed, log_every, holdout, validation,
           validate_minutes, threads) -> None:
     """Train (or resume) on the images under DATA folders (never on Kodak)."""
     from .train import TrainOptions, checked_lambdas, train as run_training
@@ -646,6 +649,8 @@ def train(data, out, minutes, steps, qualities, lambdas, N, M, patch, batch, lr,
         raise click.UsageError("give --minutes or --steps")
     try:
         checked_lambdas(list(lambdas), init, specialize)  # train() checks again; here a misuse exits 2
+        if own_N is not None and not specialize:
+            raise ValueError("--own-N widens the pairs of --specialize: give both")
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     if compiled and device == "cpu" and not any(
@@ -657,7 +662,7 @@ def train(data, out, minutes, steps, qualities, lambdas, N, M, patch, batch, lr,
         lr_final=lr_final, minutes=minutes, steps=steps, qualities=list(qualities) or None, seed=seed,
         lambdas=list(lambdas) or None,
         bf16=bf16, channels_last=channels_last, compile=compiled, device=device, init=Path(init) if init else None,
-        finetune_decoder=finetune_decoder, finetune_effort=finetune_effort, specialize=specialize,
+        finetune_decoder=finetune_decoder, finetune_effort=finetune_effort, specialize=specialize, own_N=own_N,
         log_every=log_every, holdout=holdout,
         validation=[Path(v) for v in validation],
         validate_minutes=validate_minutes,

@@ -18,14 +18,16 @@ quality alone it codes that quality's images ~8-10 % smaller at equal PSNR at th
 rates (docs/training.md, "Compute strategy"). A *specialized* quality therefore has
 its own g_a/g_s (``Config.specialized``), started from the shared pair and trained
 for its λ alone; the others keep the shared pair. The bitstream does not change: ŷ
-has the same M channels and is coded with the quality's own integer tables.
+has the same M channels and is coded with the quality's own integer tables. An own
+pair may be wider than the shared one (``Config.specialized_N``: more hidden channels
+for the high rates, where the published models use N=192): it starts as the narrower
+pair plus channels that do not change its output yet (:func:`embed_transform`).
 
 This module is math only: tensors in, tensors out. No I/O.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -59,6 +61,13 @@ class Config:
     lambdas: tuple[float, ...] = MSE_LAMBDAS
     decoder_finetuned: bool = False  # g_s retrained on rounded latents (nic train --finetune-decoder)
     specialized: tuple[int, ...] = ()  # qualities (1-based) with their own g_a/g_s, see specialize()
+    specialized_N: tuple[int, ...] = ()  # hidden channels of each own pair (same order); () = all N
+
+    def pair_N(self, quality: int) -> int:
+        """Hidden channels of the transforms that ``quality`` runs through."""
+        if self.specialized_N and quality in self.specialized:
+            return self.specialized_N[self.specialized.index(quality)]
+        return self.N
 
     @property
     def qualities(self) -> int:
@@ -66,8 +75,9 @@ class Config:
 
     def to_json(self) -> str:
         fields = dataclasses.asdict(self)
-        if not self.specialized:
-            del fields["specialized"]  # so weights without it keep the bytes (and hash) they had
+        for name in ("specialized", "specialized_N"):
+            if not fields[name]:
+                del fields[name]  # so weights without them keep the bytes (and hash) they had
         return json.dumps(fields, sort_keys=True)
 
     @classmethod
@@ -77,9 +87,10 @@ class Config:
         if not isinstance(fields, dict):
             raise ValueError("config is not an object")
         fields["lambdas"] = tuple(fields.get("lambdas", ()))
-        if not isinstance(fields.get("specialized", []), list):
-            raise ValueError("config field specialized must be a list of qualities")
-        fields["specialized"] = tuple(fields.get("specialized", ()))
+        for name in ("specialized", "specialized_N"):
+            if not isinstance(fields.get(name, []), list):
+                raise ValueError(f"config field {name} must be a list")
+            fields[name] = tuple(fields.get(name, ()))
         config = cls(**fields)
         for name in ("model_id", "N", "M"):
             value = getattr(config, name)
@@ -94,6 +105,11 @@ class Config:
                 isinstance(q, int) and not isinstance(q, bool) and 1 <= q <= config.qualities
                 for q in config.specialized):
             raise ValueError(f"config field specialized must list qualities of 1..{config.qualities} in order")
+        if config.specialized_N and (len(config.specialized_N) != len(config.specialized) or not all(
+                isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_CHANNELS
+                for n in config.specialized_N)):
+            raise ValueError(f"config field specialized_N must give 1..{MAX_CHANNELS} channels "
+                             "for each specialized quality")
         return config
 
 
@@ -123,12 +139,46 @@ def synthesis_transform(N: int, M: int) -> nn.Sequential:
 
 
 class Transforms(nn.Module):
-    """A specialized quality's own pair of transforms (same shapes as the shared pair)."""
+    """A specialized quality's own pair of transforms (N hidden channels, M latent)."""
 
-    def __init__(self, g_a: nn.Sequential, g_s: nn.Sequential):
+    def __init__(self, N: int, M: int):
         super().__init__()
-        self.g_a = g_a
-        self.g_s = g_s
+        self.g_a = analysis_transform(N, M)
+        self.g_s = synthesis_transform(N, M)
+
+
+def pair_shapes(N: int, M: int) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of a pair of transforms ("g_a.0.weight": ...), nothing allocated."""
+    with torch.device("meta"):
+        pair = nn.ModuleDict({"g_a": analysis_transform(N, M), "g_s": synthesis_transform(N, M)})
+    return {name: tuple(tensor.shape) for name, tensor in pair.state_dict().items()}
+
+
+@torch.no_grad()
+def embed_transform(source: nn.Sequential, target: nn.Sequential) -> None:
+    """Copy ``source`` into ``target``, a g_a or g_s as wide or wider (more hidden
+    channels), so that ``target`` computes exactly what ``source`` does.
+
+    The first channels of every layer are source's; what flows from a new channel
+    into an old one is zero (convolution weights, and GDN's γ_ij of a new j), so the
+    new channels cannot change the output. What flows into a new channel keeps
+    ``target``'s fresh initialization: the new channels are active at once, so the
+    weights out of them get gradients at the first step (as a zero-initialized
+    residual branch does) and the wider pair learns to use them."""
+    for mine, theirs in zip(target, source, strict=True):
+        if isinstance(mine, GDN):
+            n = theirs.beta.shape[0]
+            mine.beta[:n] = theirs.beta
+            mine.gamma[:n] = mine.gamma_reparam.init(torch.zeros_like(mine.gamma[:n]))  # γ_ij = 0
+            mine.gamma[:n, :n] = theirs.gamma
+            continue
+        # Conv2d weights are (out, in, k, k); ConvTranspose2d weights are (in, out, k, k).
+        out_axis = 1 if isinstance(mine, nn.ConvTranspose2d) else 0
+        old_out, old_in = theirs.weight.shape[out_axis], theirs.weight.shape[1 - out_axis]
+        into_old = mine.weight.narrow(out_axis, 0, old_out)
+        into_old.zero_()  # from the new inputs too
+        into_old.narrow(1 - out_axis, 0, old_in).copy_(theirs.weight)
+        mine.bias[:old_out] = theirs.bias
 
 
 class Codec(nn.Module):
@@ -139,9 +189,11 @@ class Codec(nn.Module):
         self.g_a = analysis_transform(N, M)
         self.g_s = synthesis_transform(N, M)
         # Parameters "own.q3.g_a.0.weight" etc.: quality 3's own pair, if it has one; it
-        # starts as a copy of the shared pair (also ~5x faster than a random init).
-        self.own = nn.ModuleDict({f"q{q}": Transforms(copy.deepcopy(self.g_a), copy.deepcopy(self.g_s))
-                                  for q in config.specialized})
+        # starts as (an embedding of) the shared pair (also ~5x faster than a random init).
+        self.own = nn.ModuleDict({f"q{q}": Transforms(config.pair_N(q), M) for q in config.specialized})
+        for pair in self.own.values():
+            embed_transform(self.g_a, pair.g_a)
+            embed_transform(self.g_s, pair.g_s)
         # Quantization step ∝ 1/sqrt(λ) is the high-rate optimum; start there.
         lam = torch.tensor(config.lambdas, dtype=torch.float32)
         gain = torch.sqrt(lam / lam[Q // 2]).reshape(Q, 1).expand(Q, M).clone()
@@ -248,7 +300,7 @@ def pad_to_multiple(x: Tensor, multiple: int = DOWNSAMPLING) -> Tensor:
 
 
 def specialize(model: Codec, qualities: list[int], donors: dict[int, Codec] | None = None,
-               lambdas: dict[int, float] | None = None) -> Codec:
+               lambdas: dict[int, float] | None = None, widths: dict[int, int] | None = None) -> Codec:
     """A copy of ``model`` in which each of ``qualities`` has its own g_a/g_s.
 
     A quality's own pair starts as a copy of the shared pair (to be trained for that
@@ -256,18 +308,18 @@ def specialize(model: Codec, qualities: list[int], donors: dict[int, Codec] | No
     pair for q, with q's gain, inverse gain and density: a model trained for q alone
     is grafted in, with the donor's λ for q. ``lambdas`` gives some of ``qualities`` a
     new λ to be trained for (its gain and density then move to the new rate); the λ
-    must still increase with the quality. Qualities that are already specialized keep
-    their pair unless a donor replaces it. Integer tables are re-exported if ``model``
-    had them."""
-    donors, lambdas = donors or {}, lambdas or {}
-    for q in [*qualities, *donors, *lambdas]:
+    must still increase with the quality. ``widths`` gives some of ``qualities`` more
+    hidden channels: their pair is embedded in a wider one that computes the same
+    (:func:`embed_transform`). Qualities that are already specialized keep their pair
+    unless a donor replaces it. Integer tables are re-exported if ``model`` had them."""
+    donors, lambdas, widths = donors or {}, lambdas or {}, widths or {}
+    for q in [*qualities, *donors, *lambdas, *widths]:
         if not 1 <= q <= model.config.qualities:
             raise ValueError(f"quality {q} is not one of the model's 1..{model.config.qualities}")
     table = list(model.config.lambdas)
     for q, donor in donors.items():
-        if (donor.config.N, donor.config.M, donor.config.qualities) != (model.config.N, model.config.M,
-                                                                         model.config.qualities):
-            raise ValueError(f"the model given for quality {q} has another N, M or number of qualities")
+        if (donor.config.M, donor.config.qualities) != (model.config.M, model.config.qualities):
+            raise ValueError(f"the model given for quality {q} has another M or number of qualities")
         table[q - 1] = donor.config.lambdas[q - 1]
     for q, value in lambdas.items():
         if q not in qualities:
@@ -275,19 +327,29 @@ def specialize(model: Codec, qualities: list[int], donors: dict[int, Codec] | No
         table[q - 1] = value
     if any(low >= high for low, high in zip(table, table[1:])):
         raise ValueError(f"λ must increase with the quality, got {', '.join(f'{v:g}' for v in table)}")
+    sources = {q: donors.get(q, model) for q in sorted({*model.config.specialized, *qualities, *donors})}
+    pair_N = {q: source.config.pair_N(q) for q, source in sources.items()}
+    for q, width in widths.items():
+        if q not in qualities:
+            raise ValueError(f"a new width for quality {q}, which is not being specialized")
+        if not pair_N[q] <= width <= MAX_CHANNELS:
+            raise ValueError(f"quality {q}'s own pair can grow from {pair_N[q]} to at most "
+                             f"{MAX_CHANNELS} hidden channels, not {width}")
+        pair_N[q] = width
     config = dataclasses.replace(
-        model.config, lambdas=tuple(table),
-        specialized=tuple(sorted({*model.config.specialized, *qualities, *donors})))
+        model.config, lambdas=tuple(table), specialized=tuple(sources),
+        specialized_N=tuple(pair_N.values()) if any(n != model.config.N for n in pair_N.values()) else ())
     result = Codec(config)
-    result.load_state_dict(model.state_dict(), strict=False)
+    # The shared pair, gains and densities (own pairs are copied below: they may be wider).
+    result.load_state_dict({name: tensor for name, tensor in model.state_dict().items()
+                            if not name.startswith("own.")}, strict=False)
     M = config.M
     with torch.no_grad():
-        for q in config.specialized:
+        for q, source in sources.items():
             own = result.own[f"q{q}"]
-            source = donors.get(q, model)
             g_a, g_s = source.transforms(q)
-            own.g_a.load_state_dict(g_a.state_dict())
-            own.g_s.load_state_dict(g_s.state_dict())
+            embed_transform(g_a, own.g_a)
+            embed_transform(g_s, own.g_s)
             if q in donors:
                 result.gain[q - 1] = source.gain[q - 1]
                 result.inverse_gain[q - 1] = source.inverse_gain[q - 1]
@@ -344,12 +406,12 @@ def from_arrays(arrays: dict[str, np.ndarray]) -> Codec:
         config = Config.from_json(bytes(arrays["config"].astype(np.uint8)).decode())
     except (KeyError, ValueError, TypeError) as exc:
         raise ValueError(f"weights have no valid config ({exc})") from None
-    model = Codec(dataclasses.replace(config, specialized=()))
+    model = Codec(dataclasses.replace(config, specialized=(), specialized_N=()))
     shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    # Each own pair has the shared pair's shapes. Check they are all in the file before
-    # building them: a config listing 255 specialized qualities must bring 255 pairs.
-    shapes.update({f"own.q{q}.{name}": shape for q in config.specialized
-                   for name, shape in list(shapes.items()) if transform_part(name)})
+    # Check that every own pair is in the file before building them: a config listing
+    # 255 specialized qualities of 1024 channels must bring 255 such pairs.
+    for q in config.specialized:
+        shapes.update({f"own.q{q}.{name}": shape for name, shape in pair_shapes(config.pair_N(q), config.M).items()})
     for name, shape in shapes.items():
         if name not in arrays:
             raise ValueError(f"weights lack tensor {name}")

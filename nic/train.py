@@ -59,6 +59,7 @@ class TrainOptions:
     finetune_decoder: bool = False
     finetune_effort: int = 1  # with finetune_decoder: the encoder effort whose latents g_s learns from
     specialize: bool = False  # give each trained quality its own g_a/g_s (from --init) and train only those
+    own_N: int | None = None  # with specialize: widen those pairs to this many hidden channels
     log_every: int = 20
     holdout: int = 0  # training images set aside for validation
     validation: list[Path] = field(default_factory=list)  # folders (or files) validated on as well
@@ -252,6 +253,8 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
     if opts.specialize and (opts.init is None or not opts.qualities or opts.finetune_decoder):
         raise ValueError("--specialize needs --init weights and --quality, and trains the whole pair: "
                          "fine-tune its decoder in a second run")
+    if opts.own_N is not None and not opts.specialize:
+        raise ValueError("--own-N widens the pairs of --specialize: give both")
     retarget = {}
     if opts.specialize and opts.lambdas:
         if len(opts.lambdas) != len(opts.qualities):
@@ -281,7 +284,8 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
     if max(qualities) > config.qualities:
         raise ValueError(f"--quality {max(qualities)}: the model has qualities 1..{config.qualities}")
     if opts.specialize and state is None:
-        model = specialize(model, qualities, lambdas=retarget)
+        model = specialize(model, qualities, lambdas=retarget,
+                           widths={q: opts.own_N for q in qualities} if opts.own_N else None)
         config = model.config
     files, held_out = split_holdout(find_images(opts.data, opts.exclude), opts.holdout)
     if opts.validation:

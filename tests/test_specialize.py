@@ -78,8 +78,10 @@ def test_grafting_takes_the_donors_quality_and_keeps_the_rest():
         assert np.array_equal(reconstruct(grafted, latents, quality, 32, 48, False),
                               reconstruct(source, latents, quality, 32, 48, False))
         assert np.array_equal(grafted.tables[quality - 1].frequencies, source.tables[quality - 1].frequencies)
-    with pytest.raises(ValueError, match="another N, M"):
+    with pytest.raises(ValueError, match="another M"):
         specialize(base, [], {2: Codec(Config(N=8, M=16))})
+    # A donor of another width (a model trained alone, wider) brings its width along.
+    assert specialize(base, [], {2: Codec(Config(N=12, M=8))}).config.specialized_N == (12,)
     with pytest.raises(ValueError, match="not one of"):
         specialize(base, [9])
 
@@ -239,3 +241,76 @@ def test_training_only_specialized_qualities_leaves_the_shared_pair(tmp_path, ph
     assert all(torch.equal(after[n], v) for n, v in before.items() if n.startswith(("g_a.", "g_s."))), \
         "the shared pair moved"
     assert not torch.equal(after["own.q2.g_a.0.weight"], before["own.q2.g_a.0.weight"])
+
+
+def test_a_widened_pair_codes_exactly_like_the_narrower_one():
+    model = specialize(tiny_model(), [], {3: perturbed(tiny_model(), seed=7)})
+    wide = specialize(model, [3, 5], widths={3: 12, 5: 16})
+    assert wide.config.specialized == (3, 5) and wide.config.specialized_N == (12, 16)
+    assert [wide.config.pair_N(q) for q in (1, 3, 5)] == [8, 12, 16]
+    assert wide.own.q3.g_a[2].weight.shape == (12, 12, 5, 5) and wide.own.q5.g_s[6].weight.shape == (16, 3, 5, 5)
+    pixels = smooth_image(40, 56)
+    for quality in (1, 3, 5):
+        latents = quantize_latents(model, pixels, quality)
+        assert np.array_equal(quantize_latents(wide, pixels, quality), latents)
+        assert np.array_equal(reconstruct(wide, latents, quality, 40, 56, False),
+                              reconstruct(model, latents, quality, 40, 56, False))
+    # The added channels are live (a new GDN channel is normalized by itself), only their
+    # way into the old channels is closed, so training opens it from the first step.
+    with torch.no_grad():
+        hidden = wide.own.q3.g_a[:2](torch.rand(1, 3, 32, 32))
+    assert hidden[:, 8:].abs().sum() > 0
+    assert not wide.own.q3.g_a[2].weight[:8, 8:].any() and wide.own.q3.g_a[2].weight[8:].any()
+    assert not wide.own.q3.g_s[2].weight[8:, :8].any()  # transposed: (in, out, k, k)
+
+
+def test_widths_are_checked():
+    model = specialize(tiny_model(), [2], widths={2: 12})
+    for qualities, widths, message in (([2], {2: 10}, "from 12 to at most"), ([3], {4: 12}, "not being specialized"),
+                                       ([3], {3: 2000}, "at most 1024")):
+        with pytest.raises(ValueError, match=message):
+            specialize(model, qualities, widths=widths)
+    # Re-specializing keeps the width; a pair of the shared width lists no widths at all.
+    assert specialize(model, [3]).config.specialized_N == (12, 8)
+    assert specialize(tiny_model(), [3], widths={3: 8}).config.specialized_N == ()
+
+
+def test_a_widened_pair_round_trips_through_a_file(tmp_path):
+    wide = specialize(tiny_model(), [4], widths={4: 16})
+    path = tmp_path / "wide.npz"
+    digest = save_weights(to_arrays(wide, half=True), path)
+    loaded, loaded_digest = load_weights(path)
+    assert loaded_digest == digest and loaded.config == wide.config
+    pixels = smooth_image(24, 40)
+    assert decode_pixels(encode_pixels(pixels, 4, weights=path), weights=path).pixels.shape == pixels.shape
+    # A file whose pair has other shapes than its config says is refused, by name.
+    arrays = dict(np.load(path))
+    config = json.loads(bytes(arrays["config"]).decode())
+    config["specialized_N"] = [24]
+    arrays["config"] = np.frombuffer(json.dumps(config).encode(), dtype=np.uint8)
+    save_weights(arrays, tmp_path / "lies.npz")
+    with pytest.raises(WeightsError, match=r"tensor own.q4.g_a.0.weight has shape \(16, 3, 5, 5\), expected"):
+        load_weights(tmp_path / "lies.npz")
+
+
+@pytest.mark.parametrize("value", [[16, 16], [0], [True], "16", [2000]])
+def test_config_refuses_a_bad_specialized_N(value):
+    fields = json.loads(Config().to_json())
+    fields["specialized"] = [2]
+    fields["specialized_N"] = value
+    with pytest.raises(ValueError, match="specialized_N"):
+        Config.from_json(json.dumps(fields))
+
+
+def test_train_specialize_can_widen_the_pair(tmp_path, photos, tiny_weights):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", str(photos), "--out", str(out), "--steps", "2", "--init", tiny_weights,
+                                      "--specialize", "--quality", "8", "--own-N", "20", "--lr", "1e-2", *TINY])
+    assert result.exit_code == 0, result.output
+    config, after = checkpoint_state(out)
+    assert config.specialized == (8,) and config.pair_N(8) == 20
+    assert after["own.q8.g_s.2.weight"][16:, :16].any(), "the new channels did not start to feed the old ones"
+    result = CliRunner().invoke(cli, ["train", str(photos), "--out", str(tmp_path / "bad"), "--steps", "1",
+                                      "--init", tiny_weights, "--quality", "8", "--own-N", "20", *TINY])
+    assert result.exit_code == 2 and "--own-N widens the pairs of --specialize" in result.output, result.output
+    assert not (tmp_path / "bad").exists()

@@ -3,7 +3,8 @@
     python tools/graft_qualities.py weights/default.npz -q 1=runs/spec/q1.npz \
         -q 2=runs/spec/q2.npz -o runs/spec/grafted.npz [--half]
 
-Each ``Q=FILE`` is a whole model (same N, M and number of qualities as BASE) trained
+Each ``Q=FILE`` is a whole model (same M and number of qualities as BASE; its N, or
+the width of its own pair for Q, comes along) trained
 for quality Q alone (Q's λ is taken from FILE), e.g. ``nic train --init BASE --quality Q`` run on another machine, or
 in parallel with the others. The result keeps BASE for every other quality and gives
 Q its own g_a/g_s from FILE, with FILE's gain, inverse gain and density for Q (see
