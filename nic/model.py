@@ -148,10 +148,19 @@ class Transforms(nn.Module):
 
 
 def pair_shapes(N: int, M: int) -> dict[str, tuple[int, ...]]:
-    """Parameter shapes of a pair of transforms ("g_a.0.weight": ...), nothing allocated."""
-    with torch.device("meta"):
-        pair = nn.ModuleDict({"g_a": analysis_transform(N, M), "g_s": synthesis_transform(N, M)})
-    return {name: tuple(tensor.shape) for name, tensor in pair.state_dict().items()}
+    """Parameter shapes of a pair of transforms ("g_a.0.weight": ...), nothing allocated
+    (the layers of analysis_transform and synthesis_transform, in order)."""
+    kernel = (5, 5)
+    shapes: dict[str, tuple[int, ...]] = {}
+    # Conv2d weights are (out, in, k, k), ConvTranspose2d weights (in, out, k, k).
+    for part, layers in (("g_a", ((N, 3), (N, N), (N, N), (M, N))), ("g_s", ((M, N), (N, N), (N, N), (N, 3)))):
+        for i, (first, second) in enumerate(layers):
+            shapes[f"{part}.{2 * i}.weight"] = (first, second, *kernel)
+            shapes[f"{part}.{2 * i}.bias"] = (first if part == "g_a" else second,)
+            if i < 3:
+                shapes[f"{part}.{2 * i + 1}.beta"] = (N,)
+                shapes[f"{part}.{2 * i + 1}.gamma"] = (N, N)
+    return shapes
 
 
 @torch.no_grad()
@@ -184,6 +193,9 @@ def embed_transform(source: nn.Sequential, target: nn.Sequential) -> None:
 class Codec(nn.Module):
     def __init__(self, config: Config = Config()):
         super().__init__()
+        # Own pairs of a loaded weights file that nothing has run through yet (from_arrays):
+        # a process that codes at one quality builds that pair only.
+        self.unbuilt: dict[int, dict[str, np.ndarray]] = {}
         self.config = config
         N, M, Q = config.N, config.M, config.qualities
         self.g_a = analysis_transform(N, M)
@@ -234,8 +246,41 @@ class Codec(nn.Module):
 
     def transforms(self, quality: int) -> tuple[nn.Module, nn.Module]:
         """(g_a, g_s) of a quality: its own pair if it is specialized, else the shared one."""
+        if quality in self.unbuilt:
+            self._build_pair(quality)
         owner = self.own[f"q{quality}"] if quality in self.config.specialized else self
         return owner.g_a, owner.g_s
+
+    def _build_pair(self, quality: int) -> None:
+        arrays = self.unbuilt.pop(quality)
+        pair = Transforms(self.config.pair_N(quality), self.config.M).to(self.gain.device).train(self.training)
+        with torch.no_grad():
+            for name, tensor in pair.state_dict().items():
+                # Converting as it copies: no fp32 copy of the file's fp16 kernels on the side.
+                tensor.copy_(torch.from_numpy(np.ascontiguousarray(arrays[name])))
+        self.own[f"q{quality}"] = pair
+
+    def build_all(self) -> "Codec":
+        """Build every own pair not built yet; whatever reads or moves all parameters does."""
+        for quality in sorted(self.unbuilt):
+            self._build_pair(quality)
+        return self
+
+    def state_dict(self, *args, **kwargs):
+        self.build_all()
+        return super().state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args, **kwargs):
+        self.build_all()
+        return super().load_state_dict(*args, **kwargs)
+
+    def named_parameters(self, *args, **kwargs):  # parameters() too
+        self.build_all()
+        return super().named_parameters(*args, **kwargs)
+
+    def _apply(self, *args, **kwargs):  # to(), float(), cuda() ...
+        self.build_all()
+        return super()._apply(*args, **kwargs)
 
     def _each(self, part: str, x: Tensor, qualities: Tensor) -> Tensor:
         """g_a or g_s (``part``) of each sample by its quality's transforms, in batch order."""
@@ -408,23 +453,25 @@ def from_arrays(arrays: dict[str, np.ndarray]) -> Codec:
         raise ValueError(f"weights have no valid config ({exc})") from None
     model = Codec(dataclasses.replace(config, specialized=(), specialized_N=()))
     shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    # Check that every own pair is in the file before building them: a config listing
-    # 255 specialized qualities of 1024 channels must bring 255 such pairs.
-    for q in config.specialized:
-        shapes.update({f"own.q{q}.{name}": shape for name, shape in pair_shapes(config.pair_N(q), config.M).items()})
+    # Check every own pair before anything is built from it: a config listing 255
+    # specialized qualities of 1024 channels must bring 255 such pairs.
+    own_shapes = {q: pair_shapes(config.pair_N(q), config.M) for q in config.specialized}
+    for q, pair in own_shapes.items():
+        shapes.update({f"own.q{q}.{name}": shape for name, shape in pair.items()})
     for name, shape in shapes.items():
         if name not in arrays:
             raise ValueError(f"weights lack tensor {name}")
         if tuple(arrays[name].shape) != shape:
             raise ValueError(f"tensor {name} has shape {arrays[name].shape}, expected {shape}")
-    if config.specialized:
-        model = Codec(config)
-    state = model.state_dict()
     with torch.no_grad():
-        for name, tensor in state.items():
+        for name, tensor in model.state_dict().items():
             # Into the parameter itself, converting as it copies: no fp32 copy of the whole
-            # file on the side (a weights file with several pairs is ~45 MB of fp16).
+            # file on the side (a weights file with several pairs is ~50 MB of fp16).
             tensor.copy_(torch.from_numpy(np.ascontiguousarray(arrays[name])))
+    # The own pairs are built when a quality first runs through them (Codec.transforms),
+    # or all at once by anything that reads every parameter (state_dict, parameters, to).
+    model.config = config
+    model.unbuilt = {q: {name: arrays[f"own.q{q}.{name}"] for name in pair} for q, pair in own_shapes.items()}
     tables = []
     for q in range(config.qualities):
         try:

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from conftest import smooth_image
 from nic.api import decode_pixels, encode_pixels, quantize_latents, reconstruct
 from nic.cli import cli
-from nic.model import Codec, Config, from_arrays, specialize, to_arrays
+from nic.model import Codec, Config, Transforms, from_arrays, pair_shapes, specialize, to_arrays
 from nic.weights import WeightsError, load_weights, save_weights
 
 TINY = ["--patch", "32", "--batch", "2", "--no-bf16", "--log-every", "1"]
@@ -202,7 +202,7 @@ def test_graft_tool(tmp_path):
     assert not (tmp_path / "none.npz").exists()
     model = load_weights(tmp_path / "out.npz")[0]
     assert model.config.specialized == (5,)
-    assert torch.equal(model.own.q5.g_s[0].weight, donor.g_s[0].weight)
+    assert torch.equal(model.transforms(5)[1][0].weight, donor.g_s[0].weight)
 
 
 def test_specialize_can_retarget_a_qualitys_lambda(tmp_path, photos, tiny_weights):
@@ -314,3 +314,28 @@ def test_train_specialize_can_widen_the_pair(tmp_path, photos, tiny_weights):
                                       "--init", tiny_weights, "--quality", "8", "--own-N", "20", *TINY])
     assert result.exit_code == 2 and "--own-N widens the pairs of --specialize" in result.output, result.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_loaded_file_builds_an_own_pair_when_its_quality_is_first_used(tmp_path):
+    special = specialize(tiny_model(), [], {2: perturbed(tiny_model(), seed=8), 5: perturbed(tiny_model(), seed=9)})
+    path = tmp_path / "special.npz"
+    save_weights(to_arrays(special), path)
+    loaded = from_arrays(dict(np.load(path)))
+    assert set(loaded.unbuilt) == {2, 5} and len(loaded.own) == 0
+    pixels = smooth_image(24, 40)
+    assert np.array_equal(quantize_latents(loaded, pixels, 2), quantize_latents(special, pixels, 2))
+    assert set(loaded.unbuilt) == {5} and set(loaded.own) == {"q2"}
+    # Whatever reads every parameter gets them all: a state dict of a half-built model
+    # would be a weights file without its pairs.
+    assert set(loaded.state_dict()) == set(special.state_dict()) and not loaded.unbuilt
+    assert all(torch.equal(value, special.state_dict()[name]) for name, value in loaded.state_dict().items())
+    for touch in (lambda m: list(m.parameters()), lambda m: m.to(torch.float32),
+                  lambda m: m.load_state_dict(special.state_dict())):
+        model = from_arrays(dict(np.load(path)))
+        touch(model)
+        assert not model.unbuilt and set(model.own) == {"q2", "q5"}
+
+
+@pytest.mark.parametrize("N, M", [(8, 8), (12, 20), (128, 192)])
+def test_pair_shapes_are_those_of_the_transforms(N, M):
+    assert pair_shapes(N, M) == {name: tuple(t.shape) for name, t in Transforms(N, M).state_dict().items()}
