@@ -253,8 +253,10 @@ class Codec(nn.Module):
 
     def _build_pair(self, quality: int) -> None:
         arrays = self.unbuilt.pop(quality)
-        pair = Transforms(self.config.pair_N(quality), self.config.M).to(self.gain.device).train(self.training)
-        with torch.no_grad():
+        # Often first reached under torch.inference_mode (nic encode), but the pair must be
+        # made of normal tensors: encoder effort 2..4 and training differentiate through it.
+        with torch.inference_mode(False), torch.no_grad():
+            pair = Transforms(self.config.pair_N(quality), self.config.M).to(self.gain.device).train(self.training)
             for name, tensor in pair.state_dict().items():
                 # Converting as it copies: no fp32 copy of the file's fp16 kernels on the side.
                 tensor.copy_(torch.from_numpy(np.ascontiguousarray(arrays[name])))

@@ -329,6 +329,15 @@ def test_a_loaded_file_builds_an_own_pair_when_its_quality_is_first_used(tmp_pat
     # would be a weights file without its pairs.
     assert set(loaded.state_dict()) == set(special.state_dict()) and not loaded.unbuilt
     assert all(torch.equal(value, special.state_dict()[name]) for name, value in loaded.state_dict().items())
+    # A pair first used under inference mode still takes gradients later (encoder effort 2..4).
+    with torch.inference_mode():
+        loaded.transforms(5)
+    loaded = from_arrays(dict(np.load(path)))
+    with torch.inference_mode():
+        quantize_latents(loaded, pixels, 5)
+    latents = torch.zeros(1, 8, 2, 3, requires_grad=True)
+    loaded.synthesis(latents, 5).sum().backward()
+    assert latents.grad is not None
     for touch in (lambda m: list(m.parameters()), lambda m: m.to(torch.float32),
                   lambda m: m.load_state_dict(special.state_dict())):
         model = from_arrays(dict(np.load(path)))
