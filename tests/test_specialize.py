@@ -41,16 +41,21 @@ def perturbed(model: Codec, seed: int) -> Codec:
     return other
 
 
+def assert_codes_alike(model: Codec, reference: Codec, qualities: tuple[int, ...]) -> None:
+    """The same latents and the same reconstruction at each of ``qualities``."""
+    pixels = smooth_image(40, 56)
+    for quality in qualities:
+        latents = quantize_latents(reference, pixels, quality)
+        assert np.array_equal(quantize_latents(model, pixels, quality), latents)
+        assert np.array_equal(reconstruct(model, latents, quality, 40, 56, False),
+                              reconstruct(reference, latents, quality, 40, 56, False))
+
+
 def test_a_fresh_specialization_codes_exactly_like_the_shared_pair():
     model = tiny_model()
     special = specialize(model, [2])
     assert special.config.specialized == (2,) and set(special.own) == {"q2"}
-    pixels = smooth_image(40, 56)
-    for quality in (1, 2, 3):
-        latents = quantize_latents(model, pixels, quality)
-        assert np.array_equal(quantize_latents(special, pixels, quality), latents)
-        assert np.array_equal(reconstruct(special, latents, quality, 40, 56, False),
-                              reconstruct(model, latents, quality, 40, 56, False))
+    assert_codes_alike(special, model, (1, 2, 3))
 
 
 def test_a_mixed_batch_is_each_sample_through_its_own_pair():
@@ -249,12 +254,7 @@ def test_a_widened_pair_codes_exactly_like_the_narrower_one():
     assert wide.config.specialized == (3, 5) and wide.config.specialized_N == (12, 16)
     assert [wide.config.pair_N(q) for q in (1, 3, 5)] == [8, 12, 16]
     assert wide.own.q3.g_a[2].weight.shape == (12, 12, 5, 5) and wide.own.q5.g_s[6].weight.shape == (16, 3, 5, 5)
-    pixels = smooth_image(40, 56)
-    for quality in (1, 3, 5):
-        latents = quantize_latents(model, pixels, quality)
-        assert np.array_equal(quantize_latents(wide, pixels, quality), latents)
-        assert np.array_equal(reconstruct(wide, latents, quality, 40, 56, False),
-                              reconstruct(model, latents, quality, 40, 56, False))
+    assert_codes_alike(wide, model, (1, 3, 5))
     # The added channels are live (a new GDN channel is normalized by itself), only their
     # way into the old channels is closed, so training opens it from the first step.
     with torch.no_grad():
