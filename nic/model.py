@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +49,8 @@ MAX_CHANNELS = 1024
 
 DOWNSAMPLING = 16
 """g_a halves height and width four times."""
+
+_BUILDING = threading.RLock()  # a loaded model is shared by every thread of a process (nic.weights)
 
 
 @dataclass(frozen=True)
@@ -247,12 +250,14 @@ class Codec(nn.Module):
     def transforms(self, quality: int) -> tuple[nn.Module, nn.Module]:
         """(g_a, g_s) of a quality: its own pair if it is specialized, else the shared one."""
         if quality in self.unbuilt:
-            self._build_pair(quality)
+            with _BUILDING:
+                if quality in self.unbuilt:  # not built by another thread meanwhile
+                    self._build_pair(quality)
         owner = self.own[f"q{quality}"] if quality in self.config.specialized else self
         return owner.g_a, owner.g_s
 
     def _build_pair(self, quality: int) -> None:
-        arrays = self.unbuilt.pop(quality)
+        arrays = self.unbuilt[quality]
         # Often first reached under torch.inference_mode (nic encode), but the pair must be
         # made of normal tensors: encoder effort 2..4 and training differentiate through it.
         with torch.inference_mode(False), torch.no_grad():
@@ -261,11 +266,14 @@ class Codec(nn.Module):
                 # Converting as it copies: no fp32 copy of the file's fp16 kernels on the side.
                 tensor.copy_(torch.from_numpy(np.ascontiguousarray(arrays[name])))
         self.own[f"q{quality}"] = pair
+        del self.unbuilt[quality]  # last: another thread that finds it gone may use the pair
 
     def build_all(self) -> "Codec":
         """Build every own pair not built yet; whatever reads or moves all parameters does."""
-        for quality in sorted(self.unbuilt):
-            self._build_pair(quality)
+        if self.unbuilt:
+            with _BUILDING:
+                for quality in sorted(self.unbuilt):
+                    self._build_pair(quality)
         return self
 
     def state_dict(self, *args, **kwargs):

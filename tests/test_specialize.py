@@ -348,3 +348,30 @@ def test_a_loaded_file_builds_an_own_pair_when_its_quality_is_first_used(tmp_pat
 @pytest.mark.parametrize("N, M", [(8, 8), (12, 20), (128, 192)])
 def test_pair_shapes_are_those_of_the_transforms(N, M):
     assert pair_shapes(N, M) == {name: tuple(t.shape) for name, t in Transforms(N, M).state_dict().items()}
+
+
+def test_threads_sharing_a_loaded_model_build_each_pair_once(tmp_path):
+    import threading
+
+    special = specialize(tiny_model(), [2, 5])
+    path = tmp_path / "special.npz"
+    save_weights(to_arrays(special), path)
+    loaded = from_arrays(dict(np.load(path)))
+    built = []
+    original = loaded._build_pair
+    loaded._build_pair = lambda quality: (built.append(quality), original(quality))
+    pixels = smooth_image(24, 40)
+    errors = []
+
+    def encode(quality):
+        try:
+            quantize_latents(loaded, pixels, quality)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=encode, args=(q,)) for q in (2, 5, 2, 5, 2, 5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and sorted(built) == [2, 5]
