@@ -643,14 +643,13 @@ def train(data, out, minutes, steps, qualities, lambdas, N, M, patch, batch, lr,
           finetune_effort, specialize, own_N, bf16, channels_last, compiled, device, seed, log_every, holdout, validation,
           validate_minutes, threads) -> None:
     """Train (or resume) on the images under DATA folders (never on Kodak)."""
-    from .train import TrainOptions, checked_lambdas, train as run_training
+    from .train import TrainOptions, checked_lambdas, checked_own_N, train as run_training
 
     if minutes is None and steps is None:
         raise click.UsageError("give --minutes or --steps")
     try:
         checked_lambdas(list(lambdas), init, specialize)  # train() checks again; here a misuse exits 2
-        if own_N is not None and not specialize:
-            raise ValueError("--own-N widens the pairs of --specialize: give both")
+        checked_own_N(own_N, specialize)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     if compiled and device == "cpu" and not any(

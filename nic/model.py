@@ -260,11 +260,9 @@ class Codec(nn.Module):
         arrays = self.unbuilt[quality]
         # Often first reached under torch.inference_mode (nic encode), but the pair must be
         # made of normal tensors: encoder effort 2..4 and training differentiate through it.
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False):
             pair = Transforms(self.config.pair_N(quality), self.config.M).to(self.gain.device).train(self.training)
-            for name, tensor in pair.state_dict().items():
-                # Converting as it copies: no fp32 copy of the file's fp16 kernels on the side.
-                tensor.copy_(torch.from_numpy(np.ascontiguousarray(arrays[name])))
+            fill(pair.state_dict(), arrays)
         self.own[f"q{quality}"] = pair
         del self.unbuilt[quality]  # last: another thread that finds it gone may use the pair
 
@@ -455,6 +453,15 @@ def to_arrays(model: Codec, half: bool = False) -> dict[str, np.ndarray]:
     return arrays
 
 
+@torch.no_grad()
+def fill(state: dict[str, Tensor], arrays: dict[str, np.ndarray]) -> None:
+    """Copy each array into the state-dict tensor of its name (shapes checked before).
+    Into the parameter itself, converting as it copies: no fp32 copy of the file's fp16
+    kernels on the side (a weights file with several pairs is ~45 MB of fp16)."""
+    for name, tensor in state.items():
+        tensor.copy_(torch.from_numpy(np.ascontiguousarray(arrays[name])))
+
+
 def from_arrays(arrays: dict[str, np.ndarray]) -> Codec:
     """Inverse of :func:`to_arrays`; raises ValueError on anything inconsistent."""
     try:
@@ -462,7 +469,8 @@ def from_arrays(arrays: dict[str, np.ndarray]) -> Codec:
     except (KeyError, ValueError, TypeError) as exc:
         raise ValueError(f"weights have no valid config ({exc})") from None
     model = Codec(dataclasses.replace(config, specialized=(), specialized_N=()))
-    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    state = model.state_dict()
+    shapes = {name: tuple(tensor.shape) for name, tensor in state.items()}
     # Check every own pair before anything is built from it: a config listing 255
     # specialized qualities of 1024 channels must bring 255 such pairs.
     own_shapes = {q: pair_shapes(config.pair_N(q), config.M) for q in config.specialized}
@@ -473,11 +481,9 @@ def from_arrays(arrays: dict[str, np.ndarray]) -> Codec:
             raise ValueError(f"weights lack tensor {name}")
         if tuple(arrays[name].shape) != shape:
             raise ValueError(f"tensor {name} has shape {arrays[name].shape}, expected {shape}")
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            # Into the parameter itself, converting as it copies: no fp32 copy of the whole
-            # file on the side (a weights file with several pairs is ~50 MB of fp16).
-            tensor.copy_(torch.from_numpy(np.ascontiguousarray(arrays[name])))
+        if arrays[name].dtype.kind != "f":  # checked now: own pairs are filled later, when used
+            raise ValueError(f"tensor {name} has dtype {arrays[name].dtype}, expected floating point")
+    fill(state, arrays)
     # The own pairs are built when a quality first runs through them (Codec.transforms),
     # or all at once by anything that reads every parameter (state_dict, parameters, to).
     model.config = config

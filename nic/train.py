@@ -85,6 +85,12 @@ def checked_lambdas(lambdas: list[float] | None, init: Path | None, specialize: 
     return tuple(sorted(lambdas))
 
 
+def checked_own_N(own_N: int | None, specialize: bool) -> None:
+    """ValueError for --own-N without --specialize (the pairs it widens)."""
+    if own_N is not None and not specialize:
+        raise ValueError("--own-N widens the pairs of --specialize: give both")
+
+
 def find_images(folders: list[Path], exclude: list[str], purpose: str = "training") -> list[Path]:
     """Image files under the folders, recursively, sorted; names containing an
     excluded word (the Kodak benchmark) are refused loudly rather than skipped."""
@@ -253,8 +259,7 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
     if opts.specialize and (opts.init is None or not opts.qualities or opts.finetune_decoder):
         raise ValueError("--specialize needs --init weights and --quality, and trains the whole pair: "
                          "fine-tune its decoder in a second run")
-    if opts.own_N is not None and not opts.specialize:
-        raise ValueError("--own-N widens the pairs of --specialize: give both")
+    checked_own_N(opts.own_N, opts.specialize)
     retarget = {}
     if opts.specialize and opts.lambdas:
         if len(opts.lambdas) != len(opts.qualities):

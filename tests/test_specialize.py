@@ -291,6 +291,12 @@ def test_a_widened_pair_round_trips_through_a_file(tmp_path):
     save_weights(arrays, tmp_path / "lies.npz")
     with pytest.raises(WeightsError, match=r"tensor own.q4.g_a.0.weight has shape \(16, 3, 5, 5\), expected"):
         load_weights(tmp_path / "lies.npz")
+    # A pair is filled only when its quality is used, so what it holds is checked at load.
+    arrays = dict(np.load(path))
+    arrays["own.q4.g_s.0.bias"] = np.array(["x"] * len(arrays["own.q4.g_s.0.bias"]))
+    save_weights(arrays, tmp_path / "text.npz")
+    with pytest.raises(WeightsError, match="tensor own.q4.g_s.0.bias has dtype <U1, expected floating point"):
+        load_weights(tmp_path / "text.npz")
 
 
 @pytest.mark.parametrize("value", [[16, 16], [0], [True], "16", [2000]])
