@@ -614,6 +614,9 @@ def info(file: str, max_pixels: int) -> None:
 @click.option("--init", type=click.Path(dir_okay=False), default=None, help="Start from these weights.")
 @click.option("--finetune-decoder", is_flag=True,
               help="Freeze g_a and densities; train g_s on hard-rounded latents (distortion only).")
+@click.option("--mixed", is_flag=True,
+              help="g_s learns from the rounded latents (straight-through gradient into g_a) while the rate "
+                   "is learned on noisy ones (Minnen and Singh 2020), instead of noisy latents for both.")
 @click.option("--finetune-effort", type=click.IntRange(1, 4), default=1, show_default=True,
               help="With --finetune-decoder: learn from the latents that encoder effort picks "
                    "(2..4 run nic encode's search on every crop: several times slower).")
@@ -623,9 +626,11 @@ def info(file: str, max_pixels: int) -> None:
 @click.option("--own-N", "own_N", type=click.IntRange(8, 1024), default=None,
               help="With --specialize: give those pairs this many hidden channels (at least what they have; "
                    "the added channels start out changing nothing).")
-@click.option("--bf16/--no-bf16", default=True, show_default=True, help="bf16 autocast.")
+@click.option("--bf16/--no-bf16", default=None,
+              help="bf16 autocast [default: where the CPU has bf16 instructions (AVX-512 BF16, AMX) or on CUDA; "
+                   "elsewhere bf16 is emulated, 10-25x slower than fp32].")
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True,
-              help="NHWC (channels-last) tensors: fastest with --bf16 on CPUs with AVX-512 bf16 or AMX.")
+              help="NHWC (channels-last) tensors: faster with and without bf16.")
 @click.option("--compile", "compiled", is_flag=True,
               help="torch.compile the network (needs a C++ compiler; compiling takes the first ~20 s).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
@@ -639,11 +644,11 @@ def info(file: str, max_pixels: int) -> None:
 @click.option("--validate-minutes", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
               help="Minutes between validations.")
 @threads_option
-def train(data, out, minutes, steps, qualities, lambdas, N, M, patch, batch, lr, lr_final, init, finetune_decoder,
-          finetune_effort, specialize, own_N, bf16, channels_last, compiled, device, seed, log_every, holdout, validation,
-          validate_minutes, threads) -> None:
+def train(data, out, minutes, steps, qualities, lambdas, N, M, patch, batch, lr, lr_final, init,
+          finetune_decoder, mixed, finetune_effort, specialize, own_N, bf16, channels_last, compiled, device, seed,
+          log_every, holdout, validation, validate_minutes, threads) -> None:
     """Train (or resume) on the images under DATA folders (never on Kodak)."""
-    from .train import TrainOptions, checked_lambdas, checked_own_N, train as run_training
+    from .train import TrainOptions, bf16_is_fast, checked_lambdas, checked_own_N, train as run_training
 
     if minutes is None and steps is None:
         raise click.UsageError("give --minutes or --steps")
@@ -657,16 +662,18 @@ def train(data, out, minutes, steps, qualities, lambdas, N, M, patch, batch, lr,
         raise NicError("--compile needs a C++ compiler (g++ or clang++; or set CXX); train without it")
     set_threads(threads)
     opts = TrainOptions(
-        data=[Path(d) for d in data], out=Path(out), N=N, M=M, patch=patch, batch=batch, lr=lr,
-        lr_final=lr_final, minutes=minutes, steps=steps, qualities=list(qualities) or None, seed=seed,
-        lambdas=list(lambdas) or None,
+        data=[Path(d) for d in data], out=Path(out), N=N, M=M, patch=patch, batch=batch,
+        lr=lr, lr_final=lr_final, minutes=minutes, steps=steps,
+        qualities=list(qualities) or None, seed=seed, lambdas=list(lambdas) or None,
         bf16=bf16, channels_last=channels_last, compile=compiled, device=device, init=Path(init) if init else None,
-        finetune_decoder=finetune_decoder, finetune_effort=finetune_effort, specialize=specialize, own_N=own_N,
-        log_every=log_every, holdout=holdout,
-        validation=[Path(v) for v in validation],
+        finetune_decoder=finetune_decoder, mixed=mixed, finetune_effort=finetune_effort, specialize=specialize,
+        own_N=own_N, log_every=log_every, holdout=holdout, validation=[Path(v) for v in validation],
         validate_minutes=validate_minutes,
     )
     console = stderr_console()
+    if bf16 is None:
+        console.print("bf16 autocast (this CPU has bf16 instructions)" if bf16_is_fast(device) else
+                      "fp32 (no bf16 instructions here: emulated bf16 is far slower; --bf16 forces it)")
 
     def report(row: dict) -> None:
         console.print(f"step {row['step']:>7}  {row['elapsed_s'] / 60:7.1f} min  loss {row['loss']:8.3f}  "

@@ -220,13 +220,18 @@ class Codec(nn.Module):
 
     # ---- training ----------------------------------------------------------------
 
-    def forward(self, x: Tensor, qualities: Tensor, hard: bool = False) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, qualities: Tensor, hard: bool = False, mixed: bool = False
+                ) -> tuple[Tensor, Tensor]:
         """(x̃, bits per sample) with ỹ = g_a(x)·gain + U(−½, ½).
 
         ``qualities`` (1-based, one per sample) may differ within a batch, so every
         gain and every density learns at every step. With ``hard``, ỹ = round(y)
         exactly as the encoder quantizes, with no gradient into g_a or the
-        densities: the decoder fine-tuning of Borzechowski et al."""
+        densities: the decoder fine-tuning of Borzechowski et al. With ``mixed``, the
+        rate is still that of the noisy ỹ, but g_s decodes round(y), with a
+        straight-through gradient into g_a (Minnen and Singh, "Channel-wise
+        autoregressive entropy models for learned image compression", ICIP 2020): the
+        whole codec trains on the integers it will send."""
         q = qualities.long() - 1
         if hard:
             # fp32 even under autocast: bf16 would round some latents the other way than
@@ -240,6 +245,8 @@ class Codec(nn.Module):
             y = y.float()  # the density and the noise stay in fp32 under autocast
             y_tilde = y + torch.empty_like(y).uniform_(-0.5, 0.5)
             bits = self.latent_bits(y_tilde, qualities)
+            if mixed:
+                y_tilde = y + (torch.round(y) - y).detach()
         return self.synthesize(y_tilde, qualities), bits
 
     def synthesize(self, y_hat: Tensor, qualities: Tensor) -> Tensor:

@@ -2,8 +2,9 @@
 
 One run trains the shared transforms of every quality: each sample of a batch draws a quality
 (a shuffled cycle over 1..Q) and minimizes bpp + λ_q·255²·MSE for it. bf16 autocast
-with channels_last tensors is the fastest setup on CPUs with AVX-512 bf16/AMX
-(see docs/training.md); the densities and the loss stay in fp32.
+with channels_last tensors is the fastest setup on CPUs with AVX-512 bf16/AMX, and
+10-25x the slowest on CPUs without them (AVX2 only), where fp32 is used instead
+(:func:`bf16_is_fast`, docs/training.md); the densities and the loss stay in fp32.
 
 Checkpoints (model, optimizer, step, elapsed time, RNG) are written atomically every
 few minutes and resumed from. They hold optimizer state and are never shipped:
@@ -51,12 +52,13 @@ class TrainOptions:
     lambdas: list[float] | None = None  # a new model's λ per quality (default: MSE_LAMBDAS, 8 qualities)
     checkpoint_minutes: float = 5.0
     seed: int = 0
-    bf16: bool = True
+    bf16: bool | None = None  # bf16 autocast; None: where it is fast (bf16_is_fast)
     channels_last: bool = True
     compile: bool = False  # torch.compile the training network (1.14-1.25x here, docs/training.md)
     device: str = "cpu"
     init: Path | None = None  # weights (.npz) to start from
     finetune_decoder: bool = False
+    mixed: bool = False  # g_s decodes round(y) (straight-through), the rate stays the noisy one
     finetune_effort: int = 1  # with finetune_decoder: the encoder effort whose latents g_s learns from
     specialize: bool = False  # give each trained quality its own g_a/g_s (from --init) and train only those
     own_N: int | None = None  # with specialize: widen those pairs to this many hidden channels
@@ -65,6 +67,19 @@ class TrainOptions:
     validation: list[Path] = field(default_factory=list)  # folders (or files) validated on as well
     validate_minutes: float = 10.0
     exclude: list[str] = field(default_factory=lambda: ["kodak", "kodim"])
+
+
+def bf16_is_fast(device: str) -> bool:
+    """Whether bf16 autocast speeds training up on ``device``: on CUDA, and on CPUs with
+    bf16 instructions (AVX-512 BF16 or AMX), where a training step is 2.5x faster than in
+    fp32. A CPU without them emulates bf16: 10-25x slower than fp32 on an AVX2-only AMD
+    EPYC (tools/train_speed.py, docs/training.md)."""
+    if device.startswith("cuda"):
+        return True
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # private probes of torch 2.x; without them, the safe choice
+        return False
 
 
 def checked_lambdas(lambdas: list[float] | None, init: Path | None, specialize: bool = False
@@ -254,12 +269,15 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
     torch.manual_seed(opts.seed)  # the same initial weights on every rank
 
     lambdas = checked_lambdas(opts.lambdas, opts.init, opts.specialize)
+    bf16 = bf16_is_fast(device) if opts.bf16 is None else opts.bf16
     if opts.finetune_effort != 1 and (not opts.finetune_decoder or world > 1 or opts.finetune_effort not in (2, 3, 4)):
         raise ValueError("--finetune-effort 2..4 needs --finetune-decoder and a single process")
     if opts.specialize and (opts.init is None or not opts.qualities or opts.finetune_decoder):
         raise ValueError("--specialize needs --init weights and --quality, and trains the whole pair: "
                          "fine-tune its decoder in a second run")
     checked_own_N(opts.own_N, opts.specialize)
+    if opts.mixed and opts.finetune_decoder:
+        raise ValueError("--mixed trains the whole codec; --finetune-decoder already decodes rounded latents")
     retarget = {}
     if opts.specialize and opts.lambdas:
         if len(opts.lambdas) != len(opts.qualities):
@@ -437,11 +455,11 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
                     x, y_hat = effort_latents(model, x, qualities_now, opts.finetune_effort)
                     with torch.no_grad():
                         bits = model.latent_bits(y_hat, qualities_now)  # logged only: the rate is fixed
-                    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=opts.bf16):
+                    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
                         x_tilde = model.synthesize(y_hat, qualities_now)
                 else:
-                    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=opts.bf16):
-                        x_tilde, bits = network(x, qualities_now, hard=opts.finetune_decoder)
+                    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
+                        x_tilde, bits = network(x, qualities_now, hard=opts.finetune_decoder, mixed=opts.mixed)
                 losses, bpp, mse = rate_distortion_loss(x, x_tilde, bits, lambdas)
                 loss = losses.mean()
                 optimizer.zero_grad(set_to_none=True)

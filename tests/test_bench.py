@@ -427,3 +427,20 @@ def test_rate_change_at_equal_psnr():
     assert bench.rate_change(rates, psnrs, 0.4 * 2 ** 0.5, 31.5) == pytest.approx(0.0)
     assert math.isnan(bench.rate_change(rates, psnrs, 0.1, 26.9))  # no extrapolation
     assert math.isnan(bench.rate_change([0.2], [27.0], 0.2, 27.0))
+
+
+def test_bd_curve_reads_the_shipped_line_from_the_committed_reports():
+    """tools/bd_curve.py: the table in docs/training.md, from the JSON reports in docs/results."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, str(root / "tools" / "bd_curve.py")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| `")]
+    shipped = json.loads((root / "docs" / "results" / "kodak.json").read_text())
+    last = shipped["bd_rate"]["against"]["bmshj2018-factorized"]["bd_rate_percent"]
+    assert len(rows) >= 12 and f"{last:+.1f} %" in rows[-1] and "points" in rows[-1]
+    assert rows[-1].startswith(f"| `{shipped['weights'][:8]}`")  # the line ends at the shipped weights

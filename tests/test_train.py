@@ -132,6 +132,32 @@ def test_hard_latents_are_the_encoders_even_under_bf16(tiny_weights):
     assert torch.equal(torch.round(scaled)[0].long(), torch.from_numpy(quantize_tiled(model, pixels, 3)))
 
 
+def test_mixed_decodes_rounded_latents_and_trains_the_encoder_through_them(tiny_weights):
+    """--mixed: g_s sees round(y) (a straight-through gradient reaches g_a), the rate is the noisy ỹ's."""
+    import torch
+
+    from nic.weights import load_weights
+    from conftest import smooth_image
+
+    model = load_weights(tiny_weights)[0].train()
+    x = torch.from_numpy(smooth_image(64, 48)).permute(2, 0, 1).unsqueeze(0).float() / 255.0
+    qualities = torch.tensor([3])
+    seen = []
+    handle = model.g_s.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    torch.manual_seed(5)
+    noisy_out, noisy_bits = model(x, qualities)
+    torch.manual_seed(5)
+    mixed_out, mixed_bits = model(x, qualities, mixed=True)
+    handle.remove()
+    assert torch.equal(noisy_bits, mixed_bits)  # the same noise, the same rate term
+    y = seen[1] / model.inverse_gain[2].reshape(1, -1, 1, 1)
+    with torch.no_grad():
+        expected = torch.round(model.analysis(x, 3))
+    assert torch.allclose(y, expected, atol=1e-4) and not torch.allclose(seen[0], seen[1])
+    mixed_out.square().mean().backward()
+    assert model.g_a[0].weight.grad is not None and model.g_a[0].weight.grad.abs().sum() > 0
+
+
 def test_compiled_training_matches_eager(tmp_path, photos):
     """--compile changes the speed, not the arithmetic (beyond float reassociation)."""
     losses = {}
@@ -196,6 +222,7 @@ def test_bad_options_are_refused_before_anything_is_written(tmp_path, photos):
         (["--lambda", "inf"], 2, "--lambda"),
         (["--validate", str(empty)], 1, "no validation images found"),
         (["--finetune-effort", "2"], 1, "--finetune-effort 2..4 needs --finetune-decoder"),
+        (["--mixed", "--finetune-decoder", "--init", str(tmp_path / "w.npz")], 1, "already decodes rounded"),
     ]
     for args, code, message in cases:
         out = tmp_path / "run"
@@ -243,3 +270,45 @@ def test_compile_failures_at_the_first_step_become_one_line():
     with pytest.raises(KeyError):
         with _compile_errors(True):
             raise KeyError("a bug elsewhere stays a bug")
+
+
+def test_bf16_only_where_the_cpu_has_bf16_instructions(monkeypatch):
+    import torch
+
+    from nic.train import bf16_is_fast
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not bf16_is_fast("cpu")  # AVX2 only: emulated bf16, 10-25x slower than fp32
+    assert bf16_is_fast("cuda")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert bf16_is_fast("cpu")
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert not bf16_is_fast("cpu")  # a torch without the probe: the safe choice
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_train_picks_bf16_by_the_cpu_unless_told(tmp_path, photos, monkeypatch, fast):
+    import torch
+
+    import nic.train
+
+    monkeypatch.setattr(nic.train, "bf16_is_fast", lambda device: fast)
+    used = []
+    autocast = torch.autocast
+
+    def spy(*args, **kwargs):
+        used.append(kwargs.get("enabled"))
+        return autocast(*args, **kwargs)
+
+    monkeypatch.setattr(nic.train.torch, "autocast", spy)
+    tiny = [a for a in TINY if a != "--no-bf16"]
+    result = CliRunner().invoke(cli, ["train", str(photos), "--out", str(tmp_path / "a"), "--steps", "1", *tiny])
+    assert result.exit_code == 0, result.output
+    assert ("bf16 autocast" if fast else "fp32 (no bf16 instructions") in result.output
+    assert used == [fast]
+    used.clear()
+    result = CliRunner().invoke(cli, ["train", str(photos), "--out", str(tmp_path / "b"), "--steps", "1",
+                                      *tiny, "--no-bf16" if fast else "--bf16"])
+    assert result.exit_code == 0, result.output
+    assert "instructions" not in result.output and used == [not fast]

@@ -1,0 +1,71 @@
+"""BD-rate of the shipped line of weights against the CPU time that made them.
+
+    python tools/bd_curve.py [--reference bmshj2018-factorized] [--results docs/results]
+
+Reads the `nic bench` reports in docs/results (kodak-<hash>.json, and kodak.json for the
+shipped weights) of every weights file the shipped ones descend from, in training order,
+and prints a markdown table: training minutes (2-core CPU, all runs that went into the
+weights, docs/training.md), BD-rate against the reference, and, at the end of each
+cycle (a warm restart with its decoder fine-tuning, or a round of specialization), the
+change per CPU-hour over that cycle. This is the curve that says whether more CPU time
+still moves BD-rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+# (weights hash, training minutes, what was added, ends a cycle): the shipped line, oldest first.
+LINE = [
+    ("759f234d", 120.0, "run 1, from scratch", True),
+    ("827f76e1", 220.0, "run 2, warm restart", False),
+    ("55d86db7", 230.0, "decoder fine-tuning", True),
+    ("30cc7a66", 345.0, "run 4, warm restart, + Debian photos", False),
+    ("62398322", 355.0, "decoder fine-tuning", True),
+    ("3f2851de", 460.0, "run 6, warm restart", False),
+    ("1b7f82d2", 470.0, "decoder fine-tuning", True),
+    ("137a95ac", 600.0, "run 8, warm restart", False),
+    ("120b5110", 610.0, "decoder fine-tuning", True),
+    ("d55e9685", 672.5, "q1-q5 specialized, 10 min each + decoders", False),
+    ("6cbf82f6", 697.5, "q8 specialized, q1 moved to λ 0.0011", True),
+    ("3df04a13", 782.5, "q1-q5 trained 85 min longer (shipped)", True),
+]
+
+
+def bd_rate(report: Path, reference: str) -> float:
+    data = json.loads(report.read_text())
+    return float(data["bd_rate"]["against"][reference]["bd_rate_percent"])
+
+
+def report_for(results: Path, short_hash: str) -> Path:
+    path = results / f"kodak-{short_hash}.json"
+    if path.exists():
+        return path
+    shipped = results / "kodak.json"
+    if str(json.loads(shipped.read_text())["weights"]).startswith(short_hash):
+        return shipped
+    raise SystemExit(f"bd_curve: no bench report for weights {short_hash} in {results}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference", default="bmshj2018-factorized")
+    parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent.parent / "docs" / "results")
+    args = parser.parse_args()
+    print(f"| weights | training minutes | added | BD-rate vs {args.reference} | cycle's change per CPU-hour |")
+    print("|---|---:|---|---:|---:|")
+    cycle_start = None  # (minutes, BD-rate) where the current cycle started
+    for short_hash, minutes, what, ends_cycle in LINE:
+        value = bd_rate(report_for(args.results, short_hash), args.reference)
+        rate = ""
+        if ends_cycle and cycle_start is not None:
+            rate = f"{(value - cycle_start[1]) / (minutes - cycle_start[0]) * 60:+.1f} points"
+        print(f"| `{short_hash}` | {minutes:g} | {what} | {value:+.1f} % | {rate} |")
+        if ends_cycle:
+            cycle_start = (minutes, value)
+
+
+if __name__ == "__main__":
+    main()
