@@ -429,18 +429,61 @@ def test_rate_change_at_equal_psnr():
     assert math.isnan(bench.rate_change([0.2], [27.0], 0.2, 27.0))
 
 
-def test_bd_curve_reads_the_shipped_line_from_the_committed_reports():
-    """tools/bd_curve.py: the table in docs/training.md, from the JSON reports in docs/results."""
-    import json
+def _tool_output(*args: str) -> str:
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    result = subprocess.run([sys.executable, str(root / "tools" / "bd_curve.py")], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, str(root / "tools" / args[0]), *args[1:]],
+                            capture_output=True, text=True, cwd=root)
     assert result.returncode == 0, result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| `")]
+    return result.stdout
+
+
+def test_bd_curve_reads_the_shipped_line_from_the_committed_reports():
+    """tools/bd_curve.py: the table in docs/training.md, from the JSON reports in docs/results."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = _tool_output("bd_curve.py")
+    rows = [line for line in out.splitlines() if line.startswith("| `")]
     shipped = json.loads((root / "docs" / "results" / "kodak.json").read_text())
     last = shipped["bd_rate"]["against"]["bmshj2018-factorized"]["bd_rate_percent"]
     assert len(rows) >= 12 and f"{last:+.1f} %" in rows[-1] and "points" in rows[-1]
     assert rows[-1].startswith(f"| `{shipped['weights'][:8]}`")  # the line ends at the shipped weights
+    gaps = [line for line in out.splitlines() if line.startswith("| q=")]
+    assert len(gaps) == len(shipped["codecs"]["nic"]["points"])
+    assert all(line.endswith(" dB |") or "outside" in line for line in gaps)
+
+
+def test_readme_results_tables_are_the_reports():
+    """The README's Kodak tables are printed by tools/results_markdown.py from
+    docs/results/kodak.json: every table row it prints is in the README as it is, so a
+    new bench report without a README update (or the reverse) fails here."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rows = [line for line in _tool_output("results_markdown.py", "docs/results/kodak.json").splitlines()
+            if line.startswith("| ") and not line.startswith("| quality") and not line.startswith("| nic against")]
+    assert len(rows) >= 8 + 4
+    assert [row for row in rows if row not in readme] == []
+
+
+def test_training_doc_curve_is_the_tool_output():
+    """docs/training.md's BD-rate-against-CPU-time table is tools/bd_curve.py's, row for row."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "training.md").read_text()
+    rows = [line.replace("-", "−") for line in _tool_output("bd_curve.py").splitlines() if line.startswith("| `")]
+    assert [row for row in rows if row not in doc.replace("-", "−")] == []
+
+
+def test_results_markdown_per_quality_compares_two_reports():
+    out = _tool_output("results_markdown.py", "docs/results/kodak.json",
+                       "--per-quality", "docs/results/kodak-6cbf82f6.json")
+    rows = [line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 8
+    assert all(row.count("|") == 8 for row in rows)
+    assert "→" in rows[1] and "%" in rows[1]  # q2 changed between the two weights

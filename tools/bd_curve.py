@@ -8,7 +8,9 @@ and prints a markdown table: training minutes (2-core CPU, all runs that went in
 weights, docs/training.md), BD-rate against the reference, and, at the end of each
 cycle (a warm restart with its decoder fine-tuning, or a round of specialization), the
 change per CPU-hour over that cycle. This is the curve that says whether more CPU time
-still moves BD-rate.
+still moves BD-rate. Then, for the shipped weights, each quality's PSNR gap to the
+reference curve at nic's bpp (interpolated in log bpp; a point outside the reference's
+bpp range is marked, not extrapolated): where the gap is widest is where to look next.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+import numpy as np
 
 # (weights hash, training minutes, what was added, ends a cycle): the shipped line, oldest first.
 LINE = [
@@ -65,6 +69,25 @@ def main() -> None:
         print(f"| `{short_hash}` | {minutes:g} | {what} | {value:+.1f} % | {rate} |")
         if ends_cycle:
             cycle_start = (minutes, value)
+    print()
+    print_gaps(json.loads((args.results / "kodak.json").read_text()), args.reference)
+
+
+def print_gaps(report: dict, reference: str) -> None:
+    """Per quality of the shipped weights: PSNR minus the reference's PSNR at the same bpp."""
+    anchor = report["anchors"]["anchors"][reference]
+    order = np.argsort(anchor["bpp"])
+    log_bpp = np.log(np.asarray(anchor["bpp"], dtype=float)[order])
+    psnr = np.asarray(anchor["psnr"], dtype=float)[order]
+    print(f"| quality | bpp | PSNR | {reference} PSNR at that bpp | gap |")
+    print("|---|---:|---:|---:|---:|")
+    for point in report["codecs"]["nic"]["points"]:
+        bpp, own = point["mean"]["bpp"], point["mean"]["psnr"]
+        inside = log_bpp[0] <= np.log(bpp) <= log_bpp[-1]
+        theirs = float(np.interp(np.log(bpp), log_bpp, psnr))
+        gap = f"{own - theirs:+.2f} dB" if inside else "(outside its bpp range)"
+        shown = f"{theirs:.3f}" if inside else ""
+        print(f"| {point['setting']} | {bpp:.4f} | {own:.3f} | {shown} | {gap} |")
 
 
 if __name__ == "__main__":
