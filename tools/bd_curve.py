@@ -9,8 +9,9 @@ weights, docs/training.md), BD-rate against the reference, and, at the end of ea
 cycle (a warm restart with its decoder fine-tuning, or a round of specialization), the
 change per CPU-hour over that cycle. This is the curve that says whether more CPU time
 still moves BD-rate. Then, for the shipped weights, each quality's PSNR gap to the
-reference curve at nic's bpp (interpolated in log bpp; a point outside the reference's
-bpp range is marked, not extrapolated): where the gap is widest is where to look next.
+reference curve at nic's bpp (pchip of PSNR over log bpp, as BD-PSNR; a point past the
+reference's bpp range is compared with its end point, marked, not extrapolated): where
+the gap is widest is where to look next.
 """
 
 from __future__ import annotations
@@ -74,21 +75,24 @@ def main() -> None:
 
 
 def print_gaps(report: dict, reference: str) -> None:
-    """Per quality of the shipped weights: PSNR minus the reference's PSNR at the same bpp."""
+    """Per quality of the shipped weights: PSNR minus the reference's PSNR at the same bpp,
+    on the reference's pchip of PSNR over log bpp (nic.bench's, as BD-PSNR uses it). A
+    point past either end of the reference is compared with that end point, and says so."""
+    from nic.bench import hermite_eval, pchip_slopes
+
     anchor = report["anchors"]["anchors"][reference]
     order = np.argsort(anchor["bpp"])
     log_bpp = np.log(np.asarray(anchor["bpp"], dtype=float)[order])
     psnr = np.asarray(anchor["psnr"], dtype=float)[order]
+    slopes = pchip_slopes(log_bpp, psnr)
     print(f"| quality | bpp | PSNR | {reference} PSNR at that bpp | gap |")
     print("|---|---:|---:|---:|---:|")
     for point in report["codecs"]["nic"]["points"]:
         bpp, own = point["mean"]["bpp"], point["mean"]["psnr"]
-        inside = log_bpp[0] <= np.log(bpp) <= log_bpp[-1]
-        theirs = float(np.interp(np.log(bpp), log_bpp, psnr))
-        gap = f"{own - theirs:+.2f} dB" if inside else "(outside its bpp range)"
-        shown = f"{theirs:.3f}" if inside else ""
-        print(f"| {point['setting']} | {bpp:.4f} | {own:.3f} | {shown} | {gap} |")
-
+        at = float(np.clip(np.log(bpp), log_bpp[0], log_bpp[-1]))
+        theirs = float(hermite_eval(log_bpp, psnr, slopes, at))
+        shown = f"{theirs:.3f}" if at == np.log(bpp) else f"{theirs:.3f} (its end point, {np.exp(at):.3f} bpp)"
+        print(f"| {point['setting']} | {bpp:.4f} | {own:.3f} | {shown} | {own - theirs:+.2f} dB |")
 
 if __name__ == "__main__":
     main()
