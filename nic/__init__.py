@@ -22,19 +22,22 @@ if TYPE_CHECKING:  # for the hints only: importing nic stays cheap (no numpy, no
 
 __version__ = "0.1.0"
 
-from .container import VERSION as FORMAT_VERSION  # noqa: E402
+from .container import VERSIONS as FORMAT_VERSIONS  # noqa: E402
+from .container import VERSION as FORMAT_VERSION  # noqa: E402  (the first; files of both decode)
 
 
 def encode(image: Image.Image | NDArray[np.uint8], quality: int = 4, weights: str | Path | None = None,
-           background: str | None = None, strip: bool = False, effort: int = 1) -> bytes:
+           background: str | None = None, strip: bool = False, effort: int = 1, model: str | None = None) -> bytes:
     """Encode a Pillow image or uint8 array of shape (H, W), (H, W, 1|3|4) to .nic bytes
     (see :func:`nic.api.encode`) at ``quality`` 1..8, with the ``weights`` file given or
     the installed ones. Transparency is refused unless flattened onto ``background``; a
     Pillow image's ICC profile and EXIF travel along unless ``strip``; ``effort`` 2..4
-    searches for fewer bytes at the same quality (slower encode). Raises ValueError."""
+    searches for fewer bytes at the same quality (slower encode); ``model`` picks the model
+    family of the installed weights ("factorized" or "hyperprior"). Raises ValueError."""
     from .api import encode as _encode
 
-    return _encode(image, quality=quality, weights=weights, background=background, strip=strip, effort=effort)
+    return _encode(image, quality=quality, weights=weights, background=background, strip=strip, effort=effort,
+                   family=model)
 
 
 def decode(data: bytes, weights: str | Path | None = None) -> Image.Image:
@@ -46,7 +49,7 @@ def decode(data: bytes, weights: str | Path | None = None) -> Image.Image:
     return _decode(data, weights=weights)
 
 
-__all__ = ["encode", "decode", "__version__", "FORMAT_VERSION"]
+__all__ = ["encode", "decode", "__version__", "FORMAT_VERSION", "FORMAT_VERSIONS"]
 
 
 def _register_pillow_plugin() -> None:

@@ -4,14 +4,15 @@
     >>> data = nic.encode(Image.open("photo.png"), quality=4)
     >>> image = nic.decode(data)
 
-This is where the math modules meet: :mod:`nic.model` (transforms),
-:mod:`nic.coding` (range coding), :mod:`nic.container` (file format). The model is
-loaded once per process and per weights file.
+This is where the pieces meet: the weights (:mod:`nic.weights`) name a model family
+(:mod:`nic.families`: :mod:`nic.factorized`, :mod:`nic.hyperprior`), whose module turns
+pixels into substreams and back, and :mod:`nic.container` packs those into a file.
+Nothing here knows how a family codes. The model is loaded once per process and per
+weights file.
 """
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -32,46 +33,18 @@ from .container import COLOUR_GRAY, COLOUR_RGB, FormatError, Header
 class Decoded:
     pixels: np.ndarray  # uint8 (H, W, 3) or (H, W, 1)
     header: Header
-    latents: np.ndarray  # int64 (C, rows, cols), as decoded
+    latents: np.ndarray  # int64 (C, rows, cols): the integers of the last substream, as decoded
     icc_profile: bytes | None = None
     exif: bytes | None = None
 
 
-def _torch():
-    import torch
-
-    return torch
+RowSink = Callable[[np.ndarray], None]
 
 
-_CODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+def _family(model):
+    from .families import family
 
-
-def _coder(model, quality: int):
-    from .coding import LatentCoder
-
-    # Kept beside the model, not on it, so the model stays copyable (constriction's
-    # models do not pickle).
-    cache = _CODERS.setdefault(model, {})
-    if quality not in cache:
-        cache[quality] = LatentCoder(model.tables[quality - 1])
-    return cache[quality]
-
-
-def quantize_latents(model, pixels: np.ndarray, quality: int, effort: int = 1,
-                     progress: Progress | None = None) -> np.ndarray:
-    """Integer latents of uint8 pixels (H, W, 1|3): round(g_a(x)·gain) in tiles
-    (nic.tiling) at effort 1, chosen by D + λR at higher efforts (nic.quantization)."""
-    from .quantization import quantize
-
-    return quantize(model, pixels, quality, effort, progress=progress)
-
-
-def reconstruct(model, latents: np.ndarray, quality: int, height: int, width: int, gray: bool,
-                progress: Progress | None = None) -> np.ndarray:
-    """uint8 pixels (H, W, 1|3) from integer latents, in tiles (nic.tiling)."""
-    from .tiling import reconstruct_tiled
-
-    return reconstruct_tiled(model, latents, quality, height, width, gray, progress=progress)
+    return family(model.config.model_id)
 
 
 def _check_dimensions(width: int, height: int) -> None:
@@ -82,13 +55,15 @@ def _check_dimensions(width: int, height: int) -> None:
 
 
 def _file_parts(model, digest: bytes, quality: int, channels: int, width: int, height: int,
-                latent_shape: tuple[int, int, int], payload, icc_profile: bytes | None,
-                exif: bytes | None) -> list:
+                substreams: list, icc_profile: bytes | None, exif: bytes | None) -> list:
+    version = _family(model).FORMAT_VERSION
+    payload = container.pack_substreams(substreams) if version != container.VERSION else [substreams[0].data]
     header = Header(
         model_id=model.config.model_id, quality=quality,
         colour=COLOUR_GRAY if channels == 1 else COLOUR_RGB,
         width=width, height=height, weights_hash=digest,
-        latent_shape=tuple(latent_shape), payload_length=memoryview(payload).nbytes,
+        latent_shape=tuple(substreams[-1].shape), version=version,
+        payload_length=sum(memoryview(part).nbytes for part in payload),
     )
     sections = []
     if icc_profile:
@@ -98,75 +73,71 @@ def _file_parts(model, digest: bytes, quality: int, channels: int, width: int, h
     return container.pack_parts(header, payload, sections)
 
 
-def default_quality(weights: str | Path | None = None) -> int:
+def default_quality(weights: str | Path | None = None, family: str | None = None) -> int:
     """The quality ``nic encode`` uses when none is given: 4, the middle of the shipped
     1..8, or the weights' highest quality when they have fewer (a one-rate model)."""
     from .weights import default_weights
 
-    model, _ = default_weights(weights)
-    return min(4, model.config.qualities)
+    model, _ = default_weights(weights, family)
+    return min(4, model.qualities)
+
+
+def _model(weights: str | Path | None, family: str | None, quality: int):
+    from .weights import default_weights
+
+    model, digest = default_weights(weights, family)
+    if not 1 <= quality <= model.qualities:
+        raise ValueError(f"quality must be 1..{model.qualities}, got {quality}")
+    return model, digest
 
 
 def encode_pixels(pixels: np.ndarray, quality: int = 4, weights: str | Path | None = None,
                   icc_profile: bytes | None = None, exif: bytes | None = None, effort: int = 1,
-                  progress: Progress | None = None) -> bytes:
+                  progress: Progress | None = None, family: str | None = None) -> bytes:
     """.nic bytes of uint8 pixels of shape (H, W, 3) or (H, W, 1), with optional
     metadata carried verbatim in ancillary sections. ``effort`` 1..4 is the encoder's
-    quantization search (1: rounding; see nic.quantization); any effort decodes the same way."""
-    from .weights import default_weights
-
+    quantization search (1: rounding; see nic.quantization); any effort decodes the same
+    way. ``family`` (nic.families) picks the installed weights of that model family."""
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] not in (1, 3):
         raise ValueError("pixels must be uint8 of shape (H, W, 3) or (H, W, 1)")
     height, width = pixels.shape[:2]
     _check_dimensions(width, height)
-    model, digest = default_weights(weights)
-    if not 1 <= quality <= model.config.qualities:
-        raise ValueError(f"quality must be 1..{model.config.qualities}, got {quality}")
-    latents = quantize_latents(model, pixels, quality, effort, progress)
-    payload = _coder(model, quality).encode(latents)
-    return b"".join(_file_parts(model, digest, quality, pixels.shape[2], width, height, latents.shape,
-                                payload, icc_profile, exif))
+    model, digest = _model(weights, family, quality)
+    substreams = _family(model).compress(model, pixels, quality, effort, progress)
+    return b"".join(_file_parts(model, digest, quality, pixels.shape[2], width, height, substreams,
+                                icc_profile, exif))
 
 
 def encode_rows(source: PixelRows, quality: int = 4, weights: str | Path | None = None,
                 icc_profile: bytes | None = None, exif: bytes | None = None,
-                progress: Progress | None = None, spill_bytes: int | None = None) -> list:
+                progress: Progress | None = None, spill_bytes: int | None = None,
+                family: str | None = None) -> list:
     """The .nic file of an image read strip by strip (effort 1), as a list of buffers to
     write in order, so that no stage holds the whole image or a second copy of the file.
 
     Memory stays flat as the image grows: see nic.tiling (latents above ``spill_bytes``
     go to a temporary file). Gives the same bytes as :func:`encode_pixels` at effort 1."""
-    from .tiling import DOWNSAMPLING, latent_store, quantize_into
-    from .weights import default_weights
-
     width, height = source.width, source.height
     _check_dimensions(width, height)
     if source.channels not in (1, 3):
         raise ValueError("images must have 1 or 3 channels")
-    model, digest = default_weights(weights)
-    if not 1 <= quality <= model.config.qualities:
-        raise ValueError(f"quality must be 1..{model.config.qualities}, got {quality}")
-    shape = (model.config.M, -(-height // DOWNSAMPLING), -(-width // DOWNSAMPLING))
-    with latent_store(shape, spill_bytes) as latents:
-        quantize_into(model, source, quality, latents, progress=progress)
-        payload = _coder(model, quality).encode_channels(latents.channel)
-    return _file_parts(model, digest, quality, source.channels, width, height, shape, payload, icc_profile, exif)
+    model, digest = _model(weights, family, quality)
+    substreams = _family(model).compress(model, source, quality, 1, progress, spill_bytes)
+    return _file_parts(model, digest, quality, source.channels, width, height, substreams, icc_profile, exif)
 
 
 def encode_to_target(pixels: np.ndarray, max_bytes: int, weights: str | Path | None = None,
                      icc_profile: bytes | None = None, exif: bytes | None = None,
-                     effort: int = 1) -> tuple[bytes, int]:
+                     effort: int = 1, family: str | None = None) -> tuple[bytes, int]:
     """(file, quality) of the largest file not above ``max_bytes`` (binary search over the
     trained qualities, as cwebp -size does); the smallest file if none fits."""
-    from .weights import default_weights
-
-    model, _ = default_weights(weights)
-    low, high = 1, model.config.qualities
+    model, _ = _model(weights, family, 1)
+    low, high = 1, model.qualities
     results: dict[int, bytes] = {}
 
     def size_at(quality: int) -> int:
         if quality not in results:
-            results[quality] = encode_pixels(pixels, quality, weights, icc_profile, exif, effort)
+            results[quality] = encode_pixels(pixels, quality, weights, icc_profile, exif, effort, family=family)
         return len(results[quality])
 
     if size_at(low) > max_bytes:
@@ -182,36 +153,65 @@ def encode_to_target(pixels: np.ndarray, max_bytes: int, weights: str | Path | N
 
 def _open_for_decoding(data: bytes, weights: str | Path | None, max_pixels: int):
     parsed = container.unpack(data, max_pixels)  # garbage is refused before torch loads
+    substreams = parsed.substreams()
 
+    from .families import family
     from .weights import weights_for
 
     header = parsed.header
+    try:
+        family(header.model_id)
+    except ValueError as exc:
+        raise FormatError(str(exc)) from None
     model, _ = weights_for(header.model_id, header.weights_hash, weights)
-    if not 1 <= header.quality <= model.config.qualities:
-        raise FormatError(f"quality {header.quality} is not one of the weights' 1..{model.config.qualities}")
-    if header.latent_shape[0] != model.config.M:
-        raise FormatError(f"file has {header.latent_shape[0]} latent channels, the model has {model.config.M}")
-    return parsed, model
+    if not 1 <= header.quality <= model.qualities:
+        raise FormatError(f"quality {header.quality} is not one of the weights' 1..{model.qualities}")
+    if header.latent_shape[0] != model.latent_channels:
+        raise FormatError(f"file has {header.latent_shape[0]} latent channels, the model has {model.latent_channels}")
+    return parsed, substreams, model
+
+
+def _decompress(data: bytes, weights: str | Path | None, max_pixels: int, progress: Progress | None,
+                spill_bytes: int | None, open_sink, on_latents=None) -> Header:
+    """Decode, calling ``open_sink(header, icc_profile, exif)`` once every substream is
+    decoded (so a corrupt file opens no output) and feeding the rows it returns."""
+    parsed, substreams, model = _open_for_decoding(data, weights, max_pixels)
+    header = parsed.header
+    known = dict(parsed.sections)
+    sink: list[RowSink] = []
+
+    def decoded(latents) -> None:
+        if on_latents is not None:
+            on_latents(latents)
+        sink.append(open_sink(header, known.get(container.SECTION_ICC), known.get(container.SECTION_EXIF)))
+
+    _family(model).decompress(model, header.quality, header.height, header.width, header.colour == COLOUR_GRAY,
+                              substreams, lambda rows: sink[0](rows), progress, spill_bytes, decoded)
+    return header
 
 
 def decode_pixels(data: bytes, weights: str | Path | None = None,
                   max_pixels: int = container.DEFAULT_MAX_PIXELS, progress: Progress | None = None) -> Decoded:
     """Decode .nic bytes; raises FormatError or WeightsError naming the problem."""
-    from .coding import CorruptStream
+    found: dict = {}
 
-    parsed, model = _open_for_decoding(data, weights, max_pixels)
-    header = parsed.header
-    try:
-        latents = _coder(model, header.quality).decode(parsed.payload, header.latent_shape)
-    except CorruptStream as exc:
-        raise FormatError(f"payload is corrupt: {exc}") from None
-    pixels = reconstruct(model, latents, header.quality, header.height, header.width,
-                         header.colour == COLOUR_GRAY, progress)
-    known = dict(parsed.sections)
-    return Decoded(pixels, header, latents, known.get(container.SECTION_ICC), known.get(container.SECTION_EXIF))
+    def open_sink(header: Header, icc_profile: bytes | None, exif: bytes | None) -> RowSink:
+        channels = 1 if header.colour == COLOUR_GRAY else 3
+        found.update(pixels=np.empty((header.height, header.width, channels), dtype=np.uint8), filled=0,
+                     icc_profile=icc_profile, exif=exif)
 
+        def into_array(rows: np.ndarray) -> None:
+            found["pixels"][found["filled"]:found["filled"] + len(rows)] = rows
+            found["filled"] += len(rows)
 
-RowSink = Callable[[np.ndarray], None]
+        return into_array
+
+    def keep(latents) -> None:
+        found["latents"] = np.asarray(latents.array, dtype=np.int64)
+
+    # The whole image is held anyway: its latents stay in memory (no spill file).
+    header = _decompress(data, weights, max_pixels, progress, 1 << 62, open_sink, keep)
+    return Decoded(found["pixels"], header, found["latents"], found["icc_profile"], found["exif"])
 
 
 def decode_rows(data: bytes, open_sink: Callable[[Header, bytes | None, bytes | None], RowSink],
@@ -222,30 +222,16 @@ def decode_rows(data: bytes, open_sink: Callable[[Header, bytes | None, bytes | 
     Once the file is validated and its latents decoded, ``open_sink(header, icc_profile,
     exif)`` is called and returns the function that receives the uint8 pixel rows
     (n, width, 1|3), top to bottom. The same pixels as :func:`decode_pixels`."""
-    from .coding import CorruptStream
-    from .tiling import latent_store, reconstruct_into
-
-    parsed, model = _open_for_decoding(data, weights, max_pixels)
-    header = parsed.header
-    with latent_store(header.latent_shape, spill_bytes) as latents:
-        try:
-            _coder(model, header.quality).decode_channels(parsed.payload, header.latent_shape,
-                                                          latents.put_channel, latents.patch)
-        except CorruptStream as exc:
-            raise FormatError(f"payload is corrupt: {exc}") from None
-        known = dict(parsed.sections)
-        sink = open_sink(header, known.get(container.SECTION_ICC), known.get(container.SECTION_EXIF))
-        reconstruct_into(model, latents, header.quality, header.height, header.width,
-                         header.colour == COLOUR_GRAY, sink, progress=progress)
-    return header
+    return _decompress(data, weights, max_pixels, progress, spill_bytes, open_sink)
 
 
 def encode(image: Image.Image | NDArray[np.uint8], quality: int = 4, weights: str | Path | None = None,
-           background: str | None = None, strip: bool = False, effort: int = 1) -> bytes:
+           background: str | None = None, strip: bool = False, effort: int = 1, family: str | None = None) -> bytes:
     """Encode a Pillow image or a uint8 numpy array (H, W), (H, W, 1|3|4) to .nic bytes.
 
     A Pillow image's ICC profile and EXIF travel along unless ``strip``. ``effort`` 1..4
-    spends more encoding time for a smaller file at the same quality (nic.quantization)."""
+    spends more encoding time for a smaller file at the same quality (nic.quantization);
+    ``family`` picks the model family (nic.families) of the installed weights."""
     from PIL import Image
 
     from .images import image_metadata, pixels_from_image
@@ -267,7 +253,7 @@ def encode(image: Image.Image | NDArray[np.uint8], quality: int = 4, weights: st
             pixels = pixels_from_image(Image.fromarray(array, "RGBA"), background)
         else:
             pixels = array
-    return encode_pixels(pixels, quality, weights, icc_profile, exif, effort)
+    return encode_pixels(pixels, quality, weights, icc_profile, exif, effort, family=family)
 
 
 def decode(data: bytes, weights: str | Path | None = None) -> Image.Image:

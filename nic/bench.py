@@ -19,6 +19,7 @@ per-image bpp, PSNR and MS-SSIM at one fixed setting.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from . import families
 
 # --------------------------------------------------------------------------- metrics
 
@@ -819,6 +822,7 @@ class BenchOptions:
     limit: int | None = None
     compare: tuple[str, ...] = ()  # earlier `nic bench --json` files: their nic curves become references
     effort: int = 1  # nic's encoder effort (nic.quantization)
+    family: str | None = None  # the model family of the installed weights (nic.families), without --weights
 
 
 def _read(path: Path) -> np.ndarray:
@@ -896,8 +900,10 @@ def run_command(opts: BenchOptions, out=None, err=None) -> dict:
     for name, why in skipped.items():
         err.print(f"note: skipping {name}: {why}")
 
-    from .weights import default_weights
+    from .weights import default_weights, installed
 
+    if opts.weights is None and opts.family is not None:
+        opts = dataclasses.replace(opts, weights=str(installed(opts.family)))
     # torch's import is start-up cost too, but only measurable if nothing imported it yet.
     torch_ms: float | None = None
     if "torch" not in sys.modules:
@@ -915,6 +921,7 @@ def run_command(opts: BenchOptions, out=None, err=None) -> dict:
 
     report = {
         "nic_version": _version(), "weights": digest.hex(), "model": model.config.name, "effort": opts.effort,
+        "family": families.name_of(model.config.model_id),
         "folder": str(folder), "kodak": kodak, "images": sizes,
         "libraries": _library_versions(), "skipped": skipped,
         "model_load_ms": load_ms, "torch_import_ms": torch_ms,

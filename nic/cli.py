@@ -21,7 +21,7 @@ from typing import Iterator
 import click
 
 from . import __version__
-from .container import DEFAULT_MAX_PIXELS, SECTIONS_LIMIT, VERSION as FORMAT_VERSION
+from .container import DEFAULT_MAX_PIXELS, SECTIONS_LIMIT, VERSIONS
 
 
 class NicError(click.ClickException):
@@ -298,7 +298,7 @@ max_pixels_option = click.option("--max-pixels", type=click.IntRange(1), default
 
 @click.group(cls=NicGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="nic",
-                      message=f"%(prog)s %(version)s (container format {FORMAT_VERSION})")
+                      message=f"%(prog)s %(version)s (container formats {', '.join(map(str, VERSIONS))})")
 def cli() -> None:
     """nic: a learned image codec (Ballé et al. 2017).
 
@@ -430,6 +430,9 @@ def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: b
 @click.option("-e", "--effort", type=click.IntRange(1, 4), default=1, show_default=True,
               help="Encoder search: 1 rounds the latents; 2..4 choose them by distortion + λ·rate "
                    "(smaller files at the same quality; 30-260x slower). Decoding is unchanged.")
+@click.option("--model", "family", type=click.Choice(["factorized", "hyperprior"]), default=None,
+              help="Model family of the installed weights to encode with [default: factorized]; "
+                   "decoding always follows the file.")
 @click.option("--background", metavar="COLOUR", default=None,
               help="Flatten transparent input onto this colour (e.g. white, #808080).")
 @click.option("--strip", is_flag=True, help="Do not store the input's ICC profile and EXIF.")
@@ -438,8 +441,9 @@ def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: b
 @max_pixels_option
 @click.option("-v", "--verbose", is_flag=True, help="Print size, bpp, chosen quality and time on stderr.")
 def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, quality: int | None,
-           target_size: str | None, target_bpp: float | None, effort: int, background: str | None, strip: bool,
-           threads: int | None, weights: str | None, max_pixels: int, verbose: bool) -> None:
+           target_size: str | None, target_bpp: float | None, effort: int, family: str | None,
+           background: str | None, strip: bool, threads: int | None, weights: str | None, max_pixels: int,
+           verbose: bool) -> None:
     """Encode images IN... (PNG, JPEG, WebP, TIFF, …; '-' for stdin) to .nic."""
     if sum(x is not None for x in (quality, target_size, target_bpp)) > 1:
         raise click.UsageError("give one of -q, --size and --bpp")
@@ -464,13 +468,13 @@ def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, qua
         h, w = pixels.shape[:2]
         count = h * w
         if max_bytes is None and target_bpp is None:
-            chosen = quality or default_quality(weights)
+            chosen = quality or default_quality(weights, family)
             with image_progress(count, f"encoding {Path(source).name}", not batch) as progress:
-                result = encode_pixels(pixels, chosen, weights, icc_profile, exif, effort, progress)
+                result = encode_pixels(pixels, chosen, weights, icc_profile, exif, effort, progress, family)
             note = f"quality {chosen}, effort {effort}"
         else:
             limit = max_bytes if max_bytes is not None else int(target_bpp * count / 8)
-            result, chosen = encode_to_target(pixels, limit, weights, icc_profile, exif, effort)
+            result, chosen = encode_to_target(pixels, limit, weights, icc_profile, exif, effort, family)
             note = f"quality {chosen} chosen for ≤ {limit} bytes, effort {effort}"
             if len(result) > limit:
                 note += " (not reached: even quality 1 is larger)"
@@ -493,9 +497,9 @@ def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, qua
                 from .api import default_quality, encode_rows
 
                 count = reader.width * reader.height
-                chosen = quality or default_quality(weights)
+                chosen = quality or default_quality(weights, family)
                 with image_progress(count, f"encoding {Path(source).name}", not batch) as progress:
-                    parts = encode_rows(reader, chosen, weights, icc_profile, exif, progress)
+                    parts = encode_rows(reader, chosen, weights, icc_profile, exif, progress, family=family)
             finally:
                 reader.close()
             size_in = os.fstat(stream.fileno()).st_size
@@ -566,22 +570,26 @@ def decode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, out
 def info(file: str, max_pixels: int) -> None:
     """Print the header fields of .nic FILE ('-' for stdin) and its bpp."""
     from .container import COLOUR_NAMES, FormatError, unpack
+    from .families import name_of
 
     data = read_nic_input(file, max_pixels)
     try:
         parsed = unpack(data, max_pixels)
+        substreams = parsed.substreams()
     except FormatError as exc:
         raise NicError(f"{file}: {exc}") from None
     h = parsed.header
     rows = [
         ("format version", str(h.version)),
-        ("model id", str(h.model_id)),
+        ("model id", f"{h.model_id} ({name_of(h.model_id)})"),
         ("quality", str(h.quality)),
         ("size", f"{h.width}x{h.height}"),
         ("colour", COLOUR_NAMES[h.colour]),
         ("weights", h.weights_hash.hex()),
         ("latent shape", "x".join(map(str, h.latent_shape))),
         ("payload bytes", str(h.payload_length)),
+        *((f"substream {s.name.decode()}", f"{'x'.join(map(str, s.shape))}, {len(s.data)} bytes")
+          for s in substreams),
         ("file bytes", str(len(data))),
         ("bpp", f"{8 * len(data) / (h.width * h.height):.4f}"),
     ]
@@ -723,18 +731,20 @@ def export(checkpoint: str, output: str, half: bool) -> None:
               help="An earlier --json report whose nic curve is one more BD-rate reference (repeatable).")
 @click.option("-e", "--effort", type=click.IntRange(1, 4), default=1, show_default=True,
               help="nic's encoder effort (as in nic encode).")
+@click.option("--model", "family", type=click.Choice(["factorized", "hyperprior"]), default=None,
+              help="Model family of the installed weights to measure [default: factorized].")
 @threads_option
 @weights_option
 def bench(folder: str, qualities: str | None, codecs: str, json_out: str | None, plot_out: str | None,
-          speed: bool, limit: int | None, compare: tuple[str, ...], effort: int, threads: int | None,
-          weights: str | None) -> None:
+          speed: bool, limit: int | None, compare: tuple[str, ...], effort: int, family: str | None,
+          threads: int | None, weights: str | None) -> None:
     """Rate-distortion (bpp, PSNR, MS-SSIM, BD-rate) of nic and Pillow codecs on the images in DIR."""
     from .bench import BenchOptions, run_command
 
     set_threads(threads)
     try:
         run_command(BenchOptions(Path(folder), qualities, codecs, json_out, plot_out, speed, weights, limit,
-                                 compare, effort), err=stderr_console())
+                                 compare, effort, family), err=stderr_console())
     except _domain_errors() as exc:
         raise NicError(str(exc)) from None
 

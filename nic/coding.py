@@ -106,10 +106,18 @@ class LatentCoder:
             flat = np.concatenate(escapes)
             if len(flat):
                 patch(flat, _decode_escapes(decoder, len(flat)))
+            _check_exhausted(decoder)
         except (CorruptStream, OSError, MemoryError):  # ours, or the spill file's: not the stream's fault
             raise
         except Exception as exc:  # constriction reports corrupt data with its own errors
             raise CorruptStream(f"range decoder failed ({exc})") from None
+
+
+def _check_exhausted(decoder) -> None:
+    """A stream that ends early, or goes on after its last symbol, decodes to something:
+    only the coder's final state tells. Every complete stream ends exhausted."""
+    if not decoder.maybe_exhausted():
+        raise CorruptStream("the stream is truncated or has data after its last symbol")
 
 
 def _encode_escapes(encoder, values: np.ndarray) -> None:
@@ -137,3 +145,72 @@ def _decode_escapes(decoder, count: int) -> np.ndarray:
             chunk = decoder.decode(constriction.stream.model.Uniform(), (1 << bits).astype(np.int32))
             u[take] |= chunk.astype(np.int64) << shift
     return np.where(u % 2 == 0, u // 2, -(u + 1) // 2)
+
+
+class IndexedCoder:
+    """Encodes/decodes integers each with the table its *index* picks, the indices known
+    to both sides (the hyperprior family's scale indices; :mod:`nic.hyperprior`).
+
+    Layout: the values grouped by index, index 0 first, each group in raster order
+    (a stable sort), as symbols k − offsets[t] of table t (the escape symbol lengths[t]
+    outside it); then the escaped values, in the same order, as :class:`LatentCoder`
+    sends them. Grouping lets every group go to the coder in one call."""
+
+    def __init__(self, tables: IntegerTables):
+        self.tables = tables
+        self.models = _models(tables)
+
+    def _groups(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(positions in coding order, group boundaries over the table indices)."""
+        order = np.argsort(indices, kind="stable")
+        bounds = np.searchsorted(indices[order], np.arange(len(self.models) + 1))
+        return order, bounds
+
+    def encode(self, values: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        """Payload words (little-endian uint32) of int64 ``values`` with table ``indices``
+        (both flat, the same length)."""
+        if np.abs(values).max(initial=0) > LATENT_LIMIT:
+            raise ValueError("latent magnitude exceeds 2**31 - 1")
+        order, bounds = self._groups(indices)
+        encoder = constriction.stream.queue.RangeEncoder()
+        escaped = []
+        for t in range(len(self.models)):
+            if bounds[t] == bounds[t + 1]:
+                continue
+            group = values[order[bounds[t]:bounds[t + 1]]]
+            symbols = group - int(self.tables.offsets[t])
+            length = int(self.tables.lengths[t])
+            outside = (symbols < 0) | (symbols >= length)
+            symbols[outside] = length
+            encoder.encode(symbols.astype(np.int32), self.models[t])
+            escaped.append(group[outside])
+        _encode_escapes(encoder, np.concatenate(escaped) if escaped else np.zeros(0, np.int64))
+        return encoder.get_compressed().astype("<u4", copy=False)
+
+    def decode(self, payload: bytes, indices: np.ndarray) -> np.ndarray:
+        """int64 values (flat, in the order of ``indices``) from the payload."""
+        if len(payload) % 4:
+            raise CorruptStream("payload length is not a multiple of 4 bytes")
+        words = np.frombuffer(payload, dtype="<u4").astype(np.uint32, copy=False)
+        order, bounds = self._groups(indices)
+        out = np.empty(len(indices), dtype=np.int64)
+        try:
+            decoder = constriction.stream.queue.RangeDecoder(words)
+            escapes = []
+            for t in range(len(self.models)):
+                count = int(bounds[t + 1] - bounds[t])
+                if count == 0:
+                    continue
+                symbols = decoder.decode(self.models[t], count).astype(np.int64)
+                where = order[bounds[t]:bounds[t + 1]]
+                out[where] = symbols + int(self.tables.offsets[t])
+                escapes.append(where[symbols == int(self.tables.lengths[t])])
+            flat = np.concatenate(escapes) if escapes else np.zeros(0, np.int64)
+            if len(flat):
+                out[flat] = _decode_escapes(decoder, len(flat))
+            _check_exhausted(decoder)
+        except (CorruptStream, MemoryError):
+            raise
+        except Exception as exc:  # constriction reports corrupt data with its own errors
+            raise CorruptStream(f"range decoder failed ({exc})") from None
+        return out

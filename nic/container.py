@@ -1,4 +1,4 @@
-"""The .nic file format, version 1.
+"""The .nic file format, versions 1 and 2.
 
 All integers are little-endian. A file is a fixed 38-byte header, the range-coded
 payload, the payload's CRC, then zero or more sections.
@@ -6,8 +6,8 @@ payload, the payload's CRC, then zero or more sections.
 | offset | size | field            | meaning                                                    |
 |-------:|-----:|------------------|------------------------------------------------------------|
 | 0      | 4    | magic            | ``89 4E 49 43`` (0x89 "NIC"): the high bit catches 7-bit channels |
-| 4      | 1    | version          | container format version, 1                                |
-| 5      | 1    | model id         | 1 = bls2017-gained (:class:`nic.model.Config`)              |
+| 4      | 1    | version          | container format version: 1 (one substream) or 2 (several) |
+| 5      | 1    | model id         | the model family (:mod:`nic.families`): 1 = factorized, 2 = hyperprior |
 | 6      | 1    | quality          | 1..Q, the weights' quality count (8 for the shipped ones)  |
 | 7      | 1    | colour layout    | 1 = RGB, 2 = grayscale (decoded to one channel)            |
 | 8      | 4    | width            | pixels, ≥ 1                                                |
@@ -21,11 +21,26 @@ payload, the payload's CRC, then zero or more sections.
 | 38     | n    | payload          | range-coded latents (:mod:`nic.coding`), 32-bit LE words   |
 | 38+n   | 4    | payload CRC      | CRC-32 of the payload                                      |
 
+In version 1 (what the factorized family writes, unchanged since the first release)
+the payload is one substream: the latents ŷ, of the header's latent shape. In
+version 2 the payload is a list of substreams, each range-coded on its own, with its
+own escapes (the hyperprior family writes ẑ, then ŷ):
+
+| offset | size   | field        | meaning                                                 |
+|-------:|-------:|--------------|---------------------------------------------------------|
+| 0      | 4      | count        | substreams, 1 .. MAX_SUBSTREAMS                         |
+| 4      | 16·count | directory  | per substream: name (4 ASCII letters), channels, rows, columns (3 × u16), 2 zero bytes, length in bytes (u32, a multiple of 4) |
+| …      | …      | substreams   | their bytes, in directory order, back to back           |
+
+A substream's grid is never finer than the latent grid (rows and columns at most the
+header's); which names and shapes a family expects is the family's to check
+(:mod:`nic.families`). A version-1 reader refuses version-2 files by their version byte.
+
 Sections (how the format grows without a new version): each is a 4-byte ASCII
 type, a 4-byte length (at most 16 MiB), the data and a CRC-32 over type and data.
 As in PNG, a type whose first letter is lowercase is *ancillary*: a reader that does
 not know it skips it; an unknown uppercase (*critical*) type makes the file
-unreadable, with a message naming it. Version 1 defines two ancillary sections:
+unreadable, with a message naming it. Versions 1 and 2 define two ancillary sections:
 
 | type (stable id) | content                                                          |
 |------------------|------------------------------------------------------------------|
@@ -35,7 +50,7 @@ unreadable, with a message naming it. Version 1 defines two ancillary sections:
 A future feature that a reader may ignore (say, a thumbnail) gets a new ancillary
 type; one that changes how pixels decode gets a critical type, so version-1 readers
 refuse such files predictably instead of decoding them wrongly. Only a change to the
-fixed header needs a new format version. Any byte after the payload CRC that does
+fixed header or to the payload's layout needs a new format version (version 2: substreams). Any byte after the payload CRC that does
 not parse as a section is an error.
 
 Every check happens before anything is allocated from a header field: dimensions
@@ -51,9 +66,13 @@ from dataclasses import dataclass, field
 
 MAGIC = b"\x89NIC"
 VERSION = 1
+VERSION_SUBSTREAMS = 2
+VERSIONS = (VERSION, VERSION_SUBSTREAMS)
 HEADER = struct.Struct("<4sBBBBII8sHHHI")  # without its CRC
 HEADER_SIZE = HEADER.size + 4  # 38
 SECTION_HEAD = struct.Struct("<4sI")
+SUBSTREAM_ENTRY = struct.Struct("<4sHHH2xI")
+MAX_SUBSTREAMS = 16
 
 COLOUR_RGB = 1
 COLOUR_GRAY = 2
@@ -99,10 +118,68 @@ class Header:
 
 
 @dataclass(frozen=True)
+class Substream:
+    """One range-coded stream of the payload: its name, the shape of the integers it
+    codes (channels, rows, columns) and its bytes (a multiple of 4)."""
+
+    name: bytes
+    shape: tuple[int, int, int]
+    data: bytes
+
+
+@dataclass(frozen=True)
 class Container:
     header: Header
     payload: bytes
     sections: list[tuple[bytes, bytes]] = field(default_factory=list)  # ancillary ones kept
+
+    def substreams(self) -> list[Substream]:
+        """The payload as substreams: version 1's is one, ``yhat`` of the latent shape."""
+        if self.header.version == VERSION:
+            return [Substream(b"yhat", self.header.latent_shape, self.payload)]
+        return unpack_substreams(self.payload, self.header)
+
+
+def pack_substreams(substreams: list[Substream]) -> list:
+    """A version-2 payload as buffers to write in order (the substreams are not copied)."""
+    if not 1 <= len(substreams) <= MAX_SUBSTREAMS:
+        raise ValueError(f"a payload holds 1..{MAX_SUBSTREAMS} substreams")
+    parts: list = [struct.pack("<I", len(substreams))]
+    for stream in substreams:
+        size = memoryview(stream.data).nbytes
+        if size % 4 or len(stream.name) != 4 or not stream.name.isalpha():
+            raise ValueError(f"invalid substream {stream.name!r}")
+        parts.append(SUBSTREAM_ENTRY.pack(stream.name, *stream.shape, size))
+    return parts + [memoryview(stream.data).cast("B") for stream in substreams]
+
+
+def unpack_substreams(payload: bytes, header: Header) -> list[Substream]:
+    """Parse a version-2 payload (its CRC already checked); FormatError naming the problem."""
+    if len(payload) < 4:
+        raise FormatError("payload is too short for its substream directory")
+    (count,) = struct.unpack_from("<I", payload)
+    if not 1 <= count <= MAX_SUBSTREAMS:
+        raise FormatError(f"payload claims {count} substreams (1..{MAX_SUBSTREAMS} allowed)")
+    offset = 4 + count * SUBSTREAM_ENTRY.size
+    if offset > len(payload):
+        raise FormatError("payload is too short for its substream directory")
+    _, rows, cols = header.latent_shape
+    found = []
+    for i in range(count):
+        name, channels, height, width, length = SUBSTREAM_ENTRY.unpack_from(payload, 4 + i * SUBSTREAM_ENTRY.size)
+        label = name.decode("ascii", "replace")
+        if not name.isalpha() or not name.isascii():
+            raise FormatError(f"substream {i} has an invalid name")
+        if not (1 <= channels and 1 <= height <= rows and 1 <= width <= cols):
+            raise FormatError(f"substream {label} claims shape {channels}x{height}x{width}, which does not "
+                              f"fit a latent grid of {rows}x{cols}")
+        if length % 4 or offset + length > len(payload):
+            raise FormatError(f"substream {label} claims {length} bytes, more than the payload holds")
+        found.append(Substream(name, (channels, height, width), payload[offset:offset + length]))
+        offset += length
+    if offset != len(payload):
+        raise FormatError(f"payload has {len(payload) - offset} bytes after its last substream")
+    return found
 
 
 def pack(header: Header, payload: bytes, sections: list[tuple[bytes, bytes]] | tuple = ()) -> bytes:
@@ -112,11 +189,15 @@ def pack(header: Header, payload: bytes, sections: list[tuple[bytes, bytes]] | t
 
 def pack_parts(header: Header, payload, sections: list[tuple[bytes, bytes]] | tuple = ()) -> list:
     """:func:`pack` as a list of buffers to write in order, without joining them: the
-    payload (any buffer, e.g. a numpy array of little-endian words) is not copied."""
-    payload = memoryview(payload).cast("B")
-    if header.payload_length != payload.nbytes:
+    payload (any buffer, e.g. a numpy array of little-endian words, or a list of such
+    buffers, as :func:`pack_substreams` gives) is not copied."""
+    pieces = [memoryview(part).cast("B") for part in (payload if isinstance(payload, list) else [payload])]
+    if header.payload_length != sum(piece.nbytes for piece in pieces):
         raise ValueError("header payload length does not match the payload")
-    parts = [header.pack(), payload, struct.pack("<I", zlib.crc32(payload))]
+    crc = 0
+    for piece in pieces:
+        crc = zlib.crc32(piece, crc)
+    parts = [header.pack(), *pieces, struct.pack("<I", crc)]
     for kind, body in sections:
         if len(kind) != 4 or not kind.isalpha() or not kind.isascii():
             raise ValueError(f"invalid section type {kind!r}")
@@ -134,8 +215,9 @@ def parse_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Header:
         raise FormatError("not a .nic file (bad magic bytes)")
     if len(data) < 5:
         raise FormatError("truncated file: the header ends at byte %d of %d" % (len(data), HEADER_SIZE))
-    if data[4] != VERSION:
-        raise FormatError(f"unsupported .nic format version {data[4]} (this nic reads version {VERSION})")
+    if data[4] not in VERSIONS:
+        raise FormatError(f"unsupported .nic format version {data[4]} (this nic reads versions "
+                          f"{', '.join(map(str, VERSIONS))})")
     if len(data) < HEADER_SIZE:
         raise FormatError("truncated file: the header ends at byte %d of %d" % (len(data), HEADER_SIZE))
     fixed = data[: HEADER.size]

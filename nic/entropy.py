@@ -17,6 +17,7 @@ decoding never depends on floating-point rounding in this network. No I/O here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -181,3 +182,73 @@ def _as_float64(density: FactorizedDensity) -> FactorizedDensity:
 
     clone = copy.deepcopy(density)
     return clone.double()
+
+
+# ---- the Gaussian conditional of the hyperprior family --------------------------------
+
+SCALE_COUNT = 64
+SCALE_MIN = 0.11
+SCALE_MAX = 256.0
+"""The scale table of :class:`GaussianConditional` (CompressAI's: 64 scales, log-spaced)."""
+
+
+class GaussianConditional:
+    """A Gaussian of a given mean and scale, integrated over unit bins, for each latent
+    (Minnen, Ballé and Toderici, "Joint autoregressive and hierarchical priors for
+    learned image compression", NeurIPS 2018, without the autoregressive part).
+
+    The scale is not a free float: the hyper-decoder picks an index t into a fixed,
+    log-spaced table of ``SCALE_COUNT`` scales, σ_t = SCALE_MIN·(SCALE_MAX/SCALE_MIN)^(t/(T−1)),
+    and each index has one integer frequency table (:meth:`integer_tables`) over the
+    residual k = round(y − μ), with an escape symbol for the tails. Training sees the
+    same scales: σ is taken at round(t) with a straight-through gradient."""
+
+    def __init__(self, count: int = SCALE_COUNT, minimum: float = SCALE_MIN, maximum: float = SCALE_MAX):
+        self.count, self.minimum, self.maximum = count, minimum, maximum
+        self.step = math.log(maximum / minimum) / (count - 1)
+
+    def scales(self) -> np.ndarray:
+        """σ_t for t = 0 … count − 1, float64."""
+        return self.minimum * np.exp(self.step * np.arange(self.count, dtype=np.float64))
+
+    def scale(self, index: Tensor) -> Tensor:
+        """σ at a (real) scale index, clamped to the table; round(index) with a
+        straight-through gradient, so training sees the scales the coder uses. The
+        clamp lets gradients through that push an index back into the table (a plain
+        clamp would leave an index below 0 stuck at the narrowest scale)."""
+        from .layers import LowerBound
+
+        t = -LowerBound.apply(-LowerBound.apply(index, 0.0), -(self.count - 1.0))
+        t = t + (torch.round(t) - t).detach()
+        return self.minimum * torch.exp(self.step * t)
+
+    @staticmethod
+    def bits(residual: Tensor, sigma: Tensor) -> Tensor:
+        """−log2 P(residual) elementwise: the N(0, σ²) mass of [residual − ½, residual + ½],
+        computed in the lower tail for precision."""
+        v = residual.abs()
+        upper = torch.special.ndtr((0.5 - v) / sigma)
+        lower = torch.special.ndtr((-0.5 - v) / sigma)
+        return -torch.log2(torch.clamp_min(upper - lower, LIKELIHOOD_FLOOR))
+
+    def integer_tables(self, tail_mass: float = 1e-6, max_length: int = 4095) -> IntegerTables:
+        """One integer table per scale index: residuals −K … K, K the smallest with less
+        than ``tail_mass`` outside, plus the escape. float64 here, integers from here on."""
+        offsets, lengths, freqs = [], [], []
+        for sigma in self.scales():
+            k = 0
+            while 2 * _normal_cdf(-(k + 0.5) / sigma) >= tail_mass and 2 * k + 1 < max_length:
+                k += 1
+            values = np.arange(-k, k + 1, dtype=np.float64)
+            upper = np.array([_normal_cdf((0.5 - abs(v)) / sigma) for v in values])
+            lower = np.array([_normal_cdf((-0.5 - abs(v)) / sigma) for v in values])
+            pmf = upper - lower
+            offsets.append(-k)
+            lengths.append(2 * k + 1)
+            freqs.append(quantize_pmf(pmf, max(0.0, 1.0 - float(pmf.sum()))))
+        return IntegerTables(np.asarray(offsets, dtype=np.int32), np.asarray(lengths, dtype=np.int32),
+                             np.concatenate(freqs).astype(np.int32))
+
+
+def _normal_cdf(x: float) -> float:
+    return 0.5 * math.erfc(-x / math.sqrt(2.0))

@@ -44,7 +44,8 @@ interrupted
 .SH ENVIRONMENT
 .TP
 .B NIC_WEIGHTS_DIR
-a folder searched for weights files (\fIdefault.npz\fR first) before the installed ones
+a folder searched for weights files (\fIdefault.npz\fR first) before the installed ones;
+\fB\-\-model\fR takes the first of the family it names
 .TP
 .B NIC_DEBUG
 set to show a traceback for internal errors
@@ -53,13 +54,17 @@ set to show a traceback for internal errors
 where the latents of images over about 87 megapixels wait during encoding and
 decoding (an unlinked temporary file; default \fI/tmp\fR): a disk, not a RAM\-backed tmpfs
 .SH FILES
-A .nic file (format version 1) is a 38\-byte little\-endian header \(em magic
-\fB89 4E 49 43\fR, version, model id, quality, colour layout, width, height, an
+A .nic file is a 38\-byte little\-endian header \(em magic
+\fB89 4E 49 43\fR, format version, model id (the model family: 1 factorized,
+2 hyperprior), quality, colour layout, width, height, an
 8\-byte weights hash, latent shape, payload length and a CRC\-32 of the header \(em
 then the range\-coded payload, its CRC\-32, and optional PNG\-style sections:
 \fBiCCP\fR (ICC profile) and \fBeXIf\fR (EXIF). Sections whose type starts with a
 lowercase letter are skipped by readers that do not know them; an unknown uppercase
-type makes a file unreadable. The full table is in the module nic.container.
+type makes a file unreadable. In format version 1 (the factorized family) the
+payload is one range\-coded stream; in version 2 (the hyperprior family) it is a
+directory of named substreams (\fBzhat\fR, then \fByhat\fR), each with its shape and
+length. The full table is in the module nic.container.
 .SH EXAMPLES
 .nf
 nic encode photo.png \-q 4 \-o photo.nic

@@ -11,8 +11,9 @@ ICC profile and EXIF the file carries in ``info["icc_profile"]`` and ``info["exi
 straight away, as Pillow's JPEG plugin does; the pixels are decoded on first access,
 like any lazy Pillow format.
 
-Saving takes ``quality=`` (1..8, default 4), ``effort=`` (1..4, default 1) and
-``background=`` (a colour to flatten transparency onto), as :func:`nic.encode` does,
+Saving takes ``quality=`` (1..8, default 4), ``effort=`` (1..4, default 1),
+``model=`` (the model family, "factorized" or "hyperprior") and ``background=``
+(a colour to flatten transparency onto), as :func:`nic.encode` does,
 and Pillow's usual metadata keywords: ``icc_profile=`` and ``exif=`` (bytes, or an
 :class:`PIL.Image.Exif` for ``exif``) replace what the image carries, ``None``
 leaves it out, and ``strip=True`` leaves out both. Without them the image's own ICC
@@ -133,7 +134,7 @@ def _save(im: Image.Image, fp: IO[bytes], filename: str | bytes) -> None:
     # nic.api.encode reads metadata only from the image, so the pieces it is made of
     # are called here, in the same order, to put explicit metadata in their place.
     pixels = pixels_from_image(im, options.get("background"))
-    fp.write(encode_pixels(pixels, quality, None, icc_profile, exif, effort))
+    fp.write(encode_pixels(pixels, quality, None, icc_profile, exif, effort, family=options.get("model")))
 
 
 def register() -> None:

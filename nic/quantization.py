@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from .entropy import PRECISION, IntegerTables
-from .model import DOWNSAMPLING
+from .tiling import DOWNSAMPLING
 
 EFFORTS = (1, 2, 3, 4)
 """Encoder effort levels; 1 is plain rounding and the default."""

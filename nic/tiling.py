@@ -24,7 +24,7 @@ Halo arithmetic (derived from the modules by :func:`analysis_halo` and
   act as zeros, so the halo is 1 latent before and 2 after.
 
 At a real image border a tile takes no halo on that side, so it sees exactly what the
-whole image sees there: the replicate padding of :func:`nic.model.pad_to_multiple`
+whole image sees there: the replicate padding of :func:`nic.factorized.pad_to_multiple`
 (bottom/right, up to a multiple of 16) and then the convolutions' own zero padding
 (g_a) or absent inputs (g_s) at the same place. GDN/IGDN are 1x1 across space, so
 only the convolutions count.
@@ -60,7 +60,9 @@ import torch
 from torch import Tensor, nn
 
 from .coding import LATENT_LIMIT
-from .model import DOWNSAMPLING
+
+DOWNSAMPLING = 16
+"""g_a halves height and width four times: one latent per 16x16 pixels."""
 
 DEFAULT_TILE = 768
 """Tile core in pixels (a multiple of 16). Read at call time, so a caller or a

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import MSE_LAMBDAS, Codec, Config, rate_distortion_loss, specialize, transform_pair
+from .factorized import MSE_LAMBDAS, Codec, Config, rate_distortion_loss, specialize, transform_pair
 
 DENSITY_LR_SCALE = 5.0
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".ppm"}
@@ -221,7 +221,7 @@ def split_holdout(files: list[Path], count: int) -> tuple[list[Path], list[Path]
 @torch.no_grad()
 def validate(model: Codec, images: list[np.ndarray], qualities: list[int]) -> list[dict]:
     """Real rate and PSNR per quality: integer tables, range coder, 8-bit output."""
-    from .api import quantize_latents, reconstruct
+    from .factorized import quantize_latents, reconstruct
     from .coding import LatentCoder
     from .container import HEADER_SIZE
 
@@ -542,7 +542,7 @@ def _rng_state_from(state: list) -> tuple:
 
 def export_checkpoint(checkpoint: Path, output: Path, half: bool = False) -> bytes:
     """Weights file (with integer tables) from a training checkpoint; returns its hash."""
-    from .model import is_conv_kernel, to_arrays
+    from .factorized import is_conv_kernel, to_arrays
     from .weights import save_weights
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)

@@ -1,6 +1,6 @@
 """Weights files: numpy ``.npz`` archives read with ``allow_pickle=False``.
 
-A weights file is a flat map of named arrays (see :func:`nic.model.to_arrays`):
+A weights file is a flat map of named arrays (see a family's ``to_arrays``, :mod:`nic.families`):
 tensors, the config as UTF-8 JSON bytes, and the integer tables. Its identity is
 the SHA-256 of a canonical serialization of those arrays (name, dtype, shape,
 bytes, sorted by name), so the zip wrapper's metadata never changes it; the
@@ -82,7 +82,7 @@ def shipped_dir() -> Path:
 
 @lru_cache(maxsize=8)
 def _load_path(path: str, mtime: float):
-    from .model import from_arrays
+    from .families import from_arrays
 
     arrays = read_arrays(Path(path).read_bytes())
     try:
@@ -127,14 +127,53 @@ def candidates() -> list[Path]:
     return found
 
 
-def default_weights(path: Path | str | None = None):
-    """(model, hash) of the weights to encode with."""
+@lru_cache(maxsize=64)
+def _peek_model_id(path: str, mtime: float) -> int | None:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            from .families import model_id_of
+
+            return model_id_of({"config": archive["config"]})
+    except (ValueError, OSError, KeyError, zipfile.BadZipFile, EOFError):
+        return None  # load_weights says what is wrong, if this file is ever picked
+
+
+def model_id_of_file(path: Path) -> int | None:
+    """The model id a weights file's config names (its config alone is read), or None."""
+    try:
+        return _peek_model_id(str(path.resolve()), path.stat().st_mtime)
+    except OSError:
+        return None
+
+
+def default_weights(path: Path | str | None = None, family: str | None = None):
+    """(model, hash) of the weights to encode with: ``path``, or the first installed
+    weights of ``family`` (by default, of nic.families.DEFAULT, else the first installed)."""
+    from .families import NAMES, name_of
+
     if path is not None:
-        return load_weights(path)
+        model, digest = load_weights(path)
+        if family is not None and model.config.model_id != NAMES[family]:
+            raise WeightsError(f"{path} holds weights of the {name_of(model.config.model_id)} family, "
+                               f"not of the {family} family")
+        return model, digest
+    return load_weights(installed(family))
+
+
+def installed(family: str | None = None) -> Path:
+    """The installed weights file of ``family`` (see :func:`default_weights`)."""
+    from .families import DEFAULT, NAMES
+
     found = candidates()
     if not found:
         raise WeightsError("no weights installed (expected weights/default.npz)")
-    return load_weights(found[0])
+    wanted = NAMES[family or DEFAULT]
+    for candidate in found:
+        if model_id_of_file(candidate) == wanted:
+            return candidate
+    if family is not None:
+        raise WeightsError(f"no weights of the {family} family are installed; pass them with --weights")
+    return found[0]
 
 
 def weights_for(model_id: int, wanted: bytes, path: Path | str | None = None):

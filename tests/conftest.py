@@ -43,7 +43,7 @@ def tiny_weights(tmp_path_factory) -> str:
     """A small random-init model (N=M=16) with exported tables: fast, and not the shipped one."""
     import torch
 
-    from nic.model import Codec, Config, to_arrays
+    from nic.factorized import Codec, Config, to_arrays
     from nic.weights import save_weights
 
     torch.manual_seed(0)
@@ -51,4 +51,30 @@ def tiny_weights(tmp_path_factory) -> str:
     model.export_tables()
     path = tmp_path_factory.mktemp("weights") / "tiny.npz"
     save_weights(to_arrays(model), path)
+    return str(path)
+
+
+def tiny_hyperprior(seed: int = 0):
+    """A small random-init hyperprior model (N=M=16, hyper N=16, Z=8) with exported tables."""
+    import torch
+
+    from nic import factorized, hyperprior
+
+    torch.manual_seed(seed)
+    base = factorized.Codec(factorized.Config(N=16, M=16)).eval()
+    base.export_tables()
+    model = hyperprior.Codec(base, hyperprior.Config(hyper_N=16, Z=8)).eval()
+    with torch.no_grad():  # means and scale indices that vary, as a trained h_s gives
+        model.hyper[2].h_s[4].bias[16:] += 12.0
+    model.export_tables()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_hyperprior_weights(tmp_path_factory) -> str:
+    from nic.hyperprior import to_arrays
+    from nic.weights import save_weights
+
+    path = tmp_path_factory.mktemp("weights") / "tiny-hyperprior.npz"
+    save_weights(to_arrays(tiny_hyperprior()), path)
     return str(path)

@@ -47,7 +47,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def test_version_names_package_and_format():
     result = run_cli("--version")
     assert result.exit_code == 0
-    assert "0.1.0" in result.output and "container format 1" in result.output
+    assert "0.1.0" in result.output and "container formats 1, 2" in result.output
 
 
 @pytest.mark.parametrize("quality", range(1, 9))

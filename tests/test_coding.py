@@ -60,3 +60,35 @@ def test_garbage_payload_never_crashes(coder):
             pass
     with pytest.raises(CorruptStream):
         coder.decode(b"abc", (5, 1, 1))
+
+
+def test_indexed_coder_round_trips_with_escapes_in_any_index_order():
+    from nic.coding import IndexedCoder
+    from nic.entropy import GaussianConditional
+
+    conditional = GaussianConditional()
+    indexed = IndexedCoder(conditional.integer_tables())
+    rng = np.random.default_rng(4)
+    indices = rng.integers(0, conditional.count, 5000)
+    values = np.round(rng.normal(0, conditional.scales()[indices])).astype(np.int64)
+    values[[3, 99, 4000]] = [LATENT_LIMIT, -LATENT_LIMIT, 70000]  # escapes
+    payload = indexed.encode(values, indices)
+    assert np.array_equal(indexed.decode(payload.tobytes(), indices), values)
+    # The indices are part of the code: other indices do not give the values back.
+    other = np.roll(indices, 1)
+    try:
+        assert not np.array_equal(indexed.decode(payload.tobytes(), other), values)
+    except CorruptStream:
+        pass
+
+
+def test_indexed_coder_reports_truncation():
+    from nic.coding import IndexedCoder
+    from nic.entropy import GaussianConditional
+
+    indexed = IndexedCoder(GaussianConditional().integer_tables())
+    indices = np.full(4000, 63)
+    values = np.random.default_rng(5).integers(-200, 200, 4000)
+    payload = indexed.encode(values, indices).tobytes()
+    with pytest.raises(CorruptStream):
+        indexed.decode(payload[:-8] + b"\xff" * 3, indices)

@@ -3,8 +3,8 @@ import zlib
 
 import pytest
 
-from nic.container import (COLOUR_RGB, HEADER_SIZE, MAGIC, FormatError, Header, pack, parse_header,
-                           unpack)
+from nic.container import (COLOUR_RGB, HEADER_SIZE, MAGIC, SUBSTREAM_ENTRY, FormatError, Header, Substream,
+                           pack, pack_substreams, parse_header, unpack)
 
 
 def make_file(payload: bytes = bytes(range(32)), width: int = 33, height: int = 17) -> bytes:
@@ -50,8 +50,8 @@ def test_messages_name_the_problem():
         unpack(b"\x89PNG\r\n\x1a\n" + bytes(100))
     with pytest.raises(FormatError, match="empty"):
         unpack(b"")
-    data[4] = 2
-    with pytest.raises(FormatError, match="version 2"):
+    data[4] = 3
+    with pytest.raises(FormatError, match="version 3"):
         unpack(bytes(data))
     good = make_file()
     with pytest.raises(FormatError, match="payload is corrupt"):
@@ -100,3 +100,48 @@ def test_unknown_ancillary_sections_are_skipped_and_critical_ones_refused():
     broken[-6] ^= 0x40
     with pytest.raises(FormatError, match="section"):
         unpack(bytes(broken))
+
+
+def make_v2(substreams, width: int = 130, height: int = 100) -> bytes:
+    payload = b"".join(bytes(p) for p in pack_substreams(substreams))
+    header = Header(model_id=2, quality=3, colour=COLOUR_RGB, width=width, height=height,
+                    weights_hash=bytes(8), latent_shape=(16, -(-height // 16), -(-width // 16)),
+                    payload_length=len(payload), version=2)
+    return pack(header, payload)
+
+
+def test_version_2_payload_is_a_list_of_substreams():
+    streams = [Substream(b"zhat", (8, 2, 3), bytes(range(8))), Substream(b"yhat", (16, 7, 9), bytes(12))]
+    parsed = unpack(make_v2(streams))
+    assert parsed.header.version == 2 and parsed.substreams() == streams
+    # Version 1: the whole payload is one substream of the header's latent shape.
+    v1 = unpack(make_file())
+    assert v1.substreams() == [Substream(b"yhat", (192, 2, 3), bytes(range(32)))]
+
+
+@pytest.mark.parametrize("entry, message", [
+    (dict(shape=(8, 8, 3)), "does not fit a latent grid of 7x9"),
+    (dict(shape=(0, 2, 3)), "claims shape 0x2x3"),
+    (dict(name=b"z\x00\x01t"), "invalid name"),
+    (dict(length=1 << 20), "more than the payload holds"),
+    (dict(length=6), "claims 6 bytes"),
+])
+def test_lying_substream_directories_are_refused(entry, message):
+    name, shape, length = entry.get("name", b"zhat"), entry.get("shape", (8, 2, 3)), entry.get("length", 8)
+    directory = struct.pack("<I", 1) + SUBSTREAM_ENTRY.pack(name, *shape, length)
+    payload = directory + bytes(8)
+    header = Header(model_id=2, quality=3, colour=COLOUR_RGB, width=130, height=100, weights_hash=bytes(8),
+                    latent_shape=(16, 7, 9), payload_length=len(payload), version=2)
+    with pytest.raises(FormatError, match=message):
+        unpack(pack(header, payload)).substreams()
+
+
+def test_substream_counts_and_leftovers_are_refused():
+    base = dict(model_id=2, quality=3, colour=COLOUR_RGB, width=130, height=100, weights_hash=bytes(8),
+                latent_shape=(16, 7, 9), version=2)
+    for payload, message in ((struct.pack("<I", 0), "0 substreams"), (struct.pack("<I", 17), "17 substreams"),
+                             (struct.pack("<I", 3) + bytes(16), "too short"),
+                             (b"".join(bytes(p) for p in pack_substreams([Substream(b"zhat", (8, 2, 3), bytes(4))]))
+                              + bytes(4), "4 bytes after its last substream")):
+        with pytest.raises(FormatError, match=message):
+            unpack(pack(Header(**base, payload_length=len(payload)), payload)).substreams()

@@ -1,4 +1,7 @@
+import math
+
 import numpy as np
+import pytest
 import torch
 
 from nic.entropy import PRECISION, FactorizedDensity, integer_tables, quantize_pmf
@@ -31,3 +34,39 @@ def test_integer_tables_are_consistent():
     # Deterministic: the same density gives the same integers.
     again = integer_tables(density)
     assert np.array_equal(again.frequencies, tables.frequencies)
+
+
+def test_gaussian_tables_sum_exactly_and_cover_each_scale():
+    from nic.entropy import GaussianConditional
+
+    conditional = GaussianConditional()
+    tables = conditional.integer_tables()
+    assert tables.offsets.shape == (conditional.count,) == tables.lengths.shape
+    scales = conditional.scales()
+    for t in range(conditional.count):
+        freq = tables.channel(t)
+        assert freq.sum() == 1 << PRECISION and (freq >= 1).all()
+        assert tables.lengths[t] == -2 * tables.offsets[t] + 1  # symmetric around 0
+        k = -int(tables.offsets[t])  # less than 1e-6 of the mass lies beyond ±(k + ½)
+        assert 2 * 0.5 * math.erfc((k + 0.5) / scales[t] / math.sqrt(2)) < 1e-6 or 2 * k + 1 >= 4095
+    # The narrowest scale makes a zero almost free: what flat regions cost.
+    zero = tables.channel(0)[-tables.offsets[0]]
+    assert -np.log2(zero / (1 << PRECISION)) < 1e-4
+
+
+def test_gaussian_bits_match_the_tables():
+    from nic.entropy import GaussianConditional
+
+    conditional = GaussianConditional()
+    tables = conditional.integer_tables()
+    t = 40
+    sigma = torch.tensor(conditional.scales()[t], dtype=torch.float64)
+    residuals = torch.arange(-5, 6, dtype=torch.float64)
+    bits = conditional.bits(residuals, sigma).numpy()
+    table_bits = -np.log2(tables.channel(t)[residuals.numpy().astype(int) - tables.offsets[t]] / (1 << PRECISION))
+    np.testing.assert_allclose(bits, table_bits, atol=0.03)  # the tables' rounding to 16 bits
+    # Training sees the scale of the rounded index (straight-through).
+    index = torch.tensor([39.6], requires_grad=True)
+    assert float(conditional.scale(index)) == pytest.approx(conditional.scales()[40], rel=1e-6)
+    conditional.scale(index).sum().backward()
+    assert index.grad is not None and float(index.grad) > 0

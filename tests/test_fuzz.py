@@ -42,7 +42,7 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from nic import api, container
+from nic import api, container, factorized
 from nic.coding import LATENT_LIMIT, CorruptStream
 from nic.container import HEADER, HEADER_SIZE, SECTION_HEAD, FormatError, Header
 from nic.weights import WeightsError, default_weights
@@ -387,7 +387,7 @@ def test_fuzz_container_unpack(data):
 def test_fuzz_range_decoder(quality, words, rows, cols):
     """The range decoder alone: any payload words decode to int64 latents or raise CorruptStream."""
     model, _ = default_weights()
-    coder = api._coder(model, quality)
+    coder = factorized.coder(model, quality)
     shape = (model.config.M, rows, cols)
     try:
         latents = coder.decode(words, shape)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from nic.api import _coder, decode_pixels, encode_pixels
+from nic.api import decode_pixels, encode_pixels
+from nic.factorized import coder
 from nic.quantization import EFFORTS, TableRate, image_cost, quantize
 from nic.weights import default_weights
 from conftest import smooth_image
@@ -26,7 +27,7 @@ def test_table_rate_is_the_coded_length(shipped):
     latents[0, 0, 0] = 100_000  # far outside every table: escape + bypass bits
     latents[5, 2, 3] = -7_000
     bits = float(TableRate(shipped.tables[quality - 1])(torch.from_numpy(latents)).sum())
-    coded = 8 * len(_coder(shipped, quality).encode(latents))
+    coded = 8 * len(coder(shipped, quality).encode(latents))
     # The flush adds at most two 32-bit words; it also writes only the words needed to
     # land inside the final interval, so one message can end up below its information
     # content by less than a word (these weights: 84,384 bits for 84,385.85).

@@ -1,4 +1,4 @@
-"""Specialized qualities: a quality with a g_a/g_s pair of its own (nic.model.specialize)."""
+"""Specialized qualities: a quality with a g_a/g_s pair of its own (nic.factorized.specialize)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import torch
 from click.testing import CliRunner
 
 from conftest import smooth_image
-from nic.api import decode_pixels, encode_pixels, quantize_latents, reconstruct
+from nic.api import decode_pixels, encode_pixels
+from nic.factorized import quantize_latents, reconstruct
 from nic.cli import cli
-from nic.model import Codec, Config, Transforms, from_arrays, pair_shapes, specialize, to_arrays
+from nic.factorized import Codec, Config, Transforms, from_arrays, pair_shapes, specialize, to_arrays
 from nic.weights import WeightsError, load_weights, save_weights
 
 TINY = ["--patch", "32", "--batch", "2", "--no-bf16", "--log-every", "1"]
@@ -122,7 +123,7 @@ def test_a_config_claiming_pairs_the_file_lacks_is_refused_before_they_are_built
     def no_pairs(*args):
         raise AssertionError("own pairs built before the file was checked")
 
-    monkeypatch.setattr("nic.model.Transforms", no_pairs)
+    monkeypatch.setattr("nic.factorized.Transforms", no_pairs)
     with pytest.raises(WeightsError, match="lack tensor own.q1."):
         load_weights(tmp_path / "claims.npz")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nic import api, tiling
-from nic.model import Codec, Config, pad_to_multiple
+from nic.factorized import Codec, Config, pad_to_multiple
 from nic.weights import default_weights
 from conftest import smooth_image
 

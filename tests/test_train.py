@@ -62,7 +62,7 @@ def test_decoder_finetuning_changes_only_the_decoder(tmp_path, photos, tiny_weig
     changed = {name for name, value in before.items() if not torch.equal(value, after[name])}
     assert any(name.startswith("g_s.") for name in changed)
     assert all(name.startswith("g_s.") or name == "inverse_gain" for name in changed), changed
-    from nic.model import Config
+    from nic.factorized import Config
 
     assert Config.from_json(torch.load(out / "checkpoint.pt", weights_only=True)["config"]).decoder_finetuned
 

@@ -125,7 +125,7 @@ def cmd_conv(args) -> None:
 # ---- the codec in-process -------------------------------------------------------------
 
 def cmd_codec(args) -> None:
-    from nic import api, tiling
+    from nic import api, factorized, tiling
     from nic.weights import default_weights
 
     torch.set_num_threads(args.threads)
@@ -147,9 +147,9 @@ def cmd_codec(args) -> None:
             t1 = time.perf_counter()
             decoded = api.decode_pixels(data)
             t2 = time.perf_counter()
-            latents = api.quantize_latents(model, pixels, args.quality)
+            latents = factorized.quantize_latents(model, pixels, args.quality)
             t3 = time.perf_counter()
-            api.reconstruct(model, latents, args.quality, h, w, pixels.shape[2] == 1)
+            factorized.reconstruct(model, latents, args.quality, h, w, pixels.shape[2] == 1)
             t4 = time.perf_counter()
             enc.append(t1 - t0), dec.append(t2 - t1), ga.append(t3 - t2), gs.append(t4 - t3)
         mse = np.mean((decoded.pixels.astype(np.float64) - pixels) ** 2)
@@ -238,7 +238,7 @@ def cmd_tiling(args) -> None:
 
 
 def cmd_bf16(args) -> None:
-    from nic import api
+    from nic import api, factorized
     from nic.weights import default_weights
 
     torch.set_num_threads(args.threads)
@@ -247,27 +247,27 @@ def cmd_bf16(args) -> None:
         name, pixels = load_pixels(spec)
         h, w = pixels.shape[:2]
         for quality in args.qualities:
-            ref = api.quantize_latents(model, pixels, quality)
+            ref = factorized.quantize_latents(model, pixels, quality)
             t0 = time.perf_counter()
-            ref = api.quantize_latents(model, pixels, quality)
+            ref = factorized.quantize_latents(model, pixels, quality)
             t1 = time.perf_counter()
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                api.quantize_latents(model, pixels, quality)
+                factorized.quantize_latents(model, pixels, quality)
                 t2 = time.perf_counter()
-                bf = api.quantize_latents(model, pixels, quality)
+                bf = factorized.quantize_latents(model, pixels, quality)
                 t3 = time.perf_counter()
-            out_ref = api.reconstruct(model, ref, quality, h, w, False)
-            out_bf_enc = api.reconstruct(model, bf, quality, h, w, False)
+            out_ref = factorized.reconstruct(model, ref, quality, h, w, False)
+            out_bf_enc = factorized.reconstruct(model, bf, quality, h, w, False)
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                api.reconstruct(model, ref, quality, h, w, False)
+                factorized.reconstruct(model, ref, quality, h, w, False)
                 t4 = time.perf_counter()
-                out_bf_dec = api.reconstruct(model, ref, quality, h, w, False)
+                out_bf_dec = factorized.reconstruct(model, ref, quality, h, w, False)
                 t5 = time.perf_counter()
 
             def psnr(a):
                 return 10 * np.log10(255**2 / np.mean((a.astype(np.float64) - pixels) ** 2))
 
-            coder = api._coder(model, quality)
+            coder = factorized.coder(model, quality)
             bits_ref, bits_bf = 8 * len(coder.encode(ref)), 8 * len(coder.encode(bf))
             print(f"{name} q{quality}: bf16 g_a changes {np.mean(bf != ref) * 100:.2f}% of latents, "
                   f"bpp {bits_ref / (w * h):.4f} → {bits_bf / (w * h):.4f}, PSNR {psnr(out_ref):.3f} → "

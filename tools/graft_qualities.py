@@ -8,7 +8,7 @@ the width of its own pair for Q, comes along) trained
 for quality Q alone (Q's λ is taken from FILE), e.g. ``nic train --init BASE --quality Q`` run on another machine, or
 in parallel with the others. The result keeps BASE for every other quality and gives
 Q its own g_a/g_s from FILE, with FILE's gain, inverse gain and density for Q (see
-``nic.model.specialize``); it is what ``nic train --specialize`` would have produced
+``nic.factorized.specialize``); it is what ``nic train --specialize`` would have produced
 from the same runs. Prints the new weights hash.
 """
 
@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from nic.model import specialize, to_arrays
+from nic.factorized import specialize, to_arrays
 from nic.weights import load_weights, save_weights
 
 

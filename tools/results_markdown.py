@@ -34,8 +34,8 @@ def load(path: str) -> dict:
 
 def loss(point: dict) -> float:
     """J = bpp + λ·255²·MSE, the training loss, mean over the point's images, with the λ
-    of nic's standard table (nic.model.MSE_LAMBDAS) for the point's quality."""
-    from nic.model import MSE_LAMBDAS
+    of nic's standard table (nic.factorized.MSE_LAMBDAS) for the point's quality."""
+    from nic.factorized import MSE_LAMBDAS
 
     lam = MSE_LAMBDAS[int(point["param"]) - 1]
     return sum(i["bpp"] + lam * 255.0**2 * 10 ** (-i["psnr"] / 10) for i in point["images"]) / len(point["images"])

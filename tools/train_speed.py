@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from nic.model import Codec, rate_distortion_loss
+from nic.factorized import Codec, rate_distortion_loss
 from nic.train import bf16_is_fast
 
 

@@ -31,24 +31,32 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
+import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
+from .coding import CorruptStream, LatentCoder
+from .container import FormatError, Substream
 from .entropy import FactorizedDensity, IntegerTables, integer_tables
 from .layers import GDN, conv, deconv
+from .tiling import (DOWNSAMPLING, LatentStore, PixelRows, Progress, latent_store, quantize_into,
+                     reconstruct_into, reconstruct_tiled)
+
+MODEL_ID = 1
+NAME = "factorized"
+FORMAT_VERSION = 1
+"""The container version this family writes: one substream, as every file since the first."""
 
 MSE_LAMBDAS = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483, 0.0932, 0.1800)
 """CompressAI's MSE λ per quality 1..8 (loss λ·255²·MSE + bpp)."""
 
 MAX_CHANNELS = 1024
 """Largest N or M a weights file may declare (the shipped model has 128 and 192)."""
-
-DOWNSAMPLING = 16
-"""g_a halves height and width four times."""
 
 _BUILDING = threading.RLock()  # a loaded model is shared by every thread of a process (nic.weights)
 
@@ -217,6 +225,14 @@ class Codec(nn.Module):
         # One module holds every quality's densities: rows (q−1)·M … q·M − 1 are quality q's.
         self.density = FactorizedDensity(Q * M)
         self.tables: list[IntegerTables] | None = None
+
+    @property
+    def qualities(self) -> int:
+        return self.config.qualities
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.M
 
     # ---- training ----------------------------------------------------------------
 
@@ -511,3 +527,81 @@ def from_arrays(arrays: dict[str, np.ndarray]) -> Codec:
         tables.append(table)
     model.tables = tables
     return model.eval()
+
+
+# ---- the family: pixels to substreams and back (nic.families) --------------------------
+
+_CODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def coder(model: Codec, quality: int) -> LatentCoder:
+    """The range coder of a quality's integer tables, built once per model and quality.
+    Kept beside the model, not on it, so the model stays copyable (constriction's models
+    do not pickle)."""
+    cache = _CODERS.setdefault(model, {})
+    if quality not in cache:
+        cache[quality] = LatentCoder(model.tables[quality - 1])
+    return cache[quality]
+
+
+def quantize_latents(model: Codec, pixels: np.ndarray, quality: int, effort: int = 1,
+                     progress: Progress | None = None) -> np.ndarray:
+    """Integer latents of uint8 pixels (H, W, 1|3): round(g_a(x)·gain) in tiles
+    (nic.tiling) at effort 1, chosen by D + λR at higher efforts (nic.quantization)."""
+    from .quantization import quantize
+
+    return quantize(model, pixels, quality, effort, progress=progress)
+
+
+def reconstruct(model: Codec, latents: np.ndarray, quality: int, height: int, width: int, gray: bool,
+                progress: Progress | None = None) -> np.ndarray:
+    """uint8 pixels (H, W, 1|3) from integer latents, in tiles (nic.tiling)."""
+    return reconstruct_tiled(model, latents, quality, height, width, gray, progress=progress)
+
+
+def compress(model: Codec, source: np.ndarray | PixelRows, quality: int, effort: int = 1,
+             progress: Progress | None = None, spill_bytes: int | None = None) -> list[Substream]:
+    """The substreams of an image: ŷ alone. ``source`` is a uint8 array (H, W, 1|3), or
+    rows read strip by strip (effort 1 only), whose latents wait in a
+    :class:`nic.tiling.LatentStore` (a temporary file above ``spill_bytes``)."""
+    if isinstance(source, np.ndarray):
+        latents = quantize_latents(model, source, quality, effort, progress)
+        return [Substream(b"yhat", latents.shape, coder(model, quality).encode(latents))]
+    if effort != 1:
+        raise ValueError("images read strip by strip are encoded at effort 1")
+    shape = latent_shape(model.config, source.height, source.width)
+    with latent_store(shape, spill_bytes) as latents:
+        quantize_into(model, source, quality, latents, progress=progress)
+        payload = coder(model, quality).encode_channels(latents.channel)
+    return [Substream(b"yhat", shape, payload)]
+
+
+def decompress(model: Codec, quality: int, height: int, width: int, gray: bool, substreams: list[Substream],
+               sink: Callable[[np.ndarray], None], progress: Progress | None = None,
+               spill_bytes: int | None = None, on_latents: Callable[[LatentStore], None] | None = None) -> None:
+    """Decode the substreams and hand ``sink`` the uint8 pixel rows, top to bottom.
+    ``on_latents(store)`` sees the decoded integers before the synthesis runs."""
+    (stream,) = expect_substreams(substreams, [(b"yhat", latent_shape(model.config, height, width))])
+    with latent_store(stream.shape, spill_bytes) as latents:
+        try:
+            coder(model, quality).decode_channels(stream.data, stream.shape, latents.put_channel, latents.patch)
+        except CorruptStream as exc:
+            raise FormatError(f"substream yhat is corrupt: {exc}") from None
+        if on_latents is not None:
+            on_latents(latents)
+        reconstruct_into(model, latents, quality, height, width, gray, sink, progress=progress)
+
+
+def expect_substreams(substreams: list[Substream], expected: list[tuple[bytes, tuple[int, int, int]]]
+                      ) -> list[Substream]:
+    """The substreams in the order and shapes a family expects; FormatError otherwise."""
+    names = [s.name for s in substreams]
+    if names != [name for name, _ in expected]:
+        found = ", ".join(n.decode("ascii", "replace") for n in names)
+        wanted = ", ".join(n.decode() for n, _ in expected)
+        raise FormatError(f"payload has substreams {found}; this model family needs {wanted}")
+    for stream, (name, shape) in zip(substreams, expected):
+        if tuple(stream.shape) != tuple(shape):
+            raise FormatError(f"substream {name.decode()} has shape {'x'.join(map(str, stream.shape))}, "
+                              f"expected {'x'.join(map(str, shape))}")
+    return substreams

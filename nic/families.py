@@ -1,0 +1,74 @@
+"""Model families: which code turns pixels into a .nic payload and back.
+
+Every .nic file names its family by the container's model id, and every weights file
+by its config's ``model_id``. A family is a module named after it, with
+
+* ``MODEL_ID``, ``NAME`` and ``FORMAT_VERSION`` (the container version it writes),
+* ``from_arrays(arrays)`` / ``to_arrays(model, half)``: the model from and to a weights
+  file's named arrays (:mod:`nic.weights`), ValueError on anything inconsistent,
+* ``compress(model, source, quality, effort, progress, spill_bytes)``: the substreams
+  (:class:`nic.container.Substream`) of a uint8 image or of rows read strip by strip,
+* ``decompress(model, quality, height, width, gray, substreams, sink, progress,
+  spill_bytes)``: pixel rows to ``sink``, top to bottom; FormatError for a payload
+  that does not fit the family (names, shapes, corrupt streams),
+
+and its model object has ``qualities`` and ``latent_channels``. Training is each
+family's own (``model.forward``, :mod:`nic.train`). :mod:`nic.api` only dispatches.
+
+| model id | family        | module              | what it is                                      |
+|---------:|---------------|---------------------|-------------------------------------------------|
+| 1        | ``factorized``  | :mod:`nic.factorized` | Ballé et al. 2017: a learned density per channel |
+| 2        | ``hyperprior``  | :mod:`nic.hyperprior` | mean-scale hyperprior with an integer h_s        |
+
+Nothing here imports numpy or torch until a family is asked for (``nic info`` stays light).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # numpy is imported where it is used: nic info stays light
+    import numpy as np
+
+MODULES = {1: "factorized", 2: "hyperprior"}
+"""Model id → family module (and name), for every family this nic reads."""
+
+NAMES = {name: model_id for model_id, name in MODULES.items()}
+
+DEFAULT = "factorized"
+"""The family ``nic encode`` uses without ``--model``."""
+
+
+def name_of(model_id: int) -> str:
+    """The family's name for a model id, or "unknown (N)"."""
+    return MODULES.get(model_id, f"unknown ({model_id})")
+
+
+def family(model_id: int) -> ModuleType:
+    """The family module of a model id; ValueError for an id this nic does not know."""
+    if model_id not in MODULES:
+        raise ValueError(f"unknown model family id {model_id} (this nic knows "
+                         + ", ".join(f"{i} = {n}" for i, n in MODULES.items()) + ")")
+    return importlib.import_module(f"nic.{MODULES[model_id]}")
+
+
+def model_id_of(arrays: dict[str, np.ndarray]) -> int:
+    """The model id in a weights file's config; ValueError if it has none."""
+    import numpy as np
+
+    try:
+        fields = json.loads(bytes(arrays["config"].astype(np.uint8)).decode())
+        model_id = fields["model_id"]
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise ValueError(f"weights have no valid config ({exc})") from None
+    if not isinstance(model_id, int) or isinstance(model_id, bool):
+        raise ValueError("weights have no valid config (model_id is not an integer)")
+    return model_id
+
+
+def from_arrays(arrays: dict[str, np.ndarray]):
+    """The model of a weights file, built by the family its config names."""
+    return family(model_id_of(arrays)).from_arrays(arrays)

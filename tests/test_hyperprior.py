@@ -1,0 +1,180 @@
+"""The mean-scale hyperprior family (nic.hyperprior): its files, its integer hyper-decoder
+and its determinism, on a tiny random model (conftest.tiny_hyperprior)."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import smooth_image, tiny_hyperprior
+from nic import api, container, hyperprior
+from nic.container import FormatError, Header, Substream
+from nic.weights import WeightsError, load_weights, save_weights
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_hyperprior()
+
+
+def test_round_trip_through_the_api_writes_substreams(tiny_hyperprior_weights):
+    image = smooth_image(100, 130)
+    data = api.encode_pixels(image, 3, tiny_hyperprior_weights)
+    parsed = container.unpack(data)
+    assert parsed.header.version == 2 and parsed.header.model_id == hyperprior.MODEL_ID
+    assert [(s.name, s.shape) for s in parsed.substreams()] == [(b"zhat", (8, 2, 3)), (b"yhat", (16, 7, 9))]
+    decoded = api.decode_pixels(data, tiny_hyperprior_weights)
+    assert decoded.pixels.shape == image.shape and decoded.latents.shape == (16, 7, 9)
+    gray = api.decode_pixels(api.encode_pixels(image[..., :1], 3, tiny_hyperprior_weights), tiny_hyperprior_weights)
+    assert gray.pixels.shape == (100, 130, 1)
+
+
+def test_decoding_adds_the_means_back(model):
+    """ŷ = round(y − μ) + μ: the decoder's latents are the residuals plus the integer h_s's means."""
+    image = smooth_image(64, 80)
+    substreams = hyperprior.compress(model, image, 3)
+    y = hyperprior.analysis(model, image, 3)
+    z_hat = model.hyper_encode(torch.from_numpy(y)[None], 3)
+    mean, _ = model.hyper_decode(z_hat, 3, *y.shape[1:])
+    seen = []
+    rows = []
+    hyperprior.decompress(model, 3, 64, 80, False, substreams, rows.append, on_latents=lambda s: seen.append(s.array))
+    np.testing.assert_array_equal(seen[0], np.round(y.astype(np.float64) - mean))
+    assert np.abs(seen[0] + mean - y).max() <= 0.5 + 1e-6
+    assert np.concatenate(rows).shape == (64, 80, 3)
+
+
+def test_integer_hyper_decoder_follows_the_float_one(model):
+    """Calibrated, the integer h_s gives the float h_s's means to within a few 1/256 and
+    the same rounded scale index almost everywhere."""
+    y = torch.from_numpy(hyperprior.analysis(model, smooth_image(128, 160), 3))[None]
+    model.export_tables([y] * model.qualities)
+    try:
+        z_hat = model.hyper_encode(y, 3)
+        mean, index = model.hyper_decode(z_hat, 3, *y.shape[2:])
+        with torch.no_grad():
+            out = model.hyper[2].h_s(torch.from_numpy(z_hat).float()[None])[0, :, : y.shape[2], : y.shape[3]]
+        float_mean, float_index = out[:16].double().numpy(), out[16:].numpy()
+        assert np.abs(mean - float_mean).max() < 0.05
+        expected = np.clip(np.round(float_index), 0, 63)
+        assert (index == expected).mean() > 0.99 and np.abs(index - expected).max() <= 1
+        assert mean.dtype == np.float64 and np.array_equal(mean * 256, np.round(mean * 256))
+    finally:
+        model.export_tables()
+
+
+def test_hyper_decoder_ignores_perturbations_below_a_step(model):
+    """What picks a table or a mean depends on ẑ alone: g_a's output moved far below a
+    quantization step gives the same ẑ, so the same means and indices."""
+    y = torch.from_numpy(hyperprior.analysis(model, smooth_image(96, 96), 3))[None]
+    z_hat = model.hyper_encode(y, 3)
+    nudged = model.hyper_encode(y + 1e-5 * torch.randn_like(y), 3)
+    assert np.array_equal(z_hat, nudged)
+    first = model.hyper_decode(z_hat, 3, 6, 6)
+    second = model.hyper_decode(nudged.copy(), 3, 6, 6)
+    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+
+
+DIGEST_PROBE = """
+import hashlib, sys
+import numpy as np
+import torch
+sys.path.insert(0, "tests")
+from conftest import smooth_image
+from nic import api
+torch.set_num_threads(int(sys.argv[2]))
+torch.backends.mkldnn.enabled = sys.argv[3] == "on"
+data = api.encode_pixels(smooth_image(80, 112, seed=5), 3, sys.argv[1])
+decoded = api.decode_pixels(data, sys.argv[1])
+print(hashlib.sha256(data).hexdigest(), hashlib.sha256(decoded.pixels.tobytes()).hexdigest())
+"""
+
+
+def test_same_bytes_with_one_or_two_threads_and_onednn_on_or_off(tiny_hyperprior_weights):
+    """The bitstream of a file, and the means and indices behind it, do not depend on the
+    thread count of torch or of the BLAS that runs the integer h_s, nor on oneDNN."""
+    results = set()
+    streams = set()
+    for threads, onednn in ((1, "on"), (2, "on"), (2, "off")):
+        env = {"OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        proc = subprocess.run([sys.executable, "-c", DIGEST_PROBE, tiny_hyperprior_weights, str(threads), onednn],
+                              capture_output=True, text=True, timeout=300, env={**__import__("os").environ, **env})
+        assert proc.returncode == 0, proc.stderr
+        file_digest, _ = proc.stdout.split()
+        results.add(file_digest)
+        streams.add(proc.stdout)
+    assert len(results) == 1
+
+
+def test_weights_round_trip_and_refuse_out_of_range_integer_layers(model, tmp_path):
+    arrays = hyperprior.to_arrays(model, half=True)
+    path = tmp_path / "h.npz"
+    save_weights(arrays, path)
+    loaded, _ = load_weights(path)
+    assert isinstance(loaded, hyperprior.Codec)
+    image = smooth_image(48, 64)
+    assert [s.data for s in hyperprior.compress(loaded, image, 2)] == \
+        [s.data for s in hyperprior.compress(load_weights(path)[0], image, 2)]
+    for name, value in (("integer_h_s.0.1.shift", 41), ("integer_h_s.0.2.bias", 2**41)):
+        broken = dict(arrays)
+        broken[name] = np.full_like(arrays[name], value)
+        save_weights(broken, tmp_path / "bad.npz")
+        with pytest.raises(WeightsError, match="out of range"):
+            load_weights(tmp_path / "bad.npz")
+    missing = {k: v for k, v in arrays.items() if k != "hyper.1.h_s.2.weight"}
+    save_weights(missing, tmp_path / "missing.npz")
+    with pytest.raises(WeightsError, match="lack tensor hyper.1.h_s.2.weight"):
+        load_weights(tmp_path / "missing.npz")
+
+
+def _rewrite(data: bytes, substreams: list[Substream], **fields) -> bytes:
+    """The file with another payload (CRCs recomputed), as a hostile writer would make it."""
+    parsed = container.unpack(data)
+    payload = b"".join(bytes(p) for p in container.pack_substreams(substreams))
+    header = Header(**{**parsed.header.__dict__, "payload_length": len(payload), **fields})
+    return container.pack(header, payload)
+
+
+@pytest.fixture(scope="module")
+def hyper_file(tiny_hyperprior_weights) -> bytes:
+    return api.encode_pixels(smooth_image(100, 130), 3, tiny_hyperprior_weights)
+
+
+def test_hostile_substreams_fail_with_one_message(hyper_file, tiny_hyperprior_weights):
+    z, y = container.unpack(hyper_file).substreams()
+    cases = {
+        "substream zhat has shape 8x1x3, expected 8x2x3": [Substream(z.name, (8, 1, 3), z.data), y],
+        "needs zhat, yhat": [y],
+        "substreams yhat, zhat": [y, z],
+        "substream yhat is corrupt": [z, Substream(y.name, y.shape, y.data[: len(y.data) // 8 * 4])],
+        "substream zhat is corrupt": [Substream(z.name, z.shape, z.data[:4]), y],
+    }
+    for message, substreams in cases.items():
+        with pytest.raises(FormatError, match=message):
+            api.decode_pixels(_rewrite(hyper_file, substreams), tiny_hyperprior_weights)
+    # A factorized-style (version 1) payload under the hyperprior's model id.
+    parsed = container.unpack(hyper_file)
+    v1 = container.pack(Header(**{**parsed.header.__dict__, "version": 1, "payload_length": len(y.data)}), y.data)
+    with pytest.raises(FormatError, match="needs zhat, yhat"):
+        api.decode_pixels(v1, tiny_hyperprior_weights)
+
+
+def test_training_bits_reach_every_part(model):
+    model.train()
+    try:
+        y = torch.randn(2, 16, 8, 8) * 4
+        z_bits, y_bits, y_hat = model.latent_bits(y, 3)
+        (z_bits + y_bits).sum().backward()
+        assert torch.isfinite(z_bits).all() and torch.isfinite(y_bits).all()
+        assert (y_hat - y).abs().max() <= 0.5 + 1e-5
+        for name, part in (("h_a", model.hyper[2].h_a), ("h_s", model.hyper[2].h_s), ("z density", model.z_density)):
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters()), name
+        assert all(p.grad is None for p in model.hyper[0].parameters())
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()

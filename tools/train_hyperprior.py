@@ -1,0 +1,154 @@
+"""Train the hyperprior family's h_a, h_s and z densities on cached latents of frozen
+transforms (the first step of issue 21's recipe), one quality at a time, then export.
+
+    python tools/train_hyperprior.py ../shared/data/train --init weights/default.npz \
+        --out runs/hyper --qualities 1-8 --crops 1200 --steps 2000
+
+For each quality: ``--crops`` random crops (the training sampler of nic train: a random
+downscale, then 384x384) go through that quality's g_a once and are cached as gained
+latents (runs/hyper/latents-qQ.npy, float16); h_a/h_s/z density then train on them,
+minimizing the bits of ẑ and of the residuals (the transforms do not move). Each
+quality's state is saved (runs/hyper/qQ.pt) as it finishes, so an interrupted run resumes
+at the next quality; ``--export FILE`` writes the weights of every finished quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from nic import hyperprior  # noqa: E402
+from nic.train import CropSampler, find_images, load_rgb  # noqa: E402
+from nic.weights import load_weights, save_weights  # noqa: E402
+
+
+def qualities(text: str) -> list[int]:
+    if "-" in text:
+        low, high = map(int, text.split("-"))
+        return list(range(low, high + 1))
+    return [int(q) for q in text.split(",")]
+
+
+def cache_latents(base, quality: int, images: list[np.ndarray], crops: int, patch: int, seed: int) -> np.ndarray:
+    sampler = CropSampler(images, patch, random.Random(seed * 100 + quality))
+    out = []
+    with torch.inference_mode():
+        for start in range(0, crops, 8):
+            x = sampler.batch(min(8, crops - start)).contiguous(memory_format=torch.channels_last)
+            out.append(base.analysis(x, quality).float().numpy().astype(np.float16))
+    return np.concatenate(out)
+
+
+def train_quality(model: hyperprior.Codec, quality: int, latents: np.ndarray, steps: int, batch: int,
+                  lr: float, seed: int, log) -> None:
+    hyper = model.hyper[quality - 1]
+    Z = model.config.Z
+    rows = slice((quality - 1) * Z, quality * Z)
+    density = list(model.z_density.parameters())
+    optimizer = torch.optim.Adam([{"params": hyper.parameters(), "lr": lr},
+                                  {"params": density, "lr": lr * 5}])
+    generator = np.random.default_rng(seed + quality)
+    data = torch.from_numpy(latents)
+    start = time.time()
+    pixels = latents.shape[2] * latents.shape[3] * 256
+    for step in range(1, steps + 1):
+        fraction = step / steps
+        for group, scale in zip(optimizer.param_groups, (1, 5)):
+            group["lr"] = lr * scale * (0.5 + 0.5 * math.cos(math.pi * fraction)) + 1e-6
+        pick = generator.choice(len(data), batch, replace=False)
+        y = data[pick].float()
+        if generator.random() < 0.5:
+            y = y.flip(-1)
+        z_bits, y_bits, _ = model.latent_bits(y, quality)
+        loss = (z_bits + y_bits).mean() / pixels
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # Only this quality's rows of the z density learn.
+        for p in density:
+            if p.grad is not None:
+                keep = torch.zeros_like(p.grad)
+                keep[rows] = p.grad[rows]
+                p.grad = keep
+        optimizer.step()
+        if step % 100 == 0 or step == steps:
+            log(f"q{quality} step {step}/{steps} bpp {loss.item():.4f} "
+                f"(z {z_bits.mean().item() / pixels:.4f}) {time.time() - start:.0f}s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data", nargs="+", type=Path)
+    parser.add_argument("--init", type=Path, required=True, help="factorized weights whose transforms stay frozen")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--qualities", type=qualities, default=None)
+    parser.add_argument("--crops", type=int, default=1200)
+    parser.add_argument("--patch", type=int, default=384)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hyper-N", type=int, default=128)
+    parser.add_argument("--Z", type=int, default=128)
+    parser.add_argument("--export", type=Path, help="write the weights of every finished quality here")
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    base = load_weights(args.init)[0]
+    model = hyperprior.Codec(base, hyperprior.Config(hyper_N=args.hyper_N, Z=args.Z))
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_file = open(args.out / "log.txt", "a")
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    todo = args.qualities or list(range(1, model.qualities + 1))
+    images = None
+    for q in todo:
+        state_path = args.out / f"q{q}.pt"
+        if state_path.exists():
+            continue
+        cache = args.out / f"latents-q{q}.npy"
+        if not cache.exists():
+            if images is None:
+                images = [load_rgb(p) for p in find_images(args.data, ["kodak", "kodim"])]
+            started = time.time()
+            np.save(cache, cache_latents(base, q, images, args.crops, args.patch, args.seed))
+            log(f"q{q}: cached {args.crops} crops in {time.time() - started:.0f}s")
+        latents = np.load(cache)
+        train_quality(model, q, latents, args.steps, args.batch, args.lr, args.seed, log)
+        Z = model.config.Z
+        torch.save({"hyper": model.hyper[q - 1].state_dict(),
+                    "z_density": [p.detach()[(q - 1) * Z:q * Z].clone() for p in model.z_density.parameters()]},
+                   state_path)
+    if args.export:
+        export(model, args.out, args.export)
+
+
+def export(model: hyperprior.Codec, out: Path, path: Path) -> None:
+    calibration = []
+    Z = model.config.Z
+    for q in range(1, model.qualities + 1):
+        state = torch.load(out / f"q{q}.pt", weights_only=True)
+        model.hyper[q - 1].load_state_dict(state["hyper"])
+        with torch.no_grad():
+            for p, rows in zip(model.z_density.parameters(), state["z_density"]):
+                p[(q - 1) * Z:q * Z] = rows
+        latents = np.load(out / f"latents-q{q}.npy", mmap_mode="r")
+        calibration.append(torch.from_numpy(np.asarray(latents[:64]).astype(np.float32)))
+    model.export_tables(calibration)
+    digest = save_weights(hyperprior.to_arrays(model, half=True), path)
+    print(f"wrote {path} ({digest.hex()})")
+
+
+if __name__ == "__main__":
+    main()
