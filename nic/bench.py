@@ -914,9 +914,9 @@ def run_command(opts: BenchOptions, out=None, err=None) -> dict:
     start = time.perf_counter()
     model, digest = default_weights(opts.weights)
     load_ms = (time.perf_counter() - start) * 1e3
-    qualities = parse_qualities(opts.qualities, model.config.qualities)
+    qualities = parse_qualities(opts.qualities, model.qualities)
     if opts.speed and opts.qualities is None:
-        qualities = [(model.config.qualities + 1) // 2]  # a mid quality, like the baselines
+        qualities = [(model.qualities + 1) // 2]  # a mid quality, like the baselines
     sizes: list[dict] = []  # filled as the images are read
 
     report = {

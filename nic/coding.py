@@ -63,12 +63,7 @@ class LatentCoder:
             values = channel(c).astype(np.int64)
             if np.abs(values).max(initial=0) > LATENT_LIMIT:
                 raise ValueError("latent magnitude exceeds 2**31 - 1")
-            symbols = values - int(self.tables.offsets[c])
-            length = int(self.tables.lengths[c])
-            outside = (symbols < 0) | (symbols >= length)
-            symbols[outside] = length
-            encoder.encode(symbols.astype(np.int32), self.models[c])
-            escaped.append(values[outside])
+            escaped.append(_encode_with_table(encoder, values, self.tables, self.models, c))
         _encode_escapes(encoder, np.concatenate(escaped))
         return encoder.get_compressed().astype("<u4", copy=False)
 
@@ -111,6 +106,17 @@ class LatentCoder:
             raise
         except Exception as exc:  # constriction reports corrupt data with its own errors
             raise CorruptStream(f"range decoder failed ({exc})") from None
+
+
+def _encode_with_table(encoder, values: np.ndarray, tables: IntegerTables, models: list, t: int) -> np.ndarray:
+    """Encode int64 ``values`` as symbols of table t (the escape symbol outside it);
+    returns the escaped values, to be sent after every table's symbols."""
+    symbols = values - int(tables.offsets[t])
+    length = int(tables.lengths[t])
+    outside = (symbols < 0) | (symbols >= length)
+    symbols[outside] = length
+    encoder.encode(symbols.astype(np.int32), models[t])
+    return values[outside]
 
 
 def _check_exhausted(decoder) -> None:
@@ -178,12 +184,7 @@ class IndexedCoder:
             if bounds[t] == bounds[t + 1]:
                 continue
             group = values[order[bounds[t]:bounds[t + 1]]]
-            symbols = group - int(self.tables.offsets[t])
-            length = int(self.tables.lengths[t])
-            outside = (symbols < 0) | (symbols >= length)
-            symbols[outside] = length
-            encoder.encode(symbols.astype(np.int32), self.models[t])
-            escaped.append(group[outside])
+            escaped.append(_encode_with_table(encoder, group, self.tables, self.models, t))
         _encode_escapes(encoder, np.concatenate(escaped) if escaped else np.zeros(0, np.int64))
         return encoder.get_compressed().astype("<u4", copy=False)
 

@@ -159,24 +159,49 @@ class Codec(nn.Module):
         Z = self.config.Z
         return ((quality - 1) * Z + torch.arange(Z, device=device)).expand(batch, Z)
 
-    def latent_bits(self, y: Tensor, quality: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(bits of z̃, bits of ỹ, ŷ for g_s) per sample, for gained latents y of one quality.
+    def latent_bits(self, y: Tensor, quality: int, rounded: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """(bits of ẑ, bits of ŷ, ŷ for g_s) per sample, for gained latents y of one quality.
 
-        z̃ and ỹ carry uniform noise for the rate; h_s sees round(z) and g_s gets
-        round(y − μ) + μ, both with straight-through gradients (Minnen and Singh 2020),
-        so the networks learn on the values they will get at inference."""
+        The rate of z is that of z + U(−½, ½), and h_s sees that too (round(z) in eval
+        mode). The rate of y is that of
+        y + U(−½, ½) − μ, or, with ``rounded``, exactly what the coder spends: the
+        rounded residual round(y − μ), with a straight-through gradient into μ. With the
+        transforms frozen the latents are what they are, and the noisy rate overstates
+        what near-constant channels cost by up to ~0.3 bit each (a Gaussian of σ ≥ 0.11
+        spread over a unit of noise), so training on cached latents uses ``rounded``.
+        g_s always gets round(y − μ) + μ (straight-through)."""
         hyper = self.hyper[quality - 1]
         z = hyper.h_a(y)
         z_noisy = z + torch.empty_like(z).uniform_(-0.5, 0.5)
         p = self.z_density.probability(z_noisy, self.z_rows(quality, len(z), z.device))
         z_bits = -torch.log2(p).sum(dim=(1, 2, 3))
-        z_hat = z + (torch.round(z) - z).detach()
+        # h_s sees z + U(−½, ½), as in Ballé et al. 2018: with round(z) instead (straight
+        # through), a fresh h_a's small z all round to 0, no information reaches h_s, and
+        # training settles on not using z at all (measured: z's rate went to ~0).
+        z_hat = z_noisy if self.training else torch.round(z)
         mean, index = self.means_and_indices(hyper.h_s(z_hat), y.shape[-2:])
         sigma = self.conditional.scale(index)
-        y_noisy = y + torch.empty_like(y).uniform_(-0.5, 0.5)
-        y_bits = self.conditional.bits(y_noisy - mean, sigma).sum(dim=(1, 2, 3))
-        y_hat = mean + (torch.round(y - mean) - (y - mean)).detach() + (y - mean)
-        return z_bits, y_bits, y_hat
+        residual = y - mean
+        residual_hat = residual + (torch.round(residual) - residual).detach()
+        coded = residual_hat if rounded else residual + torch.empty_like(residual).uniform_(-0.5, 0.5)
+        y_bits = self.conditional.bits(coded, sigma).sum(dim=(1, 2, 3))
+        return z_bits, y_bits, residual_hat + mean
+
+    @torch.no_grad()
+    def start_from(self, y: Tensor, quality: int) -> None:
+        """Start quality's h_s at exactly a per-channel Gaussian fitted to gained latents
+        y (batch, M, h, w): the last layer's weights zero, its biases each channel's mean
+        and the scale index of its spread. From a fixed start, Adam needs tens of
+        thousands of steps just to move those biases to where most channels are (index
+        ~0: σ ≈ 0.1); with the biases fitted but random weights, the noise those weights
+        add to μ and t made training shut z off (measured, docs/results/hyperprior.md)."""
+        last = self.hyper[quality - 1].h_s[-1]
+        last.weight.zero_()
+        mean = y.mean(dim=(0, 2, 3))
+        spread = (y - mean.reshape(1, -1, 1, 1)).pow(2).mean(dim=(0, 2, 3)).sqrt()
+        index = torch.log(spread.clamp_min(self.conditional.minimum) / self.conditional.minimum) / self.conditional.step
+        last.bias[: self.M] = mean
+        last.bias[self.M:] = index.clamp(0, self.conditional.count - 1)
 
     def means_and_indices(self, h: Tensor, size) -> tuple[Tensor, Tensor]:
         """Split h_s's output into (μ, t), cropped to the latent grid."""

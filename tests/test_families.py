@@ -88,3 +88,16 @@ def test_library_and_pillow_take_the_family(both_installed, tmp_path):
     Image.fromarray(smooth_image(24, 24)).save(tmp_path / "p.nic", quality=2, model="hyperprior")
     assert container.unpack((tmp_path / "p.nic").read_bytes()).header.model_id == 2
     assert Image.open(tmp_path / "p.nic").size == (24, 24)
+
+
+def test_bench_measures_the_family_asked_for(both_installed, tmp_path):
+    import json
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(smooth_image(48, 64, seed=3)).save(folder / "a.png")
+    result = CliRunner().invoke(cli, ["bench", str(folder), "--model", "hyperprior", "--codecs", "none", "-q", "1,3",
+                                      "--json", str(tmp_path / "r.json")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["family"] == "hyperprior" and report["model"] == hyperprior.Config().name

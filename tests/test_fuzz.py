@@ -311,12 +311,12 @@ def one_thread_and_report():
                                             "outcomes": dict(sorted(OUTCOMES.items()))}, indent=1))
 
 
-def check_decode(data: bytes, target: str) -> str:
+def check_decode(data: bytes, target: str, weights: str | None = None) -> str:
     """Run the decoder on ``data`` under the invariant; returns the outcome's name."""
     faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
     tracemalloc.start()
     try:
-        decoded = api.decode_pixels(data, max_pixels=FUZZ_MAX_PIXELS)
+        decoded = api.decode_pixels(data, weights, max_pixels=FUZZ_MAX_PIXELS)
     except FormatError as exc:
         outcome = "FormatError: " + classify(str(exc))
     except WeightsError:
@@ -340,7 +340,7 @@ def check_decode(data: bytes, target: str) -> str:
 
 def classify(message: str) -> str:
     """A short, stable bucket name for a FormatError message (for the outcome counts)."""
-    for key in ("magic", "version", "truncated", "header is corrupt", "payload is corrupt (CRC",
+    for key in ("substream", "magic", "version", "truncated", "header is corrupt", "payload is corrupt (CRC",
                 "range decoder", "latent channels", "colour", "dimensions", "exceeds the limit", "latent shape",
                 "multiple of 4", "implausible", "section", "trailing", "quality"):
         if key in message:
@@ -415,6 +415,57 @@ def test_fuzz_decode_raw_mutations_with_valid_crcs(data):
 @given(header_mutants())
 def test_fuzz_decode_header_and_payload_edits(data):
     check_decode(data, "fields")
+
+
+@lru_cache(maxsize=1)
+def hyperprior_seeds(weights: str) -> tuple[bytes, ...]:
+    """Files of the hyperprior family (container version 2) from a tiny random model."""
+    return (api.encode_pixels(seed_image(), 3, weights), api.encode_pixels(seed_image(17, 9, 1, seed=3), 1, weights))
+
+
+@st.composite
+def substream_mutants(draw, weights: str) -> bytes:
+    """A hyperprior file whose substream directory or substreams are edited, re-packed
+    with valid CRCs: lying shapes, names, lengths and counts, and mutated stream bytes."""
+    pool = hyperprior_seeds(weights)
+    parsed = container.unpack(pool[draw(st.integers(0, len(pool) - 1))])
+    streams = parsed.substreams()
+    edited = []
+    for stream in streams:
+        name, shape, data = stream.name, list(stream.shape), bytearray(stream.data)
+        if rarely(draw, 4):
+            shape[draw(st.integers(0, 2))] = draw(st.sampled_from([0, 1, 2, 3, 7, 16, 0xFFFF]))
+        if rarely(draw, 8):
+            name = draw(st.sampled_from([b"zhat", b"yhat", b"xxxx", b"ZHAT"]))
+        how = draw(st.sampled_from(["keep", "flip", "truncate", "extend", "random"]))
+        if how == "flip" and data:
+            for at in draw(st.lists(st.integers(0, len(data) * 8 - 1), min_size=1, max_size=6)):
+                data[at // 8] ^= 1 << (at % 8)
+        elif how == "truncate":
+            del data[4 * draw(st.integers(0, len(data) // 4)):]
+        elif how == "extend":
+            data += draw(st.binary(min_size=4, max_size=64))[:4] * draw(st.integers(1, 8))
+        elif how == "random":
+            data = bytearray(draw(st.binary(max_size=128)))[: len(data) // 4 * 4 or 4]
+        edited.append(container.Substream(name, tuple(shape), bytes(data[: len(data) // 4 * 4])))
+    if rarely(draw, 6):
+        edited = edited[::-1] if draw(st.booleans()) else edited[:1] * draw(st.integers(1, 3))
+    payload = b"".join(bytes(p) for p in container.pack_substreams(edited))
+    return repack(dataclasses.replace(parsed.header, payload_length=len(payload)), payload)
+
+
+def test_fuzz_decode_hyperprior_substreams(tiny_hyperprior_weights):
+    """The hyperprior family's decoder (substream directory, two range decoders, the
+    integer h_s) under the same invariant, with a tiny random model's weights."""
+    for data in hyperprior_seeds(tiny_hyperprior_weights):
+        assert check_decode(data, "hyperprior seeds", tiny_hyperprior_weights) == "decoded"
+
+    @fuzz_settings(ci=300)
+    @given(substream_mutants(tiny_hyperprior_weights))
+    def run(data):
+        check_decode(data, "hyperprior", tiny_hyperprior_weights)
+
+    run()
 
 
 @fuzz_settings(ci=60, scale=0.02)

@@ -178,3 +178,17 @@ def test_training_bits_reach_every_part(model):
     finally:
         model.zero_grad(set_to_none=True)
         model.eval()
+
+
+def test_start_from_fits_a_gaussian_per_channel():
+    """A fresh h_s starts as exactly a per-channel Gaussian: each channel's mean and the
+    scale index of its spread, whatever z is."""
+    model = tiny_hyperprior()
+    y = torch.randn(4, 16, 6, 6) * torch.linspace(0.05, 20, 16).reshape(1, -1, 1, 1) + 3.0
+    model.start_from(y, 2)
+    assert not model.hyper[1].h_s[-1].weight.any()
+    bias = model.hyper[1].h_s[-1].bias.detach()
+    torch.testing.assert_close(bias[:16], y.mean(dim=(0, 2, 3)))
+    sigma = model.conditional.scale(bias[16:])
+    spread = y.std(dim=(0, 2, 3), unbiased=False).clamp_min(model.conditional.minimum)
+    assert torch.all((sigma / spread - 1).abs() < 0.07)  # within half a step of the scale table

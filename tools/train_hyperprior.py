@@ -7,7 +7,9 @@ transforms (the first step of issue 21's recipe), one quality at a time, then ex
 For each quality: ``--crops`` random crops (the training sampler of nic train: a random
 downscale, then 384x384) go through that quality's g_a once and are cached as gained
 latents (runs/hyper/latents-qQ.npy, float16); h_a/h_s/z density then train on them,
-minimizing the bits of ẑ and of the residuals (the transforms do not move). Each
+minimizing the bits of ẑ and of the residuals with uniform noise (the transforms do
+not move; the rounded residuals' bits made z collapse, docs/hyperprior.md). h_s starts at a per-channel Gaussian fitted to the
+latents (``Codec.start_from``). Each
 quality's state is saved (runs/hyper/qQ.pt) as it finishes, so an interrupted run resumes
 at the next quality; ``--export FILE`` writes the weights of every finished quality.
 """
@@ -54,16 +56,16 @@ def train_quality(model: hyperprior.Codec, quality: int, latents: np.ndarray, st
     Z = model.config.Z
     rows = slice((quality - 1) * Z, quality * Z)
     density = list(model.z_density.parameters())
-    optimizer = torch.optim.Adam([{"params": hyper.parameters(), "lr": lr},
-                                  {"params": density, "lr": lr * 5}])
+    optimizer = torch.optim.Adam([{"params": hyper.parameters()}, {"params": density}], lr=lr)
     generator = np.random.default_rng(seed + quality)
     data = torch.from_numpy(latents)
+    model.start_from(data[:200].float(), quality)
     start = time.time()
     pixels = latents.shape[2] * latents.shape[3] * 256
     for step in range(1, steps + 1):
         fraction = step / steps
-        for group, scale in zip(optimizer.param_groups, (1, 5)):
-            group["lr"] = lr * scale * (0.5 + 0.5 * math.cos(math.pi * fraction)) + 1e-6
+        for group in optimizer.param_groups:
+            group["lr"] = lr * (0.5 + 0.5 * math.cos(math.pi * fraction)) + 1e-6
         pick = generator.choice(len(data), batch, replace=False)
         y = data[pick].float()
         if generator.random() < 0.5:
@@ -94,7 +96,7 @@ def main() -> None:
     parser.add_argument("--patch", type=int, default=384)
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hyper-N", type=int, default=128)
     parser.add_argument("--Z", type=int, default=128)
@@ -102,7 +104,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     base = load_weights(args.init)[0]
-    model = hyperprior.Codec(base, hyperprior.Config(hyper_N=args.hyper_N, Z=args.Z))
+    model = hyperprior.Codec(base, hyperprior.Config(hyper_N=args.hyper_N, Z=args.Z)).train()
     args.out.mkdir(parents=True, exist_ok=True)
     log_file = open(args.out / "log.txt", "a")
 
