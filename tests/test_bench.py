@@ -261,7 +261,7 @@ def test_bench_on_kodak_compares_with_the_published_anchors(tmp_path, request, m
     report = json.loads(out_json.read_text())
     assert report["kodak"] is True and report["elapsed_s"] > 0
     anchors = bench.load_anchors()["anchors"]
-    assert set(anchors) == {"balle2017", "bmshj2018-factorized", "bmshj2018-hyperprior"}
+    assert set(anchors) == {"balle2017", "bmshj2018-factorized", "bmshj2018-hyperprior", "mbt2018-mean"}
     assert set(anchors) <= set(report["bd_rate"]["against"])
     assert report["anchors"]["anchors"] == anchors
 
