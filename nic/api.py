@@ -155,14 +155,17 @@ def _open_for_decoding(data: bytes, weights: str | Path | None, max_pixels: int)
     parsed = container.unpack(data, max_pixels)  # garbage is refused before torch loads
     substreams = parsed.substreams()
 
-    from .families import family
+    from .families import family, name_of
     from .weights import weights_for
 
     header = parsed.header
     try:
-        family(header.model_id)
+        version = family(header.model_id).FORMAT_VERSION
     except ValueError as exc:
         raise FormatError(str(exc)) from None
+    if header.version != version:
+        raise FormatError(f"a file of the {name_of(header.model_id)} family must be format version {version}, "
+                          f"not {header.version}")
     model, _ = weights_for(header.model_id, header.weights_hash, weights)
     if not 1 <= header.quality <= model.qualities:
         raise FormatError(f"quality {header.quality} is not one of the weights' 1..{model.qualities}")

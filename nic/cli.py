@@ -22,6 +22,7 @@ import click
 
 from . import __version__
 from .container import DEFAULT_MAX_PIXELS, SECTIONS_LIMIT, VERSIONS
+from .families import NAMES as FAMILY_NAMES
 
 
 class NicError(click.ClickException):
@@ -430,7 +431,7 @@ def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: b
 @click.option("-e", "--effort", type=click.IntRange(1, 4), default=1, show_default=True,
               help="Encoder search: 1 rounds the latents; 2..4 choose them by distortion + λ·rate "
                    "(smaller files at the same quality; 30-260x slower). Decoding is unchanged.")
-@click.option("--model", "family", type=click.Choice(["factorized", "hyperprior"]), default=None,
+@click.option("--model", "family", type=click.Choice(list(FAMILY_NAMES)), default=None,
               help="Model family of the installed weights to encode with [default: factorized]; "
                    "decoding always follows the file.")
 @click.option("--background", metavar="COLOUR", default=None,
@@ -731,7 +732,7 @@ def export(checkpoint: str, output: str, half: bool) -> None:
               help="An earlier --json report whose nic curve is one more BD-rate reference (repeatable).")
 @click.option("-e", "--effort", type=click.IntRange(1, 4), default=1, show_default=True,
               help="nic's encoder effort (as in nic encode).")
-@click.option("--model", "family", type=click.Choice(["factorized", "hyperprior"]), default=None,
+@click.option("--model", "family", type=click.Choice(list(FAMILY_NAMES)), default=None,
               help="Model family of the installed weights to measure [default: factorized].")
 @threads_option
 @weights_option

@@ -71,7 +71,7 @@ VERSIONS = (VERSION, VERSION_SUBSTREAMS)
 HEADER = struct.Struct("<4sBBBBII8sHHHI")  # without its CRC
 HEADER_SIZE = HEADER.size + 4  # 38
 SECTION_HEAD = struct.Struct("<4sI")
-SUBSTREAM_ENTRY = struct.Struct("<4sHHH2xI")
+SUBSTREAM_ENTRY = struct.Struct("<4sHHHHI")  # the second-to-last field is reserved: 0
 MAX_SUBSTREAMS = 16
 
 COLOUR_RGB = 1
@@ -149,7 +149,7 @@ def pack_substreams(substreams: list[Substream]) -> list:
         size = memoryview(stream.data).nbytes
         if size % 4 or len(stream.name) != 4 or not stream.name.isalpha():
             raise ValueError(f"invalid substream {stream.name!r}")
-        parts.append(SUBSTREAM_ENTRY.pack(stream.name, *stream.shape, size))
+        parts.append(SUBSTREAM_ENTRY.pack(stream.name, *stream.shape, 0, size))
     return parts + [memoryview(stream.data).cast("B") for stream in substreams]
 
 
@@ -166,10 +166,13 @@ def unpack_substreams(payload: bytes, header: Header) -> list[Substream]:
     _, rows, cols = header.latent_shape
     found = []
     for i in range(count):
-        name, channels, height, width, length = SUBSTREAM_ENTRY.unpack_from(payload, 4 + i * SUBSTREAM_ENTRY.size)
+        name, channels, height, width, reserved, length = SUBSTREAM_ENTRY.unpack_from(
+            payload, 4 + i * SUBSTREAM_ENTRY.size)
         label = name.decode("ascii", "replace")
         if not name.isalpha() or not name.isascii():
             raise FormatError(f"substream {i} has an invalid name")
+        if reserved:
+            raise FormatError(f"substream {label} has a reserved field that is not zero")
         if not (1 <= channels and 1 <= height <= rows and 1 <= width <= cols):
             raise FormatError(f"substream {label} claims shape {channels}x{height}x{width}, which does not "
                               f"fit a latent grid of {rows}x{cols}")

@@ -23,7 +23,9 @@ pair may be wider than the shared one (``Config.specialized_N``: more hidden cha
 for the high rates, where the published models use N=192): it starts as the narrower
 pair plus channels that do not change its output yet (:func:`embed_transform`).
 
-This module is math only: tensors in, tensors out. No I/O.
+This module is math only: tensors and arrays in, bytes out, no I/O of its own; the
+family functions at the end keep the latents of very large images in
+:func:`nic.tiling.latent_store` (a temporary file above ~87 megapixels).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import torch.nn.functional as F
 
 from .coding import CorruptStream, LatentCoder
 from .container import FormatError, Substream
+from .families import expect_substreams
 from .entropy import FactorizedDensity, IntegerTables, integer_tables
 from .layers import GDN, conv, deconv
 from .tiling import (DOWNSAMPLING, LatentStore, PixelRows, Progress, latent_store, quantize_into,
@@ -590,18 +593,3 @@ def decompress(model: Codec, quality: int, height: int, width: int, gray: bool, 
         if on_latents is not None:
             on_latents(latents)
         reconstruct_into(model, latents, quality, height, width, gray, sink, progress=progress)
-
-
-def expect_substreams(substreams: list[Substream], expected: list[tuple[bytes, tuple[int, int, int]]]
-                      ) -> list[Substream]:
-    """The substreams in the order and shapes a family expects; FormatError otherwise."""
-    names = [s.name for s in substreams]
-    if names != [name for name, _ in expected]:
-        found = ", ".join(n.decode("ascii", "replace") for n in names)
-        wanted = ", ".join(n.decode() for n, _ in expected)
-        raise FormatError(f"payload has substreams {found}; this model family needs {wanted}")
-    for stream, (name, shape) in zip(substreams, expected):
-        if tuple(stream.shape) != tuple(shape):
-            raise FormatError(f"substream {name.decode()} has shape {'x'.join(map(str, stream.shape))}, "
-                              f"expected {'x'.join(map(str, shape))}")
-    return substreams

@@ -9,8 +9,10 @@ by its config's ``model_id``. A family is a module named after it, with
 * ``compress(model, source, quality, effort, progress, spill_bytes)``: the substreams
   (:class:`nic.container.Substream`) of a uint8 image or of rows read strip by strip,
 * ``decompress(model, quality, height, width, gray, substreams, sink, progress,
-  spill_bytes)``: pixel rows to ``sink``, top to bottom; FormatError for a payload
-  that does not fit the family (names, shapes, corrupt streams),
+  spill_bytes, on_latents)``: calls ``on_latents(store)`` once every substream is
+  decoded (the caller opens its output there), then hands pixel rows to ``sink``, top
+  to bottom; FormatError for a payload that does not fit the family (names, shapes,
+  corrupt streams: :func:`expect_substreams`),
 
 and its model object has ``qualities`` and ``latent_channels``. Training is each
 family's own (``model.forward``, :mod:`nic.train`). :mod:`nic.api` only dispatches.
@@ -40,6 +42,13 @@ NAMES = {name: model_id for model_id, name in MODULES.items()}
 
 DEFAULT = "factorized"
 """The family ``nic encode`` uses without ``--model``."""
+
+
+def model_id_named(name: str) -> int:
+    """The model id of a family name; ValueError for a name this nic does not know."""
+    if name not in NAMES:
+        raise ValueError(f"unknown model family {name!r} (this nic knows {', '.join(NAMES)})")
+    return NAMES[name]
 
 
 def name_of(model_id: int) -> str:
@@ -72,3 +81,20 @@ def model_id_of(arrays: dict[str, np.ndarray]) -> int:
 def from_arrays(arrays: dict[str, np.ndarray]):
     """The model of a weights file, built by the family its config names."""
     return family(model_id_of(arrays)).from_arrays(arrays)
+
+
+def expect_substreams(substreams: list, expected: list[tuple[bytes, tuple[int, int, int]]]) -> list:
+    """The substreams (:class:`nic.container.Substream`) in the order and shapes a family
+    expects; FormatError naming the difference otherwise."""
+    from .container import FormatError
+
+    names = [s.name for s in substreams]
+    if names != [name for name, _ in expected]:
+        found = ", ".join(n.decode("ascii", "replace") for n in names)
+        wanted = ", ".join(n.decode() for n, _ in expected)
+        raise FormatError(f"payload has substreams {found}; this model family needs {wanted}")
+    for stream, (name, shape) in zip(substreams, expected):
+        if tuple(stream.shape) != tuple(shape):
+            raise FormatError(f"substream {name.decode()} has shape {'x'.join(map(str, stream.shape))}, "
+                              f"expected {'x'.join(map(str, shape))}")
+    return substreams

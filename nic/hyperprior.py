@@ -23,7 +23,7 @@ are exact in float64 (every partial sum is an integer below 2**53, so any summat
 order of any BLAS gives the same result). h_a runs only at the encoder, in float:
 what it computes is sent (ẑ), not recomputed.
 
-This module is math only: tensors and arrays in and out. No I/O.
+This module is math only: tensors and arrays in, bytes out. No I/O.
 """
 
 from __future__ import annotations
@@ -38,13 +38,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import factorized
+from . import factorized, tiling
 from .coding import LATENT_LIMIT, CorruptStream, IndexedCoder, LatentCoder
 from .container import FormatError, Substream
 from .entropy import FactorizedDensity, GaussianConditional, IntegerTables, integer_tables
+from .families import expect_substreams
 from .layers import conv, deconv
-from .tiling import (DEFAULT_TILE, LatentStore, PixelRows, Progress, analysis_tiles, reconstruct_into,
-                     tiles)
+from .tiling import LatentStore, PixelRows, Progress, analysis_tiles, reconstruct_into, tiles
 
 MODEL_ID = 2
 NAME = "hyperprior"
@@ -64,6 +64,11 @@ MEAN_BITS = 8
 
 INITIAL_INDEX = 24.0
 """Where a fresh h_s puts every scale index: σ ≈ 2 in the default table."""
+
+MAX_PIXELS = 36_000_000
+"""Largest image this family codes for now: it holds the whole latent grid, its means
+and scale indices in memory (about 10 kB per latent position, 1.4 GiB at 36 MP),
+where the factorized family streams and spills. Larger images: ``--model factorized``."""
 
 Z_LIMIT = 32767
 """ẑ is clipped to ±Z_LIMIT before h_s (after coding: escapes still round-trip)."""
@@ -168,8 +173,9 @@ class Codec(nn.Module):
         rounded residual round(y − μ), with a straight-through gradient into μ. With the
         transforms frozen the latents are what they are, and the noisy rate overstates
         what near-constant channels cost by up to ~0.3 bit each (a Gaussian of σ ≥ 0.11
-        spread over a unit of noise), so training on cached latents uses ``rounded``.
-        g_s always gets round(y − μ) + μ (straight-through)."""
+        spread over a unit of noise). Yet trained on the rounded rate, short runs on
+        cached latents stopped using z (docs/results/hyperprior.md), so the noisy rate is
+        the default. g_s always gets round(y − μ) + μ (straight-through)."""
         hyper = self.hyper[quality - 1]
         z = hyper.h_a(y)
         z_noisy = z + torch.empty_like(z).uniform_(-0.5, 0.5)
@@ -477,7 +483,8 @@ def _integer_network(arrays: dict[str, np.ndarray], q: int, shapes: list[tuple[i
                 any(a.dtype.kind != "i" for a in (weight, bias, shift)):
             raise ValueError(f"integer hyper-decoder layer {prefix} has the wrong shapes or types")
         # These bounds keep every sum of h_s an integer below 2**53 (exact in float64).
-        if np.abs(weight).max() > WEIGHT_MAX or np.abs(bias).max() >= 2**40 or shift.min() < 0 or shift.max() > 40:
+        if weight.min() < -WEIGHT_MAX or weight.max() > WEIGHT_MAX or bias.min() <= -2**40 or \
+                bias.max() >= 2**40 or shift.min() < 0 or shift.max() > 40:
             raise ValueError(f"integer hyper-decoder layer {prefix} is out of range")
         layers.append(IntegerLayer(weight.astype(np.int32), bias.astype(np.int64), shift.astype(np.int64),
                                    transposed=n < len(shapes) - 1, relu=n < len(shapes) - 1))
@@ -499,13 +506,19 @@ def coders(model: Codec, quality: int) -> tuple[LatentCoder, IndexedCoder]:
     return cache[quality], cache["y"]
 
 
+def _check_size(width: int, height: int, error: type) -> None:
+    if width * height > MAX_PIXELS:
+        raise error(f"the hyperprior family codes images of up to {MAX_PIXELS} pixels for now, not "
+                    f"{width}x{height}; use --model factorized")
+
+
 def analysis(model: Codec, source: np.ndarray | PixelRows, quality: int,
              progress: Progress | None = None) -> np.ndarray:
     """Gained latents y (float32 (M, rows, cols)) of an image, g_a in tiles (nic.tiling)."""
     shape = factorized.latent_shape(model.base.config, source.shape[0], source.shape[1]) \
         if isinstance(source, np.ndarray) else factorized.latent_shape(model.base.config, source.height, source.width)
     y = np.empty(shape, dtype=np.float32)
-    count = len(tiles(shape[1], shape[2], DEFAULT_TILE))
+    count = len(tiles(shape[1], shape[2], tiling.DEFAULT_TILE))
     for done, (where, values) in enumerate(analysis_tiles(model.base, source, quality), 1):
         if not torch.isfinite(values).all():
             raise ValueError("analysis transform produced non-finite values")
@@ -520,6 +533,8 @@ def compress(model: Codec, source: np.ndarray | PixelRows, quality: int, effort:
     """The substreams of an image: ẑ, then the residuals k = round(y − μ) (``yhat``)."""
     if effort != 1:
         raise ValueError("the hyperprior family encodes at effort 1 only (for now)")
+    height, width = (source.shape[:2] if isinstance(source, np.ndarray) else (source.height, source.width))
+    _check_size(width, height, ValueError)
     y = analysis(model, source, quality, progress)
     _, rows, cols = y.shape
     z_hat = model.hyper_encode(torch.from_numpy(y).unsqueeze(0), quality)
@@ -537,8 +552,9 @@ def decompress(model: Codec, quality: int, height: int, width: int, gray: bool, 
                spill_bytes: int | None = None, on_latents: Callable[[LatentStore], None] | None = None) -> None:
     """Decode ẑ, run the integer h_s, decode the residuals, and hand ``sink`` the pixel rows.
     ``on_latents`` sees the residuals (integers) before the synthesis runs."""
+    _check_size(width, height, FormatError)
     y_shape = factorized.latent_shape(model.base.config, height, width)
-    z, y = factorized.expect_substreams(substreams, [(b"zhat", z_shape(model.config.Z, *y_shape[1:])),
+    z, y = expect_substreams(substreams, [(b"zhat", z_shape(model.config.Z, *y_shape[1:])),
                                                       (b"yhat", y_shape)])
     z_coder, y_coder = coders(model, quality)
     try:

@@ -295,9 +295,9 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
         model = Codec(config)
         model.load_state_dict(state["model"])
     elif opts.init is not None:
-        from .weights import load_weights
+        from .weights import default_weights
 
-        initial = load_weights(opts.init)[0]
+        initial = default_weights(opts.init, "factorized")[0]  # this trainer is the factorized family's
         config = initial.config
         if opts.finetune_decoder:
             config = dataclasses.replace(config, decoder_finetuned=True)

@@ -149,11 +149,11 @@ def model_id_of_file(path: Path) -> int | None:
 def default_weights(path: Path | str | None = None, family: str | None = None):
     """(model, hash) of the weights to encode with: ``path``, or the first installed
     weights of ``family`` (by default, of nic.families.DEFAULT, else the first installed)."""
-    from .families import NAMES, name_of
+    from .families import model_id_named, name_of
 
     if path is not None:
         model, digest = load_weights(path)
-        if family is not None and model.config.model_id != NAMES[family]:
+        if family is not None and model.config.model_id != model_id_named(family):
             raise WeightsError(f"{path} holds weights of the {name_of(model.config.model_id)} family, "
                                f"not of the {family} family")
         return model, digest
@@ -162,12 +162,12 @@ def default_weights(path: Path | str | None = None, family: str | None = None):
 
 def installed(family: str | None = None) -> Path:
     """The installed weights file of ``family`` (see :func:`default_weights`)."""
-    from .families import DEFAULT, NAMES
+    from .families import DEFAULT, model_id_named
 
+    wanted = model_id_named(family or DEFAULT)
     found = candidates()
     if not found:
         raise WeightsError("no weights installed (expected weights/default.npz)")
-    wanted = NAMES[family or DEFAULT]
     for candidate in found:
         if model_id_of_file(candidate) == wanted:
             return candidate

@@ -125,10 +125,11 @@ def test_version_2_payload_is_a_list_of_substreams():
     (dict(name=b"z\x00\x01t"), "invalid name"),
     (dict(length=1 << 20), "more than the payload holds"),
     (dict(length=6), "claims 6 bytes"),
+    (dict(reserved=1), "reserved field"),
 ])
 def test_lying_substream_directories_are_refused(entry, message):
     name, shape, length = entry.get("name", b"zhat"), entry.get("shape", (8, 2, 3)), entry.get("length", 8)
-    directory = struct.pack("<I", 1) + SUBSTREAM_ENTRY.pack(name, *shape, length)
+    directory = struct.pack("<I", 1) + SUBSTREAM_ENTRY.pack(name, *shape, entry.get("reserved", 0), length)
     payload = directory + bytes(8)
     header = Header(model_id=2, quality=3, colour=COLOUR_RGB, width=130, height=100, weights_hash=bytes(8),
                     latent_shape=(16, 7, 9), payload_length=len(payload), version=2)

@@ -101,3 +101,14 @@ def test_bench_measures_the_family_asked_for(both_installed, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["family"] == "hyperprior" and report["model"] == hyperprior.Config().name
+
+
+def test_an_unknown_family_name_or_a_family_that_cannot_do_it_is_a_value_error(both_installed, tmp_path):
+    import nic
+    from nic.train import TrainOptions, train
+
+    with pytest.raises(ValueError, match="unknown model family 'Hyperprior'"):
+        nic.encode(smooth_image(16, 16), model="Hyperprior")
+    hyper = str(both_installed / "a-hyperprior.npz")
+    with pytest.raises(WeightsError, match="holds weights of the hyperprior family, not of the factorized"):
+        train(TrainOptions(data=[tmp_path], out=tmp_path / "run", init=hyper, steps=1))

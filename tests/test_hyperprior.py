@@ -160,7 +160,7 @@ def test_hostile_substreams_fail_with_one_message(hyper_file, tiny_hyperprior_we
     # A factorized-style (version 1) payload under the hyperprior's model id.
     parsed = container.unpack(hyper_file)
     v1 = container.pack(Header(**{**parsed.header.__dict__, "version": 1, "payload_length": len(y.data)}), y.data)
-    with pytest.raises(FormatError, match="needs zhat, yhat"):
+    with pytest.raises(FormatError, match="hyperprior family must be format version 2, not 1"):
         api.decode_pixels(v1, tiny_hyperprior_weights)
 
 
@@ -192,3 +192,12 @@ def test_start_from_fits_a_gaussian_per_channel():
     sigma = model.conditional.scale(bias[16:])
     spread = y.std(dim=(0, 2, 3), unbiased=False).clamp_min(model.conditional.minimum)
     assert torch.all((sigma / spread - 1).abs() < 0.07)  # within half a step of the scale table
+
+
+def test_images_beyond_the_family_limit_are_refused_in_one_line(monkeypatch, model, hyper_file,
+                                                                 tiny_hyperprior_weights):
+    monkeypatch.setattr(hyperprior, "MAX_PIXELS", 100 * 130 - 1)
+    with pytest.raises(ValueError, match="up to 12999 pixels for now, not 130x100"):
+        hyperprior.compress(model, smooth_image(100, 130), 3)
+    with pytest.raises(FormatError, match="up to 12999 pixels"):
+        api.decode_pixels(hyper_file, tiny_hyperprior_weights)

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from nic.factorized import specialize, to_arrays
-from nic.weights import load_weights, save_weights
+from nic.weights import default_weights, save_weights
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"-q {item}: expected Q=FILE")
         sources[int(quality)] = path
     try:  # WeightsError (unreadable or invalid files) is a ValueError too
-        donors = {quality: load_weights(path)[0] for quality, path in sources.items()}
-        model = specialize(load_weights(args.base)[0], [], donors)
+        donors = {quality: default_weights(path, "factorized")[0] for quality, path in sources.items()}
+        model = specialize(default_weights(args.base, "factorized")[0], [], donors)
     except ValueError as exc:
         print(f"graft_qualities: {exc}", file=sys.stderr)
         return 1

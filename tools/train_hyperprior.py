@@ -11,7 +11,7 @@ minimizing the bits of ẑ and of the residuals with uniform noise (the transfor
 not move; the rounded residuals' bits made z collapse, docs/hyperprior.md). h_s starts at a per-channel Gaussian fitted to the
 latents (``Codec.start_from``). Each
 quality's state is saved (runs/hyper/qQ.pt) as it finishes, so an interrupted run resumes
-at the next quality; ``--export FILE`` writes the weights of every finished quality.
+at the next quality; ``--export FILE`` writes a weights file once every quality is done.
 """
 
 from __future__ import annotations
@@ -137,6 +137,9 @@ def main() -> None:
 
 
 def export(model: hyperprior.Codec, out: Path, path: Path) -> None:
+    missing = [q for q in range(1, model.qualities + 1) if not (out / f"q{q}.pt").exists()]
+    if missing:
+        raise SystemExit(f"cannot export: qualities {', '.join(map(str, missing))} are not trained yet")
     calibration = []
     Z = model.config.Z
     for q in range(1, model.qualities + 1):
