@@ -201,3 +201,19 @@ def test_images_beyond_the_family_limit_are_refused_in_one_line(monkeypatch, mod
         hyperprior.compress(model, smooth_image(100, 130), 3)
     with pytest.raises(FormatError, match="up to 12999 pixels"):
         api.decode_pixels(hyper_file, tiny_hyperprior_weights)
+
+
+def test_cli_reports_a_lying_substream_in_one_line(hyper_file, tiny_hyperprior_weights, tmp_path):
+    from click.testing import CliRunner
+
+    from nic.cli import cli
+
+    z, y = container.unpack(hyper_file).substreams()
+    lying = tmp_path / "lying.nic"
+    lying.write_bytes(_rewrite(hyper_file, [Substream(z.name, (8, 2, 2), z.data), y]))
+    result = CliRunner().invoke(cli, ["decode", str(lying), "--weights", tiny_hyperprior_weights,
+                                      "-o", str(tmp_path / "out.png")])
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        f"nic: error: {lying}: substream zhat has shape 8x2x2, expected 8x2x3"]
+    assert not (tmp_path / "out.png").exists()
