@@ -1,0 +1,107 @@
+"""One quality of a hyperprior training run against the factorized family, on real files.
+
+    python tools/hyperprior_quality.py ../shared/data/kodak --run runs/hyper -q 3
+
+Takes quality Q's hyper-networks from ``RUN/qQ.pt`` (``tools/train_hyperprior.py``) on
+the transforms of ``--init`` (default: the installed factorized weights), integerizes its
+h_s (activation ranges from 64 of the run's cached crops), and codes every image of the
+folder with both families at quality Q: real substreams, decoded again, sizes with the
+header, CRCs and substream directory. Prints mean bpp, PSNR and the rate change, the
+bpp of a flat 768x512 image, and the median encode/decode time of the first image.
+This measures a quality before every quality of a run is trained (``nic bench --weights``
+measures an exported weights file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from nic import factorized, hyperprior  # noqa: E402
+from nic.bench import list_images, psnr  # noqa: E402
+from nic.container import HEADER_SIZE, SUBSTREAM_ENTRY  # noqa: E402
+from nic.images import read_image  # noqa: E402
+from nic.weights import default_weights  # noqa: E402
+
+
+def hyperprior_at(base, run: Path, quality: int) -> hyperprior.Codec:
+    model = hyperprior.Codec(base).eval()
+    state = torch.load(run / f"q{quality}.pt", weights_only=True)
+    model.hyper[quality - 1].load_state_dict(state["hyper"])
+    Z = model.config.Z
+    with torch.no_grad():
+        for p, rows in zip(model.z_density.parameters(), state["z_density"]):
+            p[(quality - 1) * Z:quality * Z] = rows
+    crops = np.load(run / f"latents-q{quality}.npy", mmap_mode="r")
+    calibration = [torch.zeros(1, base.config.M, 4, 4)] * model.qualities
+    calibration[quality - 1] = torch.from_numpy(np.asarray(crops[:64]).astype(np.float32))
+    model.export_tables(calibration)
+    return model
+
+
+def file_bytes(substreams, version: int) -> int:
+    directory = 0 if version == 1 else 4 + SUBSTREAM_ENTRY.size * len(substreams)
+    return HEADER_SIZE + directory + sum(len(s.data) for s in substreams) + 4
+
+
+def code(family, model, pixels: np.ndarray, quality: int) -> tuple[int, np.ndarray]:
+    substreams = family.compress(model, pixels, quality)
+    rows: list[np.ndarray] = []
+    family.decompress(model, quality, pixels.shape[0], pixels.shape[1], pixels.shape[2] == 1, substreams,
+                      rows.append)
+    return file_bytes(substreams, family.FORMAT_VERSION), np.concatenate(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--run", type=Path, required=True)
+    parser.add_argument("-q", "--quality", type=int, required=True)
+    parser.add_argument("--init", default=None, help="factorized weights [default: installed]")
+    args = parser.parse_args()
+    q = args.quality
+    base = default_weights(args.init, "factorized")[0]
+    model = hyperprior_at(base, args.run, q)
+    families = (("factorized", factorized, base), ("hyperprior", hyperprior, model))
+    results = {name: [] for name, _, _ in families}
+    paths = list_images(args.folder)
+    for path in paths:
+        pixels = read_image(path.read_bytes())
+        for name, family, m in families:
+            size, decoded = code(family, m, pixels, q)
+            results[name].append((8 * size / (pixels.shape[0] * pixels.shape[1]), psnr(pixels, decoded)))
+    means = {name: np.mean(rows, axis=0) for name, rows in results.items()}
+    print(f"quality {q}, {len(paths)} images of {args.folder}")
+    print("| family | bpp | PSNR (dB) |\n|---|---:|---:|")
+    for name, (bpp, quality_db) in means.items():
+        print(f"| {name} | {bpp:.4f} | {quality_db:.2f} |")
+    print(f"rate change: {100 * (means['hyperprior'][0] / means['factorized'][0] - 1):+.2f} % "
+          f"(PSNR {means['hyperprior'][1] - means['factorized'][1]:+.3f} dB)")
+    flat = np.empty((512, 768, 3), np.uint8)
+    flat[:] = (120, 160, 200)
+    print("flat 768x512: " + ", ".join(f"{name} {8 * code(f, m, flat, q)[0] / flat[..., 0].size:.4f} bpp"
+                                         for name, f, m in families))
+    pixels = read_image(paths[0].read_bytes())
+    for name, family, m in families:
+        encode, decode = [], []
+        for _ in range(4):
+            start = time.perf_counter()
+            substreams = family.compress(m, pixels, q)
+            encode.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            family.decompress(m, q, pixels.shape[0], pixels.shape[1], False, substreams, lambda rows: None)
+            decode.append(time.perf_counter() - start)
+        print(f"{name}: encode {1000 * statistics.median(encode[1:]):.0f} ms, "
+              f"decode {1000 * statistics.median(decode[1:]):.0f} ms ({paths[0].name}, median of 3)")
+
+
+if __name__ == "__main__":
+    main()
