@@ -137,3 +137,45 @@ def test_escapes_round_trip_exactly():
     extremes = [0, 1, -1, 5000, -5000, 2**16, -(2**16) - 1, 2**31 - 1, -(2**31 - 1)]
     latents.flat[:len(extremes)] = extremes
     assert np.array_equal(coder.decode(coder.encode(latents), latents.shape), latents)
+
+
+HYPERPRIOR_GOLDEN = GOLDEN.parent / "hyperprior-tiny-q3.nic"
+HYPERPRIOR_DIGESTS = GOLDEN.parent / "hyperprior-tiny-q3.json"
+
+
+def hyperprior_integers(model, data: bytes) -> dict:
+    """SHA-256 of what a hyperprior file decodes to before g_s: ẑ, the integer h_s's means
+    and scale indices, and the residuals. All integers (μ·256 too): the same everywhere."""
+    from nic import hyperprior
+
+    header = container.unpack(data).header
+    z, y = container.unpack(data).substreams()
+    z_coder, y_coder = hyperprior.coders(model, header.quality)
+    z_hat = z_coder.decode(z.data, z.shape)
+    mean, index = model.hyper_decode(z_hat, header.quality, *y.shape[1:])
+    residual = y_coder.decode(y.data, index.ravel())
+    return {name: sha256(np.ascontiguousarray(value).astype(np.int64).tobytes()) for name, value in
+            (("z_hat", z_hat), ("mean_x256", mean * 256), ("index", index), ("residual", residual))}
+
+
+def test_hyperprior_golden_file_decodes_to_the_same_integers(threads, tiny_hyperprior_weights):
+    """A hyperprior file made once (a tiny random model, tests/conftest.py) decodes on any
+    machine and thread count to exactly the integers it decoded to where it was made:
+    the integer hyper-decoder and the range coders are exact. Its bytes are re-made too."""
+    from nic.weights import load_weights
+
+    threads(1)
+    model, digest = load_weights(tiny_hyperprior_weights)
+    made = api.encode_pixels(golden_image(), 3, tiny_hyperprior_weights)
+    if REGENERATE:
+        HYPERPRIOR_GOLDEN.write_bytes(made)
+        HYPERPRIOR_DIGESTS.write_text(json.dumps({"weights_hash": digest.hex(), **hyperprior_integers(model, made)},
+                                                 indent=1) + "\n")
+    data = HYPERPRIOR_GOLDEN.read_bytes()
+    recorded = json.loads(HYPERPRIOR_DIGESTS.read_text())
+    assert recorded["weights_hash"] == digest.hex() == container.unpack(data).header.weights_hash.hex(), (
+        "the tiny hyperprior model of tests/conftest.py changed (torch's initialization?); " + HOW_TO_REGENERATE)
+    threads(2)
+    assert {k: v for k, v in recorded.items() if k != "weights_hash"} == hyperprior_integers(model, data)
+    assert made == data, "the hyperprior bitstream of the golden image changed; " + HOW_TO_REGENERATE
+    assert api.decode_pixels(data, tiny_hyperprior_weights).pixels.shape == golden_image().shape
