@@ -193,6 +193,21 @@ class Codec(nn.Module):
         y_bits = self.conditional.bits(coded, sigma).sum(dim=(1, 2, 3))
         return z_bits, y_bits, residual_hat + mean
 
+    def quality_state(self, quality: int) -> dict:
+        """What one quality has of its own (h_a, h_s, its rows of the z density), as tensors:
+        a training run saves each quality apart."""
+        rows = slice((quality - 1) * self.config.Z, quality * self.config.Z)
+        return {"hyper": self.hyper[quality - 1].state_dict(),
+                "z_density": [p.detach()[rows].clone() for p in self.z_density.parameters()]}
+
+    @torch.no_grad()
+    def load_quality_state(self, quality: int, state: dict) -> None:
+        """Inverse of :meth:`quality_state`."""
+        self.hyper[quality - 1].load_state_dict(state["hyper"])
+        rows = slice((quality - 1) * self.config.Z, quality * self.config.Z)
+        for p, values in zip(self.z_density.parameters(), state["z_density"], strict=True):
+            p[rows] = values
+
     @torch.no_grad()
     def start_from(self, y: Tensor, quality: int) -> None:
         """Start quality's h_s at exactly a per-channel Gaussian fitted to gained latents

@@ -217,3 +217,15 @@ def test_cli_reports_a_lying_substream_in_one_line(hyper_file, tiny_hyperprior_w
     assert result.stderr.strip().splitlines() == [
         f"nic: error: {lying}: substream zhat has shape 8x2x2, expected 8x2x3"]
     assert not (tmp_path / "out.png").exists()
+
+
+def test_a_quality_state_moves_between_models():
+    source, target = tiny_hyperprior(seed=1), tiny_hyperprior(seed=2)
+    target.load_quality_state(2, source.quality_state(2))
+    y = torch.randn(1, 16, 8, 8)
+    torch.manual_seed(0)
+    expected = source.latent_bits(y, 2)
+    torch.manual_seed(0)
+    assert all(torch.equal(a, b) for a, b in zip(expected, target.latent_bits(y, 2)))
+    torch.manual_seed(0)
+    assert not torch.equal(expected[0], target.latent_bits(y, 1)[0])  # quality 1 kept its own

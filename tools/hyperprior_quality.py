@@ -34,12 +34,7 @@ from nic.weights import default_weights  # noqa: E402
 
 def hyperprior_at(base, run: Path, quality: int) -> hyperprior.Codec:
     model = hyperprior.Codec(base).eval()
-    state = torch.load(run / f"q{quality}.pt", weights_only=True)
-    model.hyper[quality - 1].load_state_dict(state["hyper"])
-    Z = model.config.Z
-    with torch.no_grad():
-        for p, rows in zip(model.z_density.parameters(), state["z_density"]):
-            p[(quality - 1) * Z:quality * Z] = rows
+    model.load_quality_state(quality, torch.load(run / f"q{quality}.pt", weights_only=True))
     crops = np.load(run / f"latents-q{quality}.npy", mmap_mode="r")
     calibration = [torch.zeros(1, base.config.M, 4, 4)] * model.qualities
     calibration[quality - 1] = torch.from_numpy(np.asarray(crops[:64]).astype(np.float32))

@@ -51,7 +51,7 @@ def cache_latents(base, quality: int, images: list[np.ndarray], crops: int, patc
 
 
 def train_quality(model: hyperprior.Codec, quality: int, latents: np.ndarray, steps: int, batch: int,
-                  lr: float, seed: int, log) -> None:
+                  lr: float, seed: int, log, fresh: bool = True) -> None:
     hyper = model.hyper[quality - 1]
     Z = model.config.Z
     rows = slice((quality - 1) * Z, quality * Z)
@@ -59,7 +59,8 @@ def train_quality(model: hyperprior.Codec, quality: int, latents: np.ndarray, st
     optimizer = torch.optim.Adam([{"params": hyper.parameters()}, {"params": density}], lr=lr)
     generator = np.random.default_rng(seed + quality)
     data = torch.from_numpy(latents)
-    model.start_from(data[:200].float(), quality)
+    if fresh:
+        model.start_from(data[:200].float(), quality)
     start = time.time()
     pixels = latents.shape[2] * latents.shape[3] * 256
     for step in range(1, steps + 1):
@@ -100,7 +101,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hyper-N", type=int, default=128)
     parser.add_argument("--Z", type=int, default=128)
-    parser.add_argument("--export", type=Path, help="write the weights of every finished quality here")
+    parser.add_argument("--more", action="store_true",
+                        help="train qualities that are done for --steps more (a new cosine schedule)")
+    parser.add_argument("--export", type=Path, help="write the weights file here once every quality is done")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     base = load_weights(args.init)[0]
@@ -117,7 +120,7 @@ def main() -> None:
     images = None
     for q in todo:
         state_path = args.out / f"q{q}.pt"
-        if state_path.exists():
+        if state_path.exists() and not args.more:
             continue
         cache = args.out / f"latents-q{q}.npy"
         if not cache.exists():
@@ -127,11 +130,11 @@ def main() -> None:
             np.save(cache, cache_latents(base, q, images, args.crops, args.patch, args.seed))
             log(f"q{q}: cached {args.crops} crops in {time.time() - started:.0f}s")
         latents = np.load(cache)
-        train_quality(model, q, latents, args.steps, args.batch, args.lr, args.seed, log)
-        Z = model.config.Z
-        torch.save({"hyper": model.hyper[q - 1].state_dict(),
-                    "z_density": [p.detach()[(q - 1) * Z:q * Z].clone() for p in model.z_density.parameters()]},
-                   state_path)
+        more = state_path.exists()
+        if more:  # --more: go on from where this quality stopped
+            model.load_quality_state(q, torch.load(state_path, weights_only=True))
+        train_quality(model, q, latents, args.steps, args.batch, args.lr, args.seed, log, fresh=not more)
+        torch.save(model.quality_state(q), state_path)
     if args.export:
         export(model, args.out, args.export)
 
@@ -141,13 +144,8 @@ def export(model: hyperprior.Codec, out: Path, path: Path) -> None:
     if missing:
         raise SystemExit(f"cannot export: qualities {', '.join(map(str, missing))} are not trained yet")
     calibration = []
-    Z = model.config.Z
     for q in range(1, model.qualities + 1):
-        state = torch.load(out / f"q{q}.pt", weights_only=True)
-        model.hyper[q - 1].load_state_dict(state["hyper"])
-        with torch.no_grad():
-            for p, rows in zip(model.z_density.parameters(), state["z_density"]):
-                p[(q - 1) * Z:q * Z] = rows
+        model.load_quality_state(q, torch.load(out / f"q{q}.pt", weights_only=True))
         latents = np.load(out / f"latents-q{q}.npy", mmap_mode="r")
         calibration.append(torch.from_numpy(np.asarray(latents[:64]).astype(np.float32)))
     model.export_tables(calibration)
