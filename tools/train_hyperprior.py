@@ -50,8 +50,22 @@ def cache_latents(base, quality: int, images: list[np.ndarray], crops: int, patc
     return np.concatenate(out)
 
 
+@torch.no_grad()
+def held_out_bpp(model: hyperprior.Codec, quality: int, crops: torch.Tensor) -> tuple[float, float]:
+    """(bpp, of which ẑ) of held-out crops: ŷ as coded (rounded residuals under the float
+    h_s's μ and σ), ẑ by its density with uniform noise."""
+    model.eval()
+    z_total = y_total = 0.0
+    for start in range(0, len(crops), 50):
+        z_bits, y_bits, _ = model.latent_bits(crops[start:start + 50].float(), quality, rounded=True)
+        z_total, y_total = z_total + float(z_bits.sum()), y_total + float(y_bits.sum())
+    model.train()
+    pixels = len(crops) * crops.shape[2] * crops.shape[3] * 256
+    return (z_total + y_total) / pixels, z_total / pixels
+
+
 def train_quality(model: hyperprior.Codec, quality: int, latents: np.ndarray, steps: int, batch: int,
-                  lr: float, seed: int, log, fresh: bool = True) -> None:
+                  lr: float, seed: int, log, fresh: bool = True, holdout: int = 0) -> None:
     hyper = model.hyper[quality - 1]
     Z = model.config.Z
     rows = slice((quality - 1) * Z, quality * Z)
@@ -59,6 +73,7 @@ def train_quality(model: hyperprior.Codec, quality: int, latents: np.ndarray, st
     optimizer = torch.optim.Adam([{"params": hyper.parameters()}, {"params": density}], lr=lr)
     generator = np.random.default_rng(seed + quality)
     data = torch.from_numpy(latents)
+    data, held = (data[:-holdout], data[-holdout:]) if holdout else (data, None)
     if fresh:
         model.start_from(data[:200].float(), quality)
     start = time.time()
@@ -85,6 +100,9 @@ def train_quality(model: hyperprior.Codec, quality: int, latents: np.ndarray, st
         if step % 100 == 0 or step == steps:
             log(f"q{quality} step {step}/{steps} bpp {loss.item():.4f} "
                 f"(z {z_bits.mean().item() / pixels:.4f}) {time.time() - start:.0f}s")
+        if held is not None and (step % 500 == 0 or step == steps):
+            bpp, z_bpp = held_out_bpp(model, quality, held)
+            log(f"q{quality} step {step} held out: {bpp:.4f} bpp (z {z_bpp:.4f})")
 
 
 def main() -> None:
@@ -101,6 +119,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hyper-N", type=int, default=128)
     parser.add_argument("--Z", type=int, default=128)
+    parser.add_argument("--holdout", type=int, default=0,
+                        help="keep the last N cached crops out of training and log their exact rate every 500 steps")
     parser.add_argument("--more", action="store_true",
                         help="train qualities that are done for --steps more (a new cosine schedule)")
     parser.add_argument("--export", type=Path, help="write the weights file here once every quality is done")
@@ -133,7 +153,8 @@ def main() -> None:
         more = state_path.exists()
         if more:  # --more: go on from where this quality stopped
             model.load_quality_state(q, torch.load(state_path, weights_only=True))
-        train_quality(model, q, latents, args.steps, args.batch, args.lr, args.seed, log, fresh=not more)
+        train_quality(model, q, latents, args.steps, args.batch, args.lr, args.seed, log, fresh=not more,
+                      holdout=args.holdout)
         torch.save(model.quality_state(q), state_path)
     if args.export:
         export(model, args.out, args.export)
