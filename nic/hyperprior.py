@@ -59,6 +59,11 @@ ACTIVATION_MAX = 4095
 WEIGHT_MAX = 32767
 """Integer weights of h_s are within ±WEIGHT_MAX (16 bits)."""
 
+BIAS_LIMIT = 2**40
+MAX_SHIFT = 40
+"""Integer biases are below BIAS_LIMIT in magnitude and shifts at most MAX_SHIFT: with the
+weight and activation bounds, every sum of h_s stays an integer below 2**53."""
+
 MEAN_BITS = 8
 """μ is an integer multiple of 2**−MEAN_BITS."""
 
@@ -381,11 +386,16 @@ def integerize(h_s: nn.Sequential, scales: int, activations: list[Tensor] | None
             s_out = torch.cat([torch.full((M,), 2.0 ** -MEAN_BITS, dtype=torch.float64),
                                torch.ones(M, dtype=torch.float64)])
         scaled = weight * (s_in / s_out).reshape(-1, 1, 1, 1)
-        largest = scaled.abs().amax(dim=(1, 2, 3)).clamp_min(1e-12)
-        shift = torch.floor(torch.log2(WEIGHT_MAX / largest)).clamp(0, 40).long()
+        bias = layer.bias.detach().double() / s_out
+        # The largest shift that keeps the weights within ±WEIGHT_MAX and the bias below
+        # BIAS_LIMIT (a zero or tiny kernel, as a fresh h_s's last layer has, must not
+        # push the bias past it).
+        by_weight = torch.log2(WEIGHT_MAX / scaled.abs().amax(dim=(1, 2, 3)).clamp_min(1e-12))
+        by_bias = torch.log2((BIAS_LIMIT - 1) / bias.abs().clamp_min(1e-12))
+        shift = torch.floor(torch.minimum(by_weight, by_bias)).clamp(0, MAX_SHIFT).long()
         factor = torch.exp2(shift.double())
         w_int = torch.round(scaled * factor.reshape(-1, 1, 1, 1)).clamp(-WEIGHT_MAX, WEIGHT_MAX)
-        b_int = torch.round(layer.bias.detach().double() / s_out * factor)
+        b_int = torch.round(bias * factor).clamp(-(BIAS_LIMIT - 1), BIAS_LIMIT - 1)
         layers.append(IntegerLayer(w_int.numpy().astype(np.int32), b_int.numpy().astype(np.int64),
                                    shift.numpy().astype(np.int64), transposed, relu=n < hidden))
         s_in = steps[n] if n < hidden else 1.0
@@ -498,8 +508,8 @@ def _integer_network(arrays: dict[str, np.ndarray], q: int, shapes: list[tuple[i
                 any(a.dtype.kind != "i" for a in (weight, bias, shift)):
             raise ValueError(f"integer hyper-decoder layer {prefix} has the wrong shapes or types")
         # These bounds keep every sum of h_s an integer below 2**53 (exact in float64).
-        if weight.min() < -WEIGHT_MAX or weight.max() > WEIGHT_MAX or bias.min() <= -2**40 or \
-                bias.max() >= 2**40 or shift.min() < 0 or shift.max() > 40:
+        if weight.min() < -WEIGHT_MAX or weight.max() > WEIGHT_MAX or bias.min() <= -BIAS_LIMIT or \
+                bias.max() >= BIAS_LIMIT or shift.min() < 0 or shift.max() > MAX_SHIFT:
             raise ValueError(f"integer hyper-decoder layer {prefix} is out of range")
         layers.append(IntegerLayer(weight.astype(np.int32), bias.astype(np.int64), shift.astype(np.int64),
                                    transposed=n < len(shapes) - 1, relu=n < len(shapes) - 1))

@@ -229,3 +229,23 @@ def test_a_quality_state_moves_between_models():
     assert all(torch.equal(a, b) for a, b in zip(expected, target.latent_bits(y, 2)))
     torch.manual_seed(0)
     assert not torch.equal(expected[0], target.latent_bits(y, 1)[0])  # quality 1 kept its own
+
+
+def test_training_tool_trains_every_quality_and_exports_weights(tmp_path, photos, tiny_weights):
+    """tools/train_hyperprior.py end to end on a tiny model: cache, train, resume, export."""
+    tool = [sys.executable, "tools/train_hyperprior.py", str(photos), "--init", tiny_weights,
+            "--out", str(tmp_path / "run"), "--crops", "8", "--patch", "64", "--steps", "2", "--batch", "2",
+            "--hyper-N", "8", "--Z", "4"]
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    first = subprocess.run([*tool, "--qualities", "1-3", "--holdout", "2"], capture_output=True, text=True,
+                           timeout=600, cwd=root)
+    assert first.returncode == 0, first.stderr
+    assert "held out:" in first.stdout
+    early = subprocess.run([*tool, "--qualities", "1", "--export", str(tmp_path / "h.npz")], capture_output=True,
+                           text=True, timeout=600, cwd=root)
+    assert early.returncode != 0 and "qualities 4, 5, 6, 7, 8 are not trained yet" in early.stderr
+    done = subprocess.run([*tool, "--export", str(tmp_path / "h.npz")], capture_output=True, text=True,
+                          timeout=600, cwd=root)
+    assert done.returncode == 0, done.stderr
+    data = api.encode_pixels(smooth_image(40, 56), 5, str(tmp_path / "h.npz"))
+    assert api.decode_pixels(data, str(tmp_path / "h.npz")).pixels.shape == (40, 56, 3)
