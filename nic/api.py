@@ -78,14 +78,14 @@ def default_quality(weights: str | Path | None = None, family: str | None = None
     1..8, or the weights' highest quality when they have fewer (a one-rate model)."""
     from .weights import default_weights
 
-    model, _ = default_weights(weights, family)
+    model, _ = default_weights(weights, family, coding=True)
     return min(4, model.qualities)
 
 
 def _model(weights: str | Path | None, family: str | None, quality: int):
     from .weights import default_weights
 
-    model, digest = default_weights(weights, family)
+    model, digest = default_weights(weights, family, coding=True)
     if not 1 <= quality <= model.qualities:
         raise ValueError(f"quality must be 1..{model.qualities}, got {quality}")
     return model, digest
@@ -152,7 +152,7 @@ def encode_to_target(pixels: np.ndarray, max_bytes: int, weights: str | Path | N
 
 
 def _open_for_decoding(data: bytes, weights: str | Path | None, max_pixels: int):
-    parsed = container.unpack(data, max_pixels)  # garbage is refused before torch loads
+    parsed = container.unpack(data, max_pixels)  # garbage is refused before the weights load
     substreams = parsed.substreams()
 
     from .families import family, name_of
@@ -166,7 +166,7 @@ def _open_for_decoding(data: bytes, weights: str | Path | None, max_pixels: int)
     if header.version != version:
         raise FormatError(f"a file of the {name_of(header.model_id)} family must be format version {version}, "
                           f"not {header.version}")
-    model, _ = weights_for(header.model_id, header.weights_hash, weights)
+    model, _ = weights_for(header.model_id, header.weights_hash, weights, coding=True)
     if not 1 <= header.quality <= model.qualities:
         raise FormatError(f"quality {header.quality} is not one of the weights' 1..{model.qualities}")
     if header.latent_shape[0] != model.latent_channels:

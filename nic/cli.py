@@ -275,9 +275,15 @@ def default_output(source: str, suffix: str) -> str:
 
 
 def set_threads(threads: int | None) -> None:
-    import torch
+    """Threads for the transforms: numpy's BLAS (nic.engine) and torch, if it runs."""
+    if threads is None:
+        return
+    from threadpoolctl import threadpool_limits
 
-    if threads is not None:
+    threadpool_limits(threads)  # the BLAS numpy has already loaded
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # torch, if it is imported later
+    torch = sys.modules.get("torch")
+    if torch is not None:
         torch.set_num_threads(threads)
 
 

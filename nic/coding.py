@@ -18,12 +18,45 @@ same fixed-point model on every machine. No I/O here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import constriction
 
-from .entropy import PRECISION, IntegerTables
+PRECISION = 16
+"""Bits of the integer frequency tables: every table sums to 2**PRECISION."""
+
+
+@dataclass(frozen=True)
+class IntegerTables:
+    """Per-channel integer frequency tables of one quantized latent.
+
+    Channel c codes the integers offsets[c] .. offsets[c] + lengths[c] − 1 as
+    symbols 0 .. lengths[c] − 1; symbol lengths[c] is the escape. Its frequencies
+    are frequencies[starts[c] : starts[c] + lengths[c] + 1], all ≥ 1, summing to
+    2**PRECISION.
+    """
+
+    offsets: np.ndarray  # int32 (channels,)
+    lengths: np.ndarray  # int32 (channels,)
+    frequencies: np.ndarray  # int32 (Σ (lengths + 1),)
+
+    @property
+    def starts(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.lengths + 1)[:-1]]).astype(np.int64)
+
+    def select(self, start: int, stop: int) -> "IntegerTables":
+        """The tables of channels start .. stop − 1."""
+        starts = self.starts
+        end = int(starts[stop - 1]) + int(self.lengths[stop - 1]) + 1
+        return IntegerTables(self.offsets[start:stop].copy(), self.lengths[start:stop].copy(),
+                             self.frequencies[int(starts[start]) : end].copy())
+
+    def channel(self, c: int) -> np.ndarray:
+        start = int(self.starts[c])
+        return self.frequencies[start : start + int(self.lengths[c]) + 1]
+
 
 LATENT_LIMIT = 2**31 - 1
 """Largest magnitude a latent may have (zig-zag code must fit in 32 bits)."""

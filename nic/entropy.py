@@ -18,15 +18,14 @@ decoding never depends on floating-point rounding in this network. No I/O here.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
-PRECISION = 16
-"""Bits of the integer frequency tables: every table sums to 2**PRECISION."""
+from .coding import PRECISION, IntegerTables  # noqa: F401  (the tables this module makes)
+
 
 LIKELIHOOD_FLOOR = 1e-9
 
@@ -82,36 +81,6 @@ class FactorizedDensity(nn.Module):
             if k < len(self.factors):
                 logits = logits + torch.tanh(self.factors[k])[rows] * torch.tanh(logits)
         return logits
-
-
-@dataclass(frozen=True)
-class IntegerTables:
-    """Per-channel integer frequency tables of one quantized latent.
-
-    Channel c codes the integers offsets[c] .. offsets[c] + lengths[c] − 1 as
-    symbols 0 .. lengths[c] − 1; symbol lengths[c] is the escape. Its frequencies
-    are frequencies[starts[c] : starts[c] + lengths[c] + 1], all ≥ 1, summing to
-    2**PRECISION.
-    """
-
-    offsets: np.ndarray  # int32 (channels,)
-    lengths: np.ndarray  # int32 (channels,)
-    frequencies: np.ndarray  # int32 (Σ (lengths + 1),)
-
-    @property
-    def starts(self) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum(self.lengths + 1)[:-1]]).astype(np.int64)
-
-    def select(self, start: int, stop: int) -> "IntegerTables":
-        """The tables of channels start .. stop − 1."""
-        starts = self.starts
-        end = int(starts[stop - 1]) + int(self.lengths[stop - 1]) + 1
-        return IntegerTables(self.offsets[start:stop].copy(), self.lengths[start:stop].copy(),
-                             self.frequencies[int(starts[start]) : end].copy())
-
-    def channel(self, c: int) -> np.ndarray:
-        start = int(self.starts[c])
-        return self.frequencies[start : start + int(self.lengths[c]) + 1]
 
 
 def quantize_pmf(pmf: np.ndarray, tail: float, precision: int = PRECISION) -> np.ndarray:

@@ -23,8 +23,13 @@ pair may be wider than the shared one (``Config.specialized_N``: more hidden cha
 for the high rates, where the published models use N=192): it starts as the narrower
 pair plus channels that do not change its output yet (:func:`embed_transform`).
 
-This module is math only: tensors and arrays in, bytes out, no I/O of its own; the
-family functions at the end keep the latents of very large images in
+Coding needs no torch: :class:`Model` runs the transforms with :mod:`nic.engine` (numpy)
+from the weights file's arrays. The trainable network (``Codec``, training, export,
+``specialize``) is :mod:`nic.factorized_torch`; its names are reachable from here too
+(``nic.factorized.Codec``), torch being imported on first use.
+
+This module is math only: arrays in, bytes out, no I/O of its own; the family
+functions at the end keep the latents of very large images in
 :func:`nic.tiling.latent_store` (a temporary file above ~87 megapixels).
 """
 
@@ -38,17 +43,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import torch
-from torch import Tensor, nn
-import torch.nn.functional as F
 
-from .coding import CorruptStream, LatentCoder
+from . import engine
+from .coding import CorruptStream, IntegerTables, LatentCoder
 from .container import FormatError, Substream
 from .families import expect_substreams
-from .entropy import FactorizedDensity, IntegerTables, integer_tables
-from .layers import GDN, conv, deconv
 from .tiling import (DOWNSAMPLING, LatentStore, PixelRows, Progress, latent_store, quantize_into,
-                     reconstruct_into, reconstruct_tiled)
+                     quantize_tiled, reconstruct_into, reconstruct_tiled)
 
 MODEL_ID = 1
 NAME = "factorized"
@@ -132,35 +133,6 @@ def latent_shape(config: Config, height: int, width: int) -> tuple[int, int, int
     return config.M, -(-height // DOWNSAMPLING), -(-width // DOWNSAMPLING)
 
 
-def analysis_transform(N: int, M: int) -> nn.Sequential:
-    """g_a: conv5x5/2 → GDN → conv5x5/2 → GDN → conv5x5/2 → GDN → conv5x5/2."""
-    return nn.Sequential(
-        conv(3, N), GDN(N),
-        conv(N, N), GDN(N),
-        conv(N, N), GDN(N),
-        conv(N, M),
-    )
-
-
-def synthesis_transform(N: int, M: int) -> nn.Sequential:
-    """g_s: g_a mirrored, transposed convolutions and IGDN."""
-    return nn.Sequential(
-        deconv(M, N), GDN(N, inverse=True),
-        deconv(N, N), GDN(N, inverse=True),
-        deconv(N, N), GDN(N, inverse=True),
-        deconv(N, 3),
-    )
-
-
-class Transforms(nn.Module):
-    """A specialized quality's own pair of transforms (N hidden channels, M latent)."""
-
-    def __init__(self, N: int, M: int):
-        super().__init__()
-        self.g_a = analysis_transform(N, M)
-        self.g_s = synthesis_transform(N, M)
-
-
 def pair_shapes(N: int, M: int) -> dict[str, tuple[int, ...]]:
     """Parameter shapes of a pair of transforms ("g_a.0.weight": ...), nothing allocated
     (the layers of analysis_transform and synthesis_transform, in order)."""
@@ -176,271 +148,6 @@ def pair_shapes(N: int, M: int) -> dict[str, tuple[int, ...]]:
                 shapes[f"{part}.{2 * i + 1}.gamma"] = (N, N)
     return shapes
 
-
-@torch.no_grad()
-def embed_transform(source: nn.Sequential, target: nn.Sequential) -> None:
-    """Copy ``source`` into ``target``, a g_a or g_s as wide or wider (more hidden
-    channels), so that ``target`` computes exactly what ``source`` does.
-
-    The first channels of every layer are source's; what flows from a new channel
-    into an old one is zero (convolution weights, and GDN's γ_ij of a new j), so the
-    new channels cannot change the output. What flows into a new channel keeps
-    ``target``'s fresh initialization: the new channels are active at once, so the
-    weights out of them get gradients at the first step (as a zero-initialized
-    residual branch does) and the wider pair learns to use them."""
-    for mine, theirs in zip(target, source, strict=True):
-        if isinstance(mine, GDN):
-            n = theirs.beta.shape[0]
-            mine.beta[:n] = theirs.beta
-            mine.gamma[:n] = mine.gamma_reparam.init(torch.zeros_like(mine.gamma[:n]))  # γ_ij = 0
-            mine.gamma[:n, :n] = theirs.gamma
-            continue
-        # Conv2d weights are (out, in, k, k); ConvTranspose2d weights are (in, out, k, k).
-        out_axis = 1 if isinstance(mine, nn.ConvTranspose2d) else 0
-        old_out, old_in = theirs.weight.shape[out_axis], theirs.weight.shape[1 - out_axis]
-        into_old = mine.weight.narrow(out_axis, 0, old_out)
-        into_old.zero_()  # from the new inputs too
-        into_old.narrow(1 - out_axis, 0, old_in).copy_(theirs.weight)
-        mine.bias[:old_out] = theirs.bias
-
-
-class Codec(nn.Module):
-    def __init__(self, config: Config = Config()):
-        super().__init__()
-        # Own pairs of a loaded weights file that nothing has run through yet (from_arrays):
-        # a process that codes at one quality builds that pair only.
-        self.unbuilt: dict[int, dict[str, np.ndarray]] = {}
-        self.config = config
-        N, M, Q = config.N, config.M, config.qualities
-        self.g_a = analysis_transform(N, M)
-        self.g_s = synthesis_transform(N, M)
-        # Parameters "own.q3.g_a.0.weight" etc.: quality 3's own pair, if it has one; it
-        # starts as (an embedding of) the shared pair (also ~5x faster than a random init).
-        self.own = nn.ModuleDict({f"q{q}": Transforms(config.pair_N(q), M) for q in config.specialized})
-        for pair in self.own.values():
-            embed_transform(self.g_a, pair.g_a)
-            embed_transform(self.g_s, pair.g_s)
-        # Quantization step ∝ 1/sqrt(λ) is the high-rate optimum; start there.
-        lam = torch.tensor(config.lambdas, dtype=torch.float32)
-        gain = torch.sqrt(lam / lam[Q // 2]).reshape(Q, 1).expand(Q, M).clone()
-        self.gain = nn.Parameter(gain)
-        self.inverse_gain = nn.Parameter(1.0 / gain)
-        # One module holds every quality's densities: rows (q−1)·M … q·M − 1 are quality q's.
-        self.density = FactorizedDensity(Q * M)
-        self.tables: list[IntegerTables] | None = None
-
-    @property
-    def qualities(self) -> int:
-        return self.config.qualities
-
-    @property
-    def latent_channels(self) -> int:
-        return self.config.M
-
-    # ---- training ----------------------------------------------------------------
-
-    def forward(self, x: Tensor, qualities: Tensor, hard: bool = False, mixed: bool = False
-                ) -> tuple[Tensor, Tensor]:
-        """(x̃, bits per sample) with ỹ = g_a(x)·gain + U(−½, ½).
-
-        ``qualities`` (1-based, one per sample) may differ within a batch, so every
-        gain and every density learns at every step. With ``hard``, ỹ = round(y)
-        exactly as the encoder quantizes, with no gradient into g_a or the
-        densities: the decoder fine-tuning of Borzechowski et al. With ``mixed``, the
-        rate is still that of the noisy ỹ, but g_s decodes round(y), with a
-        straight-through gradient into g_a (Minnen and Singh, "Channel-wise
-        autoregressive entropy models for learned image compression", ICIP 2020): the
-        whole codec trains on the integers it will send."""
-        q = qualities.long() - 1
-        if hard:
-            # fp32 even under autocast: bf16 would round some latents the other way than
-            # the encoder does, and the decoder must learn the encoder's exact integers.
-            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-                y = self._each("g_a", x.float(), qualities) * self.gain[q].reshape(len(q), -1, 1, 1)
-                y_tilde = torch.round(y)
-                bits = self.latent_bits(y_tilde, qualities)
-        else:
-            y = self._each("g_a", x, qualities) * self.gain[q].reshape(len(q), -1, 1, 1).to(x.dtype)
-            y = y.float()  # the density and the noise stay in fp32 under autocast
-            y_tilde = y + torch.empty_like(y).uniform_(-0.5, 0.5)
-            bits = self.latent_bits(y_tilde, qualities)
-            if mixed:
-                y_tilde = y + (torch.round(y) - y).detach()
-        return self.synthesize(y_tilde, qualities), bits
-
-    def synthesize(self, y_hat: Tensor, qualities: Tensor) -> Tensor:
-        """x̃ of a batch of latents, each sample through its quality's inverse gain and g_s."""
-        q = qualities.long() - 1
-        return self._each("g_s", y_hat * self.inverse_gain[q].reshape(len(q), -1, 1, 1), qualities)
-
-    def transforms(self, quality: int) -> tuple[nn.Module, nn.Module]:
-        """(g_a, g_s) of a quality: its own pair if it is specialized, else the shared one."""
-        if quality in self.unbuilt:
-            with _BUILDING:
-                if quality in self.unbuilt:  # not built by another thread meanwhile
-                    self._build_pair(quality)
-        owner = self.own[f"q{quality}"] if quality in self.config.specialized else self
-        return owner.g_a, owner.g_s
-
-    def _build_pair(self, quality: int) -> None:
-        arrays = self.unbuilt[quality]
-        # Often first reached under torch.inference_mode (nic encode), but the pair must be
-        # made of normal tensors: encoder effort 2..4 and training differentiate through it.
-        with torch.inference_mode(False):
-            pair = Transforms(self.config.pair_N(quality), self.config.M).to(self.gain.device).train(self.training)
-            fill(pair.state_dict(), arrays)
-        self.own[f"q{quality}"] = pair
-        del self.unbuilt[quality]  # last: another thread that finds it gone may use the pair
-
-    def build_all(self) -> "Codec":
-        """Build every own pair not built yet; whatever reads or moves all parameters does."""
-        if self.unbuilt:
-            with _BUILDING:
-                for quality in sorted(self.unbuilt):
-                    self._build_pair(quality)
-        return self
-
-    def state_dict(self, *args, **kwargs):
-        self.build_all()
-        return super().state_dict(*args, **kwargs)
-
-    def load_state_dict(self, *args, **kwargs):
-        self.build_all()
-        return super().load_state_dict(*args, **kwargs)
-
-    def named_parameters(self, *args, **kwargs):  # parameters() too
-        self.build_all()
-        return super().named_parameters(*args, **kwargs)
-
-    def _apply(self, *args, **kwargs):  # to(), float(), cuda() ...
-        self.build_all()
-        return super()._apply(*args, **kwargs)
-
-    def _each(self, part: str, x: Tensor, qualities: Tensor) -> Tensor:
-        """g_a or g_s (``part``) of each sample by its quality's transforms, in batch order."""
-        if not self.config.specialized:
-            return getattr(self, part)(x)  # one pair for all: no host sync, no graph break
-        groups: dict[int, list[int]] = {}
-        for i, quality in enumerate(qualities.tolist()):
-            groups.setdefault(quality if quality in self.config.specialized else 0, []).append(i)
-        which = ("g_a", "g_s").index(part)
-        outputs, order = [], []
-        for key, rows in groups.items():
-            module = self.transforms(key)[which]  # key 0: the shared pair
-            outputs.append(module(x if len(groups) == 1 else x[rows]))
-            order.extend(rows)
-        if len(groups) == 1:
-            return outputs[0]
-        return torch.cat(outputs)[torch.argsort(torch.tensor(order, device=x.device))]
-
-    def density_rows(self, qualities: Tensor) -> Tensor:
-        """(batch, M) rows of :attr:`density` that model each sample's channels."""
-        M = self.config.M
-        return (qualities.long().reshape(-1, 1) - 1) * M + torch.arange(M, device=qualities.device)
-
-    def latent_bits(self, y_hat: Tensor, qualities: Tensor) -> Tensor:
-        """−log2 p(ŷ) summed per sample, each sample under its quality's density."""
-        p = self.density.probability(y_hat, self.density_rows(qualities))
-        return -torch.log2(p).sum(dim=(1, 2, 3))
-
-    # ---- inference -----------------------------------------------------------------
-
-    def analysis(self, x: Tensor, quality: int) -> Tensor:
-        """Scaled latent y·gain (float) for x in [0, 1] of shape (1, 3, H, W),
-        H and W multiples of 16."""
-        return self.transforms(quality)[0](x) * self.gain[quality - 1].reshape(1, -1, 1, 1)
-
-    def synthesis(self, y_hat: Tensor, quality: int) -> Tensor:
-        """x̂ in [0, 1] (not clipped) from integer latents."""
-        return self.transforms(quality)[1](y_hat * self.inverse_gain[quality - 1].reshape(1, -1, 1, 1))
-
-    def export_tables(self) -> None:
-        """Freeze every density into integer tables (done once, saved with weights)."""
-        tables = integer_tables(self.density)
-        M = self.config.M
-        self.tables = [tables.select(q * M, (q + 1) * M) for q in range(self.config.qualities)]
-
-
-def rate_distortion_loss(x: Tensor, x_tilde: Tensor, bits: Tensor, lambdas: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss, bpp, mse) per sample, loss = bpp + λ·255²·MSE, x in [0, 1]."""
-    pixels = x.shape[2] * x.shape[3]
-    bpp = bits / pixels
-    mse = ((x_tilde.float() - x.float()) ** 2).mean(dim=(1, 2, 3))
-    return bpp + lambdas * 255.0**2 * mse, bpp, mse
-
-
-def pad_to_multiple(x: Tensor, multiple: int = DOWNSAMPLING) -> Tensor:
-    """Replicate-pad bottom/right so height and width are multiples of ``multiple``."""
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph == 0 and pw == 0:
-        return x
-    return F.pad(x, (0, pw, 0, ph), mode="replicate")
-
-
-def specialize(model: Codec, qualities: list[int], donors: dict[int, Codec] | None = None,
-               lambdas: dict[int, float] | None = None, widths: dict[int, int] | None = None) -> Codec:
-    """A copy of ``model`` in which each of ``qualities`` has its own g_a/g_s.
-
-    A quality's own pair starts as a copy of the shared pair (to be trained for that
-    quality alone: ``nic train --specialize``), or, from ``donors[q]``, is that model's
-    pair for q, with q's gain, inverse gain and density: a model trained for q alone
-    is grafted in, with the donor's λ for q. ``lambdas`` gives some of ``qualities`` a
-    new λ to be trained for (its gain and density then move to the new rate); the λ
-    must still increase with the quality. ``widths`` gives some of ``qualities`` more
-    hidden channels: their pair is embedded in a wider one that computes the same
-    (:func:`embed_transform`). Qualities that are already specialized keep their pair
-    unless a donor replaces it. Integer tables are re-exported if ``model`` had them."""
-    donors, lambdas, widths = donors or {}, lambdas or {}, widths or {}
-    for q in [*qualities, *donors, *lambdas, *widths]:
-        if not 1 <= q <= model.config.qualities:
-            raise ValueError(f"quality {q} is not one of the model's 1..{model.config.qualities}")
-    table = list(model.config.lambdas)
-    for q, donor in donors.items():
-        if (donor.config.M, donor.config.qualities) != (model.config.M, model.config.qualities):
-            raise ValueError(f"the model given for quality {q} has another M or number of qualities")
-        table[q - 1] = donor.config.lambdas[q - 1]
-    for q, value in lambdas.items():
-        if q not in qualities:
-            raise ValueError(f"a new λ for quality {q}, which is not being specialized")
-        table[q - 1] = value
-    if any(low >= high for low, high in zip(table, table[1:])):
-        raise ValueError(f"λ must increase with the quality, got {', '.join(f'{v:g}' for v in table)}")
-    sources = {q: donors.get(q, model) for q in sorted({*model.config.specialized, *qualities, *donors})}
-    pair_N = {q: source.config.pair_N(q) for q, source in sources.items()}
-    for q, width in widths.items():
-        if q not in qualities:
-            raise ValueError(f"a new width for quality {q}, which is not being specialized")
-        if not pair_N[q] <= width <= MAX_CHANNELS:
-            raise ValueError(f"quality {q}'s own pair can grow from {pair_N[q]} to at most "
-                             f"{MAX_CHANNELS} hidden channels, not {width}")
-        pair_N[q] = width
-    config = dataclasses.replace(
-        model.config, lambdas=tuple(table), specialized=tuple(sources),
-        specialized_N=tuple(pair_N.values()) if any(n != model.config.N for n in pair_N.values()) else ())
-    result = Codec(config)
-    # The shared pair, gains and densities (own pairs are copied below: they may be wider).
-    result.load_state_dict({name: tensor for name, tensor in model.state_dict().items()
-                            if not name.startswith("own.")}, strict=False)
-    M = config.M
-    with torch.no_grad():
-        for q, source in sources.items():
-            own = result.own[f"q{q}"]
-            g_a, g_s = source.transforms(q)
-            embed_transform(g_a, own.g_a)
-            embed_transform(g_s, own.g_s)
-            if q in donors:
-                result.gain[q - 1] = source.gain[q - 1]
-                result.inverse_gain[q - 1] = source.inverse_gain[q - 1]
-                rows = slice((q - 1) * M, q * M)
-                for mine, theirs in zip(result.density.parameters(), source.density.parameters()):
-                    mine[rows] = theirs[rows]
-    if model.tables is not None:
-        result.export_tables()
-    return result.train(model.training)
-
-
-# ---- weights as plain arrays (no pickle) -------------------------------------------
 
 def transform_pair(name: str) -> tuple[str, str] | None:
     """(pair, part) of a transform parameter: pair "" for the shared one or "q3" for
@@ -461,59 +168,29 @@ def is_conv_kernel(name: str, ndim: int) -> bool:
     return ndim == 4 and transform_part(name) is not None
 
 
-def to_arrays(model: Codec, half: bool = False) -> dict[str, np.ndarray]:
-    """All parameters, the config and the integer tables as named numpy arrays."""
-    if model.tables is None:
-        raise ValueError("export_tables() first")
-    arrays: dict[str, np.ndarray] = {}
-    for name, tensor in model.state_dict().items():
-        value = tensor.detach().cpu().numpy()
-        if half and is_conv_kernel(name, value.ndim):
-            value = value.astype(np.float16)  # conv kernels only: ≈ half the file
-        arrays[name] = value
-    for q, table in enumerate(model.tables):
-        arrays[f"tables.{q}.offsets"] = table.offsets
-        arrays[f"tables.{q}.lengths"] = table.lengths
-        arrays[f"tables.{q}.frequencies"] = table.frequencies
-    arrays["config"] = np.frombuffer(model.config.to_json().encode(), dtype=np.uint8)
-    return arrays
+# ---- weights as plain arrays (no pickle) -------------------------------------------
 
-
-@torch.no_grad()
-def fill(state: dict[str, Tensor], arrays: dict[str, np.ndarray]) -> None:
-    """Copy each array into the state-dict tensor of its name (shapes checked before).
-    Into the parameter itself, converting as it copies: no fp32 copy of the file's fp16
-    kernels on the side (a weights file with several pairs is ~45 MB of fp16)."""
-    for name, tensor in state.items():
-        tensor.copy_(torch.from_numpy(np.ascontiguousarray(arrays[name])))
-
-
-def from_arrays(arrays: dict[str, np.ndarray]) -> Codec:
-    """Inverse of :func:`to_arrays`; raises ValueError on anything inconsistent."""
+def read_config(arrays: dict[str, np.ndarray]) -> Config:
+    """The config of a weights file's arrays; ValueError if it is missing or invalid."""
     try:
-        config = Config.from_json(bytes(arrays["config"].astype(np.uint8)).decode())
+        return Config.from_json(bytes(arrays["config"].astype(np.uint8)).decode())
     except (KeyError, ValueError, TypeError) as exc:
         raise ValueError(f"weights have no valid config ({exc})") from None
-    model = Codec(dataclasses.replace(config, specialized=(), specialized_N=()))
-    state = model.state_dict()
-    shapes = {name: tuple(tensor.shape) for name, tensor in state.items()}
-    # Check every own pair before anything is built from it: a config listing 255
-    # specialized qualities of 1024 channels must bring 255 such pairs.
-    own_shapes = {q: pair_shapes(config.pair_N(q), config.M) for q in config.specialized}
-    for q, pair in own_shapes.items():
-        shapes.update({f"own.q{q}.{name}": shape for name, shape in pair.items()})
+
+
+def check_arrays(arrays: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]]) -> None:
+    """ValueError unless ``arrays`` has a floating-point array of each name and shape."""
     for name, shape in shapes.items():
         if name not in arrays:
             raise ValueError(f"weights lack tensor {name}")
         if tuple(arrays[name].shape) != shape:
             raise ValueError(f"tensor {name} has shape {arrays[name].shape}, expected {shape}")
-        if arrays[name].dtype.kind != "f":  # checked now: own pairs are filled later, when used
+        if arrays[name].dtype.kind != "f":
             raise ValueError(f"tensor {name} has dtype {arrays[name].dtype}, expected floating point")
-    fill(state, arrays)
-    # The own pairs are built when a quality first runs through them (Codec.transforms),
-    # or all at once by anything that reads every parameter (state_dict, parameters, to).
-    model.config = config
-    model.unbuilt = {q: {name: arrays[f"own.q{q}.{name}"] for name in pair} for q, pair in own_shapes.items()}
+
+
+def read_tables(arrays: dict[str, np.ndarray], config: Config) -> list[IntegerTables]:
+    """Each quality's integer tables; ValueError if missing or inconsistent."""
     tables = []
     for q in range(config.qualities):
         try:
@@ -528,8 +205,124 @@ def from_arrays(arrays: dict[str, np.ndarray]) -> Codec:
                 len(table.frequencies) != int((table.lengths + 1).sum()) or (table.lengths < 1).any():
             raise ValueError(f"integer tables of quality {q + 1} are inconsistent")
         tables.append(table)
-    model.tables = tables
-    return model.eval()
+    return tables
+
+
+# ---- coding without torch ------------------------------------------------------------
+
+class Model:
+    """The factorized family as the coder runs it: the weights file's arrays, the
+    transforms in numpy (:mod:`nic.engine`), the integer tables. No torch.
+
+    A quality's own pair (``Config.specialized``) is built when the quality is first
+    used. ``network()`` is the same weights as a torch ``Codec``, built once, for what
+    differentiates through the transforms (the encoder's effort 2..4)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        config = read_config(arrays)
+        Q, M = config.qualities, config.M
+        shapes = {name: shape for name, shape in pair_shapes(config.N, config.M).items()}
+        for q in config.specialized:
+            shapes.update({f"own.q{q}.{name}": s for name, s in pair_shapes(config.pair_N(q), M).items()})
+        shapes.update({"gain": (Q, M), "inverse_gain": (Q, M)})
+        check_arrays(arrays, shapes)
+        self.config = config
+        self.tables = read_tables(arrays, config)
+        self.gain = arrays["gain"].astype(np.float32)
+        self.inverse_gain = arrays["inverse_gain"].astype(np.float32)
+        self._arrays = arrays
+        self._pairs: dict[int, tuple[engine.Network, engine.Network]] = {}
+        self._network = None
+
+    @property
+    def qualities(self) -> int:
+        return self.config.qualities
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.M
+
+    def transforms(self, quality: int) -> tuple[engine.Network, engine.Network]:
+        """(g_a, g_s) of a quality: its own pair if it is specialized, else the shared one."""
+        key = quality if quality in self.config.specialized else 0
+        if key not in self._pairs:
+            with _BUILDING:
+                if key not in self._pairs:
+                    prefix = f"own.q{key}." if key else ""
+                    self._pairs[key] = (_analysis_network(self._arrays, prefix),
+                                        _synthesis_network(self._arrays, prefix))
+        return self._pairs[key]
+
+    def analysis_array(self, block: np.ndarray, quality: int) -> np.ndarray:
+        """y·gain, float32 (M, h/16, w/16), of uint8 pixels (h, w, 1|3), h and w multiples of 16."""
+        x = block.astype(np.float32)
+        x /= np.float32(255.0)
+        if x.shape[2] == 1:
+            x = np.repeat(x, 3, axis=2)
+        y = self.transforms(quality)[0](x)
+        y *= self.gain[quality - 1]
+        return y.transpose(2, 0, 1)
+
+    def synthesis_array(self, y_hat: np.ndarray, quality: int) -> np.ndarray:
+        """x̂, float32 (3, 16·h, 16·w) in [0, 1] (not clipped), of latents (M, h, w)."""
+        y = y_hat.transpose(1, 2, 0).astype(np.float32)
+        y *= self.inverse_gain[quality - 1]
+        return self.transforms(quality)[1](y).transpose(2, 0, 1)
+
+    def network(self):
+        """The same weights as a torch ``Codec`` (nic.factorized_torch), built on first use."""
+        if self._network is None:
+            with _BUILDING:
+                if self._network is None:
+                    from .factorized_torch import from_arrays as torch_from_arrays
+
+                    self._network = torch_from_arrays(self._arrays)
+        return self._network
+
+
+def _analysis_network(arrays: dict[str, np.ndarray], prefix: str) -> engine.Network:
+    """g_a of ``prefix`` ("" or "own.q3."): conv5x5/2, then GDN and conv5x5/2 three times."""
+    layers: list = []
+    for i in range(4):
+        layers.append(engine.Conv(arrays[f"{prefix}g_a.{2 * i}.weight"], arrays[f"{prefix}g_a.{2 * i}.bias"], 2))
+        if i < 3:
+            layers.append(engine.GDN.from_parameters(arrays[f"{prefix}g_a.{2 * i + 1}.beta"],
+                                                     arrays[f"{prefix}g_a.{2 * i + 1}.gamma"], inverse=False))
+    return engine.Network(layers)
+
+
+def _synthesis_network(arrays: dict[str, np.ndarray], prefix: str) -> engine.Network:
+    """g_s of ``prefix``: transposed conv5x5/2, then IGDN and transposed conv5x5/2 three times."""
+    layers: list = []
+    for i in range(4):
+        layers.append(engine.Deconv(arrays[f"{prefix}g_s.{2 * i}.weight"], arrays[f"{prefix}g_s.{2 * i}.bias"], 2))
+        if i < 3:
+            layers.append(engine.GDN.from_parameters(arrays[f"{prefix}g_s.{2 * i + 1}.beta"],
+                                                     arrays[f"{prefix}g_s.{2 * i + 1}.gamma"], inverse=True))
+    return engine.Network(layers)
+
+
+def load(arrays: dict[str, np.ndarray]) -> Model:
+    """The model that codes files (nic.families): numpy only."""
+    return Model(arrays)
+
+
+def trainable(model):
+    """The torch ``Codec`` of a model (itself if it is one)."""
+    return model.network() if isinstance(model, Model) else model
+
+
+def __getattr__(name: str):
+    """The trainable network's names (``Codec``, ``from_arrays``, ``specialize``, …) from
+    nic.factorized_torch, imported on first use: coding never imports torch."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    from . import factorized_torch
+
+    try:
+        return getattr(factorized_torch, name)
+    except AttributeError:
+        raise AttributeError(f"module 'nic.factorized' has no attribute {name!r}") from None
 
 
 # ---- the family: pixels to substreams and back (nic.families) --------------------------
@@ -537,7 +330,7 @@ def from_arrays(arrays: dict[str, np.ndarray]) -> Codec:
 _CODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def coder(model: Codec, quality: int) -> LatentCoder:
+def coder(model: Model, quality: int) -> LatentCoder:
     """The range coder of a quality's integer tables, built once per model and quality.
     Kept beside the model, not on it, so the model stays copyable (constriction's models
     do not pickle)."""
@@ -547,22 +340,24 @@ def coder(model: Codec, quality: int) -> LatentCoder:
     return cache[quality]
 
 
-def quantize_latents(model: Codec, pixels: np.ndarray, quality: int, effort: int = 1,
+def quantize_latents(model: Model, pixels: np.ndarray, quality: int, effort: int = 1,
                      progress: Progress | None = None) -> np.ndarray:
     """Integer latents of uint8 pixels (H, W, 1|3): round(g_a(x)·gain) in tiles
     (nic.tiling) at effort 1, chosen by D + λR at higher efforts (nic.quantization)."""
-    from .quantization import quantize
+    if effort == 1:
+        return quantize_tiled(model, pixels, quality, progress=progress)
+    from .quantization import quantize  # torch: the search differentiates through g_s
 
-    return quantize(model, pixels, quality, effort, progress=progress)
+    return quantize(trainable(model), pixels, quality, effort, progress=progress)
 
 
-def reconstruct(model: Codec, latents: np.ndarray, quality: int, height: int, width: int, gray: bool,
+def reconstruct(model: Model, latents: np.ndarray, quality: int, height: int, width: int, gray: bool,
                 progress: Progress | None = None) -> np.ndarray:
     """uint8 pixels (H, W, 1|3) from integer latents, in tiles (nic.tiling)."""
     return reconstruct_tiled(model, latents, quality, height, width, gray, progress=progress)
 
 
-def compress(model: Codec, source: np.ndarray | PixelRows, quality: int, effort: int = 1,
+def compress(model: Model, source: np.ndarray | PixelRows, quality: int, effort: int = 1,
              progress: Progress | None = None, spill_bytes: int | None = None) -> list[Substream]:
     """The substreams of an image: ŷ alone. ``source`` is a uint8 array (H, W, 1|3), or
     rows read strip by strip (effort 1 only), whose latents wait in a
@@ -579,7 +374,7 @@ def compress(model: Codec, source: np.ndarray | PixelRows, quality: int, effort:
     return [Substream(b"yhat", shape, payload)]
 
 
-def decompress(model: Codec, quality: int, height: int, width: int, gray: bool, substreams: list[Substream],
+def decompress(model: Model, quality: int, height: int, width: int, gray: bool, substreams: list[Substream],
                sink: Callable[[np.ndarray], None], progress: Progress | None = None,
                spill_bytes: int | None = None, on_latents: Callable[[LatentStore], None] | None = None) -> None:
     """Decode the substreams and hand ``sink`` the uint8 pixel rows, top to bottom.

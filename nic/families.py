@@ -4,8 +4,10 @@ Every .nic file names its family by the container's model id, and every weights 
 by its config's ``model_id``. A family is a module named after it, with
 
 * ``MODEL_ID``, ``NAME`` and ``FORMAT_VERSION`` (the container version it writes),
-* ``from_arrays(arrays)`` / ``to_arrays(model, half)``: the model from and to a weights
-  file's named arrays (:mod:`nic.weights`), ValueError on anything inconsistent,
+* ``from_arrays(arrays)`` / ``to_arrays(model, half)``: the trainable model (torch) from
+  and to a weights file's named arrays (:mod:`nic.weights`), ValueError on anything
+  inconsistent, and optionally ``load(arrays)``: the model that codes, without torch
+  (else the trainable one codes),
 * ``compress(model, source, quality, effort, progress, spill_bytes)``: the substreams
   (:class:`nic.container.Substream`) of a uint8 image or of rows read strip by strip,
 * ``decompress(model, quality, height, width, gray, substreams, sink, progress,
@@ -81,6 +83,14 @@ def model_id_of(arrays: dict[str, np.ndarray]) -> int:
 def from_arrays(arrays: dict[str, np.ndarray]):
     """The model of a weights file, built by the family its config names."""
     return family(model_id_of(arrays)).from_arrays(arrays)
+
+
+def load(arrays: dict[str, np.ndarray]):
+    """The model that codes files with a weights file's arrays (its family's ``load``,
+    numpy only, where the family has one; else its trainable model)."""
+    module = family(model_id_of(arrays))
+    loader = module.load if hasattr(module, "load") else module.from_arrays
+    return loader(arrays)
 
 
 def expect_substreams(substreams: list, expected: list[tuple[bytes, tuple[int, int, int]]]) -> list:

@@ -545,9 +545,9 @@ def analysis(model: Codec, source: np.ndarray | PixelRows, quality: int,
     y = np.empty(shape, dtype=np.float32)
     count = len(tiles(shape[1], shape[2], tiling.DEFAULT_TILE))
     for done, (where, values) in enumerate(analysis_tiles(model.base, source, quality), 1):
-        if not torch.isfinite(values).all():
+        if not np.isfinite(values).all():
             raise ValueError("analysis transform produced non-finite values")
-        y[:, where[0], where[1]] = values.numpy()
+        y[:, where[0], where[1]] = values
         if progress is not None:
             progress(done, count)
     return y

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .entropy import PRECISION, IntegerTables
+from .coding import PRECISION, IntegerTables
 from .tiling import DOWNSAMPLING
 
 EFFORTS = (1, 2, 3, 4)
@@ -290,9 +290,9 @@ def quantize(model, pixels: np.ndarray, quality: int, effort: int, tile: int | N
     shape = (model.config.M, -(-height // DOWNSAMPLING), -(-width // DOWNSAMPLING))
     continuous = torch.empty(shape, dtype=torch.float32)
     for where, y in analysis_tiles(model, pixels, quality, tile):
-        if not torch.isfinite(y).all():
+        if not np.isfinite(y).all():
             raise ValueError("analysis transform produced non-finite values")
-        continuous[:, where[0], where[1]] = y
+        continuous[:, where[0], where[1]] = torch.from_numpy(np.ascontiguousarray(y))
     latents = torch.round(continuous).to(torch.int64)
     k = kappa(model, quality, pixels.shape[2])
     generator = torch.Generator().manual_seed(quality)  # the same bytes on every run

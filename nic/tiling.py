@@ -56,8 +56,6 @@ import tempfile
 from typing import Callable, Iterator, Protocol
 
 import numpy as np
-import torch
-from torch import Tensor, nn
 
 from .coding import LATENT_LIMIT
 
@@ -67,10 +65,6 @@ DOWNSAMPLING = 16
 DEFAULT_TILE = 768
 """Tile core in pixels (a multiple of 16). Read at call time, so a caller or a
 measurement script may change it; see docs/speed.md for how it was chosen."""
-
-MEMORY_FORMAT = torch.channels_last
-"""Layout of every tile tensor; channels_last is the faster one for oneDNN here
-(docs/speed.md). The results do not depend on it beyond float rounding."""
 
 Progress = Callable[[int, int], None]
 """progress(tiles_done, tiles_total), called after each tile."""
@@ -270,31 +264,37 @@ def latent_store(shape: tuple[int, int, int], spill_bytes: int | None = None) ->
 
 # ---- halo from the architecture ------------------------------------------------------
 
-def _spatial_layers(transform: nn.Module) -> list[nn.Module]:
+def _spatial_layers(transform) -> list[tuple[bool, int, int, int, int]]:
+    """(transposed, k, s, p, output padding) of each convolution of a transform: a torch
+    module (its Conv2d / ConvTranspose2d) or a :class:`nic.engine.Network`."""
     layers = []
     for module in transform.modules():
-        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
-            k, s, p, d = module.kernel_size[0], module.stride[0], module.padding[0], module.dilation[0]
-            if module.kernel_size[0] != module.kernel_size[1] or module.stride[0] != module.stride[1] or \
-                    module.padding[0] != module.padding[1] or d != 1 or module.dilation[1] != 1:
-                raise ValueError(f"tiling supports square, undilated convolutions, not {module}")
-            if k == 1 and s == 1 and p == 0:
-                continue  # pointwise (GDN is computed with F.conv2d, not a module, anyway)
-            layers.append(module)
+        if hasattr(module, "geometry"):  # nic.engine
+            k, s, p = module.geometry
+            layers.append((module.transposed, k, s, p, s - 1 if module.transposed else 0))
+            continue
+        if not hasattr(module, "kernel_size"):
+            continue  # a container, GDN, ReLU
+        k, s, p, d = module.kernel_size[0], module.stride[0], module.padding[0], module.dilation[0]
+        if module.kernel_size[0] != module.kernel_size[1] or module.stride[0] != module.stride[1] or \
+                module.padding[0] != module.padding[1] or d != 1 or module.dilation[1] != 1:
+            raise ValueError(f"tiling supports square, undilated convolutions, not {module}")
+        if k == 1 and s == 1 and p == 0:
+            continue  # pointwise (GDN is computed with F.conv2d, not a module, anyway)
+        layers.append((bool(module.transposed), k, s, p, module.output_padding[0] if module.transposed else 0))
     return layers
 
 
-def analysis_halo(g_a: nn.Module) -> tuple[int, int]:
+def analysis_halo(g_a) -> tuple[int, int]:
     """(latents before, latents after) a core that g_a's receptive field reaches.
 
     Walks the Conv2d layers from the latent down to the pixels: output j of a conv
     (k, s, p) reads inputs s·j − p … s·j − p + k − 1."""
     lo, hi = 0, 0  # the interval of latent 0, in the coordinates of the current layer
     total_stride = 1
-    for layer in reversed(_spatial_layers(g_a)):
-        if not isinstance(layer, nn.Conv2d):
-            raise ValueError("g_a must be made of Conv2d layers")
-        k, s, p = layer.kernel_size[0], layer.stride[0], layer.padding[0]
+    for transposed, k, s, p, _ in reversed(_spatial_layers(g_a)):
+        if transposed:
+            raise ValueError("g_a must be made of convolutions")
         lo, hi = s * lo - p, s * hi - p + k - 1
         total_stride *= s
     if total_stride != DOWNSAMPLING:
@@ -303,18 +303,17 @@ def analysis_halo(g_a: nn.Module) -> tuple[int, int]:
     return -(lo // DOWNSAMPLING), hi // DOWNSAMPLING
 
 
-def synthesis_halo(g_s: nn.Module) -> tuple[int, int]:
+def synthesis_halo(g_s) -> tuple[int, int]:
     """(latents before, latents after) a core that g_s's pixels of the core read.
 
     Walks the ConvTranspose2d layers from the pixels up to the latents: output o of
     a transposed conv (k, s, p) reads inputs ⌈(o + p − k + 1)/s⌉ … ⌊(o + p)/s⌋."""
     lo, hi = 0, DOWNSAMPLING - 1  # pixels of latent block 0
     total_stride = 1
-    for layer in reversed(_spatial_layers(g_s)):
-        if not isinstance(layer, nn.ConvTranspose2d):
-            raise ValueError("g_s must be made of ConvTranspose2d layers")
-        k, s, p = layer.kernel_size[0], layer.stride[0], layer.padding[0]
-        if layer.output_padding[0] != s - 1:
+    for transposed, k, s, p, output_padding in reversed(_spatial_layers(g_s)):
+        if not transposed:
+            raise ValueError("g_s must be made of transposed convolutions")
+        if output_padding != s - 1:
             raise ValueError("g_s layers must exactly multiply the size by their stride")
         lo, hi = -((-(lo + p - k + 1)) // s), (hi + p) // s
         total_stride *= s
@@ -364,21 +363,8 @@ def _pixel_block(pixels: np.ndarray, r0: int, r1: int, c0: int, c1: int) -> np.n
     return block
 
 
-def _to_input(block: np.ndarray) -> Tensor:
-    """uint8 (h, w, 1|3) → float (1, 3, h, w) in [0, 1], in MEMORY_FORMAT.
-
-    Built as NHWC and permuted, so a channels_last result has true channels_last
-    strides (stride[0] = h·w·3). ``permute(2, 0, 1).unsqueeze(0)`` instead leaves
-    stride[0] = 3: is_contiguous(channels_last) still says yes, but the convolutions
-    then see an NCHW tensor and run (and answer) in NCHW, ~25% slower here."""
-    x = torch.from_numpy(np.array(block, copy=True)).unsqueeze(0).permute(0, 3, 1, 2)
-    if x.shape[1] == 1:
-        x = x.expand(1, 3, *x.shape[2:])
-    return x.to(dtype=torch.float32, memory_format=MEMORY_FORMAT).div_(255.0)
-
-
 def analysis_tiles(model, pixels: np.ndarray | PixelRows, quality: int, tile: int | None = None
-                   ) -> Iterator[tuple[tuple[slice, slice], Tensor]]:
+                   ) -> Iterator[tuple[tuple[slice, slice], np.ndarray]]:
     """Yield (latent core slices, y·gain of that core as float (M, h, w)) tile by tile,
     in raster order; ``pixels`` is a uint8 array or a :class:`PixelRows` read in order."""
     source = ArrayRows(pixels) if isinstance(pixels, np.ndarray) else pixels
@@ -386,17 +372,15 @@ def analysis_tiles(model, pixels: np.ndarray | PixelRows, quality: int, tile: in
     tile = DEFAULT_TILE if tile is None else tile
     height, width = source.height, source.width
     rows, cols = -(-height // DOWNSAMPLING), -(-width // DOWNSAMPLING)
-    halo = analysis_halo(model.g_a)
+    halo = analysis_halo(model.transforms(quality)[0])
     d = DOWNSAMPLING
     for r0, r1 in _splits(rows, check_tile(tile)):
         a0, a1 = _with_halo(r0, r1, rows, halo)
         strip = window.rows(a0 * d, min(a1 * d, height))
         for c0, c1 in _splits(cols, check_tile(tile)):
             b0, b1 = _with_halo(c0, c1, cols, halo)
-            x = _to_input(_pixel_block(strip, 0, (a1 - a0) * d, b0 * d, b1 * d))
-            with torch.inference_mode():
-                y = model.analysis(x, quality)[0, :, r0 - a0:r1 - a0, c0 - b0:c1 - b0]
-            yield (slice(r0, r1), slice(c0, c1)), y
+            y = model.analysis_array(_pixel_block(strip, 0, (a1 - a0) * d, b0 * d, b1 * d), quality)
+            yield (slice(r0, r1), slice(c0, c1)), y[:, r0 - a0:r1 - a0, c0 - b0:c1 - b0]
 
 
 def check_pixels(pixels: np.ndarray) -> None:
@@ -413,11 +397,11 @@ def quantize_into(model, pixels: np.ndarray | PixelRows, quality: int, latents: 
     _, rows, cols = latents.shape
     count = len(tiles(rows, cols, DEFAULT_TILE if tile is None else tile))
     for done, (where, y) in enumerate(analysis_tiles(model, pixels, quality, tile), 1):
-        if not torch.isfinite(y).all():
+        if not np.isfinite(y).all():
             raise ValueError("analysis transform produced non-finite values")
-        if float(y.abs().max()) >= LATENT_LIMIT:  # before an int32 store could wrap it
+        if float(np.abs(y).max()) >= LATENT_LIMIT:  # before an int32 store could wrap it
             raise ValueError("latent magnitude exceeds 2**31 - 1")
-        latents.put(where[0], where[1], torch.round(y).numpy())
+        latents.put(where[0], where[1], np.round(y))
         if progress is not None:
             progress(done, count)
     latents.finish()
@@ -445,7 +429,7 @@ def reconstruct_into(model, latents: LatentStore, quality: int, height: int, wid
     d = DOWNSAMPLING
     if rows * d < height or cols * d < width:
         raise ValueError(f"latents of {rows}x{cols} cannot cover {height}x{width} pixels")
-    halo = synthesis_halo(model.g_s)
+    halo = synthesis_halo(model.transforms(quality)[1])
     core = check_tile(tile)
     row_runs = [(r0, r1) for r0, r1 in _splits(rows, core) if r0 * d < height]
     col_runs = [(c0, c1) for c0, c1 in _splits(cols, core) if c0 * d < width]
@@ -457,21 +441,26 @@ def reconstruct_into(model, latents: LatentStore, quality: int, height: int, wid
         strip = np.empty((p1 - p0, width, 1 if gray else 3), dtype=np.uint8)
         for c0, c1 in col_runs:
             b0, b1 = _with_halo(c0, c1, cols, halo)
-            y_hat = torch.from_numpy(band[:, :, b0:b1].astype(np.float32)).unsqueeze(0)
-            y_hat = y_hat.contiguous(memory_format=MEMORY_FORMAT)
             # The core's pixels, cropped to the image (the padding is never written).
             q0, q1 = c0 * d, min(c1 * d, width)
-            with torch.inference_mode():
-                x_hat = model.synthesis(y_hat, quality)[0, :, p0 - a0 * d:p1 - a0 * d, q0 - b0 * d:q1 - b0 * d]
-                if gray:
-                    x_hat = x_hat.mean(dim=0, keepdim=True)
-                x = torch.nan_to_num(x_hat, nan=0.0).clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
-            strip[:, q0:q1] = x.permute(1, 2, 0).numpy()
+            x_hat = model.synthesis_array(band[:, :, b0:b1].astype(np.float32), quality)
+            x_hat = x_hat[:, p0 - a0 * d:p1 - a0 * d, q0 - b0 * d:q1 - b0 * d]
+            if gray:
+                x_hat = x_hat.mean(axis=0, keepdims=True, dtype=np.float32)
+            strip[:, q0:q1] = to_pixels(x_hat).transpose(1, 2, 0)
             done += 1
             if progress is not None:
                 progress(done, len(row_runs) * len(col_runs))
         del band
         sink(strip)
+
+
+def to_pixels(x_hat: np.ndarray) -> np.ndarray:
+    """uint8 of float pixels in [0, 1]: NaN → 0, clipped, ×255, rounded half to even."""
+    x = np.nan_to_num(x_hat, nan=0.0)
+    np.clip(x, 0.0, 1.0, out=x)
+    x *= np.float32(255.0)
+    return np.round(x, out=x).astype(np.uint8)
 
 
 def reconstruct_tiled(model, latents: np.ndarray, quality: int, height: int, width: int, gray: bool,

@@ -81,12 +81,12 @@ def shipped_dir() -> Path:
 
 
 @lru_cache(maxsize=8)
-def _load_path(path: str, mtime: float):
-    from .families import from_arrays
+def _load_path(path: str, mtime: float, coding: bool):
+    from .families import from_arrays, load
 
     arrays = read_arrays(Path(path).read_bytes())
     try:
-        model = from_arrays(arrays)
+        model = (load if coding else from_arrays)(arrays)
     except ValueError as exc:
         raise WeightsError(f"{path}: {exc}") from None
     except (TypeError, IndexError, RuntimeError, MemoryError) as exc:
@@ -95,8 +95,10 @@ def _load_path(path: str, mtime: float):
     return model, weights_hash(arrays)
 
 
-def load_weights(path: Path | str):
-    """(model, hash) from a weights file; cached per process."""
+def load_weights(path: Path | str, coding: bool = False):
+    """(model, hash) from a weights file; cached per process. The trainable model (torch),
+    or with ``coding`` the model that codes files (numpy only where the family has one,
+    nic.families.load)."""
     path = Path(path)
     try:
         info = path.stat()
@@ -108,7 +110,7 @@ def load_weights(path: Path | str):
         raise WeightsError(f"cannot read weights {path}: {info.st_size} bytes, more than the "
                            f"{MAX_WEIGHTS_BYTES} allowed")
     try:
-        return _load_path(str(path.resolve()), info.st_mtime)
+        return _load_path(str(path.resolve()), info.st_mtime, coding)
     except OSError as exc:
         raise WeightsError(f"cannot read weights {path}: {exc.strerror or exc}") from None
 
@@ -146,18 +148,19 @@ def model_id_of_file(path: Path) -> int | None:
         return None
 
 
-def default_weights(path: Path | str | None = None, family: str | None = None):
+def default_weights(path: Path | str | None = None, family: str | None = None, coding: bool = False):
     """(model, hash) of the weights to encode with: ``path``, or the first installed
-    weights of ``family`` (by default, of nic.families.DEFAULT, else the first installed)."""
+    weights of ``family`` (by default, of nic.families.DEFAULT, else the first installed);
+    ``coding`` as for :func:`load_weights`."""
     from .families import model_id_named, name_of
 
     if path is not None:
-        model, digest = load_weights(path)
+        model, digest = load_weights(path, coding)
         if family is not None and model.config.model_id != model_id_named(family):
             raise WeightsError(f"{path} holds weights of the {name_of(model.config.model_id)} family, "
                                f"not of the {family} family")
         return model, digest
-    return load_weights(installed(family))
+    return load_weights(installed(family), coding)
 
 
 def installed(family: str | None = None) -> Path:
@@ -176,12 +179,13 @@ def installed(family: str | None = None) -> Path:
     return found[0]
 
 
-def weights_for(model_id: int, wanted: bytes, path: Path | str | None = None):
-    """(model, hash) matching a .nic file's model id and weights hash."""
+def weights_for(model_id: int, wanted: bytes, path: Path | str | None = None, coding: bool = False):
+    """(model, hash) matching a .nic file's model id and weights hash; ``coding`` as for
+    :func:`load_weights`."""
     paths = [Path(path)] if path is not None else candidates()
     for candidate in paths:
         try:
-            model, digest = load_weights(candidate)
+            model, digest = load_weights(candidate, coding)
         except WeightsError:
             if path is not None:
                 raise

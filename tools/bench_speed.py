@@ -7,6 +7,8 @@
     python tools/bench_speed.py bf16 IMAGES...             # what bf16 autocast does to latents and PSNR
     python tools/bench_speed.py tiles -j 1 2048x1536 --tiles 256 448 768   # tile size sweep
     python tools/bench_speed.py tiling --tile 128 IMAGES...  # tiled against whole-image results
+    python tools/bench_speed.py engines -j 2 IMAGES...     # numpy engine against torch: time, latents, PSNR
+    python tools/bench_speed.py cli -j 2 IMAGES...         # wall clock of fresh `nic encode` / `nic decode`
 
 IMAGES are files (e.g. ../shared/data/kodak/kodim*.png) or WxH for a generated image.
 The model is loaded once; the first run of each shape is a warm-up and not counted.
@@ -125,16 +127,16 @@ def cmd_conv(args) -> None:
 # ---- the codec in-process -------------------------------------------------------------
 
 def cmd_codec(args) -> None:
-    from nic import api, factorized, tiling
+    from nic import api, factorized, factorized_torch, tiling
     from nic.weights import default_weights
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     model = default_weights()[0]
     if args.tile:
         tiling.DEFAULT_TILE = args.tile
     if args.contiguous:
-        tiling.MEMORY_FORMAT = torch.contiguous_format
-    print(f"threads {args.threads}, tile {tiling.DEFAULT_TILE}, {tiling.MEMORY_FORMAT}, quality {args.quality}")
+        factorized_torch.MEMORY_FORMAT = torch.contiguous_format
+    print(f"threads {args.threads}, tile {tiling.DEFAULT_TILE}, {factorized_torch.MEMORY_FORMAT}, quality {args.quality}")
     totals = {"enc": [], "dec": [], "g_a": [], "g_s": [], "mp": []}
     for spec in args.images:
         name, pixels = load_pixels(spec)
@@ -165,6 +167,94 @@ def cmd_codec(args) -> None:
               f"decode {statistics.mean(totals['dec']) * 1e3:.0f} ms, g_a {statistics.mean(totals['g_a']) * 1e3:.0f} ms, "
               f"g_s {statistics.mean(totals['g_s']) * 1e3:.0f} ms; encode {mp / sum(totals['enc']):.2f} MP/s, "
               f"decode {mp / sum(totals['dec']):.2f} MP/s")
+
+
+def set_threads(threads: int) -> None:
+    """Threads for torch and for numpy's BLAS (the numpy engine), as ``nic -j`` sets them."""
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(threads)
+    threadpool_limits(threads)
+
+
+def cmd_engines(args) -> None:
+    """The numpy engine (nic.factorized.Model, what nic codes with) against the torch
+    network of the same weights, interleaved per image: g_a and g_s times, how many
+    integers g_a picks differently, and the PSNR of each engine's decoding."""
+    from nic import tiling
+    from nic.weights import default_weights
+
+    set_threads(args.threads)
+    engines = {"numpy": default_weights(coding=True)[0], "torch": default_weights()[0]}
+    print(f"{args.threads} threads, quality {args.quality}, best of {args.repeat}")
+    print(f"{'image':<14} {'size':>9} {'g_a numpy':>9} {'g_a torch':>9} {'ratio':>5} {'g_s numpy':>9} "
+          f"{'g_s torch':>9} {'ratio':>5} {'latents differ':>14} {'dB numpy':>9} {'dB torch':>9}")
+    totals = {key: 0.0 for key in ("an", "at", "sn", "st")}
+    differ = count = 0
+    for spec in args.images:
+        name, pixels = load_pixels(spec)
+        h, w = pixels.shape[:2]
+        times: dict[str, list[float]] = {key: [] for key in totals}
+        for _ in range(args.repeat + 1):  # the first round warms up
+            for engine, model in engines.items():
+                t0 = time.perf_counter()
+                latents = tiling.quantize_tiled(model, pixels, args.quality)
+                t1 = time.perf_counter()
+                out = tiling.reconstruct_tiled(model, reference if engine == "torch" else latents,
+                                               args.quality, h, w, pixels.shape[2] == 1)
+                t2 = time.perf_counter()
+                if engine == "numpy":
+                    reference, decoded_numpy = latents, out
+                else:
+                    changed, decoded_torch = int(np.count_nonzero(latents != reference)), out
+                times["a" + engine[0]].append(t1 - t0)
+                times["s" + engine[0]].append(t2 - t1)
+        best = {key: min(values[1:]) for key, values in times.items()}
+        for key in totals:
+            totals[key] += best[key]
+        differ, count = differ + changed, count + reference.size
+
+        def db(out):
+            return 10 * np.log10(255**2 / np.mean((out.astype(np.float64) - pixels) ** 2))
+
+        print(f"{name:<14} {w}x{h:<4} {best['an'] * 1e3:7.0f}ms {best['at'] * 1e3:7.0f}ms {best['an'] / best['at']:5.2f} "
+              f"{best['sn'] * 1e3:7.0f}ms {best['st'] * 1e3:7.0f}ms {best['sn'] / best['st']:5.2f} "
+              f"{changed:>14} {db(decoded_numpy):9.4f} {db(decoded_torch):9.4f}", flush=True)
+    print(f"all {len(args.images)}: g_a {totals['an'] / totals['at']:.2f}x and g_s {totals['sn'] / totals['st']:.2f}x "
+          f"torch's time; {differ} of {count} latents differ")
+
+
+def cmd_cli(args) -> None:
+    """Wall clock of fresh `nic encode` and `nic decode` processes (start-up included),
+    best of --repeat, and whether each imported torch."""
+    import os
+    import subprocess
+    import tempfile
+
+    from PIL import Image
+
+    probe = ("import sys, runpy; sys.argv = ['nic', *sys.argv[1:]]\n"
+             "try:\n    runpy.run_module('nic', run_name='__main__')\n"
+             "except SystemExit as e:\n    code = e.code\n"
+             "print('TORCH' if sys.modules.get('torch') is not None else 'NOTORCH', file=sys.stderr)\n")
+    with tempfile.TemporaryDirectory() as folder:
+        print(f"{args.threads} threads, quality {args.quality}, best of {args.repeat}, fresh process each")
+        for spec in args.images:
+            name, pixels = load_pixels(spec)
+            source = os.path.join(folder, "in.png")
+            Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(source)
+            row = []
+            for command in (["encode", source, "-q", str(args.quality), "-o", os.path.join(folder, "a.nic")],
+                            ["decode", os.path.join(folder, "a.nic"), "-o", os.path.join(folder, "out.png")]):
+                best, torch_used = float("inf"), None
+                for _ in range(args.repeat):
+                    t0 = time.perf_counter()
+                    proc = subprocess.run([sys.executable, "-c", probe, *command, "-j", str(args.threads)],
+                                          capture_output=True, check=True)
+                    best = min(best, time.perf_counter() - t0)
+                    torch_used = proc.stderr.decode().strip().splitlines()[-1]
+                row.append(f"{command[0]} {best * 1e3:6.0f} ms ({'torch' if torch_used == 'TORCH' else 'no torch'})")
+            print(f"{name:<14} {pixels.shape[1]}x{pixels.shape[0]:<5} " + "   ".join(row), flush=True)
 
 
 def cmd_tiles(args) -> None:
@@ -309,6 +399,18 @@ def main() -> None:
     p.add_argument("-j", "--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--qualities", type=int, nargs="+", default=[1, 8])
     p.set_defaults(run=cmd_tiling)
+    p = sub.add_parser("engines")
+    p.add_argument("images", nargs="+")
+    p.add_argument("-j", "--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("-q", "--quality", type=int, default=4)
+    p.add_argument("--repeat", type=int, default=2)
+    p.set_defaults(run=cmd_engines)
+    p = sub.add_parser("cli")
+    p.add_argument("images", nargs="+")
+    p.add_argument("-j", "--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("-q", "--quality", type=int, default=4)
+    p.add_argument("--repeat", type=int, default=3)
+    p.set_defaults(run=cmd_cli)
     p = sub.add_parser("bf16")
     p.add_argument("images", nargs="+")
     p.add_argument("-j", "--threads", type=int, default=torch.get_num_threads())

@@ -1,0 +1,102 @@
+"""nic.engine (the transforms in numpy) against torch, and coding without torch."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import smooth_image
+from nic import engine, factorized
+from nic.layers import GDN
+from nic.tiling import quantize_tiled, reconstruct_tiled
+from nic.weights import load_weights
+
+
+def _torch_hwc(module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        out = module(torch.from_numpy(x).permute(2, 0, 1).unsqueeze(0))
+    return out[0].permute(1, 2, 0).numpy()
+
+
+@pytest.mark.parametrize("channels, out_channels, k, stride, height, width", [
+    (3, 16, 5, 2, 20, 26),  # few input channels: one im2col group
+    (16, 24, 5, 2, 9, 14),  # odd sizes
+    (16, 8, 3, 1, 7, 5),  # stride 1 (the hyper-analysis's first layer)
+    (24, 2, 5, 2, 12, 10),  # few output channels: products shifted and summed
+])
+def test_convolution_matches_torch(channels, out_channels, k, stride, height, width):
+    torch.manual_seed(0)
+    layer = torch.nn.Conv2d(channels, out_channels, k, stride=stride, padding=k // 2)
+    x = np.random.default_rng(0).normal(size=(height, width, channels)).astype(np.float32)
+    mine = engine.Conv(layer.weight.detach().numpy(), layer.bias.detach().numpy(), stride)(x)
+    np.testing.assert_allclose(mine, _torch_hwc(layer, x), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("channels, out_channels, height, width", [(16, 24, 5, 7), (24, 3, 6, 4), (8, 8, 1, 1)])
+def test_transposed_convolution_matches_torch(channels, out_channels, height, width):
+    torch.manual_seed(1)
+    layer = torch.nn.ConvTranspose2d(channels, out_channels, 5, stride=2, padding=2, output_padding=1)
+    x = np.random.default_rng(1).normal(size=(height, width, channels)).astype(np.float32)
+    mine = engine.Deconv(layer.weight.detach().numpy(), layer.bias.detach().numpy(), 2)(x)
+    assert mine.shape == (2 * height, 2 * width, out_channels)
+    np.testing.assert_allclose(mine, _torch_hwc(layer, x), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_gdn_matches_torch(inverse):
+    torch.manual_seed(2)
+    layer = GDN(8, inverse=inverse)
+    with torch.no_grad():  # away from the fresh identity, and some parameters under their bound
+        layer.gamma.add_(torch.rand(8, 8) * 0.1)
+        layer.beta[0] = -0.5
+    x = np.random.default_rng(2).normal(size=(5, 6, 8)).astype(np.float32)
+    mine = engine.GDN.from_parameters(layer.beta.detach().numpy(), layer.gamma.detach().numpy(), inverse)(x.copy())
+    np.testing.assert_allclose(mine, _torch_hwc(layer, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_model_codes_as_the_torch_network_does(tiny_weights, channels):
+    """The numpy model and the torch Codec of the same weights: the same integers, and
+    pixels at most one level apart (float rounding, another summation order)."""
+    coding, _ = load_weights(tiny_weights, coding=True)
+    network, _ = load_weights(tiny_weights)
+    assert isinstance(coding, factorized.Model) and isinstance(network, factorized.Codec)
+    pixels = smooth_image(72, 90, channels)
+    for quality in (1, coding.qualities):
+        latents = quantize_tiled(coding, pixels, quality, tile=48)
+        assert np.array_equal(latents, quantize_tiled(network, pixels, quality, tile=48))
+        mine = reconstruct_tiled(coding, latents, quality, 72, 90, channels == 1, tile=48)
+        theirs = reconstruct_tiled(network, latents, quality, 72, 90, channels == 1, tile=48)
+        assert mine.shape == theirs.shape == (72, 90, channels)
+        assert np.abs(mine.astype(int) - theirs).max() <= 1
+
+
+def test_effort_two_builds_the_torch_network(tiny_weights):
+    coding, _ = load_weights(tiny_weights, coding=True)
+    latents = factorized.quantize_latents(coding, smooth_image(32, 32), 2, effort=2)
+    assert latents.shape == (coding.config.M, 2, 2)
+    assert isinstance(coding.network(), factorized.Codec)
+
+
+NO_TORCH = """
+import sys
+sys.modules["torch"] = None  # any import of torch now fails
+from nic.cli import main
+sys.argv = ["nic", *sys.argv[1:]]
+main()
+"""
+
+
+def test_encode_decode_and_info_run_without_torch(tmp_path):
+    """The shipped weights code a file in a process where torch cannot be imported."""
+    image = tmp_path / "a.png"
+    Image.fromarray(smooth_image(40, 56)).save(image)
+    for args in (["encode", str(image), "-o", str(tmp_path / "a.nic"), "-j", "1"],
+                 ["decode", str(tmp_path / "a.nic"), "-o", str(tmp_path / "b.png")],
+                 ["info", str(tmp_path / "a.nic")]):
+        proc = subprocess.run([sys.executable, "-c", NO_TORCH, *args], capture_output=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr.decode()
+    assert Image.open(tmp_path / "b.png").size == (56, 40)
