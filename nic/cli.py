@@ -246,8 +246,11 @@ PROGRESS_PIXELS = 4_000_000
 def image_progress(pixels: int, description: str, show: bool = True):
     """A tile progress callback drawing a rich bar on stderr, or None: never on a
     non-terminal stderr, never for small images, never inside a batch's own bar."""
+    if not show or pixels < PROGRESS_PIXELS:  # before rich is imported: small images start fast
+        yield None
+        return
     console = stderr_console()
-    if not show or pixels < PROGRESS_PIXELS or not console.is_terminal:
+    if not console.is_terminal:
         yield None
         return
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -370,8 +373,8 @@ def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: b
             Path(out_dir).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise NicError(f"{out_dir}: cannot create directory ({exc.strerror or exc})") from None
-    console = stderr_console()
     batch = len(pairs) > 1
+    console = stderr_console() if batch or verbose else None  # rich only when it prints
     totals = {"files": 0, "failed": 0, "in": 0, "out": 0, "bits": 0.0}
 
     def one(source: str, target: str) -> None:

@@ -28,10 +28,13 @@ Math only: arrays in, arrays out; no torch, no I/O.
 
 from __future__ import annotations
 
+import threading
+from typing import Callable
+
 import numpy as np
 
-_BLOCK = 1 << 15
-"""Rows of pixels a GDN or bias step handles at once (keeps its temporaries in cache)."""
+_BLOCK = 2048
+"""Pixels a GDN step handles at once: its temporaries stay in cache."""
 
 
 class Conv:
@@ -45,16 +48,9 @@ class Conv:
         self.channels, self.out_channels = channels, out_channels
         s = stride
         # Tap (ky, kx) reads phase plane (ky mod s, kx mod s) at offset (ky // s, kx // s).
-        # Grouped by (plane, ky): the horizontal taps of one kernel row read one plane at
-        # consecutive columns.
-        self.groups = [(a * s + b, ky) for a in range(s) for b in range(s) for ky in range(a, k, s)]
-        self.widths = [len(range(b, k, s)) for b in range(s)]
-        taps = [[ky * k + kx for kx in range(plane % s, k, s)] for plane, ky in self.groups]
+        self.taps = [((ky % s) * s + kx % s, ky // s, kx // s) for ky in range(k) for kx in range(k)]
         kernel = weight.astype(np.float32).transpose(2, 3, 1, 0).reshape(k * k, channels, out_channels)
-        self.whole = channels * k < 64  # few input channels: one im2col group of every tap
-        if self.whole:
-            taps = [[t for group in taps for t in group]]
-        self.weights = _Taps(kernel, bias, taps)
+        self.weights = _Taps(kernel, bias)
 
     transposed = False
     geometry = property(lambda self: (self.k, self.stride, self.padding))
@@ -73,17 +69,8 @@ class Conv:
             for b in range(s):
                 _fill_phase(planes[a * s + b], x, a - p, b - p, s)
         flat = planes.reshape(s * s, -1, self.channels)
-        n = rows * plane_cols
-        if not self.weights.gather:  # few output channels: every tap's input as it is
-            out = self.weights.correlate([(flat[(ky % s) * s + kx % s], ky // s * plane_cols + kx // s)
-                                          for ky in range(k) for kx in range(k)], n)
-        elif self.whole:
-            gathered = np.concatenate([_side_by_side(flat[plane], self.widths[plane % s])[
-                ky // s * plane_cols:ky // s * plane_cols + n] for plane, ky in self.groups], axis=1)
-            out = self.weights.correlate([(gathered, 0)], n)
-        else:
-            side = [_side_by_side(flat[plane], self.widths[plane % s]) for plane in range(s * s)]
-            out = self.weights.correlate([(side[plane], ky // s * plane_cols) for plane, ky in self.groups], n)
+        inputs = [(flat[plane], dy * plane_cols + dx) for plane, dy, dx in self.taps]
+        out = self.weights.correlate(inputs, rows * plane_cols)
         return out.reshape(rows, plane_cols, self.out_channels)[:, :cols]
 
 
@@ -108,6 +95,7 @@ class Deconv:
             raise ValueError("transposed convolutions must have square, odd kernels")
         self.k, self.stride, self.padding = k, stride, k // 2
         self.channels, self.out_channels = channels, out_channels
+        self.bias = bias.astype(np.float32)
         s, p = stride, k // 2
         # Output o = s·m + a receives input m − t through kernel position κ = s·t + a + p.
         phases = [[(kappa, (kappa - a - p) // s) for kappa in range(k) if (kappa - a - p) % s == 0]
@@ -115,15 +103,19 @@ class Deconv:
         shifts = [t for phase in phases for _, t in phase]
         self.before, self.after = max(shifts), -min(shifts)
         kernel = weight.astype(np.float32).transpose(2, 3, 0, 1)  # (ky, kx, C, C_out)
-        self.phases = []  # per output phase (a, b): its kernel rows' and columns' (κ, t), and weights
-        for a in range(s):
-            for b in range(s):
-                # Columns in order of rising input column (falling t): side by side they
-                # read consecutive columns of the padded input.
-                columns = sorted(phases[b], key=lambda tap: -tap[1])
-                taps = np.stack([kernel[ky, kx] for ky, _ in phases[a] for kx, _ in columns])
-                groups = [[i * len(columns) + j for j in range(len(columns))] for i in range(len(phases[a]))]
-                self.phases.append((phases[a], columns, _Taps(taps, bias, groups)))
+        # Per output phase (a, b): its taps' (row shift, column shift, kernel position).
+        self.phases = [[(ty, tx, ky * k + kx) for ky, ty in phases[a] for kx, tx in phases[b]]
+                       for a in range(s) for b in range(s)]
+        # Few output channels (the last layer of g_s): one product of the input with every
+        # tap's weights side by side, (C, k·k·C_out), whose columns are then shifted and
+        # summed; gathering the input (k·k/s² times its size) would cost more.
+        self.gather = out_channels * 4 > channels
+        if self.gather:
+            self.weights = [_Taps(np.stack([kernel[t // k, t % k] for _, _, t in phase]), bias)
+                            for phase in self.phases]
+        else:
+            self.side = np.ascontiguousarray(kernel.reshape(k * k, channels, out_channels)
+                                             .transpose(1, 0, 2).reshape(channels, -1))
 
     transposed = True
     geometry = property(lambda self: (self.k, self.stride, self.padding))
@@ -137,87 +129,53 @@ class Deconv:
         flat = padded.reshape(-1, self.channels)
         out = np.empty((height * s, width * s, self.out_channels), dtype=np.float32)
         n = height * padded_cols
-        side = {}
-        for phase, (kernel_rows, columns, weights) in enumerate(self.phases):
-            first = before - columns[0][1]  # the leftmost column the phase reads
-            if weights.gather:
-                if len(columns) not in side:
-                    side[len(columns)] = _side_by_side(flat, len(columns))
-                inputs = [(side[len(columns)], (before - ty) * padded_cols + first) for _, ty in kernel_rows]
+        if not self.gather:
+            products = np.matmul(flat, self.side)
+        c = self.out_channels
+        for phase, taps in enumerate(self.phases):
+            starts = [((before - ty) * padded_cols + before - tx, t) for ty, tx, t in taps]
+            if self.gather:
+                result = self.weights[phase].correlate([(flat, start) for start, _ in starts], n)
             else:
-                inputs = [(flat, (before - ty) * padded_cols + before - tx) for _, ty in kernel_rows
-                          for _, tx in columns]
-            result = weights.correlate(inputs, n)
+                result = np.empty((n, c), dtype=np.float32)
+                result[:] = self.bias
+                for start, t in starts:
+                    result += products[start:start + n, t * c:(t + 1) * c]
             out[phase // s::s, phase % s::s] = result.reshape(height, padded_cols, -1)[:, :width]
         return out
 
 
-_CHUNK_ROWS = 4096
-"""Output rows (pixels) of one step of a correlation: its partial sums stay in cache."""
-
-
-def _side_by_side(flat: np.ndarray, taps: int) -> np.ndarray:
-    """(n − taps + 1, taps·C): row r is flat[r], flat[r + 1], … flat[r + taps − 1] side by
-    side, so one matrix product covers a row of ``taps`` horizontal kernel positions."""
-    if taps == 1:
-        return flat
-    n, channels = flat.shape
-    out = np.empty((n - taps + 1, taps * channels), dtype=np.float32)
-    for t in range(taps):
-        out[:, t * channels:(t + 1) * channels] = flat[t:n - taps + 1 + t]
-    return out
+_CHUNK_ROWS = 1024
+"""Output pixels of one matrix product: its gathered input (T·C floats a row) stays in cache."""
 
 
 class _Taps:
-    """The weights of a correlation and its bias: ``correlate`` computes
+    """The weights of a correlation, T kernel taps of (C, C_out) each, and its bias:
+    ``correlate(inputs, n)`` computes
 
-        out[r] = bias + Σ_g inputs[g][r + offset_g] @ W_g,   r < n,
+        out[r] = bias + Σ_t array_t[r + offset_t] @ W_t,   r < n,
 
-    over groups g of kernel taps. A group is one row of horizontal kernel positions
-    (its inputs side by side, :func:`_side_by_side`), or, for inputs with few channels
-    (the pixels), the whole kernel (an im2col of it: a product with a tiny inner
-    dimension wastes most of the multiplier). The products are summed a chunk of rows
-    at a time, so the partial sums stay in cache. With few output channels (the last
-    layer of g_s) it is the other way round: one product of the input with every tap's
-    weights side by side, (C, T·C_out), whose columns are then shifted and summed."""
+    for ``inputs`` = [(array_t, offset_t)], arrays of rows of C values. A chunk of rows
+    of every tap's input is gathered side by side, (rows, T·C), and multiplied by the
+    taps' weights stacked, (T·C, C_out): the whole kernel in one matrix product, no
+    partial sums (an im2col, a chunk at a time)."""
 
-    def __init__(self, kernel: np.ndarray, bias: np.ndarray, groups: list[list[int]]):
+    def __init__(self, kernel: np.ndarray, bias: np.ndarray):
         count, channels, out_channels = kernel.shape
         self.out_channels = out_channels
         self.bias = bias.astype(np.float32)
-        self.gather = out_channels * 4 > channels
-        self.groups = groups
-        if self.gather:
-            self.stacked = [np.ascontiguousarray(kernel[group].reshape(-1, out_channels)) for group in groups]
-        else:
-            self.side = np.ascontiguousarray(kernel.transpose(1, 0, 2).reshape(channels, -1))
+        self.stacked = np.ascontiguousarray(kernel.reshape(count * channels, out_channels))
 
     def correlate(self, inputs: list[tuple[np.ndarray, int]], n: int) -> np.ndarray:
-        """``inputs[g]`` = (array, offset) of group g: the array holds its taps' inputs side
-        by side (rows of len(group)·C), or, without ``gather``, one tap's (rows, C) per
-        tap of every group, in order."""
         out = np.empty((n, self.out_channels), dtype=np.float32)
-        if not self.gather:
-            return self._scatter(inputs, n, out)
-        product = np.empty((min(n, _CHUNK_ROWS), self.out_channels), dtype=np.float32)
+        channels = inputs[0][0].shape[1]
+        gathered = np.empty((min(n, _CHUNK_ROWS), len(inputs), channels), dtype=np.float32)
         for start in range(0, n, _CHUNK_ROWS):
             stop = min(n, start + _CHUNK_ROWS)
-            part = out[start:stop]
-            part[:] = self.bias
-            for (array, offset), weights in zip(inputs, self.stacked):
-                np.matmul(array[offset + start:offset + stop], weights, out=product[:stop - start])
-                part += product[:stop - start]
-        return out
-
-    def _scatter(self, inputs: list[tuple[np.ndarray, int]], n: int, out: np.ndarray) -> np.ndarray:
-        out[:] = self.bias
-        c = self.out_channels
-        products: dict[int, np.ndarray] = {}
-        for t, (array, offset) in enumerate(inputs):
-            if id(array) not in products:
-                reach = max(o for a, o in inputs if a is array) + n
-                products[id(array)] = np.matmul(array[:reach], self.side)
-            out += products[id(array)][offset:offset + n, t * c:(t + 1) * c]
+            for t, (array, offset) in enumerate(inputs):
+                gathered[:stop - start, t] = array[offset + start:offset + stop]
+            np.matmul(gathered[:stop - start].reshape(stop - start, -1), self.stacked, out=out[start:stop])
+        out += self.bias
         return out
 
 
@@ -242,17 +200,22 @@ class GDN:
         return cls(value(beta, beta_min), value(gamma, 0.0), inverse)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        """GDN of x, in place where x is contiguous (a layer's own output)."""
         x = np.ascontiguousarray(x)
         flat = x.reshape(-1, x.shape[-1])
+        square = np.empty((min(len(flat), _BLOCK), flat.shape[1]), dtype=np.float32)
+        norm = np.empty_like(square)
         for start in range(0, len(flat), _BLOCK):
             block = flat[start:start + _BLOCK]
-            norm = np.matmul(block * block, self.gamma_t)
-            norm += self.beta
-            np.sqrt(norm, out=norm)
+            rows = len(block)
+            np.multiply(block, block, out=square[:rows])
+            np.matmul(square[:rows], self.gamma_t, out=norm[:rows])
+            norm[:rows] += self.beta
+            np.sqrt(norm[:rows], out=norm[:rows])
             if self.inverse:
-                block *= norm
+                block *= norm[:rows]
             else:
-                block /= norm
+                block /= norm[:rows]
         return x
 
 
@@ -262,10 +225,22 @@ class ReLU:
 
 
 class Network:
-    """Layers applied in order to a (height, width, channels) float32 array."""
+    """Layers applied in order to a (height, width, channels) float32 array; given a
+    function that makes them instead, they are made on first use (an encoder never
+    builds its g_s)."""
 
-    def __init__(self, layers: list):
-        self.layers = layers
+    def __init__(self, layers: list | Callable[[], list]):
+        self._layers = layers if isinstance(layers, list) else None
+        self._build = None if isinstance(layers, list) else layers
+        self._lock = threading.Lock()
+
+    @property
+    def layers(self) -> list:
+        if self._layers is None:
+            with self._lock:
+                if self._layers is None:
+                    self._layers = self._build()
+        return self._layers
 
     def modules(self) -> list:
         """The layers (as torch's ``Module.modules`` lists a network's; nic.tiling walks them)."""

@@ -179,14 +179,16 @@ def read_config(arrays: dict[str, np.ndarray]) -> Config:
 
 
 def check_arrays(arrays: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]]) -> None:
-    """ValueError unless ``arrays`` has a floating-point array of each name and shape."""
-    for name, shape in shapes.items():
+    """ValueError unless ``arrays`` has a floating-point array of each name and shape
+    (from the headers alone where ``arrays`` reads on use: nic.weights.LazyArrays)."""
+    for name, expected in shapes.items():
         if name not in arrays:
             raise ValueError(f"weights lack tensor {name}")
-        if tuple(arrays[name].shape) != shape:
-            raise ValueError(f"tensor {name} has shape {arrays[name].shape}, expected {shape}")
-        if arrays[name].dtype.kind != "f":
-            raise ValueError(f"tensor {name} has dtype {arrays[name].dtype}, expected floating point")
+        shape, dtype = arrays.describe(name) if hasattr(arrays, "describe") else (arrays[name].shape, arrays[name].dtype)
+        if tuple(shape) != expected:
+            raise ValueError(f"tensor {name} has shape {shape}, expected {expected}")
+        if dtype.kind != "f":
+            raise ValueError(f"tensor {name} has dtype {dtype}, expected floating point")
 
 
 def read_tables(arrays: dict[str, np.ndarray], config: Config) -> list[IntegerTables]:
@@ -214,16 +216,15 @@ class Model:
     """The factorized family as the coder runs it: the weights file's arrays, the
     transforms in numpy (:mod:`nic.engine`), the integer tables. No torch.
 
-    A quality's own pair (``Config.specialized``) is built when the quality is first
-    used. ``network()`` is the same weights as a torch ``Codec``, built once, for what
+    A quality's own pair (``Config.specialized``) is checked and built when the quality
+    is first used, each transform when it first runs (an encoder never builds its g_s). ``network()`` is the same weights as a torch ``Codec``, built once, for what
     differentiates through the transforms (the encoder's effort 2..4)."""
 
     def __init__(self, arrays: dict[str, np.ndarray]):
         config = read_config(arrays)
         Q, M = config.qualities, config.M
+        # The shared pair and the gains now; an own pair when its quality is first used.
         shapes = {name: shape for name, shape in pair_shapes(config.N, config.M).items()}
-        for q in config.specialized:
-            shapes.update({f"own.q{q}.{name}": s for name, s in pair_shapes(config.pair_N(q), M).items()})
         shapes.update({"gain": (Q, M), "inverse_gain": (Q, M)})
         check_arrays(arrays, shapes)
         self.config = config
@@ -249,8 +250,11 @@ class Model:
             with _BUILDING:
                 if key not in self._pairs:
                     prefix = f"own.q{key}." if key else ""
-                    self._pairs[key] = (_analysis_network(self._arrays, prefix),
-                                        _synthesis_network(self._arrays, prefix))
+                    if key:
+                        pair = pair_shapes(self.config.pair_N(key), self.config.M)
+                        check_arrays(self._arrays, {prefix + name: shape for name, shape in pair.items()})
+                    self._pairs[key] = (engine.Network(lambda: _analysis_layers(self._arrays, prefix)),
+                                        engine.Network(lambda: _synthesis_layers(self._arrays, prefix)))
         return self._pairs[key]
 
     def analysis_array(self, block: np.ndarray, quality: int) -> np.ndarray:
@@ -280,7 +284,7 @@ class Model:
         return self._network
 
 
-def _analysis_network(arrays: dict[str, np.ndarray], prefix: str) -> engine.Network:
+def _analysis_layers(arrays: dict[str, np.ndarray], prefix: str) -> list:
     """g_a of ``prefix`` ("" or "own.q3."): conv5x5/2, then GDN and conv5x5/2 three times."""
     layers: list = []
     for i in range(4):
@@ -288,10 +292,10 @@ def _analysis_network(arrays: dict[str, np.ndarray], prefix: str) -> engine.Netw
         if i < 3:
             layers.append(engine.GDN.from_parameters(arrays[f"{prefix}g_a.{2 * i + 1}.beta"],
                                                      arrays[f"{prefix}g_a.{2 * i + 1}.gamma"], inverse=False))
-    return engine.Network(layers)
+    return layers
 
 
-def _synthesis_network(arrays: dict[str, np.ndarray], prefix: str) -> engine.Network:
+def _synthesis_layers(arrays: dict[str, np.ndarray], prefix: str) -> list:
     """g_s of ``prefix``: transposed conv5x5/2, then IGDN and transposed conv5x5/2 three times."""
     layers: list = []
     for i in range(4):
@@ -299,7 +303,7 @@ def _synthesis_network(arrays: dict[str, np.ndarray], prefix: str) -> engine.Net
         if i < 3:
             layers.append(engine.GDN.from_parameters(arrays[f"{prefix}g_s.{2 * i + 1}.beta"],
                                                      arrays[f"{prefix}g_s.{2 * i + 1}.gamma"], inverse=True))
-    return engine.Network(layers)
+    return layers
 
 
 def load(arrays: dict[str, np.ndarray]) -> Model:

@@ -93,6 +93,12 @@ def load(arrays: dict[str, np.ndarray]):
     return loader(arrays)
 
 
+def reads_lazily(arrays) -> bool:
+    """Whether the family of these weights codes from arrays read as it uses them (its
+    ``load`` does); else the whole file is read at once."""
+    return hasattr(family(model_id_of(arrays)), "load")
+
+
 def expect_substreams(substreams: list, expected: list[tuple[bytes, tuple[int, int, int]]]) -> list:
     """The substreams (:class:`nic.container.Substream`) in the order and shapes a family
     expects; FormatError naming the difference otherwise."""

@@ -5,15 +5,26 @@ tensors, the config as UTF-8 JSON bytes, and the integer tables. Its identity is
 the SHA-256 of a canonical serialization of those arrays (name, dtype, shape,
 bytes, sorted by name), so the zip wrapper's metadata never changes it; the
 first 8 bytes of that digest go into every .nic file.
+
+Hashing the whole file (tens of MB) would take most of a small image's encoding time,
+and coding at one quality reads only one pair of transforms. So beside ``x.npz`` a
+digest file ``x.npz.digest`` (written by :func:`save_weights`) records the weights
+hash and the zip's member list with each member's CRC-32 and size. When that list is
+still what the archive's directory says, the hash is taken from it and the model that
+codes reads only the members it uses (each checked against its CRC-32 as it is read).
+Without a digest file, or when it no longer matches, the whole file is read and hashed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import stat
+import threading
 import zipfile
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 
@@ -58,7 +69,8 @@ def read_arrays(data: bytes) -> dict[str, np.ndarray]:
 
 
 def save_weights(arrays: dict[str, np.ndarray], path: Path) -> bytes:
-    """Write atomically (a temporary file, fsync, rename); returns the weights hash."""
+    """Write atomically (a temporary file, fsync, rename), then its digest file;
+    returns the weights hash."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -70,7 +82,88 @@ def save_weights(arrays: dict[str, np.ndarray], path: Path) -> bytes:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return weights_hash(arrays)
+    digest = weights_hash(arrays)
+    write_digest(path, digest)
+    return digest
+
+
+def digest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".digest")
+
+
+def _members(archive: zipfile.ZipFile) -> list[list]:
+    return sorted([info.filename, info.CRC, info.file_size] for info in archive.infolist())
+
+
+def write_digest(path: Path, digest: bytes | None = None) -> None:
+    """Write ``path``'s digest file (hashing the weights unless ``digest`` is given)."""
+    path = Path(path)
+    if digest is None:
+        digest = weights_hash(read_arrays(path.read_bytes()))
+    with zipfile.ZipFile(path) as archive:
+        record = {"weights_hash": digest.hex(), "members": _members(archive)}
+    tmp = digest_path(path).with_name(digest_path(path).name + ".tmp")
+    lines = ",\n".join(json.dumps(member) for member in record["members"])
+    tmp.write_text(f'{{"weights_hash": "{record["weights_hash"]}", "members": [\n{lines}\n]}}\n')
+    os.replace(tmp, digest_path(path))
+
+
+class LazyArrays(Mapping):
+    """The arrays of an .npz file, each read (and CRC-checked by zipfile) on first use."""
+
+    def __init__(self, path: Path):
+        self._archive = zipfile.ZipFile(path)
+        self._names = {info.filename[:-4]: info.filename for info in self._archive.infolist()
+                       if info.filename.endswith(".npy")}
+        self._loaded: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._loaded:
+            if name not in self._names:
+                raise KeyError(name)
+            with self._lock:
+                if name not in self._loaded:
+                    with self._archive.open(self._names[name]) as member:
+                        self._loaded[name] = np.lib.format.read_array(member, allow_pickle=False)
+        return self._loaded[name]
+
+    def describe(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
+        """(shape, dtype) of an array, from its header alone."""
+        if name in self._loaded:
+            return self._loaded[name].shape, self._loaded[name].dtype
+        if name not in self._names:
+            raise KeyError(name)
+        with self._lock, self._archive.open(self._names[name]) as member:
+            version = np.lib.format.read_magic(member)
+            reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                      else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = reader(member)
+        return shape, dtype
+
+    def __contains__(self, name) -> bool:
+        return name in self._names
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def _lazy(path: Path) -> tuple[LazyArrays, bytes] | None:
+    """(arrays read on use, hash) where ``path`` has a digest file that still matches."""
+    try:
+        record = json.loads(digest_path(path).read_text())
+        digest = bytes.fromhex(record["weights_hash"])
+        arrays = LazyArrays(path)
+        if record["members"] != _members(arrays._archive) or len(digest) != 8:
+            return None
+        if sum(size for _, _, size in record["members"]) > MAX_WEIGHTS_BYTES:
+            return None
+        return arrays, digest
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
+        return None
 
 
 def shipped_dir() -> Path:
@@ -82,9 +175,14 @@ def shipped_dir() -> Path:
 
 @lru_cache(maxsize=8)
 def _load_path(path: str, mtime: float, coding: bool):
-    from .families import from_arrays, load
+    from .families import from_arrays, load, reads_lazily
 
-    arrays = read_arrays(Path(path).read_bytes())
+    lazy = _lazy(Path(path)) if coding else None
+    if lazy is not None and reads_lazily(lazy[0]):
+        arrays, digest = lazy
+    else:
+        arrays = read_arrays(Path(path).read_bytes())
+        digest = weights_hash(arrays)
     try:
         model = (load if coding else from_arrays)(arrays)
     except ValueError as exc:
@@ -92,7 +190,9 @@ def _load_path(path: str, mtime: float, coding: bool):
     except (TypeError, IndexError, RuntimeError, MemoryError) as exc:
         # A config the network cannot be built from (wrong types, negative or absurd sizes).
         raise WeightsError(f"{path}: not a valid weights file ({type(exc).__name__}: {exc})") from None
-    return model, weights_hash(arrays)
+    except (OSError, zipfile.BadZipFile) as exc:  # a member read on use is unreadable or fails its CRC
+        raise WeightsError(f"{path}: not a valid weights file ({exc})") from None
+    return model, digest
 
 
 def load_weights(path: Path | str, coding: bool = False):
