@@ -278,12 +278,12 @@ def default_output(source: str, suffix: str) -> str:
 
 
 def set_threads(threads: int | None) -> None:
-    """Threads for the transforms: numpy's BLAS (nic.engine) and torch, if it runs."""
+    """Threads for the transforms: nic.engine's, and torch's if it runs."""
     if threads is None:
         return
-    from threadpoolctl import threadpool_limits
+    from .engine import set_threads as engine_threads
 
-    threadpool_limits(threads)  # the BLAS numpy has already loaded
+    engine_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)  # torch, if it is imported later
     torch = sys.modules.get("torch")
     if torch is not None:
@@ -763,6 +763,9 @@ def main() -> None:
     # Idle OpenMP threads sleep instead of spinning: measured faster when the machine
     # is busy (docs/speed.md), and it must be set before torch is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # nic.engine runs its own threads, each calling numpy's BLAS on a chunk of its own:
+    # BLAS threads would only compete with them. Before numpy is imported.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     # Not standalone: click would print "Aborted!" and exit 1 for Ctrl-C; every exit
     # code is decided here instead.
     try:
@@ -773,6 +776,12 @@ def main() -> None:
     except (click.Abort, KeyboardInterrupt):  # Ctrl-C before a command started (still parsing)
         Interrupted().show()
         sys.exit(130)
+    except ModuleNotFoundError as exc:
+        if exc.name != "torch" or os.environ.get("NIC_DEBUG"):
+            raise
+        click.echo("nic: error: this needs PyTorch (training, effort 2..4, the hyperprior family, bench), "
+                   "which is not installed: pip install 'nic[train]'", err=True)
+        sys.exit(1)
     except Exception as exc:  # a bug, not bad input: still one line, unless debugging
         if os.environ.get("NIC_DEBUG"):
             raise

@@ -28,13 +28,61 @@ Math only: arrays in, arrays out; no torch, no I/O.
 
 from __future__ import annotations
 
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
 
 _BLOCK = 2048
 """Pixels a GDN step handles at once: its temporaries stay in cache."""
+
+# ---- threads ----------------------------------------------------------------------------
+#
+# The work is cut into chunks of rows whose bounds depend only on the sizes (never on
+# the thread count), and each chunk is one call of numpy's single-threaded kernels: the
+# results are the same bits for any number of threads. numpy releases the GIL in its
+# copies and matrix products, so Python threads run chunks side by side, each in its own
+# core's cache (BLAS's own threads would share each product and leave the gathering
+# copies to one core). nic's CLI starts BLAS single-threaded (OPENBLAS_NUM_THREADS=1).
+
+_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def threads() -> int:
+    return _threads
+
+
+def set_threads(threads: int) -> None:
+    """Threads the layers use (default: the CPUs this process may run on)."""
+    global _threads
+    if threads < 1:
+        raise ValueError("threads must be at least 1")
+    _threads = threads
+
+
+def _parallel(work: Callable[[int], None], count: int) -> None:
+    """work(0) … work(count − 1), spread over the threads (in order on one)."""
+    threads = min(_threads, count)
+    if threads <= 1:
+        for item in range(count):
+            work(item)
+        return
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool._max_workers < threads:
+            _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="nic-engine")
+        pool = _pool
+
+    def run(first: int) -> None:
+        for item in range(first, count, threads):
+            work(item)
+
+    for future in [pool.submit(run, first) for first in range(threads)]:
+        future.result()
 
 
 class Conv:
@@ -64,23 +112,30 @@ class Conv:
         rows, cols = self.output_size(height), self.output_size(width)
         reach = (k - 1) // s  # how far a tap reaches into a phase plane, in its own rows/columns
         plane_cols = cols + reach
-        planes = np.zeros((s * s, rows + reach + 1, plane_cols, self.channels), dtype=np.float32)
-        for a in range(s):
-            for b in range(s):
-                _fill_phase(planes[a * s + b], x, a - p, b - p, s)
+        planes = np.empty((s * s, rows + reach + 1, plane_cols, self.channels), dtype=np.float32)
+        _parallel(lambda plane: _fill_phase(planes[plane], x, plane // s - p, plane % s - p, s), s * s)
         flat = planes.reshape(s * s, -1, self.channels)
         inputs = [(flat[plane], dy * plane_cols + dx) for plane, dy, dx in self.taps]
-        out = self.weights.correlate(inputs, rows * plane_cols)
-        return out.reshape(rows, plane_cols, self.out_channels)[:, :cols]
+        out = np.empty((rows, cols, self.out_channels), dtype=np.float32)
+
+        def store(first: int, last: int, values: np.ndarray) -> None:
+            out[first:last] = values[:, :cols]
+
+        self.weights.correlate(inputs, rows, plane_cols, store)
+        return out
 
 
 def _fill_phase(plane: np.ndarray, x: np.ndarray, row0: int, col0: int, s: int) -> None:
-    """plane[i, j] = x[row0 + s·i, col0 + s·j] where that is inside x (plane starts zero)."""
+    """plane[i, j] = x[row0 + s·i, col0 + s·j] where that is inside x, else 0."""
     height, width = x.shape[:2]
     i0 = -(-max(0, -row0) // s)  # first i with row0 + s·i ≥ 0
     j0 = -(-max(0, -col0) // s)
-    i1 = min(plane.shape[0], -(-(height - row0) // s))  # first i with row0 + s·i ≥ height
-    j1 = min(plane.shape[1], -(-(width - col0) // s))
+    i1 = max(i0, min(plane.shape[0], -(-(height - row0) // s)))  # first i with row0 + s·i ≥ height
+    j1 = max(j0, min(plane.shape[1], -(-(width - col0) // s)))
+    plane[:i0] = 0
+    plane[i1:] = 0
+    plane[i0:i1, :j0] = 0
+    plane[i0:i1, j1:] = 0
     if i1 > i0 and j1 > j0:
         plane[i0:i1, j0:j1] = x[row0 + s * i0:row0 + s * (i1 - 1) + 1:s, col0 + s * j0:col0 + s * (j1 - 1) + 1:s]
 
@@ -129,24 +184,40 @@ class Deconv:
         flat = padded.reshape(-1, self.channels)
         out = np.empty((height * s, width * s, self.out_channels), dtype=np.float32)
         n = height * padded_cols
-        if not self.gather:
-            products = np.matmul(flat, self.side)
         c = self.out_channels
-        for phase, taps in enumerate(self.phases):
-            starts = [((before - ty) * padded_cols + before - tx, t) for ty, tx, t in taps]
-            if self.gather:
-                result = self.weights[phase].correlate([(flat, start) for start, _ in starts], n)
-            else:
-                result = np.empty((n, c), dtype=np.float32)
-                result[:] = self.bias
-                for start, t in starts:
-                    result += products[start:start + n, t * c:(t + 1) * c]
+        if self.gather:
+            for phase, taps in enumerate(self.phases):
+                a, b = divmod(phase, s)
+                inputs = [(flat, (before - ty) * padded_cols + before - tx) for ty, tx, _ in taps]
+
+                def store(first: int, last: int, values: np.ndarray, a: int = a, b: int = b) -> None:
+                    out[s * first + a:s * last + a:s, b::s] = values[:, :width]
+
+                self.weights[phase].correlate(inputs, height, padded_cols, store)
+            return out
+        products = np.empty((len(flat), self.side.shape[1]), dtype=np.float32)
+
+        def product(index: int) -> None:
+            rows = slice(index * _CHUNK_ROWS, (index + 1) * _CHUNK_ROWS)
+            np.matmul(flat[rows], self.side, out=products[rows])
+
+        def phase_sum(phase: int) -> None:
+            result = np.empty((n, c), dtype=np.float32)
+            result[:] = self.bias
+            for ty, tx, t in self.phases[phase]:
+                start = (before - ty) * padded_cols + before - tx
+                result += products[start:start + n, t * c:(t + 1) * c]
             out[phase // s::s, phase % s::s] = result.reshape(height, padded_cols, -1)[:, :width]
+
+        _parallel(product, -(-len(flat) // _CHUNK_ROWS))
+        _parallel(phase_sum, len(self.phases))
         return out
 
 
-_CHUNK_ROWS = 1024
-"""Output pixels of one matrix product: its gathered input (T·C floats a row) stays in cache."""
+_CHUNK_ROWS = 512
+_CHUNK_BYTES = 4 << 20
+"""Output pixels of one matrix product at least (and its gathered input up to _CHUNK_BYTES):
+large enough for an efficient product, small enough to stay in a core's caches."""
 
 
 class _Taps:
@@ -155,8 +226,8 @@ class _Taps:
 
         out[r] = bias + Σ_t array_t[r + offset_t] @ W_t,   r < n,
 
-    for ``inputs`` = [(array_t, offset_t)], arrays of rows of C values. A chunk of rows
-    of every tap's input is gathered side by side, (rows, T·C), and multiplied by the
+    for ``inputs`` = [(array_t, offset_t)], arrays of rows of C values, n = rows·width
+    (an image's rows, flattened). A chunk of rows of every tap's input is gathered side by side, (rows, T·C), and multiplied by the
     taps' weights stacked, (T·C, C_out): the whole kernel in one matrix product, no
     partial sums (an im2col, a chunk at a time)."""
 
@@ -166,17 +237,31 @@ class _Taps:
         self.bias = bias.astype(np.float32)
         self.stacked = np.ascontiguousarray(kernel.reshape(count * channels, out_channels))
 
-    def correlate(self, inputs: list[tuple[np.ndarray, int]], n: int) -> np.ndarray:
-        out = np.empty((n, self.out_channels), dtype=np.float32)
+    def correlate(self, inputs: list[tuple[np.ndarray, int]], rows: int, width: int,
+                  store: Callable[[int, int, np.ndarray], None]) -> None:
+        """out for r < rows·width, handed to ``store(first, last, values)`` a chunk of whole
+        rows at a time (values: (last − first, width, C_out)), on the thread that made it."""
         channels = inputs[0][0].shape[1]
-        gathered = np.empty((min(n, _CHUNK_ROWS), len(inputs), channels), dtype=np.float32)
-        for start in range(0, n, _CHUNK_ROWS):
-            stop = min(n, start + _CHUNK_ROWS)
+        # Image rows per chunk, from the sizes alone: at least _CHUNK_ROWS pixels, more
+        # where the gathered rows are short (the pixels: 3 channels).
+        pixels = max(_CHUNK_ROWS, _CHUNK_BYTES // (4 * channels * len(inputs)))
+        step = max(1, pixels // width)
+        buffers = threading.local()
+
+        def chunk(index: int) -> None:
+            first, last = index * step, min(rows, (index + 1) * step)
+            start, stop = first * width, last * width
+            if not hasattr(buffers, "gathered"):
+                buffers.gathered = np.empty((step * width, len(inputs), channels), dtype=np.float32)
+                buffers.out = np.empty((step * width, self.out_channels), dtype=np.float32)
+            gathered, out = buffers.gathered[:stop - start], buffers.out[:stop - start]
             for t, (array, offset) in enumerate(inputs):
-                gathered[:stop - start, t] = array[offset + start:offset + stop]
-            np.matmul(gathered[:stop - start].reshape(stop - start, -1), self.stacked, out=out[start:stop])
-        out += self.bias
-        return out
+                gathered[:, t] = array[offset + start:offset + stop]
+            np.matmul(gathered.reshape(stop - start, -1), self.stacked, out=out)
+            out += self.bias
+            store(first, last, out.reshape(last - first, width, -1))
+
+        _parallel(chunk, -(-rows // step))
 
 
 class GDN:
@@ -203,19 +288,24 @@ class GDN:
         """GDN of x, in place where x is contiguous (a layer's own output)."""
         x = np.ascontiguousarray(x)
         flat = x.reshape(-1, x.shape[-1])
-        square = np.empty((min(len(flat), _BLOCK), flat.shape[1]), dtype=np.float32)
-        norm = np.empty_like(square)
-        for start in range(0, len(flat), _BLOCK):
-            block = flat[start:start + _BLOCK]
-            rows = len(block)
-            np.multiply(block, block, out=square[:rows])
-            np.matmul(square[:rows], self.gamma_t, out=norm[:rows])
-            norm[:rows] += self.beta
-            np.sqrt(norm[:rows], out=norm[:rows])
+        buffers = threading.local()
+
+        def block(index: int) -> None:
+            part = flat[index * _BLOCK:(index + 1) * _BLOCK]
+            if not hasattr(buffers, "norm"):
+                buffers.square = np.empty((min(len(flat), _BLOCK), flat.shape[1]), dtype=np.float32)
+                buffers.norm = np.empty_like(buffers.square)
+            square, norm = buffers.square[:len(part)], buffers.norm[:len(part)]
+            np.multiply(part, part, out=square)
+            np.matmul(square, self.gamma_t, out=norm)
+            norm += self.beta
+            np.sqrt(norm, out=norm)
             if self.inverse:
-                block *= norm[:rows]
+                part *= norm
             else:
-                block /= norm[:rows]
+                part /= norm
+
+        _parallel(block, -(-len(flat) // _BLOCK))
         return x
 
 

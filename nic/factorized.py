@@ -253,8 +253,8 @@ class Model:
                     if key:
                         pair = pair_shapes(self.config.pair_N(key), self.config.M)
                         check_arrays(self._arrays, {prefix + name: shape for name, shape in pair.items()})
-                    self._pairs[key] = (engine.Network(lambda: _analysis_layers(self._arrays, prefix)),
-                                        engine.Network(lambda: _synthesis_layers(self._arrays, prefix)))
+                    self._pairs[key] = (engine.Network(lambda: _layers(self._arrays, prefix, "g_a")),
+                                        engine.Network(lambda: _layers(self._arrays, prefix, "g_s")))
         return self._pairs[key]
 
     def analysis_array(self, block: np.ndarray, quality: int) -> np.ndarray:
@@ -284,25 +284,19 @@ class Model:
         return self._network
 
 
-def _analysis_layers(arrays: dict[str, np.ndarray], prefix: str) -> list:
-    """g_a of ``prefix`` ("" or "own.q3."): conv5x5/2, then GDN and conv5x5/2 three times."""
+def _layers(arrays: dict[str, np.ndarray], prefix: str, part: str) -> list:
+    """The layers of ``part`` ("g_a" or "g_s") of ``prefix`` ("" or "own.q3."): g_a is
+    conv5x5/2, then GDN and conv5x5/2 three times; g_s the same with transposed
+    convolutions and IGDN."""
+    convolution = engine.Conv if part == "g_a" else engine.Deconv
     layers: list = []
     for i in range(4):
-        layers.append(engine.Conv(arrays[f"{prefix}g_a.{2 * i}.weight"], arrays[f"{prefix}g_a.{2 * i}.bias"], 2))
+        name = f"{prefix}{part}.{2 * i}"
+        layers.append(convolution(arrays[f"{name}.weight"], arrays[f"{name}.bias"], 2))
         if i < 3:
-            layers.append(engine.GDN.from_parameters(arrays[f"{prefix}g_a.{2 * i + 1}.beta"],
-                                                     arrays[f"{prefix}g_a.{2 * i + 1}.gamma"], inverse=False))
-    return layers
-
-
-def _synthesis_layers(arrays: dict[str, np.ndarray], prefix: str) -> list:
-    """g_s of ``prefix``: transposed conv5x5/2, then IGDN and transposed conv5x5/2 three times."""
-    layers: list = []
-    for i in range(4):
-        layers.append(engine.Deconv(arrays[f"{prefix}g_s.{2 * i}.weight"], arrays[f"{prefix}g_s.{2 * i}.bias"], 2))
-        if i < 3:
-            layers.append(engine.GDN.from_parameters(arrays[f"{prefix}g_s.{2 * i + 1}.beta"],
-                                                     arrays[f"{prefix}g_s.{2 * i + 1}.gamma"], inverse=True))
+            name = f"{prefix}{part}.{2 * i + 1}"
+            layers.append(engine.GDN.from_parameters(arrays[f"{name}.beta"], arrays[f"{name}.gamma"],
+                                                     inverse=part == "g_s"))
     return layers
 
 

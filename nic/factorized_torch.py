@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
+from .coding import IntegerTables
 from .entropy import FactorizedDensity, integer_tables
 from .factorized import (_BUILDING, MAX_CHANNELS, Config, check_arrays, is_conv_kernel, pair_shapes, read_config,
                          read_tables)

@@ -100,3 +100,40 @@ def test_encode_decode_and_info_run_without_torch(tmp_path):
         proc = subprocess.run([sys.executable, "-c", NO_TORCH, *args], capture_output=True, timeout=120)
         assert proc.returncode == 0, proc.stderr.decode()
     assert Image.open(tmp_path / "b.png").size == (56, 40)
+
+
+@pytest.mark.parametrize("args", [["encode", "IN", "-e", "2", "-o", "OUT"], ["train", "DATA", "--out", "RUN", "--steps", "1"]])
+def test_what_needs_torch_says_how_to_install_it(tmp_path, args):
+    image = tmp_path / "a.png"
+    Image.fromarray(smooth_image(32, 32)).save(image)
+    args = [{"IN": str(image), "OUT": str(tmp_path / "a.nic"), "DATA": str(tmp_path), "RUN": str(tmp_path / "run")}.get(a, a) for a in args]
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH, *args], capture_output=True, timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "pip install 'nic[train]'" in lines[0], lines
+    assert not (tmp_path / "a.nic").exists()
+
+
+def test_the_same_bits_with_any_thread_count(monkeypatch):
+    """Chunks are cut by the sizes alone, each one computed by one thread: 1 or 3 threads
+    give the same bits (small chunks here, so that there are many)."""
+    monkeypatch.setattr(engine, "_CHUNK_ROWS", 16)
+    monkeypatch.setattr(engine, "_CHUNK_BYTES", 1024)
+    monkeypatch.setattr(engine, "_BLOCK", 64)
+    rng = np.random.default_rng(3)
+    layers = [engine.Conv(rng.normal(size=(12, 3, 5, 5)).astype(np.float32), rng.normal(size=12), 2),
+              engine.GDN(np.ones(12), np.abs(rng.normal(size=(12, 12))) * 0.1, inverse=False),
+              engine.Conv(rng.normal(size=(16, 12, 5, 5)).astype(np.float32), rng.normal(size=16), 2),
+              engine.Deconv(rng.normal(size=(16, 12, 5, 5)).astype(np.float32), rng.normal(size=12), 2),
+              engine.Deconv(rng.normal(size=(12, 3, 5, 5)).astype(np.float32), rng.normal(size=3), 2)]
+    x = rng.normal(size=(52, 70, 3)).astype(np.float32)
+    results = []
+    saved = engine.threads()
+    try:
+        for count in (1, 3):
+            engine.set_threads(count)
+            results.append(engine.Network(layers)(x))
+    finally:
+        engine.set_threads(saved)
+    assert results[0].shape == (52, 72, 3)
+    assert np.array_equal(results[0], results[1])

@@ -50,12 +50,20 @@ def sha256(data: bytes) -> str:
 
 @pytest.fixture
 def threads():
-    """torch's thread count, restored afterwards."""
+    """Set the thread count of both engines (nic.engine's and torch's), restored afterwards."""
     import torch
 
-    saved = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(saved)
+    from nic import engine
+
+    saved = torch.get_num_threads(), engine.threads()
+
+    def set_threads(count: int) -> None:
+        torch.set_num_threads(count)
+        engine.set_threads(count)
+
+    yield set_threads
+    torch.set_num_threads(saved[0])
+    engine.set_threads(saved[1])
 
 
 def current() -> dict:

@@ -18,15 +18,21 @@ Measurement only: nothing here is imported by nic.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch import nn
+# As nic's CLI sets them: nic.engine runs its own threads, and torch's OpenMP threads
+# must not spin-wait between regions (they would take the CPU from nic.engine's threads
+# when the two engines are timed in turn).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 
 def load_pixels(spec: str) -> tuple[str, np.ndarray]:
@@ -170,11 +176,12 @@ def cmd_codec(args) -> None:
 
 
 def set_threads(threads: int) -> None:
-    """Threads for torch and for numpy's BLAS (the numpy engine), as ``nic -j`` sets them."""
-    from threadpoolctl import threadpool_limits
+    """Threads for torch and for the numpy engine, as ``nic -j`` sets them (BLAS itself is
+    single-threaded, as in nic's CLI: see the top of this file)."""
+    from nic import engine
 
     torch.set_num_threads(threads)
-    threadpool_limits(threads)
+    engine.set_threads(threads)
 
 
 def cmd_engines(args) -> None:
@@ -195,6 +202,7 @@ def cmd_engines(args) -> None:
         name, pixels = load_pixels(spec)
         h, w = pixels.shape[:2]
         times: dict[str, list[float]] = {key: [] for key in totals}
+        reference = None  # the numpy engine's integers (it runs first): torch decodes the same ones
         for _ in range(args.repeat + 1):  # the first round warms up
             for engine, model in engines.items():
                 t0 = time.perf_counter()
@@ -238,7 +246,7 @@ def cmd_cli(args) -> None:
              "except SystemExit as e:\n    code = e.code\n"
              "print('TORCH' if sys.modules.get('torch') is not None else 'NOTORCH', file=sys.stderr)\n")
     with tempfile.TemporaryDirectory() as folder:
-        print(f"{args.threads} threads, quality {args.quality}, best of {args.repeat}, fresh process each")
+        print(f"{args.threads or 'all'} threads, quality {args.quality}, best of {args.repeat}, fresh process each")
         for spec in args.images:
             name, pixels = load_pixels(spec)
             source = os.path.join(folder, "in.png")
@@ -249,7 +257,8 @@ def cmd_cli(args) -> None:
                 best, torch_used = float("inf"), None
                 for _ in range(args.repeat):
                     t0 = time.perf_counter()
-                    proc = subprocess.run([sys.executable, "-c", probe, *command, "-j", str(args.threads)],
+                    threads = ["-j", str(args.threads)] if args.threads else []
+                    proc = subprocess.run([sys.executable, "-c", probe, *command, *threads],
                                           capture_output=True, check=True)
                     best = min(best, time.perf_counter() - t0)
                     torch_used = proc.stderr.decode().strip().splitlines()[-1]
@@ -407,7 +416,7 @@ def main() -> None:
     p.set_defaults(run=cmd_engines)
     p = sub.add_parser("cli")
     p.add_argument("images", nargs="+")
-    p.add_argument("-j", "--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("-j", "--threads", type=int, default=None, help="nic's -j [default: not given]")
     p.add_argument("-q", "--quality", type=int, default=4)
     p.add_argument("--repeat", type=int, default=3)
     p.set_defaults(run=cmd_cli)

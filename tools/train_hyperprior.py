@@ -64,8 +64,17 @@ def held_out_bpp(model: hyperprior.Codec, quality: int, crops: torch.Tensor) -> 
     return (z_total + y_total) / pixels, z_total / pixels
 
 
+def factorized_bpp(model: hyperprior.Codec, quality: int, crops: torch.Tensor) -> float:
+    """What the factorized family's integer tables spend on the same crops, rounded."""
+    from nic.quantization import TableRate
+
+    rate = TableRate(model.base.tables[quality - 1])
+    bits = sum(float(rate(torch.round(crop.float())).sum()) for crop in crops)
+    return bits / (len(crops) * crops.shape[2] * crops.shape[3] * 256)
+
+
 def train_quality(model: hyperprior.Codec, quality: int, latents: np.ndarray, steps: int, batch: int,
-                  lr: float, seed: int, log, fresh: bool = True, holdout: int = 0) -> None:
+                  lr: float, seed: int, log, fresh: bool = True, holdout: int = 0, z_warmup: int = 0) -> None:
     hyper = model.hyper[quality - 1]
     Z = model.config.Z
     rows = slice((quality - 1) * Z, quality * Z)
@@ -76,6 +85,8 @@ def train_quality(model: hyperprior.Codec, quality: int, latents: np.ndarray, st
     data, held = (data[:-holdout], data[-holdout:]) if holdout else (data, None)
     if fresh:
         model.start_from(data[:200].float(), quality)
+    if held is not None:
+        log(f"q{quality} held out: the factorized family's tables spend {factorized_bpp(model, quality, held):.4f} bpp")
     start = time.time()
     pixels = latents.shape[2] * latents.shape[3] * 256
     for step in range(1, steps + 1):
@@ -87,7 +98,10 @@ def train_quality(model: hyperprior.Codec, quality: int, latents: np.ndarray, st
         if generator.random() < 0.5:
             y = y.flip(-1)
         z_bits, y_bits, _ = model.latent_bits(y, quality)
-        loss = (z_bits + y_bits).mean() / pixels
+        # With --z-warmup, ẑ's bits count from 0 to fully over the first steps: h_s learns
+        # to use z before z's rate can push it to nothing.
+        z_weight = min(1.0, step / z_warmup) if z_warmup else 1.0
+        loss = (z_weight * z_bits + y_bits).mean() / pixels
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # Only this quality's rows of the z density learn.
@@ -121,6 +135,8 @@ def main() -> None:
     parser.add_argument("--Z", type=int, default=128)
     parser.add_argument("--holdout", type=int, default=0,
                         help="keep the last N cached crops out of training and log their exact rate every 500 steps")
+    parser.add_argument("--z-warmup", type=int, default=0,
+                        help="count ẑ's bits from 0 to fully over this many first steps")
     parser.add_argument("--more", action="store_true",
                         help="train qualities that are done for --steps more (a new cosine schedule)")
     parser.add_argument("--export", type=Path, help="write the weights file here once every quality is done")
@@ -154,7 +170,7 @@ def main() -> None:
         if more:  # --more: go on from where this quality stopped
             model.load_quality_state(q, torch.load(state_path, weights_only=True))
         train_quality(model, q, latents, args.steps, args.batch, args.lr, args.seed, log, fresh=not more,
-                      holdout=args.holdout)
+                      holdout=args.holdout, z_warmup=args.z_warmup)
         torch.save(model.quality_state(q), state_path)
     if args.export:
         export(model, args.out, args.export)
