@@ -161,19 +161,31 @@ SCALE_MAX = 256.0
 """The scale table of :class:`GaussianConditional` (CompressAI's: 64 scales, log-spaced)."""
 
 
+DISTRIBUTIONS = ("gaussian", "laplace")
+"""Shapes of :class:`GaussianConditional`'s distribution."""
+
+
 class GaussianConditional:
-    """A Gaussian of a given mean and scale, integrated over unit bins, for each latent
-    (Minnen, Ballé and Toderici, "Joint autoregressive and hierarchical priors for
-    learned image compression", NeurIPS 2018, without the autoregressive part).
+    """A Gaussian (or, with ``distribution="laplace"``, a Laplacian) of a given mean and
+    scale, integrated over unit bins, for each latent (Minnen, Ballé and Toderici,
+    "Joint autoregressive and hierarchical priors for learned image compression",
+    NeurIPS 2018, without the autoregressive part).
 
     The scale is not a free float: the hyper-decoder picks an index t into a fixed,
     log-spaced table of ``SCALE_COUNT`` scales, σ_t = SCALE_MIN·(SCALE_MAX/SCALE_MIN)^(t/(T−1)),
     and each index has one integer frequency table (:meth:`integer_tables`) over the
     residual k = round(y − μ), with an escape symbol for the tails. Training sees the
-    same scales: σ is taken at round(t) with a straight-through gradient."""
+    same scales: σ is taken at round(t) with a straight-through gradient. For a
+    Laplacian σ is its scale b (density e^(−|x|/b)/2b); its heavier tails fit the
+    sparse latents of transforms trained for a factorized prior better (measured in
+    docs/results/hyperprior.md)."""
 
-    def __init__(self, count: int = SCALE_COUNT, minimum: float = SCALE_MIN, maximum: float = SCALE_MAX):
+    def __init__(self, count: int = SCALE_COUNT, minimum: float = SCALE_MIN, maximum: float = SCALE_MAX,
+                 distribution: str = "gaussian"):
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f"distribution must be one of {', '.join(DISTRIBUTIONS)}, not {distribution!r}")
         self.count, self.minimum, self.maximum = count, minimum, maximum
+        self.distribution = distribution
         self.step = math.log(maximum / minimum) / (count - 1)
 
     def scales(self) -> np.ndarray:
@@ -191,26 +203,38 @@ class GaussianConditional:
         t = t + (torch.round(t) - t).detach()
         return self.minimum * torch.exp(self.step * t)
 
-    @staticmethod
-    def bits(residual: Tensor, sigma: Tensor) -> Tensor:
-        """−log2 P(residual) elementwise: the N(0, σ²) mass of [residual − ½, residual + ½],
-        computed in the lower tail for precision."""
+    def _cdf(self, z: Tensor) -> Tensor:
+        """The standard distribution's CDF at z (no overflow for any z)."""
+        if self.distribution == "gaussian":
+            return torch.special.ndtr(z)
+        tail = 0.5 * torch.exp(-z.abs())
+        return torch.where(z < 0, tail, 1.0 - tail)
+
+    def bits(self, residual: Tensor, sigma: Tensor) -> Tensor:
+        """−log2 P(residual) elementwise: the mass of [residual − ½, residual + ½] at scale
+        σ, computed in the lower tail for precision."""
         v = residual.abs()
-        upper = torch.special.ndtr((0.5 - v) / sigma)
-        lower = torch.special.ndtr((-0.5 - v) / sigma)
+        upper = self._cdf((0.5 - v) / sigma)
+        lower = self._cdf((-0.5 - v) / sigma)
         return -torch.log2(torch.clamp_min(upper - lower, LIKELIHOOD_FLOOR))
 
     def integer_tables(self, tail_mass: float = 1e-6, max_length: int = 4095) -> IntegerTables:
         """One integer table per scale index: residuals −K … K, K the smallest with less
         than ``tail_mass`` outside, plus the escape. float64 here, integers from here on."""
+        cdf = _normal_cdf if self.distribution == "gaussian" else _laplace_cdf
+        # A Laplacian's long tail would be hundreds of bins below one count each, every one
+        # raised to a count and paid for by the likely bins: it ends where a bin falls
+        # below one count, and the escape codes the rest.
+        floor = 0.0 if self.distribution == "gaussian" else 2.0**-PRECISION
         offsets, lengths, freqs = [], [], []
         for sigma in self.scales():
             k = 0
-            while 2 * _normal_cdf(-(k + 0.5) / sigma) >= tail_mass and 2 * k + 1 < max_length:
+            while 2 * cdf(-(k + 0.5) / sigma) >= tail_mass and 2 * k + 1 < max_length and \
+                    cdf(-(k + 0.5) / sigma) - cdf(-(k + 1.5) / sigma) >= floor:
                 k += 1
             values = np.arange(-k, k + 1, dtype=np.float64)
-            upper = np.array([_normal_cdf((0.5 - abs(v)) / sigma) for v in values])
-            lower = np.array([_normal_cdf((-0.5 - abs(v)) / sigma) for v in values])
+            upper = np.array([cdf((0.5 - abs(v)) / sigma) for v in values])
+            lower = np.array([cdf((-0.5 - abs(v)) / sigma) for v in values])
             pmf = upper - lower
             offsets.append(-k)
             lengths.append(2 * k + 1)
@@ -221,3 +245,8 @@ class GaussianConditional:
 
 def _normal_cdf(x: float) -> float:
     return 0.5 * math.erfc(-x / math.sqrt(2.0))
+
+
+def _laplace_cdf(x: float) -> float:
+    tail = 0.5 * math.exp(-abs(x))
+    return tail if x < 0 else 1.0 - tail

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from . import factorized, tiling
 from .coding import LATENT_LIMIT, CorruptStream, IndexedCoder, LatentCoder
 from .container import FormatError, Substream
-from .entropy import FactorizedDensity, GaussianConditional, IntegerTables, integer_tables
+from .entropy import DISTRIBUTIONS, FactorizedDensity, GaussianConditional, IntegerTables, integer_tables
 from .families import expect_substreams
 from .layers import conv, deconv
 from .tiling import LatentStore, PixelRows, Progress, analysis_tiles, reconstruct_into, tiles
@@ -88,9 +88,13 @@ class Config:
     hyper_N: int = 128  # hidden channels of h_a and h_s
     Z: int = 128  # channels of z
     scales: int = GaussianConditional().count
+    distribution: str = "gaussian"  # of the conditional: "gaussian" or "laplace" (nic.entropy)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        fields = dataclasses.asdict(self)
+        if fields["distribution"] == "gaussian":
+            del fields["distribution"]  # so the first weights keep their bytes (and hash)
+        return json.dumps(fields, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "Config":
@@ -102,7 +106,8 @@ class Config:
             value = getattr(config, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= factorized.MAX_CHANNELS:
                 raise ValueError(f"config field {name} = {value!r} is out of range")
-        if config.model_id != MODEL_ID or config.scales != GaussianConditional().count:
+        if config.model_id != MODEL_ID or config.scales != GaussianConditional().count or \
+                config.distribution not in DISTRIBUTIONS:
             raise ValueError("config is not a mean-scale hyperprior of this nic")
         return config
 
@@ -148,7 +153,7 @@ class Codec(nn.Module):
                 hyper.h_s[-1].bias[M:] = INITIAL_INDEX
         # One module holds every quality's z density: rows (q−1)·Z … q·Z − 1 are quality q's.
         self.z_density = FactorizedDensity(Q * config.Z)
-        self.conditional = GaussianConditional(config.scales)
+        self.conditional = GaussianConditional(config.scales, distribution=config.distribution)
         self.z_tables: list[IntegerTables] | None = None
         self.y_tables: IntegerTables | None = None
         self.integer_h_s: list[IntegerHyperSynthesis] | None = None
@@ -215,7 +220,7 @@ class Codec(nn.Module):
 
     @torch.no_grad()
     def start_from(self, y: Tensor, quality: int) -> None:
-        """Start quality's h_s at exactly a per-channel Gaussian fitted to gained latents
+        """Start quality's h_s at exactly a per-channel Gaussian (or Laplacian) fitted to gained latents
         y (batch, M, h, w): the last layer's weights zero, its biases each channel's mean
         and the scale index of its spread. From a fixed start, Adam needs tens of
         thousands of steps just to move those biases to where most channels are (index
@@ -223,8 +228,13 @@ class Codec(nn.Module):
         add to μ and t made training shut z off (measured, docs/results/hyperprior.md)."""
         last = self.hyper[quality - 1].h_s[-1]
         last.weight.zero_()
-        mean = y.mean(dim=(0, 2, 3))
-        spread = (y - mean.reshape(1, -1, 1, 1)).pow(2).mean(dim=(0, 2, 3)).sqrt()
+        channels = y.transpose(0, 1).reshape(y.shape[1], -1)
+        if self.conditional.distribution == "laplace":  # its fit: the median and the mean |deviation|
+            mean = channels.median(dim=1).values
+            spread = (channels - mean[:, None]).abs().mean(dim=1)
+        else:
+            mean = channels.mean(dim=1)
+            spread = (channels - mean[:, None]).pow(2).mean(dim=1).sqrt()
         index = torch.log(spread.clamp_min(self.conditional.minimum) / self.conditional.minimum) / self.conditional.step
         last.bias[: self.M] = mean
         last.bias[self.M:] = index.clamp(0, self.conditional.count - 1)

@@ -54,11 +54,14 @@ def test_gaussian_tables_sum_exactly_and_cover_each_scale():
     assert -np.log2(zero / (1 << PRECISION)) < 1e-4
 
 
-def test_gaussian_bits_match_the_tables():
+@pytest.mark.parametrize("distribution", ["gaussian", "laplace"])
+def test_conditional_bits_match_the_tables(distribution):
     from nic.entropy import GaussianConditional
 
-    conditional = GaussianConditional()
+    conditional = GaussianConditional(distribution=distribution)
     tables = conditional.integer_tables()
+    for t in range(conditional.count):
+        assert tables.channel(t).sum() == 1 << PRECISION and (tables.channel(t) >= 1).all()
     t = 40
     sigma = torch.tensor(conditional.scales()[t], dtype=torch.float64)
     residuals = torch.arange(-5, 6, dtype=torch.float64)
@@ -67,6 +70,16 @@ def test_gaussian_bits_match_the_tables():
     np.testing.assert_allclose(bits, table_bits, atol=0.03)  # the tables' rounding to 16 bits
     # Training sees the scale of the rounded index (straight-through).
     index = torch.tensor([39.6], requires_grad=True)
-    assert float(conditional.scale(index)) == pytest.approx(conditional.scales()[40], rel=1e-6)
+    assert float(conditional.scale(index).detach()) == pytest.approx(conditional.scales()[40], rel=1e-6)
     conditional.scale(index).sum().backward()
     assert index.grad is not None and float(index.grad) > 0
+
+
+def test_a_laplacian_has_heavier_tails():
+    """At the same scale a Laplacian gives a far residual more mass (fewer bits)."""
+    from nic.entropy import GaussianConditional
+
+    sigma, far = torch.tensor(0.5, dtype=torch.float64), torch.tensor([4.0], dtype=torch.float64)
+    assert GaussianConditional(distribution="laplace").bits(far, sigma) < GaussianConditional().bits(far, sigma)
+    with pytest.raises(ValueError, match="distribution"):
+        GaussianConditional(distribution="cauchy")

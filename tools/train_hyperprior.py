@@ -133,6 +133,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hyper-N", type=int, default=128)
     parser.add_argument("--Z", type=int, default=128)
+    parser.add_argument("--distribution", choices=["gaussian", "laplace"], default="gaussian",
+                        help="shape of the conditional (laplace: heavier tails)")
     parser.add_argument("--holdout", type=int, default=0,
                         help="keep the last N cached crops out of training and log their exact rate every 500 steps")
     parser.add_argument("--z-warmup", type=int, default=0,
@@ -143,7 +145,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     base = load_weights(args.init)[0]
-    model = hyperprior.Codec(base, hyperprior.Config(hyper_N=args.hyper_N, Z=args.Z)).train()
+    model = hyperprior.Codec(base, hyperprior.Config(hyper_N=args.hyper_N, Z=args.Z,
+                                                     distribution=args.distribution)).train()
     args.out.mkdir(parents=True, exist_ok=True)
     log_file = open(args.out / "log.txt", "a")
 
