@@ -32,8 +32,8 @@ from nic.images import read_image  # noqa: E402
 from nic.weights import default_weights  # noqa: E402
 
 
-def hyperprior_at(base, run: Path, quality: int) -> hyperprior.Codec:
-    model = hyperprior.Codec(base).eval()
+def hyperprior_at(base, run: Path, quality: int, distribution: str = "gaussian") -> hyperprior.Codec:
+    model = hyperprior.Codec(base, hyperprior.Config(distribution=distribution)).eval()
     model.load_quality_state(quality, torch.load(run / f"q{quality}.pt", weights_only=True))
     crops = np.load(run / f"latents-q{quality}.npy", mmap_mode="r")
     calibration = [torch.zeros(1, base.config.M, 4, 4)] * model.qualities
@@ -61,10 +61,12 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("-q", "--quality", type=int, required=True)
     parser.add_argument("--init", default=None, help="factorized weights [default: installed]")
+    parser.add_argument("--distribution", choices=["gaussian", "laplace"], default="gaussian",
+                        help="the conditional's shape the run was trained with")
     args = parser.parse_args()
     q = args.quality
     base = default_weights(args.init, "factorized")[0]
-    model = hyperprior_at(base, args.run, q)
+    model = hyperprior_at(base, args.run, q, args.distribution)
     families = (("factorized", factorized, base), ("hyperprior", hyperprior, model))
     results = {name: [] for name, _, _ in families}
     paths = list_images(args.folder)
