@@ -779,7 +779,7 @@ def main() -> None:
     except ModuleNotFoundError as exc:
         if exc.name != "torch" or os.environ.get("NIC_DEBUG"):
             raise
-        click.echo("nic: error: this needs PyTorch (training, effort 2..4, the hyperprior family, bench), "
+        click.echo("nic: error: this needs PyTorch (training, effort 2..4, bench), "
                    "which is not installed: pip install 'nic[train]'", err=True)
         sys.exit(1)
     except Exception as exc:  # a bug, not bad input: still one line, unless debugging

@@ -27,6 +27,15 @@ import constriction
 PRECISION = 16
 """Bits of the integer frequency tables: every table sums to 2**PRECISION."""
 
+SCALE_COUNT = 64
+SCALE_MIN = 0.11
+SCALE_MAX = 256.0
+"""The scale table of the hyperprior family's conditional (CompressAI's: 64 scales,
+log-spaced; nic.entropy.GaussianConditional makes one integer table per scale)."""
+
+DISTRIBUTIONS = ("gaussian", "laplace")
+"""Shapes of that conditional's distribution."""
+
 
 @dataclass(frozen=True)
 class IntegerTables:

@@ -155,14 +155,7 @@ def _as_float64(density: FactorizedDensity) -> FactorizedDensity:
 
 # ---- the Gaussian conditional of the hyperprior family --------------------------------
 
-SCALE_COUNT = 64
-SCALE_MIN = 0.11
-SCALE_MAX = 256.0
-"""The scale table of :class:`GaussianConditional` (CompressAI's: 64 scales, log-spaced)."""
-
-
-DISTRIBUTIONS = ("gaussian", "laplace")
-"""Shapes of :class:`GaussianConditional`'s distribution."""
+from .coding import DISTRIBUTIONS, SCALE_COUNT, SCALE_MAX, SCALE_MIN  # noqa: E402,F401  (its scale table)
 
 
 class GaussianConditional:

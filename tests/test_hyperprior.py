@@ -3,7 +3,6 @@ and its determinism, on a tiny random model (conftest.tiny_hyperprior)."""
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 
@@ -39,7 +38,7 @@ def test_decoding_adds_the_means_back(model):
     image = smooth_image(64, 80)
     substreams = hyperprior.compress(model, image, 3)
     y = hyperprior.analysis(model, image, 3)
-    z_hat = model.hyper_encode(torch.from_numpy(y)[None], 3)
+    z_hat = model.hyper_encode(y, 3)
     mean, _ = model.hyper_decode(z_hat, 3, *y.shape[1:])
     seen = []
     rows = []
@@ -52,13 +51,13 @@ def test_decoding_adds_the_means_back(model):
 def test_integer_hyper_decoder_follows_the_float_one(model):
     """Calibrated, the integer h_s gives the float h_s's means to within a few 1/256 and
     the same rounded scale index almost everywhere."""
-    y = torch.from_numpy(hyperprior.analysis(model, smooth_image(128, 160), 3))[None]
-    model.export_tables([y] * model.qualities)
+    y = hyperprior.analysis(model, smooth_image(128, 160), 3)
+    model.export_tables([torch.from_numpy(y)[None]] * model.qualities)
     try:
         z_hat = model.hyper_encode(y, 3)
-        mean, index = model.hyper_decode(z_hat, 3, *y.shape[2:])
+        mean, index = model.hyper_decode(z_hat, 3, *y.shape[1:])
         with torch.no_grad():
-            out = model.hyper[2].h_s(torch.from_numpy(z_hat).float()[None])[0, :, : y.shape[2], : y.shape[3]]
+            out = model.hyper[2].h_s(torch.from_numpy(z_hat).float()[None])[0, :, : y.shape[1], : y.shape[2]]
         float_mean, float_index = out[:16].double().numpy(), out[16:].numpy()
         assert np.abs(mean - float_mean).max() < 0.05
         expected = np.clip(np.round(float_index), 0, 63)
@@ -71,13 +70,52 @@ def test_integer_hyper_decoder_follows_the_float_one(model):
 def test_hyper_decoder_ignores_perturbations_below_a_step(model):
     """What picks a table or a mean depends on ẑ alone: g_a's output moved far below a
     quantization step gives the same ẑ, so the same means and indices."""
-    y = torch.from_numpy(hyperprior.analysis(model, smooth_image(96, 96), 3))[None]
+    y = hyperprior.analysis(model, smooth_image(96, 96), 3)
     z_hat = model.hyper_encode(y, 3)
-    nudged = model.hyper_encode(y + 1e-5 * torch.randn_like(y), 3)
+    nudged = model.hyper_encode(y + 1e-5 * np.random.default_rng(0).standard_normal(y.shape, np.float32), 3)
     assert np.array_equal(z_hat, nudged)
     first = model.hyper_decode(z_hat, 3, 6, 6)
     second = model.hyper_decode(nudged.copy(), 3, 6, 6)
     assert all(np.array_equal(a, b) for a, b in zip(first, second))
+
+
+def test_numpy_model_codes_as_the_torch_network_does(tiny_hyperprior_weights):
+    """The coder's model (numpy g_a and h_a, integer h_s) and the torch Codec of the same
+    weights write the same substreams, and decode to pixels at most one level apart."""
+    coding, _ = load_weights(tiny_hyperprior_weights, coding=True)
+    network, _ = load_weights(tiny_hyperprior_weights)
+    assert isinstance(coding, hyperprior.Model) and isinstance(network, hyperprior.Codec)
+    image = smooth_image(72, 90)
+    for quality in (1, 3):
+        substreams = hyperprior.compress(coding, image, quality)
+        assert [s.data for s in substreams] == [s.data for s in hyperprior.compress(network, image, quality)]
+        decoded = []
+        for model in (coding, network):
+            rows = []
+            hyperprior.decompress(model, quality, 72, 90, False, substreams, rows.append)
+            decoded.append(np.concatenate(rows).astype(int))
+        assert np.abs(decoded[0] - decoded[1]).max() <= 1
+
+
+NO_TORCH = """
+import sys
+sys.modules["torch"] = None  # any import of torch now fails
+from nic.cli import main
+sys.argv = ["nic", *sys.argv[1:]]
+main()
+"""
+
+
+def test_files_code_without_torch(tiny_hyperprior_weights, tmp_path):
+    from PIL import Image
+
+    Image.fromarray(smooth_image(40, 56)).save(tmp_path / "a.png")
+    weights = ["--weights", tiny_hyperprior_weights]
+    for args in (["encode", str(tmp_path / "a.png"), "-o", str(tmp_path / "a.nic"), "--model", "hyperprior", *weights],
+                 ["decode", str(tmp_path / "a.nic"), "-o", str(tmp_path / "b.png"), *weights]):
+        proc = subprocess.run([sys.executable, "-c", NO_TORCH, *args], capture_output=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr.decode()
+    assert Image.open(tmp_path / "b.png").size == (56, 40)
 
 
 DIGEST_PROBE = """
@@ -117,6 +155,8 @@ def test_weights_round_trip_and_refuse_out_of_range_integer_layers(model, tmp_pa
     save_weights(arrays, path)
     loaded, _ = load_weights(path)
     assert isinstance(loaded, hyperprior.Codec)
+    coding, _ = load_weights(path, coding=True)
+    assert isinstance(coding, hyperprior.Model)
     image = smooth_image(48, 64)
     assert [s.data for s in hyperprior.compress(loaded, image, 2)] == \
         [s.data for s in hyperprior.compress(load_weights(path)[0], image, 2)]
@@ -126,6 +166,9 @@ def test_weights_round_trip_and_refuse_out_of_range_integer_layers(model, tmp_pa
         save_weights(broken, tmp_path / "bad.npz")
         with pytest.raises(WeightsError, match="out of range"):
             load_weights(tmp_path / "bad.npz")
+    coding, _ = load_weights(tmp_path / "bad.npz", coding=True)  # checks a quality's h_s when it is used
+    with pytest.raises(ValueError, match="out of range"):
+        coding.hyper_decode(np.zeros((8, 1, 1), np.int64), 1, 2, 2)
     missing = {k: v for k, v in arrays.items() if k != "hyper.1.h_s.2.weight"}
     save_weights(missing, tmp_path / "missing.npz")
     with pytest.raises(WeightsError, match="lack tensor hyper.1.h_s.2.weight"):

@@ -1,0 +1,310 @@
+"""The hyperprior family's network in torch: what trains it (h_a, h_s and the z
+densities on a factorized model's transforms) and exports it (the integer h_s, the
+tables, the weights' arrays).
+
+The architecture, the integer hyper-decoder and the file format are described in
+:mod:`nic.hyperprior`, which codes files without torch; this module is its trainable
+twin. Every name here is also reachable as ``nic.hyperprior.<name>`` (imported on first
+use).
+
+Math only: tensors and arrays in, tensors and arrays out; no I/O.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import factorized
+from .entropy import FactorizedDensity, GaussianConditional, IntegerTables, integer_tables
+from .hyperprior import (ACTIVATION_MAX, BIAS_LIMIT, MAX_SHIFT, MEAN_BITS, WEIGHT_MAX, Config,
+                         IntegerHyperSynthesis, IntegerLayer, _get_tables, _integer_network, hyper_shapes,
+                         integer_shapes, rounded_z)
+from .layers import conv, deconv
+
+INITIAL_INDEX = 24.0
+"""Where a fresh h_s puts every scale index: σ ≈ 2 in the default table."""
+
+def hyper_analysis(M: int, N: int, Z: int) -> nn.Sequential:
+    """h_a: conv3x3 → ReLU → conv5x5/2 → ReLU → conv5x5/2 (float; encoder only)."""
+    return nn.Sequential(conv(M, N, 3, 1), nn.ReLU(), conv(N, N), nn.ReLU(), conv(N, Z))
+
+
+def hyper_synthesis(M: int, N: int, Z: int) -> nn.Sequential:
+    """h_s: deconv5x5/2 → ReLU → deconv5x5/2 → ReLU → conv1x1 to (μ, t) per latent.
+
+    The last layer is 1x1 (CompressAI's is 3x3): it runs at the latents' resolution,
+    in exact integer arithmetic, and is the hyper-decoder's largest cost."""
+    return nn.Sequential(deconv(Z, N), nn.ReLU(), deconv(N, N), nn.ReLU(), conv(N, 2 * M, 1, 1))
+
+
+class Hyper(nn.Module):
+    """One quality's h_a and h_s."""
+
+    def __init__(self, M: int, N: int, Z: int):
+        super().__init__()
+        self.h_a = hyper_analysis(M, N, Z)
+        self.h_s = hyper_synthesis(M, N, Z)
+
+
+class Codec(nn.Module):
+    """Transforms of a factorized model (``base``) with a mean-scale hyperprior per quality."""
+
+    def __init__(self, base: factorized.Codec, config: Config = Config()):
+        super().__init__()
+        self.base = base
+        self.config = config
+        M, Q = base.config.M, base.config.qualities
+        self.hyper = nn.ModuleList([Hyper(M, config.hyper_N, config.Z) for _ in range(Q)])
+        with torch.no_grad():  # start every scale index at σ ≈ 2, not at the narrowest scale
+            for hyper in self.hyper:
+                hyper.h_s[-1].bias[M:] = INITIAL_INDEX
+        # One module holds every quality's z density: rows (q−1)·Z … q·Z − 1 are quality q's.
+        self.z_density = FactorizedDensity(Q * config.Z)
+        self.conditional = GaussianConditional(config.scales, distribution=config.distribution)
+        self.z_tables: list[IntegerTables] | None = None
+        self.y_tables: IntegerTables | None = None
+        self.integer_h_s: list[IntegerHyperSynthesis] | None = None
+
+    @property
+    def qualities(self) -> int:
+        return self.base.config.qualities
+
+    @property
+    def M(self) -> int:
+        return self.base.config.M
+
+    latent_channels = M
+
+    # ---- training -------------------------------------------------------------------
+
+    def z_rows(self, quality: int, batch: int, device) -> Tensor:
+        Z = self.config.Z
+        return ((quality - 1) * Z + torch.arange(Z, device=device)).expand(batch, Z)
+
+    def latent_bits(self, y: Tensor, quality: int, rounded: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """(bits of ẑ, bits of ŷ, ŷ for g_s) per sample, for gained latents y of one quality.
+
+        The rate of z is that of z + U(−½, ½), and h_s sees that too (round(z) in eval
+        mode). The rate of y is that of
+        y + U(−½, ½) − μ, or, with ``rounded``, exactly what the coder spends: the
+        rounded residual round(y − μ), with a straight-through gradient into μ. With the
+        transforms frozen the latents are what they are, and the noisy rate overstates
+        what near-constant channels cost by up to ~0.3 bit each (a Gaussian of σ ≥ 0.11
+        spread over a unit of noise). Yet trained on the rounded rate, short runs on
+        cached latents stopped using z (docs/results/hyperprior.md), so the noisy rate is
+        the default. g_s always gets round(y − μ) + μ (straight-through)."""
+        hyper = self.hyper[quality - 1]
+        z = hyper.h_a(y)
+        z_noisy = z + torch.empty_like(z).uniform_(-0.5, 0.5)
+        p = self.z_density.probability(z_noisy, self.z_rows(quality, len(z), z.device))
+        z_bits = -torch.log2(p).sum(dim=(1, 2, 3))
+        # h_s sees z + U(−½, ½), as in Ballé et al. 2018: with round(z) instead (straight
+        # through), a fresh h_a's small z all round to 0, no information reaches h_s, and
+        # training settles on not using z at all (measured: z's rate went to ~0).
+        z_hat = z_noisy if self.training else torch.round(z)
+        mean, index = self.means_and_indices(hyper.h_s(z_hat), y.shape[-2:])
+        sigma = self.conditional.scale(index)
+        residual = y - mean
+        residual_hat = residual + (torch.round(residual) - residual).detach()
+        coded = residual_hat if rounded else residual + torch.empty_like(residual).uniform_(-0.5, 0.5)
+        y_bits = self.conditional.bits(coded, sigma).sum(dim=(1, 2, 3))
+        return z_bits, y_bits, residual_hat + mean
+
+    def quality_state(self, quality: int) -> dict:
+        """What one quality has of its own (h_a, h_s, its rows of the z density), as tensors:
+        a training run saves each quality apart."""
+        rows = slice((quality - 1) * self.config.Z, quality * self.config.Z)
+        return {"hyper": self.hyper[quality - 1].state_dict(),
+                "z_density": [p.detach()[rows].clone() for p in self.z_density.parameters()]}
+
+    @torch.no_grad()
+    def load_quality_state(self, quality: int, state: dict) -> None:
+        """Inverse of :meth:`quality_state`."""
+        self.hyper[quality - 1].load_state_dict(state["hyper"])
+        rows = slice((quality - 1) * self.config.Z, quality * self.config.Z)
+        for p, values in zip(self.z_density.parameters(), state["z_density"], strict=True):
+            p[rows] = values
+
+    @torch.no_grad()
+    def start_from(self, y: Tensor, quality: int) -> None:
+        """Start quality's h_s at exactly a per-channel Gaussian (or Laplacian) fitted to gained latents
+        y (batch, M, h, w): the last layer's weights zero, its biases each channel's mean
+        and the scale index of its spread. From a fixed start, Adam needs tens of
+        thousands of steps just to move those biases to where most channels are (index
+        ~0: σ ≈ 0.1); with the biases fitted but random weights, the noise those weights
+        add to μ and t made training shut z off (measured, docs/results/hyperprior.md)."""
+        last = self.hyper[quality - 1].h_s[-1]
+        last.weight.zero_()
+        channels = y.transpose(0, 1).reshape(y.shape[1], -1)
+        if self.conditional.distribution == "laplace":  # its fit: the median and the mean |deviation|
+            mean = channels.median(dim=1).values
+            spread = (channels - mean[:, None]).abs().mean(dim=1)
+        else:
+            mean = channels.mean(dim=1)
+            spread = (channels - mean[:, None]).pow(2).mean(dim=1).sqrt()
+        index = torch.log(spread.clamp_min(self.conditional.minimum) / self.conditional.minimum) / self.conditional.step
+        last.bias[: self.M] = mean
+        last.bias[self.M:] = index.clamp(0, self.conditional.count - 1)
+
+    def means_and_indices(self, h: Tensor, size) -> tuple[Tensor, Tensor]:
+        """Split h_s's output into (μ, t), cropped to the latent grid."""
+        h = h[..., : size[0], : size[1]]
+        return h[:, : self.M], h[:, self.M :]
+
+    # ---- inference: integer h_s and tables ------------------------------------------------
+
+    def export_tables(self, calibration: list[Tensor] | None = None) -> None:
+        """Integer tables of every z density and of the Gaussian conditional, and the
+        integer h_s of every quality (:func:`integerize`, its activation ranges measured on
+        ``calibration``: gained latents (1, M, h, w) per quality, or None for a default)."""
+        tables = integer_tables(self.z_density)
+        Z = self.config.Z
+        self.z_tables = [tables.select(q * Z, (q + 1) * Z) for q in range(self.qualities)]
+        self.y_tables = self.conditional.integer_tables()
+        self.integer_h_s = [
+            integerize(self.hyper[q].h_s, self.config.scales,
+                       None if calibration is None else self._h_s_activations(q + 1, calibration[q]))
+            for q in range(self.qualities)]
+
+    @torch.no_grad()
+    def _h_s_activations(self, quality: int, y: Tensor) -> list[Tensor]:
+        hyper = self.hyper[quality - 1]
+        z_hat = torch.round(hyper.h_a(y))
+        outputs, value = [], z_hat
+        for layer in hyper.h_s:
+            value = layer(value)
+            if isinstance(layer, nn.ReLU):
+                outputs.append(value)
+        return outputs
+
+    def z_table(self, quality: int) -> IntegerTables:
+        """ẑ's integer tables at a quality (export_tables() first)."""
+        if self.z_tables is None:
+            raise ValueError("export_tables() first")
+        return self.z_tables[quality - 1]
+
+    def hyper_encode(self, y: np.ndarray, quality: int) -> np.ndarray:
+        """ẑ = round(h_a(y)) (int64, (Z, h, w)) for gained latents y (float32 (M, rows, cols))."""
+        with torch.inference_mode():
+            z = self.hyper[quality - 1].h_a(torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))[None])[0]
+        return rounded_z(z.numpy())
+
+    def hyper_decode(self, z_hat: np.ndarray, quality: int, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+        """(μ as float64 (M, rows, cols), scale indices as int64) from ẑ, exactly: the
+        integer h_s of the quality."""
+        if self.integer_h_s is None:
+            raise ValueError("export_tables() first")
+        return self.integer_h_s[quality - 1](z_hat, rows, cols)
+
+
+def integerize(h_s: nn.Sequential, scales: int, activations: list[Tensor] | None = None) -> IntegerHyperSynthesis:
+    """The integer network of a trained float h_s.
+
+    Each hidden activation a is represented as round(a / s) in 0 … ACTIVATION_MAX, s set
+    from its largest value seen on calibration data (or a default); each layer's weights
+    become round(w · s_in / s_out · 2**shift) with the largest shift that keeps them within
+    ±WEIGHT_MAX, per output channel. The output is μ·2**MEAN_BITS and t, so s_out is
+    2**−MEAN_BITS for the means and 1 for the scale index."""
+    convs = [layer for layer in h_s if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d))]
+    hidden = len(convs) - 1
+    if activations is None:
+        steps = [1.0 / 64] * hidden
+    else:
+        steps = [max(float(torch.quantile(a.flatten().float()[: 1 << 24], 0.9999)), 1e-3) / ACTIVATION_MAX
+                 for a in activations]
+    layers = []
+    s_in = 1.0
+    for n, layer in enumerate(convs):
+        weight = layer.weight.detach().double()
+        transposed = isinstance(layer, nn.ConvTranspose2d)
+        if transposed:  # (in, out, k, k) → the equivalent correlation kernel (out, in, k, k)
+            weight = weight.flip(-1, -2).transpose(0, 1)
+        out_channels = weight.shape[0]
+        if n < hidden:
+            s_out = torch.full((out_channels,), steps[n], dtype=torch.float64)
+        else:
+            M = out_channels // 2
+            s_out = torch.cat([torch.full((M,), 2.0 ** -MEAN_BITS, dtype=torch.float64),
+                               torch.ones(M, dtype=torch.float64)])
+        scaled = weight * (s_in / s_out).reshape(-1, 1, 1, 1)
+        bias = layer.bias.detach().double() / s_out
+        # The largest shift that keeps the weights within ±WEIGHT_MAX and the bias below
+        # BIAS_LIMIT (a zero or tiny kernel, as a fresh h_s's last layer has, must not
+        # push the bias past it).
+        by_weight = torch.log2(WEIGHT_MAX / scaled.abs().amax(dim=(1, 2, 3)).clamp_min(1e-12))
+        by_bias = torch.log2((BIAS_LIMIT - 1) / bias.abs().clamp_min(1e-12))
+        shift = torch.floor(torch.minimum(by_weight, by_bias)).clamp(0, MAX_SHIFT).long()
+        factor = torch.exp2(shift.double())
+        w_int = torch.round(scaled * factor.reshape(-1, 1, 1, 1)).clamp(-WEIGHT_MAX, WEIGHT_MAX)
+        b_int = torch.round(bias * factor).clamp(-(BIAS_LIMIT - 1), BIAS_LIMIT - 1)
+        layers.append(IntegerLayer(w_int.numpy().astype(np.int32), b_int.numpy().astype(np.int64),
+                                   shift.numpy().astype(np.int64), transposed, relu=n < hidden))
+        s_in = steps[n] if n < hidden else 1.0
+    return IntegerHyperSynthesis(layers, scales)
+
+
+
+# ---- weights as plain arrays (no pickle) -----------------------------------------------
+
+def to_arrays(model: Codec, half: bool = False) -> dict[str, np.ndarray]:
+    """The base transforms (``base.*``, a factorized weights file of their own), every
+    quality's h_a/h_s (float, to train on from here) and integer h_s, the z densities,
+    and all integer tables, as named arrays."""
+    if model.integer_h_s is None or model.z_tables is None or model.y_tables is None:
+        raise ValueError("export_tables() first")
+    arrays = {f"base.{name}": value for name, value in factorized.to_arrays(model.base, half).items()}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("base."):
+            continue
+        value = tensor.detach().cpu().numpy()
+        if half and value.ndim == 4:
+            value = value.astype(np.float16)
+        arrays[name] = value
+    for q, (tables, network) in enumerate(zip(model.z_tables, model.integer_h_s)):
+        _put_tables(arrays, f"z_tables.{q}", tables)
+        for n, layer in enumerate(network.layers):
+            arrays[f"integer_h_s.{q}.{n}.weight"] = layer.weight.astype(np.int16)
+            arrays[f"integer_h_s.{q}.{n}.bias"] = layer.bias.astype(np.int64)
+            arrays[f"integer_h_s.{q}.{n}.shift"] = layer.shift.astype(np.int8)
+    _put_tables(arrays, "y_tables", model.y_tables)
+    arrays["config"] = np.frombuffer(model.config.to_json().encode(), dtype=np.uint8)
+    return arrays
+
+
+def _put_tables(arrays: dict[str, np.ndarray], prefix: str, tables: IntegerTables) -> None:
+    arrays[f"{prefix}.offsets"] = tables.offsets
+    arrays[f"{prefix}.lengths"] = tables.lengths
+    arrays[f"{prefix}.frequencies"] = tables.frequencies
+
+
+def from_arrays(arrays: dict[str, np.ndarray]) -> Codec:
+    """Inverse of :func:`to_arrays`; raises ValueError on anything inconsistent, before
+    anything is built from the file's numbers."""
+    try:
+        config = Config.from_json(bytes(arrays["config"].astype(np.uint8)).decode())
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ValueError(f"weights have no valid config ({exc})") from None
+    base = factorized.from_arrays({name[5:]: value for name, value in arrays.items() if name.startswith("base.")})
+    M, Q, N, Z = base.config.M, base.config.qualities, config.hyper_N, config.Z
+    shapes = {f"hyper.{q}.{name}": shape for q in range(Q) for name, shape in hyper_shapes(M, N, Z).items()}
+    for name, shape in shapes.items():
+        if name not in arrays:
+            raise ValueError(f"weights lack tensor {name}")
+        if tuple(arrays[name].shape) != shape or arrays[name].dtype.kind != "f":
+            raise ValueError(f"tensor {name} has shape {arrays[name].shape} and dtype {arrays[name].dtype}, "
+                             f"expected floating point of shape {shape}")
+    networks = [_integer_network(arrays, q, integer_shapes(M, N, Z), config.scales) for q in range(Q)]
+    z_tables = [_get_tables(arrays, f"z_tables.{q}", Z) for q in range(Q)]
+    y_tables = _get_tables(arrays, "y_tables", config.scales)
+    model = Codec(base, config)
+    # The hyper-networks' parameters only: base's own pairs stay unbuilt until used.
+    state = {f"{part}.{name}": tensor for part in ("hyper", "z_density")
+             for name, tensor in getattr(model, part).state_dict().items()}
+    for name in state:
+        if name not in arrays or tuple(arrays[name].shape) != tuple(state[name].shape):
+            raise ValueError(f"weights lack tensor {name} of shape {tuple(state[name].shape)}")
+    factorized.fill(state, arrays)
+    model.z_tables, model.y_tables, model.integer_h_s = z_tables, y_tables, networks
+    return model.eval()

@@ -1,0 +1,254 @@
+"""Fine-tune one quality of the hyperprior family end to end (issue 21's second step).
+
+    python tools/joint_hyperprior.py ../shared/data/train --run runs/stage1 -q 4 --minutes 90
+
+Starts from the transforms of ``--init`` (default: the installed factorized weights) and
+quality Q's hyper-networks of ``RUN/qQ.pt`` (``tools/train_hyperprior.py``, the transforms
+frozen), then trains, on image crops, Q's own g_a/g_s pair (a quality on the shared pair
+gets its own copy first), Q's gain and inverse gain, h_a, h_s and Q's rows of the z
+density, for loss = bpp + λ·255²·MSE with Q's λ. The rate is the usual noisy one (ẑ and
+the residual y − μ with uniform noise); g_s decodes round(y − μ) + μ with a
+straight-through gradient, the integers the coder sends ("mixed", Minnen and Singh 2020).
+
+Every ``--validate-minutes`` (and at the start and end) it codes the held-out photos
+(``--holdout`` training images, the centre 512x512 of each) exactly as the coder would
+with the float h_s: bits of round(y − μ) under the Gaussian tables' own density, ẑ's
+bits by its density, PSNR of the 8-bit output, and prints them next to the factorized
+family's on the same photos. The state (``RUN/qQ-joint.pt``: the pair, the gains, the
+hyper-networks, the optimizer, the step) is saved every few minutes and on SIGTERM;
+running the same command again resumes. ``tools/hyperprior_quality.py`` and
+``tools/train_hyperprior.py --export`` take the joint state when it exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from nic import factorized, hyperprior  # noqa: E402
+from nic.quantization import TableRate  # noqa: E402
+from nic.train import CropSampler, find_images, load_rgb, save_atomic, split_holdout  # noqa: E402
+from nic.weights import default_weights  # noqa: E402
+
+DENSITY_LR_SCALE = 5.0
+
+
+def joint_path(run: Path, quality: int) -> Path:
+    return run / f"q{quality}-joint.pt"
+
+
+def with_own_pair(base: factorized.Codec, quality: int) -> factorized.Codec:
+    """``base``, or a copy in which ``quality`` has its own pair (so that training it moves no other quality)."""
+    if quality in base.config.specialized:
+        return base
+    return factorized.specialize(base, [quality])
+
+
+def load_joint(model: hyperprior.Codec, quality: int, state: dict) -> None:
+    """Put a joint state's pair, gains and hyper-networks into ``model`` (whose base has
+    ``quality`` specialized: :func:`with_own_pair`)."""
+    model.load_quality_state(quality, state["hyper"])
+    own = model.base.own[f"q{quality}"] if quality in model.base.config.specialized else None
+    if own is None:
+        raise ValueError(f"quality {quality} has no own pair in this model")
+    model.base.transforms(quality)
+    own.load_state_dict(state["pair"])
+    with torch.no_grad():
+        model.base.gain[quality - 1] = state["gain"]
+        model.base.inverse_gain[quality - 1] = state["inverse_gain"]
+
+
+def joint_model(init: str | None, run: Path, quality: int) -> hyperprior.Codec:
+    """The hyperprior model of ``run`` at ``quality``: the joint state if there is one,
+    else stage 1's hyper-networks on the frozen transforms (with an own pair for Q)."""
+    base = with_own_pair(default_weights(init, "factorized")[0], quality).build_all()
+    model = hyperprior.Codec(base)
+    path = joint_path(run, quality)
+    if path.exists():
+        load_joint(model, quality, torch.load(path, weights_only=True))
+    else:
+        model.load_quality_state(quality, torch.load(run / f"q{quality}.pt", weights_only=True))
+    return model
+
+
+def centre_crops(paths: list[Path], size: int) -> list[torch.Tensor]:
+    crops = []
+    for path in paths:
+        img = load_rgb(path)
+        h, w = (min(size, d) // 64 * 64 for d in img.shape[:2])
+        top, left = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2
+        x = torch.from_numpy(np.ascontiguousarray(img[top:top + h, left:left + w]))
+        crops.append(x.permute(2, 0, 1).unsqueeze(0).float() / 255.0)
+    return crops
+
+
+def psnr_8bit(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    decoded = torch.round(x_hat.clamp(0, 1) * 255)
+    mse = float(((decoded - torch.round(x * 255)) ** 2).mean())
+    return 10 * math.log10(255**2 / max(mse, 1e-10))
+
+
+@torch.no_grad()
+def evaluate(model: hyperprior.Codec, quality: int, crops: list[torch.Tensor]) -> dict[str, float]:
+    """Mean bpp (ẑ noisy by its density, ŷ exactly as coded with the float h_s), of which ẑ, and PSNR."""
+    model.eval()
+    bpp = z_bpp = quality_db = 0.0
+    for x in crops:
+        y = model.base.analysis(x, quality)
+        z_bits, y_bits, y_hat = model.latent_bits(y, quality, rounded=True)
+        pixels = x.shape[2] * x.shape[3]
+        bpp += float(z_bits.sum() + y_bits.sum()) / pixels
+        z_bpp += float(z_bits.sum()) / pixels
+        quality_db += psnr_8bit(x, model.base.synthesis(y_hat, quality))
+    model.train()
+    n = len(crops)
+    return {"bpp": bpp / n, "z": z_bpp / n, "psnr": quality_db / n}
+
+
+@torch.no_grad()
+def evaluate_factorized(base: factorized.Codec, quality: int, crops: list[torch.Tensor]) -> dict[str, float]:
+    base.export_tables()
+    rate = TableRate(base.tables[quality - 1])
+    bpp = quality_db = 0.0
+    for x in crops:
+        y_hat = torch.round(base.analysis(x, quality))
+        bpp += float(rate(y_hat[0]).sum()) / (x.shape[2] * x.shape[3])
+        quality_db += psnr_8bit(x, base.synthesis(y_hat, quality))
+    return {"bpp": bpp / len(crops), "psnr": quality_db / len(crops)}
+
+
+def trained_parameters(model: hyperprior.Codec, quality: int) -> tuple[list, list]:
+    """(parameters at the base learning rate, the z density's) that Q's training moves."""
+    own = model.base.own[f"q{quality}"]
+    params = [*own.parameters(), model.base.gain, model.base.inverse_gain, *model.hyper[quality - 1].parameters()]
+    return params, list(model.z_density.parameters())
+
+
+def keep_rows(model: hyperprior.Codec, quality: int) -> None:
+    """Zero every gradient outside quality Q's rows of the gains and the z density."""
+    Z = model.config.Z
+    for tensor, rows in ((model.base.gain, slice(quality - 1, quality)),
+                         (model.base.inverse_gain, slice(quality - 1, quality)),
+                         *((p, slice((quality - 1) * Z, quality * Z)) for p in model.z_density.parameters())):
+        if tensor.grad is not None:
+            keep = torch.zeros_like(tensor.grad)
+            keep[rows] = tensor.grad[rows]
+            tensor.grad = keep
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data", nargs="+", type=Path)
+    parser.add_argument("--run", type=Path, required=True)
+    parser.add_argument("-q", "--quality", type=int, required=True)
+    parser.add_argument("--init", default=None, help="factorized weights [default: installed]")
+    parser.add_argument("--minutes", type=float, default=60.0, help="training time of this whole schedule")
+    parser.add_argument("--steps", type=int, default=None, help="the schedule's length in steps instead of minutes")
+    parser.add_argument("--patch", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr-final", type=float, default=1e-5)
+    parser.add_argument("--holdout", type=int, default=16)
+    parser.add_argument("--validate-minutes", type=float, default=10.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    q = args.quality
+    torch.manual_seed(args.seed)
+    model = joint_model(args.init, args.run, q).train()
+    lam = model.base.config.lambdas[q - 1]
+    params, density = trained_parameters(model, q)
+    for p in model.parameters():
+        p.requires_grad = False
+    for p in [*params, *density]:
+        p.requires_grad = True
+    optimizer = torch.optim.Adam([{"params": params, "scale": 1.0}, {"params": density, "scale": DENSITY_LR_SCALE}],
+                                 lr=args.lr)
+    path = joint_path(args.run, q)
+    step, elapsed = 0, 0.0
+    if path.exists():
+        state = torch.load(path, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed = state["step"], state["elapsed"]
+    files, held = split_holdout(find_images(args.data, ["kodak", "kodim"]), args.holdout)
+    crops = centre_crops(held, 512)
+    sampler = CropSampler([load_rgb(p) for p in files], args.patch, random.Random(args.seed + step))
+    log_file = open(args.run / f"q{q}-joint.log", "a")
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    def save() -> None:
+        save_atomic({"hyper": model.quality_state(q), "pair": model.base.own[f"q{q}"].state_dict(),
+                     "gain": model.base.gain[q - 1].detach().clone(),
+                     "inverse_gain": model.base.inverse_gain[q - 1].detach().clone(),
+                     "optimizer": optimizer.state_dict(), "step": step, "elapsed": elapsed}, path)
+
+    def validate() -> None:
+        result = evaluate(model, q, crops)
+        log(f"q{q} step {step} ({elapsed / 60:.1f} min) held out: {result['bpp']:.4f} bpp (z {result['z']:.4f}), "
+            f"{result['psnr']:.3f} dB, J {result['bpp'] + lam * 255**2 * 10 ** (-result['psnr'] / 10):.4f}")
+
+    if step == 0:
+        reference = evaluate_factorized(model.base, q, crops)
+        log(f"q{q} factorized on the {len(crops)} held-out crops: {reference['bpp']:.4f} bpp, "
+            f"{reference['psnr']:.3f} dB, J {reference['bpp'] + lam * 255**2 * 10 ** (-reference['psnr'] / 10):.4f}")
+        model.base.tables = None
+        validate()
+
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    budget = args.minutes * 60
+    last_save = last_validation = time.monotonic()
+    sums = np.zeros(3)
+    try:
+        while (step < args.steps) if args.steps else (elapsed < budget):
+            fraction = step / args.steps if args.steps else elapsed / budget
+            lr = args.lr_final + 0.5 * (args.lr - args.lr_final) * (1 + math.cos(math.pi * fraction))
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["scale"]
+            started = time.monotonic()
+            x = sampler.batch(args.batch)
+            y = model.base.analysis(x, q)
+            z_bits, y_bits, y_hat = model.latent_bits(y, q)
+            x_tilde = model.base.synthesis(y_hat, q)
+            bpp = (z_bits + y_bits) / (x.shape[2] * x.shape[3])
+            mse = ((x_tilde - x) ** 2).mean(dim=(1, 2, 3))
+            loss = (bpp + lam * 255**2 * mse).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            keep_rows(model, q)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            step += 1
+            elapsed += time.monotonic() - started
+            sums += (loss.item(), bpp.mean().item(), float(10 * torch.log10(1 / mse.detach()).mean()))
+            if step % 20 == 0:
+                log(f"q{q} step {step} loss {sums[0] / 20:.4f} bpp {sums[1] / 20:.4f} psnr {sums[2] / 20:.2f} "
+                    f"lr {lr:.1e} {elapsed / step:.2f} s/step")
+                sums[:] = 0
+            if time.monotonic() - last_save > 300:
+                save()
+                last_save = time.monotonic()
+            if time.monotonic() - last_validation > args.validate_minutes * 60:
+                validate()
+                last_validation = time.monotonic()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        save()
+    validate()
+
+
+if __name__ == "__main__":
+    main()
