@@ -13,6 +13,7 @@ weights file.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -55,12 +56,15 @@ def _check_dimensions(width: int, height: int) -> None:
 
 
 def _file_parts(model, digest: bytes, quality: int, channels: int, width: int, height: int,
-                substreams: list, icc_profile: bytes | None, exif: bytes | None) -> list:
+                substreams: list, icc_profile: bytes | None, exif: bytes | None, gray_rgb: bool = False) -> list:
+    """The file's buffers. ``gray_rgb``: an RGB source whose pixels were all gray is stored
+    as grayscale (its latents are the same: g_a sees a gray image's one channel three
+    times) and marked to decode to RGB, so no colour fringes come back."""
     version = _family(model).FORMAT_VERSION
     payload = container.pack_substreams(substreams) if version != container.VERSION else [substreams[0].data]
     header = Header(
         model_id=model.config.model_id, quality=quality,
-        colour=COLOUR_GRAY if channels == 1 else COLOUR_RGB,
+        colour=COLOUR_GRAY if channels == 1 or gray_rgb else COLOUR_RGB,
         width=width, height=height, weights_hash=digest,
         latent_shape=tuple(substreams[-1].shape), version=version,
         payload_length=sum(memoryview(part).nbytes for part in payload),
@@ -70,7 +74,28 @@ def _file_parts(model, digest: bytes, quality: int, channels: int, width: int, h
         sections.append((container.SECTION_ICC, bytes(icc_profile)))
     if exif:
         sections.append((container.SECTION_EXIF, bytes(exif)))
+    if gray_rgb and channels == 3:
+        sections.append((container.SECTION_GRAY_RGB, b""))
     return container.pack_parts(header, payload, sections)
+
+
+def is_gray(pixels: np.ndarray) -> bool:
+    """Whether uint8 pixels (..., 3) have R = G = B everywhere."""
+    return bool(np.array_equal(pixels[..., 0], pixels[..., 1]) and np.array_equal(pixels[..., 1], pixels[..., 2]))
+
+
+class _GrayWatch:
+    """PixelRows that pass a source's rows through and note whether all were gray."""
+
+    def __init__(self, source: PixelRows):
+        self.source, self.gray = source, source.channels == 3
+        self.width, self.height, self.channels = source.width, source.height, source.channels
+
+    def read(self, count: int) -> np.ndarray:
+        rows = self.source.read(count)
+        if self.gray:
+            self.gray = is_gray(rows)
+        return rows
 
 
 def default_quality(weights: str | Path | None = None, family: str | None = None) -> int:
@@ -103,9 +128,12 @@ def encode_pixels(pixels: np.ndarray, quality: int = 4, weights: str | Path | No
     height, width = pixels.shape[:2]
     _check_dimensions(width, height)
     model, digest = _model(weights, family, quality)
+    gray_rgb = pixels.shape[2] == 3 and is_gray(pixels)
+    if gray_rgb:
+        pixels = pixels[..., :1]
     substreams = _family(model).compress(model, pixels, quality, effort, progress)
-    return b"".join(_file_parts(model, digest, quality, pixels.shape[2], width, height, substreams,
-                                icc_profile, exif))
+    return b"".join(_file_parts(model, digest, quality, 3 if gray_rgb else pixels.shape[2], width, height,
+                                substreams, icc_profile, exif, gray_rgb))
 
 
 def encode_rows(source: PixelRows, quality: int = 4, weights: str | Path | None = None,
@@ -122,8 +150,10 @@ def encode_rows(source: PixelRows, quality: int = 4, weights: str | Path | None 
     if source.channels not in (1, 3):
         raise ValueError("images must have 1 or 3 channels")
     model, digest = _model(weights, family, quality)
-    substreams = _family(model).compress(model, source, quality, 1, progress, spill_bytes)
-    return _file_parts(model, digest, quality, source.channels, width, height, substreams, icc_profile, exif)
+    watched = _GrayWatch(source)
+    substreams = _family(model).compress(model, watched, quality, 1, progress, spill_bytes)
+    return _file_parts(model, digest, quality, source.channels, width, height, substreams, icc_profile, exif,
+                       watched.gray)
 
 
 def encode_to_target(pixels: np.ndarray, max_bytes: int, weights: str | Path | None = None,
@@ -177,16 +207,21 @@ def _open_for_decoding(data: bytes, weights: str | Path | None, max_pixels: int)
 def _decompress(data: bytes, weights: str | Path | None, max_pixels: int, progress: Progress | None,
                 spill_bytes: int | None, open_sink, on_latents=None) -> Header:
     """Decode, calling ``open_sink(header, icc_profile, exif)`` once every substream is
-    decoded (so a corrupt file opens no output) and feeding the rows it returns."""
+    decoded (so a corrupt file opens no output) and feeding the rows it returns. A
+    grayscale file of an all-gray RGB source (section gRGB) decodes to RGB: ``open_sink``
+    gets its header with the colour layout RGB."""
     parsed, substreams, model = _open_for_decoding(data, weights, max_pixels)
     header = parsed.header
     known = dict(parsed.sections)
     sink: list[RowSink] = []
+    to_rgb = header.colour == COLOUR_GRAY and container.SECTION_GRAY_RGB in known
 
     def decoded(latents) -> None:
         if on_latents is not None:
             on_latents(latents)
-        sink.append(open_sink(header, known.get(container.SECTION_ICC), known.get(container.SECTION_EXIF)))
+        shown = dataclasses.replace(header, colour=COLOUR_RGB) if to_rgb else header
+        rows = open_sink(shown, known.get(container.SECTION_ICC), known.get(container.SECTION_EXIF))
+        sink.append((lambda gray: rows(np.repeat(gray, 3, axis=2))) if to_rgb else rows)
 
     _family(model).decompress(model, header.quality, header.height, header.width, header.colour == COLOUR_GRAY,
                               substreams, lambda rows: sink[0](rows), progress, spill_bytes, decoded)

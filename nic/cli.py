@@ -579,7 +579,7 @@ def decode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, out
 @max_pixels_option
 def info(file: str, max_pixels: int) -> None:
     """Print the header fields of .nic FILE ('-' for stdin) and its bpp."""
-    from .container import COLOUR_NAMES, FormatError, unpack
+    from .container import COLOUR_NAMES, SECTION_GRAY_RGB, FormatError, unpack
     from .families import name_of
 
     data = read_nic_input(file, max_pixels)
@@ -594,7 +594,8 @@ def info(file: str, max_pixels: int) -> None:
         ("model id", f"{h.model_id} ({name_of(h.model_id)})"),
         ("quality", str(h.quality)),
         ("size", f"{h.width}x{h.height}"),
-        ("colour", COLOUR_NAMES[h.colour]),
+        ("colour", COLOUR_NAMES[h.colour] + (" (of an all-gray RGB image: decodes to RGB)"
+                                             if SECTION_GRAY_RGB in dict(parsed.sections) else "")),
         ("weights", h.weights_hash.hex()),
         ("latent shape", "x".join(map(str, h.latent_shape))),
         ("payload bytes", str(h.payload_length)),
@@ -604,7 +605,8 @@ def info(file: str, max_pixels: int) -> None:
         ("bpp", f"{8 * len(data) / (h.width * h.height):.4f}"),
     ]
     for kind, body in parsed.sections:
-        rows.append((f"section {kind.decode()}", f"{len(body)} bytes (skipped)"))
+        if kind != SECTION_GRAY_RGB:
+            rows.append((f"section {kind.decode()}", f"{len(body)} bytes (skipped)"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")

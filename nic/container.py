@@ -40,12 +40,13 @@ Sections (how the format grows without a new version): each is a 4-byte ASCII
 type, a 4-byte length (at most 16 MiB), the data and a CRC-32 over type and data.
 As in PNG, a type whose first letter is lowercase is *ancillary*: a reader that does
 not know it skips it; an unknown uppercase (*critical*) type makes the file
-unreadable, with a message naming it. Versions 1 and 2 define two ancillary sections:
+unreadable, with a message naming it. Versions 1 and 2 define three ancillary sections:
 
 | type (stable id) | content                                                          |
 |------------------|------------------------------------------------------------------|
 | `iCCP`           | the source's ICC colour profile, verbatim                        |
 | `eXIf`           | the source's EXIF block (orientation already applied, tag reset) |
+| `gRGB`           | empty: the grayscale image was an RGB source whose pixels were all gray; decode it to RGB (three equal channels). A reader that skips it writes the same pixels as one channel |
 
 A future feature that a reader may ignore (say, a thumbnail) gets a new ancillary
 type; one that changes how pixels decode gets a critical type, so version-1 readers
@@ -86,6 +87,7 @@ MAX_SECTION = 16 * 1024 * 1024
 
 SECTION_ICC = b"iCCP"
 SECTION_EXIF = b"eXIf"
+SECTION_GRAY_RGB = b"gRGB"
 
 MAX_BITS_PER_PIXEL = 64
 """No honest payload comes near this; larger claims are refused before reading."""

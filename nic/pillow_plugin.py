@@ -27,8 +27,8 @@ from typing import IO
 
 from PIL import Image, ImageFile
 
-from .container import (COLOUR_GRAY, HEADER_SIZE, MAGIC, SECTION_EXIF, SECTION_ICC, FormatError, max_file_size,
-                        parse_header, unpack)
+from .container import (COLOUR_GRAY, HEADER_SIZE, MAGIC, SECTION_EXIF, SECTION_GRAY_RGB, SECTION_ICC, FormatError,
+                        max_file_size, parse_header, unpack)
 
 FORMAT = "NIC"
 MIME = "image/x-nic"
@@ -65,6 +65,8 @@ class NicImageFile(ImageFile.ImageFile):
             self.info["icc_profile"] = sections[SECTION_ICC]
         if sections.get(SECTION_EXIF):
             self.info["exif"] = sections[SECTION_EXIF]
+        if SECTION_GRAY_RGB in sections:  # an all-gray RGB source: decodes to RGB
+            self._mode = "RGB"
         self.tile = []
 
     def load(self):

@@ -96,6 +96,33 @@ def test_grayscale_in_grayscale_out(tmp_path):
     assert out.mode == "L" and out.size == (40, 24)
 
 
+def test_gray_rgb_is_coded_as_gray_and_decodes_to_rgb_without_fringes(tmp_path):
+    """An RGB image whose pixels are all gray (a scanned page saved as RGB) is stored as
+    grayscale and decodes to RGB with three equal channels, by the streamed path (PNG) and
+    the whole-image one (JPEG) alike; one coloured pixel keeps it RGB."""
+    gray = np.repeat(smooth_image(40, 56, channels=1), 3, axis=2)
+    for name, data in (("a.png", png_bytes(gray)), ("a.bmp", None)):
+        src = tmp_path / name
+        if data is None:
+            Image.fromarray(gray).save(src)
+        else:
+            src.write_bytes(data)
+        run_cli("encode", str(src), "-o", str(tmp_path / "a.nic"))
+        assert "grayscale (of an all-gray RGB image" in run_cli("info", str(tmp_path / "a.nic")).output
+        for out in ("a.png", "a.bmp"):
+            run_cli("decode", str(tmp_path / "a.nic"), "-o", str(tmp_path / f"out-{out}"))
+            decoded = Image.open(tmp_path / f"out-{out}")
+            assert decoded.mode == "RGB" and decoded.size == (56, 40)
+            channels = np.asarray(decoded)
+            assert (channels[..., 0] == channels[..., 1]).all() and (channels[..., 1] == channels[..., 2]).all()
+    coloured = gray.copy()
+    coloured[5, 7] = (200, 10, 10)
+    run_cli("encode", str(write_png(tmp_path / "c.png", coloured)), "-o", str(tmp_path / "c.nic"))
+    (colour,) = [line for line in run_cli("info", str(tmp_path / "c.nic")).output.splitlines()
+                 if line.startswith("colour")]
+    assert colour.split()[1:] == ["RGB"]
+
+
 def test_alpha_is_refused_unless_flattened(tmp_path):
     rgba = np.dstack([smooth_image(20, 20), np.full((20, 20), 128, np.uint8)])
     src = tmp_path / "a.png"

@@ -47,6 +47,16 @@ def test_pillow_plugin_opens_and_saves(tmp_path):
     assert Image.MIME["NIC"] == "image/x-nic"
 
 
+def test_gray_rgb_images_open_as_rgb(tmp_path):
+    """An all-gray RGB image comes back as RGB from nic.decode and from Pillow's plugin."""
+    gray = np.repeat(smooth_image(24, 40, seed=4)[..., :1], 3, axis=2)
+    data = nic.encode(gray, quality=3)
+    assert nic.decode(data).mode == "RGB"
+    (tmp_path / "g.nic").write_bytes(data)
+    with Image.open(tmp_path / "g.nic") as im:
+        assert im.mode == "RGB" and np.asarray(im).shape == (24, 40, 3)
+
+
 def test_metadata_survives_and_strip_drops_it(tmp_path):
     photo_with_metadata(tmp_path / "in.jpg")
     runner = CliRunner()
