@@ -807,6 +807,88 @@ def render_rd_plot(series: Sequence[Series], title: str, x_label: str = "bits pe
     return image
 
 
+# --------------------------------------------------------------------------- the hard-content set
+
+HARD_QUALITIES = "4,8"
+"""The qualities ``nic bench --hard`` measures unless told otherwise."""
+
+
+def same_bytes(codec: str, pixels: np.ndarray, budget: int) -> dict | None:
+    """{"bytes", "psnr"} of a baseline codec's largest file of ``pixels`` not above
+    ``budget`` bytes: JPEG 2000 at exactly that rate (its own rate control), the others
+    by a binary search over their quality 1..100. None if even the smallest is larger."""
+    height, width, channels = pixels.shape
+    if codec == "jpeg2000":
+        data = encode_baseline(codec, 8.0 * budget / (height * width), pixels)
+        candidates = [data] if len(data) <= budget * 1.01 + 64 else []
+    else:
+        candidates, low, high = [], 1, 100
+        while low <= high:
+            middle = (low + high) // 2
+            data = encode_baseline(codec, middle, pixels)
+            if len(data) <= budget:
+                candidates, low = [data], middle + 1
+            else:
+                high = middle - 1
+    if not candidates:
+        return None
+    return {"bytes": len(candidates[0]), "psnr": psnr(pixels, decode_baseline(candidates[0], channels))}
+
+
+def ceiling_psnr(model, pixels: np.ndarray, quality: int) -> float:
+    """PSNR of g_s(g_a(x)) without quantization: the best the transforms can do."""
+    from .tiling import analysis_tiles, reconstruct_tiled
+
+    base = getattr(model, "base", model)  # a hyperprior model's transforms are its base's
+    height, width = pixels.shape[:2]
+    y = np.empty((base.latent_channels, -(-height // 16), -(-width // 16)), np.float32)
+    for (rows, cols), values in analysis_tiles(base, pixels, quality):
+        y[:, rows, cols] = values
+    return psnr(pixels, reconstruct_tiled(base, y, quality, height, width, pixels.shape[2] == 1))
+
+
+def run_hard(qualities: str | None, codecs: str | None, weights: str | None, family: str | None,
+             names: list[str] | None = None, report=None) -> list[dict]:
+    """Measure the hard-content set (nic.hardset): per image and quality, nic's bytes, bpp
+    and PSNR, the ceiling of its transforms, and each baseline's PSNR at nic's bytes.
+    ``report(row)`` sees each row as it is measured."""
+    from . import hardset
+    from .api import decode_pixels, encode_pixels
+    from .weights import default_weights
+
+    model, _ = default_weights(weights, family, coding=True)
+    chosen = parse_qualities(qualities or HARD_QUALITIES, model.qualities)
+    baselines, _ = baseline_status(parse_codecs(codecs))
+    rows = []
+    for name, pixels in hardset.generate(names).items():
+        height, width = pixels.shape[:2]
+        for quality in chosen:
+            data = encode_pixels(pixels, quality, weights, family=family)
+            decoded = decode_pixels(data, weights).pixels
+            row = {"image": name, "quality": quality, "bytes": len(data), "bpp": 8.0 * len(data) / (height * width),
+                   "psnr": psnr(pixels, decoded), "ceiling": ceiling_psnr(model, pixels, quality)}
+            for codec in baselines:
+                found = same_bytes(codec, pixels, len(data))
+                row[codec] = None if found is None else found["psnr"]
+            rows.append(row)
+            if report is not None:
+                report(row)
+    return rows
+
+
+def hard_table(rows: list[dict]) -> str:
+    """The rows of :func:`run_hard` as a Markdown table (PSNR in dB; "-" where a baseline
+    cannot get that small)."""
+    codecs = [k for k in rows[0] if k not in ("image", "quality", "bytes", "bpp", "psnr", "ceiling")] if rows else []
+    head = "| image | q | nic bpp | nic PSNR | ceiling | " + " | ".join(f"{c}, same bytes" for c in codecs) + " |"
+    lines = [head, "|---|---:|---:|---:|---:|" + "---:|" * len(codecs)]
+    for row in rows:
+        cells = [row["image"], str(row["quality"]), f"{row['bpp']:.3f}", f"{row['psnr']:.2f}", f"{row['ceiling']:.2f}"]
+        cells += ["-" if row[c] is None else f"{row[c]:.2f}" for c in codecs]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- the command
 
 

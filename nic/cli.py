@@ -730,7 +730,7 @@ def export(checkpoint: str, output: str, half: bool) -> None:
 
 
 @cli.command()
-@click.argument("folder", metavar="DIR", type=click.Path(exists=True, file_okay=False))
+@click.argument("folder", metavar="DIR", type=click.Path(exists=True, file_okay=False), required=False)
 @click.option("-q", "--quality", "qualities", metavar="LIST", default=None,
               help="nic qualities, e.g. 1,4,8 or 2-5 [default: all; --speed: the middle one].")
 @click.option("--codecs", default="jpeg,webp,jpeg2000,avif", show_default=True,
@@ -745,20 +745,46 @@ def export(checkpoint: str, output: str, half: bool) -> None:
               help="nic's encoder effort (as in nic encode).")
 @click.option("--model", "family", type=click.Choice(list(FAMILY_NAMES)), default=None,
               help="Model family of the installed weights to measure [default: factorized].")
+@click.option("--hard", is_flag=True,
+              help="Instead of DIR, the generated hard-content set (text, line art, gratings, flat areas): "
+                   "nic's bpp and PSNR, its transforms' ceiling, and each codec's PSNR at the same bytes "
+                   "[default -q 4,8].")
 @threads_option
 @weights_option
-def bench(folder: str, qualities: str | None, codecs: str, json_out: str | None, plot_out: str | None,
-          speed: bool, limit: int | None, compare: tuple[str, ...], effort: int, family: str | None,
+def bench(folder: str | None, qualities: str | None, codecs: str, json_out: str | None, plot_out: str | None,
+          speed: bool, limit: int | None, compare: tuple[str, ...], effort: int, family: str | None, hard: bool,
           threads: int | None, weights: str | None) -> None:
     """Rate-distortion (bpp, PSNR, MS-SSIM, BD-rate) of nic and Pillow codecs on the images in DIR."""
     from .bench import BenchOptions, run_command
 
+    if (folder is None) == (not hard):
+        raise click.UsageError("give DIR, or --hard for the generated hard-content set (not both)")
     set_threads(threads)
     try:
+        if hard:
+            bench_hard(qualities, codecs, json_out, family, weights)
+            return
         run_command(BenchOptions(Path(folder), qualities, codecs, json_out, plot_out, speed, weights, limit,
                                  compare, effort, family), err=stderr_console())
     except _domain_errors() as exc:
         raise NicError(str(exc)) from None
+
+
+def bench_hard(qualities: str | None, codecs: str, json_out: str | None, family: str | None,
+               weights: str | None) -> None:
+    """``nic bench --hard``: the table of nic.bench.run_hard, row by row on stderr, whole on stdout."""
+    import json
+
+    from .bench import hard_table, json_safe, run_hard
+
+    def report(row: dict) -> None:
+        click.echo(f"{row['image']} q{row['quality']}: {row['bpp']:.3f} bpp, {row['psnr']:.2f} dB", err=True)
+
+    rows = run_hard(qualities, codecs, weights, family, report=report)
+    click.echo(hard_table(rows))
+    if json_out:
+        with atomic_output(json_out) as stream:
+            stream.write(json.dumps(json_safe({"hard": rows}), indent=1).encode())
 
 
 def main() -> None:

@@ -487,3 +487,31 @@ def test_results_markdown_per_quality_compares_two_reports():
     assert len(rows) == 8
     assert all(row.count("|") == 8 for row in rows)
     assert "→" in rows[1] and "%" in rows[1]  # q2 changed between the two weights
+
+
+def test_bench_hard_reports_nic_the_ceiling_and_codecs_at_the_same_bytes(tiny_weights):
+    rows = bench.run_hard("1", "jpeg,jpeg2000", tiny_weights, None, ["flat", "text-black"])
+    assert [(r["image"], r["quality"]) for r in rows] == [("flat", 1), ("text-black", 1)]
+    for row in rows:
+        assert row["bpp"] == pytest.approx(8 * row["bytes"] / (512 * 768))
+        assert row["ceiling"] >= row["psnr"] - 0.5  # rounding the latents only loses
+        assert row["jpeg2000"] is not None and row["jpeg2000"] > 0
+    table = bench.hard_table(rows)
+    assert table.splitlines()[0].startswith("| image | q | nic bpp | nic PSNR | ceiling | jpeg, same bytes")
+    assert len(table.splitlines()) == 4
+
+
+def test_same_bytes_never_exceeds_the_budget():
+    pixels = smooth_image(64, 96)
+    found = bench.same_bytes("jpeg", pixels, 900)
+    assert found is not None and found["bytes"] <= 900
+    assert bench.same_bytes("jpeg", pixels, 10) is None
+
+
+def test_bench_needs_a_folder_or_hard(tmp_path):
+    from nic.cli import cli
+
+    result = CliRunner().invoke(cli, ["bench"])
+    assert result.exit_code == 2 and "--hard" in result.output
+    result = CliRunner().invoke(cli, ["bench", str(tmp_path), "--hard"])
+    assert result.exit_code == 2
