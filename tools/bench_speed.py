@@ -9,6 +9,7 @@
     python tools/bench_speed.py tiling --tile 128 IMAGES...  # tiled against whole-image results
     python tools/bench_speed.py engines -j 2 IMAGES...     # numpy engine against torch: time, latents, PSNR
     python tools/bench_speed.py cli -j 2 IMAGES...         # wall clock of fresh `nic encode` / `nic decode`
+                                                           # (--model hyperprior --weights W: that family)
 
 IMAGES are files (e.g. ../shared/data/kodak/kodim*.png) or WxH for a generated image.
 The model is loaded once; the first run of each shape is a warm-up and not counted.
@@ -252,8 +253,11 @@ def cmd_cli(args) -> None:
             source = os.path.join(folder, "in.png")
             Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(source)
             row = []
-            for command in (["encode", source, "-q", str(args.quality), "-o", os.path.join(folder, "a.nic")],
-                            ["decode", os.path.join(folder, "a.nic"), "-o", os.path.join(folder, "out.png")]):
+            weights = ["--weights", args.weights] if args.weights else []
+            family = ["--model", args.model] if args.model else []
+            for command in (["encode", source, "-q", str(args.quality), "-o", os.path.join(folder, "a.nic"),
+                             *family, *weights],
+                            ["decode", os.path.join(folder, "a.nic"), "-o", os.path.join(folder, "out.png"), *weights]):
                 best, torch_used = float("inf"), None
                 for _ in range(args.repeat):
                     t0 = time.perf_counter()
@@ -419,6 +423,8 @@ def main() -> None:
     p.add_argument("-j", "--threads", type=int, default=None, help="nic's -j [default: not given]")
     p.add_argument("-q", "--quality", type=int, default=4)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--model", default=None, help="nic encode's --model (a model family)")
+    p.add_argument("--weights", default=None, help="nic's --weights")
     p.set_defaults(run=cmd_cli)
     p = sub.add_parser("bf16")
     p.add_argument("images", nargs="+")
