@@ -292,3 +292,16 @@ def test_training_tool_trains_every_quality_and_exports_weights(tmp_path, photos
     assert done.returncode == 0, done.stderr
     data = api.encode_pixels(smooth_image(40, 56), 5, str(tmp_path / "h.npz"))
     assert api.decode_pixels(data, str(tmp_path / "h.npz")).pixels.shape == (40, 56, 3)
+    # Quality 2 end to end (tools/joint_hyperprior.py), then exported with the others.
+    joint = subprocess.run([sys.executable, "tools/joint_hyperprior.py", str(photos), "--run", str(tmp_path / "run"),
+                            "-q", "2", "--init", tiny_weights, "--steps", "2", "--batch", "2", "--patch", "64",
+                            "--holdout", "1"], capture_output=True, text=True, timeout=600, cwd=root)
+    assert joint.returncode == 0, joint.stderr
+    assert "q2 step 2 " in joint.stdout and (tmp_path / "run" / "q2-joint.pt").exists()
+    again = subprocess.run([*tool, "--export", str(tmp_path / "j.npz")], capture_output=True, text=True,
+                           timeout=600, cwd=root)
+    assert again.returncode == 0, again.stderr
+    exported, _ = load_weights(tmp_path / "j.npz")
+    assert 2 in exported.base.config.specialized
+    data = api.encode_pixels(smooth_image(40, 56), 2, str(tmp_path / "j.npz"))
+    assert api.decode_pixels(data, str(tmp_path / "j.npz")).pixels.shape == (40, 56, 3)

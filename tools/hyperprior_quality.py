@@ -3,7 +3,8 @@
     python tools/hyperprior_quality.py ../shared/data/kodak --run runs/hyper -q 3
 
 Takes quality Q's hyper-networks from ``RUN/qQ.pt`` (``tools/train_hyperprior.py``) on
-the transforms of ``--init`` (default: the installed factorized weights), integerizes its
+the transforms of ``--init`` (default: the installed factorized weights), or Q's
+end-to-end state ``RUN/qQ-joint.pt`` (``tools/joint_hyperprior.py``), integerizes its
 h_s (activation ranges from 64 of the run's cached crops), and codes every image of the
 folder with both families at quality Q: real substreams, decoded again, sizes with the
 header, CRCs and substream directory. Prints mean bpp, PSNR and the rate change, the
@@ -30,11 +31,23 @@ from nic.bench import list_images, psnr  # noqa: E402
 from nic.container import HEADER_SIZE, SUBSTREAM_ENTRY  # noqa: E402
 from nic.images import read_image  # noqa: E402
 from nic.weights import default_weights  # noqa: E402
+from joint_hyperprior import joint_path  # noqa: E402
 
 
 def hyperprior_at(base, run: Path, quality: int, distribution: str = "gaussian") -> hyperprior.Codec:
+    """Quality Q of a run on ``base``: stage 1's hyper-networks (RUN/qQ.pt), or, where
+    tools/joint_hyperprior.py has trained it end to end (RUN/qQ-joint.pt), its own pair,
+    gains and hyper-networks."""
+    from joint_hyperprior import load_joint, with_own_pair
+
+    joint = joint_path(run, quality)
+    if joint.exists():
+        base = with_own_pair(base, quality)
     model = hyperprior.Codec(base, hyperprior.Config(distribution=distribution)).eval()
-    model.load_quality_state(quality, torch.load(run / f"q{quality}.pt", weights_only=True))
+    if joint.exists():
+        load_joint(model, quality, torch.load(joint, weights_only=True))
+    else:
+        model.load_quality_state(quality, torch.load(run / f"q{quality}.pt", weights_only=True))
     crops = np.load(run / f"latents-q{quality}.npy", mmap_mode="r")
     calibration = [torch.zeros(1, base.config.M, 4, 4)] * model.qualities
     calibration[quality - 1] = torch.from_numpy(np.asarray(crops[:64]).astype(np.float32))
@@ -68,6 +81,8 @@ def main() -> None:
     base = default_weights(args.init, "factorized")[0]
     model = hyperprior_at(base, args.run, q, args.distribution)
     families = (("factorized", factorized, base), ("hyperprior", hyperprior, model))
+    if joint_path(args.run, q).exists():
+        print(f"quality {q}: the end-to-end state {joint_path(args.run, q)}")
     results = {name: [] for name, _, _ in families}
     paths = list_images(args.folder)
     for path in paths:

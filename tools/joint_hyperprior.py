@@ -72,12 +72,16 @@ def joint_model(init: str | None, run: Path, quality: int) -> hyperprior.Codec:
     """The hyperprior model of ``run`` at ``quality``: the joint state if there is one,
     else stage 1's hyper-networks on the frozen transforms (with an own pair for Q)."""
     base = with_own_pair(default_weights(init, "factorized")[0], quality).build_all()
-    model = hyperprior.Codec(base)
     path = joint_path(run, quality)
+    state = torch.load(path if path.exists() else run / f"q{quality}.pt", weights_only=True)
+    hyper = state["hyper"]["hyper"] if path.exists() else state["hyper"]
+    # The hyper-networks' widths, as stage 1 trained them (tools/train_hyperprior.py --hyper-N, --Z).
+    config = hyperprior.Config(hyper_N=hyper["h_a.0.weight"].shape[0], Z=hyper["h_a.4.weight"].shape[0])
+    model = hyperprior.Codec(base, config)
     if path.exists():
-        load_joint(model, quality, torch.load(path, weights_only=True))
+        load_joint(model, quality, state)
     else:
-        model.load_quality_state(quality, torch.load(run / f"q{quality}.pt", weights_only=True))
+        model.load_quality_state(quality, state)
     return model
 
 
@@ -85,7 +89,7 @@ def centre_crops(paths: list[Path], size: int) -> list[torch.Tensor]:
     crops = []
     for path in paths:
         img = load_rgb(path)
-        h, w = (min(size, d) // 64 * 64 for d in img.shape[:2])
+        h, w = (max(16, min(size, d) // 16 * 16) for d in img.shape[:2])
         top, left = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2
         x = torch.from_numpy(np.ascontiguousarray(img[top:top + h, left:left + w]))
         crops.append(x.permute(2, 0, 1).unsqueeze(0).float() / 255.0)

@@ -180,12 +180,29 @@ def main() -> None:
 
 
 def export(model: hyperprior.Codec, out: Path, path: Path) -> None:
+    """Every quality's state of the run into one weights file: stage 1's (qQ.pt) on the
+    frozen transforms, or, where tools/joint_hyperprior.py trained a quality end to end
+    (qQ-joint.pt), its own pair and gains too. The integer h_s of each quality is
+    calibrated on 64 crops of its cached latents, through that quality's g_a as trained."""
+    from joint_hyperprior import joint_path, load_joint, with_own_pair
+
     missing = [q for q in range(1, model.qualities + 1) if not (out / f"q{q}.pt").exists()]
     if missing:
         raise SystemExit(f"cannot export: qualities {', '.join(map(str, missing))} are not trained yet")
+    joint = [q for q in range(1, model.qualities + 1) if joint_path(out, q).exists()]
+    if joint:
+        base = model.base
+        for q in joint:
+            base = with_own_pair(base, q)
+        model = hyperprior.Codec(base.build_all(), model.config)
     calibration = []
     for q in range(1, model.qualities + 1):
-        model.load_quality_state(q, torch.load(out / f"q{q}.pt", weights_only=True))
+        if q in joint:
+            load_joint(model, q, torch.load(joint_path(out, q), weights_only=True))
+        else:
+            model.load_quality_state(q, torch.load(out / f"q{q}.pt", weights_only=True))
+        # The cache holds the frozen g_a's latents; for a quality trained end to end they
+        # are near its own (fine-tuning moves g_a little), and they only set h_s's ranges.
         latents = np.load(out / f"latents-q{q}.npy", mmap_mode="r")
         calibration.append(torch.from_numpy(np.asarray(latents[:64]).astype(np.float32)))
     model.export_tables(calibration)
