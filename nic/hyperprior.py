@@ -301,6 +301,7 @@ class Model:
         self._h_a: dict[int, engine.Network] = {}
         self._h_s: dict[int, IntegerHyperSynthesis] = {}
         self._z_tables: dict[int, IntegerTables] = {}
+        self._network = None
 
     @property
     def qualities(self) -> int:
@@ -343,6 +344,17 @@ class Model:
                                                           self.config.scales)
         return self._h_s[quality]
 
+    def network(self):
+        """The same weights as a torch ``Codec`` (nic.hyperprior_torch), built on first use:
+        for what differentiates through the transforms (the encoder's effort 2..4)."""
+        if self._network is None:
+            with _BUILDING:
+                if self._network is None:
+                    from .hyperprior_torch import from_arrays as torch_from_arrays
+
+                    self._network = torch_from_arrays(self._arrays)
+        return self._network
+
     def hyper_encode(self, y: np.ndarray, quality: int) -> np.ndarray:
         """ẑ = round(h_a(y)) (int64, (Z, h, w)) for gained latents y (float32 (M, rows, cols))."""
         z = self.h_a(quality)(np.ascontiguousarray(y.transpose(1, 2, 0), dtype=np.float32))
@@ -364,6 +376,11 @@ def rounded_z(z: np.ndarray) -> np.ndarray:
 def load(arrays: dict[str, np.ndarray]) -> Model:
     """The model that codes files (nic.families): numpy only."""
     return Model(arrays)
+
+
+def trainable(model):
+    """The torch ``Codec`` of a model (itself if it is one)."""
+    return model.network() if isinstance(model, Model) else model
 
 
 def __getattr__(name: str):
@@ -419,16 +436,22 @@ def analysis(model: Model, source: np.ndarray | PixelRows, quality: int,
 
 def compress(model: Model, source: np.ndarray | PixelRows, quality: int, effort: int = 1,
              progress: Progress | None = None, spill_bytes: int | None = None) -> list[Substream]:
-    """The substreams of an image: ẑ, then the residuals k = round(y − μ) (``yhat``)."""
-    if effort != 1:
-        raise ValueError("the hyperprior family encodes at effort 1 only (for now)")
+    """The substreams of an image: ẑ, then the residuals k = round(y − μ) (``yhat``), or
+    at effort 2..4 the residuals chosen by D + λR with ẑ fixed (nic.quantization)."""
+    if effort != 1 and not isinstance(source, np.ndarray):
+        raise ValueError("images read strip by strip are encoded at effort 1")
     height, width = (source.shape[:2] if isinstance(source, np.ndarray) else (source.height, source.width))
     _check_size(width, height, ValueError)
-    y = analysis(model, source, quality, progress)
+    y = analysis(model, source, quality, None if effort > 1 else progress)
     _, rows, cols = y.shape
     z_hat = model.hyper_encode(y, quality)
     mean, index = model.hyper_decode(z_hat, quality, rows, cols)
-    residual = np.round(y.astype(np.float64) - mean)
+    if effort == 1:
+        residual = np.round(y.astype(np.float64) - mean)
+    else:  # torch: the search differentiates through g_s
+        from .quantization import quantize_residuals
+
+        residual = quantize_residuals(trainable(model), source, quality, effort, y, mean, index, progress)
     if np.abs(residual).max(initial=0) > LATENT_LIMIT:
         raise ValueError("latent magnitude exceeds 2**31 - 1")
     z_coder, y_coder = coders(model, quality)

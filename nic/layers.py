@@ -13,6 +13,19 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 
+def bf16_is_fast(device: str) -> bool:
+    """Whether bf16 autocast speeds the transforms up on ``device``: on CUDA, and on CPUs
+    with bf16 instructions (AVX-512 BF16 or AMX), where a training step is 2.5x faster
+    than in fp32. A CPU without them emulates bf16: 10-25x slower than fp32 on an AVX2-only AMD
+    EPYC (tools/train_speed.py, docs/training.md)."""
+    if device.startswith("cuda"):
+        return True
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # private probes of torch 2.x; without them, the safe choice
+        return False
+
+
 class LowerBound(torch.autograd.Function):
     """max(x, bound) whose gradient still flows when x is below the bound but the
     gradient pushes it upward (Ballé et al. 2018, appendix 6.2). Without this, a

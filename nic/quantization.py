@@ -44,12 +44,14 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .coding import PRECISION, IntegerTables
+from .layers import bf16_is_fast
 from .tiling import DOWNSAMPLING
 
 EFFORTS = (1, 2, 3, 4)
@@ -96,10 +98,38 @@ class TableRate:
         flat = index.reshape(-1, shape[-3], shape[-2] * shape[-1]).transpose(0, 1).reshape(shape[-3], -1)
         bits = torch.gather(self.bits, 1, flat).reshape(shape[-3], -1, shape[-2] * shape[-1])
         bits = bits.transpose(0, 1).reshape(shape)
-        # Escaped values: the escape symbol, a 33-way uniform bit length, then the bits.
-        zigzag = torch.where(values >= 0, 2 * values, -2 * values - 1).to(torch.float64)
-        bit_length = torch.where(zigzag > 0, torch.floor(torch.log2(zigzag.clamp_min(1))) + 1, torch.zeros_like(zigzag))
-        return bits + (~inside) * (math.log2(33) + bit_length)
+        return bits + (~inside) * _escape_bits(values)  # escaped values: the escape symbol, then these
+
+
+class IndexedRate:
+    """Exact code length in bits of each latent under the table its own index picks (the
+    hyperprior family's conditional: one integer table per scale index, nic.entropy)."""
+
+    def __init__(self, tables: IntegerTables):
+        self.tables = TableRate(tables)  # row t: the table of scale index t
+
+    def at(self, index: Tensor) -> "Callable[[Tensor], Tensor]":
+        """The rate function of latents whose scale indices are ``index`` (C, h, w)."""
+        table = self.tables
+        offsets, lengths = table.offsets.reshape(-1)[index], table.lengths.reshape(-1)[index]
+        width = table.bits.shape[1]
+
+        def rate(values: Tensor) -> Tensor:
+            values = values.to(torch.int64)
+            symbols = values - offsets
+            inside = (symbols >= 0) & (symbols < lengths)
+            column = torch.where(inside, symbols, lengths.expand_as(symbols))
+            bits = table.bits.reshape(-1)[index * width + column]
+            return bits + (~inside) * _escape_bits(values)
+
+        return rate
+
+
+def _escape_bits(values: Tensor) -> Tensor:
+    """Bits after the escape symbol: a 33-way uniform bit length, then the bits."""
+    zigzag = torch.where(values >= 0, 2 * values, -2 * values - 1).to(torch.float64)
+    bit_length = torch.where(zigzag > 0, torch.floor(torch.log2(zigzag.clamp_min(1))) + 1, torch.zeros_like(zigzag))
+    return math.log2(33) + bit_length
 
 
 _RATES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -136,7 +166,7 @@ class _Tile:
     """The part of the problem that a tile's core latents can change."""
 
     def __init__(self, model, quality: int, pixels: np.ndarray, latents: Tensor,
-                 rows: tuple[int, int], cols: tuple[int, int], kappa: float):
+                 rows: tuple[int, int], cols: tuple[int, int], kappa: float, coding: "Coding | None" = None):
         from .tiling import synthesis_halo
 
         self.model, self.quality, self.kappa = model, quality, kappa
@@ -158,12 +188,20 @@ class _Tile:
         target = torch.from_numpy(np.array(pixels[p0:p1, q0:q1], dtype=np.float32) / 255.0)
         self.target = target.permute(2, 0, 1).unsqueeze(0)  # (1, 1|3, h, w)
         self.gray = pixels.shape[2] == 1
-        self.window = latents[:, self.win_r[0]:self.win_r[1], self.win_c[0]:self.win_c[1]].to(torch.float32)
-        self.rate = _table_rate(model, quality)
+        window = (slice(None), slice(*self.win_r), slice(*self.win_c))
+        self.window = latents[window].to(torch.float32)
+        if coding is None:  # the factorized family: each channel's table, ŷ the integers themselves
+            self.rate, self.offset, self.soft_bits = _table_rate(model, quality), None, None
+        else:
+            core = (slice(None), slice(*rows), slice(*cols))
+            self.rate, self.soft_bits = coding.rate.at(coding.index[core]), coding.soft_bits(core)
+            self.offset = coding.mean[window]
 
     def _with_core(self, core: Tensor) -> Tensor:
         window = self.window.clone()
         window[:, self.core[0], self.core[1]] = core
+        if self.offset is not None:
+            window = window + self.offset
         return window.unsqueeze(0)
 
     def _sse(self, window: Tensor) -> Tensor:
@@ -241,11 +279,18 @@ class _Tile:
         """Latent optimization: ``steps`` Adam steps on continuous latents that the
         forward pass rounds (straight-through gradient), with the learned density of
         the quality as rate and a cosine-decayed step size. The forward pass thus
-        evaluates J of the rounded latents (to bf16 precision), and the cheapest
+        evaluates J of the rounded latents (to bf16 precision where the CPU has bf16
+        instructions; elsewhere fp32: emulated bf16 is 10-25x slower), and the cheapest
         rounded state seen is returned, with the continuous latents at the end (from
         which a further search can restart)."""
-        density, M = self.model.density, self.model.config.M
-        rows = ((self.quality - 1) * M + torch.arange(M)).unsqueeze(0)
+        if self.soft_bits is None:
+            density, M = self.model.density, self.model.config.M
+            rows = ((self.quality - 1) * M + torch.arange(M)).unsqueeze(0)
+
+            def soft_bits(quantized: Tensor) -> Tensor:
+                return -torch.log2(density.probability(quantized.unsqueeze(0), rows)).sum()
+        else:
+            soft_bits = self.soft_bits
         variable = start.float().clone().requires_grad_(True)
         optimizer = torch.optim.Adam([variable], lr=step_size)
         best, best_loss = torch.round(start).to(torch.int64), math.inf
@@ -253,8 +298,8 @@ class _Tile:
             for step in range(steps + 1):
                 rounded = torch.round(variable.detach())
                 quantized = variable + (rounded - variable).detach()
-                bits = -torch.log2(density.probability(quantized.unsqueeze(0), rows)).sum()
-                with torch.autocast("cpu", dtype=torch.bfloat16):
+                bits = soft_bits(quantized)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_is_fast("cpu")):
                     sse = self._sse(self._with_core(quantized))
                 loss = bits + self.kappa * sse
                 if float(loss.detach()) < best_loss:
@@ -279,7 +324,7 @@ def kappa(model, quality: int, channels: int) -> float:
 def quantize(model, pixels: np.ndarray, quality: int, effort: int, tile: int | None = None,
              progress=None) -> np.ndarray:
     """int64 latents (M, rows, cols) of uint8 pixels (H, W, 1|3) at an effort level."""
-    from .tiling import analysis_tiles, check_pixels, quantize_tiled, tiles
+    from .tiling import analysis_tiles, check_pixels, quantize_tiled
 
     if effort not in EFFORTS:
         raise ValueError(f"effort must be one of {EFFORTS}, got {effort}")
@@ -293,12 +338,67 @@ def quantize(model, pixels: np.ndarray, quality: int, effort: int, tile: int | N
         if not np.isfinite(y).all():
             raise ValueError("analysis transform produced non-finite values")
         continuous[:, where[0], where[1]] = torch.from_numpy(np.ascontiguousarray(y))
+    return _search(model, pixels, quality, effort, continuous, None, progress)
+
+
+@dataclass
+class Coding:
+    """What the hyperprior family codes the residuals k = ŷ − μ with, for the search:
+    the means μ (float, (M, rows, cols)), the scale index of each latent, the rate of the
+    conditional's integer tables, and its continuous bits (for the Adam steps)."""
+
+    mean: Tensor
+    index: Tensor
+    rate: IndexedRate
+    sigma: Tensor  # σ of each latent's scale index
+
+    def soft_bits(self, core: tuple[slice, slice, slice]):
+        from .entropy import GaussianConditional
+
+        sigma, conditional = self.sigma[core], GaussianConditional()
+        return lambda values: conditional.bits(values, sigma).sum()
+
+
+def quantize_residuals(model, pixels: np.ndarray, quality: int, effort: int, y: np.ndarray, mean: np.ndarray,
+                       index: np.ndarray, progress=None) -> np.ndarray:
+    """The hyperprior family's residuals k (int64 (M, rows, cols)), ŷ = k + μ, chosen by
+    D + λR at an effort level, with ẑ (so μ and the scale indices) fixed: the same
+    searches as :func:`quantize`, the rate that of each latent's own table. ``model`` is
+    a torch hyperprior Codec, ``y`` the gained latents g_a(x)."""
+    if effort not in EFFORTS:
+        raise ValueError(f"effort must be one of {EFFORTS}, got {effort}")
+    continuous = torch.from_numpy(y.astype(np.float64) - mean).float()
+    if effort == 1:
+        return torch.round(continuous).to(torch.int64).numpy()
+    if model.conditional.distribution != "gaussian":
+        raise ValueError("effort 2..4 needs the Gaussian conditional")
+    index_t = torch.from_numpy(index.astype(np.int64))
+    sigma = torch.from_numpy(model.conditional.scales()).float()[index_t]
+    coding = Coding(torch.from_numpy(mean).float(), index_t, _indexed_rate(model), sigma)
+    return _search(model.base, pixels, quality, effort, continuous, coding, progress)
+
+
+def _indexed_rate(model) -> IndexedRate:
+    cache = _RATES.setdefault(model, {})
+    if "indexed" not in cache:
+        cache["indexed"] = IndexedRate(model.y_tables)
+    return cache["indexed"]
+
+
+def _search(model, pixels: np.ndarray, quality: int, effort: int, continuous: Tensor, coding: Coding | None,
+            progress=None) -> np.ndarray:
+    """The integers of ``continuous`` (M, rows, cols) chosen tile by tile by the searches
+    of efforts 2 … ``effort`` (``coding``: the hyperprior family's, else the factorized
+    family's tables)."""
+    from .tiling import tiles
+
+    shape = continuous.shape
     latents = torch.round(continuous).to(torch.int64)
     k = kappa(model, quality, pixels.shape[2])
     generator = torch.Generator().manual_seed(quality)  # the same bytes on every run
     grid = tiles(shape[1], shape[2], TILE_LATENTS * DOWNSAMPLING)
     for done, ((r0, r1), (c0, c1)) in enumerate(grid, 1):
-        part = _Tile(model, quality, pixels, latents, (r0, r1), (c0, c1), k)
+        part = _Tile(model, quality, pixels, latents, (r0, r1), (c0, c1), k, coding)
         core = latents[:, r0:r1, c0:c1]
         cost = part.cost(core)
         # Effort e runs the searches of efforts 2 … e, each restarting where the one

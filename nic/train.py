@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .layers import bf16_is_fast  # noqa: F401  (nic train's choice, also nic.train.bf16_is_fast)
 from .factorized import MSE_LAMBDAS, Codec, Config, rate_distortion_loss, specialize, transform_pair
 
 DENSITY_LR_SCALE = 5.0
@@ -67,19 +68,6 @@ class TrainOptions:
     validation: list[Path] = field(default_factory=list)  # folders (or files) validated on as well
     validate_minutes: float = 10.0
     exclude: list[str] = field(default_factory=lambda: ["kodak", "kodim"])
-
-
-def bf16_is_fast(device: str) -> bool:
-    """Whether bf16 autocast speeds training up on ``device``: on CUDA, and on CPUs with
-    bf16 instructions (AVX-512 BF16 or AMX), where a training step is 2.5x faster than in
-    fp32. A CPU without them emulates bf16: 10-25x slower than fp32 on an AVX2-only AMD
-    EPYC (tools/train_speed.py, docs/training.md)."""
-    if device.startswith("cuda"):
-        return True
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # private probes of torch 2.x; without them, the safe choice
-        return False
 
 
 def checked_lambdas(lambdas: list[float] | None, init: Path | None, specialize: bool = False

@@ -97,6 +97,22 @@ def test_numpy_model_codes_as_the_torch_network_does(tiny_hyperprior_weights):
         assert np.abs(decoded[0] - decoded[1]).max() <= 1
 
 
+def test_effort_two_searches_the_residuals_and_decodes(model):
+    """Effort 2 picks the residuals by D + λR under each latent's own table, with ẑ (so μ
+    and the scale indices) fixed: the file decodes, and its cost J is not higher."""
+    image = smooth_image(64, 80)
+    costs = []
+    for effort in (1, 2):
+        substreams = hyperprior.compress(model, image, 3, effort=effort)
+        rows = []
+        hyperprior.decompress(model, 3, 64, 80, False, substreams, rows.append)
+        decoded = np.concatenate(rows).astype(np.float64)
+        bits = 8 * sum(len(s.data) for s in substreams)
+        mse = np.mean((decoded - image) ** 2) / 255.0**2
+        costs.append(bits + model.base.config.lambdas[2] * 255.0**2 * mse * image[..., 0].size)
+    assert costs[1] <= costs[0] + 64  # the byte-rounding of two substreams
+
+
 NO_TORCH = """
 import sys
 sys.modules["torch"] = None  # any import of torch now fails
