@@ -6,9 +6,12 @@ Starts from the transforms of ``--init`` (default: the installed factorized weig
 quality Q's hyper-networks of ``RUN/qQ.pt`` (``tools/train_hyperprior.py``, the transforms
 frozen), then trains, on image crops, Q's own g_a/g_s pair (a quality on the shared pair
 gets its own copy first), Q's gain and inverse gain, h_a, h_s and Q's rows of the z
-density, for loss = bpp + λ·255²·MSE with Q's λ. The rate is the usual noisy one (ẑ and
-the residual y − μ with uniform noise); g_s decodes round(y − μ) + μ with a
-straight-through gradient, the integers the coder sends ("mixed", Minnen and Singh 2020).
+density, for loss = bpp + λ·255²·MSE with Q's λ. ẑ's rate is the usual noisy one; y's
+is that of the rounded residuals round(y − μ), what the coder spends, with a
+straight-through gradient (``--rate noisy``: y − μ plus uniform noise, which overstates
+the cost of near-constant latents by up to ~0.3 bit each; trained on it, the real cost
+went up: docs/results/hyperprior.md). g_s decodes round(y − μ) + μ, the integers the
+coder sends.
 
 Every ``--validate-minutes`` (and at the start and end) it codes the held-out photos
 (``--holdout`` training images, the centre 512x512 of each) exactly as the coder would
@@ -165,6 +168,9 @@ def main() -> None:
     parser.add_argument("--holdout", type=int, default=16)
     parser.add_argument("--validate-minutes", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rate", choices=["rounded", "noisy"], default="rounded",
+                        help="y's rate in training: of the rounded residuals (what the coder spends; "
+                             "straight-through) or of the residuals with uniform noise")
     args = parser.parse_args()
     q = args.quality
     torch.manual_seed(args.seed)
@@ -224,7 +230,7 @@ def main() -> None:
             started = time.monotonic()
             x = sampler.batch(args.batch)
             y = model.base.analysis(x, q)
-            z_bits, y_bits, y_hat = model.latent_bits(y, q)
+            z_bits, y_bits, y_hat = model.latent_bits(y, q, rounded=args.rate == "rounded")
             x_tilde = model.base.synthesis(y_hat, q)
             bpp = (z_bits + y_bits) / (x.shape[2] * x.shape[3])
             mse = ((x_tilde - x) ** 2).mean(dim=(1, 2, 3))
