@@ -813,26 +813,36 @@ HARD_QUALITIES = "4,8"
 """The qualities ``nic bench --hard`` measures unless told otherwise."""
 
 
-def same_bytes(codec: str, pixels: np.ndarray, budget: int) -> dict | None:
-    """{"bytes", "psnr"} of a baseline codec's largest file of ``pixels`` not above
-    ``budget`` bytes: JPEG 2000 at exactly that rate (its own rate control), the others
-    by a binary search over their quality 1..100. None if even the smallest is larger."""
+def same_bytes(codec: str, pixels: np.ndarray, budget: int, keep: bool = False) -> dict | None:
+    """{"bytes", "psnr"} (with ``keep`` also "data" and "setting") of a baseline codec's
+    largest file of ``pixels`` not above ``budget`` bytes: JPEG 2000 by its own rate
+    control (the rate lowered until the file fits), the others by a binary search over
+    their quality 1..100. None if even the smallest is larger."""
     height, width, channels = pixels.shape
+    found = None
     if codec == "jpeg2000":
-        data = encode_baseline(codec, 8.0 * budget / (height * width), pixels)
-        candidates = [data] if len(data) <= budget * 1.01 + 64 else []
+        rate = 8.0 * budget / (height * width)
+        for _ in range(8):  # OpenJPEG lands within a few bytes of the rate, sometimes above
+            data = encode_baseline(codec, rate, pixels)
+            if len(data) <= budget:
+                found = (data, setting_label(codec, rate))
+                break
+            rate *= 0.98 * budget / len(data)
     else:
-        candidates, low, high = [], 1, 100
+        low, high = 1, 100
         while low <= high:
             middle = (low + high) // 2
             data = encode_baseline(codec, middle, pixels)
             if len(data) <= budget:
-                candidates, low = [data], middle + 1
+                found, low = (data, setting_label(codec, middle)), middle + 1
             else:
                 high = middle - 1
-    if not candidates:
+    if found is None:
         return None
-    return {"bytes": len(candidates[0]), "psnr": psnr(pixels, decode_baseline(candidates[0], channels))}
+    result = {"bytes": len(found[0]), "psnr": psnr(pixels, decode_baseline(found[0], channels))}
+    if keep:
+        result.update(data=found[0], setting=found[1])
+    return result
 
 
 def ceiling_psnr(model, pixels: np.ndarray, quality: int) -> float:

@@ -575,6 +575,67 @@ def decode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, out
 
 
 @cli.command()
+@click.argument("image", metavar="IMAGE")
+@click.option("-o", "--output", metavar="OUT.png", required=True, help="The sheet (PNG).")
+@click.option("--size", "target_size", metavar="SIZE", default=None,
+              help="Byte budget of every codec's file, e.g. 20KB.")
+@click.option("--bpp", "target_bpp", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Budget in bits per pixel instead of --size.")
+@click.option("--crop", metavar="X,Y,W,H", default=None,
+              help="The region shown [default: the most detailed 192x128 window].")
+@click.option("--scale", type=click.IntRange(1, 16), default=2, show_default=True,
+              help="Enlargement of the crop (nearest neighbour, no smoothing).")
+@click.option("--codecs", default="jpeg,webp,jpeg2000,avif", show_default=True,
+              help="Pillow codecs to show next to nic ('none' for nic alone).")
+@click.option("--model", "family", type=click.Choice(list(FAMILY_NAMES)), default=None,
+              help="Model family of the installed weights [default: factorized].")
+@threads_option
+@weights_option
+@max_pixels_option
+def compare(image: str, output: str, target_size: str | None, target_bpp: float | None, crop: str | None,
+            scale: int, codecs: str, family: str | None, threads: int | None, weights: str | None,
+            max_pixels: int) -> None:
+    """Write a sheet of IMAGE as nic and the other codecs code it at the same file size."""
+    if (target_size is None) == (target_bpp is None):
+        raise click.UsageError("give one of --size and --bpp")
+    from .images import read_image
+
+    try:
+        pixels = read_image(read_input(image), max_pixels=max_pixels)
+    except _domain_errors() as exc:
+        raise NicError(f"{image}: {exc}") from None
+    height, width = pixels.shape[:2]
+    budget = parse_size(target_size) if target_size is not None else int(target_bpp * width * height / 8)
+    region = parse_crop(crop, width, height) if crop else None
+    set_threads(threads)
+    from .compare import detailed_crop, panels, sheet
+
+    try:
+        shown, skipped = panels(pixels, budget, codecs, weights, family)
+    except _domain_errors() as exc:
+        raise NicError(str(exc)) from None
+    for line in skipped:
+        click.echo(f"nic: {line}: not shown", err=True)
+    picture = sheet(shown, region or detailed_crop(pixels, 192, 128), scale)
+    import io
+
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    write_output(output, buffer.getvalue())
+
+
+def parse_crop(text: str, width: int, height: int) -> tuple[int, int, int, int]:
+    """(x, y, w, h) from 'X,Y,W,H', inside the image; NicError otherwise."""
+    try:
+        x, y, w, h = (int(v) for v in text.split(","))
+    except ValueError:
+        raise NicError(f"--crop takes X,Y,W,H in pixels, not {text!r}") from None
+    if x < 0 or y < 0 or w < 1 or h < 1 or x + w > width or y + h > height:
+        raise NicError(f"--crop {text} is not inside the {width}x{height} image")
+    return x, y, w, h
+
+
+@cli.command()
 @click.argument("file", metavar="FILE")
 @max_pixels_option
 def info(file: str, max_pixels: int) -> None:

@@ -1,0 +1,51 @@
+"""nic compare: every codec at the same byte budget, on one sheet."""
+
+from __future__ import annotations
+
+import numpy as np
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import smooth_image
+from nic import compare
+from nic.cli import cli
+
+
+def test_every_codec_fits_the_budget_and_is_labelled(tiny_weights):
+    pixels = smooth_image(48, 64)
+    shown, skipped = compare.panels(pixels, 1500, "jpeg,webp,jpeg2000,avif", tiny_weights)
+    names = [p.name for p in shown]
+    assert names[:2] == ["original", "nic"] and set(names[2:]) | {s.split()[0] for s in skipped} == \
+        {"jpeg", "webp", "jpeg2000", "avif"}
+    for panel in shown[1:]:
+        assert panel.pixels.shape == pixels.shape
+        if panel.name != "nic":  # nic's smallest file is all it can offer below its lowest quality
+            assert len(panel.data) <= 1500
+        first, second = compare.label(panel, pixels)
+        assert first.startswith(panel.name) and f"{len(panel.data):,} B" in second and " dB" in second
+        assert "bpp" in second and "MS-SSIM" in second
+    image = compare.sheet(shown, (8, 4, 40, 30), 3, columns=3)
+    rows = -(-len(shown) // 3)
+    assert image.size == (3 * 120 + 4 * compare.GAP, rows * (90 + compare.LABEL_HEIGHT) + (rows + 1) * compare.GAP)
+
+
+def test_the_default_crop_is_where_the_detail_is():
+    pixels = np.full((96, 128, 3), 128, np.uint8)
+    pixels[40:72, 80:120] = np.random.default_rng(0).integers(0, 256, (32, 40, 3))
+    x, y, w, h = compare.detailed_crop(pixels, 32, 24)
+    assert (w, h) == (32, 24) and 80 <= x <= 88 and 40 <= y <= 48
+
+
+def test_command_writes_a_sheet_and_refuses_bad_options(tmp_path, tiny_weights):
+    Image.fromarray(smooth_image(48, 64)).save(tmp_path / "a.png")
+    runner = CliRunner()
+    result = runner.invoke(cli, ["compare", str(tmp_path / "a.png"), "--size", "2KB", "-o", str(tmp_path / "s.png"),
+                                 "--weights", tiny_weights, "--codecs", "jpeg", "--crop", "0,0,32,16"])
+    assert result.exit_code == 0, result.output
+    # original, nic and JPEG side by side: three 64x32 crops (32x16 enlarged twice)
+    assert Image.open(tmp_path / "s.png").size == (3 * 64 + 4 * compare.GAP, 32 + compare.LABEL_HEIGHT + 2 * compare.GAP)
+    assert runner.invoke(cli, ["compare", str(tmp_path / "a.png"), "-o", str(tmp_path / "t.png")]).exit_code == 2
+    bad = runner.invoke(cli, ["compare", str(tmp_path / "a.png"), "--bpp", "1", "-o", str(tmp_path / "t.png"),
+                              "--crop", "40,40,64,64", "--weights", tiny_weights])
+    assert bad.exit_code == 1 and "not inside the 64x48 image" in bad.output
+    assert not (tmp_path / "t.png").exists()
