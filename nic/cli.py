@@ -689,6 +689,9 @@ def info(file: str, max_pixels: int) -> None:
 @click.option("--patch", type=click.IntRange(16), default=128, show_default=True,
               help="Side of the square training crops, in pixels.")
 @click.option("--batch", type=click.IntRange(1), default=8, show_default=True, help="Crops per step.")
+@click.option("--synthetic", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Share of crops that are generated hard content (text, line art, gratings, flat areas) "
+                   "instead of photos.")
 @click.option("--lr", type=float, default=2e-4, show_default=True, help="Initial learning rate (cosine decay).")
 @click.option("--lr-final", type=float, default=1e-5, show_default=True,
               help="Learning rate at the end of the budget.")
@@ -725,7 +728,7 @@ def info(file: str, max_pixels: int) -> None:
 @click.option("--validate-minutes", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
               help="Minutes between validations.")
 @threads_option
-def train(data, out, minutes, steps, qualities, lambdas, N, M, patch, batch, lr, lr_final, init,
+def train(data, out, minutes, steps, qualities, lambdas, N, M, patch, batch, synthetic, lr, lr_final, init,
           finetune_decoder, mixed, finetune_effort, specialize, own_N, bf16, channels_last, compiled, device, seed,
           log_every, holdout, validation, validate_minutes, threads) -> None:
     """Train (or resume) on the images under DATA folders (never on Kodak)."""
@@ -743,7 +746,7 @@ def train(data, out, minutes, steps, qualities, lambdas, N, M, patch, batch, lr,
         raise NicError("--compile needs a C++ compiler (g++ or clang++; or set CXX); train without it")
     set_threads(threads)
     opts = TrainOptions(
-        data=[Path(d) for d in data], out=Path(out), N=N, M=M, patch=patch, batch=batch,
+        data=[Path(d) for d in data], out=Path(out), N=N, M=M, patch=patch, batch=batch, synthetic=synthetic,
         lr=lr, lr_final=lr_final, minutes=minutes, steps=steps,
         qualities=list(qualities) or None, seed=seed, lambdas=list(lambdas) or None,
         bf16=bf16, channels_last=channels_last, compile=compiled, device=device, init=Path(init) if init else None,

@@ -202,6 +202,107 @@ def photo_with_text() -> np.ndarray:
     return np.asarray(image).copy()
 
 
+# ---- random hard content for training ---------------------------------------------------
+
+def random_crop(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A size x size uint8 RGB crop of random hard content for training: one of flat
+    colour, a gradient, text, line art, hatching, a grating, a chirp or UI panels, with
+    random colours, sizes, angles and frequencies. Drawn from ``rng``, never one of the
+    benchmark images above (those are fixed; these are not)."""
+    kind = int(rng.integers(0, 8))
+    return _RANDOM[kind](rng, size)
+
+
+def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
+    return tuple(int(v) for v in rng.integers(0, 256, 3))
+
+
+def _random_flat(rng, size):
+    return np.full((size, size, 3), _colour(rng), np.uint8)
+
+
+def _random_gradient(rng, size):
+    y, x = np.mgrid[0:size, 0:size] / max(size - 1, 1)
+    a, b = np.array(_colour(rng), float), np.array(_colour(rng), float)
+    t = np.clip(rng.uniform(-1, 1) * x + rng.uniform(-1, 1) * y + rng.uniform(0, 1), 0, 1)[..., None]
+    return np.round(a + (b - a) * t).astype(np.uint8)
+
+
+def _random_text(rng, size):
+    from PIL import Image, ImageDraw
+
+    background, ink = _colour(rng), _colour(rng)
+    if rng.random() < 0.5:  # most text is dark on light
+        background, ink = (255, 255, 255), (0, 0, 0)
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    font_size = int(rng.integers(8, 33))
+    top = int(rng.integers(-font_size, font_size))
+    while top < size:
+        draw.text((int(rng.integers(-40, 8)), top), _sentence(rng, 12), fill=ink, font=_font(font_size))
+        top += int(font_size * rng.uniform(1.1, 1.8))
+    return np.asarray(image).copy()
+
+
+def _random_lines(rng, size):
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), _colour(rng) if rng.random() < 0.3 else (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(5, 40))):
+        points = [tuple(int(v) for v in rng.integers(0, size, 2)) for _ in range(2)]
+        if rng.random() < 0.7:
+            draw.line(points[0] + points[1], fill=_colour(rng), width=int(rng.integers(1, 5)))
+        else:
+            box = (min(points[0][0], points[1][0]), min(points[0][1], points[1][1]),
+                   max(points[0][0], points[1][0]), max(points[0][1], points[1][1]))
+            draw.ellipse(box, outline=_colour(rng), width=int(rng.integers(1, 4)))
+    return np.asarray(image).copy()
+
+
+def _random_hatching(rng, size):
+    y, x = np.mgrid[0:size, 0:size].astype(np.float64)
+    t, pitch = rng.uniform(0, np.pi), rng.uniform(2.0, 8.0)
+    phase = (x * np.cos(t) + y * np.sin(t)) / pitch
+    ink = (phase - np.floor(phase)) < rng.uniform(0.2, 0.6)
+    light, dark = np.array(_colour(rng), float), np.array(_colour(rng), float)
+    return np.where(ink[..., None], dark, light).astype(np.uint8)
+
+
+def _random_grating(rng, size):
+    y, x = np.mgrid[0:size, 0:size].astype(np.float64)
+    t, period = rng.uniform(0, np.pi), rng.uniform(2.1, 32.0)
+    wave = np.sin(2 * np.pi * (x * np.cos(t) + y * np.sin(t)) / period + rng.uniform(0, 2 * np.pi))
+    centre, amplitude = np.array(_colour(rng), float), rng.uniform(20, 127)
+    return np.round(np.clip(centre + amplitude * wave[..., None], 0, 255)).astype(np.uint8)
+
+
+def _random_chirp(rng, size):
+    y, x = np.mgrid[0:size, 0:size].astype(np.float64)
+    cx, cy = rng.uniform(-size, 2 * size, 2)
+    k = rng.uniform(0.2, 1.0) * np.pi / (2 * size * 1.5)
+    value = 128 + rng.uniform(40, 120) * np.cos(k * ((x - cx) ** 2 + (y - cy) ** 2))
+    return np.repeat(np.round(np.clip(value, 0, 255)).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def _random_panels(rng, size):
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), _colour(rng))
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(2, 8))):
+        x0, y0 = (int(v) for v in rng.integers(0, size, 2))
+        x1, y1 = x0 + int(rng.integers(16, size)), y0 + int(rng.integers(12, size // 2 + 13))
+        draw.rectangle((x0, y0, x1, y1), fill=_colour(rng), outline=_colour(rng) if rng.random() < 0.5 else None)
+        if rng.random() < 0.7:
+            draw.text((x0 + 4, y0 + 3), _sentence(rng, 3), fill=_colour(rng), font=_font(int(rng.integers(10, 18))))
+    return np.asarray(image).copy()
+
+
+_RANDOM = (_random_flat, _random_gradient, _random_text, _random_lines, _random_hatching, _random_grating,
+           _random_chirp, _random_panels)
+
+
 IMAGES = {
     "flat": flat, "gradient": gradient, "text-black": text_black, "text-colour": text_colour,
     "line-art": line_art, "hatching": hatching, "gratings": gratings, "zone-plate": zone_plate,

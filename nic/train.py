@@ -45,6 +45,7 @@ class TrainOptions:
     M: int = 192
     patch: int = 128
     batch: int = 8
+    synthetic: float = 0.0  # share of crops that are generated hard content (nic.hardset.random_crop)
     lr: float = 2e-4
     lr_final: float = 1e-5
     minutes: float | None = 60.0
@@ -124,19 +125,31 @@ class CropSampler:
 
     Ballé et al. downscaled photos by a random factor before cropping, which
     removes JPEG blocking and sensor noise that would otherwise be learned. The
-    factor is drawn from [max(0.5, patch/min side), 1]; crops are also flipped.
+    factor is drawn from [max(0.5, patch/min side), 1]; crops are also flipped. A
+    ``synthetic`` share of the crops is generated hard content instead
+    (:func:`nic.hardset.random_crop`: text, line art, gratings, flat areas), at full
+    resolution: what downscaled photos never show.
     """
 
-    def __init__(self, images: list[np.ndarray], patch: int, rng: random.Random):
+    def __init__(self, images: list[np.ndarray], patch: int, rng: random.Random, synthetic: float = 0.0):
         self.images = [img for img in images if min(img.shape[:2]) >= patch]
         if not self.images:
             raise ValueError(f"no training image is at least {patch}x{patch}")
+        if not 0.0 <= synthetic <= 1.0:
+            raise ValueError(f"the synthetic share must be in 0..1, not {synthetic}")
         self.patch = patch
         self.rng = rng
+        self.synthetic = synthetic
+        self.generator = np.random.default_rng(rng.getrandbits(64)) if synthetic else None
         area = np.array([img.shape[0] * img.shape[1] for img in self.images], dtype=np.float64)
         self.weights = list(np.sqrt(area))  # big photos more often, small ones still seen
 
     def crop(self) -> torch.Tensor:
+        if self.synthetic and self.rng.random() < self.synthetic:
+            from .hardset import random_crop  # text, line art, gratings, flat areas (nic.hardset)
+
+            pixels = random_crop(self.generator, self.patch)
+            return torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0).float() / 255.0
         img = self.rng.choices(self.images, weights=self.weights)[0]
         h, w = img.shape[:2]
         low = max(0.5, self.patch / min(h, w))
@@ -356,7 +369,7 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
 
     images = [load_rgb(p) for p in files]
     validation_images = [load_rgb(p) for p in held_out] if leader else []
-    sampler = CropSampler(images, opts.patch, rng)
+    sampler = CropSampler(images, opts.patch, rng, opts.synthetic)
     cycle = quality_cycle(qualities, rng)
     lambda_table = torch.tensor(config.lambdas, dtype=torch.float32, device=device)
 

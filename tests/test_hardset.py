@@ -26,3 +26,25 @@ def test_text_is_gray_on_the_black_and_white_page():
 def test_unknown_names_are_refused():
     with pytest.raises(ValueError, match="unknown hard-content image nope"):
         hardset.generate(["flat", "nope"])
+
+
+def test_random_crops_for_training_are_varied_and_reproducible():
+    first = [hardset.random_crop(np.random.default_rng(3), 64) for _ in range(1)]
+    crops = [hardset.random_crop(np.random.default_rng(seed), 64) for seed in range(40)]
+    assert np.array_equal(first[0], crops[3])
+    assert all(c.shape == (64, 64, 3) and c.dtype == np.uint8 for c in crops)
+    assert len({c.tobytes() for c in crops}) == 40
+    assert sum(c.std() < 1 for c in crops) < 20  # flat ones, but not mostly
+
+
+def test_the_training_sampler_mixes_them_in():
+    import random
+
+    from nic.train import CropSampler
+
+    photo = np.random.default_rng(0).integers(0, 256, (80, 80, 3), dtype=np.uint8)
+    sampler = CropSampler([photo], 64, random.Random(0), synthetic=1.0)
+    batch = sampler.batch(4)
+    assert batch.shape == (4, 3, 64, 64) and 0 <= float(batch.min()) and float(batch.max()) <= 1
+    with pytest.raises(ValueError, match="synthetic share"):
+        CropSampler([photo], 64, random.Random(0), synthetic=1.5)

@@ -168,6 +168,8 @@ def main() -> None:
     parser.add_argument("--holdout", type=int, default=16)
     parser.add_argument("--validate-minutes", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--synthetic", type=float, default=0.0,
+                        help="share of crops that are generated hard content (nic.hardset.random_crop)")
     parser.add_argument("--rate", choices=["rounded", "noisy"], default="rounded",
                         help="y's rate in training: of the rounded residuals (what the coder spends; "
                              "straight-through) or of the residuals with uniform noise")
@@ -191,7 +193,7 @@ def main() -> None:
         step, elapsed = state["step"], state["elapsed"]
     files, held = split_holdout(find_images(args.data, ["kodak", "kodim"]), args.holdout)
     crops = centre_crops(held, 512)
-    sampler = CropSampler([load_rgb(p) for p in files], args.patch, random.Random(args.seed + step))
+    sampler = CropSampler([load_rgb(p) for p in files], args.patch, random.Random(args.seed + step), args.synthetic)
     log_file = open(args.run / f"q{q}-joint.log", "a")
 
     def log(line: str) -> None:
