@@ -801,6 +801,9 @@ def export(checkpoint: str, output: str, half: bool) -> None:
               help="Pillow baselines to compare with ('none' for nic only).")
 @click.option("--json", "json_out", metavar="OUT", default=None, help="Write every per-image figure as JSON.")
 @click.option("--plot", "plot_out", metavar="OUT.png", default=None, help="Write the PSNR-vs-bpp plot as PNG.")
+@click.option("--report", "report_dir", metavar="OUT", default=None,
+              help="Write a folder to open in a browser: index.html with the tables, the RD plot, the JSON "
+                   "and nic compare's sheets of three images at 0.25, 0.5 and 1 bpp.")
 @click.option("--speed", is_flag=True, help="Time encode/decode (median ms, MP/s) instead of the RD sweep.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N images.")
 @click.option("--compare", metavar="JSON", multiple=True, type=click.Path(exists=True, dir_okay=False),
@@ -816,8 +819,8 @@ def export(checkpoint: str, output: str, half: bool) -> None:
 @threads_option
 @weights_option
 def bench(folder: str | None, qualities: str | None, codecs: str, json_out: str | None, plot_out: str | None,
-          speed: bool, limit: int | None, compare: tuple[str, ...], effort: int, family: str | None, hard: bool,
-          threads: int | None, weights: str | None) -> None:
+          report_dir: str | None, speed: bool, limit: int | None, compare: tuple[str, ...], effort: int,
+          family: str | None, hard: bool, threads: int | None, weights: str | None) -> None:
     """Rate-distortion (bpp, PSNR, MS-SSIM, BD-rate) of nic and Pillow codecs on the images in DIR."""
     from .bench import BenchOptions, run_command
 
@@ -828,10 +831,45 @@ def bench(folder: str | None, qualities: str | None, codecs: str, json_out: str 
         if hard:
             bench_hard(qualities, codecs, json_out, family, weights)
             return
+        if report_dir is not None:
+            if speed or hard:
+                raise click.UsageError("--report goes with the RD sweep, not --speed or --hard")
+            bench_report(BenchOptions(Path(folder), qualities, codecs, json_out, plot_out, speed, weights, limit,
+                                      compare, effort, family), Path(report_dir))
+            return
         run_command(BenchOptions(Path(folder), qualities, codecs, json_out, plot_out, speed, weights, limit,
                                  compare, effort, family), err=stderr_console())
     except _domain_errors() as exc:
         raise NicError(str(exc)) from None
+
+
+def bench_report(opts, folder: Path) -> None:
+    """``nic bench --report OUT``: the sweep, then the sheets, written into a new folder
+    that appears whole (built beside it and renamed) or not at all."""
+    import dataclasses
+
+    from .bench import _read, list_images, run_command
+    from .report import index_html, sheet_name, sheets
+
+    if folder.exists():
+        raise NicError(f"{folder} exists: give --report a new folder")
+    building = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent if str(folder.parent) else "."))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(building, 0o777 & ~umask)  # mkdtemp's folder is private; the report is not
+    try:
+        opts = dataclasses.replace(opts, json_out=str(building / "report.json"), plot_out=str(building / "rd.png"))
+        result = run_command(opts, err=stderr_console())
+        paths = list_images(opts.folder)[:opts.limit]
+        entries = sheets(paths, _read, opts.codecs, opts.weights, opts.family)
+        for entry in entries:
+            (building / sheet_name(entry)).write_bytes(entry["png"])
+        command = "nic bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "nic bench"
+        (building / "index.html").write_text(index_html(result, entries, command), encoding="utf-8")
+        os.replace(building, folder)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    click.echo(f"report: {folder / 'index.html'}", err=True)
 
 
 def bench_hard(qualities: str | None, codecs: str, json_out: str | None, family: str | None,

@@ -49,3 +49,26 @@ def test_command_writes_a_sheet_and_refuses_bad_options(tmp_path, tiny_weights):
                               "--crop", "40,40,64,64", "--weights", tiny_weights])
     assert bad.exit_code == 1 and "not inside the 64x48 image" in bad.output
     assert not (tmp_path / "t.png").exists()
+
+
+def test_bench_report_is_a_folder_to_open(tmp_path, tiny_weights):
+    """nic bench --report: index.html with the tables, the plot, the JSON and one sheet per
+    image at 0.25, 0.5 and 1 bpp, written whole; an existing folder is refused."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(smooth_image(48, 64, seed=i)).save(folder / f"a{i}.png")
+    runner = CliRunner()
+    out = tmp_path / "report"
+    result = runner.invoke(cli, ["bench", str(folder), "--report", str(out), "--weights", tiny_weights,
+                                 "-q", "1,4,8", "--codecs", "jpeg,jpeg2000"])
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["index.html", "rd.png", "report.json", "sheet-a0-0.25bpp.png", "sheet-a2-0.5bpp.png",
+                     "sheet-a3-1bpp.png"]
+    page = (out / "index.html").read_text()
+    for text in ("rd.png", "report.json", "sheet-a2-0.5bpp.png", "JPEG 2000 (this run)", "BD-rate"):
+        assert text in page
+    again = runner.invoke(cli, ["bench", str(folder), "--report", str(out), "--weights", tiny_weights])
+    assert again.exit_code == 1 and "exists" in again.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "report"]  # no half-built folder left
