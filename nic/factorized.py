@@ -15,7 +15,7 @@ rounding by additive uniform noise and minimizes R + λ·255²·MSE (bits per pi
 
 A shared pair of transforms is a compromise between the rates: fine-tuned for one
 quality alone it codes that quality's images ~8-10 % smaller at equal PSNR at the low
-rates (docs/training.md, "Compute strategy"). A *specialized* quality therefore has
+rates (docs/results/training.md, "Compute strategy"). A *specialized* quality therefore has
 its own g_a/g_s (``Config.specialized``), started from the shared pair and trained
 for its λ alone; the others keep the shared pair. The bitstream does not change: ŷ
 has the same M channels and is coded with the quality's own integer tables. An own

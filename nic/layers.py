@@ -17,7 +17,7 @@ def bf16_is_fast(device: str) -> bool:
     """Whether bf16 autocast speeds the transforms up on ``device``: on CUDA, and on CPUs
     with bf16 instructions (AVX-512 BF16 or AMX), where a training step is 2.5x faster
     than in fp32. A CPU without them emulates bf16: 10-25x slower than fp32 on an AVX2-only AMD
-    EPYC (tools/train_speed.py, docs/training.md)."""
+    EPYC (tools/train_speed.py, docs/results/training.md)."""
     if device.startswith("cuda"):
         return True
     try:

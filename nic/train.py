@@ -4,7 +4,7 @@ One run trains the shared transforms of every quality: each sample of a batch dr
 (a shuffled cycle over 1..Q) and minimizes bpp + λ_q·255²·MSE for it. bf16 autocast
 with channels_last tensors is the fastest setup on CPUs with AVX-512 bf16/AMX, and
 10-25x the slowest on CPUs without them (AVX2 only), where fp32 is used instead
-(:func:`bf16_is_fast`, docs/training.md); the densities and the loss stay in fp32.
+(:func:`bf16_is_fast`, docs/results/training.md); the densities and the loss stay in fp32.
 
 Checkpoints (model, optimizer, step, elapsed time, RNG) are written atomically every
 few minutes and resumed from. They hold optimizer state and are never shipped:
@@ -56,7 +56,7 @@ class TrainOptions:
     seed: int = 0
     bf16: bool | None = None  # bf16 autocast; None: where it is fast (bf16_is_fast)
     channels_last: bool = True
-    compile: bool = False  # torch.compile the training network (1.14-1.25x here, docs/training.md)
+    compile: bool = False  # torch.compile the training network (1.14-1.25x here, docs/results/training.md)
     device: str = "cpu"
     init: Path | None = None  # weights (.npz) to start from
     finetune_decoder: bool = False

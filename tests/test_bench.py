@@ -442,7 +442,7 @@ def _tool_output(*args: str) -> str:
 
 
 def test_bd_curve_reads_the_shipped_line_from_the_committed_reports():
-    """tools/bd_curve.py: the table in docs/training.md, from the JSON reports in docs/results."""
+    """tools/bd_curve.py: the table in docs/results/training.md, from the JSON reports in docs/results."""
     import json
     from pathlib import Path
 
@@ -472,10 +472,10 @@ def test_readme_results_tables_are_the_reports():
 
 
 def test_training_doc_curve_is_the_tool_output():
-    """docs/training.md's BD-rate-against-CPU-time table is tools/bd_curve.py's, row for row."""
+    """docs/results/training.md's BD-rate-against-CPU-time table is tools/bd_curve.py's, row for row."""
     from pathlib import Path
 
-    doc = (Path(__file__).resolve().parent.parent / "docs" / "training.md").read_text()
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "results" / "training.md").read_text()
     rows = [line.replace("-", "−") for line in _tool_output("bd_curve.py").splitlines() if line.startswith("| `")]
     assert [row for row in rows if row not in doc.replace("-", "−")] == []
 

@@ -5,7 +5,7 @@
 Reads the `nic bench` reports in docs/results (kodak-<hash>.json, and kodak.json for the
 shipped weights) of every weights file the shipped ones descend from, in training order,
 and prints a markdown table: training minutes (2-core CPU, all runs that went into the
-weights, docs/training.md), BD-rate against the reference, and, at the end of each
+weights, docs/results/training.md), BD-rate against the reference, and, at the end of each
 cycle (a warm restart with its decoder fine-tuning, or a round of specialization), the
 change per CPU-hour over that cycle. This is the curve that says whether more CPU time
 still moves BD-rate. Then, for the shipped weights, each quality's PSNR gap to the
