@@ -14,7 +14,7 @@ went up: docs/results/hyperprior.md). g_s decodes round(y − μ) + μ, the inte
 coder sends.
 
 Every ``--validate-minutes`` (and at the start and end) it codes the held-out photos
-(``--holdout`` training images, the centre 512x512 of each) exactly as the coder would
+(``--holdout`` training images, each downscaled to Kodak's size) exactly as the coder would
 with the float h_s: bits of round(y − μ) under the Gaussian tables' own density, ẑ's
 bits by its density, PSNR of the 8-bit output, and prints them next to the factorized
 family's on the same photos. The state (``RUN/qQ-joint.pt``: the pair, the gains, the
@@ -88,15 +88,28 @@ def joint_model(init: str | None, run: Path, quality: int) -> hyperprior.Codec:
     return model
 
 
-def centre_crops(paths: list[Path], size: int) -> list[torch.Tensor]:
-    crops = []
+def held_out_images(paths: list[Path], size: int = 512) -> list[torch.Tensor]:
+    """Each held-out photo downscaled (antialiased) so that its short side is ``size``, then
+    the centre ``size`` x 1.5·``size`` of it (Kodak's shape, and about its detail per pixel:
+    full-resolution crops of large photos are far smoother than what is coded at this size)."""
+    from PIL import Image
+
+    out = []
     for path in paths:
-        img = load_rgb(path)
-        h, w = (max(16, min(size, d) // 16 * 16) for d in img.shape[:2])
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            scale = size / min(im.size)
+            if scale < 1:
+                im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))),
+                               Image.Resampling.LANCZOS)
+            img = np.asarray(im)
+        h, w = (max(16, min(limit, d) // 16 * 16) for limit, d in zip((size, size * 3 // 2), img.shape[:2]))
+        if h > w:  # portrait: the long side is the height
+            h, w = (max(16, min(limit, d) // 16 * 16) for limit, d in zip((size * 3 // 2, size), img.shape[:2]))
         top, left = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2
-        x = torch.from_numpy(np.ascontiguousarray(img[top:top + h, left:left + w]))
-        crops.append(x.permute(2, 0, 1).unsqueeze(0).float() / 255.0)
-    return crops
+        x = torch.from_numpy(np.array(img[top:top + h, left:left + w]))
+        out.append(x.permute(2, 0, 1).unsqueeze(0).float() / 255.0)
+    return out
 
 
 def psnr_8bit(x: torch.Tensor, x_hat: torch.Tensor) -> float:
@@ -192,7 +205,7 @@ def main() -> None:
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed = state["step"], state["elapsed"]
     files, held = split_holdout(find_images(args.data, ["kodak", "kodim"]), args.holdout)
-    crops = centre_crops(held, 512)
+    crops = held_out_images(held)
     sampler = CropSampler([load_rgb(p) for p in files], args.patch, random.Random(args.seed + step), args.synthetic)
     log_file = open(args.run / f"q{q}-joint.log", "a")
 

@@ -40,8 +40,9 @@ def qualities(text: str) -> list[int]:
     return [int(q) for q in text.split(",")]
 
 
-def cache_latents(base, quality: int, images: list[np.ndarray], crops: int, patch: int, seed: int) -> np.ndarray:
-    sampler = CropSampler(images, patch, random.Random(seed * 100 + quality))
+def cache_latents(base, quality: int, images: list[np.ndarray], crops: int, patch: int, seed: int,
+                  synthetic: float = 0.0) -> np.ndarray:
+    sampler = CropSampler(images, patch, random.Random(seed * 100 + quality), synthetic)
     out = []
     with torch.inference_mode():
         for start in range(0, crops, 8):
@@ -139,6 +140,9 @@ def main() -> None:
                         help="keep the last N cached crops out of training and log their exact rate every 500 steps")
     parser.add_argument("--z-warmup", type=int, default=0,
                         help="count ẑ's bits from 0 to fully over this many first steps")
+    parser.add_argument("--synthetic", type=float, default=0.0,
+                        help="share of cached crops that are generated hard content (nic.hardset.random_crop: "
+                             "text, line art, gratings, flat areas)")
     parser.add_argument("--more", action="store_true",
                         help="train qualities that are done for --steps more (a new cosine schedule)")
     parser.add_argument("--export", type=Path, help="write the weights file here once every quality is done")
@@ -166,7 +170,7 @@ def main() -> None:
             if images is None:
                 images = [load_rgb(p) for p in find_images(args.data, ["kodak", "kodim"])]
             started = time.time()
-            np.save(cache, cache_latents(base, q, images, args.crops, args.patch, args.seed))
+            np.save(cache, cache_latents(base, q, images, args.crops, args.patch, args.seed, args.synthetic))
             log(f"q{q}: cached {args.crops} crops in {time.time() - started:.0f}s")
         latents = np.load(cache)
         more = state_path.exists()
