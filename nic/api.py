@@ -128,7 +128,8 @@ def encode_pixels(pixels: np.ndarray, quality: int = 4, weights: str | Path | No
     height, width = pixels.shape[:2]
     _check_dimensions(width, height)
     model, digest = _model(weights, family, quality)
-    gray_rgb = pixels.shape[2] == 3 and is_gray(pixels)
+    # Not with an ICC profile: a reader that skips gRGB would write it beside one channel.
+    gray_rgb = pixels.shape[2] == 3 and not icc_profile and is_gray(pixels)
     if gray_rgb:
         pixels = pixels[..., :1]
     substreams = _family(model).compress(model, pixels, quality, effort, progress)
@@ -153,7 +154,7 @@ def encode_rows(source: PixelRows, quality: int = 4, weights: str | Path | None 
     watched = _GrayWatch(source)
     substreams = _family(model).compress(model, watched, quality, 1, progress, spill_bytes)
     return _file_parts(model, digest, quality, source.channels, width, height, substreams, icc_profile, exif,
-                       watched.gray)
+                       watched.gray and not icc_profile)
 
 
 def encode_to_target(pixels: np.ndarray, max_bytes: int, weights: str | Path | None = None,
@@ -209,7 +210,7 @@ def _decompress(data: bytes, weights: str | Path | None, max_pixels: int, progre
     """Decode, calling ``open_sink(header, icc_profile, exif)`` once every substream is
     decoded (so a corrupt file opens no output) and feeding the rows it returns. A
     grayscale file of an all-gray RGB source (section gRGB) decodes to RGB: ``open_sink``
-    gets its header with the colour layout RGB."""
+    gets, and the caller gets back, its header with the colour layout RGB."""
     parsed, substreams, model = _open_for_decoding(data, weights, max_pixels)
     header = parsed.header
     known = dict(parsed.sections)
@@ -225,7 +226,7 @@ def _decompress(data: bytes, weights: str | Path | None, max_pixels: int, progre
 
     _family(model).decompress(model, header.quality, header.height, header.width, header.colour == COLOUR_GRAY,
                               substreams, lambda rows: sink[0](rows), progress, spill_bytes, decoded)
-    return header
+    return dataclasses.replace(header, colour=COLOUR_RGB) if to_rgb else header
 
 
 def decode_pixels(data: bytes, weights: str | Path | None = None,

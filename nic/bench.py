@@ -820,6 +820,8 @@ def same_bytes(codec: str, pixels: np.ndarray, budget: int, keep: bool = False) 
     their quality 1..100. None if even the smallest is larger."""
     height, width, channels = pixels.shape
     found = None
+    if budget < 1:
+        return None
     if codec == "jpeg2000":
         rate = 8.0 * budget / (height * width)
         for _ in range(8):  # OpenJPEG lands within a few bytes of the rate, sometimes above
@@ -863,7 +865,7 @@ def run_hard(qualities: str | None, codecs: str | None, weights: str | None, fam
     and PSNR, the ceiling of its transforms, and each baseline's PSNR at nic's bytes.
     ``report(row)`` sees each row as it is measured."""
     from . import hardset
-    from .api import decode_pixels, encode_pixels
+    from .api import decode_pixels, encode_pixels, is_gray
     from .weights import default_weights
 
     model, _ = default_weights(weights, family, coding=True)
@@ -877,8 +879,10 @@ def run_hard(qualities: str | None, codecs: str | None, weights: str | None, fam
             decoded = decode_pixels(data, weights).pixels
             row = {"image": name, "quality": quality, "bytes": len(data), "bpp": 8.0 * len(data) / (height * width),
                    "psnr": psnr(pixels, decoded), "ceiling": ceiling_psnr(model, pixels, quality)}
+            # An all-gray image is one channel to the baselines too, as it is to nic (api.is_gray).
+            plain = pixels[..., :1] if is_gray(pixels) else pixels
             for codec in baselines:
-                found = same_bytes(codec, pixels, len(data))
+                found = same_bytes(codec, plain, len(data))
                 row[codec] = None if found is None else found["psnr"]
             rows.append(row)
             if report is not None:

@@ -606,6 +606,8 @@ def compare(image: str, output: str, target_size: str | None, target_bpp: float 
         raise NicError(f"{image}: {exc}") from None
     height, width = pixels.shape[:2]
     budget = parse_size(target_size) if target_size is not None else int(target_bpp * width * height / 8)
+    if budget < 1:
+        raise NicError(f"a budget of {budget} bytes is too small for a {width}x{height} image")
     region = parse_crop(crop, width, height) if crop else None
     set_threads(threads)
     from .compare import detailed_crop, panels, sheet
@@ -826,14 +828,17 @@ def bench(folder: str | None, qualities: str | None, codecs: str, json_out: str 
 
     if (folder is None) == (not hard):
         raise click.UsageError("give DIR, or --hard for the generated hard-content set (not both)")
+    if hard and (report_dir or plot_out or speed or limit or compare or effort != 1):
+        raise click.UsageError("--hard takes -q, --codecs, --json, --model and --weights only")
+    if report_dir and (speed or json_out or plot_out):
+        raise click.UsageError("--report writes its own report.json and rd.png, and goes with the RD sweep "
+                               "(not --speed, --json or --plot)")
     set_threads(threads)
     try:
         if hard:
             bench_hard(qualities, codecs, json_out, family, weights)
             return
         if report_dir is not None:
-            if speed or hard:
-                raise click.UsageError("--report goes with the RD sweep, not --speed or --hard")
             bench_report(BenchOptions(Path(folder), qualities, codecs, json_out, plot_out, speed, weights, limit,
                                       compare, effort, family), Path(report_dir))
             return
@@ -853,10 +858,11 @@ def bench_report(opts, folder: Path) -> None:
 
     if folder.exists():
         raise NicError(f"{folder} exists: give --report a new folder")
-    building = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent if str(folder.parent) else "."))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(building, 0o777 & ~umask)  # mkdtemp's folder is private; the report is not
+    try:
+        building = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    except OSError as exc:
+        raise NicError(f"cannot write the report {folder}: {exc.strerror or exc}") from None
+    os.chmod(building, 0o755)  # mkdtemp's folder is private; the report is not
     try:
         opts = dataclasses.replace(opts, json_out=str(building / "report.json"), plot_out=str(building / "rd.png"))
         result = run_command(opts, err=stderr_console())
@@ -867,6 +873,8 @@ def bench_report(opts, folder: Path) -> None:
         command = "nic bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "nic bench"
         (building / "index.html").write_text(index_html(result, entries, command), encoding="utf-8")
         os.replace(building, folder)
+    except OSError as exc:
+        raise NicError(f"cannot write the report {folder}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(building, ignore_errors=True)
     click.echo(f"report: {folder / 'index.html'}", err=True)

@@ -4,7 +4,8 @@ Text, line art, fine texture and flat areas are what a codec trained on downscal
 photos never saw (issue 25). These images are made here, deterministically, with no
 download: numpy for the patterns, Pillow's own scalable font (``ImageFont.load_default``,
 Aileron, shipped with Pillow) for the text. ``nic bench --hard`` measures them;
-training can draw crops of them (:func:`generate`).
+training draws random crops of the same kinds of content, never these images
+(:func:`random_crop`).
 
 Each image is 512 rows x 768 columns (Kodak's size), uint8 RGB:
 
@@ -292,7 +293,7 @@ def _random_panels(rng, size):
     draw = ImageDraw.Draw(image)
     for _ in range(int(rng.integers(2, 8))):
         x0, y0 = (int(v) for v in rng.integers(0, size, 2))
-        x1, y1 = x0 + int(rng.integers(16, size)), y0 + int(rng.integers(12, size // 2 + 13))
+        x1, y1 = x0 + int(rng.integers(min(16, size - 1), size)), y0 + int(rng.integers(12, size // 2 + 13))
         draw.rectangle((x0, y0, x1, y1), fill=_colour(rng), outline=_colour(rng) if rng.random() < 0.5 else None)
         if rng.random() < 0.7:
             draw.text((x0 + 4, y0 + 3), _sentence(rng, 3), fill=_colour(rng), font=_font(int(rng.integers(10, 18))))

@@ -438,6 +438,8 @@ def compress(model: Model, source: np.ndarray | PixelRows, quality: int, effort:
              progress: Progress | None = None, spill_bytes: int | None = None) -> list[Substream]:
     """The substreams of an image: ẑ, then the residuals k = round(y − μ) (``yhat``), or
     at effort 2..4 the residuals chosen by D + λR with ẑ fixed (nic.quantization)."""
+    if effort not in (1, 2, 3, 4):
+        raise ValueError(f"effort must be 1..4, got {effort}")
     if effort != 1 and not isinstance(source, np.ndarray):
         raise ValueError("images read strip by strip are encoded at effort 1")
     height, width = (source.shape[:2] if isinstance(source, np.ndarray) else (source.height, source.width))

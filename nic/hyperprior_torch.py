@@ -286,7 +286,7 @@ def from_arrays(arrays: dict[str, np.ndarray]) -> Codec:
         config = Config.from_json(bytes(arrays["config"].astype(np.uint8)).decode())
     except (KeyError, ValueError, TypeError) as exc:
         raise ValueError(f"weights have no valid config ({exc})") from None
-    base = factorized.from_arrays({name[5:]: value for name, value in arrays.items() if name.startswith("base.")})
+    base = factorized.from_arrays({name[5:]: arrays[name] for name in arrays if name.startswith("base.")})
     M, Q, N, Z = base.config.M, base.config.qualities, config.hyper_N, config.Z
     shapes = {f"hyper.{q}.{name}": shape for q in range(Q) for name, shape in hyper_shapes(M, N, Z).items()}
     for name, shape in shapes.items():

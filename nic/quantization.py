@@ -293,13 +293,14 @@ class _Tile:
             soft_bits = self.soft_bits
         variable = start.float().clone().requires_grad_(True)
         optimizer = torch.optim.Adam([variable], lr=step_size)
+        bf16 = bf16_is_fast("cpu")
         best, best_loss = torch.round(start).to(torch.int64), math.inf
         with torch.enable_grad():
             for step in range(steps + 1):
                 rounded = torch.round(variable.detach())
                 quantized = variable + (rounded - variable).detach()
                 bits = soft_bits(quantized)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_is_fast("cpu")):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     sse = self._sse(self._with_core(quantized))
                 loss = bits + self.kappa * sse
                 if float(loss.detach()) < best_loss:

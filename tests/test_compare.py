@@ -48,6 +48,8 @@ def test_command_writes_a_sheet_and_refuses_bad_options(tmp_path, tiny_weights):
     bad = runner.invoke(cli, ["compare", str(tmp_path / "a.png"), "--bpp", "1", "-o", str(tmp_path / "t.png"),
                               "--crop", "40,40,64,64", "--weights", tiny_weights])
     assert bad.exit_code == 1 and "not inside the 64x48 image" in bad.output
+    tiny = runner.invoke(cli, ["compare", str(tmp_path / "a.png"), "--bpp", "0.001", "-o", str(tmp_path / "t.png")])
+    assert tiny.exit_code == 1 and "too small" in tiny.output
     assert not (tmp_path / "t.png").exists()
 
 
@@ -71,4 +73,7 @@ def test_bench_report_is_a_folder_to_open(tmp_path, tiny_weights):
         assert text in page
     again = runner.invoke(cli, ["bench", str(folder), "--report", str(out), "--weights", tiny_weights])
     assert again.exit_code == 1 and "exists" in again.output
+    for clash in (["--hard", "--report", str(tmp_path / "r2")], [str(folder), "--report", str(tmp_path / "r2"),
+                                                                 "--json", str(tmp_path / "r.json")]):
+        assert runner.invoke(cli, ["bench", *clash]).exit_code == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "report"]  # no half-built folder left

@@ -31,6 +31,7 @@ def test_unknown_names_are_refused():
 def test_random_crops_for_training_are_varied_and_reproducible():
     first = [hardset.random_crop(np.random.default_rng(3), 64) for _ in range(1)]
     crops = [hardset.random_crop(np.random.default_rng(seed), 64) for seed in range(40)]
+    assert all(hardset.random_crop(np.random.default_rng(seed), 16).shape == (16, 16, 3) for seed in range(40))
     assert np.array_equal(first[0], crops[3])
     assert all(c.shape == (64, 64, 3) and c.dtype == np.uint8 for c in crops)
     assert len({c.tobytes() for c in crops}) == 40

@@ -103,9 +103,8 @@ def held_out_images(paths: list[Path], size: int = 512) -> list[torch.Tensor]:
                 im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))),
                                Image.Resampling.LANCZOS)
             img = np.asarray(im)
-        h, w = (max(16, min(limit, d) // 16 * 16) for limit, d in zip((size, size * 3 // 2), img.shape[:2]))
-        if h > w:  # portrait: the long side is the height
-            h, w = (max(16, min(limit, d) // 16 * 16) for limit, d in zip((size * 3 // 2, size), img.shape[:2]))
+        limits = (size * 3 // 2, size) if img.shape[0] > img.shape[1] else (size, size * 3 // 2)  # portrait or not
+        h, w = (max(16, min(limit, d) // 16 * 16) for limit, d in zip(limits, img.shape[:2]))
         top, left = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2
         x = torch.from_numpy(np.array(img[top:top + h, left:left + w]))
         out.append(x.permute(2, 0, 1).unsqueeze(0).float() / 255.0)

@@ -187,7 +187,8 @@ def export(model: hyperprior.Codec, out: Path, path: Path) -> None:
     """Every quality's state of the run into one weights file: stage 1's (qQ.pt) on the
     frozen transforms, or, where tools/joint_hyperprior.py trained a quality end to end
     (qQ-joint.pt), its own pair and gains too. The integer h_s of each quality is
-    calibrated on 64 crops of its cached latents, through that quality's g_a as trained."""
+    calibrated on 64 crops of its cached latents: the frozen g_a's, also for a quality
+    trained end to end (they only set h_s's activation ranges, at their 0.9999 quantile)."""
     from joint_hyperprior import joint_path, load_joint, with_own_pair
 
     missing = [q for q in range(1, model.qualities + 1) if not (out / f"q{q}.pt").exists()]
