@@ -165,7 +165,7 @@ def keep_rows(model: hyperprior.Codec, quality: int) -> None:
             tensor.grad = keep
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", nargs="+", type=Path)
     parser.add_argument("--run", type=Path, required=True)
@@ -181,97 +181,129 @@ def main() -> None:
     parser.add_argument("--validate-minutes", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--synthetic", type=float, default=0.0,
-                        help="share of crops that are generated hard content (nic.hardset.random_crop)")
+                        help="share of crops that are generated hard content (nic.hardset.random_crop; "
+                             "not resumed exactly: a resumed run draws other ones)")
     parser.add_argument("--rate", choices=["rounded", "noisy"], default="rounded",
                         help="y's rate in training: of the rounded residuals (what the coder spends; "
                              "straight-through) or of the residuals with uniform noise")
-    args = parser.parse_args()
-    q = args.quality
-    torch.manual_seed(args.seed)
-    model = joint_model(args.init, args.run, q).train()
-    lam = model.base.config.lambdas[q - 1]
-    params, density = trained_parameters(model, q)
-    for p in model.parameters():
-        p.requires_grad = False
-    for p in [*params, *density]:
-        p.requires_grad = True
-    optimizer = torch.optim.Adam([{"params": params, "scale": 1.0}, {"params": density, "scale": DENSITY_LR_SCALE}],
-                                 lr=args.lr)
-    path = joint_path(args.run, q)
-    step, elapsed = 0, 0.0
-    if path.exists():
-        state = torch.load(path, weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        step, elapsed = state["step"], state["elapsed"]
-    files, held = split_holdout(find_images(args.data, ["kodak", "kodim"]), args.holdout)
-    crops = held_out_images(held)
-    sampler = CropSampler([load_rgb(p) for p in files], args.patch, random.Random(args.seed + step), args.synthetic)
-    log_file = open(args.run / f"q{q}-joint.log", "a")
+    return parser.parse_args()
 
-    def log(line: str) -> None:
+
+def j_of(result: dict[str, float], lam: float) -> float:
+    """J = bpp + λ·255²·MSE of a result's bpp and (mean) PSNR."""
+    return result["bpp"] + lam * 255**2 * 10 ** (-result["psnr"] / 10)
+
+
+class Run:
+    """One quality's end-to-end training: the model, its optimizer, the data, the log and
+    the state file (resumed if it exists)."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args, q = args, args.quality
+        self.q = q
+        torch.manual_seed(args.seed)
+        self.model = joint_model(args.init, args.run, q).train()
+        self.lam = self.model.base.config.lambdas[q - 1]
+        self.params, density = trained_parameters(self.model, q)
+        for p in self.model.parameters():
+            p.requires_grad = False
+        for p in [*self.params, *density]:
+            p.requires_grad = True
+        self.optimizer = torch.optim.Adam([{"params": self.params, "scale": 1.0},
+                                           {"params": density, "scale": DENSITY_LR_SCALE}], lr=args.lr)
+        self.path = joint_path(args.run, q)
+        self.step, self.elapsed = 0, 0.0
+        if self.path.exists():
+            state = torch.load(self.path, weights_only=True)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.step, self.elapsed = state["step"], state["elapsed"]
+        files, held = split_holdout(find_images(args.data, ["kodak", "kodim"]), args.holdout)
+        self.crops = held_out_images(held)
+        self.sampler = CropSampler([load_rgb(p) for p in files], args.patch, random.Random(args.seed + self.step),
+                                   args.synthetic)
+        self.log_file = open(args.run / f"q{q}-joint.log", "a")
+
+    def log(self, line: str) -> None:
         print(line, flush=True)
-        log_file.write(line + "\n")
-        log_file.flush()
+        self.log_file.write(line + "\n")
+        self.log_file.flush()
 
-    def save() -> None:
-        save_atomic({"hyper": model.quality_state(q), "pair": model.base.own[f"q{q}"].state_dict(),
-                     "gain": model.base.gain[q - 1].detach().clone(),
-                     "inverse_gain": model.base.inverse_gain[q - 1].detach().clone(),
-                     "optimizer": optimizer.state_dict(), "step": step, "elapsed": elapsed}, path)
+    def save(self) -> None:
+        base, q = self.model.base, self.q
+        save_atomic({"hyper": self.model.quality_state(q), "pair": base.own[f"q{q}"].state_dict(),
+                     "gain": base.gain[q - 1].detach().clone(), "inverse_gain": base.inverse_gain[q - 1].detach().clone(),
+                     "optimizer": self.optimizer.state_dict(), "step": self.step, "elapsed": self.elapsed}, self.path)
 
-    def validate() -> None:
-        result = evaluate(model, q, crops)
-        log(f"q{q} step {step} ({elapsed / 60:.1f} min) held out: {result['bpp']:.4f} bpp (z {result['z']:.4f}), "
-            f"{result['psnr']:.3f} dB, J {result['bpp'] + lam * 255**2 * 10 ** (-result['psnr'] / 10):.4f}")
+    def validate(self) -> None:
+        result = evaluate(self.model, self.q, self.crops)
+        self.log(f"q{self.q} step {self.step} ({self.elapsed / 60:.1f} min) held out: {result['bpp']:.4f} bpp "
+                 f"(z {result['z']:.4f}), {result['psnr']:.3f} dB, J {j_of(result, self.lam):.4f}")
 
-    if step == 0:
-        reference = evaluate_factorized(model.base, q, crops)
-        log(f"q{q} factorized on the {len(crops)} held-out crops: {reference['bpp']:.4f} bpp, "
-            f"{reference['psnr']:.3f} dB, J {reference['bpp'] + lam * 255**2 * 10 ** (-reference['psnr'] / 10):.4f}")
-        model.base.tables = None
-        validate()
+    def reference(self) -> None:
+        """The factorized family's figures on the same held-out photos, and the start's."""
+        result = evaluate_factorized(self.model.base, self.q, self.crops)
+        self.log(f"q{self.q} factorized on the {len(self.crops)} held-out crops: {result['bpp']:.4f} bpp, "
+                 f"{result['psnr']:.3f} dB, J {j_of(result, self.lam):.4f}")
+        self.model.base.tables = None
+        self.validate()
 
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    budget = args.minutes * 60
-    last_save = last_validation = time.monotonic()
-    sums = np.zeros(3)
-    try:
-        while (step < args.steps) if args.steps else (elapsed < budget):
-            fraction = step / args.steps if args.steps else elapsed / budget
+    def train_step(self, lr: float) -> tuple[float, float, float]:
+        """One step at learning rate ``lr``: (loss, bpp, PSNR) of the batch."""
+        args, model, q = self.args, self.model, self.q
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group["scale"]
+        x = self.sampler.batch(args.batch)
+        y = model.base.analysis(x, q)
+        z_bits, y_bits, y_hat = model.latent_bits(y, q, rounded=args.rate == "rounded")
+        x_tilde = model.base.synthesis(y_hat, q)
+        bpp = (z_bits + y_bits) / (x.shape[2] * x.shape[3])
+        mse = ((x_tilde - x) ** 2).mean(dim=(1, 2, 3))
+        loss = (bpp + self.lam * 255**2 * mse).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        keep_rows(model, q)
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        return loss.item(), bpp.mean().item(), float(10 * torch.log10(1 / mse.detach()).mean())
+
+    def train(self) -> None:
+        """Steps until the schedule ends (cosine from --lr to --lr-final over --steps or
+        --minutes), saving every 5 minutes and validating every --validate-minutes."""
+        args = self.args
+        budget = args.minutes * 60
+        last_save = last_validation = time.monotonic()
+        sums = np.zeros(3)
+        while (self.step < args.steps) if args.steps else (self.elapsed < budget):
+            fraction = self.step / args.steps if args.steps else self.elapsed / budget
             lr = args.lr_final + 0.5 * (args.lr - args.lr_final) * (1 + math.cos(math.pi * fraction))
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["scale"]
             started = time.monotonic()
-            x = sampler.batch(args.batch)
-            y = model.base.analysis(x, q)
-            z_bits, y_bits, y_hat = model.latent_bits(y, q, rounded=args.rate == "rounded")
-            x_tilde = model.base.synthesis(y_hat, q)
-            bpp = (z_bits + y_bits) / (x.shape[2] * x.shape[3])
-            mse = ((x_tilde - x) ** 2).mean(dim=(1, 2, 3))
-            loss = (bpp + lam * 255**2 * mse).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            keep_rows(model, q)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            step += 1
-            elapsed += time.monotonic() - started
-            sums += (loss.item(), bpp.mean().item(), float(10 * torch.log10(1 / mse.detach()).mean()))
-            if step % 20 == 0:
-                log(f"q{q} step {step} loss {sums[0] / 20:.4f} bpp {sums[1] / 20:.4f} psnr {sums[2] / 20:.2f} "
-                    f"lr {lr:.1e} {elapsed / step:.2f} s/step")
+            sums += self.train_step(lr)
+            self.step += 1
+            self.elapsed += time.monotonic() - started
+            if self.step % 20 == 0:
+                self.log(f"q{self.q} step {self.step} loss {sums[0] / 20:.4f} bpp {sums[1] / 20:.4f} "
+                         f"psnr {sums[2] / 20:.2f} lr {lr:.1e} {self.elapsed / self.step:.2f} s/step")
                 sums[:] = 0
             if time.monotonic() - last_save > 300:
-                save()
+                self.save()
                 last_save = time.monotonic()
             if time.monotonic() - last_validation > args.validate_minutes * 60:
-                validate()
+                self.validate()
                 last_validation = time.monotonic()
+
+
+def main() -> None:
+    run = Run(parse_args())
+    if run.step == 0:
+        run.reference()
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        run.train()
     except KeyboardInterrupt:
         pass
     finally:
-        save()
-    validate()
+        run.save()
+    run.validate()
 
 
 if __name__ == "__main__":
