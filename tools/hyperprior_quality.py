@@ -16,6 +16,7 @@ measures an exported weights file).
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -41,8 +42,8 @@ def hyperprior_at(base, run: Path, quality: int, distribution: str = "gaussian")
     from joint_hyperprior import load_joint, with_own_pair
 
     joint = joint_path(run, quality)
-    if joint.exists():
-        base = with_own_pair(base, quality)
+    if joint.exists():  # a copy: the factorized family is measured with the shipped transforms
+        base = with_own_pair(copy.deepcopy(base), quality)
     model = hyperprior.Codec(base, hyperprior.Config(distribution=distribution)).eval()
     if joint.exists():
         load_joint(model, quality, torch.load(joint, weights_only=True))

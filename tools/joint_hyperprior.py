@@ -61,11 +61,10 @@ def load_joint(model: hyperprior.Codec, quality: int, state: dict) -> None:
     """Put a joint state's pair, gains and hyper-networks into ``model`` (whose base has
     ``quality`` specialized: :func:`with_own_pair`)."""
     model.load_quality_state(quality, state["hyper"])
-    own = model.base.own[f"q{quality}"] if quality in model.base.config.specialized else None
-    if own is None:
+    if quality not in model.base.config.specialized:
         raise ValueError(f"quality {quality} has no own pair in this model")
-    model.base.transforms(quality)
-    own.load_state_dict(state["pair"])
+    model.base.transforms(quality)  # builds the pair if it is still unbuilt arrays
+    model.base.own[f"q{quality}"].load_state_dict(state["pair"])
     with torch.no_grad():
         model.base.gain[quality - 1] = state["gain"]
         model.base.inverse_gain[quality - 1] = state["inverse_gain"]
