@@ -52,7 +52,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, digest = default_weights(args.weights)
-    qualities = parse_qualities(args.qualities, model.config.qualities)
+    qualities = parse_qualities(args.qualities, model.qualities)
     if not args.folder.is_dir():
         raise SystemExit(f"effort_table: {args.folder}: not a folder")
     paths = list_images(args.folder)[: args.limit]
