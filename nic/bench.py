@@ -849,13 +849,11 @@ def same_bytes(codec: str, pixels: np.ndarray, budget: int, keep: bool = False) 
 
 def ceiling_psnr(model, pixels: np.ndarray, quality: int) -> float:
     """PSNR of g_s(g_a(x)) without quantization: the best the transforms can do."""
-    from .tiling import analysis_tiles, reconstruct_tiled
+    from .tiling import analysis_latents, reconstruct_tiled
 
     base = getattr(model, "base", model)  # a hyperprior model's transforms are its base's
     height, width = pixels.shape[:2]
-    y = np.empty((base.latent_channels, -(-height // 16), -(-width // 16)), np.float32)
-    for (rows, cols), values in analysis_tiles(base, pixels, quality):
-        y[:, rows, cols] = values
+    y = analysis_latents(base, pixels, quality)
     return psnr(pixels, reconstruct_tiled(base, y, quality, height, width, pixels.shape[2] == 1))
 
 

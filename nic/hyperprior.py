@@ -42,12 +42,12 @@ from typing import Callable
 
 import numpy as np
 
-from . import engine, factorized, tiling
+from . import engine, factorized
 from .coding import (DISTRIBUTIONS, LATENT_LIMIT, SCALE_COUNT, CorruptStream, IndexedCoder, IntegerTables,
                      LatentCoder)
 from .container import FormatError, Substream
 from .families import expect_substreams
-from .tiling import LatentStore, PixelRows, Progress, analysis_tiles, reconstruct_into, tiles
+from .tiling import LatentStore, PixelRows, Progress, analysis_latents, reconstruct_into
 
 MODEL_ID = 2
 NAME = "hyperprior"
@@ -421,17 +421,7 @@ def _check_size(width: int, height: int, error: type) -> None:
 def analysis(model: Model, source: np.ndarray | PixelRows, quality: int,
              progress: Progress | None = None) -> np.ndarray:
     """Gained latents y (float32 (M, rows, cols)) of an image, g_a in tiles (nic.tiling)."""
-    shape = factorized.latent_shape(model.base.config, source.shape[0], source.shape[1]) \
-        if isinstance(source, np.ndarray) else factorized.latent_shape(model.base.config, source.height, source.width)
-    y = np.empty(shape, dtype=np.float32)
-    count = len(tiles(shape[1], shape[2], tiling.DEFAULT_TILE))
-    for done, (where, values) in enumerate(analysis_tiles(model.base, source, quality), 1):
-        if not np.isfinite(values).all():
-            raise ValueError("analysis transform produced non-finite values")
-        y[:, where[0], where[1]] = values
-        if progress is not None:
-            progress(done, count)
-    return y
+    return analysis_latents(model.base, source, quality, progress=progress)
 
 
 def compress(model: Model, source: np.ndarray | PixelRows, quality: int, effort: int = 1,

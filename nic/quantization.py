@@ -325,20 +325,14 @@ def kappa(model, quality: int, channels: int) -> float:
 def quantize(model, pixels: np.ndarray, quality: int, effort: int, tile: int | None = None,
              progress=None) -> np.ndarray:
     """int64 latents (M, rows, cols) of uint8 pixels (H, W, 1|3) at an effort level."""
-    from .tiling import analysis_tiles, check_pixels, quantize_tiled
+    from .tiling import analysis_latents, check_pixels, quantize_tiled
 
     if effort not in EFFORTS:
         raise ValueError(f"effort must be one of {EFFORTS}, got {effort}")
     if effort == 1:
         return quantize_tiled(model, pixels, quality, tile, progress)
     check_pixels(pixels)
-    height, width = pixels.shape[:2]
-    shape = (model.config.M, -(-height // DOWNSAMPLING), -(-width // DOWNSAMPLING))
-    continuous = torch.empty(shape, dtype=torch.float32)
-    for where, y in analysis_tiles(model, pixels, quality, tile):
-        if not np.isfinite(y).all():
-            raise ValueError("analysis transform produced non-finite values")
-        continuous[:, where[0], where[1]] = torch.from_numpy(np.ascontiguousarray(y))
+    continuous = torch.from_numpy(analysis_latents(model, pixels, quality, tile))
     return _search(model, pixels, quality, effort, continuous, None, progress)
 
 

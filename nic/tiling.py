@@ -389,6 +389,23 @@ def check_pixels(pixels: np.ndarray) -> None:
         raise ValueError("pixels must be uint8 of shape (H, W, 3) or (H, W, 1)")
 
 
+def analysis_latents(model, pixels: np.ndarray | PixelRows, quality: int, tile: int | None = None,
+                     progress: Progress | None = None) -> np.ndarray:
+    """Gained latents g_a(x)·gain, unrounded, float32 (M, rows, cols), computed in tiles
+    (a uint8 array or :class:`PixelRows` read in order). ValueError for non-finite values."""
+    height, width = (pixels.shape[:2] if isinstance(pixels, np.ndarray) else (pixels.height, pixels.width))
+    rows, cols = -(-height // DOWNSAMPLING), -(-width // DOWNSAMPLING)
+    y = np.empty((model.config.M, rows, cols), dtype=np.float32)
+    count = len(tiles(rows, cols, DEFAULT_TILE if tile is None else tile))
+    for done, (where, values) in enumerate(analysis_tiles(model, pixels, quality, tile), 1):
+        if not np.isfinite(values).all():
+            raise ValueError("analysis transform produced non-finite values")
+        y[:, where[0], where[1]] = values
+        if progress is not None:
+            progress(done, count)
+    return y
+
+
 def quantize_into(model, pixels: np.ndarray | PixelRows, quality: int, latents: LatentStore,
                   tile: int | None = None, progress: Progress | None = None) -> None:
     """Put round(g_a(x)·gain) of every tile into ``latents``, tile by tile.
