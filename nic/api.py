@@ -216,17 +216,17 @@ def _decompress(data: bytes, weights: str | Path | None, max_pixels: int, progre
     known = dict(parsed.sections)
     sink: list[RowSink] = []
     to_rgb = header.colour == COLOUR_GRAY and container.SECTION_GRAY_RGB in known
+    shown = dataclasses.replace(header, colour=COLOUR_RGB) if to_rgb else header
 
     def decoded(latents) -> None:
         if on_latents is not None:
             on_latents(latents)
-        shown = dataclasses.replace(header, colour=COLOUR_RGB) if to_rgb else header
         rows = open_sink(shown, known.get(container.SECTION_ICC), known.get(container.SECTION_EXIF))
         sink.append((lambda gray: rows(np.repeat(gray, 3, axis=2))) if to_rgb else rows)
 
     _family(model).decompress(model, header.quality, header.height, header.width, header.colour == COLOUR_GRAY,
                               substreams, lambda rows: sink[0](rows), progress, spill_bytes, decoded)
-    return dataclasses.replace(header, colour=COLOUR_RGB) if to_rgb else header
+    return shown
 
 
 def decode_pixels(data: bytes, weights: str | Path | None = None,

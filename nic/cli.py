@@ -838,12 +838,12 @@ def bench(folder: str | None, qualities: str | None, codecs: str, json_out: str 
         if hard:
             bench_hard(qualities, codecs, json_out, family, weights)
             return
+        opts = BenchOptions(Path(folder), qualities, codecs, json_out, plot_out, speed, weights, limit, compare,
+                            effort, family)
         if report_dir is not None:
-            bench_report(BenchOptions(Path(folder), qualities, codecs, json_out, plot_out, speed, weights, limit,
-                                      compare, effort, family), Path(report_dir))
+            bench_report(opts, Path(report_dir))
             return
-        run_command(BenchOptions(Path(folder), qualities, codecs, json_out, plot_out, speed, weights, limit,
-                                 compare, effort, family), err=stderr_console())
+        run_command(opts, err=stderr_console())
     except _domain_errors() as exc:
         raise NicError(str(exc)) from None
 

@@ -94,13 +94,15 @@ def label(panel: Panel, original: np.ndarray) -> list[str]:
             f"{psnr(original, panel.pixels):.2f} dB  {similarity}"]
 
 
-def sheet(panels: list[Panel], crop: tuple[int, int, int, int], scale: int, columns: int = 3):
+def sheet(panels: list[Panel], crop: tuple[int, int, int, int], scale: int, columns: int = 3,
+          labels: list[list[str]] | None = None):
     """A Pillow RGB image: each panel's crop enlarged ``scale`` times (nearest neighbour),
-    with its label under it, ``columns`` panels a row."""
+    with its label under it (``labels``, or :func:`label` of each), ``columns`` panels a row."""
     from PIL import Image, ImageDraw
 
     x, y, w, h = crop
     original = panels[0].pixels
+    labels = labels or [label(panel, original) for panel in panels]
     (font,), _ = _fonts([15])
     cell_w, cell_h = w * scale, h * scale + LABEL_HEIGHT
     columns = min(columns, len(panels))
@@ -113,6 +115,6 @@ def sheet(panels: list[Panel], crop: tuple[int, int, int, int], scale: int, colu
         part = panel.pixels[y:y + h, x:x + w]
         tile = Image.fromarray(part[..., 0] if part.shape[2] == 1 else part).convert("RGB")
         image.paste(tile.resize((w * scale, h * scale), Image.Resampling.NEAREST), (left, top))
-        for line, text in enumerate(label(panel, original)):
+        for line, text in enumerate(labels[i]):
             draw.text((left + 2, top + h * scale + 4 + 20 * line), text, fill="black", font=font)
     return image

@@ -340,18 +340,17 @@ def quantize(model, pixels: np.ndarray, quality: int, effort: int, tile: int | N
 class Coding:
     """What the hyperprior family codes the residuals k = ŷ − μ with, for the search:
     the means μ (float, (M, rows, cols)), the scale index of each latent, the rate of the
-    conditional's integer tables, and its continuous bits (for the Adam steps)."""
+    conditional's integer tables, and the conditional itself (its continuous bits, for the
+    Adam steps)."""
 
     mean: Tensor
     index: Tensor
     rate: IndexedRate
-    sigma: Tensor  # σ of each latent's scale index
+    conditional: object  # nic.entropy.GaussianConditional
 
     def soft_bits(self, core: tuple[slice, slice, slice]):
-        from .entropy import GaussianConditional
-
-        sigma, conditional = self.sigma[core], GaussianConditional()
-        return lambda values: conditional.bits(values, sigma).sum()
+        sigma = torch.from_numpy(self.conditional.scales()).float()[self.index[core]]
+        return lambda values: self.conditional.bits(values, sigma).sum()
 
 
 def quantize_residuals(model, pixels: np.ndarray, quality: int, effort: int, y: np.ndarray, mean: np.ndarray,
@@ -367,9 +366,8 @@ def quantize_residuals(model, pixels: np.ndarray, quality: int, effort: int, y: 
         return torch.round(continuous).to(torch.int64).numpy()
     if model.conditional.distribution != "gaussian":
         raise ValueError("effort 2..4 needs the Gaussian conditional")
-    index_t = torch.from_numpy(index.astype(np.int64))
-    sigma = torch.from_numpy(model.conditional.scales()).float()[index_t]
-    coding = Coding(torch.from_numpy(mean).float(), index_t, _indexed_rate(model), sigma)
+    coding = Coding(torch.from_numpy(mean).float(), torch.from_numpy(index.astype(np.int64)), _indexed_rate(model),
+                    model.conditional)
     return _search(model.base, pixels, quality, effort, continuous, coding, progress)
 
 

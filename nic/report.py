@@ -37,10 +37,11 @@ def sheets(paths: list[Path], read, codecs: str | None, weights: str | None, fam
         pixels: np.ndarray = read(path)
         budget = int(rate * pixels.shape[0] * pixels.shape[1] / 8)
         shown, skipped = panels(pixels, budget, codecs, weights, family)
+        labels = [label(p, pixels) for p in shown]  # MS-SSIM once per panel, for the sheet and the page
         buffer = io.BytesIO()
-        sheet(shown, detailed_crop(pixels, 192, 128), 2).save(buffer, format="PNG")
+        sheet(shown, detailed_crop(pixels, 192, 128), 2, labels=labels).save(buffer, format="PNG")
         result.append({"image": path.name, "bpp": rate, "png": buffer.getvalue(),
-                       "shown": [" ".join(label(p, pixels)) for p in shown[1:]], "skipped": skipped})
+                       "shown": [" ".join(lines) for lines in labels[1:]], "skipped": skipped})
     return result
 
 
