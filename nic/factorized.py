@@ -47,7 +47,7 @@ import numpy as np
 from . import engine
 from .coding import CorruptStream, IntegerTables, LatentCoder
 from .container import FormatError, Substream
-from .families import expect_substreams
+from .families import expect_substreams, trainable_names
 from .tiling import (DOWNSAMPLING, LatentStore, PixelRows, Progress, latent_store, quantize_into,
                      quantize_tiled, reconstruct_into, reconstruct_tiled)
 
@@ -310,17 +310,9 @@ def trainable(model):
     return model.network() if isinstance(model, Model) else model
 
 
-def __getattr__(name: str):
-    """The trainable network's names (``Codec``, ``from_arrays``, ``specialize``, …) from
-    nic.factorized_torch, imported on first use: coding never imports torch."""
-    if name.startswith("__"):
-        raise AttributeError(name)
-    from . import factorized_torch
-
-    try:
-        return getattr(factorized_torch, name)
-    except AttributeError:
-        raise AttributeError(f"module 'nic.factorized' has no attribute {name!r}") from None
+# The trainable network's names (``Codec``, ``from_arrays``, ``specialize``, …) from
+# nic.factorized_torch, imported on first use: coding never imports torch.
+__getattr__ = trainable_names("nic.factorized_torch", "nic.factorized")
 
 
 # ---- the family: pixels to substreams and back (nic.families) --------------------------

@@ -99,6 +99,21 @@ def reads_lazily(arrays) -> bool:
     return hasattr(family(model_id_of(arrays)), "load")
 
 
+def trainable_names(module: str, owner: str):
+    """A module ``__getattr__`` for a family module (``owner``) that coding imports without
+    torch: names it lacks (the trainable network's: ``Codec``, ``from_arrays``, …) come
+    from ``module``, its torch twin, imported on first use."""
+    def __getattr__(name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            return getattr(importlib.import_module(module), name)
+        except AttributeError:
+            raise AttributeError(f"module {owner!r} has no attribute {name!r}") from None
+
+    return __getattr__
+
+
 def expect_substreams(substreams: list, expected: list[tuple[bytes, tuple[int, int, int]]]) -> list:
     """The substreams (:class:`nic.container.Substream`) in the order and shapes a family
     expects; FormatError naming the difference otherwise."""

@@ -46,7 +46,7 @@ from . import engine, factorized
 from .coding import (DISTRIBUTIONS, LATENT_LIMIT, SCALE_COUNT, CorruptStream, IndexedCoder, IntegerTables,
                      LatentCoder)
 from .container import FormatError, Substream
-from .families import expect_substreams
+from .families import expect_substreams, trainable_names
 from .tiling import LatentStore, PixelRows, Progress, analysis_latents, reconstruct_into
 
 MODEL_ID = 2
@@ -383,18 +383,10 @@ def trainable(model):
     return model.network() if isinstance(model, Model) else model
 
 
-def __getattr__(name: str):
-    """The trainable network's names (``Codec``, ``from_arrays``, ``to_arrays``,
-    ``integerize``, …) from nic.hyperprior_torch, imported on first use: coding never
-    imports torch."""
-    if name.startswith("__"):
-        raise AttributeError(name)
-    from . import hyperprior_torch
-
-    try:
-        return getattr(hyperprior_torch, name)
-    except AttributeError:
-        raise AttributeError(f"module 'nic.hyperprior' has no attribute {name!r}") from None
+# The trainable network's names (``Codec``, ``from_arrays``, ``to_arrays``,
+# ``integerize``, …) from nic.hyperprior_torch, imported on first use: coding never
+# imports torch.
+__getattr__ = trainable_names("nic.hyperprior_torch", "nic.hyperprior")
 
 
 # ---- the family: pixels to substreams and back (nic.families) --------------------------
