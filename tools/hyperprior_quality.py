@@ -39,16 +39,12 @@ def hyperprior_at(base, run: Path, quality: int, distribution: str = "gaussian")
     """Quality Q of a run on ``base``: stage 1's hyper-networks (RUN/qQ.pt), or, where
     tools/joint_hyperprior.py has trained it end to end (RUN/qQ-joint.pt), its own pair,
     gains and hyper-networks."""
-    from joint_hyperprior import load_joint, with_own_pair
+    from joint_hyperprior import load_run_quality, with_own_pair
 
-    joint = joint_path(run, quality)
-    if joint.exists():  # a copy: the factorized family is measured with the shipped transforms
+    if joint_path(run, quality).exists():  # a copy: the factorized family is measured with the shipped transforms
         base = with_own_pair(copy.deepcopy(base), quality)
     model = hyperprior.Codec(base, hyperprior.Config(distribution=distribution)).eval()
-    if joint.exists():
-        load_joint(model, quality, torch.load(joint, weights_only=True))
-    else:
-        model.load_quality_state(quality, torch.load(run / f"q{quality}.pt", weights_only=True))
+    load_run_quality(model, run, quality)
     crops = np.load(run / f"latents-q{quality}.npy", mmap_mode="r")
     calibration = [torch.zeros(1, base.config.M, 4, 4)] * model.qualities
     calibration[quality - 1] = torch.from_numpy(np.asarray(crops[:64]).astype(np.float32))

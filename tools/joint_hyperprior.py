@@ -70,6 +70,17 @@ def load_joint(model: hyperprior.Codec, quality: int, state: dict) -> None:
         model.base.inverse_gain[quality - 1] = state["inverse_gain"]
 
 
+def load_run_quality(model: hyperprior.Codec, run: Path, quality: int) -> None:
+    """Put quality Q of a run into ``model``: its end-to-end state (RUN/qQ-joint.pt; the
+    model's base must give Q its own pair, :func:`with_own_pair`) where there is one,
+    else stage 1's hyper-networks (RUN/qQ.pt)."""
+    path = joint_path(run, quality)
+    if path.exists():
+        load_joint(model, quality, torch.load(path, weights_only=True))
+    else:
+        model.load_quality_state(quality, torch.load(run / f"q{quality}.pt", weights_only=True))
+
+
 def joint_model(init: str | None, run: Path, quality: int) -> hyperprior.Codec:
     """The hyperprior model of ``run`` at ``quality``: the joint state if there is one,
     else stage 1's hyper-networks on the frozen transforms (with an own pair for Q)."""

@@ -189,7 +189,7 @@ def export(model: hyperprior.Codec, out: Path, path: Path) -> None:
     (qQ-joint.pt), its own pair and gains too. The integer h_s of each quality is
     calibrated on 64 crops of its cached latents: the frozen g_a's, also for a quality
     trained end to end (they only set h_s's activation ranges, at their 0.9999 quantile)."""
-    from joint_hyperprior import joint_path, load_joint, with_own_pair
+    from joint_hyperprior import joint_path, load_run_quality, with_own_pair
 
     missing = [q for q in range(1, model.qualities + 1) if not (out / f"q{q}.pt").exists()]
     if missing:
@@ -202,10 +202,7 @@ def export(model: hyperprior.Codec, out: Path, path: Path) -> None:
         model = hyperprior.Codec(base.build_all(), model.config)
     calibration = []
     for q in range(1, model.qualities + 1):
-        if q in joint:
-            load_joint(model, q, torch.load(joint_path(out, q), weights_only=True))
-        else:
-            model.load_quality_state(q, torch.load(out / f"q{q}.pt", weights_only=True))
+        load_run_quality(model, out, q)
         # The cache holds the frozen g_a's latents; for a quality trained end to end they
         # are near its own (fine-tuning moves g_a little), and they only set h_s's ranges.
         latents = np.load(out / f"latents-q{q}.npy", mmap_mode="r")
