@@ -199,10 +199,13 @@ class IndexedCoder:
     """Encodes/decodes integers each with the table its *index* picks, the indices known
     to both sides (the hyperprior family's scale indices; :mod:`nic.hyperprior`).
 
-    Layout: the values grouped by index, index 0 first, each group in raster order
-    (a stable sort), as symbols k − offsets[t] of table t (the escape symbol lengths[t]
-    outside it); then the escaped values, in the same order, as :class:`LatentCoder`
-    sends them. Grouping lets every group go to the coder in one call."""
+    Layout of one part: the values grouped by index, index 0 first, each group in raster
+    order (a stable sort), as symbols k − offsets[t] of table t (the escape symbol
+    lengths[t] outside it); then the part's escaped values, in the same order, as
+    :class:`LatentCoder` sends them. Grouping lets every group go to the coder in one
+    call. A stream is one part, or several in a row (:meth:`encode_parts`,
+    :meth:`decoder`): the context passes of :mod:`nic.context`, where a part's indices
+    depend on the values of the parts before it."""
 
     def __init__(self, tables: IntegerTables):
         self.tables = tables
@@ -217,10 +220,19 @@ class IndexedCoder:
     def encode(self, values: np.ndarray, indices: np.ndarray) -> np.ndarray:
         """Payload words (little-endian uint32) of int64 ``values`` with table ``indices``
         (both flat, the same length)."""
+        return self.encode_parts([(values, indices)])
+
+    def encode_parts(self, parts: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+        """Payload words of several (values, indices) parts, one after the other."""
+        encoder = constriction.stream.queue.RangeEncoder()
+        for values, indices in parts:
+            self._encode_part(encoder, values, indices)
+        return encoder.get_compressed().astype("<u4", copy=False)
+
+    def _encode_part(self, encoder, values: np.ndarray, indices: np.ndarray) -> None:
         if np.abs(values).max(initial=0) > LATENT_LIMIT:
             raise ValueError("latent magnitude exceeds 2**31 - 1")
         order, bounds = self._groups(indices)
-        encoder = constriction.stream.queue.RangeEncoder()
         escaped = []
         for t in range(len(self.models)):
             if bounds[t] == bounds[t + 1]:
@@ -228,32 +240,57 @@ class IndexedCoder:
             group = values[order[bounds[t]:bounds[t + 1]]]
             escaped.append(_encode_with_table(encoder, group, self.tables, self.models, t))
         _encode_escapes(encoder, np.concatenate(escaped) if escaped else np.zeros(0, np.int64))
-        return encoder.get_compressed().astype("<u4", copy=False)
 
     def decode(self, payload: bytes, indices: np.ndarray) -> np.ndarray:
         """int64 values (flat, in the order of ``indices``) from the payload."""
+        reader = self.decoder(payload)
+        out = reader.decode(indices)
+        reader.finish()
+        return out
+
+    def decoder(self, payload: bytes) -> "IndexedDecoder":
+        """A reader of the payload's parts, one :meth:`IndexedDecoder.decode` per part."""
+        return IndexedDecoder(self, payload)
+
+
+class IndexedDecoder:
+    """The parts of one :class:`IndexedCoder` payload, read in order; CorruptStream on
+    anything the coder could not have written."""
+
+    def __init__(self, coder: IndexedCoder, payload: bytes):
         if len(payload) % 4:
             raise CorruptStream("payload length is not a multiple of 4 bytes")
+        self.coder = coder
         words = np.frombuffer(payload, dtype="<u4").astype(np.uint32, copy=False)
-        order, bounds = self._groups(indices)
+        try:
+            self._decoder = constriction.stream.queue.RangeDecoder(words)
+        except Exception as exc:
+            raise CorruptStream(f"range decoder failed ({exc})") from None
+
+    def decode(self, indices: np.ndarray) -> np.ndarray:
+        """The next part's int64 values (flat, in the order of ``indices``)."""
+        coder, decoder = self.coder, self._decoder
+        order, bounds = coder._groups(indices)
         out = np.empty(len(indices), dtype=np.int64)
         try:
-            decoder = constriction.stream.queue.RangeDecoder(words)
             escapes = []
-            for t in range(len(self.models)):
+            for t in range(len(coder.models)):
                 count = int(bounds[t + 1] - bounds[t])
                 if count == 0:
                     continue
-                symbols = decoder.decode(self.models[t], count).astype(np.int64)
+                symbols = decoder.decode(coder.models[t], count).astype(np.int64)
                 where = order[bounds[t]:bounds[t + 1]]
-                out[where] = symbols + int(self.tables.offsets[t])
-                escapes.append(where[symbols == int(self.tables.lengths[t])])
+                out[where] = symbols + int(coder.tables.offsets[t])
+                escapes.append(where[symbols == int(coder.tables.lengths[t])])
             flat = np.concatenate(escapes) if escapes else np.zeros(0, np.int64)
             if len(flat):
                 out[flat] = _decode_escapes(decoder, len(flat))
-            _check_exhausted(decoder)
         except (CorruptStream, MemoryError):
             raise
         except Exception as exc:  # constriction reports corrupt data with its own errors
             raise CorruptStream(f"range decoder failed ({exc})") from None
         return out
+
+    def finish(self) -> None:
+        """CorruptStream unless the payload ended exactly after the last part."""
+        _check_exhausted(self._decoder)

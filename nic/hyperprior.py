@@ -42,7 +42,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import engine, factorized
+from . import context, engine, factorized
 from .coding import (DISTRIBUTIONS, LATENT_LIMIT, SCALE_COUNT, CorruptStream, IndexedCoder, IntegerTables,
                      LatentCoder)
 from .container import FormatError, Substream
@@ -89,11 +89,23 @@ class Config:
     Z: int = 128  # channels of z
     scales: int = SCALE_COUNT
     distribution: str = "gaussian"  # of the conditional: "gaussian" or "laplace" (nic.entropy)
+    slices: int = 1  # ŷ's channels in this many slices, each the next one's context (nic.context)
+    checkerboard: bool = False  # each slice in two phases, anchors first (nic.context)
+    context_width: int = 128  # hidden channels of the context networks
+    context_kernel: int = 5  # their spatial reach over ŷ
+
+    @property
+    def has_context(self) -> bool:
+        return self.slices > 1 or self.checkerboard
 
     def to_json(self) -> str:
         fields = dataclasses.asdict(self)
+        # Fields at their first values are left out, so the first weights keep their bytes (and hash).
         if fields["distribution"] == "gaussian":
-            del fields["distribution"]  # so the first weights keep their bytes (and hash)
+            del fields["distribution"]
+        if not self.has_context:
+            for name in ("slices", "checkerboard", "context_width", "context_kernel"):
+                del fields[name]
         return json.dumps(fields, sort_keys=True)
 
     @classmethod
@@ -102,10 +114,12 @@ class Config:
         if not isinstance(fields, dict):
             raise ValueError("config is not an object")
         config = cls(**fields)
-        for name in ("hyper_N", "Z", "scales"):
+        for name in ("hyper_N", "Z", "scales", "slices", "context_width"):
             value = getattr(config, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= factorized.MAX_CHANNELS:
                 raise ValueError(f"config field {name} = {value!r} is out of range")
+        if not isinstance(config.checkerboard, bool) or config.context_kernel not in (1, 3, 5):
+            raise ValueError("config fields checkerboard or context_kernel are invalid")
         if config.model_id != MODEL_ID or config.scales != SCALE_COUNT or \
                 config.distribution not in DISTRIBUTIONS:
             raise ValueError("config is not a mean-scale hyperprior of this nic")
@@ -249,6 +263,17 @@ def _integer_network(arrays: dict[str, np.ndarray], q: int, shapes: list[tuple[i
     return IntegerHyperSynthesis(layers, scales)
 
 
+def context_networks(arrays, q: int, M: int, config: Config) -> dict[str, "context.IntegerContextNetwork"]:
+    """Quality q's (0-based) integer context networks, by pass ("s_p"), checked."""
+    if M % config.slices:
+        raise ValueError(f"{M} latent channels do not split into {config.slices} slices")
+    return {f"{s}_{p}": context.read_network(
+                arrays, f"integer_context.{q}.{s}_{p}",
+                context.network_shapes(M, config.slices, config.checkerboard, config.context_width,
+                                       config.context_kernel, s, p))
+            for s, p in context.passes(config.slices, config.checkerboard) if context.has_network(s, p)}
+
+
 # ---- coding without torch ------------------------------------------------------------
 
 _BUILDING = threading.RLock()
@@ -301,6 +326,9 @@ class Model:
         self._h_a: dict[int, engine.Network] = {}
         self._h_s: dict[int, IntegerHyperSynthesis] = {}
         self._z_tables: dict[int, IntegerTables] = {}
+        self._context: dict[int, dict] = {}
+        if config.has_context and M % config.slices:
+            raise ValueError(f"{M} latent channels do not split into {config.slices} slices")
         self._network = None
 
     @property
@@ -343,6 +371,16 @@ class Model:
                     self._h_s[quality] = _integer_network(self._arrays, quality - 1, integer_shapes(M, N, Z),
                                                           self.config.scales)
         return self._h_s[quality]
+
+    def context(self, quality: int) -> dict[str, "context.IntegerContextNetwork"]:
+        """The quality's integer context networks by pass ("s_p"; none without context)."""
+        if not self.config.has_context:
+            return {}
+        if quality not in self._context:
+            with _BUILDING:
+                if quality not in self._context:
+                    self._context[quality] = context_networks(self._arrays, quality - 1, self.M, self.config)
+        return self._context[quality]
 
     def network(self):
         """The same weights as a torch ``Codec`` (nic.hyperprior_torch), built on first use:
@@ -436,11 +474,51 @@ def compress(model: Model, source: np.ndarray | PixelRows, quality: int, effort:
         from .quantization import quantize_residuals
 
         residual = quantize_residuals(trainable(model), source, quality, effort, y, mean, index, progress)
-    if np.abs(residual).max(initial=0) > LATENT_LIMIT:
-        raise ValueError("latent magnitude exceeds 2**31 - 1")
     z_coder, y_coder = coders(model, quality)
-    return [Substream(b"zhat", z_hat.shape, z_coder.encode(z_hat)),
-            Substream(b"yhat", y.shape, y_coder.encode(residual.astype(np.int64).ravel(), index.ravel()).tobytes())]
+    if model.config.has_context:
+        # The search above saw h_s's (μ, t) only; the passes code what it chose, each
+        # latent rounded to the nearest value its own pass can send.
+        payload = _encode_passes(model, quality, residual + mean, mean, index, y_coder)
+    else:
+        if np.abs(residual).max(initial=0) > LATENT_LIMIT:
+            raise ValueError("latent magnitude exceeds 2**31 - 1")
+        payload = y_coder.encode(residual.astype(np.int64).ravel(), index.ravel())
+    return [Substream(b"zhat", z_hat.shape, z_coder.encode(z_hat)), Substream(b"yhat", y.shape, payload.tobytes())]
+
+
+def _encode_passes(model: Model, quality: int, target: np.ndarray, mean: np.ndarray, index: np.ndarray,
+                   y_coder: IndexedCoder) -> np.ndarray:
+    """ŷ's payload with context (nic.context): each pass's residuals round(target − μ)
+    under its own (μ, t), one part per pass."""
+    config = model.config
+    c = model.M // config.slices
+    parts = []
+
+    def residuals(s: int, where: np.ndarray, mu: np.ndarray, t: np.ndarray) -> np.ndarray:
+        k = np.round(target[s * c:(s + 1) * c, where] - mu)
+        if np.abs(k).max(initial=0) > LATENT_LIMIT:
+            raise ValueError("latent magnitude exceeds 2**31 - 1")
+        parts.append((k.astype(np.int64).ravel(), t.ravel()))
+        return k
+
+    context.run_passes(model.context(quality), mean, index, config.slices, config.checkerboard, config.scales,
+                       residuals)
+    return y_coder.encode_parts(parts)
+
+
+def _decode_passes(model: Model, quality: int, payload: bytes, mean: np.ndarray, index: np.ndarray,
+                   y_coder: IndexedCoder) -> tuple[np.ndarray, np.ndarray]:
+    """(ŷ float64, residuals int64) of a payload with context: each pass's (μ, t), then its part."""
+    config = model.config
+    reader = y_coder.decoder(payload)
+
+    def residuals(s: int, where: np.ndarray, mu: np.ndarray, t: np.ndarray) -> np.ndarray:
+        return reader.decode(t.ravel()).reshape(t.shape)
+
+    y_hat, residual = context.run_passes(model.context(quality), mean, index, config.slices, config.checkerboard,
+                                         config.scales, residuals)
+    reader.finish()
+    return y_hat, residual
 
 
 def decompress(model: Model, quality: int, height: int, width: int, gray: bool, substreams: list[Substream],
@@ -459,12 +537,16 @@ def decompress(model: Model, quality: int, height: int, width: int, gray: bool, 
         raise FormatError(f"substream zhat is corrupt: {exc}") from None
     mean, index = model.hyper_decode(z_hat, quality, y_shape[1], y_shape[2])
     try:
-        residual = y_coder.decode(y.data, index.ravel()).reshape(y_shape)
+        if model.config.has_context:
+            y_hat, residual = _decode_passes(model, quality, y.data, mean, index, y_coder)
+        else:
+            residual = y_coder.decode(y.data, index.ravel()).reshape(y_shape)
+            y_hat = residual + mean
     except CorruptStream as exc:
         raise FormatError(f"substream yhat is corrupt: {exc}") from None
     if on_latents is not None:
         on_latents(LatentStore(y_shape, array=residual))
-    y_hat = (residual + mean).astype(np.float32)  # elementwise IEEE: the same everywhere
+    y_hat = y_hat.astype(np.float32)  # elementwise IEEE: the same everywhere
     del residual, mean, index
     reconstruct_into(model.base, LatentStore(y_shape, array=y_hat), quality, height, width, gray, sink,
                      progress=progress)

@@ -18,8 +18,9 @@ from torch import Tensor, nn
 
 from . import factorized
 from .entropy import FactorizedDensity, GaussianConditional, IntegerTables, integer_tables
+from . import context
 from .hyperprior import (ACTIVATION_MAX, BIAS_LIMIT, MAX_SHIFT, MEAN_BITS, WEIGHT_MAX, Config,
-                         IntegerHyperSynthesis, IntegerLayer, _get_tables, _integer_network, hyper_shapes,
+                         IntegerHyperSynthesis, IntegerLayer, _get_tables, context_networks, _integer_network, hyper_shapes,
                          integer_shapes, rounded_z)
 from .layers import conv, deconv
 
@@ -48,6 +49,97 @@ class Hyper(nn.Module):
         self.h_s = hyper_synthesis(M, N, Z)
 
 
+class ContextNetwork(nn.Module):
+    """One context pass's correction to h_s's (μ, t) of a slice (nic.context): 1x1 on h_s's
+    (μ, t) of every channel plus k x k on ŷ's context, ReLU, 1x1, ReLU, 1x1. The last
+    layer starts at zero, so a fresh context model codes exactly as h_s alone."""
+
+    def __init__(self, M: int, channels: int, c: int, width: int, kernel: int):
+        super().__init__()
+        self.hyper = nn.Conv2d(2 * M, width, 1)
+        self.context = nn.Conv2d(channels, width, kernel, padding=kernel // 2, bias=False) if channels else None
+        self.hidden = nn.Conv2d(width, width, 1)
+        self.out = nn.Conv2d(width, 2 * c, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def first(self, hyper: Tensor, context: Tensor) -> Tensor:
+        value = self.hyper(hyper)
+        return value + self.context(context) if self.context is not None else value
+
+    def forward(self, hyper: Tensor, context: Tensor) -> Tensor:
+        return self.out(torch.relu(self.hidden(torch.relu(self.first(hyper, context)))))
+
+
+def _input(value: Tensor) -> Tensor:
+    """What an integer context network sees of a value: clipped to ±INPUT_LIMIT·2**−MEAN_BITS."""
+    limit = context.INPUT_LIMIT / (1 << MEAN_BITS)
+    return value.clamp(-limit, limit)
+
+
+class Context(nn.Module):
+    """One quality's context networks, one per pass but the first (nic.context)."""
+
+    def __init__(self, M: int, config: Config):
+        super().__init__()
+        self.M, self.slices, self.checkerboard = M, config.slices, config.checkerboard
+        c = M // config.slices
+        self.nets = nn.ModuleDict({
+            f"{s}_{p}": ContextNetwork(M, context.context_channels(M, config.slices, s, p, config.checkerboard), c,
+                                       config.context_width, config.context_kernel)
+            for s, p in context.passes(config.slices, config.checkerboard) if context.has_network(s, p)})
+
+    def bits(self, conditional: GaussianConditional, y: Tensor, mean: Tensor, index: Tensor,
+             rounded: bool) -> tuple[Tensor, Tensor]:
+        """(bits of ŷ per latent, ŷ) pass by pass, as the coder does: each pass's (μ, t) is
+        h_s's plus its network's correction from what earlier passes decoded. ``index`` is
+        h_s's real t; its round is what the coder uses (straight-through)."""
+        c = self.M // self.slices
+        t = torch.clamp(index + (torch.round(index) - index).detach(), 0, conditional.count - 1)
+        hyper = _input(torch.cat([mean, t], 1))
+        # Per slice, what is decoded so far (zero elsewhere) and its bits (no in-place
+        # writes: later passes differentiate through earlier ones).
+        decoded = [torch.zeros_like(y[:, :c]) for _ in range(self.slices)]
+        bits: list[Tensor | float] = [0.0] * self.slices
+        for s, p in context.passes(self.slices, self.checkerboard):
+            channels = slice(s * c, (s + 1) * c)
+            mu, t_s = mean[:, channels], t[:, channels]
+            if context.has_network(s, p):
+                # The slices before s and, in phase 1, slice s's anchors.
+                seen = torch.cat(decoded[: s + p], 1)
+                correction = self.nets[f"{s}_{p}"](hyper, _input(seen))
+                mu = mu + correction[:, :c]
+                t_s = t_s + correction[:, c:]
+            residual = y[:, channels] - mu
+            residual_hat = residual + (torch.round(residual) - residual).detach()
+            coded = residual_hat if rounded else residual + torch.empty_like(residual).uniform_(-0.5, 0.5)
+            where = self._mask(y, p)
+            bits[s] = bits[s] + conditional.bits(coded, conditional.scale(t_s)) * where
+            decoded[s] = decoded[s] + (residual_hat + mu) * where
+        return torch.cat(bits, 1), torch.cat(decoded, 1)
+
+    def _mask(self, y: Tensor, phase: int) -> Tensor:
+        rows, cols = y.shape[-2:]
+        return torch.from_numpy(context.phase_mask(rows, cols, phase, self.checkerboard)).to(y.dtype)
+
+    @torch.no_grad()
+    def hidden_activations(self, conditional: GaussianConditional, y: Tensor, mean: Tensor,
+                           index: Tensor) -> dict[str, list[Tensor]]:
+        """Each network's two hidden activations on gained latents y (for integerizing)."""
+        seen: dict[str, list[Tensor]] = {}
+        hooks = []
+        for name, net in self.nets.items():
+            seen[name] = []
+            hooks.append(net.hidden.register_forward_pre_hook(lambda m, a, name=name: seen[name].append(a[0])))
+            hooks.append(net.out.register_forward_pre_hook(lambda m, a, name=name: seen[name].append(a[0])))
+        try:
+            self.bits(conditional, y, mean, index, rounded=True)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return seen
+
+
 class Codec(nn.Module):
     """Transforms of a factorized model (``base``) with a mean-scale hyperprior per quality."""
 
@@ -63,6 +155,11 @@ class Codec(nn.Module):
         # One module holds every quality's z density: rows (q−1)·Z … q·Z − 1 are quality q's.
         self.z_density = FactorizedDensity(Q * config.Z)
         self.conditional = GaussianConditional(config.scales, distribution=config.distribution)
+        if config.has_context:
+            if M % config.slices:
+                raise ValueError(f"{M} latent channels do not split into {config.slices} slices")
+            self.context = nn.ModuleList([Context(M, config) for _ in range(Q)])
+        self.integer_context: list[dict] | None = None
         self.z_tables: list[IntegerTables] | None = None
         self.y_tables: IntegerTables | None = None
         self.integer_h_s: list[IntegerHyperSynthesis] | None = None
@@ -105,6 +202,9 @@ class Codec(nn.Module):
         # training settles on not using z at all (measured: z's rate went to ~0).
         z_hat = z_noisy if self.training else torch.round(z)
         mean, index = self.means_and_indices(hyper.h_s(z_hat), y.shape[-2:])
+        if self.config.has_context:
+            bits, y_hat = self.context[quality - 1].bits(self.conditional, y, mean, index, rounded)
+            return z_bits, bits.sum(dim=(1, 2, 3)), y_hat
         sigma = self.conditional.scale(index)
         residual = y - mean
         residual_hat = residual + (torch.round(residual) - residual).detach()
@@ -116,8 +216,12 @@ class Codec(nn.Module):
         """What one quality has of its own (h_a, h_s, its rows of the z density), as tensors:
         a training run saves each quality apart."""
         rows = slice((quality - 1) * self.config.Z, quality * self.config.Z)
-        return {"hyper": self.hyper[quality - 1].state_dict(),
-                "z_density": [p.detach()[rows].clone() for p in self.z_density.parameters()]}
+        state = {"hyper": self.hyper[quality - 1].state_dict(),
+                 "z_density": [p.detach()[rows].clone() for p in self.z_density.parameters()]}
+        if self.config.has_context:
+            state["context"] = self.context[quality - 1].state_dict()
+            state["config"] = self.config.to_json()  # the context's shape, for tools that load the state
+        return state
 
     @torch.no_grad()
     def load_quality_state(self, quality: int, state: dict) -> None:
@@ -126,6 +230,8 @@ class Codec(nn.Module):
         rows = slice((quality - 1) * self.config.Z, quality * self.config.Z)
         for p, values in zip(self.z_density.parameters(), state["z_density"], strict=True):
             p[rows] = values
+        if self.config.has_context and "context" in state:  # a stage-1 state has none: it starts fresh
+            self.context[quality - 1].load_state_dict(state["context"])
 
     @torch.no_grad()
     def start_from(self, y: Tensor, quality: int) -> None:
@@ -167,6 +273,19 @@ class Codec(nn.Module):
             integerize(self.hyper[q].h_s, self.config.scales,
                        None if calibration is None else self._h_s_activations(q + 1, calibration[q]))
             for q in range(self.qualities)]
+        if self.config.has_context:
+            self.integer_context = [self._integer_context(q + 1, None if calibration is None else calibration[q])
+                                    for q in range(self.qualities)]
+
+    @torch.no_grad()
+    def _integer_context(self, quality: int, y: Tensor | None) -> dict[str, context.IntegerContextNetwork]:
+        ctx = self.context[quality - 1]
+        seen = None
+        if y is not None:
+            hyper = self.hyper[quality - 1]
+            mean, index = self.means_and_indices(hyper.h_s(torch.round(hyper.h_a(y))), y.shape[-2:])
+            seen = ctx.hidden_activations(self.conditional, y, mean, index)
+        return {name: integerize_context(net, None if seen is None else seen[name]) for name, net in ctx.nets.items()}
 
     @torch.no_grad()
     def _h_s_activations(self, quality: int, y: Tensor) -> list[Tensor]:
@@ -209,11 +328,7 @@ def integerize(h_s: nn.Sequential, scales: int, activations: list[Tensor] | None
     2**−MEAN_BITS for the means and 1 for the scale index."""
     convs = [layer for layer in h_s if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d))]
     hidden = len(convs) - 1
-    if activations is None:
-        steps = [1.0 / 64] * hidden
-    else:
-        steps = [max(float(torch.quantile(a.flatten().float()[: 1 << 24], 0.9999)), 1e-3) / ACTIVATION_MAX
-                 for a in activations]
+    steps = [_step(None if activations is None else activations[n]) for n in range(hidden)]
     layers = []
     s_in = 1.0
     for n, layer in enumerate(convs):
@@ -228,21 +343,62 @@ def integerize(h_s: nn.Sequential, scales: int, activations: list[Tensor] | None
             M = out_channels // 2
             s_out = torch.cat([torch.full((M,), 2.0 ** -MEAN_BITS, dtype=torch.float64),
                                torch.ones(M, dtype=torch.float64)])
-        scaled = weight * (s_in / s_out).reshape(-1, 1, 1, 1)
-        bias = layer.bias.detach().double() / s_out
-        # The largest shift that keeps the weights within ±WEIGHT_MAX and the bias below
-        # BIAS_LIMIT (a zero or tiny kernel, as a fresh h_s's last layer has, must not
-        # push the bias past it).
-        by_weight = torch.log2(WEIGHT_MAX / scaled.abs().amax(dim=(1, 2, 3)).clamp_min(1e-12))
-        by_bias = torch.log2((BIAS_LIMIT - 1) / bias.abs().clamp_min(1e-12))
-        shift = torch.floor(torch.minimum(by_weight, by_bias)).clamp(0, MAX_SHIFT).long()
-        factor = torch.exp2(shift.double())
-        w_int = torch.round(scaled * factor.reshape(-1, 1, 1, 1)).clamp(-WEIGHT_MAX, WEIGHT_MAX)
-        b_int = torch.round(bias * factor).clamp(-(BIAS_LIMIT - 1), BIAS_LIMIT - 1)
-        layers.append(IntegerLayer(w_int.numpy().astype(np.int32), b_int.numpy().astype(np.int64),
-                                   shift.numpy().astype(np.int64), transposed, relu=n < hidden))
+        (w_int,), b_int, shift = integer_weights([weight], layer.bias, s_in, s_out)
+        layers.append(IntegerLayer(w_int, b_int, shift, transposed, relu=n < hidden))
         s_in = steps[n] if n < hidden else 1.0
     return IntegerHyperSynthesis(layers, scales)
+
+
+def integer_weights(weights: list[Tensor], bias: Tensor | None, s_in: float, s_out: Tensor
+                    ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """One layer's integer weights (int32, each of ``weights`` (out, in, …), summed into the
+    same outputs), bias (int64) and per-output shift (int64), for inputs represented as
+    round(a / s_in) and outputs as round(a / s_out): round(w · s_in / s_out · 2**shift) with
+    the largest shift that keeps the weights within ±WEIGHT_MAX and the bias below
+    BIAS_LIMIT (a zero or tiny kernel, as a fresh last layer has, must not push the bias
+    past it)."""
+    s_out = s_out.double()
+    scaled = [w.detach().double() * (s_in / s_out).reshape(-1, *[1] * (w.dim() - 1)) for w in weights]
+    b = (bias.detach().double() if bias is not None else torch.zeros_like(s_out)) / s_out
+    largest = torch.stack([w.abs().reshape(len(w), -1).amax(dim=1) if w.numel() else torch.zeros_like(s_out)
+                           for w in scaled]).amax(dim=0)
+    by_weight = torch.log2(WEIGHT_MAX / largest.clamp_min(1e-12))
+    by_bias = torch.log2((BIAS_LIMIT - 1) / b.abs().clamp_min(1e-12))
+    shift = torch.floor(torch.minimum(by_weight, by_bias)).clamp(0, MAX_SHIFT).long()
+    factor = torch.exp2(shift.double())
+    ints = [torch.round(w * factor.reshape(-1, *[1] * (w.dim() - 1))).clamp(-WEIGHT_MAX, WEIGHT_MAX)
+            .numpy().astype(np.int32) for w in scaled]
+    b_int = torch.round(b * factor).clamp(-(BIAS_LIMIT - 1), BIAS_LIMIT - 1)
+    return ints, b_int.numpy().astype(np.int64), shift.numpy().astype(np.int64)
+
+
+def _step(activation: Tensor | None) -> float:
+    """The integer step of a hidden activation: its 0.9999 quantile over ACTIVATION_MAX
+    (1/64 without calibration data)."""
+    if activation is None:
+        return 1.0 / 64
+    return max(float(torch.quantile(activation.flatten().float()[: 1 << 24], 0.9999)), 1e-3) / ACTIVATION_MAX
+
+
+def integerize_context(net: ContextNetwork, activations: list[Tensor] | None = None
+                       ) -> context.IntegerContextNetwork:
+    """The integer network of a trained :class:`ContextNetwork` (as :func:`integerize`:
+    inputs × 2**MEAN_BITS, hidden activations at their calibrated steps, outputs μ·2**MEAN_BITS and t)."""
+    steps = [_step(None if activations is None else a) for a in (activations or [None, None])]
+    c = net.out.out_channels // 2
+    s_in = 2.0 ** -MEAN_BITS
+    parts = [net.hyper.weight[:, :, 0, 0]]
+    if net.context is not None:
+        parts.append(net.context.weight)
+    first, b0, shift0 = integer_weights(parts, net.hyper.bias, s_in, torch.full((net.hyper.out_channels,), steps[0]))
+    (hidden,), b1, shift1 = integer_weights([net.hidden.weight[:, :, 0, 0]], net.hidden.bias, steps[0],
+                                            torch.full((net.hidden.out_channels,), steps[1]))
+    s_out = torch.cat([torch.full((c,), 2.0 ** -MEAN_BITS), torch.ones(c)])
+    (out,), b2, shift2 = integer_weights([net.out.weight[:, :, 0, 0]], net.out.bias, steps[1], s_out)
+    k = net.context.kernel_size[0] if net.context is not None else 1
+    first_context = first[1] if net.context is not None else np.zeros((len(first[0]), 0, k, k), np.int32)
+    return context.IntegerContextNetwork(first[0], first_context, (b0, b1, b2), (shift0, shift1, shift2),
+                                         (hidden, out))
 
 
 
@@ -268,6 +424,12 @@ def to_arrays(model: Codec, half: bool = False) -> dict[str, np.ndarray]:
             arrays[f"integer_h_s.{q}.{n}.weight"] = layer.weight.astype(np.int16)
             arrays[f"integer_h_s.{q}.{n}.bias"] = layer.bias.astype(np.int64)
             arrays[f"integer_h_s.{q}.{n}.shift"] = layer.shift.astype(np.int8)
+    if model.config.has_context:
+        if model.integer_context is None:
+            raise ValueError("export_tables() first")
+        for q, networks in enumerate(model.integer_context):
+            for name, network in networks.items():
+                context.put_network(arrays, f"integer_context.{q}.{name}", network)
     _put_tables(arrays, "y_tables", model.y_tables)
     arrays["config"] = np.frombuffer(model.config.to_json().encode(), dtype=np.uint8)
     return arrays
@@ -300,11 +462,13 @@ def from_arrays(arrays: dict[str, np.ndarray]) -> Codec:
     y_tables = _get_tables(arrays, "y_tables", config.scales)
     model = Codec(base, config)
     # The hyper-networks' parameters only: base's own pairs stay unbuilt until used.
-    state = {f"{part}.{name}": tensor for part in ("hyper", "z_density")
+    state = {f"{part}.{name}": tensor for part in ("hyper", "z_density", "context")[: 3 if config.has_context else 2]
              for name, tensor in getattr(model, part).state_dict().items()}
     for name in state:
         if name not in arrays or tuple(arrays[name].shape) != tuple(state[name].shape):
             raise ValueError(f"weights lack tensor {name} of shape {tuple(state[name].shape)}")
     factorized.fill(state, arrays)
     model.z_tables, model.y_tables, model.integer_h_s = z_tables, y_tables, networks
+    if config.has_context:
+        model.integer_context = [context_networks(arrays, q, M, config) for q in range(Q)]
     return model.eval()

@@ -308,6 +308,15 @@ def test_training_tool_trains_every_quality_and_exports_weights(tmp_path, photos
     assert done.returncode == 0, done.stderr
     data = api.encode_pixels(smooth_image(40, 56), 5, str(tmp_path / "h.npz"))
     assert api.decode_pixels(data, str(tmp_path / "h.npz")).pixels.shape == (40, 56, 3)
+    # Context networks on top of that run's qualities (nic.context), then exported.
+    context = [*tool[:6], str(tmp_path / "context"), *tool[7:], "--context-from", str(tmp_path / "run"),
+               "--slices", "2", "--checkerboard", "--context-width", "8", "--context-kernel", "3"]
+    trained = subprocess.run([*context, "--holdout", "2", "--export", str(tmp_path / "c.npz")], capture_output=True,
+                             text=True, timeout=600, cwd=root)
+    assert trained.returncode == 0, trained.stderr
+    assert "q8 context step 2 held out:" in trained.stdout
+    data = api.encode_pixels(smooth_image(40, 56), 5, str(tmp_path / "c.npz"))
+    assert api.decode_pixels(data, str(tmp_path / "c.npz")).pixels.shape == (40, 56, 3)
     # Quality 2 end to end (tools/joint_hyperprior.py), then exported with the others.
     joint = subprocess.run([sys.executable, "tools/joint_hyperprior.py", str(photos), "--run", str(tmp_path / "run"),
                             "-q", "2", "--init", tiny_weights, "--steps", "2", "--batch", "2", "--patch", "64",

@@ -43,7 +43,11 @@ def hyperprior_at(base, run: Path, quality: int, distribution: str = "gaussian")
 
     if joint_path(run, quality).exists():  # a copy: the factorized family is measured with the shipped transforms
         base = with_own_pair(copy.deepcopy(base), quality)
-    model = hyperprior.Codec(base, hyperprior.Config(distribution=distribution)).eval()
+    state = torch.load(run / f"q{quality}.pt", weights_only=True)
+    # A state with context networks says their shape (train_hyperprior.py --slices, --checkerboard).
+    config = hyperprior.Config.from_json(state["config"]) if "config" in state else \
+        hyperprior.Config(distribution=distribution)
+    model = hyperprior.Codec(base, config).eval()
     load_run_quality(model, run, quality)
     crops = np.load(run / f"latents-q{quality}.npy", mmap_mode="r")
     calibration = [torch.zeros(1, base.config.M, 4, 4)] * model.qualities

@@ -120,6 +120,44 @@ def train_quality(model: hyperprior.Codec, quality: int, latents: np.ndarray, st
             log(f"q{quality} step {step} held out: {bpp:.4f} bpp (z {z_bpp:.4f})")
 
 
+def train_context(model: hyperprior.Codec, quality: int, latents: np.ndarray, steps: int, batch: int, lr: float,
+                  seed: int, log, holdout: int = 0) -> None:
+    """The context networks of a quality (nic.context) on its cached latents, with h_a,
+    h_s and the z density as they are (stage 1's): the rate of the rounded residuals,
+    exactly what the coder spends, pass by pass. Their last layers start at zero, so
+    training starts from stage 1's rate."""
+    net = model.context[quality - 1]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in net.parameters():
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    generator = np.random.default_rng(seed + quality)
+    data = torch.from_numpy(latents)
+    data, held = (data[:-holdout], data[-holdout:]) if holdout else (data, None)
+    if held is not None:
+        log(f"q{quality} held out, stage 1: {held_out_bpp(model, quality, held)[0]:.4f} bpp")
+    model.hyper[quality - 1].eval()
+    start = time.time()
+    pixels = latents.shape[2] * latents.shape[3] * 256
+    for step in range(1, steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * (0.5 + 0.5 * math.cos(math.pi * step / steps)) + 1e-6
+        y = data[generator.choice(len(data), batch, replace=False)].float()
+        if generator.random() < 0.5:
+            y = y.flip(-1)
+        model.eval()  # ẑ rounded, as coded; the context networks have no train-time behaviour
+        _, y_bits, _ = model.latent_bits(y, quality, rounded=True)
+        loss = y_bits.mean() / pixels
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 100 == 0 or step == steps:
+            log(f"q{quality} context step {step}/{steps} ŷ bpp {loss.item():.4f} {time.time() - start:.0f}s")
+        if held is not None and (step % 500 == 0 or step == steps):
+            log(f"q{quality} context step {step} held out: {held_out_bpp(model, quality, held)[0]:.4f} bpp")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", nargs="+", type=Path)
@@ -146,11 +184,20 @@ def main() -> None:
     parser.add_argument("--more", action="store_true",
                         help="train qualities that are done for --steps more (a new cosine schedule)")
     parser.add_argument("--export", type=Path, help="write the weights file here once every quality is done")
+    parser.add_argument("--context-from", type=Path,
+                        help="train context networks (--slices, --checkerboard) on this stage-1 run's qualities "
+                             "(its qQ.pt and latent caches), which stay as they are")
+    parser.add_argument("--slices", type=int, default=1, help="ŷ's channels in this many slices (nic.context)")
+    parser.add_argument("--checkerboard", action="store_true", help="each slice in two phases, anchors first")
+    parser.add_argument("--context-width", type=int, default=128)
+    parser.add_argument("--context-kernel", type=int, default=5)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     base = load_weights(args.init)[0]
-    model = hyperprior.Codec(base, hyperprior.Config(hyper_N=args.hyper_N, Z=args.Z,
-                                                     distribution=args.distribution)).train()
+    model = hyperprior.Codec(base, hyperprior.Config(
+        hyper_N=args.hyper_N, Z=args.Z, distribution=args.distribution, slices=args.slices,
+        checkerboard=args.checkerboard, context_width=args.context_width,
+        context_kernel=args.context_kernel)).train()
     args.out.mkdir(parents=True, exist_ok=True)
     log_file = open(args.out / "log.txt", "a")
 
@@ -164,6 +211,19 @@ def main() -> None:
     for q in todo:
         state_path = args.out / f"q{q}.pt"
         if state_path.exists() and not args.more:
+            continue
+        if args.context_from:
+            # --more goes on from this run's state; otherwise the context starts fresh on stage 1's.
+            source = state_path if state_path.exists() else args.context_from / f"q{q}.pt"
+            state = torch.load(source, weights_only=True)
+            if source != state_path and "context" in state:
+                raise SystemExit(f"{source} has context networks already")
+            model.load_quality_state(q, state)
+            cache = args.out / f"latents-q{q}.npy"
+            if not cache.exists():
+                cache.symlink_to((args.context_from / f"latents-q{q}.npy").resolve())
+            train_context(model, q, np.load(cache), args.steps, args.batch, args.lr, args.seed, log, args.holdout)
+            torch.save(model.quality_state(q), state_path)
             continue
         cache = args.out / f"latents-q{q}.npy"
         if not cache.exists():

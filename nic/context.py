@@ -1,0 +1,221 @@
+"""Context for the hyperprior family's ŷ: slices of channels (Minnen and Singh,
+"Channel-wise autoregressive entropy models for learned image compression", ICIP 2020),
+optionally with a checkerboard inside each slice (He et al., "Checkerboard context model
+for efficient learned image compression", CVPR 2021). No serial scan: ŷ is decoded in a
+few *passes*, each one parallel over its latents.
+
+    pass (s, p): slice s = channels s·c … (s+1)·c − 1 (c = M / slices), phase p:
+                 p = 0 the anchors ((row + column) even), p = 1 the others;
+                 without the checkerboard one phase holds every position.
+    (μ, t) of a pass = h_s's (μ, t) for the slice's channels
+                      + an integer network's correction, from
+                        h_s's (μ, t) of every channel (1x1) and
+                        ŷ already decoded: the slices before s and, in phase 1,
+                        slice s's anchors (k x k).
+    The first pass (slice 0's anchors, or all of slice 0) has no context: h_s's own.
+
+Determinism: like h_s (:mod:`nic.hyperprior`), every correction is computed in exact
+integer arithmetic from integers: μ and ŷ = k + μ are multiples of 2**−MEAN_BITS and t
+an integer, so the network's inputs are integers (× 2**MEAN_BITS, clipped to ±INPUT_LIMIT),
+its weights integers, every sum exact in float64. The same μ and t on every machine.
+
+The trainable twin is :class:`nic.hyperprior_torch.Context`. Math only; no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+ACTIVATION_MAX = 4095
+WEIGHT_MAX = 32767
+BIAS_LIMIT = 2**40
+MAX_SHIFT = 40
+MEAN_BITS = 8
+INPUT_LIMIT = 2**20
+"""Inputs of a context network (μ, t and ŷ, × 2**MEAN_BITS) are clipped to ±INPUT_LIMIT."""
+
+POSITIONS_AT_ONCE = 4096
+"""A context network runs on this many latent positions at a time: bounded memory."""
+
+
+def passes(slices: int, checkerboard: bool) -> list[tuple[int, int]]:
+    """(slice, phase) in decoding order."""
+    return [(s, p) for s in range(slices) for p in ((0, 1) if checkerboard else (0,))]
+
+
+def phase_mask(rows: int, cols: int, phase: int, checkerboard: bool) -> np.ndarray:
+    """Where (rows x cols, bool) a pass's phase codes its latents."""
+    if not checkerboard:
+        return np.ones((rows, cols), dtype=bool)
+    parity = (np.arange(rows)[:, None] + np.arange(cols)[None]) % 2
+    return parity == phase
+
+
+def context_channels(M: int, slices: int, s: int, p: int, checkerboard: bool) -> int:
+    """Channels of ŷ a pass's network sees: the slices before s, and slice s's anchors in phase 1."""
+    c = M // slices
+    return s * c + (c if checkerboard and p == 1 else 0)
+
+
+def has_network(s: int, p: int) -> bool:
+    """Every pass but the first has a context network."""
+    return (s, p) != (0, 0)
+
+
+@dataclass(frozen=True)
+class IntegerContextNetwork:
+    """One pass's correction in integers: a first layer 1x1 on h_s's (μ, t) plus k x k on
+    ŷ's context, ReLU, hidden 1x1 layers with ReLU, and a last 1x1 layer to the slice's
+    (μ·2**MEAN_BITS, t) corrections. Each layer: floor((Σ w·a + b) / 2**shift + ½)."""
+
+    first_hyper: np.ndarray  # int32 (W, 2M)
+    first_context: np.ndarray  # int32 (W, C, k, k)
+    biases: tuple[np.ndarray, ...]  # int64 (out,) per layer
+    shifts: tuple[np.ndarray, ...]  # int64 (out,) per layer
+    hidden: tuple[np.ndarray, ...]  # int32 (out, in) per 1x1 layer after the first, the last included
+
+    @cached_property
+    def _float(self) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """(first layer's h_s part (2M, W), its context taps (k, k, C, W), later layers (in, out)),
+        float64 and transposed for position-major inputs."""
+        return (self.first_hyper.T.astype(np.float64), self.first_context.transpose(2, 3, 1, 0).astype(np.float64),
+                [w.T.astype(np.float64) for w in self.hidden])
+
+    def __call__(self, hyper: np.ndarray, seen: np.ndarray, halo: int, channels: int,
+                 where: np.ndarray) -> np.ndarray:
+        """Integer corrections (2c, n) as float64 at the n positions of ``where`` (rows x
+        cols, bool; in raster order). ``hyper``: h_s's (μ, t) by position ((rows·cols, 2M)),
+        ``seen``: ŷ decoded so far, zero elsewhere, with a zero border of ``halo``
+        ((rows + 2·halo, cols + 2·halo, M)); both float32, clipped to the inputs' limit
+        (exact: multiples of 2**−MEAN_BITS below 2**12). A few thousand positions at a time."""
+        rows, cols = np.nonzero(where)
+        out = np.empty((len(self.hidden[-1]), len(rows)))
+        for start in range(0, len(rows), POSITIONS_AT_ONCE):
+            r, c = rows[start:start + POSITIONS_AT_ONCE], cols[start:start + POSITIONS_AT_ONCE]
+            out[:, start:start + len(r)] = self._at(hyper, seen, halo, channels, r, c, where.shape[1]).T
+        return out
+
+    def _at(self, hyper: np.ndarray, seen: np.ndarray, halo: int, channels: int, r: np.ndarray, c: np.ndarray,
+            cols: int) -> np.ndarray:
+        first_hyper, taps, later = self._float
+        # The inputs are multiples of 2**−MEAN_BITS; the sums of w·input are exact, and so
+        # is their scaling by 2**MEAN_BITS to the integer network's units.
+        acc = hyper[r * cols + c].astype(np.float64) @ first_hyper
+        if channels:
+            k = taps.shape[0]
+            width = seen.shape[1]
+            flat = seen.reshape(-1, seen.shape[2])
+            for i in range(k):
+                for j in range(k):
+                    at = (r + halo + i - k // 2) * width + (c + halo + j - k // 2)
+                    acc += flat[at, :channels].astype(np.float64) @ taps[i, j]
+        acc *= float(1 << MEAN_BITS)
+        value = _finish(acc, self.biases[0], self.shifts[0], relu=True)
+        for n, weight in enumerate(later, 1):
+            value = _finish(value @ weight, self.biases[n], self.shifts[n], relu=n < len(later))
+        return value
+
+
+def _finish(acc: np.ndarray, bias: np.ndarray, shift: np.ndarray, relu: bool) -> np.ndarray:
+    """floor((acc + bias) / 2**shift + ½) per output (the last axis), clipped if ``relu``."""
+    acc += bias.astype(np.float64)
+    out = np.floor(acc * np.exp2(-shift.astype(np.float64)) + 0.5)  # exact: a power of 2
+    if relu:
+        np.clip(out, 0, ACTIVATION_MAX, out=out)
+    return out
+
+
+# ---- weights as plain arrays -------------------------------------------------------------
+
+PARTS = ("first_hyper", "first_context", "hidden1", "hidden2", "bias0", "bias1", "bias2", "shift0", "shift1",
+         "shift2")
+
+
+def put_network(arrays: dict[str, np.ndarray], prefix: str, network: IntegerContextNetwork) -> None:
+    """A network's integers as named arrays (``prefix.first_hyper`` …)."""
+    arrays[f"{prefix}.first_hyper"] = network.first_hyper.astype(np.int16)
+    arrays[f"{prefix}.first_context"] = network.first_context.astype(np.int16)
+    for n, weight in enumerate(network.hidden, 1):
+        arrays[f"{prefix}.hidden{n}"] = weight.astype(np.int16)
+    for n, (bias, shift) in enumerate(zip(network.biases, network.shifts)):
+        arrays[f"{prefix}.bias{n}"] = bias.astype(np.int64)
+        arrays[f"{prefix}.shift{n}"] = shift.astype(np.int8)
+
+
+def network_shapes(M: int, slices: int, checkerboard: bool, width: int, kernel: int, s: int, p: int
+                   ) -> dict[str, tuple[int, ...]]:
+    """The arrays' shapes of pass (s, p)'s network."""
+    c = M // slices
+    C = context_channels(M, slices, s, p, checkerboard)
+    return {"first_hyper": (width, 2 * M), "first_context": (width, C, kernel, kernel), "hidden1": (width, width),
+            "hidden2": (2 * c, width), "bias0": (width,), "bias1": (width,), "bias2": (2 * c,),
+            "shift0": (width,), "shift1": (width,), "shift2": (2 * c,)}
+
+
+def read_network(arrays, prefix: str, shapes: dict[str, tuple[int, ...]]) -> IntegerContextNetwork:
+    """The network of ``prefix`` in a weights file's arrays; ValueError if anything is
+    missing, misshapen or out of the ranges that keep every sum exact."""
+    try:
+        parts = {name: arrays[f"{prefix}.{name}"] for name in PARTS}
+    except KeyError:
+        raise ValueError(f"weights lack the context network {prefix}") from None
+    for name, value in parts.items():
+        if tuple(value.shape) != shapes[name] or value.dtype.kind != "i":
+            raise ValueError(f"context network {prefix} has the wrong shapes or types")
+    weights = [parts[n] for n in ("first_hyper", "first_context", "hidden1", "hidden2")]
+    biases = [parts[f"bias{n}"] for n in range(3)]
+    shifts = [parts[f"shift{n}"] for n in range(3)]
+    if any(w.size and (w.min() < -WEIGHT_MAX or w.max() > WEIGHT_MAX) for w in weights) or \
+            any(b.size and (b.min() <= -BIAS_LIMIT or b.max() >= BIAS_LIMIT) for b in biases) or \
+            any(t.size and (t.min() < 0 or t.max() > MAX_SHIFT) for t in shifts):
+        raise ValueError(f"context network {prefix} is out of range")
+    # Every sum exact: the first layer's inputs are within ±INPUT_LIMIT, the others' within
+    # 0 … ACTIVATION_MAX.
+    fan_in = shapes["first_hyper"][1] + int(np.prod(shapes["first_context"][1:]))
+    if fan_in * INPUT_LIMIT * WEIGHT_MAX + BIAS_LIMIT >= 2**53:
+        raise ValueError(f"context network {prefix} is too wide to sum exactly")
+    return IntegerContextNetwork(weights[0].astype(np.int32), weights[1].astype(np.int32),
+                                 tuple(b.astype(np.int64) for b in biases), tuple(t.astype(np.int64) for t in shifts),
+                                 (weights[2].astype(np.int32), weights[3].astype(np.int32)))
+
+
+# ---- the passes ----------------------------------------------------------------------------
+
+def run_passes(networks: dict[str, IntegerContextNetwork], mean: np.ndarray, index: np.ndarray, slices: int,
+               checkerboard: bool, scales: int, residuals) -> tuple[np.ndarray, np.ndarray]:
+    """Code ŷ pass by pass: for each pass its (μ, t) at its positions, then
+    ``residuals(s, where, mu, t)`` (the pass's (c, n) means and indices) gives its
+    integers k (c, n), and ŷ = k + μ there. Returns (ŷ float64, k int64), both
+    (M, rows, cols). The encoder's ``residuals`` rounds y − μ and keeps (k, t) to code;
+    the decoder's decodes k."""
+    M, rows, cols = mean.shape
+    c = M // slices
+    limit = INPUT_LIMIT / (1 << MEAN_BITS)
+    halo = max((n.first_context.shape[-1] // 2 for n in networks.values()), default=0)
+    # The networks' inputs, position-major: h_s's (μ, t), and ŷ as it is decoded.
+    hyper = np.clip(np.concatenate([mean, index]).reshape(2 * M, -1).T, -limit, limit).astype(np.float32) \
+        if networks else None
+    seen = np.zeros((rows + 2 * halo, cols + 2 * halo, M), dtype=np.float32) if networks else None
+    y_hat = np.zeros(mean.shape)
+    k_all = np.zeros(mean.shape, dtype=np.int64)
+    for s, p in passes(slices, checkerboard):
+        where = phase_mask(rows, cols, p, checkerboard)
+        channels = slice(s * c, (s + 1) * c)
+        mu, t = mean[channels][:, where], index[channels][:, where]
+        network = networks.get(f"{s}_{p}")
+        if network is not None:
+            # What is decoded so far: the slices before s and, in phase 1, slice s's anchors
+            # (its other positions are still zero).
+            correction = network(hyper, seen, halo, context_channels(M, slices, s, p, checkerboard), where)
+            mu = mu + correction[:c] / float(1 << MEAN_BITS)
+            t = np.clip(t + correction[c:].astype(np.int64), 0, scales - 1)
+        k = residuals(s, where, mu, t)
+        value = k + mu
+        y_hat[channels, where] = value
+        k_all[channels, where] = k
+        if seen is not None:
+            seen[halo:halo + rows, halo:halo + cols, channels][where] = np.clip(value, -limit, limit).T
+    return y_hat, k_all

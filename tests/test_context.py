@@ -1,0 +1,166 @@
+"""Context for the hyperprior family (nic.context): channel slices and a checkerboard,
+decoded in passes by exact integer networks, on a tiny random model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import smooth_image
+from nic import api, container, context, factorized, hyperprior
+from nic.container import FormatError, Substream
+from nic.weights import WeightsError, load_weights, save_weights
+
+
+def tiny_context_model(slices: int = 2, checkerboard: bool = True, seed: int = 0):
+    """A tiny hyperprior with context whose networks' corrections are not zero."""
+    torch.manual_seed(seed)
+    base = factorized.Codec(factorized.Config(N=16, M=16)).eval()
+    base.export_tables()
+    config = hyperprior.Config(hyper_N=16, Z=8, slices=slices, checkerboard=checkerboard, context_width=8,
+                               context_kernel=3)
+    model = hyperprior.Codec(base, config).eval()
+    with torch.no_grad():
+        model.hyper[2].h_s[4].bias[16:] += 12.0
+        for net in model.context[2].nets.values():
+            net.out.weight.normal_(0, 0.05)
+            net.out.bias.normal_(0, 0.3)
+    y = torch.from_numpy(hyperprior.analysis(model, smooth_image(96, 128), 3))[None]
+    model.export_tables([y] * model.qualities)
+    return model
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("weights") / "context.npz"
+    save_weights(hyperprior.to_arrays(tiny_context_model()), path)
+    return str(path)
+
+
+def test_passes_cover_every_latent_once():
+    for slices, checkerboard in ((1, True), (4, False), (2, True)):
+        seen = np.zeros((16, 5, 7), dtype=int)
+        c = 16 // slices
+        for s, p in context.passes(slices, checkerboard):
+            seen[s * c:(s + 1) * c] += context.phase_mask(5, 7, p, checkerboard)
+        assert (seen == 1).all()
+    assert context.passes(2, True) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert not context.has_network(0, 0) and context.has_network(0, 1)
+
+
+def test_round_trip_decodes_what_the_encoder_coded(weights):
+    image = smooth_image(100, 130)
+    data = api.encode_pixels(image, 3, weights)
+    assert [(s.name, s.shape) for s in container.unpack(data).substreams()] == \
+        [(b"zhat", (8, 2, 3)), (b"yhat", (16, 7, 9))]
+    model, _ = load_weights(weights, coding=True)
+    y = hyperprior.analysis(model, image, 3)
+    seen = []
+    hyperprior.decompress(model, 3, 100, 130, False, container.unpack(data).substreams(), lambda rows: None,
+                          on_latents=lambda store: seen.append(store.array))
+    z_hat = model.hyper_encode(y, 3)
+    mean, index = model.hyper_decode(z_hat, 3, *y.shape[1:])
+    y_hat, _ = context.run_passes(model.context(3), mean, index, 2, True, 64,
+                                  lambda s, where, mu, t: np.round(y[s * 8:(s + 1) * 8, where] - mu))
+    assert np.abs(y_hat - y).max() <= 0.5 + 1e-6  # each latent within ½ of g_a's, under its own pass's μ
+    assert not np.array_equal(seen[0], np.round(y - mean))  # the passes moved the means
+    assert api.decode_pixels(data, weights).pixels.shape == image.shape
+
+
+def test_integer_context_follows_the_float_one():
+    """The integer networks give the float networks' ŷ to within a few 1/256 almost everywhere."""
+    model = tiny_context_model()
+    coding = hyperprior.Model(hyperprior.to_arrays(model))
+    y = hyperprior.analysis(coding, smooth_image(96, 128), 3)
+    z_hat = coding.hyper_encode(y, 3)
+    mean, index = coding.hyper_decode(z_hat, 3, *y.shape[1:])
+    y_hat, _ = context.run_passes(coding.context(3), mean, index, 2, True, 64,
+                                  lambda s, where, mu, t: np.round(y[s * 8:(s + 1) * 8, where] - mu))
+    with torch.no_grad():
+        hyper = model.hyper[2]
+        float_mean, float_index = model.means_and_indices(hyper.h_s(torch.from_numpy(z_hat).float()[None]),
+                                                          y.shape[1:])
+        _, float_y_hat = model.context[2].bits(model.conditional, torch.from_numpy(y)[None], float_mean,
+                                               float_index, rounded=True)
+    difference = np.abs(y_hat - float_y_hat[0].double().numpy())
+    assert (difference < 0.05).mean() > 0.97 and difference.max() <= 1.05
+
+
+def test_a_fresh_context_codes_as_h_s_alone():
+    """Zero last layers: every pass's (μ, t) is h_s's, so the coded integers are the plain family's."""
+    model = tiny_context_model()
+    with torch.no_grad():
+        for net in model.context[2].nets.values():
+            net.out.weight.zero_()
+            net.out.bias.zero_()
+    model.export_tables()
+    coding = hyperprior.Model(hyperprior.to_arrays(model))
+    image = smooth_image(64, 80)
+    y = hyperprior.analysis(coding, image, 3)
+    mean, _ = coding.hyper_decode(coding.hyper_encode(y, 3), 3, *y.shape[1:])
+    seen = []
+    hyperprior.decompress(coding, 3, 64, 80, False, hyperprior.compress(coding, image, 3), lambda rows: None,
+                          on_latents=lambda store: seen.append(store.array))
+    np.testing.assert_array_equal(seen[0], np.round(y.astype(np.float64) - mean))
+
+
+def test_same_bytes_and_pixels_with_one_or_two_threads(weights):
+    image = smooth_image(80, 96)
+    data = set()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        data.add(api.encode_pixels(image, 3, weights))
+    torch.set_num_threads(2)
+    assert len(data) == 1
+
+
+def test_weights_refuse_context_networks_out_of_range(tmp_path):
+    arrays = hyperprior.to_arrays(tiny_context_model())
+    for name, value in (("integer_context.2.1_0.shift1", 41), ("integer_context.2.0_1.bias0", 2**41)):
+        broken = dict(arrays)
+        broken[name] = np.full_like(arrays[name], value)
+        save_weights(broken, tmp_path / "bad.npz")
+        with pytest.raises(WeightsError, match="out of range"):
+            load_weights(tmp_path / "bad.npz")
+        coding, _ = load_weights(tmp_path / "bad.npz", coding=True)  # checked when the quality is used
+        with pytest.raises(ValueError, match="out of range"):
+            coding.context(3)
+    missing = {k: v for k, v in arrays.items() if not k.startswith("integer_context.1.1_1.")}
+    save_weights(missing, tmp_path / "missing.npz")
+    with pytest.raises(WeightsError, match="lack the context network integer_context.1.1_1"):
+        load_weights(tmp_path / "missing.npz")
+    config = bytes(arrays["config"]).decode().replace('"slices": 2', '"slices": 3')
+    save_weights({**arrays, "config": np.frombuffer(config.encode(), np.uint8)}, tmp_path / "slices.npz")
+    with pytest.raises(WeightsError, match="do not split into 3 slices"):
+        load_weights(tmp_path / "slices.npz", coding=True)
+
+
+def test_truncated_yhat_fails_with_one_message(weights):
+    data = api.encode_pixels(smooth_image(64, 64), 3, weights)
+    parsed = container.unpack(data)
+    z, y = parsed.substreams()
+    model, _ = load_weights(weights, coding=True)
+    for payload in (y.data[: len(y.data) // 8 * 4], y.data[:4]):
+        with pytest.raises(FormatError, match="substream yhat is corrupt"):
+            hyperprior.decompress(model, 3, 64, 64, False, [z, Substream(b"yhat", y.shape, payload)],
+                                  lambda rows: None)
+
+
+def test_training_bits_reach_the_context_networks():
+    model = tiny_context_model().train()
+    y = torch.randn(2, 16, 6, 6) * 3
+    _, y_bits, _ = model.latent_bits(y, 3, rounded=True)
+    y_bits.sum().backward()
+    for name, net in model.context[2].nets.items():
+        assert net.out.weight.grad is not None and net.out.weight.grad.abs().sum() > 0, name
+
+
+def test_effort_two_files_decode(weights):
+    """The search sees h_s's (μ, t); the passes then code what it chose under their own."""
+    image = smooth_image(64, 80)
+    data = api.encode_pixels(image, 3, weights, effort=2)
+    decoded = api.decode_pixels(data, weights).pixels.astype(np.float64)
+    plain = api.decode_pixels(api.encode_pixels(image, 3, weights), weights).pixels.astype(np.float64)
+    assert decoded.shape == image.shape
+    assert abs(np.mean((decoded - image) ** 2) - np.mean((plain - image) ** 2)) < 0.5 * np.mean((plain - image) ** 2)
