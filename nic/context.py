@@ -29,11 +29,8 @@ from functools import cached_property
 
 import numpy as np
 
-ACTIVATION_MAX = 4095
-WEIGHT_MAX = 32767
-BIAS_LIMIT = 2**40
-MAX_SHIFT = 40
-MEAN_BITS = 8
+from .integer import ACTIVATION_MAX, BIAS_LIMIT, MAX_SHIFT, MEAN_BITS, WEIGHT_MAX
+
 INPUT_LIMIT = 2**20
 """Inputs of a context network (μ, t and ŷ, × 2**MEAN_BITS) are clipped to ±INPUT_LIMIT."""
 

@@ -18,9 +18,9 @@ scales (:class:`nic.entropy.GaussianConditional`); the coder uses round(t).
 
 Determinism. Whatever picks a table or a mean at the decoder must come out the same
 on every machine and thread count, so the exported h_s is an integer network
-(:class:`IntegerHyperSynthesis`): integer weights, integer activations, and sums that
-are exact in float64 (every partial sum is an integer below 2**53, so any summation
-order of any BLAS gives the same result). h_a runs only at the encoder, in float:
+(:class:`IntegerHyperSynthesis`, within the bounds of :mod:`nic.integer`): integer
+weights, integer activations, and sums that are exact in float64 (every partial sum is
+an integer below 2**53, so any summation order of any BLAS gives the same result). h_a runs only at the encoder, in float:
 what it computes is sent (ẑ), not recomputed.
 
 This module codes files without torch: :class:`Model` runs g_a, g_s and h_a in numpy
@@ -47,6 +47,7 @@ from .coding import (DISTRIBUTIONS, LATENT_LIMIT, SCALE_COUNT, CorruptStream, In
                      LatentCoder)
 from .container import FormatError, Substream
 from .families import expect_substreams, trainable_names
+from .integer import ACTIVATION_MAX, BIAS_LIMIT, MAX_SHIFT, MEAN_BITS, WEIGHT_MAX  # noqa: F401  (h_s's bounds)
 from .tiling import LatentStore, PixelRows, Progress, analysis_latents, reconstruct_into
 
 MODEL_ID = 2
@@ -55,20 +56,6 @@ FORMAT_VERSION = 2
 """The container version this family writes: substreams ẑ and ŷ."""
 HYPER_DOWNSAMPLING = 4
 """h_a halves the latent grid twice: z has ceil(rows/4) x ceil(cols/4) positions."""
-
-ACTIVATION_MAX = 4095
-"""Integer activations of h_s are clipped to 0 … ACTIVATION_MAX (12 bits)."""
-
-WEIGHT_MAX = 32767
-"""Integer weights of h_s are within ±WEIGHT_MAX (16 bits)."""
-
-BIAS_LIMIT = 2**40
-MAX_SHIFT = 40
-"""Integer biases are below BIAS_LIMIT in magnitude and shifts at most MAX_SHIFT: with the
-weight and activation bounds, every sum of h_s stays an integer below 2**53."""
-
-MEAN_BITS = 8
-"""μ is an integer multiple of 2**−MEAN_BITS."""
 
 MAX_PIXELS = 36_000_000
 """Largest image this family codes for now: it holds the whole latent grid, its means

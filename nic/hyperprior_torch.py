@@ -16,12 +16,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import factorized
+from . import context, factorized
 from .entropy import FactorizedDensity, GaussianConditional, IntegerTables, integer_tables
-from . import context
-from .hyperprior import (ACTIVATION_MAX, BIAS_LIMIT, MAX_SHIFT, MEAN_BITS, WEIGHT_MAX, Config,
-                         IntegerHyperSynthesis, IntegerLayer, _get_tables, context_networks, _integer_network, hyper_shapes,
-                         integer_shapes, rounded_z)
+from .hyperprior import (Config, IntegerHyperSynthesis, IntegerLayer, _get_tables, _integer_network,
+                         context_networks, hyper_shapes, integer_shapes, rounded_z)
+from .integer import BIAS_LIMIT, MAX_SHIFT, MEAN_BITS, WEIGHT_MAX, ACTIVATION_MAX
 from .layers import conv, deconv
 
 INITIAL_INDEX = 24.0

@@ -1,0 +1,22 @@
+"""The bounds of nic's integer networks: the hyperprior family's h_s (nic.hyperprior) and
+its context networks (nic.context). Whatever picks a table or a mean at the decoder is
+computed by them, exactly, the same on every machine (Ballé, Johnston and Minnen,
+"Integer networks for data compression with latent-variable models", ICLR 2019).
+
+A layer computes floor((Σ w·a + b) / 2**shift + ½) from integer weights w, activations
+a and bias b, in float64: with these bounds every partial sum is an integer below 2**53,
+so any BLAS, summing in any order, gives the exact result.
+"""
+
+ACTIVATION_MAX = 4095
+"""Integer hidden activations are clipped to 0 … ACTIVATION_MAX (12 bits)."""
+
+WEIGHT_MAX = 32767
+"""Integer weights are within ±WEIGHT_MAX (16 bits)."""
+
+BIAS_LIMIT = 2**40
+MAX_SHIFT = 40
+"""Integer biases are below BIAS_LIMIT in magnitude and shifts at most MAX_SHIFT."""
+
+MEAN_BITS = 8
+"""μ is an integer multiple of 2**−MEAN_BITS."""
