@@ -224,22 +224,15 @@ class IndexedCoder:
 
     def encode_parts(self, parts: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
         """Payload words of several (values, indices) parts, one after the other."""
-        encoder = constriction.stream.queue.RangeEncoder()
+        writer = self.encoder()
         for values, indices in parts:
-            self._encode_part(encoder, values, indices)
-        return encoder.get_compressed().astype("<u4", copy=False)
+            writer.encode(values, indices)
+        return writer.finish()
 
-    def _encode_part(self, encoder, values: np.ndarray, indices: np.ndarray) -> None:
-        if np.abs(values).max(initial=0) > LATENT_LIMIT:
-            raise ValueError("latent magnitude exceeds 2**31 - 1")
-        order, bounds = self._groups(indices)
-        escaped = []
-        for t in range(len(self.models)):
-            if bounds[t] == bounds[t + 1]:
-                continue
-            group = values[order[bounds[t]:bounds[t + 1]]]
-            escaped.append(_encode_with_table(encoder, group, self.tables, self.models, t))
-        _encode_escapes(encoder, np.concatenate(escaped) if escaped else np.zeros(0, np.int64))
+    def encoder(self) -> "IndexedEncoder":
+        """A writer of a payload's parts, one :meth:`IndexedEncoder.encode` per part: only
+        the coded words are held, whatever the number of parts."""
+        return IndexedEncoder(self)
 
     def decode(self, payload: bytes, indices: np.ndarray) -> np.ndarray:
         """int64 values (flat, in the order of ``indices``) from the payload."""
@@ -252,6 +245,31 @@ class IndexedCoder:
         """A reader of the payload's parts, one :meth:`IndexedDecoder.decode` per part."""
         return IndexedDecoder(self, payload)
 
+
+class IndexedEncoder:
+    """The parts of one :class:`IndexedCoder` payload, written in order."""
+
+    def __init__(self, coder: IndexedCoder):
+        self.coder = coder
+        self._encoder = constriction.stream.queue.RangeEncoder()
+
+    def encode(self, values: np.ndarray, indices: np.ndarray) -> None:
+        """The next part: int64 ``values`` with table ``indices`` (both flat)."""
+        if np.abs(values).max(initial=0) > LATENT_LIMIT:
+            raise ValueError("latent magnitude exceeds 2**31 - 1")
+        coder, encoder = self.coder, self._encoder
+        order, bounds = coder._groups(indices)
+        escaped = []
+        for t in range(len(coder.models)):
+            if bounds[t] == bounds[t + 1]:
+                continue
+            group = values[order[bounds[t]:bounds[t + 1]]]
+            escaped.append(_encode_with_table(encoder, group, coder.tables, coder.models, t))
+        _encode_escapes(encoder, np.concatenate(escaped) if escaped else np.zeros(0, np.int64))
+
+    def finish(self) -> np.ndarray:
+        """The payload words (little-endian uint32)."""
+        return self._encoder.get_compressed().astype("<u4", copy=False)
 
 class IndexedDecoder:
     """The parts of one :class:`IndexedCoder` payload, read in order; CorruptStream on

@@ -48,7 +48,8 @@ from .coding import (DISTRIBUTIONS, LATENT_LIMIT, SCALE_COUNT, CorruptStream, In
 from .container import FormatError, Substream
 from .families import expect_substreams, trainable_names
 from .integer import ACTIVATION_MAX, BIAS_LIMIT, MAX_SHIFT, MEAN_BITS, WEIGHT_MAX  # noqa: F401  (h_s's bounds)
-from .tiling import LatentStore, PixelRows, Progress, analysis_latents, reconstruct_into
+from .tiling import (LatentStore, PixelRows, Progress, analysis_into, analysis_latents, latent_store,
+                     reconstruct_into)
 
 MODEL_ID = 2
 NAME = "hyperprior"
@@ -56,6 +57,12 @@ FORMAT_VERSION = 2
 """The container version this family writes: substreams ẑ and ŷ."""
 HYPER_DOWNSAMPLING = 4
 """h_a halves the latent grid twice: z has ceil(rows/4) x ceil(cols/4) positions."""
+
+BAND_ROWS = 64
+"""ŷ is coded in bands of this many latent rows (1,024 pixel rows), top to bottom, one
+after the other in the ``yhat`` substream: the coder holds one band's means, scale
+indices and context at a time. Context passes see only their own band (a band's edge
+is like the image's)."""
 
 MAX_PIXELS = 36_000_000
 """Largest image this family codes for now: it holds the whole latent grid, its means
@@ -250,7 +257,7 @@ def _integer_network(arrays: dict[str, np.ndarray], q: int, shapes: list[tuple[i
     return IntegerHyperSynthesis(layers, scales)
 
 
-def context_networks(arrays, q: int, M: int, config: Config) -> dict[str, "context.IntegerContextNetwork"]:
+def read_context_networks(arrays, q: int, M: int, config: Config) -> dict[str, "context.IntegerContextNetwork"]:
     """Quality q's (0-based) integer context networks, by pass ("s_p"), checked."""
     if M % config.slices:
         raise ValueError(f"{M} latent channels do not split into {config.slices} slices")
@@ -359,14 +366,14 @@ class Model:
                                                           self.config.scales)
         return self._h_s[quality]
 
-    def context(self, quality: int) -> dict[str, "context.IntegerContextNetwork"]:
+    def context_networks(self, quality: int) -> dict[str, "context.IntegerContextNetwork"]:
         """The quality's integer context networks by pass ("s_p"; none without context)."""
         if not self.config.has_context:
             return {}
         if quality not in self._context:
             with _BUILDING:
                 if quality not in self._context:
-                    self._context[quality] = context_networks(self._arrays, quality - 1, self.M, self.config)
+                    self._context[quality] = read_context_networks(self._arrays, quality - 1, self.M, self.config)
         return self._context[quality]
 
     def network(self):
@@ -389,6 +396,7 @@ class Model:
         """(μ as float64 (M, rows, cols), scale indices as int64) from ẑ, exactly: the
         integer h_s of the quality."""
         return self.h_s(quality)(z_hat, rows, cols)
+
 
 
 def rounded_z(z: np.ndarray) -> np.ndarray:
@@ -441,99 +449,140 @@ def analysis(model: Model, source: np.ndarray | PixelRows, quality: int,
     return analysis_latents(model.base, source, quality, progress=progress)
 
 
+def hyper_decode_rows(model, z_hat: np.ndarray, quality: int, start: int, stop: int, cols: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """``model.hyper_decode``'s latent rows start … stop − 1, from the rows of ẑ they depend
+    on and a margin (latent row o reads ẑ rows o//4 − 1 … o//4 + 2 through the two
+    stride-2 transposed 5x5 layers): exactly the whole image's values."""
+    d = HYPER_DOWNSAMPLING
+    z0, z1 = max(0, start // d - 2), min(z_hat.shape[1], (stop - 1) // d + 3)
+    mean, index = model.hyper_decode(z_hat[:, z0:z1], quality, d * (z1 - z0), cols)
+    return mean[:, start - d * z0:stop - d * z0], index[:, start - d * z0:stop - d * z0]
+
+
+def bands(rows: int) -> list[tuple[int, int]]:
+    """ŷ's bands of latent rows, top to bottom (:data:`BAND_ROWS` each, the last shorter)."""
+    return [(r0, min(rows, r0 + BAND_ROWS)) for r0 in range(0, rows, BAND_ROWS)]
+
+
+def hyper_encode_bands(model: Model, y: LatentStore, quality: int) -> np.ndarray:
+    """ẑ of gained latents in a store, h_a run band by band on y's rows with a halo that
+    covers its receptive field (±7 latent rows), so only one band of y is in memory."""
+    _, rows, cols = y.shape
+    parts = []
+    for r0, r1 in bands(rows):
+        a, b = max(0, r0 - 8), min(rows, r1 + 8)  # a is a multiple of 4: z's grid stays aligned
+        z = model.hyper_encode(y.rows(a, b), quality)
+        parts.append(z[:, (r0 - a) // HYPER_DOWNSAMPLING:(r0 - a) // HYPER_DOWNSAMPLING + -(-(r1 - r0) // HYPER_DOWNSAMPLING)])
+    return np.concatenate(parts, axis=1)
+
+
 def compress(model: Model, source: np.ndarray | PixelRows, quality: int, effort: int = 1,
              progress: Progress | None = None, spill_bytes: int | None = None) -> list[Substream]:
-    """The substreams of an image: ẑ, then the residuals k = round(y − μ) (``yhat``), or
-    at effort 2..4 the residuals chosen by D + λR with ẑ fixed (nic.quantization)."""
+    """The substreams of an image: ẑ, then the residuals k = round(y − μ) (``yhat``) band
+    by band, or at effort 2..4 the residuals chosen by D + λR with ẑ fixed
+    (nic.quantization). With context (nic.context), each band's passes one after the other."""
     if effort not in (1, 2, 3, 4):
         raise ValueError(f"effort must be 1..4, got {effort}")
     if effort != 1 and not isinstance(source, np.ndarray):
         raise ValueError("images read strip by strip are encoded at effort 1")
     height, width = (source.shape[:2] if isinstance(source, np.ndarray) else (source.height, source.width))
     _check_size(width, height, ValueError)
-    y = analysis(model, source, quality, None if effort > 1 else progress)
-    _, rows, cols = y.shape
-    z_hat = model.hyper_encode(y, quality)
-    mean, index = model.hyper_decode(z_hat, quality, rows, cols)
-    if effort == 1:
-        residual = np.round(y.astype(np.float64) - mean)
-    else:  # torch: the search differentiates through g_s
-        from .quantization import quantize_residuals
+    shape = factorized.latent_shape(model.base.config, height, width)
+    z_coder, _ = coders(model, quality)
+    with latent_store(shape, spill_bytes, np.float32) as y:
+        analysis_into(model.base, source, quality, y, progress=None if effort > 1 else progress)
+        z_hat = hyper_encode_bands(model, y, quality)
+        target: LatentStore = y
+        if effort != 1:  # torch: the search differentiates through g_s; the image is in memory
+            from .quantization import quantize_residuals
 
-        residual = quantize_residuals(trainable(model), source, quality, effort, y, mean, index, progress)
-    z_coder, y_coder = coders(model, quality)
-    if model.config.has_context:
-        # The search above saw h_s's (μ, t) only; the passes code what it chose, each
-        # latent rounded to the nearest value its own pass can send.
-        payload = _encode_passes(model, quality, residual + mean, mean, index, y_coder)
-    else:
-        if np.abs(residual).max(initial=0) > LATENT_LIMIT:
-            raise ValueError("latent magnitude exceeds 2**31 - 1")
-        payload = y_coder.encode(residual.astype(np.int64).ravel(), index.ravel())
-    return [Substream(b"zhat", z_hat.shape, z_coder.encode(z_hat)), Substream(b"yhat", y.shape, payload.tobytes())]
+            whole = y.rows(0, shape[1])
+            mean, index = model.hyper_decode(z_hat, quality, shape[1], shape[2])
+            residual = quantize_residuals(trainable(model), source, quality, effort, whole, mean, index, progress)
+            # The passes code what the search chose, each latent rounded to the nearest value
+            # its own pass can send (without context: exactly the search's residuals).
+            target = LatentStore(shape, array=residual + mean)
+        payload = _encode_bands(model, quality, z_hat, target)
+    return [Substream(b"zhat", z_hat.shape, z_coder.encode(z_hat)), Substream(b"yhat", shape, payload.tobytes())]
 
 
-def _encode_passes(model: Model, quality: int, target: np.ndarray, mean: np.ndarray, index: np.ndarray,
-                   y_coder: IndexedCoder) -> np.ndarray:
-    """ŷ's payload with context (nic.context): each pass's residuals round(target − μ)
-    under its own (μ, t), one part per pass."""
+def _rounded(y: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    k = np.round(y - mu)
+    if np.abs(k).max(initial=0) > LATENT_LIMIT:
+        raise ValueError("latent magnitude exceeds 2**31 - 1")
+    return k.astype(np.int64)
+
+
+def _encode_bands(model: Model, quality: int, z_hat: np.ndarray, target: LatentStore) -> np.ndarray:
+    """ŷ's payload: per band, its residuals round(target − μ) under the band's (μ, t), one
+    part per context pass (one part per band without context)."""
+    _, rows, cols = target.shape
+    _, y_coder = coders(model, quality)
+    writer = y_coder.encoder()
     config = model.config
     c = model.M // config.slices
-    parts = []
+    for r0, r1 in bands(rows):
+        mean, index = hyper_decode_rows(model, z_hat, quality, r0, r1, cols)
+        y = target.rows(r0, r1).astype(np.float64)
+        if not config.has_context:
+            writer.encode(_rounded(y, mean).ravel(), index.ravel())
+            continue
 
-    def residuals(s: int, where: np.ndarray, mu: np.ndarray, t: np.ndarray) -> np.ndarray:
-        k = np.round(target[s * c:(s + 1) * c, where] - mu)
-        if np.abs(k).max(initial=0) > LATENT_LIMIT:
-            raise ValueError("latent magnitude exceeds 2**31 - 1")
-        parts.append((k.astype(np.int64).ravel(), t.ravel()))
-        return k
+        def residuals(s: int, where: np.ndarray, mu: np.ndarray, t: np.ndarray) -> np.ndarray:
+            k = _rounded(y[s * c:(s + 1) * c, where], mu)
+            writer.encode(k.ravel(), t.ravel())
+            return k
 
-    context.run_passes(model.context(quality), mean, index, config.slices, config.checkerboard, config.scales,
-                       residuals)
-    return y_coder.encode_parts(parts)
-
-
-def _decode_passes(model: Model, quality: int, payload: bytes, mean: np.ndarray, index: np.ndarray,
-                   y_coder: IndexedCoder) -> tuple[np.ndarray, np.ndarray]:
-    """(ŷ float64, residuals int64) of a payload with context: each pass's (μ, t), then its part."""
-    config = model.config
-    reader = y_coder.decoder(payload)
-
-    def residuals(s: int, where: np.ndarray, mu: np.ndarray, t: np.ndarray) -> np.ndarray:
-        return reader.decode(t.ravel()).reshape(t.shape)
-
-    y_hat, residual = context.run_passes(model.context(quality), mean, index, config.slices, config.checkerboard,
-                                         config.scales, residuals)
-    reader.finish()
-    return y_hat, residual
+        context.run_passes(model.context_networks(quality), mean, index, config.slices, config.checkerboard,
+                           config.scales, residuals)
+    return writer.finish()
 
 
 def decompress(model: Model, quality: int, height: int, width: int, gray: bool, substreams: list[Substream],
                sink: Callable[[np.ndarray], None], progress: Progress | None = None,
                spill_bytes: int | None = None, on_latents: Callable[[LatentStore], None] | None = None) -> None:
-    """Decode ẑ, run the integer h_s, decode the residuals, and hand ``sink`` the pixel rows.
-    ``on_latents`` sees the residuals (integers) before the synthesis runs."""
+    """Decode ẑ, then band by band the integer h_s and the residuals (pass by pass with
+    context), and hand ``sink`` the pixel rows. ``on_latents`` sees the residuals
+    (integers) before the synthesis runs."""
     _check_size(width, height, FormatError)
     y_shape = factorized.latent_shape(model.base.config, height, width)
-    z, y = expect_substreams(substreams, [(b"zhat", z_shape(model.config.Z, *y_shape[1:])),
-                                                      (b"yhat", y_shape)])
+    z, y = expect_substreams(substreams, [(b"zhat", z_shape(model.config.Z, *y_shape[1:])), (b"yhat", y_shape)])
     z_coder, y_coder = coders(model, quality)
     try:
         z_hat = z_coder.decode(z.data, z.shape)
     except CorruptStream as exc:
         raise FormatError(f"substream zhat is corrupt: {exc}") from None
-    mean, index = model.hyper_decode(z_hat, quality, y_shape[1], y_shape[2])
-    try:
-        if model.config.has_context:
-            y_hat, residual = _decode_passes(model, quality, y.data, mean, index, y_coder)
+    with latent_store(y_shape, spill_bytes, np.float32) as y_hat, latent_store(y_shape, spill_bytes) as residual:
+        try:
+            _decode_bands(model, quality, z_hat, y_coder.decoder(y.data), y_hat, residual)
+        except CorruptStream as exc:
+            raise FormatError(f"substream yhat is corrupt: {exc}") from None
+        if on_latents is not None:
+            on_latents(residual)
+        reconstruct_into(model.base, y_hat, quality, height, width, gray, sink, progress=progress)
+
+
+def _decode_bands(model: Model, quality: int, z_hat: np.ndarray, reader, y_hat: LatentStore,
+                  residual: LatentStore) -> None:
+    """Fill ``y_hat`` (ŷ = k + μ, float32: elementwise IEEE, the same everywhere) and
+    ``residual`` (k) band by band from the payload's parts."""
+    _, rows, cols = y_hat.shape
+    config = model.config
+
+    def residuals(s: int, where: np.ndarray, mu: np.ndarray, t: np.ndarray) -> np.ndarray:
+        return reader.decode(t.ravel()).reshape(t.shape)
+
+    for r0, r1 in bands(rows):
+        mean, index = hyper_decode_rows(model, z_hat, quality, r0, r1, cols)
+        if config.has_context:
+            band, k = context.run_passes(model.context_networks(quality), mean, index, config.slices, config.checkerboard,
+                                         config.scales, residuals)
         else:
-            residual = y_coder.decode(y.data, index.ravel()).reshape(y_shape)
-            y_hat = residual + mean
-    except CorruptStream as exc:
-        raise FormatError(f"substream yhat is corrupt: {exc}") from None
-    if on_latents is not None:
-        on_latents(LatentStore(y_shape, array=residual))
-    y_hat = y_hat.astype(np.float32)  # elementwise IEEE: the same everywhere
-    del residual, mean, index
-    reconstruct_into(model.base, LatentStore(y_shape, array=y_hat), quality, height, width, gray, sink,
-                     progress=progress)
+            k = reader.decode(index.ravel()).reshape(mean.shape)
+            band = k + mean
+        y_hat.put(slice(r0, r1), slice(0, cols), band.astype(np.float32))
+        residual.put(slice(r0, r1), slice(0, cols), k)
+    reader.finish()
+    y_hat.finish()
+    residual.finish()

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from . import context, factorized
 from .entropy import FactorizedDensity, GaussianConditional, IntegerTables, integer_tables
 from .hyperprior import (Config, IntegerHyperSynthesis, IntegerLayer, _get_tables, _integer_network,
-                         context_networks, hyper_shapes, integer_shapes, rounded_z)
+                         read_context_networks, hyper_shapes, integer_shapes, rounded_z)
 from .integer import BIAS_LIMIT, MAX_SHIFT, MEAN_BITS, WEIGHT_MAX, ACTIVATION_MAX
 from .layers import conv, deconv
 
@@ -309,6 +309,14 @@ class Codec(nn.Module):
             z = self.hyper[quality - 1].h_a(torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))[None])[0]
         return rounded_z(z.numpy())
 
+    def context_networks(self, quality: int) -> dict[str, context.IntegerContextNetwork]:
+        """The quality's integer context networks by pass ("s_p"; none without context)."""
+        if not self.config.has_context:
+            return {}
+        if self.integer_context is None:
+            raise ValueError("export_tables() first")
+        return self.integer_context[quality - 1]
+
     def hyper_decode(self, z_hat: np.ndarray, quality: int, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
         """(μ as float64 (M, rows, cols), scale indices as int64) from ẑ, exactly: the
         integer h_s of the quality."""
@@ -469,5 +477,5 @@ def from_arrays(arrays: dict[str, np.ndarray]) -> Codec:
     factorized.fill(state, arrays)
     model.z_tables, model.y_tables, model.integer_h_s = z_tables, y_tables, networks
     if config.has_context:
-        model.integer_context = [context_networks(arrays, q, M, config) for q in range(Q)]
+        model.integer_context = [read_context_networks(arrays, q, M, config) for q in range(Q)]
     return model.eval()

@@ -170,14 +170,17 @@ class LatentStore:
 
 
 class SpilledLatents(LatentStore):
-    """int32 latents in an anonymous temporary file, channel-major like the array,
-    so that a channel is one contiguous read and a strip of rows one read per channel.
-    The file is unlinked at creation (nothing is left behind on a crash)."""
+    """int32 (or float32) latents in an anonymous temporary file, channel-major like the
+    array, so that a channel is one contiguous read and a strip of rows one read per
+    channel. The file is unlinked at creation (nothing is left behind on a crash)."""
 
     ITEM = 4
 
-    def __init__(self, shape: tuple[int, int, int], directory: str | None = None):
+    def __init__(self, shape: tuple[int, int, int], directory: str | None = None, dtype=np.int32):
         self.shape = tuple(shape)
+        self.dtype = np.dtype(dtype)
+        if self.dtype.itemsize != self.ITEM:
+            raise ValueError(f"spilled latents are 4-byte values, not {self.dtype}")
         self.directory = directory or tempfile.gettempdir()
         try:
             self.file = tempfile.TemporaryFile(prefix="nic-latents-", dir=directory)
@@ -195,7 +198,7 @@ class SpilledLatents(LatentStore):
         return (c * self.shape[1] * self.shape[2] + row * self.shape[2]) * self.ITEM
 
     def _write(self, offset: int, values: np.ndarray) -> None:
-        view = memoryview(np.ascontiguousarray(values, dtype=np.int32)).cast("B")
+        view = memoryview(np.ascontiguousarray(values, dtype=self.dtype)).cast("B")
         while len(view):
             try:
                 done = os.pwrite(self.fd, view, offset)
@@ -204,7 +207,7 @@ class SpilledLatents(LatentStore):
             view, offset = view[done:], offset + done
 
     def _read(self, offset: int, count: int) -> np.ndarray:
-        out = np.empty(count, dtype=np.int32)
+        out = np.empty(count, dtype=self.dtype)
         view, done = memoryview(out).cast("B"), 0
         while done < len(view):
             try:
@@ -219,7 +222,7 @@ class SpilledLatents(LatentStore):
     def put(self, rows: slice, cols: slice, values: np.ndarray) -> None:
         if self.pending is None or self.pending[0] != rows.start:
             self.finish()
-            strip = np.zeros((self.shape[0], rows.stop - rows.start, self.shape[2]), dtype=np.int32)
+            strip = np.zeros((self.shape[0], rows.stop - rows.start, self.shape[2]), dtype=self.dtype)
             self.pending = (rows.start, rows.stop, strip)
         self.pending[2][:, :, cols] = values
 
@@ -254,12 +257,13 @@ class SpilledLatents(LatentStore):
         self.file.close()
 
 
-def latent_store(shape: tuple[int, int, int], spill_bytes: int | None = None) -> LatentStore:
-    """Memory for small images, a temporary file above ``spill_bytes`` (default SPILL_BYTES)."""
+def latent_store(shape: tuple[int, int, int], spill_bytes: int | None = None, dtype=np.int32) -> LatentStore:
+    """Memory for small images, a temporary file above ``spill_bytes`` (default SPILL_BYTES);
+    int32 latents, or float32 (the hyperprior family's ŷ, unrounded g_a outputs)."""
     limit = SPILL_BYTES if spill_bytes is None else spill_bytes
     if shape[0] * shape[1] * shape[2] * SpilledLatents.ITEM > limit:
-        return SpilledLatents(shape)
-    return LatentStore(shape, np.int32)
+        return SpilledLatents(shape, dtype=dtype)
+    return LatentStore(shape, dtype)
 
 
 # ---- halo from the architecture ------------------------------------------------------
@@ -394,16 +398,29 @@ def analysis_latents(model, pixels: np.ndarray | PixelRows, quality: int, tile: 
     """Gained latents g_a(x)·gain, unrounded, float32 (M, rows, cols), computed in tiles
     (a uint8 array or :class:`PixelRows` read in order). ValueError for non-finite values."""
     height, width = (pixels.shape[:2] if isinstance(pixels, np.ndarray) else (pixels.height, pixels.width))
-    rows, cols = -(-height // DOWNSAMPLING), -(-width // DOWNSAMPLING)
-    y = np.empty((model.config.M, rows, cols), dtype=np.float32)
+    store = LatentStore((model.config.M, -(-height // DOWNSAMPLING), -(-width // DOWNSAMPLING)), np.float32)
+    analysis_into(model, pixels, quality, store, tile, progress)
+    return store.array
+
+
+def analysis_into(model, pixels: np.ndarray | PixelRows, quality: int, latents: LatentStore,
+                  tile: int | None = None, progress: Progress | None = None, rounded: bool = False) -> None:
+    """Put g_a(x)·gain of every tile into ``latents``, tile by tile: unrounded, or with
+    ``rounded`` round(g_a(x)·gain). ValueError for non-finite values (and, rounded, for
+    magnitudes an int32 store would wrap)."""
+    _, rows, cols = latents.shape
     count = len(tiles(rows, cols, DEFAULT_TILE if tile is None else tile))
-    for done, (where, values) in enumerate(analysis_tiles(model, pixels, quality, tile), 1):
-        if not np.isfinite(values).all():
+    for done, (where, y) in enumerate(analysis_tiles(model, pixels, quality, tile), 1):
+        if not np.isfinite(y).all():
             raise ValueError("analysis transform produced non-finite values")
-        y[:, where[0], where[1]] = values
+        if rounded:
+            if float(np.abs(y).max()) >= LATENT_LIMIT:  # before an int32 store could wrap it
+                raise ValueError("latent magnitude exceeds 2**31 - 1")
+            y = np.round(y)
+        latents.put(where[0], where[1], y)
         if progress is not None:
             progress(done, count)
-    return y
+    latents.finish()
 
 
 def quantize_into(model, pixels: np.ndarray | PixelRows, quality: int, latents: LatentStore,
@@ -411,17 +428,7 @@ def quantize_into(model, pixels: np.ndarray | PixelRows, quality: int, latents: 
     """Put round(g_a(x)·gain) of every tile into ``latents``, tile by tile.
 
     Raises ValueError if the analysis transform produces non-finite values."""
-    _, rows, cols = latents.shape
-    count = len(tiles(rows, cols, DEFAULT_TILE if tile is None else tile))
-    for done, (where, y) in enumerate(analysis_tiles(model, pixels, quality, tile), 1):
-        if not np.isfinite(y).all():
-            raise ValueError("analysis transform produced non-finite values")
-        if float(np.abs(y).max()) >= LATENT_LIMIT:  # before an int32 store could wrap it
-            raise ValueError("latent magnitude exceeds 2**31 - 1")
-        latents.put(where[0], where[1], np.round(y))
-        if progress is not None:
-            progress(done, count)
-    latents.finish()
+    analysis_into(model, pixels, quality, latents, tile, progress, rounded=True)
 
 
 def quantize_tiled(model, pixels: np.ndarray, quality: int, tile: int | None = None,

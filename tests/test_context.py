@@ -61,7 +61,7 @@ def test_round_trip_decodes_what_the_encoder_coded(weights):
                           on_latents=lambda store: seen.append(store.array))
     z_hat = model.hyper_encode(y, 3)
     mean, index = model.hyper_decode(z_hat, 3, *y.shape[1:])
-    y_hat, _ = context.run_passes(model.context(3), mean, index, 2, True, 64,
+    y_hat, _ = context.run_passes(model.context_networks(3), mean, index, 2, True, 64,
                                   lambda s, where, mu, t: np.round(y[s * 8:(s + 1) * 8, where] - mu))
     assert np.abs(y_hat - y).max() <= 0.5 + 1e-6  # each latent within ½ of g_a's, under its own pass's μ
     assert not np.array_equal(seen[0], np.round(y - mean))  # the passes moved the means
@@ -75,7 +75,7 @@ def test_integer_context_follows_the_float_one():
     y = hyperprior.analysis(coding, smooth_image(96, 128), 3)
     z_hat = coding.hyper_encode(y, 3)
     mean, index = coding.hyper_decode(z_hat, 3, *y.shape[1:])
-    y_hat, _ = context.run_passes(coding.context(3), mean, index, 2, True, 64,
+    y_hat, _ = context.run_passes(coding.context_networks(3), mean, index, 2, True, 64,
                                   lambda s, where, mu, t: np.round(y[s * 8:(s + 1) * 8, where] - mu))
     with torch.no_grad():
         hyper = model.hyper[2]
@@ -125,7 +125,7 @@ def test_weights_refuse_context_networks_out_of_range(tmp_path):
             load_weights(tmp_path / "bad.npz")
         coding, _ = load_weights(tmp_path / "bad.npz", coding=True)  # checked when the quality is used
         with pytest.raises(ValueError, match="out of range"):
-            coding.context(3)
+            coding.context_networks(3)
     missing = {k: v for k, v in arrays.items() if not k.startswith("integer_context.1.1_1.")}
     save_weights(missing, tmp_path / "missing.npz")
     with pytest.raises(WeightsError, match="lack the context network integer_context.1.1_1"):
@@ -164,3 +164,26 @@ def test_effort_two_files_decode(weights):
     plain = api.decode_pixels(api.encode_pixels(image, 3, weights), weights).pixels.astype(np.float64)
     assert decoded.shape == image.shape
     assert abs(np.mean((decoded - image) ** 2) - np.mean((plain - image) ** 2)) < 0.5 * np.mean((plain - image) ** 2)
+
+
+def test_bands_give_the_whole_image_means_and_decode(weights, monkeypatch):
+    """ŷ in bands of latent rows: each band's h_s output equals the whole image's rows, and
+    files of several bands (context cut at band edges) decode, in memory or spilled."""
+    model, _ = load_weights(weights, coding=True)
+    image = smooth_image(200, 130)
+    y = hyperprior.analysis(model, image, 3)
+    z_hat = model.hyper_encode(y, 3)
+    whole = model.hyper_decode(z_hat, 3, *y.shape[1:])
+    for start, stop in ((0, 4), (4, 8), (8, 12), (12, 13), (3, 10)):
+        part = hyperprior.hyper_decode_rows(model, z_hat, 3, start, stop, y.shape[2])
+        for a, b in zip(part, whole):
+            np.testing.assert_array_equal(a, b[:, start:stop])
+    monkeypatch.setattr(hyperprior, "BAND_ROWS", 4)
+    assert hyperprior.bands(13) == [(0, 4), (4, 8), (8, 12), (12, 13)]
+    data = api.encode_pixels(image, 3, weights)
+    decoded = api.decode_pixels(data, weights)
+    spilled = []
+    substreams = hyperprior.compress(model, image, 3, spill_bytes=0)
+    assert b"".join(s.data for s in substreams) == b"".join(s.data for s in container.unpack(data).substreams())
+    hyperprior.decompress(model, 3, 200, 130, False, substreams, spilled.append, spill_bytes=0)
+    np.testing.assert_array_equal(np.concatenate(spilled), decoded.pixels)
