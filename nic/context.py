@@ -119,7 +119,7 @@ class IntegerContextNetwork:
 def _finish(acc: np.ndarray, bias: np.ndarray, shift: np.ndarray, relu: bool) -> np.ndarray:
     """floor((acc + bias) / 2**shift + ½) per output (the last axis), clipped if ``relu``."""
     acc += bias.astype(np.float64)
-    out = np.floor(acc * np.exp2(-shift.astype(np.float64)) + 0.5)  # exact: a power of 2
+    out = np.floor(np.ldexp(acc, -shift) + 0.5)  # × 2**−shift: exact
     if relu:
         np.clip(out, 0, ACTIVATION_MAX, out=out)
     return out
@@ -182,22 +182,26 @@ def read_network(arrays, prefix: str, shapes: dict[str, tuple[int, ...]]) -> Int
 # ---- the passes ----------------------------------------------------------------------------
 
 def run_passes(networks: dict[str, IntegerContextNetwork], mean: np.ndarray, index: np.ndarray, slices: int,
-               checkerboard: bool, scales: int, residuals) -> tuple[np.ndarray, np.ndarray]:
+               checkerboard: bool, scales: int, residuals, keep: bool = True
+               ) -> tuple[np.ndarray, np.ndarray] | None:
     """Code ŷ pass by pass: for each pass its (μ, t) at its positions, then
     ``residuals(s, where, mu, t)`` (the pass's (c, n) means and indices) gives its
     integers k (c, n), and ŷ = k + μ there. Returns (ŷ float64, k int64), both
-    (M, rows, cols). The encoder's ``residuals`` rounds y − μ and keeps (k, t) to code;
-    the decoder's decodes k."""
+    (M, rows, cols), or None without ``keep`` (the encoder's case: it needs neither).
+    The encoder's ``residuals`` rounds y − μ and codes (k, t); the decoder's decodes k."""
     M, rows, cols = mean.shape
     c = M // slices
     limit = INPUT_LIMIT / (1 << MEAN_BITS)
     halo = max((n.first_context.shape[-1] // 2 for n in networks.values()), default=0)
     # The networks' inputs, position-major: h_s's (μ, t), and ŷ as it is decoded.
-    hyper = np.clip(np.concatenate([mean, index]).reshape(2 * M, -1).T, -limit, limit).astype(np.float32) \
-        if networks else None
-    seen = np.zeros((rows + 2 * halo, cols + 2 * halo, M), dtype=np.float32) if networks else None
-    y_hat = np.zeros(mean.shape)
-    k_all = np.zeros(mean.shape, dtype=np.int64)
+    hyper = seen = None
+    if networks:
+        hyper = np.empty((rows * cols, 2 * M), dtype=np.float32)
+        hyper[:, :M] = np.clip(mean.reshape(M, -1), -limit, limit).T
+        hyper[:, M:] = index.reshape(M, -1).T
+        seen = np.zeros((rows + 2 * halo, cols + 2 * halo, M), dtype=np.float32)
+    y_hat = np.zeros(mean.shape) if keep else None
+    k_all = np.zeros(mean.shape, dtype=np.int64) if keep else None
     for s, p in passes(slices, checkerboard):
         where = phase_mask(rows, cols, p, checkerboard)
         channels = slice(s * c, (s + 1) * c)
@@ -211,8 +215,9 @@ def run_passes(networks: dict[str, IntegerContextNetwork], mean: np.ndarray, ind
             t = np.clip(t + correction[c:].astype(np.int64), 0, scales - 1)
         k = residuals(s, where, mu, t)
         value = k + mu
-        y_hat[channels, where] = value
-        k_all[channels, where] = k
+        if keep:
+            y_hat[channels, where] = value
+            k_all[channels, where] = k
         if seen is not None:
             seen[halo:halo + rows, halo:halo + cols, channels][where] = np.clip(value, -limit, limit).T
-    return y_hat, k_all
+    return (y_hat, k_all) if keep else None

@@ -64,11 +64,6 @@ after the other in the ``yhat`` substream: the coder holds one band's means, sca
 indices and context at a time. Context passes see only their own band (a band's edge
 is like the image's)."""
 
-MAX_PIXELS = 36_000_000
-"""Largest image this family codes for now: it holds the whole latent grid, its means
-and scale indices in memory (about 10 kB per latent position, 1.4 GiB at 36 MP),
-where the factorized family streams and spills. Larger images: ``--model factorized``."""
-
 Z_LIMIT = 32767
 """ẑ is clipped to ±Z_LIMIT before h_s (after coding: escapes still round-trip)."""
 
@@ -112,7 +107,8 @@ class Config:
             value = getattr(config, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= factorized.MAX_CHANNELS:
                 raise ValueError(f"config field {name} = {value!r} is out of range")
-        if not isinstance(config.checkerboard, bool) or config.context_kernel not in (1, 3, 5):
+        if not isinstance(config.checkerboard, bool) or type(config.context_kernel) is not int or \
+                config.context_kernel not in (1, 3, 5):
             raise ValueError("config fields checkerboard or context_kernel are invalid")
         if config.model_id != MODEL_ID or config.scales != SCALE_COUNT or \
                 config.distribution not in DISTRIBUTIONS:
@@ -163,8 +159,7 @@ def _integer_layer(layer: IntegerLayer, value: np.ndarray) -> np.ndarray:
     weight = layer.weight.astype(np.float64)
     acc = _transposed(value, weight) if layer.transposed else _correlate(value, weight)
     acc += layer.bias.astype(np.float64)[:, None, None]
-    scale = np.exp2(-layer.shift.astype(np.float64))[:, None, None]
-    out = np.floor(acc * scale + 0.5)  # × 2**−shift is exact; so is floor of it
+    out = np.floor(np.ldexp(acc, -layer.shift[:, None, None]) + 0.5)  # × 2**−shift is exact; so is floor of it
     if layer.relu:
         np.clip(out, 0, ACTIVATION_MAX, out=out)
     return out
@@ -437,12 +432,6 @@ def coders(model: Model, quality: int) -> tuple[LatentCoder, IndexedCoder]:
     return cache[quality], cache["y"]
 
 
-def _check_size(width: int, height: int, error: type) -> None:
-    if width * height > MAX_PIXELS:
-        raise error(f"the hyperprior family codes images of up to {MAX_PIXELS} pixels for now, not "
-                    f"{width}x{height}; use --model factorized")
-
-
 def analysis(model: Model, source: np.ndarray | PixelRows, quality: int,
              progress: Progress | None = None) -> np.ndarray:
     """Gained latents y (float32 (M, rows, cols)) of an image, g_a in tiles (nic.tiling)."""
@@ -462,6 +451,8 @@ def hyper_decode_rows(model, z_hat: np.ndarray, quality: int, start: int, stop: 
 
 def bands(rows: int) -> list[tuple[int, int]]:
     """ŷ's bands of latent rows, top to bottom (:data:`BAND_ROWS` each, the last shorter)."""
+    if BAND_ROWS % HYPER_DOWNSAMPLING:  # z's grid and the checkerboard's parity must line up with a band's
+        raise ValueError(f"BAND_ROWS must be a multiple of {HYPER_DOWNSAMPLING}")
     return [(r0, min(rows, r0 + BAND_ROWS)) for r0 in range(0, rows, BAND_ROWS)]
 
 
@@ -487,7 +478,6 @@ def compress(model: Model, source: np.ndarray | PixelRows, quality: int, effort:
     if effort != 1 and not isinstance(source, np.ndarray):
         raise ValueError("images read strip by strip are encoded at effort 1")
     height, width = (source.shape[:2] if isinstance(source, np.ndarray) else (source.height, source.width))
-    _check_size(width, height, ValueError)
     shape = factorized.latent_shape(model.base.config, height, width)
     z_coder, _ = coders(model, quality)
     with latent_store(shape, spill_bytes, np.float32) as y:
@@ -535,7 +525,7 @@ def _encode_bands(model: Model, quality: int, z_hat: np.ndarray, target: LatentS
             return k
 
         context.run_passes(model.context_networks(quality), mean, index, config.slices, config.checkerboard,
-                           config.scales, residuals)
+                           config.scales, residuals, keep=False)
     return writer.finish()
 
 
@@ -545,7 +535,6 @@ def decompress(model: Model, quality: int, height: int, width: int, gray: bool, 
     """Decode ẑ, then band by band the integer h_s and the residuals (pass by pass with
     context), and hand ``sink`` the pixel rows. ``on_latents`` sees the residuals
     (integers) before the synthesis runs."""
-    _check_size(width, height, FormatError)
     y_shape = factorized.latent_shape(model.base.config, height, width)
     z, y = expect_substreams(substreams, [(b"zhat", z_shape(model.config.Z, *y_shape[1:])), (b"yhat", y_shape)])
     z_coder, y_coder = coders(model, quality)

@@ -253,15 +253,6 @@ def test_start_from_fits_a_gaussian_per_channel():
     assert torch.all((sigma / spread - 1).abs() < 0.07)  # within half a step of the scale table
 
 
-def test_images_beyond_the_family_limit_are_refused_in_one_line(monkeypatch, model, hyper_file,
-                                                                 tiny_hyperprior_weights):
-    monkeypatch.setattr(hyperprior, "MAX_PIXELS", 100 * 130 - 1)
-    with pytest.raises(ValueError, match="up to 12999 pixels for now, not 130x100"):
-        hyperprior.compress(model, smooth_image(100, 130), 3)
-    with pytest.raises(FormatError, match="up to 12999 pixels"):
-        api.decode_pixels(hyper_file, tiny_hyperprior_weights)
-
-
 def test_cli_reports_a_lying_substream_in_one_line(hyper_file, tiny_hyperprior_weights, tmp_path):
     from click.testing import CliRunner
 

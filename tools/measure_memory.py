@@ -171,6 +171,8 @@ def main() -> None:
     parser.add_argument("--mallopt", choices=sorted(MALLOPT), default=None,
                         help="run nic with glibc's mmap off and trim threshold at 1 GiB, for the whole "
                              "process or only around the tiled transforms (see MALLOPT)")
+    parser.add_argument("--model", default=None, help="passed to nic encode as --model (a model family)")
+    parser.add_argument("--weights", type=Path, default=None, help="passed to nic encode and decode as --weights")
     parser.add_argument("--keep", type=Path, default=None, help="keep the files in this folder")
     parser.add_argument("--kodak", type=Path, default=None, metavar="DIR",
                         help="also time in-process encode/decode of every image in DIR (ms per image)")
@@ -184,6 +186,9 @@ def main() -> None:
         print(f"({TIME} not found: using getrusage(RUSAGE_CHILDREN))", file=sys.stderr)
     nic = nic_command(args.tile, args.mallopt)
     extra = ["-j", str(args.threads)] if args.threads else []
+    if args.weights is not None:
+        extra += ["--weights", str(args.weights)]
+    family = ["--model", args.model] if args.model else []
     folder = Path(tempfile.mkdtemp(prefix="nic-memory-")) if args.keep is None else args.keep
     folder.mkdir(parents=True, exist_ok=True)
     baseline, baseline_s = run_measured([sys.executable, "-c", "import torch, PIL.Image, nic.api, nic.weights; "
@@ -209,7 +214,7 @@ def main() -> None:
             del pixels
             limit = ["--max-pixels", str(max(DEFAULT_MAX_PIXELS, width * height))]
             enc_rss, enc_s = run_measured([*nic, "encode", str(src), "-q", str(args.quality), "-o", str(coded),
-                                           *limit, *extra])
+                                           *family, *limit, *extra])
             dec_rss, dec_s = run_measured([*nic, "decode", str(coded), "-o", str(out), *limit, *extra])
             bpp = 8 * coded.stat().st_size / (width * height)
             print(f"{f'{width}x{height}':>12} {width * height / 1e6:6.1f} {src.stat().st_size / 2**20:8.1f} "

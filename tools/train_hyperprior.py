@@ -206,6 +206,8 @@ def main() -> None:
         log_file.write(line + "\n")
         log_file.flush()
 
+    if args.context_from and not model.config.has_context:
+        raise SystemExit("--context-from trains context networks: give --slices 2 or more, or --checkerboard")
     todo = args.qualities or list(range(1, model.qualities + 1))
     images = None
     for q in todo:
