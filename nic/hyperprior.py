@@ -81,7 +81,7 @@ class Config:
     slices: int = 1  # ŷ's channels in this many slices, each the next one's context (nic.context)
     checkerboard: bool = False  # each slice in two phases, anchors first (nic.context)
     context_width: int = 128  # hidden channels of the context networks
-    context_kernel: int = 5  # their spatial reach over ŷ
+    context_kernel: int = 3  # their spatial reach over ŷ (5 measured no better at q4, for 2.5x the work)
 
     @property
     def has_context(self) -> bool:

@@ -78,3 +78,35 @@ def tiny_hyperprior_weights(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("weights") / "tiny-hyperprior.npz"
     save_weights(to_arrays(tiny_hyperprior()), path)
     return str(path)
+
+
+def tiny_context_model(slices: int = 2, checkerboard: bool = True, seed: int = 0):
+    """A tiny hyperprior with context (nic.context) whose networks' corrections are not zero."""
+    import torch
+
+    from nic import factorized, hyperprior
+
+    torch.manual_seed(seed)
+    base = factorized.Codec(factorized.Config(N=16, M=16)).eval()
+    base.export_tables()
+    config = hyperprior.Config(hyper_N=16, Z=8, slices=slices, checkerboard=checkerboard, context_width=8,
+                               context_kernel=3)
+    model = hyperprior.Codec(base, config).eval()
+    with torch.no_grad():
+        model.hyper[2].h_s[4].bias[16:] += 12.0
+        for net in model.context[2].nets.values():
+            net.out.weight.normal_(0, 0.05)
+            net.out.bias.normal_(0, 0.3)
+    y = torch.from_numpy(hyperprior.analysis(model, smooth_image(96, 128), 3))[None]
+    model.export_tables([y] * model.qualities)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_context_weights(tmp_path_factory) -> str:
+    from nic.hyperprior import to_arrays
+    from nic.weights import save_weights
+
+    path = tmp_path_factory.mktemp("weights") / "tiny-context.npz"
+    save_weights(to_arrays(tiny_context_model()), path)
+    return str(path)

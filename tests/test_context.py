@@ -7,35 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import smooth_image
-from nic import api, container, context, factorized, hyperprior
+from conftest import smooth_image, tiny_context_model
+from nic import api, container, context, hyperprior
 from nic.container import FormatError, Substream
 from nic.weights import WeightsError, load_weights, save_weights
 
 
-def tiny_context_model(slices: int = 2, checkerboard: bool = True, seed: int = 0):
-    """A tiny hyperprior with context whose networks' corrections are not zero."""
-    torch.manual_seed(seed)
-    base = factorized.Codec(factorized.Config(N=16, M=16)).eval()
-    base.export_tables()
-    config = hyperprior.Config(hyper_N=16, Z=8, slices=slices, checkerboard=checkerboard, context_width=8,
-                               context_kernel=3)
-    model = hyperprior.Codec(base, config).eval()
-    with torch.no_grad():
-        model.hyper[2].h_s[4].bias[16:] += 12.0
-        for net in model.context[2].nets.values():
-            net.out.weight.normal_(0, 0.05)
-            net.out.bias.normal_(0, 0.3)
-    y = torch.from_numpy(hyperprior.analysis(model, smooth_image(96, 128), 3))[None]
-    model.export_tables([y] * model.qualities)
-    return model
-
-
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("weights") / "context.npz"
-    save_weights(hyperprior.to_arrays(tiny_context_model()), path)
-    return str(path)
+def weights(tiny_context_weights) -> str:
+    return tiny_context_weights
 
 
 def test_passes_cover_every_latent_once():
@@ -103,16 +83,6 @@ def test_a_fresh_context_codes_as_h_s_alone():
     hyperprior.decompress(coding, 3, 64, 80, False, hyperprior.compress(coding, image, 3), lambda rows: None,
                           on_latents=lambda store: seen.append(store.array))
     np.testing.assert_array_equal(seen[0], np.round(y.astype(np.float64) - mean))
-
-
-def test_same_bytes_and_pixels_with_one_or_two_threads(weights):
-    image = smooth_image(80, 96)
-    data = set()
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        data.add(api.encode_pixels(image, 3, weights))
-    torch.set_num_threads(2)
-    assert len(data) == 1
 
 
 def test_weights_refuse_context_networks_out_of_range(tmp_path):

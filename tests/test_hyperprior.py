@@ -149,14 +149,18 @@ print(hashlib.sha256(data).hexdigest(), hashlib.sha256(decoded.pixels.tobytes())
 """
 
 
-def test_same_bytes_with_one_or_two_threads_and_onednn_on_or_off(tiny_hyperprior_weights):
+@pytest.mark.parametrize("context", [False, True], ids=["plain", "context"])
+def test_same_bytes_with_one_or_two_threads_and_onednn_on_or_off(context, tiny_hyperprior_weights,
+                                                                  tiny_context_weights):
     """The bitstream of a file, and the means and indices behind it, do not depend on the
-    thread count of torch or of the BLAS that runs the integer h_s, nor on oneDNN."""
+    thread count of torch or of the BLAS that runs the integer h_s and the integer context
+    networks (nic.context), nor on oneDNN."""
+    weights = tiny_context_weights if context else tiny_hyperprior_weights
     results = set()
     streams = set()
     for threads, onednn in ((1, "on"), (2, "on"), (2, "off")):
         env = {"OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        proc = subprocess.run([sys.executable, "-c", DIGEST_PROBE, tiny_hyperprior_weights, str(threads), onednn],
+        proc = subprocess.run([sys.executable, "-c", DIGEST_PROBE, weights, str(threads), onednn],
                               capture_output=True, text=True, timeout=300, env={**__import__("os").environ, **env})
         assert proc.returncode == 0, proc.stderr
         file_digest, _ = proc.stdout.split()

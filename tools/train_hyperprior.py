@@ -190,7 +190,7 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=1, help="ŷ's channels in this many slices (nic.context)")
     parser.add_argument("--checkerboard", action="store_true", help="each slice in two phases, anchors first")
     parser.add_argument("--context-width", type=int, default=128)
-    parser.add_argument("--context-kernel", type=int, default=5)
+    parser.add_argument("--context-kernel", type=int, default=3)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     base = load_weights(args.init)[0]
