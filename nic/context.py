@@ -102,13 +102,17 @@ class IntegerContextNetwork:
         # is their scaling by 2**MEAN_BITS to the integer network's units.
         acc = hyper[r * cols + c].astype(np.float64) @ first_hyper
         if channels:
+            # Every tap's inputs side by side (im2col), then one matrix product: BLAS is
+            # faster on one wide product than on k·k narrow ones, and the sum as exact.
             k = taps.shape[0]
             width = seen.shape[1]
             flat = seen.reshape(-1, seen.shape[2])
+            patches = np.empty((len(r), k * k * channels))
             for i in range(k):
                 for j in range(k):
                     at = (r + halo + i - k // 2) * width + (c + halo + j - k // 2)
-                    acc += flat[at, :channels].astype(np.float64) @ taps[i, j]
+                    patches[:, (i * k + j) * channels:(i * k + j + 1) * channels] = flat[at, :channels]
+            acc += patches @ taps.reshape(-1, taps.shape[-1])
         acc *= float(1 << MEAN_BITS)
         value = _finish(acc, self.biases[0], self.shifts[0], relu=True)
         for n, weight in enumerate(later, 1):
