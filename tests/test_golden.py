@@ -187,3 +187,48 @@ def test_hyperprior_golden_file_decodes_to_the_same_integers(threads, tiny_hyper
     assert {k: v for k, v in recorded.items() if k != "weights_hash"} == hyperprior_integers(model, data)
     assert made == data, "the hyperprior bitstream of the golden image changed; " + HOW_TO_REGENERATE
     assert api.decode_pixels(data, tiny_hyperprior_weights).pixels.shape == golden_image().shape
+
+
+CONTEXT_GOLDEN = GOLDEN.parent / "context-tiny-q3.nic"
+CONTEXT_DIGESTS = GOLDEN.parent / "context-tiny-q3.json"
+
+
+def context_integers(model, data: bytes) -> dict:
+    """SHA-256 of ẑ and of the residuals a hyperprior file with context decodes to: the
+    residuals come out right only if every pass's scale indices (from the integer h_s and
+    the integer context networks, over the decoded ŷ) are the ones the encoder used."""
+    from nic import hyperprior
+
+    parsed = container.unpack(data)
+    header, substreams = parsed.header, parsed.substreams()
+    z_coder, _ = hyperprior.coders(model, header.quality)
+    seen = []
+    hyperprior.decompress(model, header.quality, header.height, header.width, False, substreams, lambda rows: None,
+                          on_latents=lambda store: seen.append(store.rows(0, store.shape[1])))
+    return {name: sha256(np.ascontiguousarray(value).astype(np.int64).tobytes()) for name, value in
+            (("z_hat", z_coder.decode(substreams[0].data, substreams[0].shape)), ("residual", seen[0]))}
+
+
+def test_context_golden_file_decodes_to_the_same_integers(threads, tiny_context_weights, monkeypatch):
+    """A file of the tiny context model (tests/conftest.py) in several bands (BAND_ROWS
+    made 4 for a small image), made once, decodes on any thread count to the same
+    integers, and is re-made byte for byte: the layout of bands and passes is fixed."""
+    from nic import hyperprior
+    from nic.weights import load_weights
+
+    monkeypatch.setattr(hyperprior, "BAND_ROWS", 4)
+    threads(1)
+    model, digest = load_weights(tiny_context_weights, coding=True)
+    image = golden_image(160, 48)
+    made = api.encode_pixels(image, 3, tiny_context_weights)
+    if REGENERATE:
+        CONTEXT_GOLDEN.write_bytes(made)
+        CONTEXT_DIGESTS.write_text(json.dumps({"weights_hash": digest.hex(), **context_integers(model, made)},
+                                              indent=1) + "\n")
+    data = CONTEXT_GOLDEN.read_bytes()
+    recorded = json.loads(CONTEXT_DIGESTS.read_text())
+    assert recorded["weights_hash"] == digest.hex() == container.unpack(data).header.weights_hash.hex(), (
+        "the tiny context model of tests/conftest.py changed (torch's initialization?); " + HOW_TO_REGENERATE)
+    threads(2)
+    assert {k: v for k, v in recorded.items() if k != "weights_hash"} == context_integers(model, data)
+    assert made == data, "the bitstream of the context golden image changed; " + HOW_TO_REGENERATE
