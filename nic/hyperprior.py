@@ -58,11 +58,12 @@ FORMAT_VERSION = 2
 HYPER_DOWNSAMPLING = 4
 """h_a halves the latent grid twice: z has ceil(rows/4) x ceil(cols/4) positions."""
 
-BAND_ROWS = 64
-"""ŷ is coded in bands of this many latent rows (1,024 pixel rows), top to bottom, one
-after the other in the ``yhat`` substream: the coder holds one band's means, scale
-indices and context at a time. Context passes see only their own band (a band's edge
-is like the image's)."""
+BLOCK = 64
+"""ŷ is coded in blocks of BLOCK x BLOCK latents (1,024 x 1,024 pixels), in raster order,
+one after the other in the ``yhat`` substream: the coder holds one block's means, scale
+indices and context at a time, whatever the image's size. Context passes see only their
+own block (a block's edge is like the image's). An image of up to 1,024 x 1,024 pixels
+is one block."""
 
 Z_LIMIT = 32767
 """ẑ is clipped to ±Z_LIMIT before h_s (after coding: escapes still round-trip)."""
@@ -438,22 +439,30 @@ def analysis(model: Model, source: np.ndarray | PixelRows, quality: int,
     return analysis_latents(model.base, source, quality, progress=progress)
 
 
-def hyper_decode_rows(model, z_hat: np.ndarray, quality: int, start: int, stop: int, cols: int
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """``model.hyper_decode``'s latent rows start … stop − 1, from the rows of ẑ they depend
-    on and a margin (latent row o reads ẑ rows o//4 − 1 … o//4 + 2 through the two
-    stride-2 transposed 5x5 layers): exactly the whole image's values."""
+def hyper_decode_block(model, z_hat: np.ndarray, quality: int, rows: tuple[int, int], cols: tuple[int, int]
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """``model.hyper_decode``'s latents in rows × cols (each a (start, stop)), from the ẑ
+    they depend on and a margin (latent o reads ẑ o//4 − 1 … o//4 + 2 along each axis,
+    through the two stride-2 transposed 5x5 layers): exactly the whole image's values."""
     d = HYPER_DOWNSAMPLING
-    z0, z1 = max(0, start // d - 2), min(z_hat.shape[1], (stop - 1) // d + 3)
-    mean, index = model.hyper_decode(z_hat[:, z0:z1], quality, d * (z1 - z0), cols)
-    return mean[:, start - d * z0:stop - d * z0], index[:, start - d * z0:stop - d * z0]
+    (r0, r1), (c0, c1) = rows, cols
+    z_r0, z_r1 = max(0, r0 // d - 2), min(z_hat.shape[1], (r1 - 1) // d + 3)
+    z_c0, z_c1 = max(0, c0 // d - 2), min(z_hat.shape[2], (c1 - 1) // d + 3)
+    mean, index = model.hyper_decode(z_hat[:, z_r0:z_r1, z_c0:z_c1], quality, d * (z_r1 - z_r0), d * (z_c1 - z_c0))
+    window = (slice(None), slice(r0 - d * z_r0, r1 - d * z_r0), slice(c0 - d * z_c0, c1 - d * z_c0))
+    return mean[window], index[window]
 
 
 def bands(rows: int) -> list[tuple[int, int]]:
-    """ŷ's bands of latent rows, top to bottom (:data:`BAND_ROWS` each, the last shorter)."""
-    if BAND_ROWS % HYPER_DOWNSAMPLING:  # z's grid and the checkerboard's parity must line up with a band's
-        raise ValueError(f"BAND_ROWS must be a multiple of {HYPER_DOWNSAMPLING}")
-    return [(r0, min(rows, r0 + BAND_ROWS)) for r0 in range(0, rows, BAND_ROWS)]
+    """Runs of BLOCK latent rows, top to bottom (the last shorter)."""
+    if BLOCK % HYPER_DOWNSAMPLING:  # z's grid and the checkerboard's parity must line up with a block's
+        raise ValueError(f"BLOCK must be a multiple of {HYPER_DOWNSAMPLING}")
+    return [(r0, min(rows, r0 + BLOCK)) for r0 in range(0, rows, BLOCK)]
+
+
+def blocks(rows: int, cols: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """ŷ's blocks as ((row start, stop), (column start, stop)), in raster order."""
+    return [(r, c) for r in bands(rows) for c in bands(cols)]
 
 
 def hyper_encode_bands(model: Model, y: LatentStore, quality: int) -> np.ndarray:
@@ -470,9 +479,9 @@ def hyper_encode_bands(model: Model, y: LatentStore, quality: int) -> np.ndarray
 
 def compress(model: Model, source: np.ndarray | PixelRows, quality: int, effort: int = 1,
              progress: Progress | None = None, spill_bytes: int | None = None) -> list[Substream]:
-    """The substreams of an image: ẑ, then the residuals k = round(y − μ) (``yhat``) band
-    by band, or at effort 2..4 the residuals chosen by D + λR with ẑ fixed
-    (nic.quantization). With context (nic.context), each band's passes one after the other."""
+    """The substreams of an image: ẑ, then the residuals k = round(y − μ) (``yhat``) block
+    by block, or at effort 2..4 the residuals chosen by D + λR with ẑ fixed
+    (nic.quantization). With context (nic.context), each block's passes one after the other."""
     if effort not in (1, 2, 3, 4):
         raise ValueError(f"effort must be 1..4, got {effort}")
     if effort != 1 and not isinstance(source, np.ndarray):
@@ -493,7 +502,7 @@ def compress(model: Model, source: np.ndarray | PixelRows, quality: int, effort:
             # The passes code what the search chose, each latent rounded to the nearest value
             # its own pass can send (without context: exactly the search's residuals).
             target = LatentStore(shape, array=residual + mean)
-        payload = _encode_bands(model, quality, z_hat, target)
+        payload = _encode_blocks(model, quality, z_hat, target)
     return [Substream(b"zhat", z_hat.shape, z_coder.encode(z_hat)), Substream(b"yhat", shape, payload.tobytes())]
 
 
@@ -504,35 +513,37 @@ def _rounded(y: np.ndarray, mu: np.ndarray) -> np.ndarray:
     return k.astype(np.int64)
 
 
-def _encode_bands(model: Model, quality: int, z_hat: np.ndarray, target: LatentStore) -> np.ndarray:
-    """ŷ's payload: per band, its residuals round(target − μ) under the band's (μ, t), one
-    part per context pass (one part per band without context)."""
+def _encode_blocks(model: Model, quality: int, z_hat: np.ndarray, target: LatentStore) -> np.ndarray:
+    """ŷ's payload: per block, its residuals round(target − μ) under the block's (μ, t), one
+    part per context pass (one part per block without context)."""
     _, rows, cols = target.shape
     _, y_coder = coders(model, quality)
     writer = y_coder.encoder()
     config = model.config
     c = model.M // config.slices
-    for r0, r1 in bands(rows):
-        mean, index = hyper_decode_rows(model, z_hat, quality, r0, r1, cols)
-        y = target.rows(r0, r1).astype(np.float64)
-        if not config.has_context:
-            writer.encode(_rounded(y, mean).ravel(), index.ravel())
-            continue
+    for r in bands(rows):
+        band = target.rows(*r)
+        for cs in bands(cols):
+            mean, index = hyper_decode_block(model, z_hat, quality, r, cs)
+            y = band[:, :, cs[0]:cs[1]].astype(np.float64)
+            if not config.has_context:
+                writer.encode(_rounded(y, mean).ravel(), index.ravel())
+                continue
 
-        def residuals(s: int, where: np.ndarray, mu: np.ndarray, t: np.ndarray) -> np.ndarray:
-            k = _rounded(y[s * c:(s + 1) * c, where], mu)
-            writer.encode(k.ravel(), t.ravel())
-            return k
+            def residuals(s: int, where: np.ndarray, mu: np.ndarray, t: np.ndarray, y=y) -> np.ndarray:
+                k = _rounded(y[s * c:(s + 1) * c, where], mu)
+                writer.encode(k.ravel(), t.ravel())
+                return k
 
-        context.run_passes(model.context_networks(quality), mean, index, config.slices, config.checkerboard,
-                           config.scales, residuals, keep=False)
+            context.run_passes(model.context_networks(quality), mean, index, config.slices, config.checkerboard,
+                               config.scales, residuals, keep=False)
     return writer.finish()
 
 
 def decompress(model: Model, quality: int, height: int, width: int, gray: bool, substreams: list[Substream],
                sink: Callable[[np.ndarray], None], progress: Progress | None = None,
                spill_bytes: int | None = None, on_latents: Callable[[LatentStore], None] | None = None) -> None:
-    """Decode ẑ, then band by band the integer h_s and the residuals (pass by pass with
+    """Decode ẑ, then block by block the integer h_s and the residuals (pass by pass with
     context), and hand ``sink`` the pixel rows. ``on_latents`` sees the residuals
     (integers) before the synthesis runs."""
     y_shape = factorized.latent_shape(model.base.config, height, width)
@@ -544,7 +555,7 @@ def decompress(model: Model, quality: int, height: int, width: int, gray: bool, 
         raise FormatError(f"substream zhat is corrupt: {exc}") from None
     with latent_store(y_shape, spill_bytes, np.float32) as y_hat, latent_store(y_shape, spill_bytes) as residual:
         try:
-            _decode_bands(model, quality, z_hat, y_coder.decoder(y.data), y_hat, residual)
+            _decode_blocks(model, quality, z_hat, y_coder.decoder(y.data), y_hat, residual)
         except CorruptStream as exc:
             raise FormatError(f"substream yhat is corrupt: {exc}") from None
         if on_latents is not None:
@@ -552,26 +563,26 @@ def decompress(model: Model, quality: int, height: int, width: int, gray: bool, 
         reconstruct_into(model.base, y_hat, quality, height, width, gray, sink, progress=progress)
 
 
-def _decode_bands(model: Model, quality: int, z_hat: np.ndarray, reader, y_hat: LatentStore,
-                  residual: LatentStore) -> None:
+def _decode_blocks(model: Model, quality: int, z_hat: np.ndarray, reader, y_hat: LatentStore,
+                   residual: LatentStore) -> None:
     """Fill ``y_hat`` (ŷ = k + μ, float32: elementwise IEEE, the same everywhere) and
-    ``residual`` (k) band by band from the payload's parts."""
+    ``residual`` (k) block by block from the payload's parts."""
     _, rows, cols = y_hat.shape
     config = model.config
 
     def residuals(s: int, where: np.ndarray, mu: np.ndarray, t: np.ndarray) -> np.ndarray:
         return reader.decode(t.ravel()).reshape(t.shape)
 
-    for r0, r1 in bands(rows):
-        mean, index = hyper_decode_rows(model, z_hat, quality, r0, r1, cols)
+    for r, cs in blocks(rows, cols):
+        mean, index = hyper_decode_block(model, z_hat, quality, r, cs)
         if config.has_context:
-            band, k = context.run_passes(model.context_networks(quality), mean, index, config.slices, config.checkerboard,
-                                         config.scales, residuals)
+            block, k = context.run_passes(model.context_networks(quality), mean, index, config.slices,
+                                          config.checkerboard, config.scales, residuals)
         else:
             k = reader.decode(index.ravel()).reshape(mean.shape)
-            band = k + mean
-        y_hat.put(slice(r0, r1), slice(0, cols), band.astype(np.float32))
-        residual.put(slice(r0, r1), slice(0, cols), k)
+            block = k + mean
+        y_hat.put(slice(*r), slice(*cs), block.astype(np.float32))
+        residual.put(slice(*r), slice(*cs), k)
     reader.finish()
     y_hat.finish()
     residual.finish()

@@ -136,20 +136,22 @@ def test_effort_two_files_decode(weights):
     assert abs(np.mean((decoded - image) ** 2) - np.mean((plain - image) ** 2)) < 0.5 * np.mean((plain - image) ** 2)
 
 
-def test_bands_give_the_whole_image_means_and_decode(weights, monkeypatch):
-    """ŷ in bands of latent rows: each band's h_s output equals the whole image's rows, and
-    files of several bands (context cut at band edges) decode, in memory or spilled."""
+def test_blocks_give_the_whole_image_means_and_decode(weights, monkeypatch):
+    """ŷ in blocks of latents: each block's h_s output equals the whole image's, and files
+    of several blocks (context cut at block edges) decode, in memory or spilled."""
     model, _ = load_weights(weights, coding=True)
     image = smooth_image(200, 130)
     y = hyperprior.analysis(model, image, 3)
     z_hat = model.hyper_encode(y, 3)
     whole = model.hyper_decode(z_hat, 3, *y.shape[1:])
-    for start, stop in ((0, 4), (4, 8), (8, 12), (12, 13), (3, 10)):
-        part = hyperprior.hyper_decode_rows(model, z_hat, 3, start, stop, y.shape[2])
-        for a, b in zip(part, whole):
-            np.testing.assert_array_equal(a, b[:, start:stop])
-    monkeypatch.setattr(hyperprior, "BAND_ROWS", 4)
-    assert hyperprior.bands(13) == [(0, 4), (4, 8), (8, 12), (12, 13)]
+    for rows in ((0, 4), (4, 8), (12, 13), (3, 10), (0, 13)):
+        for cols in ((0, 4), (4, 8), (8, 9), (1, 6), (0, 9)):
+            part = hyperprior.hyper_decode_block(model, z_hat, 3, rows, cols)
+            for a, b in zip(part, whole):
+                np.testing.assert_array_equal(a, b[:, slice(*rows), slice(*cols)])
+    monkeypatch.setattr(hyperprior, "BLOCK", 4)
+    assert hyperprior.blocks(5, 9) == [((0, 4), (0, 4)), ((0, 4), (4, 8)), ((0, 4), (8, 9)),
+                                       ((4, 5), (0, 4)), ((4, 5), (4, 8)), ((4, 5), (8, 9))]
     data = api.encode_pixels(image, 3, weights)
     decoded = api.decode_pixels(data, weights)
     spilled = []
@@ -157,3 +159,6 @@ def test_bands_give_the_whole_image_means_and_decode(weights, monkeypatch):
     assert b"".join(s.data for s in substreams) == b"".join(s.data for s in container.unpack(data).substreams())
     hyperprior.decompress(model, 3, 200, 130, False, substreams, spilled.append, spill_bytes=0)
     np.testing.assert_array_equal(np.concatenate(spilled), decoded.pixels)
+    monkeypatch.setattr(hyperprior, "BLOCK", 6)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        hyperprior.compress(model, image, 3)

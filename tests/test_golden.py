@@ -210,16 +210,16 @@ def context_integers(model, data: bytes) -> dict:
 
 
 def test_context_golden_file_decodes_to_the_same_integers(threads, tiny_context_weights, monkeypatch):
-    """A file of the tiny context model (tests/conftest.py) in several bands (BAND_ROWS
-    made 4 for a small image), made once, decodes on any thread count to the same
-    integers, and is re-made byte for byte: the layout of bands and passes is fixed."""
+    """A file of the tiny context model (tests/conftest.py) in several blocks (BLOCK made
+    4 for a small image), made once, decodes on any thread count to the same integers,
+    and is re-made byte for byte: the layout of blocks and passes is fixed."""
     from nic import hyperprior
     from nic.weights import load_weights
 
-    monkeypatch.setattr(hyperprior, "BAND_ROWS", 4)
+    monkeypatch.setattr(hyperprior, "BLOCK", 4)
     threads(1)
     model, digest = load_weights(tiny_context_weights, coding=True)
-    image = golden_image(160, 48)
+    image = golden_image(160, 96)
     made = api.encode_pixels(image, 3, tiny_context_weights)
     if REGENERATE:
         CONTEXT_GOLDEN.write_bytes(made)
