@@ -203,7 +203,7 @@ class IndexedCoder:
     order (a stable sort), as symbols k − offsets[t] of table t (the escape symbol
     lengths[t] outside it); then the part's escaped values, in the same order, as
     :class:`LatentCoder` sends them. Grouping lets every group go to the coder in one
-    call. A stream is one part, or several in a row (:meth:`encode_parts`,
+    call. A stream is one part, or several in a row (:meth:`encoder`,
     :meth:`decoder`): the context passes of :mod:`nic.context`, where a part's indices
     depend on the values of the parts before it."""
 
@@ -220,13 +220,8 @@ class IndexedCoder:
     def encode(self, values: np.ndarray, indices: np.ndarray) -> np.ndarray:
         """Payload words (little-endian uint32) of int64 ``values`` with table ``indices``
         (both flat, the same length)."""
-        return self.encode_parts([(values, indices)])
-
-    def encode_parts(self, parts: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-        """Payload words of several (values, indices) parts, one after the other."""
         writer = self.encoder()
-        for values, indices in parts:
-            writer.encode(values, indices)
+        writer.encode(values, indices)
         return writer.finish()
 
     def encoder(self) -> "IndexedEncoder":
@@ -270,6 +265,7 @@ class IndexedEncoder:
     def finish(self) -> np.ndarray:
         """The payload words (little-endian uint32)."""
         return self._encoder.get_compressed().astype("<u4", copy=False)
+
 
 class IndexedDecoder:
     """The parts of one :class:`IndexedCoder` payload, read in order; CorruptStream on

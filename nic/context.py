@@ -192,7 +192,9 @@ def run_passes(networks: dict[str, IntegerContextNetwork], mean: np.ndarray, ind
     ``residuals(s, where, mu, t)`` (the pass's (c, n) means and indices) gives its
     integers k (c, n), and ŷ = k + μ there. Returns (ŷ float64, k int64), both
     (M, rows, cols), or None without ``keep`` (the encoder's case: it needs neither).
-    The encoder's ``residuals`` rounds y − μ and codes (k, t); the decoder's decodes k."""
+    The encoder's ``residuals`` rounds y − μ and codes (k, t); the decoder's decodes k.
+    Without context (one slice, no checkerboard, no networks) it is one pass over every
+    latent, with h_s's (μ, t)."""
     M, rows, cols = mean.shape
     c = M // slices
     limit = INPUT_LIMIT / (1 << MEAN_BITS)

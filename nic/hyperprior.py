@@ -20,8 +20,8 @@ Determinism. Whatever picks a table or a mean at the decoder must come out the s
 on every machine and thread count, so the exported h_s is an integer network
 (:class:`IntegerHyperSynthesis`, within the bounds of :mod:`nic.integer`): integer
 weights, integer activations, and sums that are exact in float64 (every partial sum is
-an integer below 2**53, so any summation order of any BLAS gives the same result). h_a runs only at the encoder, in float:
-what it computes is sent (ẑ), not recomputed.
+an integer below 2**53, so any summation order of any BLAS gives the same result). h_a
+runs only at the encoder, in float: what it computes is sent (ẑ), not recomputed.
 
 This module codes files without torch: :class:`Model` runs g_a, g_s and h_a in numpy
 (:mod:`nic.engine`) and h_s in integers. The trainable network (:class:`Codec`,
@@ -253,10 +253,15 @@ def _integer_network(arrays: dict[str, np.ndarray], q: int, shapes: list[tuple[i
     return IntegerHyperSynthesis(layers, scales)
 
 
+def check_slices(M: int, config: Config) -> None:
+    """ValueError unless the config's slices split M latent channels evenly."""
+    if config.has_context and M % config.slices:
+        raise ValueError(f"{M} latent channels do not split into {config.slices} slices")
+
+
 def read_context_networks(arrays, q: int, M: int, config: Config) -> dict[str, "context.IntegerContextNetwork"]:
     """Quality q's (0-based) integer context networks, by pass ("s_p"), checked."""
-    if M % config.slices:
-        raise ValueError(f"{M} latent channels do not split into {config.slices} slices")
+    check_slices(M, config)
     return {f"{s}_{p}": context.read_network(
                 arrays, f"integer_context.{q}.{s}_{p}",
                 context.network_shapes(M, config.slices, config.checkerboard, config.context_width,
@@ -317,8 +322,7 @@ class Model:
         self._h_s: dict[int, IntegerHyperSynthesis] = {}
         self._z_tables: dict[int, IntegerTables] = {}
         self._context: dict[int, dict] = {}
-        if config.has_context and M % config.slices:
-            raise ValueError(f"{M} latent channels do not split into {config.slices} slices")
+        check_slices(M, config)
         self._network = None
 
     @property
@@ -515,7 +519,7 @@ def _rounded(y: np.ndarray, mu: np.ndarray) -> np.ndarray:
 
 def _encode_blocks(model: Model, quality: int, z_hat: np.ndarray, target: LatentStore) -> np.ndarray:
     """ŷ's payload: per block, its residuals round(target − μ) under the block's (μ, t), one
-    part per context pass (one part per block without context)."""
+    part per context pass (without context, one pass: the whole block)."""
     _, rows, cols = target.shape
     _, y_coder = coders(model, quality)
     writer = y_coder.encoder()
@@ -526,9 +530,6 @@ def _encode_blocks(model: Model, quality: int, z_hat: np.ndarray, target: Latent
         for cs in bands(cols):
             mean, index = hyper_decode_block(model, z_hat, quality, r, cs)
             y = band[:, :, cs[0]:cs[1]].astype(np.float64)
-            if not config.has_context:
-                writer.encode(_rounded(y, mean).ravel(), index.ravel())
-                continue
 
             def residuals(s: int, where: np.ndarray, mu: np.ndarray, t: np.ndarray, y=y) -> np.ndarray:
                 k = _rounded(y[s * c:(s + 1) * c, where], mu)
@@ -575,12 +576,8 @@ def _decode_blocks(model: Model, quality: int, z_hat: np.ndarray, reader, y_hat:
 
     for r, cs in blocks(rows, cols):
         mean, index = hyper_decode_block(model, z_hat, quality, r, cs)
-        if config.has_context:
-            block, k = context.run_passes(model.context_networks(quality), mean, index, config.slices,
-                                          config.checkerboard, config.scales, residuals)
-        else:
-            k = reader.decode(index.ravel()).reshape(mean.shape)
-            block = k + mean
+        block, k = context.run_passes(model.context_networks(quality), mean, index, config.slices,
+                                      config.checkerboard, config.scales, residuals)
         y_hat.put(slice(*r), slice(*cs), block.astype(np.float32))
         residual.put(slice(*r), slice(*cs), k)
     reader.finish()

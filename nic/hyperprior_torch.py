@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from . import context, factorized
 from .entropy import FactorizedDensity, GaussianConditional, IntegerTables, integer_tables
 from .hyperprior import (Config, IntegerHyperSynthesis, IntegerLayer, _get_tables, _integer_network,
-                         read_context_networks, hyper_shapes, integer_shapes, rounded_z)
+                         check_slices, read_context_networks, hyper_shapes, integer_shapes, rounded_z)
 from .integer import BIAS_LIMIT, MAX_SHIFT, MEAN_BITS, WEIGHT_MAX, ACTIVATION_MAX
 from .layers import conv, deconv
 
@@ -155,8 +155,7 @@ class Codec(nn.Module):
         self.z_density = FactorizedDensity(Q * config.Z)
         self.conditional = GaussianConditional(config.scales, distribution=config.distribution)
         if config.has_context:
-            if M % config.slices:
-                raise ValueError(f"{M} latent channels do not split into {config.slices} slices")
+            check_slices(M, config)
             self.context = nn.ModuleList([Context(M, config) for _ in range(Q)])
         self.integer_context: list[dict] | None = None
         self.z_tables: list[IntegerTables] | None = None
