@@ -54,8 +54,10 @@ def tiny_weights(tmp_path_factory) -> str:
     return str(path)
 
 
-def tiny_hyperprior(seed: int = 0):
-    """A small random-init hyperprior model (N=M=16, hyper N=16, Z=8) with exported tables."""
+def tiny_hyperprior(seed: int = 0, **context):
+    """A small random-init hyperprior model (N=M=16, hyper N=16, Z=8) with exported tables.
+    With ``context`` fields of the config (nic.context), its context networks give
+    corrections that are not zero, and are calibrated on a smooth image."""
     import torch
 
     from nic import factorized, hyperprior
@@ -63,10 +65,16 @@ def tiny_hyperprior(seed: int = 0):
     torch.manual_seed(seed)
     base = factorized.Codec(factorized.Config(N=16, M=16)).eval()
     base.export_tables()
-    model = hyperprior.Codec(base, hyperprior.Config(hyper_N=16, Z=8)).eval()
+    model = hyperprior.Codec(base, hyperprior.Config(hyper_N=16, Z=8, **context)).eval()
     with torch.no_grad():  # means and scale indices that vary, as a trained h_s gives
         model.hyper[2].h_s[4].bias[16:] += 12.0
-    model.export_tables()
+        for net in model.context[2].nets.values() if context else ():
+            net.out.weight.normal_(0, 0.05)
+            net.out.bias.normal_(0, 0.3)
+    calibration = None
+    if context:
+        calibration = [torch.from_numpy(hyperprior.analysis(model, smooth_image(96, 128), 3))[None]] * model.qualities
+    model.export_tables(calibration)
     return model
 
 
@@ -82,24 +90,7 @@ def tiny_hyperprior_weights(tmp_path_factory) -> str:
 
 def tiny_context_model(slices: int = 2, checkerboard: bool = True, seed: int = 0):
     """A tiny hyperprior with context (nic.context) whose networks' corrections are not zero."""
-    import torch
-
-    from nic import factorized, hyperprior
-
-    torch.manual_seed(seed)
-    base = factorized.Codec(factorized.Config(N=16, M=16)).eval()
-    base.export_tables()
-    config = hyperprior.Config(hyper_N=16, Z=8, slices=slices, checkerboard=checkerboard, context_width=8,
-                               context_kernel=3)
-    model = hyperprior.Codec(base, config).eval()
-    with torch.no_grad():
-        model.hyper[2].h_s[4].bias[16:] += 12.0
-        for net in model.context[2].nets.values():
-            net.out.weight.normal_(0, 0.05)
-            net.out.bias.normal_(0, 0.3)
-    y = torch.from_numpy(hyperprior.analysis(model, smooth_image(96, 128), 3))[None]
-    model.export_tables([y] * model.qualities)
-    return model
+    return tiny_hyperprior(seed, slices=slices, checkerboard=checkerboard, context_width=8, context_kernel=3)
 
 
 @pytest.fixture(scope="session")

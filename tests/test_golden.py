@@ -147,6 +147,25 @@ def test_escapes_round_trip_exactly():
     assert np.array_equal(coder.decode(coder.encode(latents), latents.shape), latents)
 
 
+def check_golden(path, digests, made: bytes, digest: bytes, integers, threads) -> bytes:
+    """The golden file at ``path`` (re-made from ``made`` with NIC_REGENERATE_GOLDEN=1):
+    its weights hash is ``digest``, it decodes with 2 threads to the integers recorded in
+    ``digests`` (``integers(data)``: a dict of SHA-256), and ``made`` (encoded with 1
+    thread) is it byte for byte. Returns its bytes."""
+    if REGENERATE:
+        path.write_bytes(made)
+        digests.write_text(json.dumps({"weights_hash": digest.hex(), **integers(made)}, indent=1) + "\n")
+    data = path.read_bytes()
+    recorded = json.loads(digests.read_text())
+    assert recorded["weights_hash"] == digest.hex() == container.unpack(data).header.weights_hash.hex(), (
+        f"the tiny model behind {path.name} (tests/conftest.py) changed (torch's initialization?); "
+        + HOW_TO_REGENERATE)
+    threads(2)
+    assert {k: v for k, v in recorded.items() if k != "weights_hash"} == integers(data)
+    assert made == data, f"the bitstream of {path.name} changed; " + HOW_TO_REGENERATE
+    return data
+
+
 HYPERPRIOR_GOLDEN = GOLDEN.parent / "hyperprior-tiny-q3.nic"
 HYPERPRIOR_DIGESTS = GOLDEN.parent / "hyperprior-tiny-q3.json"
 
@@ -175,17 +194,8 @@ def test_hyperprior_golden_file_decodes_to_the_same_integers(threads, tiny_hyper
     threads(1)
     model, digest = load_weights(tiny_hyperprior_weights)
     made = api.encode_pixels(golden_image(), 3, tiny_hyperprior_weights)
-    if REGENERATE:
-        HYPERPRIOR_GOLDEN.write_bytes(made)
-        HYPERPRIOR_DIGESTS.write_text(json.dumps({"weights_hash": digest.hex(), **hyperprior_integers(model, made)},
-                                                 indent=1) + "\n")
-    data = HYPERPRIOR_GOLDEN.read_bytes()
-    recorded = json.loads(HYPERPRIOR_DIGESTS.read_text())
-    assert recorded["weights_hash"] == digest.hex() == container.unpack(data).header.weights_hash.hex(), (
-        "the tiny hyperprior model of tests/conftest.py changed (torch's initialization?); " + HOW_TO_REGENERATE)
-    threads(2)
-    assert {k: v for k, v in recorded.items() if k != "weights_hash"} == hyperprior_integers(model, data)
-    assert made == data, "the hyperprior bitstream of the golden image changed; " + HOW_TO_REGENERATE
+    data = check_golden(HYPERPRIOR_GOLDEN, HYPERPRIOR_DIGESTS, made, digest, lambda d: hyperprior_integers(model, d),
+                        threads)
     assert api.decode_pixels(data, tiny_hyperprior_weights).pixels.shape == golden_image().shape
 
 
@@ -221,14 +231,4 @@ def test_context_golden_file_decodes_to_the_same_integers(threads, tiny_context_
     model, digest = load_weights(tiny_context_weights, coding=True)
     image = golden_image(160, 96)
     made = api.encode_pixels(image, 3, tiny_context_weights)
-    if REGENERATE:
-        CONTEXT_GOLDEN.write_bytes(made)
-        CONTEXT_DIGESTS.write_text(json.dumps({"weights_hash": digest.hex(), **context_integers(model, made)},
-                                              indent=1) + "\n")
-    data = CONTEXT_GOLDEN.read_bytes()
-    recorded = json.loads(CONTEXT_DIGESTS.read_text())
-    assert recorded["weights_hash"] == digest.hex() == container.unpack(data).header.weights_hash.hex(), (
-        "the tiny context model of tests/conftest.py changed (torch's initialization?); " + HOW_TO_REGENERATE)
-    threads(2)
-    assert {k: v for k, v in recorded.items() if k != "weights_hash"} == context_integers(model, data)
-    assert made == data, "the bitstream of the context golden image changed; " + HOW_TO_REGENERATE
+    check_golden(CONTEXT_GOLDEN, CONTEXT_DIGESTS, made, digest, lambda d: context_integers(model, d), threads)

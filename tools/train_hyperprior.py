@@ -74,6 +74,24 @@ def factorized_bpp(model: hyperprior.Codec, quality: int, crops: torch.Tensor) -
     return bits / (len(crops) * crops.shape[2] * crops.shape[3] * 256)
 
 
+def held_out_split(latents: np.ndarray, holdout: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(crops to train on, the last ``holdout`` crops or None)."""
+    data = torch.from_numpy(latents)
+    return (data[:-holdout], data[-holdout:]) if holdout else (data, None)
+
+
+def batches(data: torch.Tensor, optimizer, lr: float, steps: int, batch: int, generator):
+    """(step, a batch of crops) for steps 1 … ``steps``: the learning rate set on a cosine
+    from ``lr`` to ~0 first, then ``batch`` random crops, flipped left-right half the time."""
+    for step in range(1, steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * (0.5 + 0.5 * math.cos(math.pi * step / steps)) + 1e-6
+        y = data[generator.choice(len(data), batch, replace=False)].float()
+        if generator.random() < 0.5:
+            y = y.flip(-1)
+        yield step, y
+
+
 def train_quality(model: hyperprior.Codec, quality: int, latents: np.ndarray, steps: int, batch: int,
                   lr: float, seed: int, log, fresh: bool = True, holdout: int = 0, z_warmup: int = 0) -> None:
     hyper = model.hyper[quality - 1]
@@ -81,23 +99,14 @@ def train_quality(model: hyperprior.Codec, quality: int, latents: np.ndarray, st
     rows = slice((quality - 1) * Z, quality * Z)
     density = list(model.z_density.parameters())
     optimizer = torch.optim.Adam([{"params": hyper.parameters()}, {"params": density}], lr=lr)
-    generator = np.random.default_rng(seed + quality)
-    data = torch.from_numpy(latents)
-    data, held = (data[:-holdout], data[-holdout:]) if holdout else (data, None)
+    data, held = held_out_split(latents, holdout)
     if fresh:
         model.start_from(data[:200].float(), quality)
     if held is not None:
         log(f"q{quality} held out: the factorized family's tables spend {factorized_bpp(model, quality, held):.4f} bpp")
     start = time.time()
     pixels = latents.shape[2] * latents.shape[3] * 256
-    for step in range(1, steps + 1):
-        fraction = step / steps
-        for group in optimizer.param_groups:
-            group["lr"] = lr * (0.5 + 0.5 * math.cos(math.pi * fraction)) + 1e-6
-        pick = generator.choice(len(data), batch, replace=False)
-        y = data[pick].float()
-        if generator.random() < 0.5:
-            y = y.flip(-1)
+    for step, y in batches(data, optimizer, lr, steps, batch, np.random.default_rng(seed + quality)):
         z_bits, y_bits, _ = model.latent_bits(y, quality)
         # With --z-warmup, ẑ's bits count from 0 to fully over the first steps: h_s learns
         # to use z before z's rate can push it to nothing.
@@ -132,20 +141,12 @@ def train_context(model: hyperprior.Codec, quality: int, latents: np.ndarray, st
     for p in net.parameters():
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-    generator = np.random.default_rng(seed + quality)
-    data = torch.from_numpy(latents)
-    data, held = (data[:-holdout], data[-holdout:]) if holdout else (data, None)
+    data, held = held_out_split(latents, holdout)
     if held is not None:
         log(f"q{quality} held out, stage 1: {held_out_bpp(model, quality, held)[0]:.4f} bpp")
-    model.hyper[quality - 1].eval()
     start = time.time()
     pixels = latents.shape[2] * latents.shape[3] * 256
-    for step in range(1, steps + 1):
-        for group in optimizer.param_groups:
-            group["lr"] = lr * (0.5 + 0.5 * math.cos(math.pi * step / steps)) + 1e-6
-        y = data[generator.choice(len(data), batch, replace=False)].float()
-        if generator.random() < 0.5:
-            y = y.flip(-1)
+    for step, y in batches(data, optimizer, lr, steps, batch, np.random.default_rng(seed + quality)):
         model.eval()  # ẑ rounded, as coded; the context networks have no train-time behaviour
         _, y_bits, _ = model.latent_bits(y, quality, rounded=True)
         loss = y_bits.mean() / pixels
