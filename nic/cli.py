@@ -22,7 +22,7 @@ import click
 
 from . import __version__
 from .container import DEFAULT_MAX_PIXELS, SECTIONS_LIMIT, VERSIONS
-from .families import NAMES as FAMILY_NAMES
+from .families import DEFAULT as DEFAULT_FAMILY, NAMES as FAMILY_NAMES
 
 
 class NicError(click.ClickException):
@@ -441,7 +441,7 @@ def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: b
               help="Encoder search: 1 rounds the latents; 2..4 choose them by distortion + λ·rate "
                    "(smaller files at the same quality; 30-260x slower). Decoding is unchanged.")
 @click.option("--model", "family", type=click.Choice(list(FAMILY_NAMES)), default=None,
-              help="Model family of the installed weights to encode with [default: factorized]; "
+              help=f"Model family of the installed weights to encode with [default: {DEFAULT_FAMILY}]; "
                    "decoding always follows the file.")
 @click.option("--background", metavar="COLOUR", default=None,
               help="Flatten transparent input onto this colour (e.g. white, #808080).")
@@ -588,7 +588,7 @@ def decode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, out
 @click.option("--codecs", default="jpeg,webp,jpeg2000,avif", show_default=True,
               help="Pillow codecs to show next to nic ('none' for nic alone).")
 @click.option("--model", "family", type=click.Choice(list(FAMILY_NAMES)), default=None,
-              help="Model family of the installed weights [default: factorized].")
+              help=f"Model family of the installed weights [default: {DEFAULT_FAMILY}].")
 @threads_option
 @weights_option
 @max_pixels_option
@@ -813,7 +813,7 @@ def export(checkpoint: str, output: str, half: bool) -> None:
 @click.option("-e", "--effort", type=click.IntRange(1, 4), default=1, show_default=True,
               help="nic's encoder effort (as in nic encode).")
 @click.option("--model", "family", type=click.Choice(list(FAMILY_NAMES)), default=None,
-              help="Model family of the installed weights to measure [default: factorized].")
+              help=f"Model family of the installed weights to measure [default: {DEFAULT_FAMILY}].")
 @click.option("--hard", is_flag=True,
               help="Instead of DIR, the generated hard-content set (text, line art, gratings, flat areas): "
                    "nic's bpp and PSNR, its transforms' ceiling, and each codec's PSNR at the same bytes "

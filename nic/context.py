@@ -135,12 +135,18 @@ PARTS = ("first_hyper", "first_context", "hidden1", "hidden2", "bias0", "bias1",
          "shift2")
 
 
-def put_network(arrays: dict[str, np.ndarray], prefix: str, network: IntegerContextNetwork) -> None:
-    """A network's integers as named arrays (``prefix.first_hyper`` …)."""
-    arrays[f"{prefix}.first_hyper"] = network.first_hyper.astype(np.int16)
-    arrays[f"{prefix}.first_context"] = network.first_context.astype(np.int16)
+def put_network(arrays: dict[str, np.ndarray], prefix: str, network: IntegerContextNetwork,
+                narrow: bool = False) -> None:
+    """A network's integers as named arrays (``prefix.first_hyper`` …): weights int16, or
+    with ``narrow`` int8 where they fit."""
+    def stored(weight: np.ndarray) -> np.ndarray:
+        fits = narrow and (weight.size == 0 or np.abs(weight).max() <= np.iinfo(np.int8).max)
+        return weight.astype(np.int8 if fits else np.int16)
+
+    arrays[f"{prefix}.first_hyper"] = stored(network.first_hyper)
+    arrays[f"{prefix}.first_context"] = stored(network.first_context)
     for n, weight in enumerate(network.hidden, 1):
-        arrays[f"{prefix}.hidden{n}"] = weight.astype(np.int16)
+        arrays[f"{prefix}.hidden{n}"] = stored(weight)
     for n, (bias, shift) in enumerate(zip(network.biases, network.shifts)):
         arrays[f"{prefix}.bias{n}"] = bias.astype(np.int64)
         arrays[f"{prefix}.shift{n}"] = shift.astype(np.int8)

@@ -178,16 +178,17 @@ def read_config(arrays: dict[str, np.ndarray]) -> Config:
         raise ValueError(f"weights have no valid config ({exc})") from None
 
 
-def check_arrays(arrays: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]]) -> None:
-    """ValueError unless ``arrays`` has a floating-point array of each name and shape
-    (from the headers alone where ``arrays`` reads on use: nic.weights.LazyArrays)."""
+def check_arrays(arrays: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]], kinds: str = "f") -> None:
+    """ValueError unless ``arrays`` has an array of each name and shape, floating point
+    (or of another of numpy's ``kinds``) (from the headers alone where ``arrays`` reads on
+    use: nic.weights.LazyArrays)."""
     for name, expected in shapes.items():
         if name not in arrays:
             raise ValueError(f"weights lack tensor {name}")
         shape, dtype = arrays.describe(name) if hasattr(arrays, "describe") else (arrays[name].shape, arrays[name].dtype)
         if tuple(shape) != expected:
             raise ValueError(f"tensor {name} has shape {shape}, expected {expected}")
-        if dtype.kind != "f":
+        if dtype.kind not in kinds:
             raise ValueError(f"tensor {name} has dtype {dtype}, expected floating point")
 
 

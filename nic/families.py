@@ -80,6 +80,27 @@ def model_id_of(arrays: dict[str, np.ndarray]) -> int:
     return model_id
 
 
+def base_of(arrays: dict[str, np.ndarray]) -> bytes | None:
+    """The weights hash of the file whose arrays this one's ``base.*`` are (its config's
+    ``base``: a hyperprior file that shares the factorized weights' transforms instead of
+    holding a copy), or None where the file holds everything itself."""
+    import numpy as np
+
+    try:
+        base = json.loads(bytes(arrays["config"].astype(np.uint8)).decode()).get("base", "")
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return None  # the family's loader says what is wrong with the config
+    if not base:
+        return None
+    try:
+        digest = bytes.fromhex(base) if isinstance(base, str) else b""
+    except ValueError:
+        digest = b""
+    if len(digest) != 8:
+        raise ValueError(f"weights name an invalid base {base!r} (expected a weights hash)")
+    return digest
+
+
 def from_arrays(arrays: dict[str, np.ndarray]):
     """The model of a weights file, built by the family its config names."""
     return family(model_id_of(arrays)).from_arrays(arrays)

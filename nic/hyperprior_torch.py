@@ -12,16 +12,19 @@ Math only: tensors and arrays in, tensors and arrays out; no I/O.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from . import context, factorized
 from .entropy import FactorizedDensity, GaussianConditional, IntegerTables, integer_tables
-from .hyperprior import (Config, IntegerHyperSynthesis, IntegerLayer, _get_tables, _integer_network,
+from .hyperprior import (Config, HyperAnalysisArrays, compact_kernel, IntegerHyperSynthesis, IntegerLayer, _get_tables, _integer_network,
                          check_slices, read_context_networks, hyper_shapes, integer_shapes, rounded_z)
 from .integer import BIAS_LIMIT, MAX_SHIFT, MEAN_BITS, WEIGHT_MAX, ACTIVATION_MAX
 from .layers import conv, deconv
+from .weights import weights_hash
 
 INITIAL_INDEX = 24.0
 """Where a fresh h_s puts every scale index: σ ≈ 2 in the default table."""
@@ -190,6 +193,7 @@ class Codec(nn.Module):
         spread over a unit of noise). Yet trained on the rounded rate, short runs on
         cached latents stopped using z (docs/results/hyperprior.md), so the noisy rate is
         the default. g_s always gets round(y − μ) + μ (straight-through)."""
+        self._check_trainable()
         hyper = self.hyper[quality - 1]
         z = hyper.h_a(y)
         z_noisy = z + torch.empty_like(z).uniform_(-0.5, 0.5)
@@ -209,6 +213,11 @@ class Codec(nn.Module):
         coded = residual_hat if rounded else residual + torch.empty_like(residual).uniform_(-0.5, 0.5)
         y_bits = self.conditional.bits(coded, sigma).sum(dim=(1, 2, 3))
         return z_bits, y_bits, residual_hat + mean
+
+    def _check_trainable(self) -> None:
+        if self.config.coding_only:
+            raise ValueError("these weights are for coding only (integer networks, no float h_s): "
+                             "train from a run's states")
 
     def quality_state(self, quality: int) -> dict:
         """What one quality has of its own (h_a, h_s, its rows of the z density), as tensors:
@@ -259,10 +268,13 @@ class Codec(nn.Module):
 
     # ---- inference: integer h_s and tables ------------------------------------------------
 
-    def export_tables(self, calibration: list[Tensor] | None = None) -> None:
+    def export_tables(self, calibration: list[Tensor] | None = None, context_weight_max: int = WEIGHT_MAX) -> None:
         """Integer tables of every z density and of the Gaussian conditional, and the
         integer h_s of every quality (:func:`integerize`, its activation ranges measured on
-        ``calibration``: gained latents (1, M, h, w) per quality, or None for a default)."""
+        ``calibration``: gained latents (1, M, h, w) per quality, or None for a default).
+        The context networks' weights stay within ±``context_weight_max`` (127: int8 in
+        coding-only weights, measured at no cost; h_s needs its 16 bits)."""
+        self._check_trainable()
         tables = integer_tables(self.z_density)
         Z = self.config.Z
         self.z_tables = [tables.select(q * Z, (q + 1) * Z) for q in range(self.qualities)]
@@ -272,18 +284,21 @@ class Codec(nn.Module):
                        None if calibration is None else self._h_s_activations(q + 1, calibration[q]))
             for q in range(self.qualities)]
         if self.config.has_context:
-            self.integer_context = [self._integer_context(q + 1, None if calibration is None else calibration[q])
+            self.integer_context = [self._integer_context(q + 1, None if calibration is None else calibration[q],
+                                                          context_weight_max)
                                     for q in range(self.qualities)]
 
     @torch.no_grad()
-    def _integer_context(self, quality: int, y: Tensor | None) -> dict[str, context.IntegerContextNetwork]:
+    def _integer_context(self, quality: int, y: Tensor | None, weight_max: int = WEIGHT_MAX
+                         ) -> dict[str, context.IntegerContextNetwork]:
         ctx = self.context[quality - 1]
         seen = None
         if y is not None:
             hyper = self.hyper[quality - 1]
             mean, index = self.means_and_indices(hyper.h_s(torch.round(hyper.h_a(y))), y.shape[-2:])
             seen = ctx.hidden_activations(self.conditional, y, mean, index)
-        return {name: integerize_context(net, None if seen is None else seen[name]) for name, net in ctx.nets.items()}
+        return {name: integerize_context(net, None if seen is None else seen[name], weight_max)
+                for name, net in ctx.nets.items()}
 
     @torch.no_grad()
     def _h_s_activations(self, quality: int, y: Tensor) -> list[Tensor]:
@@ -355,12 +370,12 @@ def integerize(h_s: nn.Sequential, scales: int, activations: list[Tensor] | None
     return IntegerHyperSynthesis(layers, scales)
 
 
-def integer_weights(weights: list[Tensor], bias: Tensor | None, s_in: float, s_out: Tensor
-                    ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+def integer_weights(weights: list[Tensor], bias: Tensor | None, s_in: float, s_out: Tensor,
+                    weight_max: int = WEIGHT_MAX) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """One layer's integer weights (int32, each of ``weights`` (out, in, …), summed into the
     same outputs), bias (int64) and per-output shift (int64), for inputs represented as
     round(a / s_in) and outputs as round(a / s_out): round(w · s_in / s_out · 2**shift) with
-    the largest shift that keeps the weights within ±WEIGHT_MAX and the bias below
+    the largest shift that keeps the weights within ±``weight_max`` and the bias below
     BIAS_LIMIT (a zero or tiny kernel, as a fresh last layer has, must not push the bias
     past it)."""
     s_out = s_out.double()
@@ -368,11 +383,11 @@ def integer_weights(weights: list[Tensor], bias: Tensor | None, s_in: float, s_o
     b = (bias.detach().double() if bias is not None else torch.zeros_like(s_out)) / s_out
     largest = torch.stack([w.abs().reshape(len(w), -1).amax(dim=1) if w.numel() else torch.zeros_like(s_out)
                            for w in scaled]).amax(dim=0)
-    by_weight = torch.log2(WEIGHT_MAX / largest.clamp_min(1e-12))
+    by_weight = torch.log2(weight_max / largest.clamp_min(1e-12))
     by_bias = torch.log2((BIAS_LIMIT - 1) / b.abs().clamp_min(1e-12))
     shift = torch.floor(torch.minimum(by_weight, by_bias)).clamp(0, MAX_SHIFT).long()
     factor = torch.exp2(shift.double())
-    ints = [torch.round(w * factor.reshape(-1, *[1] * (w.dim() - 1))).clamp(-WEIGHT_MAX, WEIGHT_MAX)
+    ints = [torch.round(w * factor.reshape(-1, *[1] * (w.dim() - 1))).clamp(-weight_max, weight_max)
             .numpy().astype(np.int32) for w in scaled]
     b_int = torch.round(b * factor).clamp(-(BIAS_LIMIT - 1), BIAS_LIMIT - 1)
     return ints, b_int.numpy().astype(np.int64), shift.numpy().astype(np.int64)
@@ -386,8 +401,8 @@ def _step(activation: Tensor | None) -> float:
     return max(float(torch.quantile(activation.flatten().float()[: 1 << 24], 0.9999)), 1e-3) / ACTIVATION_MAX
 
 
-def integerize_context(net: ContextNetwork, activations: list[Tensor] | None = None
-                       ) -> context.IntegerContextNetwork:
+def integerize_context(net: ContextNetwork, activations: list[Tensor] | None = None,
+                       weight_max: int = WEIGHT_MAX) -> context.IntegerContextNetwork:
     """The integer network of a trained :class:`ContextNetwork` (as :func:`integerize`:
     inputs × 2**MEAN_BITS, hidden activations at their calibrated steps, outputs μ·2**MEAN_BITS and t)."""
     steps = [_step(None if activations is None else a) for a in (activations or [None, None])]
@@ -396,11 +411,12 @@ def integerize_context(net: ContextNetwork, activations: list[Tensor] | None = N
     parts = [net.hyper.weight[:, :, 0, 0]]
     if net.context is not None:
         parts.append(net.context.weight)
-    first, b0, shift0 = integer_weights(parts, net.hyper.bias, s_in, torch.full((net.hyper.out_channels,), steps[0]))
+    first, b0, shift0 = integer_weights(parts, net.hyper.bias, s_in, torch.full((net.hyper.out_channels,), steps[0]),
+                                        weight_max)
     (hidden,), b1, shift1 = integer_weights([net.hidden.weight[:, :, 0, 0]], net.hidden.bias, steps[0],
-                                            torch.full((net.hidden.out_channels,), steps[1]))
+                                            torch.full((net.hidden.out_channels,), steps[1]), weight_max)
     s_out = torch.cat([torch.full((c,), 2.0 ** -MEAN_BITS), torch.ones(c)])
-    (out,), b2, shift2 = integer_weights([net.out.weight[:, :, 0, 0]], net.out.bias, steps[1], s_out)
+    (out,), b2, shift2 = integer_weights([net.out.weight[:, :, 0, 0]], net.out.bias, steps[1], s_out, weight_max)
     k = net.context.kernel_size[0] if net.context is not None else 1
     first_context = first[1] if net.context is not None else np.zeros((len(first[0]), 0, k, k), np.int32)
     return context.IntegerContextNetwork(first[0], first_context, (b0, b1, b2), (shift0, shift1, shift2),
@@ -410,17 +426,34 @@ def integerize_context(net: ContextNetwork, activations: list[Tensor] | None = N
 
 # ---- weights as plain arrays (no pickle) -----------------------------------------------
 
-def to_arrays(model: Codec, half: bool = False) -> dict[str, np.ndarray]:
+def to_arrays(model: Codec, half: bool = False, separate_base: bool = False,
+              coding_only: bool = False) -> dict[str, np.ndarray]:
     """The base transforms (``base.*``, a factorized weights file of their own), every
     quality's h_a/h_s (float, to train on from here) and integer h_s, the z densities,
-    and all integer tables, as named arrays."""
+    and all integer tables, as named arrays.
+
+    With ``separate_base`` the transforms stay out and the config names them by their
+    weights hash (they must be installed as factorized weights of their own: the shipped
+    hyperprior weights share the shipped factorized ones). With ``coding_only`` the float
+    h_s and context networks stay out too: the file codes, through the integer networks,
+    but cannot be trained further (train from the run's states instead); h_a's kernels
+    are int8 with a scale per output channel (nic.hyperprior.HyperAnalysisArrays) and
+    context weights that fit 8 bits (``export_tables(context_weight_max=127)``) int8."""
     if model.integer_h_s is None or model.z_tables is None or model.y_tables is None:
         raise ValueError("export_tables() first")
-    arrays = {f"base.{name}": value for name, value in factorized.to_arrays(model.base, half).items()}
+    if model.config.coding_only:
+        raise ValueError("coding-only weights cannot be exported again")
+    base = factorized.to_arrays(model.base, half)
+    config = dataclasses.replace(model.config, base=weights_hash(base).hex() if separate_base else "",
+                                 coding_only=coding_only)
+    arrays = {} if separate_base else {f"base.{name}": value for name, value in base.items()}
     for name, tensor in model.state_dict().items():
-        if name.startswith("base."):
+        if name.startswith("base.") or (coding_only and (".h_s." in name or name.startswith("context."))):
             continue
         value = tensor.detach().cpu().numpy()
+        if coding_only and ".h_a." in name and value.ndim == 4:
+            arrays[name], arrays[name + "_scale"] = compact_kernel(value)
+            continue
         if half and value.ndim == 4:
             value = value.astype(np.float16)
         arrays[name] = value
@@ -435,9 +468,9 @@ def to_arrays(model: Codec, half: bool = False) -> dict[str, np.ndarray]:
             raise ValueError("export_tables() first")
         for q, networks in enumerate(model.integer_context):
             for name, network in networks.items():
-                context.put_network(arrays, f"integer_context.{q}.{name}", network)
+                context.put_network(arrays, f"integer_context.{q}.{name}", network, narrow=coding_only)
     _put_tables(arrays, "y_tables", model.y_tables)
-    arrays["config"] = np.frombuffer(model.config.to_json().encode(), dtype=np.uint8)
+    arrays["config"] = np.frombuffer(config.to_json().encode(), dtype=np.uint8)
     return arrays
 
 
@@ -456,11 +489,13 @@ def from_arrays(arrays: dict[str, np.ndarray]) -> Codec:
         raise ValueError(f"weights have no valid config ({exc})") from None
     base = factorized.from_arrays({name[5:]: arrays[name] for name in arrays if name.startswith("base.")})
     M, Q, N, Z = base.config.M, base.config.qualities, config.hyper_N, config.Z
-    shapes = {f"hyper.{q}.{name}": shape for q in range(Q) for name, shape in hyper_shapes(M, N, Z).items()}
+    shapes = {f"hyper.{q}.{name}": shape for q in range(Q) for name, shape in hyper_shapes(M, N, Z).items()
+              if not (config.coding_only and name.startswith("h_s."))}
     for name, shape in shapes.items():
         if name not in arrays:
             raise ValueError(f"weights lack tensor {name}")
-        if tuple(arrays[name].shape) != shape or arrays[name].dtype.kind != "f":
+        kinds = "fi" if config.coding_only and ".h_a." in name else "f"  # int8 h_a kernels (to_arrays)
+        if tuple(arrays[name].shape) != shape or arrays[name].dtype.kind not in kinds:
             raise ValueError(f"tensor {name} has shape {arrays[name].shape} and dtype {arrays[name].dtype}, "
                              f"expected floating point of shape {shape}")
     networks = [_integer_network(arrays, q, integer_shapes(M, N, Z), config.scales) for q in range(Q)]
@@ -470,10 +505,13 @@ def from_arrays(arrays: dict[str, np.ndarray]) -> Codec:
     # The hyper-networks' parameters only: base's own pairs stay unbuilt until used.
     state = {f"{part}.{name}": tensor for part in ("hyper", "z_density", "context")[: 3 if config.has_context else 2]
              for name, tensor in getattr(model, part).state_dict().items()}
+    if config.coding_only:  # the float h_s and context were left out (to_arrays)
+        state = {name: tensor for name, tensor in state.items()
+                 if ".h_s." not in name and not name.startswith("context.")}
     for name in state:
         if name not in arrays or tuple(arrays[name].shape) != tuple(state[name].shape):
             raise ValueError(f"weights lack tensor {name} of shape {tuple(state[name].shape)}")
-    factorized.fill(state, arrays)
+    factorized.fill(state, HyperAnalysisArrays(arrays))
     model.z_tables, model.y_tables, model.integer_h_s = z_tables, y_tables, networks
     if config.has_context:
         model.integer_context = [read_context_networks(arrays, q, M, config) for q in range(Q)]

@@ -173,6 +173,78 @@ def shipped_dir() -> Path:
     return Path(str(files("nic.pretrained")))
 
 
+class Joined(Mapping):
+    """A weights file's arrays with another file's under ``prefix`` (the base transforms
+    a hyperprior file names by hash instead of holding them)."""
+
+    def __init__(self, arrays, prefix: str, base):
+        self.arrays, self.prefix, self.base = arrays, prefix, base
+
+    def _split(self, name: str):
+        if name.startswith(self.prefix):
+            return self.base, name[len(self.prefix):]
+        return self.arrays, name
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        arrays, name = self._split(name)
+        return arrays[name]
+
+    def describe(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
+        arrays, name = self._split(name)
+        if hasattr(arrays, "describe"):
+            return arrays.describe(name)
+        return arrays[name].shape, arrays[name].dtype
+
+    def __contains__(self, name) -> bool:
+        arrays, name = self._split(name)
+        return name in arrays
+
+    def __iter__(self):
+        yield from self.arrays
+        for name in self.base:
+            yield self.prefix + name
+
+    def __len__(self) -> int:
+        return len(self.arrays) + len(self.base)
+
+
+def _arrays_and_hash(path: Path, lazily: bool):
+    lazy = _lazy(path) if lazily else None
+    if lazy is not None:
+        return lazy
+    arrays = read_arrays(path.read_bytes())
+    return arrays, weights_hash(arrays)
+
+
+def _with_base(arrays, folder: Path, lazily: bool):
+    """``arrays`` joined with those of the weights file its config names as its base
+    (looked for beside it, then where :func:`candidates` looks); WeightsError if none."""
+    from .families import base_of
+
+    try:
+        wanted = base_of(arrays)
+    except ValueError as exc:
+        raise WeightsError(str(exc)) from None
+    if wanted is None:
+        return arrays
+    seen = set()
+    for candidate in [*sorted(folder.glob("*.npz")), *candidates()]:
+        key = candidate.resolve()
+        if key in seen or not candidate.is_file():
+            continue
+        seen.add(key)
+        if _peek_model_id(str(key), candidate.stat().st_mtime) is None:
+            continue
+        try:
+            base, digest = _arrays_and_hash(candidate, lazily)
+        except (WeightsError, OSError):
+            continue
+        if digest == wanted:
+            return Joined(arrays, "base.", base)
+    raise WeightsError(f"these weights share the transforms of weights {wanted.hex()}, which are not "
+                       f"installed beside them")
+
+
 @lru_cache(maxsize=8)
 def _load_path(path: str, mtime: float, coding: bool):
     from .families import from_arrays, load, reads_lazily
@@ -183,6 +255,7 @@ def _load_path(path: str, mtime: float, coding: bool):
     else:
         arrays = read_arrays(Path(path).read_bytes())
         digest = weights_hash(arrays)
+    arrays = _with_base(arrays, Path(path).parent, lazy is not None)
     try:
         model = (load if coding else from_arrays)(arrays)
     except ValueError as exc:

@@ -41,11 +41,13 @@ def both_installed(tmp_path, monkeypatch, tiny_weights, tiny_hyperprior_weights)
 
 def test_family_picks_the_installed_weights_and_decoding_follows_the_file(both_installed):
     image = smooth_image(40, 56)
-    factorized_file = api.encode_pixels(image, 2)  # the default family, though listed second
+    default_file = api.encode_pixels(image, 2)
+    factorized_file = api.encode_pixels(image, 2, family="factorized")
     hyper_file = api.encode_pixels(image, 2, family="hyperprior")
+    assert container.unpack(default_file).header.model_id == families.model_id_named(families.DEFAULT)
     assert container.unpack(factorized_file).header.model_id == 1
     assert container.unpack(hyper_file).header.model_id == 2
-    for data in (factorized_file, hyper_file):
+    for data in (default_file, factorized_file, hyper_file):
         assert api.decode_pixels(data).pixels.shape == image.shape
 
 

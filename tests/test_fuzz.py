@@ -111,8 +111,8 @@ def seeds() -> tuple[bytes, ...]:
     torch.set_num_threads(1)
     try:
         rgb = seed_image()
-        files = [api.encode_pixels(rgb, q) for q in range(1, 9)]
-        files.append(api.encode_pixels(seed_image(17, 9, 1, seed=3), 3))
+        files = [api.encode_pixels(rgb, q, family="factorized") for q in range(1, 9)]
+        files.append(api.encode_pixels(seed_image(17, 9, 1, seed=3), 3, family="factorized"))
         files.append(files[4] + section(b"xTRA", b"ancillary data a reader skips")
                      + section(b"iCCP", b"not really an ICC profile"))
     finally:
@@ -386,7 +386,7 @@ def test_fuzz_container_unpack(data):
     rows=st.integers(1, 8), cols=st.integers(1, 8))
 def test_fuzz_range_decoder(quality, words, rows, cols):
     """The range decoder alone: any payload words decode to int64 latents or raise CorruptStream."""
-    model, _ = default_weights()
+    model, _ = default_weights(family="factorized")
     coder = factorized.coder(model, quality)
     shape = (model.config.M, rows, cols)
     try:

@@ -67,10 +67,10 @@ def threads():
 
 
 def current() -> dict:
-    _, digest = default_weights()
+    _, digest = default_weights(family="factorized")
     rgb, gray = golden_image(), golden_image(channels=1)
-    files = {f"q{q}": api.encode_pixels(rgb, q) for q in QUALITIES}
-    files["gray-q4"] = api.encode_pixels(gray, 4)
+    files = {f"q{q}": api.encode_pixels(rgb, q, family="factorized") for q in QUALITIES}
+    files["gray-q4"] = api.encode_pixels(gray, 4, family="factorized")
     return {
         "about": "SHA-256 of nic bitstreams of tests/test_golden.py:golden_image(); " + HOW_TO_REGENERATE,
         "weights_hash": digest.hex(),
@@ -124,10 +124,10 @@ def test_decoding_is_deterministic(threads):
 @pytest.mark.parametrize("channels", [3, 1])
 def test_decoded_latents_equal_the_encoders(threads, channels):
     threads(1)
-    model, _ = default_weights()
+    model, _ = default_weights(family="factorized")
     image = golden_image(channels=channels)
     for quality in QUALITIES:
-        data = api.encode_pixels(image, quality)
+        data = api.encode_pixels(image, quality, family="factorized")
         decoded = api.decode_pixels(data)
         expected = factorized.quantize_latents(model, image, quality)
         assert decoded.latents.dtype == np.int64
@@ -139,7 +139,7 @@ def test_decoded_latents_equal_the_encoders(threads, channels):
 
 def test_escapes_round_trip_exactly():
     """Latents far outside every table (escape + bypass codes) come back bit-exact."""
-    model, _ = default_weights()
+    model, _ = default_weights(family="factorized")
     coder = factorized.coder(model, 4)
     latents = np.zeros((model.config.M, 2, 3), dtype=np.int64)
     extremes = [0, 1, -1, 5000, -5000, 2**16, -(2**16) - 1, 2**31 - 1, -(2**31 - 1)]

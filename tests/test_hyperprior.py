@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import smooth_image, tiny_hyperprior
-from nic import api, container, hyperprior
+from nic import api, container, hyperprior, weights
 from nic.container import FormatError, Header, Substream
 from nic.weights import WeightsError, load_weights, save_weights
 
@@ -325,3 +325,55 @@ def test_training_tool_trains_every_quality_and_exports_weights(tmp_path, photos
     assert 2 in exported.base.config.specialized
     data = api.encode_pixels(smooth_image(40, 56), 2, str(tmp_path / "j.npz"))
     assert api.decode_pixels(data, str(tmp_path / "j.npz")).pixels.shape == (40, 56, 3)
+
+
+def test_shipped_form_shares_the_transforms_and_codes_as_the_full_weights(tmp_path):
+    """Coding-only weights (the form nic ships): no float h_s or context networks, h_a's
+    kernels int8, the transforms named by hash and read from the factorized weights
+    beside them. The decoder computes exactly what the full weights' does; training
+    from them is refused; without their transforms installed they fail in one line."""
+    from nic import factorized
+    from nic.context import put_network
+
+    model = tiny_hyperprior(slices=2, checkerboard=True, context_width=8, context_kernel=3)
+    save_weights(hyperprior.to_arrays(model), tmp_path / "full.npz")
+    ship = tmp_path / "ship"
+    ship.mkdir()
+    base_digest = save_weights(factorized.to_arrays(model.base), ship / "base.npz")
+    arrays = hyperprior.to_arrays(model, separate_base=True, coding_only=True)
+    assert not any(name.startswith(("base.", "context.")) or ".h_s." in name for name in arrays)
+    assert arrays["hyper.0.h_a.0.weight"].dtype == np.int8
+    assert hyperprior.read_config(arrays).base == base_digest.hex()
+    save_weights(arrays, ship / "hyperprior.npz")
+
+    image = smooth_image(72, 90)
+    for quality in (2, 3):
+        data = api.encode_pixels(image, quality, ship / "hyperprior.npz")
+        coded = container.unpack(data).substreams()
+        ours, _ = load_weights(ship / "hyperprior.npz", coding=True)
+        full, _ = load_weights(tmp_path / "full.npz", coding=True)
+        decoded = []
+        for each in (ours, full):
+            rows = []
+            hyperprior.decompress(each, quality, 72, 90, False, coded, rows.append)
+            decoded.append(np.concatenate(rows))
+        assert np.array_equal(decoded[0], decoded[1])
+        assert np.array_equal(api.decode_pixels(data, ship / "hyperprior.npz").pixels, decoded[0])
+
+    trainable, _ = load_weights(ship / "hyperprior.npz")
+    with pytest.raises(ValueError, match="for coding only"):
+        trainable.latent_bits(torch.zeros(1, 16, 4, 4), 3)
+    with pytest.raises(ValueError, match="cannot be exported again"):
+        hyperprior.to_arrays(trainable)
+
+    (ship / "base.npz").unlink()
+    (ship / "base.npz.digest").unlink()
+    weights._load_path.cache_clear()  # loaded models are cached per process
+    with pytest.raises(WeightsError, match=f"share the transforms of weights {base_digest.hex()}"):
+        load_weights(ship / "hyperprior.npz", coding=True)
+
+    # Context weights that fit 8 bits are stored in 8 (export_tables(context_weight_max=127)).
+    model.export_tables(context_weight_max=127)
+    narrow: dict = {}
+    put_network(narrow, "n", model.integer_context[2]["1_1"], narrow=True)
+    assert narrow["n.first_context"].dtype == np.int8 and np.abs(narrow["n.first_context"]).max() <= 127

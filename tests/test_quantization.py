@@ -15,7 +15,7 @@ from conftest import smooth_image
 
 @pytest.fixture(scope="module")
 def shipped():
-    model, _ = default_weights(None)
+    model, _ = default_weights(None, "factorized")
     return model
 
 
@@ -37,16 +37,16 @@ def test_table_rate_is_the_coded_length(shipped):
 @pytest.mark.parametrize("effort", EFFORTS)
 def test_every_effort_round_trips(effort):
     pixels = smooth_image(40, 56, seed=effort)
-    data = encode_pixels(pixels, quality=4, effort=effort)
+    data = encode_pixels(pixels, quality=4, effort=effort, family="factorized")
     decoded = decode_pixels(data)
-    model, _ = default_weights(None)
+    model, _ = default_weights(None, "factorized")
     assert np.array_equal(decoded.latents, quantize(model, pixels, 4, effort))
     assert decoded.pixels.shape == pixels.shape
 
 
 def test_grayscale_effort_round_trips():
     pixels = smooth_image(33, 17, channels=1)
-    decoded = decode_pixels(encode_pixels(pixels, quality=2, effort=3))
+    decoded = decode_pixels(encode_pixels(pixels, quality=2, effort=3, family="factorized"))
     assert decoded.pixels.shape == (33, 17, 1)
 
 
@@ -69,7 +69,7 @@ def test_effort_bytes_are_deterministic_across_runs_and_threads():
         outputs = []
         for count in (1, 2, 1):
             torch.set_num_threads(count)
-            outputs.append(encode_pixels(pixels, quality=5, effort=3))
+            outputs.append(encode_pixels(pixels, quality=5, effort=3, family="factorized"))
     finally:
         torch.set_num_threads(threads)
     assert outputs[0] == outputs[1] == outputs[2]
@@ -86,12 +86,12 @@ def test_multi_tile_image_round_trips(monkeypatch):
 
     monkeypatch.setattr(quantization, "TILE_LATENTS", 2)
     pixels = smooth_image(80, 72, seed=3)
-    model, _ = default_weights(None)
+    model, _ = default_weights(None, "factorized")
     latents = quantize(model, pixels, 6, 2)
     bits, distortion = image_cost(model, pixels, latents, 6)
     rounded = quantize(model, pixels, 6, 1)
     assert bits + distortion <= sum(image_cost(model, pixels, rounded, 6)) + 1e-6
-    data = encode_pixels(pixels, quality=6, effort=2)
+    data = encode_pixels(pixels, quality=6, effort=2, family="factorized")
     assert decode_pixels(data).pixels.shape == pixels.shape
 
 

@@ -14,7 +14,7 @@ from conftest import smooth_image
 
 @pytest.fixture(scope="module")
 def model():
-    return default_weights()[0]
+    return default_weights(family="factorized")[0]
 
 
 def whole_latents(model, pixels: np.ndarray, quality: int) -> np.ndarray:
@@ -144,11 +144,11 @@ def test_a_smaller_halo_is_not_enough(model, monkeypatch):
 def test_encoded_tiled_decodes_untiled_and_back(monkeypatch):
     pixels = textured_image(200, 300, seed=11)
     assert 300 <= tiling.DEFAULT_TILE  # the default path for this image is one tile
-    untiled_file = api.encode_pixels(pixels, 4)
+    untiled_file = api.encode_pixels(pixels, 4, family="factorized")
     untiled_pixels = api.decode_pixels(untiled_file).pixels
 
     monkeypatch.setattr(tiling, "DEFAULT_TILE", 96)  # forced: 3x4 tiles of 6x6 latents
-    tiled_file = api.encode_pixels(pixels, 4)
+    tiled_file = api.encode_pixels(pixels, 4, family="factorized")
     tiled_pixels = api.decode_pixels(untiled_file).pixels  # untiled encode → tiled decode
     assert tiled_file == untiled_file  # the same bytes: tiles are invisible in the file
     monkeypatch.undo()
@@ -217,7 +217,7 @@ def test_rows_read_in_strips_give_the_same_file(chunk):
 
 def test_rows_decoded_in_strips_equal_the_whole_image():
     pixels = smooth_image(100, 70, channels=1, seed=5)
-    data = api.encode_pixels(pixels, 5)
+    data = api.encode_pixels(pixels, 5, family="factorized")
     whole = api.decode_pixels(data)
     for spill in (None, 0):
         strips, opened = [], []

@@ -185,6 +185,9 @@ def main() -> None:
     parser.add_argument("--more", action="store_true",
                         help="train qualities that are done for --steps more (a new cosine schedule)")
     parser.add_argument("--export", type=Path, help="write the weights file here once every quality is done")
+    parser.add_argument("--ship", action="store_true",
+                        help="with --export: the compact file nic ships (integer networks only, int8 context "
+                             "and h_a kernels, the transforms left to the --init weights, which it names by hash)")
     parser.add_argument("--context-from", type=Path,
                         help="train context networks (--slices, --checkerboard) on this stage-1 run's qualities "
                              "(its qQ.pt and latent caches), which stay as they are")
@@ -243,15 +246,17 @@ def main() -> None:
                       holdout=args.holdout, z_warmup=args.z_warmup)
         torch.save(model.quality_state(q), state_path)
     if args.export:
-        export(model, args.out, args.export)
+        export(model, args.out, args.export, ship=args.ship)
 
 
-def export(model: hyperprior.Codec, out: Path, path: Path) -> None:
+def export(model: hyperprior.Codec, out: Path, path: Path, ship: bool = False) -> None:
     """Every quality's state of the run into one weights file: stage 1's (qQ.pt) on the
     frozen transforms, or, where tools/joint_hyperprior.py trained a quality end to end
     (qQ-joint.pt), its own pair and gains too. The integer h_s of each quality is
     calibrated on 64 crops of its cached latents: the frozen g_a's, also for a quality
-    trained end to end (they only set h_s's activation ranges, at their 0.9999 quantile)."""
+    trained end to end (they only set h_s's activation ranges, at their 0.9999 quantile).
+    With ``ship``, the compact coding-only file (hyperprior_torch.to_arrays), beside which
+    the --init weights must be installed."""
     from joint_hyperprior import joint_path, load_run_quality, with_own_pair
 
     missing = [q for q in range(1, model.qualities + 1) if not (out / f"q{q}.pt").exists()]
@@ -270,8 +275,10 @@ def export(model: hyperprior.Codec, out: Path, path: Path) -> None:
         # are near its own (fine-tuning moves g_a little), and they only set h_s's ranges.
         latents = np.load(out / f"latents-q{q}.npy", mmap_mode="r")
         calibration.append(torch.from_numpy(np.asarray(latents[:64]).astype(np.float32)))
-    model.export_tables(calibration)
-    digest = save_weights(hyperprior.to_arrays(model, half=True), path)
+    if ship and joint:
+        raise SystemExit("cannot ship: qualities trained end to end have transforms of their own")
+    model.export_tables(calibration, context_weight_max=127 if ship else hyperprior.WEIGHT_MAX)
+    digest = save_weights(hyperprior.to_arrays(model, half=True, separate_base=ship, coding_only=ship), path)
     print(f"wrote {path} ({digest.hex()})")
 
 
