@@ -56,7 +56,8 @@ def _check_dimensions(width: int, height: int) -> None:
 
 
 def _file_parts(model, digest: bytes, quality: int, channels: int, width: int, height: int,
-                substreams: list, icc_profile: bytes | None, exif: bytes | None, gray_rgb: bool = False) -> list:
+                substreams: list, icc_profile: bytes | None, exif: bytes | None, gray_rgb: bool = False,
+                step: tuple[int, int] | None = None) -> list:
     """The file's buffers. ``gray_rgb``: an RGB source whose pixels were all gray is stored
     as grayscale (its latents are the same: g_a sees a gray image's one channel three
     times) and marked to decode to RGB, so no colour fringes come back."""
@@ -70,6 +71,8 @@ def _file_parts(model, digest: bytes, quality: int, channels: int, width: int, h
         payload_length=sum(memoryview(part).nbytes for part in payload),
     )
     sections = []
+    if step is not None and step != (256, 0):  # critical: a reader without it must refuse the file
+        sections.append((container.SECTION_STEP, container.pack_step(*step)))
     if icc_profile:
         sections.append((container.SECTION_ICC, bytes(icc_profile)))
     if exif:
@@ -107,37 +110,48 @@ def default_quality(weights: str | Path | None = None, family: str | None = None
     return min(4, model.qualities)
 
 
-def _model(weights: str | Path | None, family: str | None, quality: int):
+def _model(weights: str | Path | None, family: str | None, quality: float):
+    """(model, weights hash, the trained quality that codes, the family's step or None):
+    a quality between two trained ones is coded by the upper one's networks with a
+    coarser step where the family has steps (nic.hyperprior.step_for), else by the
+    trained quality below it."""
     from .weights import default_weights
 
     model, digest = default_weights(weights, family, coding=True)
     if not 1 <= quality <= model.qualities:
-        raise ValueError(f"quality must be 1..{model.qualities}, got {quality}")
-    return model, digest
+        raise ValueError(f"quality must be 1..{model.qualities}, got {quality:g}")
+    module = _family(model)
+    if quality == int(quality) or not hasattr(module, "step_for"):
+        return model, digest, int(quality), None
+    coded, step = module.step_for(quality)
+    return model, digest, coded, step
 
 
-def encode_pixels(pixels: np.ndarray, quality: int = 4, weights: str | Path | None = None,
+def encode_pixels(pixels: np.ndarray, quality: float = 4, weights: str | Path | None = None,
                   icc_profile: bytes | None = None, exif: bytes | None = None, effort: int = 1,
                   progress: Progress | None = None, family: str | None = None) -> bytes:
     """.nic bytes of uint8 pixels of shape (H, W, 3) or (H, W, 1), with optional
     metadata carried verbatim in ancillary sections. ``effort`` 1..4 is the encoder's
     quantization search (1: rounding; see nic.quantization); any effort decodes the same
-    way. ``family`` (nic.families) picks the installed weights of that model family."""
+    way. ``family`` (nic.families) picks the installed weights of that model family.
+    ``quality`` may lie between the trained ones (3.5): the hyperprior family codes it
+    with a coarser step (effort 1), the factorized family at the quality below."""
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] not in (1, 3):
         raise ValueError("pixels must be uint8 of shape (H, W, 3) or (H, W, 1)")
     height, width = pixels.shape[:2]
     _check_dimensions(width, height)
-    model, digest = _model(weights, family, quality)
+    model, digest, quality, step = _model(weights, family, quality)
     # Not with an ICC profile: a reader that skips gRGB would write it beside one channel.
     gray_rgb = pixels.shape[2] == 3 and not icc_profile and is_gray(pixels)
     if gray_rgb:
         pixels = pixels[..., :1]
-    substreams = _family(model).compress(model, pixels, quality, effort, progress)
+    extra = {} if step is None else {"step": step}
+    substreams = _family(model).compress(model, pixels, quality, effort, progress, **extra)
     return b"".join(_file_parts(model, digest, quality, 3 if gray_rgb else pixels.shape[2], width, height,
-                                substreams, icc_profile, exif, gray_rgb))
+                                substreams, icc_profile, exif, gray_rgb, step))
 
 
-def encode_rows(source: PixelRows, quality: int = 4, weights: str | Path | None = None,
+def encode_rows(source: PixelRows, quality: float = 4, weights: str | Path | None = None,
                 icc_profile: bytes | None = None, exif: bytes | None = None,
                 progress: Progress | None = None, spill_bytes: int | None = None,
                 family: str | None = None) -> list:
@@ -150,23 +164,26 @@ def encode_rows(source: PixelRows, quality: int = 4, weights: str | Path | None 
     _check_dimensions(width, height)
     if source.channels not in (1, 3):
         raise ValueError("images must have 1 or 3 channels")
-    model, digest = _model(weights, family, quality)
+    model, digest, quality, step = _model(weights, family, quality)
     watched = _GrayWatch(source)
-    substreams = _family(model).compress(model, watched, quality, 1, progress, spill_bytes)
+    extra = {} if step is None else {"step": step}
+    substreams = _family(model).compress(model, watched, quality, 1, progress, spill_bytes, **extra)
     return _file_parts(model, digest, quality, source.channels, width, height, substreams, icc_profile, exif,
-                       watched.gray and not icc_profile)
+                       watched.gray and not icc_profile, step)
 
 
 def encode_to_target(pixels: np.ndarray, max_bytes: int, weights: str | Path | None = None,
                      icc_profile: bytes | None = None, exif: bytes | None = None,
-                     effort: int = 1, family: str | None = None) -> tuple[bytes, int]:
-    """(file, quality) of the largest file not above ``max_bytes`` (binary search over the
-    trained qualities, as cwebp -size does); the smallest file if none fits."""
-    model, _ = _model(weights, family, 1)
+                     effort: int = 1, family: str | None = None) -> tuple[bytes, float]:
+    """(file, quality) of the largest file not above ``max_bytes``, as cwebp -size does:
+    a binary search over the trained qualities, then, where the family codes qualities
+    between them (effort 1), a bisection between the last that fits and the next; the
+    smallest file if none fits."""
+    model, _, _, _ = _model(weights, family, 1)
     low, high = 1, model.qualities
-    results: dict[int, bytes] = {}
+    results: dict[float, bytes] = {}
 
-    def size_at(quality: int) -> int:
+    def size_at(quality: float) -> int:
         if quality not in results:
             results[quality] = encode_pixels(pixels, quality, weights, icc_profile, exif, effort, family=family)
         return len(results[quality])
@@ -179,7 +196,20 @@ def encode_to_target(pixels: np.ndarray, max_bytes: int, weights: str | Path | N
             low = middle
         else:
             high = middle - 1
-    return results[low], low
+    best: float = low
+    if effort == 1 and low < model.qualities and hasattr(_family(model), "step_for"):
+        above = low + 1.0
+        for _ in range(TARGET_BISECTIONS):  # size grows with the quality; keep the largest that fits
+            middle = round((best + above) / 2, 4)
+            if size_at(middle) <= max_bytes:
+                best = middle
+            else:
+                above = middle
+    return results[best], best
+
+
+TARGET_BISECTIONS = 6
+"""Bisections between two trained qualities for a size target: 1/64 of a quality apart."""
 
 
 def _open_for_decoding(data: bytes, weights: str | Path | None, max_pixels: int):
@@ -224,8 +254,13 @@ def _decompress(data: bytes, weights: str | Path | None, max_pixels: int, progre
         rows = open_sink(shown, known.get(container.SECTION_ICC), known.get(container.SECTION_EXIF))
         sink.append((lambda gray: rows(np.repeat(gray, 3, axis=2))) if to_rgb else rows)
 
+    extra = {}
+    if container.SECTION_STEP in known:
+        if not hasattr(_family(model), "step_for"):
+            raise FormatError(f"section STEP is not part of the {_family(model).NAME} family's files")
+        extra["step"] = container.unpack_step(known[container.SECTION_STEP])
     _family(model).decompress(model, header.quality, header.height, header.width, header.colour == COLOUR_GRAY,
-                              substreams, lambda rows: sink[0](rows), progress, spill_bytes, decoded)
+                              substreams, lambda rows: sink[0](rows), progress, spill_bytes, decoded, **extra)
     return shown
 
 
@@ -264,7 +299,7 @@ def decode_rows(data: bytes, open_sink: Callable[[Header, bytes | None, bytes | 
     return _decompress(data, weights, max_pixels, progress, spill_bytes, open_sink)
 
 
-def encode(image: Image.Image | NDArray[np.uint8], quality: int = 4, weights: str | Path | None = None,
+def encode(image: Image.Image | NDArray[np.uint8], quality: float = 4, weights: str | Path | None = None,
            background: str | None = None, strip: bool = False, effort: int = 1, family: str | None = None) -> bytes:
     """Encode a Pillow image or a uint8 numpy array (H, W), (H, W, 1|3|4) to .nic bytes.
 

@@ -424,7 +424,7 @@ def baseline_status(names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
 
 def setting_label(codec: str, param: float) -> str:
     """'q=4' for quality settings, '0.5 bpp' for JPEG 2000's target rates."""
-    return f"{param:g} bpp" if codec == "jpeg2000" else f"q={int(param)}"
+    return f"{param:g} bpp" if codec == "jpeg2000" else f"q={param:g}"
 
 
 def encode_baseline(codec: str, param: float, pixels: np.ndarray) -> bytes:
@@ -506,11 +506,12 @@ def load_nic_curve(path: Path) -> tuple[str, list[float], list[float]]:
     return f"nic {report.get('weights', '?')}" + (f" effort {effort}" if effort != 1 else ""), rates, psnrs
 
 
-def parse_qualities(text: str | None, available: int) -> list[int]:
-    """'1,4,8' or '2-5' → sorted distinct qualities in 1..available; None → all."""
+def parse_qualities(text: str | None, available: int) -> list[float]:
+    """'1,4,8', '2-5' or '3,3.5,4' (a quality between two trained ones) → sorted distinct
+    qualities in 1..available (ints where whole); None → all."""
     if text is None or not text.strip():
         return list(range(1, available + 1))
-    found: set[int] = set()
+    found: set[float] = set()
     for part in text.split(","):
         part = part.strip()
         try:
@@ -518,7 +519,8 @@ def parse_qualities(text: str | None, available: int) -> list[int]:
                 first, last = (int(v) for v in part.split("-", 1))
                 found.update(range(first, last + 1))
             else:
-                found.add(int(part))
+                value = float(part)
+                found.add(int(value) if value == int(value) else value)
         except ValueError:
             raise ValueError(f"-q: {part!r} is not a quality or a range like 2-5") from None
     bad = sorted(q for q in found if not 1 <= q <= available)
@@ -572,7 +574,7 @@ def round_trip(codec: str, param: float, pixels: np.ndarray,
         from .api import decode_pixels, encode_pixels
 
         start = time.perf_counter()
-        data = encode_pixels(pixels, quality=int(param), weights=weights, effort=effort)
+        data = encode_pixels(pixels, quality=param, weights=weights, effort=effort)
         middle = time.perf_counter()
         out = decode_pixels(data, weights).pixels
     else:

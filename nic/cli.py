@@ -430,9 +430,11 @@ def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: b
               help="Output .nic file, '-' for stdout [default: IN with .nic, stdout for '-'].")
 @click.option("-d", "--out-dir", metavar="DIR", default=None,
               help="Write each IN's .nic into DIR (created if missing).")
-@click.option("-q", "--quality", type=click.IntRange(1, 255), default=None,
+@click.option("-q", "--quality", type=click.FloatRange(1, 255), default=None,
               help="Quality 1..8 with the shipped weights (other weights may have more): "
-                   "higher is larger and better.  [default: 4, or the weights' highest if lower]")
+                   "higher is larger and better. Between two (3.5) the hyperprior family codes with a "
+                   "coarser step at effort 1; the factorized family, which cannot, at the quality below.  "
+                   "[default: 4, or the weights' highest if lower]")
 @click.option("--size", "target_size", metavar="SIZE", default=None,
               help="Pick the quality whose file is the largest not above SIZE (50KB, 1.5MB, 64KiB, 20000).")
 @click.option("--bpp", "target_bpp", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -450,7 +452,7 @@ def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: b
 @weights_option
 @max_pixels_option
 @click.option("-v", "--verbose", is_flag=True, help="Print size, bpp, chosen quality and time on stderr.")
-def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, quality: int | None,
+def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, quality: float | None,
            target_size: str | None, target_bpp: float | None, effort: int, family: str | None,
            background: str | None, strip: bool, threads: int | None, weights: str | None, max_pixels: int,
            verbose: bool) -> None:
@@ -481,11 +483,11 @@ def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, qua
             chosen = quality or default_quality(weights, family)
             with image_progress(count, f"encoding {Path(source).name}", not batch) as progress:
                 result = encode_pixels(pixels, chosen, weights, icc_profile, exif, effort, progress, family)
-            note = f"quality {chosen}, effort {effort}"
+            note = f"quality {chosen:g}, effort {effort}"
         else:
             limit = max_bytes if max_bytes is not None else int(target_bpp * count / 8)
             result, chosen = encode_to_target(pixels, limit, weights, icc_profile, exif, effort, family)
-            note = f"quality {chosen} chosen for ≤ {limit} bytes, effort {effort}"
+            note = f"quality {chosen:g} chosen for ≤ {limit} bytes, effort {effort}"
             if len(result) > limit:
                 note += " (not reached: even quality 1 is larger)"
         size = write_output(target, result)
@@ -514,7 +516,7 @@ def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, qua
                 reader.close()
             size_in = os.fstat(stream.fileno()).st_size
         size = write_output(target, parts)
-        return (size_in, size, count, size, f"quality {chosen}, effort {effort}, {reader.width}x{reader.height}"), None
+        return (size_in, size, count, size, f"quality {chosen:g}, effort {effort}, {reader.width}x{reader.height}"), None
 
     run_jobs(pairs, work, out_dir, verbose)
 
@@ -642,20 +644,23 @@ def parse_crop(text: str, width: int, height: int) -> tuple[int, int, int, int]:
 @max_pixels_option
 def info(file: str, max_pixels: int) -> None:
     """Print the header fields of .nic FILE ('-' for stdin) and its bpp."""
-    from .container import COLOUR_NAMES, SECTION_GRAY_RGB, FormatError, unpack
+    from .container import COLOUR_NAMES, SECTION_GRAY_RGB, SECTION_STEP, FormatError, unpack, unpack_step
     from .families import name_of
 
     data = read_nic_input(file, max_pixels)
     try:
         parsed = unpack(data, max_pixels)
         substreams = parsed.substreams()
+        step = dict(parsed.sections).get(SECTION_STEP)
+        step = None if step is None else unpack_step(step)
     except FormatError as exc:
         raise NicError(f"{file}: {exc}") from None
     h = parsed.header
     rows = [
         ("format version", str(h.version)),
         ("model id", f"{h.model_id} ({name_of(h.model_id)})"),
-        ("quality", str(h.quality)),
+        ("quality", str(h.quality) if step is None else
+         f"{h.quality}'s networks, step {step[0] / 256:.3f} (a quality below {h.quality})"),
         ("size", f"{h.width}x{h.height}"),
         ("colour", COLOUR_NAMES[h.colour] + (" (of an all-gray RGB image: decodes to RGB)"
                                              if SECTION_GRAY_RGB in dict(parsed.sections) else "")),
@@ -668,7 +673,7 @@ def info(file: str, max_pixels: int) -> None:
         ("bpp", f"{8 * len(data) / (h.width * h.height):.4f}"),
     ]
     for kind, body in parsed.sections:
-        if kind != SECTION_GRAY_RGB:
+        if kind not in (SECTION_GRAY_RGB, SECTION_STEP):
             rows.append((f"section {kind.decode()}", f"{len(body)} bytes (skipped)"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

@@ -53,7 +53,7 @@ def nic_at_most(pixels: np.ndarray, budget: int, weights: str | None, family: st
     from .api import decode_pixels, encode_to_target
 
     data, quality = encode_to_target(pixels, budget, weights, family=family)
-    return Panel("nic", decode_pixels(data, weights).pixels, data, f"q{quality}")
+    return Panel("nic", decode_pixels(data, weights).pixels, data, f"q{quality:g}")
 
 
 def baseline_at_most(codec: str, pixels: np.ndarray, budget: int) -> Panel | None:

@@ -48,6 +48,12 @@ unreadable, with a message naming it. Versions 1 and 2 define three ancillary se
 | `eXIf`           | the source's EXIF block (orientation already applied, tag reset) |
 | `gRGB`           | empty: the grayscale image was an RGB source whose pixels were all gray; decode it to RGB (three equal channels). A reader that skips it writes the same pixels as one channel |
 
+One critical section is defined (version 2, the hyperprior family):
+
+| type | content |
+|------|---------|
+| `STEP` | 3 bytes: the quantization step Δ in 1/256 (u16, 64..1024) and a scale-table shift (i8, −32..32). The residuals are k = round((y − μ)/Δ), coded with scale index t − shift, and ŷ = μ + k·Δ: a quality between the trained ones (`-q 3.5`). Without it Δ = 1 and the shift 0 |
+
 A future feature that a reader may ignore (say, a thumbnail) gets a new ancillary
 type; one that changes how pixels decode gets a critical type, so version-1 readers
 refuse such files predictably instead of decoding them wrongly. Only a change to the
@@ -88,6 +94,29 @@ MAX_SECTION = 16 * 1024 * 1024
 SECTION_ICC = b"iCCP"
 SECTION_EXIF = b"eXIf"
 SECTION_GRAY_RGB = b"gRGB"
+SECTION_STEP = b"STEP"
+CRITICAL_SECTIONS = (SECTION_STEP,)
+"""Critical section types this nic reads (a file with any other is refused)."""
+
+STEP = struct.Struct("<Hb")
+STEP_SIZES = (64, 1024)
+STEP_SHIFTS = (-32, 32)
+
+
+def pack_step(size: int, shift: int) -> bytes:
+    """The body of a STEP section: the quantization step Δ in 1/256 (u16) and the shift of
+    the scale-table index (i8)."""
+    return STEP.pack(size, shift)
+
+
+def unpack_step(body: bytes) -> tuple[int, int]:
+    """(size, shift) of a STEP section; FormatError if malformed or out of range."""
+    if len(body) != STEP.size:
+        raise FormatError(f"section STEP has {len(body)} bytes, expected {STEP.size}")
+    size, shift = STEP.unpack(body)
+    if not STEP_SIZES[0] <= size <= STEP_SIZES[1] or not STEP_SHIFTS[0] <= shift <= STEP_SHIFTS[1]:
+        raise FormatError(f"section STEP is out of range (step {size}/256, table shift {shift})")
+    return size, shift
 
 MAX_BITS_PER_PIXEL = 64
 """No honest payload comes near this; larger claims are refused before reading."""
@@ -281,8 +310,10 @@ def unpack(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Container:
             raise FormatError(f"section at byte {offset} is corrupt (CRC mismatch)")
         if not all(65 <= b <= 90 or 97 <= b <= 122 for b in kind):
             raise FormatError(f"invalid section type at byte {offset}")
-        if kind[0] < 97:
+        if kind[0] < 97 and kind not in CRITICAL_SECTIONS:
             raise FormatError(f"file needs section {kind.decode()}, which this nic does not know")
+        if any(kind == seen for seen, _ in sections) and kind[0] < 97:
+            raise FormatError(f"section {kind.decode()} appears twice")
         sections.append((kind, body))
         offset = body_end + 4
     return Container(header, payload, sections)

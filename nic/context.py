@@ -29,13 +29,15 @@ from functools import cached_property
 
 import numpy as np
 
+from . import engine
 from .integer import ACTIVATION_MAX, BIAS_LIMIT, MAX_SHIFT, MEAN_BITS, WEIGHT_MAX
 
 INPUT_LIMIT = 2**20
 """Inputs of a context network (μ, t and ŷ, × 2**MEAN_BITS) are clipped to ±INPUT_LIMIT."""
 
-POSITIONS_AT_ONCE = 4096
-"""A context network runs on this many latent positions at a time: bounded memory."""
+POSITIONS_AT_ONCE = 512
+"""A context network runs on this many latent positions at a time (bounded memory), the
+chunks side by side on the engine's threads."""
 
 
 def passes(slices: int, checkerboard: bool) -> list[tuple[int, int]]:
@@ -90,9 +92,13 @@ class IntegerContextNetwork:
         (exact: multiples of 2**−MEAN_BITS below 2**12). A few thousand positions at a time."""
         rows, cols = np.nonzero(where)
         out = np.empty((len(self.hidden[-1]), len(rows)))
-        for start in range(0, len(rows), POSITIONS_AT_ONCE):
+
+        def chunk(i: int) -> None:  # exact sums: the same integers whatever the threads
+            start = i * POSITIONS_AT_ONCE
             r, c = rows[start:start + POSITIONS_AT_ONCE], cols[start:start + POSITIONS_AT_ONCE]
             out[:, start:start + len(r)] = self._at(hyper, seen, halo, channels, r, c, where.shape[1]).T
+
+        engine.parallel(chunk, -(-len(rows) // POSITIONS_AT_ONCE))
         return out
 
     def _at(self, hyper: np.ndarray, seen: np.ndarray, halo: int, channels: int, r: np.ndarray, c: np.ndarray,
@@ -192,15 +198,19 @@ def read_network(arrays, prefix: str, shapes: dict[str, tuple[int, ...]]) -> Int
 # ---- the passes ----------------------------------------------------------------------------
 
 def run_passes(networks: dict[str, IntegerContextNetwork], mean: np.ndarray, index: np.ndarray, slices: int,
-               checkerboard: bool, scales: int, residuals, keep: bool = True
+               checkerboard: bool, scales: int, residuals, keep: bool = True, step: tuple[int, int] = (256, 0)
                ) -> tuple[np.ndarray, np.ndarray] | None:
     """Code ŷ pass by pass: for each pass its (μ, t) at its positions, then
-    ``residuals(s, where, mu, t)`` (the pass's (c, n) means and indices) gives its
-    integers k (c, n), and ŷ = k + μ there. Returns (ŷ float64, k int64), both
-    (M, rows, cols), or None without ``keep`` (the encoder's case: it needs neither).
-    The encoder's ``residuals`` rounds y − μ and codes (k, t); the decoder's decodes k.
-    Without context (one slice, no checkerboard, no networks) it is one pass over every
-    latent, with h_s's (μ, t)."""
+    ``residuals(s, where, mu, t)`` (the pass's (c, n) means and the indices of the
+    tables it codes with) gives its integers k (c, n), and ŷ = μ + k·Δ there. Returns
+    (ŷ float64, k int64), both (M, rows, cols), or None without ``keep`` (the encoder's
+    case: it needs neither). The encoder's ``residuals`` rounds (y − μ)/Δ and codes
+    (k, t); the decoder's decodes k. ``step`` = (Δ·256, shift): the quantization step
+    and how many scale-table entries narrower its tables are (container STEP; Δ = 1
+    and no shift by default). ŷ stays a multiple of 1/256, exactly. Without context
+    (one slice, no checkerboard, no networks) it is one pass over every latent, with
+    h_s's (μ, t)."""
+    size, shift = step
     M, rows, cols = mean.shape
     c = M // slices
     limit = INPUT_LIMIT / (1 << MEAN_BITS)
@@ -225,8 +235,8 @@ def run_passes(networks: dict[str, IntegerContextNetwork], mean: np.ndarray, ind
             correction = network(hyper, seen, halo, context_channels(M, slices, s, p, checkerboard), where)
             mu = mu + correction[:c] / float(1 << MEAN_BITS)
             t = np.clip(t + correction[c:].astype(np.int64), 0, scales - 1)
-        k = residuals(s, where, mu, t)
-        value = k + mu
+        k = residuals(s, where, mu, t if not shift else np.clip(t - shift, 0, scales - 1))
+        value = k + mu if size == 256 else (k * size) / 256.0 + mu  # exact: k·size is an integer
         if keep:
             y_hat[channels, where] = value
             k_all[channels, where] = k

@@ -64,7 +64,7 @@ def set_threads(threads: int) -> None:
     _threads = threads
 
 
-def _parallel(work: Callable[[int], None], count: int) -> None:
+def parallel(work: Callable[[int], None], count: int) -> None:
     """work(0) … work(count − 1), spread over the threads (in order on one)."""
     threads = min(_threads, count)
     if threads <= 1:
@@ -113,7 +113,7 @@ class Conv:
         reach = (k - 1) // s  # how far a tap reaches into a phase plane, in its own rows/columns
         plane_cols = cols + reach
         planes = np.empty((s * s, rows + reach + 1, plane_cols, self.channels), dtype=np.float32)
-        _parallel(lambda plane: _fill_phase(planes[plane], x, plane // s - p, plane % s - p, s), s * s)
+        parallel(lambda plane: _fill_phase(planes[plane], x, plane // s - p, plane % s - p, s), s * s)
         flat = planes.reshape(s * s, -1, self.channels)
         inputs = [(flat[plane], dy * plane_cols + dx) for plane, dy, dx in self.taps]
         out = np.empty((rows, cols, self.out_channels), dtype=np.float32)
@@ -209,8 +209,8 @@ class Deconv:
                 result += products[start:start + n, t * c:(t + 1) * c]
             out[phase // s::s, phase % s::s] = result.reshape(height, padded_cols, -1)[:, :width]
 
-        _parallel(product, -(-len(flat) // _CHUNK_ROWS))
-        _parallel(phase_sum, len(self.phases))
+        parallel(product, -(-len(flat) // _CHUNK_ROWS))
+        parallel(phase_sum, len(self.phases))
         return out
 
 
@@ -261,7 +261,7 @@ class _Taps:
             out += self.bias
             store(first, last, out.reshape(last - first, width, -1))
 
-        _parallel(chunk, -(-rows // step))
+        parallel(chunk, -(-rows // step))
 
 
 class GDN:
@@ -305,7 +305,7 @@ class GDN:
             else:
                 part /= norm
 
-        _parallel(block, -(-len(flat) // _BLOCK))
+        parallel(block, -(-len(flat) // _BLOCK))
         return x
 
 

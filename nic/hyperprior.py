@@ -38,13 +38,14 @@ import json
 import threading
 import weakref
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import numpy as np
 
 from . import context, engine, factorized
-from .coding import (DISTRIBUTIONS, LATENT_LIMIT, SCALE_COUNT, CorruptStream, IndexedCoder, IntegerTables,
-                     LatentCoder)
+from .coding import (DISTRIBUTIONS, LATENT_LIMIT, SCALE_COUNT, SCALE_MAX, SCALE_MIN, CorruptStream, IndexedCoder,
+                     IntegerTables, LatentCoder)
 from .container import FormatError, Substream
 from .families import expect_substreams, trainable_names
 from .integer import ACTIVATION_MAX, BIAS_LIMIT, MAX_SHIFT, MEAN_BITS, WEIGHT_MAX  # noqa: F401  (h_s's bounds)
@@ -64,6 +65,28 @@ one after the other in the ``yhat`` substream: the coder holds one block's means
 indices and context at a time, whatever the image's size. Context passes see only their
 own block (a block's edge is like the image's). An image of up to 1,024 x 1,024 pixels
 is one block."""
+
+UNIT_STEP = (256, 0)
+"""(Δ·256, table shift) of the trained qualities: residuals in units of 1."""
+
+STEP_SPAN = 0.625
+"""A quality q between two trained ones, n − 1 < q < n, codes with quality n's networks and
+a coarser step Δ = 2**(STEP_SPAN·(n − q)) (measured on Kodak: Δ = 2**0.625 takes quality
+4's files to about quality 3's size, and the points in between lie within ~0.05 dB of
+the line through the trained qualities' points; docs/results/hyperprior.md, section 13)."""
+
+
+def step_for(quality: float) -> tuple[int, tuple[int, int]]:
+    """(the trained quality whose networks code, (Δ·256, table shift)) for a quality that
+    may lie between two trained ones. The shift is how many entries of the log-spaced
+    scale table Δ spans, so a residual in units of Δ gets the table of σ/Δ."""
+    n = int(np.ceil(quality))
+    if n == quality:
+        return n, UNIT_STEP
+    delta = 2.0 ** (STEP_SPAN * (n - quality))
+    ratio = (SCALE_MAX / SCALE_MIN) ** (1.0 / (SCALE_COUNT - 1))
+    return n, (int(round(256 * delta)), int(round(np.log(delta) / np.log(ratio))))
+
 
 Z_LIMIT = 32767
 """ẑ is clipped to ±Z_LIMIT before h_s (after coding: escapes still round-trip)."""
@@ -142,6 +165,15 @@ class IntegerLayer:
     transposed: bool
     relu: bool
 
+    @cached_property
+    def taps(self) -> np.ndarray:
+        """The kernel as float64 taps (k, k, O, C), made once: a correlation's own taps, or
+        for a transposed layer the transposed convolution's (W_t[a, b] = weight[:, :, k−1−a, k−1−b])."""
+        weight = self.weight.astype(np.float64)
+        if self.transposed:
+            weight = weight[:, :, ::-1, ::-1]
+        return np.ascontiguousarray(weight.transpose(2, 3, 0, 1))
+
 
 class IntegerHyperSynthesis:
     """h_s in exact integer arithmetic; its output is μ·2**MEAN_BITS (first M channels)
@@ -164,8 +196,7 @@ class IntegerHyperSynthesis:
 
 def _integer_layer(layer: IntegerLayer, value: np.ndarray) -> np.ndarray:
     """One exact integer layer on integer-valued float64 activations (C, h, w)."""
-    weight = layer.weight.astype(np.float64)
-    acc = _transposed(value, weight) if layer.transposed else _correlate(value, weight)
+    acc = _transposed(value, layer.taps) if layer.transposed else _correlate(value, layer.taps)
     acc += layer.bias.astype(np.float64)[:, None, None]
     out = np.floor(np.ldexp(acc, -layer.shift[:, None, None]) + 0.5)  # × 2**−shift is exact; so is floor of it
     if layer.relu:
@@ -173,30 +204,30 @@ def _integer_layer(layer: IntegerLayer, value: np.ndarray) -> np.ndarray:
     return out
 
 
-def _correlate(value: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """'Same' cross-correlation (stride 1, zero padding k//2) of (C, H, W) with
-    (O, C, k, k): k·k shifted matrix products, each exact (integer values, sums below
-    2**53, so any BLAS, in any order, gives the same result)."""
-    out_channels, c, k, _ = weight.shape
+def _correlate(value: np.ndarray, taps: np.ndarray) -> np.ndarray:
+    """'Same' cross-correlation (stride 1, zero padding k//2) of (C, H, W) with a kernel
+    given as its taps (k, k, O, C) in float64 (:attr:`IntegerLayer.taps`): k·k shifted
+    matrix products, each exact (integer values, sums below 2**53, so any BLAS, in any
+    order, gives the same result)."""
+    k, _, out_channels, c = taps.shape
     h, w = value.shape[1:]
     padded = np.pad(value, ((0, 0), (k // 2, k // 2), (k // 2, k // 2))) if k > 1 else value
     acc = np.zeros((out_channels, h * w))
     for i in range(k):
         for j in range(k):
-            acc += weight[:, :, i, j] @ padded[:, i:i + h, j:j + w].reshape(c, -1)
+            acc += taps[i, j] @ padded[:, i:i + h, j:j + w].reshape(c, -1)
     return acc.reshape(out_channels, h, w)
 
 
-def _transposed(value: np.ndarray, weight: np.ndarray, rows: int = 16) -> np.ndarray:
+def _transposed(value: np.ndarray, taps: np.ndarray, rows: int = 16) -> np.ndarray:
     """The stride-2 transposed convolution (padding k//2, output padding 1: the size
-    doubles) whose equivalent correlation kernel is ``weight`` (O, C, k, k): a matrix
-    product of every tap with the input, then each tap's plane added where it lands
-    (exact, as in :func:`_correlate`). No zeros are multiplied. ``rows`` input rows at a
-    time, so that the taps' planes stay small for any image."""
-    out_channels, c, k, _ = weight.shape
+    doubles) whose own kernel's taps are ``taps`` (k, k, O, C) (:attr:`IntegerLayer.taps`):
+    a matrix product of every tap with the input, then each tap's plane added where it
+    lands (exact, as in :func:`_correlate`). No zeros are multiplied. ``rows`` input rows
+    at a time, so that the taps' planes stay small for any image."""
+    k, _, out_channels, c = taps.shape
     h, w = value.shape[1:]
-    # The transposed convolution's own kernel, tap by tap: W_t[a, b] = weight[:, :, k−1−a, k−1−b].
-    taps = weight[:, :, ::-1, ::-1].transpose(2, 3, 0, 1).reshape(k * k * out_channels, c)
+    taps = taps.reshape(k * k * out_channels, c)
     full = np.zeros((out_channels, 2 * h + k, 2 * w + k))
     for r0 in range(0, h, rows):
         n = min(rows, h - r0)
@@ -516,12 +547,17 @@ def hyper_encode_bands(model: Model, y: LatentStore, quality: int) -> np.ndarray
 
 
 def compress(model: Model, source: np.ndarray | PixelRows, quality: int, effort: int = 1,
-             progress: Progress | None = None, spill_bytes: int | None = None) -> list[Substream]:
-    """The substreams of an image: ẑ, then the residuals k = round(y − μ) (``yhat``) block
-    by block, or at effort 2..4 the residuals chosen by D + λR with ẑ fixed
-    (nic.quantization). With context (nic.context), each block's passes one after the other."""
+             progress: Progress | None = None, spill_bytes: int | None = None,
+             step: tuple[int, int] = UNIT_STEP) -> list[Substream]:
+    """The substreams of an image: ẑ, then the residuals k = round((y − μ)/Δ) (``yhat``)
+    block by block, or at effort 2..4 the residuals chosen by D + λR with ẑ fixed
+    (nic.quantization). With context (nic.context), each block's passes one after the
+    other. ``step``: (Δ·256, table shift) of a quality between the trained ones
+    (:func:`step_for`; the file's STEP section), effort 1 only."""
     if effort not in (1, 2, 3, 4):
         raise ValueError(f"effort must be 1..4, got {effort}")
+    if effort != 1 and step != UNIT_STEP:
+        raise ValueError("a quality between the trained ones is encoded at effort 1")
     if effort != 1 and not isinstance(source, np.ndarray):
         raise ValueError("images read strip by strip are encoded at effort 1")
     height, width = (source.shape[:2] if isinstance(source, np.ndarray) else (source.height, source.width))
@@ -540,20 +576,21 @@ def compress(model: Model, source: np.ndarray | PixelRows, quality: int, effort:
             # The passes code what the search chose, each latent rounded to the nearest value
             # its own pass can send (without context: exactly the search's residuals).
             target = LatentStore(shape, array=residual + mean)
-        payload = _encode_blocks(model, quality, z_hat, target)
+        payload = _encode_blocks(model, quality, z_hat, target, step)
     return [Substream(b"zhat", z_hat.shape, z_coder.encode(z_hat)), Substream(b"yhat", shape, payload.tobytes())]
 
 
-def _rounded(y: np.ndarray, mu: np.ndarray) -> np.ndarray:
-    k = np.round(y - mu)
+def _rounded(y: np.ndarray, mu: np.ndarray, size: int = 256) -> np.ndarray:
+    k = np.round(y - mu) if size == 256 else np.round((y - mu) * (256.0 / size))
     if np.abs(k).max(initial=0) > LATENT_LIMIT:
         raise ValueError("latent magnitude exceeds 2**31 - 1")
     return k.astype(np.int64)
 
 
-def _encode_blocks(model: Model, quality: int, z_hat: np.ndarray, target: LatentStore) -> np.ndarray:
-    """ŷ's payload: per block, its residuals round(target − μ) under the block's (μ, t), one
-    part per context pass (without context, one pass: the whole block)."""
+def _encode_blocks(model: Model, quality: int, z_hat: np.ndarray, target: LatentStore,
+                   step: tuple[int, int] = UNIT_STEP) -> np.ndarray:
+    """ŷ's payload: per block, its residuals round((target − μ)/Δ) under the block's (μ, t),
+    one part per context pass (without context, one pass: the whole block)."""
     _, rows, cols = target.shape
     _, y_coder = coders(model, quality)
     writer = y_coder.encoder()
@@ -566,21 +603,22 @@ def _encode_blocks(model: Model, quality: int, z_hat: np.ndarray, target: Latent
             y = band[:, :, cs[0]:cs[1]].astype(np.float64)
 
             def residuals(s: int, where: np.ndarray, mu: np.ndarray, t: np.ndarray, y=y) -> np.ndarray:
-                k = _rounded(y[s * c:(s + 1) * c, where], mu)
+                k = _rounded(y[s * c:(s + 1) * c, where], mu, step[0])
                 writer.encode(k.ravel(), t.ravel())
                 return k
 
             context.run_passes(model.context_networks(quality), mean, index, config.slices, config.checkerboard,
-                               config.scales, residuals, keep=False)
+                               config.scales, residuals, keep=False, step=step)
     return writer.finish()
 
 
 def decompress(model: Model, quality: int, height: int, width: int, gray: bool, substreams: list[Substream],
                sink: Callable[[np.ndarray], None], progress: Progress | None = None,
-               spill_bytes: int | None = None, on_latents: Callable[[LatentStore], None] | None = None) -> None:
+               spill_bytes: int | None = None, on_latents: Callable[[LatentStore], None] | None = None,
+               step: tuple[int, int] = UNIT_STEP) -> None:
     """Decode ẑ, then block by block the integer h_s and the residuals (pass by pass with
     context), and hand ``sink`` the pixel rows. ``on_latents`` sees the residuals
-    (integers) before the synthesis runs."""
+    (integers) before the synthesis runs; ``step`` is the file's STEP section's."""
     y_shape = factorized.latent_shape(model.base.config, height, width)
     z, y = expect_substreams(substreams, [(b"zhat", z_shape(model.config.Z, *y_shape[1:])), (b"yhat", y_shape)])
     z_coder, y_coder = coders(model, quality)
@@ -590,7 +628,7 @@ def decompress(model: Model, quality: int, height: int, width: int, gray: bool, 
         raise FormatError(f"substream zhat is corrupt: {exc}") from None
     with latent_store(y_shape, spill_bytes, np.float32) as y_hat, latent_store(y_shape, spill_bytes) as residual:
         try:
-            _decode_blocks(model, quality, z_hat, y_coder.decoder(y.data), y_hat, residual)
+            _decode_blocks(model, quality, z_hat, y_coder.decoder(y.data), y_hat, residual, step)
         except CorruptStream as exc:
             raise FormatError(f"substream yhat is corrupt: {exc}") from None
         if on_latents is not None:
@@ -599,8 +637,8 @@ def decompress(model: Model, quality: int, height: int, width: int, gray: bool, 
 
 
 def _decode_blocks(model: Model, quality: int, z_hat: np.ndarray, reader, y_hat: LatentStore,
-                   residual: LatentStore) -> None:
-    """Fill ``y_hat`` (ŷ = k + μ, float32: elementwise IEEE, the same everywhere) and
+                   residual: LatentStore, step: tuple[int, int] = UNIT_STEP) -> None:
+    """Fill ``y_hat`` (ŷ = μ + k·Δ, float32: elementwise IEEE, the same everywhere) and
     ``residual`` (k) block by block from the payload's parts."""
     _, rows, cols = y_hat.shape
     config = model.config
@@ -611,7 +649,7 @@ def _decode_blocks(model: Model, quality: int, z_hat: np.ndarray, reader, y_hat:
     for r, cs in blocks(rows, cols):
         mean, index = hyper_decode_block(model, z_hat, quality, r, cs)
         block, k = context.run_passes(model.context_networks(quality), mean, index, config.slices,
-                                      config.checkerboard, config.scales, residuals)
+                                      config.checkerboard, config.scales, residuals, step=step)
         y_hat.put(slice(*r), slice(*cs), block.astype(np.float32))
         residual.put(slice(*r), slice(*cs), k)
     reader.finish()

@@ -13,13 +13,17 @@ import click
 from . import __version__
 from .cli import cli
 
-DATE = "2026-11-22"
+DATE = "2026-12-05"
 
 INTRO = r""".SH DESCRIPTION
-nic compresses photographs with the learned transform codec of Ball\['e], Laparra and
-Simoncelli, \(lqEnd-to-end optimized image compression\(rq (ICLR 2017): a convolutional
-analysis transform with GDN, uniform scalar quantization, a learned factorized entropy
-model, range coding from integer tables, and a synthesis transform with IGDN.
+nic compresses photographs with a learned transform codec: the convolutional analysis
+and synthesis transforms with GDN of Ball\['e], Laparra and Simoncelli, \(lqEnd-to-end
+optimized image compression\(rq (ICLR 2017), uniform scalar quantization, and range
+coding from integer tables. By default the latents are coded with a mean-scale
+hyperprior (Minnen, Ball\['e] and Toderici, NeurIPS 2018) and a context of channel
+slices and a checkerboard, computed by exact integer networks (the \fBhyperprior\fR
+family); \fB\-\-model factorized\fR encodes with the learned factorized entropy model of
+the 2017 paper instead. Decoding follows the file.
 .PP
 nic is silent unless \fB\-v\fR is given, so it fits in pipelines: \fB\-\fR names
 standard input or output. Errors are one line on standard error. Output files are
@@ -59,9 +63,10 @@ A .nic file is a 38\-byte little\-endian header \(em magic
 2 hyperprior), quality, colour layout, width, height, an
 8\-byte weights hash, latent shape, payload length and a CRC\-32 of the header \(em
 then the range\-coded payload, its CRC\-32, and optional PNG\-style sections:
-\fBiCCP\fR (ICC profile) and \fBeXIf\fR (EXIF). Sections whose type starts with a
-lowercase letter are skipped by readers that do not know them; an unknown uppercase
-type makes a file unreadable. In format version 1 (the factorized family) the
+\fBiCCP\fR (ICC profile), \fBeXIf\fR (EXIF), \fBgRGB\fR (a gray image that decodes to
+RGB) and \fBSTEP\fR (the quantization step of a quality between two trained ones).
+Sections whose type starts with a lowercase letter are skipped by readers that do not
+know them; an unknown uppercase type makes a file unreadable. In format version 1 (the factorized family) the
 payload is one range\-coded stream; in version 2 (the hyperprior family) it is a
 directory of named substreams (\fBzhat\fR, then \fByhat\fR), each with its shape and
 length. The full table is in the module nic.container.

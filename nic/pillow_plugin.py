@@ -11,7 +11,7 @@ ICC profile and EXIF the file carries in ``info["icc_profile"]`` and ``info["exi
 straight away, as Pillow's JPEG plugin does; the pixels are decoded on first access,
 like any lazy Pillow format.
 
-Saving takes ``quality=`` (1..8, default 4), ``effort=`` (1..4, default 1),
+Saving takes ``quality=`` (1..8, default 4; 3.5 lies between two), ``effort=`` (1..4, default 1),
 ``model=`` (the model family, "factorized" or "hyperprior") and ``background=``
 (a colour to flatten transparency onto), as :func:`nic.encode` does,
 and Pillow's usual metadata keywords: ``icc_profile=`` and ``exif=`` (bytes, or an
@@ -124,7 +124,7 @@ def _save(im: Image.Image, fp: IO[bytes], filename: str | bytes) -> None:
     from .images import image_metadata, pixels_from_image
 
     options = im.encoderinfo
-    quality = int(options.get("quality", 4))
+    quality = float(options.get("quality", 4))
     effort = int(options.get("effort", 1))
     icc_profile, exif = (None, None) if options.get("strip") else image_metadata(im)
     if not options.get("strip"):

@@ -13,6 +13,12 @@ hash and the zip's member list with each member's CRC-32 and size. When that lis
 still what the archive's directory says, the hash is taken from it and the model that
 codes reads only the members it uses (each checked against its CRC-32 as it is read).
 Without a digest file, or when it no longer matches, the whole file is read and hashed.
+
+A file may share another's arrays instead of holding a copy: the shipped hyperprior
+weights name the factorized weights whose transforms they use by that file's weights hash
+(their config's ``base``), and the loader reads ``base.*`` from the weights file of that
+hash beside them (:class:`Joined`). The hash of the sharing file covers the name, so a
+.nic file's weights hash still identifies everything that decodes it.
 """
 
 from __future__ import annotations
@@ -233,7 +239,8 @@ def _with_base(arrays, folder: Path, lazily: bool):
         if key in seen or not candidate.is_file():
             continue
         seen.add(key)
-        if _peek_model_id(str(key), candidate.stat().st_mtime) is None:
+        info = candidate.stat()
+        if info.st_size > MAX_WEIGHTS_BYTES or _peek_model_id(str(key), info.st_mtime) is None:
             continue
         try:
             base, digest = _arrays_and_hash(candidate, lazily)
@@ -357,6 +364,10 @@ def weights_for(model_id: int, wanted: bytes, path: Path | str | None = None, co
     :func:`load_weights`."""
     paths = [Path(path)] if path is not None else candidates()
     for candidate in paths:
+        if path is None:
+            lazy = _lazy(candidate)
+            if lazy is not None and lazy[1] != wanted:
+                continue  # its digest file says it is another weights file: do not build its model
         try:
             model, digest = load_weights(candidate, coding)
         except WeightsError:

@@ -4,7 +4,7 @@ import zlib
 import pytest
 
 from nic.container import (COLOUR_RGB, HEADER_SIZE, MAGIC, SUBSTREAM_ENTRY, FormatError, Header, Substream,
-                           pack, pack_substreams, parse_header, unpack)
+                           pack, pack_step, pack_substreams, parse_header, unpack, unpack_step)
 
 
 def make_file(payload: bytes = bytes(range(32)), width: int = 33, height: int = 17) -> bytes:
@@ -100,6 +100,19 @@ def test_unknown_ancillary_sections_are_skipped_and_critical_ones_refused():
     broken[-6] ^= 0x40
     with pytest.raises(FormatError, match="section"):
         unpack(bytes(broken))
+
+
+def test_the_step_section_is_a_known_critical_one_with_checked_fields():
+    data = make_file()
+    body = pack_step(363, 3)
+    assert unpack(data + section(b"STEP", body)).sections == [(b"STEP", body)]
+    assert unpack_step(body) == (363, 3)
+    with pytest.raises(FormatError, match="appears twice"):
+        unpack(data + section(b"STEP", body) + section(b"STEP", body))
+    for bad, message in ((b"\x01", "has 1 bytes"), (pack_step(2000, 0), "out of range"),
+                         (pack_step(256, 100), "out of range")):
+        with pytest.raises(FormatError, match=message):
+            unpack_step(bad)
 
 
 def make_v2(substreams, width: int = 130, height: int = 100) -> bytes:

@@ -134,17 +134,23 @@ def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
 
-def test_target_size_picks_the_largest_file_that_fits(tmp_path):
+@pytest.mark.parametrize("family", ["factorized", "hyperprior"])
+def test_target_size_picks_the_largest_file_that_fits(tmp_path, family):
+    """The factorized family picks the largest trained quality that fits; the hyperprior
+    family (the default) then goes on between that quality and the next (nic.hyperprior,
+    a coarser step), so its file is larger and still fits."""
     pixels = smooth_image(64, 96, seed=9)
     Image.fromarray(pixels).save(tmp_path / "in.png")
-    sizes = [len(nic.encode(pixels, quality=q)) for q in range(1, 9)]
+    sizes = [len(nic.encode(pixels, quality=q, model=family)) for q in range(1, 9)]
     target = (sizes[3] + sizes[4]) // 2  # between quality 4 and 5
     result = CliRunner().invoke(cli, ["encode", str(tmp_path / "in.png"), "--size", str(target), "-v",
-                                      "-o", str(tmp_path / "t.nic")])
+                                      "--model", family, "-o", str(tmp_path / "t.nic")])
     assert result.exit_code == 0, result.output
-    expected = max(q for q in range(1, 9) if sizes[q - 1] <= target)
-    assert (tmp_path / "t.nic").stat().st_size == sizes[expected - 1]
-    assert f"quality {expected} chosen" in result.output
+    size = (tmp_path / "t.nic").stat().st_size
+    if family == "factorized":
+        assert size == sizes[3] and "quality 4 chosen" in result.output
+    else:
+        assert sizes[3] < size <= target and "quality 4." in result.output
     bpp = 8 * sizes[2] / (64 * 96)
     CliRunner().invoke(cli, ["encode", str(tmp_path / "in.png"), "--bpp", f"{bpp:.6f}", "-o", str(tmp_path / "b.nic")])
     assert (tmp_path / "b.nic").stat().st_size <= sizes[2]

@@ -232,3 +232,16 @@ def test_context_golden_file_decodes_to_the_same_integers(threads, tiny_context_
     image = golden_image(160, 96)
     made = api.encode_pixels(image, 3, tiny_context_weights)
     check_golden(CONTEXT_GOLDEN, CONTEXT_DIGESTS, made, digest, lambda d: context_integers(model, d), threads)
+
+
+@pytest.mark.parametrize("quality", [1, 4, 8])
+def test_shipped_hyperprior_files_decode_to_the_same_integers(threads, quality):
+    """Files of the shipped hyperprior weights (the default family), made once, decode on
+    any machine and thread count to the integers they decoded to where they were made,
+    and are re-made byte for byte."""
+    threads(1)
+    model, digest = default_weights(family="hyperprior", coding=True)
+    made = api.encode_pixels(golden_image(), quality, family="hyperprior")
+    check_golden(GOLDEN.parent / f"hyperprior-shipped-q{quality}.nic",
+                 GOLDEN.parent / f"hyperprior-shipped-q{quality}.json", made, digest,
+                 lambda d: context_integers(model, d), threads)

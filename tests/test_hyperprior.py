@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import smooth_image, tiny_hyperprior
+from conftest import smooth_image, tiny_context_model, tiny_hyperprior
 from nic import api, container, hyperprior, weights
 from nic.container import FormatError, Header, Substream
 from nic.weights import WeightsError, load_weights, save_weights
@@ -372,8 +372,49 @@ def test_shipped_form_shares_the_transforms_and_codes_as_the_full_weights(tmp_pa
     with pytest.raises(WeightsError, match=f"share the transforms of weights {base_digest.hex()}"):
         load_weights(ship / "hyperprior.npz", coding=True)
 
+    forged = dict(arrays, config=np.frombuffer(bytes(arrays["config"]).replace(base_digest.hex().encode(),
+                                                                              b"not-a-hash"), np.uint8))
+    save_weights(forged, ship / "forged.npz")
+    with pytest.raises(WeightsError, match="invalid base 'not-a-hash'"):
+        load_weights(ship / "forged.npz", coding=True)
+
     # Context weights that fit 8 bits are stored in 8 (export_tables(context_weight_max=127)).
     model.export_tables(context_weight_max=127)
     narrow: dict = {}
     put_network(narrow, "n", model.integer_context[2]["1_1"], narrow=True)
     assert narrow["n.first_context"].dtype == np.int8 and np.abs(narrow["n.first_context"]).max() <= 127
+
+
+def test_a_quality_between_two_trained_ones_codes_with_a_coarser_step(tmp_path):
+    """-q 2.5 codes with quality 3's networks and a coarser step (a critical STEP section):
+    its file lies between quality 2's and 3's in size and decodes to what its integers say
+    (ŷ = μ + k·Δ). A factorized file with a
+    STEP section, or a hyperprior file at effort 2 with a step, is refused in one line."""
+    model = tiny_context_model()
+    path = tmp_path / "w.npz"
+    save_weights(hyperprior.to_arrays(model), path)
+    image = smooth_image(64, 96, seed=3)
+    files = {q: api.encode_pixels(image, q, path) for q in (2, 2.5, 3)}
+    assert len(files[2]) < len(files[2.5]) < len(files[3])
+    parsed = container.unpack(files[2.5])
+    assert parsed.header.quality == 3
+    size, shift = container.unpack_step(dict(parsed.sections)[container.SECTION_STEP])
+    assert (3, (size, shift)) == hyperprior.step_for(2.5) and size > 256 and shift > 0
+    assert container.SECTION_STEP not in dict(container.unpack(files[3]).sections)
+    decoded = api.decode_pixels(files[2.5], path)
+    assert decoded.pixels.shape == image.shape
+    coding, _ = load_weights(path, coding=True)
+    seen = []
+    hyperprior.decompress(coding, 3, 64, 96, False, parsed.substreams(), lambda rows: None,
+                          on_latents=lambda store: seen.append(store.rows(0, 4)), step=(size, shift))
+    assert np.array_equal(seen[0], decoded.latents)
+    with pytest.raises(ValueError, match="effort 1"):
+        api.encode_pixels(image, 2.5, path, effort=2)
+
+
+
+    factorized_file = container.unpack(api.encode_pixels(image, 2, family="factorized"))
+    forged = container.pack(factorized_file.header, factorized_file.payload,
+                            [(container.SECTION_STEP, container.pack_step(300, 1))])
+    with pytest.raises(FormatError, match="STEP is not part of the factorized family"):
+        api.decode_pixels(forged)

@@ -1,6 +1,9 @@
 """Pretrained weights shipped with nic (installed as the package ``nic.pretrained``).
 
-``default.npz`` holds the shared transforms, the per-quality gains and the integer
-CDF tables of every quality. Produced by ``nic train`` + ``nic export``; see
-README.md for how they were trained.
+``default.npz`` is the factorized family: the shared transforms, the per-quality
+gains, own pairs and integer CDF tables of every quality (``nic train`` + ``nic export``).
+``hyperprior.npz`` is the hyperprior family, the default: per quality h_a, the integer
+h_s and context networks and the integer tables (``tools/train_hyperprior.py --export
+--ship``); it shares the transforms of ``default.npz``, which its config names by hash.
+See README.md and docs/hyperprior.md for how they were trained.
 """
