@@ -521,7 +521,7 @@ def parse_qualities(text: str | None, available: int) -> list[float]:
             else:
                 value = float(part)
                 found.add(int(value) if value == int(value) else value)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise ValueError(f"-q: {part!r} is not a quality or a range like 2-5") from None
     bad = sorted(q for q in found if not 1 <= q <= available)
     if bad or not found:
@@ -870,6 +870,8 @@ def run_hard(qualities: str | None, codecs: str | None, weights: str | None, fam
 
     model, _ = default_weights(weights, family, coding=True)
     chosen = parse_qualities(qualities or HARD_QUALITIES, model.qualities)
+    if any(q != int(q) for q in chosen):
+        raise ValueError("-q: --hard measures the trained qualities only (whole numbers)")
     baselines, _ = baseline_status(parse_codecs(codecs))
     rows = []
     for name, pixels in hardset.generate(names).items():

@@ -660,7 +660,8 @@ def info(file: str, max_pixels: int) -> None:
         ("format version", str(h.version)),
         ("model id", f"{h.model_id} ({name_of(h.model_id)})"),
         ("quality", str(h.quality) if step is None else
-         f"{h.quality}'s networks, step {step[0] / 256:.3f} (a quality below {h.quality})"),
+         f"{h.quality}'s networks, step {step[0] / 256:.3f}"
+         + (f" (a quality between {h.quality - 1} and {h.quality})" if step[0] > 256 else "")),
         ("size", f"{h.width}x{h.height}"),
         ("colour", COLOUR_NAMES[h.colour] + (" (of an all-gray RGB image: decodes to RGB)"
                                              if SECTION_GRAY_RGB in dict(parsed.sections) else "")),

@@ -8,7 +8,7 @@ with channels_last tensors is the fastest setup on CPUs with AVX-512 bf16/AMX, a
 
 Checkpoints (model, optimizer, step, elapsed time, RNG) are written atomically every
 few minutes and resumed from. They hold optimizer state and are never shipped:
-``nic train --export`` turns one into a weights file.
+``nic export`` turns one into a weights file.
 """
 
 from __future__ import annotations

@@ -233,6 +233,9 @@ def _with_base(arrays, folder: Path, lazily: bool):
         raise WeightsError(str(exc)) from None
     if wanted is None:
         return arrays
+    from .families import model_id_of
+
+    own = model_id_of(arrays)  # a base is another family's file: skip this family's
     seen = set()
     for candidate in [*sorted(folder.glob("*.npz")), *candidates()]:
         key = candidate.resolve()
@@ -240,7 +243,7 @@ def _with_base(arrays, folder: Path, lazily: bool):
             continue
         seen.add(key)
         info = candidate.stat()
-        if info.st_size > MAX_WEIGHTS_BYTES or _peek_model_id(str(key), info.st_mtime) is None:
+        if info.st_size > MAX_WEIGHTS_BYTES or _peek_model_id(str(key), info.st_mtime) in (None, own):
             continue
         try:
             base, digest = _arrays_and_hash(candidate, lazily)
@@ -309,14 +312,21 @@ def candidates() -> list[Path]:
     return found
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""Largest config member a weights file's model id is peeked from (a JSON of a few hundred bytes)."""
+
+
 @lru_cache(maxsize=64)
 def _peek_model_id(path: str, mtime: float) -> int | None:
     try:
+        with zipfile.ZipFile(path) as archive:
+            if archive.getinfo("config.npy").file_size > MAX_CONFIG_BYTES:
+                return None  # a header that claims a huge array must not be allocated
         with np.load(path, allow_pickle=False) as archive:
             from .families import model_id_of
 
             return model_id_of({"config": archive["config"]})
-    except (ValueError, OSError, KeyError, zipfile.BadZipFile, EOFError):
+    except (ValueError, OSError, KeyError, zipfile.BadZipFile, EOFError, MemoryError):
         return None  # load_weights says what is wrong, if this file is ever picked
 
 

@@ -393,7 +393,7 @@ def test_parse_lists():
     assert bench.parse_qualities("2-4", 8) == [2, 3, 4]
     assert bench.parse_qualities(None, 3) == [1, 2, 3]
     assert bench.parse_qualities("4,3.5,3.0", 8) == [3, 3.5, 4]
-    for bad in ("9", "0.5", "nan", "x"):
+    for bad in ("9", "0.5", "nan", "inf", "1e400", "x"):
         with pytest.raises(ValueError):
             bench.parse_qualities(bad, 8)
     assert bench.parse_codecs("JPEG,j2k,jpeg") == ["jpeg", "jpeg2000"]

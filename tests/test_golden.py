@@ -212,9 +212,11 @@ def context_integers(model, data: bytes) -> dict:
     parsed = container.unpack(data)
     header, substreams = parsed.header, parsed.substreams()
     z_coder, _ = hyperprior.coders(model, header.quality)
+    step = dict(parsed.sections).get(container.SECTION_STEP)
+    step = hyperprior.UNIT_STEP if step is None else container.unpack_step(step)
     seen = []
     hyperprior.decompress(model, header.quality, header.height, header.width, False, substreams, lambda rows: None,
-                          on_latents=lambda store: seen.append(store.rows(0, store.shape[1])))
+                          on_latents=lambda store: seen.append(store.rows(0, store.shape[1])), step=step)
     return {name: sha256(np.ascontiguousarray(value).astype(np.int64).tobytes()) for name, value in
             (("z_hat", z_coder.decode(substreams[0].data, substreams[0].shape)), ("residual", seen[0]))}
 
@@ -234,11 +236,11 @@ def test_context_golden_file_decodes_to_the_same_integers(threads, tiny_context_
     check_golden(CONTEXT_GOLDEN, CONTEXT_DIGESTS, made, digest, lambda d: context_integers(model, d), threads)
 
 
-@pytest.mark.parametrize("quality", [1, 4, 8])
+@pytest.mark.parametrize("quality", [1, 4, 8, 3.5])
 def test_shipped_hyperprior_files_decode_to_the_same_integers(threads, quality):
     """Files of the shipped hyperprior weights (the default family), made once, decode on
     any machine and thread count to the integers they decoded to where they were made,
-    and are re-made byte for byte."""
+    and are re-made byte for byte (3.5: a quality between two, with a STEP section)."""
     threads(1)
     model, digest = default_weights(family="hyperprior", coding=True)
     made = api.encode_pixels(golden_image(), quality, family="hyperprior")

@@ -1,6 +1,7 @@
 """How close `nic encode --size` / `--bpp` lands under its target, on a folder of images.
 
     python tools/size_accuracy.py ../shared/data/kodak --bpp 0.25 0.5 1.0 [--model hyperprior] [-j 2]
+    python tools/size_accuracy.py ../shared/data/train --every 31     # a sample of a big folder
 
 For each image and target (bits per pixel of the image, turned into a byte budget as
 `nic encode --bpp` does), api.encode_to_target picks the quality; the table gives, per
@@ -29,9 +30,11 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model family [default: nic's default]")
     parser.add_argument("--weights", default=None)
     parser.add_argument("-j", "--threads", type=int, default=2)
+    parser.add_argument("--every", type=int, default=1, help="every Nth image of the folder (sorted by name)")
     args = parser.parse_args()
     engine.set_threads(args.threads)
-    paths = sorted(p for p in args.folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".ppm"))
+    paths = sorted(p for p in args.folder.iterdir()
+                   if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".ppm"))[::args.every]
     print("| target bpp | images | mean shortfall | worst shortfall | within 3 % | mean quality |")
     print("|---:|---:|---:|---:|---:|---:|")
     for target in args.bpp:
