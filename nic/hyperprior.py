@@ -72,7 +72,7 @@ UNIT_STEP = (256, 0)
 STEP_SPAN = 0.625
 """A quality q between two trained ones, n − 1 < q < n, codes with quality n's networks and
 a coarser step Δ = 2**(STEP_SPAN·(n − q)) (measured on Kodak: Δ = 2**0.625 takes quality
-4's files to about quality 3's size, and the points in between lie within ~0.05 dB of
+4's files to about quality 3's size, and the points in between lie 0.03–0.10 dB below
 the line through the trained qualities' points; docs/results/hyperprior.md, section 13)."""
 
 
