@@ -322,10 +322,11 @@ def _peek_model_id(path: str, mtime: float) -> int | None:
         with zipfile.ZipFile(path) as archive:
             if archive.getinfo("config.npy").file_size > MAX_CONFIG_BYTES:
                 return None  # a header that claims a huge array must not be allocated
-        with np.load(path, allow_pickle=False) as archive:
-            from .families import model_id_of
+            with archive.open("config.npy") as member:
+                config = np.lib.format.read_array(member, allow_pickle=False)
+        from .families import model_id_of
 
-            return model_id_of({"config": archive["config"]})
+        return model_id_of({"config": config})
     except (ValueError, OSError, KeyError, zipfile.BadZipFile, EOFError, MemoryError):
         return None  # load_weights says what is wrong, if this file is ever picked
 
