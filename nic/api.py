@@ -71,7 +71,7 @@ def _file_parts(model, digest: bytes, quality: int, channels: int, width: int, h
         payload_length=sum(memoryview(part).nbytes for part in payload),
     )
     sections = []
-    if step is not None and step != (256, 0):  # critical: a reader without it must refuse the file
+    if step is not None and step != container.UNIT_STEP:  # critical: a reader without it must refuse the file
         sections.append((container.SECTION_STEP, container.pack_step(*step)))
     if icc_profile:
         sections.append((container.SECTION_ICC, bytes(icc_profile)))

@@ -99,6 +99,8 @@ CRITICAL_SECTIONS = (SECTION_STEP,)
 """Critical section types this nic reads (a file with any other is refused)."""
 
 STEP = struct.Struct("<Hb")
+UNIT_STEP = (256, 0)
+"""(Δ·256, table shift) of a file without a STEP section: residuals in units of 1."""
 STEP_SIZES = (64, 1024)
 STEP_SHIFTS = (-32, 32)
 

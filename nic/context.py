@@ -30,7 +30,8 @@ from functools import cached_property
 import numpy as np
 
 from . import engine
-from .integer import ACTIVATION_MAX, BIAS_LIMIT, MAX_SHIFT, MEAN_BITS, WEIGHT_MAX
+from .container import UNIT_STEP
+from .integer import ACTIVATION_MAX, BIAS_LIMIT, MAX_SHIFT, MEAN_BITS, NARROW_WEIGHT_MAX, WEIGHT_MAX
 
 INPUT_LIMIT = 2**20
 """Inputs of a context network (μ, t and ŷ, × 2**MEAN_BITS) are clipped to ±INPUT_LIMIT."""
@@ -146,7 +147,7 @@ def put_network(arrays: dict[str, np.ndarray], prefix: str, network: IntegerCont
     """A network's integers as named arrays (``prefix.first_hyper`` …): weights int16, or
     with ``narrow`` int8 where they fit."""
     def stored(weight: np.ndarray) -> np.ndarray:
-        fits = narrow and (weight.size == 0 or np.abs(weight).max() <= np.iinfo(np.int8).max)
+        fits = narrow and (weight.size == 0 or np.abs(weight).max() <= NARROW_WEIGHT_MAX)
         return weight.astype(np.int8 if fits else np.int16)
 
     arrays[f"{prefix}.first_hyper"] = stored(network.first_hyper)
@@ -198,7 +199,7 @@ def read_network(arrays, prefix: str, shapes: dict[str, tuple[int, ...]]) -> Int
 # ---- the passes ----------------------------------------------------------------------------
 
 def run_passes(networks: dict[str, IntegerContextNetwork], mean: np.ndarray, index: np.ndarray, slices: int,
-               checkerboard: bool, scales: int, residuals, keep: bool = True, step: tuple[int, int] = (256, 0)
+               checkerboard: bool, scales: int, residuals, keep: bool = True, step: tuple[int, int] = UNIT_STEP
                ) -> tuple[np.ndarray, np.ndarray] | None:
     """Code ŷ pass by pass: for each pass its (μ, t) at its positions, then
     ``residuals(s, where, mu, t)`` (the pass's (c, n) means and the indices of the
@@ -235,8 +236,8 @@ def run_passes(networks: dict[str, IntegerContextNetwork], mean: np.ndarray, ind
             correction = network(hyper, seen, halo, context_channels(M, slices, s, p, checkerboard), where)
             mu = mu + correction[:c] / float(1 << MEAN_BITS)
             t = np.clip(t + correction[c:].astype(np.int64), 0, scales - 1)
-        k = residuals(s, where, mu, t if not shift else np.clip(t - shift, 0, scales - 1))
-        value = k + mu if size == 256 else (k * size) / 256.0 + mu  # exact: k·size is an integer
+        k = residuals(s, where, mu, np.clip(t - shift, 0, scales - 1))
+        value = (k * size) / 256.0 + mu  # exact: k·size is an integer (k itself at the unit step)
         if keep:
             y_hat[channels, where] = value
             k_all[channels, where] = k

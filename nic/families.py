@@ -69,14 +69,24 @@ def family(model_id: int) -> ModuleType:
     return importlib.import_module(f"nic.{MODULES[model_id]}")
 
 
-def model_id_of(arrays: dict[str, np.ndarray]) -> int:
-    """The model id in a weights file's config; ValueError if it has none."""
+def _config_fields(arrays: dict[str, np.ndarray]) -> dict:
+    """A weights file's config, parsed; ValueError if it has none."""
     import numpy as np
 
     try:
         fields = json.loads(bytes(arrays["config"].astype(np.uint8)).decode())
-        model_id = fields["model_id"]
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise ValueError(f"weights have no valid config ({exc})") from None
+    if not isinstance(fields, dict):
+        raise ValueError("weights have no valid config (not a JSON object)")
+    return fields
+
+
+def model_id_of(arrays: dict[str, np.ndarray]) -> int:
+    """The model id in a weights file's config; ValueError if it has none."""
+    try:
+        model_id = _config_fields(arrays)["model_id"]
+    except KeyError as exc:
         raise ValueError(f"weights have no valid config ({exc})") from None
     if not isinstance(model_id, int) or isinstance(model_id, bool):
         raise ValueError("weights have no valid config (model_id is not an integer)")
@@ -87,11 +97,9 @@ def base_of(arrays: dict[str, np.ndarray]) -> bytes | None:
     """The weights hash of the file whose arrays this one's ``base.*`` are (its config's
     ``base``: a hyperprior file that shares the factorized weights' transforms instead of
     holding a copy), or None where the file holds everything itself."""
-    import numpy as np
-
     try:
-        base = json.loads(bytes(arrays["config"].astype(np.uint8)).decode()).get("base", "")
-    except (KeyError, ValueError, TypeError, AttributeError):
+        base = _config_fields(arrays).get("base", "")
+    except ValueError:
         return None  # the family's loader says what is wrong with the config
     if not base:
         return None

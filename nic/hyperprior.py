@@ -46,9 +46,10 @@ import numpy as np
 from . import context, engine, factorized
 from .coding import (DISTRIBUTIONS, LATENT_LIMIT, SCALE_COUNT, SCALE_MAX, SCALE_MIN, CorruptStream, IndexedCoder,
                      IntegerTables, LatentCoder)
-from .container import FormatError, Substream
+from .container import UNIT_STEP, FormatError, Substream
 from .families import expect_substreams, trainable_names
-from .integer import ACTIVATION_MAX, BIAS_LIMIT, MAX_SHIFT, MEAN_BITS, WEIGHT_MAX  # noqa: F401  (h_s's bounds)
+from .integer import (ACTIVATION_MAX, BIAS_LIMIT, MAX_SHIFT, MEAN_BITS, NARROW_WEIGHT_MAX,  # noqa: F401
+                      WEIGHT_MAX)  # h_s's bounds
 from .tiling import (LatentStore, PixelRows, Progress, analysis_into, analysis_latents, latent_store,
                      reconstruct_into)
 
@@ -65,9 +66,6 @@ one after the other in the ``yhat`` substream: the coder holds one block's means
 indices and context at a time, whatever the image's size. Context passes see only their
 own block (a block's edge is like the image's). An image of up to 1,024 x 1,024 pixels
 is one block."""
-
-UNIT_STEP = (256, 0)
-"""(Δ·256, table shift) of the trained qualities: residuals in units of 1."""
 
 STEP_SPAN = 0.625
 """A quality q between two trained ones, n − 1 < q < n, codes with quality n's networks and
@@ -354,7 +352,7 @@ class HyperAnalysisArrays:
 def compact_kernel(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(int8 kernel, float32 scale per output channel) of a float kernel (HyperAnalysisArrays)."""
     weight = weight.astype(np.float32)
-    scale = np.abs(weight).reshape(len(weight), -1).max(axis=1) / 127
+    scale = np.abs(weight).reshape(len(weight), -1).max(axis=1) / NARROW_WEIGHT_MAX
     scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
     return np.round(weight / scale.reshape(-1, *[1] * (weight.ndim - 1))).astype(np.int8), scale
 
@@ -580,8 +578,8 @@ def compress(model: Model, source: np.ndarray | PixelRows, quality: int, effort:
     return [Substream(b"zhat", z_hat.shape, z_coder.encode(z_hat)), Substream(b"yhat", shape, payload.tobytes())]
 
 
-def _rounded(y: np.ndarray, mu: np.ndarray, size: int = 256) -> np.ndarray:
-    k = np.round(y - mu) if size == 256 else np.round((y - mu) * (256.0 / size))
+def _rounded(y: np.ndarray, mu: np.ndarray, size: int = UNIT_STEP[0]) -> np.ndarray:
+    k = np.round((y - mu) * (256.0 / size))  # × 1.0, exactly, at the unit step
     if np.abs(k).max(initial=0) > LATENT_LIMIT:
         raise ValueError("latent magnitude exceeds 2**31 - 1")
     return k.astype(np.int64)

@@ -20,8 +20,9 @@ from torch import Tensor, nn
 
 from . import context, factorized
 from .entropy import FactorizedDensity, GaussianConditional, IntegerTables, integer_tables
-from .hyperprior import (Config, HyperAnalysisArrays, compact_kernel, IntegerHyperSynthesis, IntegerLayer, _get_tables, _integer_network,
-                         check_slices, read_context_networks, hyper_shapes, integer_shapes, rounded_z)
+from .hyperprior import (Config, HyperAnalysisArrays, IntegerHyperSynthesis, IntegerLayer, _get_tables,
+                         _integer_network, check_slices, compact_kernel, hyper_shapes, integer_shapes,
+                         read_context_networks, rounded_z)
 from .integer import BIAS_LIMIT, MAX_SHIFT, MEAN_BITS, WEIGHT_MAX, ACTIVATION_MAX
 from .layers import conv, deconv
 from .weights import weights_hash
@@ -489,15 +490,10 @@ def from_arrays(arrays: dict[str, np.ndarray]) -> Codec:
         raise ValueError(f"weights have no valid config ({exc})") from None
     base = factorized.from_arrays({name[5:]: arrays[name] for name in arrays if name.startswith("base.")})
     M, Q, N, Z = base.config.M, base.config.qualities, config.hyper_N, config.Z
-    shapes = {f"hyper.{q}.{name}": shape for q in range(Q) for name, shape in hyper_shapes(M, N, Z).items()
-              if not (config.coding_only and name.startswith("h_s."))}
-    for name, shape in shapes.items():
-        if name not in arrays:
-            raise ValueError(f"weights lack tensor {name}")
-        kinds = "fi" if config.coding_only and ".h_a." in name else "f"  # int8 h_a kernels (to_arrays)
-        if tuple(arrays[name].shape) != shape or arrays[name].dtype.kind not in kinds:
-            raise ValueError(f"tensor {name} has shape {arrays[name].shape} and dtype {arrays[name].dtype}, "
-                             f"expected floating point of shape {shape}")
+    for part in ("h_a.", "h_s.") if not config.coding_only else ("h_a.",):  # coding only: no float h_s
+        factorized.check_arrays(arrays, {f"hyper.{q}.{name}": shape for q in range(Q)
+                                         for name, shape in hyper_shapes(M, N, Z).items() if name.startswith(part)},
+                                "fi" if config.coding_only and part == "h_a." else "f")  # int8 h_a kernels
     networks = [_integer_network(arrays, q, integer_shapes(M, N, Z), config.scales) for q in range(Q)]
     z_tables = [_get_tables(arrays, f"z_tables.{q}", Z) for q in range(Q)]
     y_tables = _get_tables(arrays, "y_tables", config.scales)

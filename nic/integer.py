@@ -18,5 +18,9 @@ BIAS_LIMIT = 2**40
 MAX_SHIFT = 40
 """Integer biases are below BIAS_LIMIT in magnitude and shifts at most MAX_SHIFT."""
 
+NARROW_WEIGHT_MAX = 127
+"""Weights within ±NARROW_WEIGHT_MAX fit int8: coding-only hyperprior weights store the
+context networks' so (integerized within it) and h_a's kernels (scaled to it)."""
+
 MEAN_BITS = 8
 """μ is an integer multiple of 2**−MEAN_BITS."""

@@ -105,7 +105,7 @@ def write_digest(path: Path, digest: bytes | None = None) -> None:
     """Write ``path``'s digest file (hashing the weights unless ``digest`` is given)."""
     path = Path(path)
     if digest is None:
-        digest = weights_hash(read_arrays(path.read_bytes()))
+        digest = _read_and_hash(path)[1]
     with zipfile.ZipFile(path) as archive:
         record = {"weights_hash": digest.hex(), "members": _members(archive)}
     tmp = digest_path(path).with_name(digest_path(path).name + ".tmp")
@@ -214,10 +214,8 @@ class Joined(Mapping):
         return len(self.arrays) + len(self.base)
 
 
-def _arrays_and_hash(path: Path, lazily: bool):
-    lazy = _lazy(path) if lazily else None
-    if lazy is not None:
-        return lazy
+def _read_and_hash(path: Path) -> tuple[dict[str, np.ndarray], bytes]:
+    """(every array, the weights hash) of a weights file read whole."""
     arrays = read_arrays(path.read_bytes())
     return arrays, weights_hash(arrays)
 
@@ -225,7 +223,7 @@ def _arrays_and_hash(path: Path, lazily: bool):
 def _with_base(arrays, folder: Path, lazily: bool):
     """``arrays`` joined with those of the weights file its config names as its base
     (looked for beside it, then where :func:`candidates` looks); WeightsError if none."""
-    from .families import base_of
+    from .families import base_of, model_id_of
 
     try:
         wanted = base_of(arrays)
@@ -233,8 +231,6 @@ def _with_base(arrays, folder: Path, lazily: bool):
         raise WeightsError(str(exc)) from None
     if wanted is None:
         return arrays
-    from .families import model_id_of
-
     own = model_id_of(arrays)  # a base is another family's file: skip this family's
     seen = set()
     for candidate in [*sorted(folder.glob("*.npz")), *candidates()]:
@@ -246,7 +242,7 @@ def _with_base(arrays, folder: Path, lazily: bool):
         if info.st_size > MAX_WEIGHTS_BYTES or _peek_model_id(str(key), info.st_mtime) in (None, own):
             continue
         try:
-            base, digest = _arrays_and_hash(candidate, lazily)
+            base, digest = (_lazy(candidate) if lazily else None) or _read_and_hash(candidate)
         except (WeightsError, OSError):
             continue
         if digest == wanted:
@@ -263,8 +259,7 @@ def _load_path(path: str, mtime: float, coding: bool):
     if lazy is not None and reads_lazily(lazy[0]):
         arrays, digest = lazy
     else:
-        arrays = read_arrays(Path(path).read_bytes())
-        digest = weights_hash(arrays)
+        arrays, digest = _read_and_hash(Path(path))
     arrays = _with_base(arrays, Path(path).parent, lazy is not None)
     try:
         model = (load if coding else from_arrays)(arrays)

@@ -277,7 +277,7 @@ def export(model: hyperprior.Codec, out: Path, path: Path, ship: bool = False) -
         calibration.append(torch.from_numpy(np.asarray(latents[:64]).astype(np.float32)))
     if ship and joint:
         raise SystemExit("cannot ship: qualities trained end to end have transforms of their own")
-    model.export_tables(calibration, context_weight_max=127 if ship else hyperprior.WEIGHT_MAX)
+    model.export_tables(calibration, context_weight_max=hyperprior.NARROW_WEIGHT_MAX if ship else hyperprior.WEIGHT_MAX)
     digest = save_weights(hyperprior.to_arrays(model, half=True, separate_base=ship, coding_only=ship), path)
     print(f"wrote {path} ({digest.hex()})")
 
