@@ -147,8 +147,41 @@ def encode_pixels(pixels: np.ndarray, quality: float = 4, weights: str | Path | 
         pixels = pixels[..., :1]
     extra = {} if step is None else {"step": step}
     substreams = _family(model).compress(model, pixels, quality, effort, progress, **extra)
-    return b"".join(_file_parts(model, digest, quality, 3 if gray_rgb else pixels.shape[2], width, height,
+    channels = 3 if gray_rgb else pixels.shape[2]
+    data = b"".join(_file_parts(model, digest, quality, channels, width, height,
                                 substreams, icc_profile, exif, gray_rgb, step))
+    if family is None:
+        data = _or_pixels(pixels, data, quality, channels, gray_rgb, icc_profile, exif, weights)
+    return data
+
+
+PIXELS_OVERHEAD = container.HEADER_SIZE + 4 + 4 + 2 * 16 + 4
+"""Bytes of a pixels file beyond its coded indices and tables: header, payload CRC,
+substream directory, padding."""
+
+
+def _or_pixels(pixels: np.ndarray, data: bytes, quality: int, channels: int, gray_rgb: bool,
+               icc_profile: bytes | None, exif: bytes | None, weights: str | Path | None) -> bytes:
+    """The default's second try: the ``pixels`` family's file (nic.pixels) instead of the
+    model's ``data`` where it is no larger and closer to the original (text, line art,
+    screenshots, flat colour), else ``data``."""
+    from . import pixels as family_pixels
+
+    height, width = pixels.shape[:2]
+    sections = len(data) - container.parse_header(data).payload_length - container.HEADER_SIZE - 4
+
+    def model_error() -> float:
+        decoded = decode_pixels(data, weights).pixels[..., :pixels.shape[2]]
+        return float(np.sum((decoded.astype(np.int64) - pixels) ** 2))
+
+    budget = 8.0 * (len(data) - sections - PIXELS_OVERHEAD)
+    found = family_pixels.best_within(pixels, budget, model_error)
+    if found is None:
+        return data
+    model = family_pixels.MODEL
+    other = b"".join(_file_parts(model, family_pixels.NO_WEIGHTS, quality, channels, width, height,
+                                 family_pixels.encode_trial(found), icc_profile, exif, gray_rgb))
+    return other if len(other) <= len(data) else data
 
 
 def encode_rows(source: PixelRows, quality: float = 4, weights: str | Path | None = None,
@@ -159,11 +192,20 @@ def encode_rows(source: PixelRows, quality: float = 4, weights: str | Path | Non
     write in order, so that no stage holds the whole image or a second copy of the file.
 
     Memory stays flat as the image grows: see nic.tiling (latents above ``spill_bytes``
-    go to a temporary file). Gives the same bytes as :func:`encode_pixels` at effort 1."""
+    go to a temporary file). Gives the same bytes as :func:`encode_pixels` at effort 1:
+    the default family, which also tries the pixels family, reads an image of up to
+    nic.pixels.MAX_PIXELS whole (as ``--model pixels`` does); larger ones stream."""
     width, height = source.width, source.height
     _check_dimensions(width, height)
     if source.channels not in (1, 3):
         raise ValueError("images must have 1 or 3 channels")
+    from .pixels import MAX_PIXELS, NAME as PIXELS
+    from .tiling import read_whole
+
+    if family in (None, PIXELS) and width * height <= MAX_PIXELS:
+
+        whole = read_whole(source)
+        return [encode_pixels(whole, quality, weights, icc_profile, exif, 1, progress, family)]
     model, digest, quality, step = _model(weights, family, quality)
     watched = _GrayWatch(source)
     extra = {} if step is None else {"step": step}

@@ -866,6 +866,8 @@ def run_hard(qualities: str | None, codecs: str | None, weights: str | None, fam
     ``report(row)`` sees each row as it is measured."""
     from . import hardset
     from .api import decode_pixels, encode_pixels, is_gray
+    from .container import parse_header
+    from .families import name_of
     from .weights import default_weights
 
     model, _ = default_weights(weights, family, coding=True)
@@ -879,7 +881,8 @@ def run_hard(qualities: str | None, codecs: str | None, weights: str | None, fam
         for quality in chosen:
             data = encode_pixels(pixels, quality, weights, family=family)
             decoded = decode_pixels(data, weights).pixels
-            row = {"image": name, "quality": quality, "bytes": len(data), "bpp": 8.0 * len(data) / (height * width),
+            row = {"image": name, "quality": quality, "family": name_of(parse_header(data).model_id),
+                   "bytes": len(data), "bpp": 8.0 * len(data) / (height * width),
                    "psnr": psnr(pixels, decoded), "ceiling": ceiling_psnr(model, pixels, quality)}
             # An all-gray image is one channel to the baselines too, as it is to nic (api.is_gray).
             plain = pixels[..., :1] if is_gray(pixels) else pixels
@@ -895,11 +898,14 @@ def run_hard(qualities: str | None, codecs: str | None, weights: str | None, fam
 def hard_table(rows: list[dict]) -> str:
     """The rows of :func:`run_hard` as a Markdown table (PSNR in dB; "-" where a baseline
     cannot get that small)."""
-    codecs = [k for k in rows[0] if k not in ("image", "quality", "bytes", "bpp", "psnr", "ceiling")] if rows else []
-    head = "| image | q | nic bpp | nic PSNR | ceiling | " + " | ".join(f"{c}, same bytes" for c in codecs) + " |"
-    lines = [head, "|---|---:|---:|---:|---:|" + "---:|" * len(codecs)]
+    codecs = [k for k in rows[0] if k not in ("image", "quality", "family", "bytes", "bpp", "psnr", "ceiling")] \
+        if rows else []
+    head = ("| image | q | coded as | nic bpp | nic PSNR | ceiling | "
+            + " | ".join(f"{c}, same bytes" for c in codecs) + " |")
+    lines = [head, "|---|---:|---|---:|---:|---:|" + "---:|" * len(codecs)]
     for row in rows:
-        cells = [row["image"], str(row["quality"]), f"{row['bpp']:.3f}", f"{row['psnr']:.2f}", f"{row['ceiling']:.2f}"]
+        cells = [row["image"], str(row["quality"]), row["family"], f"{row['bpp']:.3f}", f"{row['psnr']:.2f}",
+                 f"{row['ceiling']:.2f}"]
         cells += ["-" if row[c] is None else f"{row[c]:.2f}" for c in codecs]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

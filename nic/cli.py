@@ -443,8 +443,9 @@ def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: b
               help="Encoder search: 1 rounds the latents; 2..4 choose them by distortion + λ·rate "
                    "(smaller files at the same quality; 30-260x slower). Decoding is unchanged.")
 @click.option("--model", "family", type=click.Choice(list(FAMILY_NAMES)), default=None,
-              help=f"Model family of the installed weights to encode with [default: {DEFAULT_FAMILY}]; "
-                   "decoding always follows the file.")
+              help=f"Model family to encode with [default: {DEFAULT_FAMILY}, or pixels where that file is no "
+                   "larger and closer to the original]; 'pixels' codes the pixels themselves (no model; "
+                   "lossless at -q 8). Decoding always follows the file.")
 @click.option("--background", metavar="COLOUR", default=None,
               help="Flatten transparent input onto this colour (e.g. white, #808080).")
 @click.option("--strip", is_flag=True, help="Do not store the input's ICC profile and EXIF.")
@@ -665,7 +666,7 @@ def info(file: str, max_pixels: int) -> None:
         ("size", f"{h.width}x{h.height}"),
         ("colour", COLOUR_NAMES[h.colour] + (" (of an all-gray RGB image: decodes to RGB)"
                                              if SECTION_GRAY_RGB in dict(parsed.sections) else "")),
-        ("weights", h.weights_hash.hex()),
+        *(_pixel_rows(substreams) if name_of(h.model_id) == "pixels" else [("weights", h.weights_hash.hex())]),
         ("latent shape", "x".join(map(str, h.latent_shape))),
         ("payload bytes", str(h.payload_length)),
         *((f"substream {s.name.decode()}", f"{'x'.join(map(str, s.shape))}, {len(s.data)} bytes")
@@ -679,6 +680,13 @@ def info(file: str, max_pixels: int) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")
+
+
+def _pixel_rows(substreams) -> list[tuple[str, str]]:
+    """``nic info``'s lines on a pixels file: no weights, and its step."""
+    step = substreams[0].data[0] if substreams and substreams[0].name == b"pset" and substreams[0].data else 0
+    return [("weights", "none (the pixels family has no model)"),
+            ("pixel step", f"{step} (lossless)" if step == 1 else f"{step} (every pixel within ±{step // 2})")]
 
 
 @cli.command()

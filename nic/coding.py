@@ -255,9 +255,7 @@ class IndexedEncoder:
         coder, encoder = self.coder, self._encoder
         order, bounds = coder._groups(indices)
         escaped = []
-        for t in range(len(coder.models)):
-            if bounds[t] == bounds[t + 1]:
-                continue
+        for t in np.flatnonzero(bounds[1:] != bounds[:-1]).tolist():  # the tables this part uses
             group = values[order[bounds[t]:bounds[t + 1]]]
             escaped.append(_encode_with_table(encoder, group, coder.tables, coder.models, t))
         _encode_escapes(encoder, np.concatenate(escaped) if escaped else np.zeros(0, np.int64))
@@ -288,10 +286,8 @@ class IndexedDecoder:
         out = np.empty(len(indices), dtype=np.int64)
         try:
             escapes = []
-            for t in range(len(coder.models)):
+            for t in np.flatnonzero(bounds[1:] != bounds[:-1]).tolist():  # the tables this part uses
                 count = int(bounds[t + 1] - bounds[t])
-                if count == 0:
-                    continue
                 symbols = decoder.decode(coder.models[t], count).astype(np.int64)
                 where = order[bounds[t]:bounds[t + 1]]
                 out[where] = symbols + int(coder.tables.offsets[t])

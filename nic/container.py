@@ -7,12 +7,12 @@ payload, the payload's CRC, then zero or more sections.
 |-------:|-----:|------------------|------------------------------------------------------------|
 | 0      | 4    | magic            | ``89 4E 49 43`` (0x89 "NIC"): the high bit catches 7-bit channels |
 | 4      | 1    | version          | container format version: 1 (one substream) or 2 (several) |
-| 5      | 1    | model id         | the model family (:mod:`nic.families`): 1 = factorized, 2 = hyperprior |
+| 5      | 1    | model id         | the model family (:mod:`nic.families`): 1 = factorized, 2 = hyperprior, 3 = pixels |
 | 6      | 1    | quality          | 1..Q, the weights' quality count (8 for the shipped ones)  |
 | 7      | 1    | colour layout    | 1 = RGB, 2 = grayscale (decoded to one channel)            |
 | 8      | 4    | width            | pixels, ≥ 1                                                |
 | 12     | 4    | height           | pixels, ≥ 1                                                |
-| 16     | 8    | weights hash     | first 8 bytes of the SHA-256 of the weights' tensors       |
+| 16     | 8    | weights hash     | first 8 bytes of the SHA-256 of the weights' tensors (zero: a family without weights) |
 | 24     | 2    | latent channels  | M                                                          |
 | 26     | 2    | latent rows      | ceil(height / 16)                                          |
 | 28     | 2    | latent columns   | ceil(width / 16)                                           |
@@ -24,7 +24,8 @@ payload, the payload's CRC, then zero or more sections.
 In version 1 (what the factorized family writes, unchanged since the first release)
 the payload is one substream: the latents ŷ, of the header's latent shape. In
 version 2 the payload is a list of substreams, each range-coded on its own, with its
-own escapes (the hyperprior family writes ẑ, then ŷ):
+own escapes (the hyperprior family writes ẑ, then ŷ; the pixels family its step and
+tables, then the pixels' indices, :mod:`nic.pixels`):
 
 | offset | size   | field        | meaning                                                 |
 |-------:|-------:|--------------|---------------------------------------------------------|

@@ -26,6 +26,10 @@ family's own (``model.forward``, :mod:`nic.train`). :mod:`nic.api` only dispatch
 |---------:|---------------|---------------------|-------------------------------------------------|
 | 1        | ``factorized``  | :mod:`nic.factorized` | Ballé et al. 2017: a learned density per channel |
 | 2        | ``hyperprior``  | :mod:`nic.hyperprior` | mean-scale hyperprior with an integer h_s        |
+| 3        | ``pixels``      | :mod:`nic.pixels`     | no model: the pixels, each within a step (no weights) |
+
+A family without weights (``pixels``) has a ``MODEL`` in its module and writes the
+weights hash ``NO_WEIGHTS``: :func:`builtin`.
 
 Nothing here imports numpy or torch until a family is asked for (``nic info`` stays light).
 """
@@ -40,13 +44,16 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # numpy is imported where it is used: nic info stays light
     import numpy as np
 
-MODULES = {1: "factorized", 2: "hyperprior"}
+MODULES = {1: "factorized", 2: "hyperprior", 3: "pixels"}
 """Model id → family module (and name), for every family this nic reads."""
 
 NAMES = {name: model_id for model_id, name in MODULES.items()}
 
 DEFAULT = "hyperprior"
-"""The family ``nic encode`` uses without ``--model``."""
+"""The family ``nic encode`` uses without ``--model`` (nic.api then also tries ``pixels``)."""
+
+WEIGHTLESS = ("pixels",)
+"""Families that code without a weights file."""
 
 
 def model_id_named(name: str) -> int:
@@ -67,6 +74,14 @@ def family(model_id: int) -> ModuleType:
         raise ValueError(f"unknown model family id {model_id} (this nic knows "
                          + ", ".join(f"{i} = {n}" for i, n in MODULES.items()) + ")")
     return importlib.import_module(f"nic.{MODULES[model_id]}")
+
+
+def builtin(model_id: int):
+    """(model, weights hash) of a family that has no weights file, else None."""
+    if MODULES.get(model_id) not in WEIGHTLESS:
+        return None
+    module = family(model_id)
+    return module.MODEL, module.NO_WEIGHTS
 
 
 def _config_fields(arrays: dict[str, np.ndarray]) -> dict:

@@ -23,7 +23,11 @@ coding from integer tables. By default the latents are coded with a mean-scale
 hyperprior (Minnen, Ball\['e] and Toderici, NeurIPS 2018) and a context of channel
 slices and a checkerboard, computed by exact integer networks (the \fBhyperprior\fR
 family); \fB\-\-model factorized\fR encodes with the learned factorized entropy model of
-the 2017 paper instead. Decoding follows the file.
+the 2017 paper instead. Where the learned transforms cannot follow the image (text,
+line art, screenshots, flat colour), the default stores the pixels themselves,
+losslessly or each within a step (the \fBpixels\fR family), whenever that file is no
+larger and closer to the original; \fB\-\-model pixels\fR forces it (lossless at
+\fB\-q 8\fR). Decoding follows the file.
 .PP
 nic is silent unless \fB\-v\fR is given, so it fits in pipelines: \fB\-\fR names
 standard input or output. Errors are one line on standard error. Output files are
@@ -60,15 +64,15 @@ decoding (an unlinked temporary file; default \fI/tmp\fR): a disk, not a RAM\-ba
 .SH FILES
 A .nic file is a 38\-byte little\-endian header \(em magic
 \fB89 4E 49 43\fR, format version, model id (the model family: 1 factorized,
-2 hyperprior), quality, colour layout, width, height, an
+2 hyperprior, 3 pixels), quality, colour layout, width, height, an
 8\-byte weights hash, latent shape, payload length and a CRC\-32 of the header \(em
 then the range\-coded payload, its CRC\-32, and optional PNG\-style sections:
 \fBiCCP\fR (ICC profile), \fBeXIf\fR (EXIF), \fBgRGB\fR (a gray image that decodes to
 RGB) and \fBSTEP\fR (the quantization step of a quality between two trained ones).
 Sections whose type starts with a lowercase letter are skipped by readers that do not
 know them; an unknown uppercase type makes a file unreadable. In format version 1 (the factorized family) the
-payload is one range\-coded stream; in version 2 (the hyperprior family) it is a
-directory of named substreams (\fBzhat\fR, then \fByhat\fR), each with its shape and
+payload is one range\-coded stream; in version 2 (the hyperprior and pixels families) it is a
+directory of named substreams (\fBzhat\fR, then \fByhat\fR; \fBpset\fR, then \fBpixl\fR), each with its shape and
 length. The full table is in the module nic.container.
 .SH EXAMPLES
 .nf

@@ -101,6 +101,11 @@ class ArrayRows:
         return self.pixels[start:self.position]
 
 
+def read_whole(source: PixelRows) -> np.ndarray:
+    """Every row of a source, uint8 (H, W, C); ValueError if it ends early."""
+    return _RowWindow(source).rows(0, source.height)
+
+
 class _RowWindow:
     """Random access to rows start … stop−1 of a sequential source, for starts that
     never decrease: keeps only the rows from the last start on."""

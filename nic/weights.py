@@ -338,8 +338,13 @@ def default_weights(path: Path | str | None = None, family: str | None = None, c
     """(model, hash) of the weights to encode with: ``path``, or the first installed
     weights of ``family`` (by default, of nic.families.DEFAULT, else the first installed);
     ``coding`` as for :func:`load_weights`."""
-    from .families import model_id_named, name_of
+    from .families import builtin, model_id_named, name_of
 
+    weightless = builtin(model_id_named(family)) if family is not None else None
+    if weightless is not None:
+        if path is not None:
+            raise WeightsError(f"the {family} family has no weights; leave out --weights")
+        return weightless
     if path is not None:
         model, digest = load_weights(path, coding)
         if family is not None and model.config.model_id != model_id_named(family):
@@ -367,7 +372,14 @@ def installed(family: str | None = None) -> Path:
 
 def weights_for(model_id: int, wanted: bytes, path: Path | str | None = None, coding: bool = False):
     """(model, hash) matching a .nic file's model id and weights hash; ``coding`` as for
-    :func:`load_weights`."""
+    :func:`load_weights`. A family without weights (nic.families.builtin) needs none."""
+    from .families import builtin
+
+    weightless = builtin(model_id)
+    if weightless is not None:
+        if wanted != weightless[1]:
+            raise WeightsError(f"a file of model id {model_id} names weights {wanted.hex()}, but its family has none")
+        return weightless
     paths = [Path(path)] if path is not None else candidates()
     for candidate in paths:
         if path is None:

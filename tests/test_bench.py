@@ -496,10 +496,13 @@ def test_bench_hard_reports_nic_the_ceiling_and_codecs_at_the_same_bytes(tiny_we
     assert [(r["image"], r["quality"]) for r in rows] == [("flat", 1), ("text-black", 1)]
     for row in rows:
         assert row["bpp"] == pytest.approx(8 * row["bytes"] / (512 * 768))
-        assert row["ceiling"] >= row["psnr"] - 0.5  # rounding the latents only loses
-        assert row["jpeg2000"] is not None and row["jpeg2000"] > 0
+        if row["family"] != "pixels":  # the model's file: rounding the latents only loses
+            assert row["ceiling"] >= row["psnr"] - 0.5
+        # None: JPEG 2000 cannot make a file that small (the flat image as pixels is ~70 bytes)
+        assert row["jpeg2000"] is None or row["jpeg2000"] > 0
+    assert rows[1]["jpeg2000"] is not None
     table = bench.hard_table(rows)
-    assert table.splitlines()[0].startswith("| image | q | nic bpp | nic PSNR | ceiling | jpeg, same bytes")
+    assert table.splitlines()[0].startswith("| image | q | coded as | nic bpp | nic PSNR | ceiling | jpeg, same bytes")
     assert len(table.splitlines()) == 4
 
 

@@ -42,7 +42,7 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from nic import api, container, factorized
+from nic import api, container, factorized, pixels
 from nic.coding import LATENT_LIMIT, CorruptStream
 from nic.container import HEADER, HEADER_SIZE, SECTION_HEAD, FormatError, Header
 from nic.weights import WeightsError, default_weights
@@ -104,7 +104,8 @@ def section(kind: bytes, body: bytes) -> bytes:
 
 @lru_cache(maxsize=1)
 def seeds() -> tuple[bytes, ...]:
-    """Valid files: qualities 1..8 (RGB 24x40), a grayscale 17x9 at 3, quality 5 plus sections."""
+    """Valid files: qualities 1..8 (RGB 24x40), a grayscale 17x9 at 3, quality 5 plus
+    sections, and the pixels family's at qualities 3 and 8 and in gray."""
     import torch
 
     threads = torch.get_num_threads()
@@ -115,6 +116,8 @@ def seeds() -> tuple[bytes, ...]:
         files.append(api.encode_pixels(seed_image(17, 9, 1, seed=3), 3, family="factorized"))
         files.append(files[4] + section(b"xTRA", b"ancillary data a reader skips")
                      + section(b"iCCP", b"not really an ICC profile"))
+        files += [api.encode_pixels(rgb, q, family="pixels") for q in (3, 8)]
+        files.append(api.encode_pixels(seed_image(17, 9, 1, seed=3), 5, family="pixels"))
     finally:
         torch.set_num_threads(threads)
     return tuple(files)
@@ -326,7 +329,10 @@ def check_decode(data: bytes, target: str, weights: str | None = None) -> str:
         assert h.width * h.height <= FUZZ_MAX_PIXELS
         assert decoded.pixels.dtype == np.uint8
         assert decoded.pixels.shape == (h.height, h.width, 1 if h.colour == container.COLOUR_GRAY else 3)
-        assert decoded.latents.shape == h.latent_shape
+        if h.model_id == pixels.MODEL_ID:  # its "latents" are the indices of every pixel
+            assert decoded.latents.shape in ((1, h.height, h.width), (3, h.height, h.width))
+        else:
+            assert decoded.latents.shape == h.latent_shape
         assert np.abs(decoded.latents).max() <= LATENT_LIMIT + 1
         outcome = "decoded"
     finally:

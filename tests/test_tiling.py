@@ -200,15 +200,16 @@ class ChunkedRows:
         return self.pixels[start:self.position].copy()
 
 
+@pytest.mark.parametrize("family", [None, "hyperprior"])  # None reads the image whole (nic.pixels)
 @pytest.mark.parametrize("chunk", [1, 7, 1000])
-def test_rows_read_in_strips_give_the_same_file(chunk):
+def test_rows_read_in_strips_give_the_same_file(chunk, family):
     pixels = smooth_image(150, 90, seed=4)
-    reference = api.encode_pixels(pixels, 3)
+    reference = api.encode_pixels(pixels, 3, family=family)
     previous = tiling.DEFAULT_TILE
     try:
         tiling.DEFAULT_TILE = 48  # several tile rows, each with its halo re-read
-        parts = api.encode_rows(ChunkedRows(pixels, chunk), 3)
-        spilled = api.encode_rows(ChunkedRows(pixels, chunk), 3, spill_bytes=0)
+        parts = api.encode_rows(ChunkedRows(pixels, chunk), 3, family=family)
+        spilled = api.encode_rows(ChunkedRows(pixels, chunk), 3, spill_bytes=0, family=family)
     finally:
         tiling.DEFAULT_TILE = previous
     assert b"".join(bytes(p) for p in parts) == reference

@@ -1,0 +1,642 @@
+"""The ``pixels`` family: no model, the pixels themselves, each within a step of the
+original (lossless at step 1).
+
+The learned transforms never saw text, line art, hatching or screenshots and cannot
+reproduce them at any rate (docs/results/hard-content.md). A predictive pixel coder
+can: every pixel comes back within ±⌊step/2⌋ of the original, the near-lossless mode
+of JPEG-LS in spirit. ``nic encode`` without ``--model`` codes with the model first and
+then tries this family (nic.api): its file is kept only where it is no larger and
+closer to the original. ``--model pixels -q Q`` forces it, at the step ``STEPS[Q]``.
+
+How a plane is coded. Gray images have one plane; colour ones G, then R and B, each
+of those two predicted by G's decoded residual at the same pixel. A plane's values
+e = x − 128 are visited in two passes over a checkerboard: pass A (the pixels with
+i + j even) row by row, then pass B (i + j odd) a band of ``BAND`` rows at a time:
+
+* pass A predicts from the two A pixels diagonally above, (i − 1, j ± 1), and in the
+  first row from the A pixel two to the left;
+* pass B from its four A neighbours, up, down, left and right: the mean, or along the
+  direction of the smaller difference.
+
+The index k = round((e − prediction) / step) (halves toward zero) is what is coded;
+the decoded value is prediction + k·step. Everything is integer arithmetic, so the
+decoder repeats the encoder's predictions exactly. Each index is coded with one of
+``TABLES`` fixed integer tables (two-sided geometric, made by integer arithmetic
+alone, :func:`tables`), the one that the file's parameters give its *context*: the
+plane, the pass and how large the indices of its already coded neighbours are
+(``CONTEXT_BOUNDS``). The encoder picks each context's table by the exact code length
+of its indices. Range coding is nic.coding's, one part per pass and row.
+
+Payload (format version 2): two substreams,
+
+| name   | shape                  | content                                                      |
+|--------|------------------------|--------------------------------------------------------------|
+| ``pset`` | (n, 1, 1)              | n bytes, zero-padded to 4: the step (1..255), then the table index of each context: plane, pass, context, in that order |
+| ``pixl`` | (1, latent rows, columns) | the range-coded indices, plane after plane: pass A's pixel by pixel in the first row, then row by row, then pass B's band by band |
+
+Images above ``MAX_PIXELS`` pixels are not coded this way (the decoder holds the whole
+image); a file that claims one is refused. Math only: no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+import numpy as np
+
+from .coding import PRECISION, CorruptStream, IndexedCoder, IntegerTables
+from .container import FormatError, Substream
+
+MODEL_ID = 3
+NAME = "pixels"
+FORMAT_VERSION = 2
+
+MAX_PIXELS = 1 << 24
+"""Largest image (16.7 megapixels) this family codes: the decoder holds it whole."""
+
+STEPS = (None, 40, 28, 20, 14, 10, 6, 3, 1)
+"""The step of ``--model pixels -q Q`` (index Q; a fractional quality takes the one below)."""
+
+LADDER = (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 64)
+"""Steps the encoder's choice against the model searches (nic.api)."""
+
+MAX_STEP = 255
+CENTRE = 128
+LIMIT = 4096
+"""Decoded residuals are clipped to ±LIMIT (honest ones stay within ±1024): a hostile
+stream cannot grow them without bound."""
+
+TABLES = 48
+CONTEXT_BOUNDS = np.array([0, 1, 2, 4, 8, 16, 40])
+"""Context of an index: how many bounds lie below the sum of its coded neighbours' |k|."""
+CONTEXTS = len(CONTEXT_BOUNDS) + 1
+PASSES = 2
+BAND = 64
+"""Pass B runs a band of this many rows at a time."""
+SPAN = 2047
+"""Support of the widest table: |k| ≤ SPAN; beyond, an escape (nic.coding)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    model_id: int = MODEL_ID
+
+
+class Model:
+    """The family's stand-in for a weights file: nothing to load."""
+
+    config = Config()
+    qualities = 8
+    latent_channels = 1
+
+
+MODEL = Model()
+NO_WEIGHTS = bytes(8)
+"""The weights hash a pixels file carries."""
+
+
+# -- tables ---------------------------------------------------------------------------
+
+def _table(t: int) -> np.ndarray:
+    """Frequencies of table t over k = −L..L, then the escape: p(k) ∝ r^|k| with
+    r = 1 − D/2^16, D = (16, 13, 11, 9)[t % 4]·2^12 >> t // 4 (t = 0: all mass at 0),
+    in integers only, summing to 2**PRECISION, each ≥ 1."""
+    total = 1 << PRECISION
+    decay = 65536 - (((16, 13, 11, 9)[t % 4] << 12) >> (t // 4))
+    p = [1 << 40]
+    for _ in range(SPAN):
+        p.append(p[-1] * decay >> 16)
+    mass = p[0] + 2 * sum(p[1:])
+    budget = total - (2 * SPAN + 2)
+    raw = [v * budget // mass for v in p]
+    half = max(1, max((k for k, v in enumerate(raw) if v >= 1), default=1))
+    tail = max(1, 2 * sum(p[half + 1:]) * budget // mass)
+    side = [max(1, v) for v in raw[1:half + 1]]
+    freq = side[::-1] + [raw[0]] + side + [tail]
+    freq[half] += total - sum(freq)
+    return np.array(freq, dtype=np.int64)
+
+
+@lru_cache(maxsize=1)
+def tables() -> IntegerTables:
+    """The ``TABLES`` integer tables (made once per process)."""
+    made = [_table(t) for t in range(TABLES)]
+    lengths = np.array([len(f) - 1 for f in made], dtype=np.int32)
+    return IntegerTables(offsets=-(lengths // 2), lengths=lengths, frequencies=np.concatenate(made).astype(np.int32))
+
+
+@lru_cache(maxsize=1)
+def _costs() -> np.ndarray:
+    """Bits of k = −SPAN..SPAN under each table (TABLES, 2·SPAN + 1), escapes included."""
+    found = tables()
+    k = np.arange(-SPAN, SPAN + 1)
+    u = np.where(k >= 0, 2 * k, -2 * k - 1)
+    escape_bits = np.log2(33) + np.frexp(u.astype(np.float64))[1]
+    out = np.empty((TABLES, len(k)))
+    for t in range(TABLES):
+        f = found.channel(t).astype(np.float64)
+        bits = np.full(len(k), -np.log2(f[-1] / (1 << PRECISION))) + escape_bits
+        inside = np.abs(k) <= found.lengths[t] // 2
+        bits[inside] = -np.log2(f[k[inside] + found.lengths[t] // 2] / (1 << PRECISION))
+        out[t] = bits
+    return out
+
+
+MAX_LEVEL = 61
+CUSTOM = 255
+"""A context's table is one of the fixed ones (its index, a byte) or, after the byte
+CUSTOM, the file's own: the count n, then n values with a level each (value v₁ as a
+zig-zag varint, then the gaps v_i − v_{i−1} ≥ 1 as varints; a level is a byte 0..MAX_LEVEL).
+Its frequencies, over v₁..v_n, are 1 + w·(budget)/Σw with w = (2 | level & 1) << (level >> 1)
+for the listed values (0 for the others), the rest to the largest (:func:`custom_table`)."""
+
+
+def _level_weights(levels: np.ndarray) -> np.ndarray:
+    levels = levels.astype(np.int64)
+    return (2 | (levels & 1)) << (levels >> 1)
+
+
+def custom_table(values: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Frequencies (support values[0]..values[-1], then the escape), summing to 2**PRECISION."""
+    low, length = int(values[0]), int(values[-1] - values[0]) + 1
+    w = np.zeros(length, dtype=np.int64)
+    w[values - low] = _level_weights(levels)
+    total = 1 << PRECISION
+    freq = np.append(1 + w * (total - length - 1) // int(w.sum()), 1)
+    freq[int(np.argmax(w))] += total - int(freq.sum())
+    return freq
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def _read_varint(data: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    for _ in range(3):  # every field here is below 2**21
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, at
+    raise FormatError("substream pset has a number longer than 3 bytes")
+
+
+def _spec_bytes(spec) -> bytes:
+    if spec[0] == "fixed":
+        return bytes([spec[1]])
+    values, levels = spec[1], spec[2]
+    first = int(values[0])
+    out = [bytes([CUSTOM]), _varint(len(values)), _varint(2 * first if first >= 0 else -2 * first - 1),
+           bytes([int(levels[0])])]
+    for gap, level in zip(np.diff(values), levels[1:]):
+        out += [_varint(int(gap)), bytes([int(level)])]
+    return b"".join(out)
+
+
+def _parse_spec(data: bytes, at: int):
+    kind = data[at]
+    at += 1
+    if kind != CUSTOM:
+        if kind >= TABLES:
+            raise FormatError(f"substream pset names table {kind} (0..{TABLES - 1} or {CUSTOM})")
+        return ("fixed", kind), at
+    count, at = _read_varint(data, at)
+    if not 1 <= count <= 2 * SPAN:
+        raise FormatError(f"substream pset has a table of {count} values")
+    u, at = _read_varint(data, at)
+    values, levels = [u // 2 if u % 2 == 0 else -(u + 1) // 2], [data[at]]
+    at += 1
+    for _ in range(count - 1):
+        gap, at = _read_varint(data, at)
+        if gap < 1:
+            raise FormatError("substream pset has a table whose values do not increase")
+        values.append(values[-1] + gap)
+        levels.append(data[at])
+        at += 1
+    if values[0] < -SPAN or values[-1] > SPAN or values[-1] - values[0] >= 2 * SPAN or max(levels) > MAX_LEVEL:
+        raise FormatError("substream pset has a table outside the allowed values or levels")
+    return ("custom", np.array(values, dtype=np.int64), np.array(levels, dtype=np.int64)), at
+
+
+def _choose(row: np.ndarray) -> tuple:
+    """(spec, bits) of one context's histogram over k = −SPAN..SPAN: the fixed table of
+    least code length, or the context's own table where that codes it in fewer bits,
+    description included."""
+    costs = _costs() @ row if row.any() else np.zeros(TABLES)
+    best = int(np.argmin(costs))
+    found = (("fixed", best), float(costs[best]))
+    present = np.flatnonzero(row[1:-1]) + 1  # the end bins hold clipped values: escapes
+    if len(present) and not row[0] and not row[-1]:
+        counts = row[present]
+        levels = np.clip(np.searchsorted(_level_weights(np.arange(MAX_LEVEL + 1)), 2 * counts, side="right") - 1,
+                         0, MAX_LEVEL)
+        values = present - SPAN
+        freq = custom_table(values, levels)
+        bits = float(-(counts * np.log2(freq[values - values[0]] / (1 << PRECISION))).sum())
+        spec = ("custom", values, levels)
+        if bits + 8 * len(_spec_bytes(spec)) < found[1] + 8:
+            found = (spec, bits)
+    return found
+
+
+def _tables_of(specs: list) -> tuple[IntegerTables, np.ndarray]:
+    """The file's tables (each fixed one used, once, then each custom one, in context
+    order) and each context's position among them."""
+    fixed = tables()
+    made, position, seen = [], [], {}
+    for spec in specs:
+        if spec[0] == "fixed":
+            if spec[1] not in seen:
+                seen[spec[1]] = len(made)
+                f = fixed.channel(spec[1]).astype(np.int64)
+                made.append((int(fixed.offsets[spec[1]]), f))
+            position.append(seen[spec[1]])
+        else:
+            position.append(len(made))
+            made.append((int(spec[1][0]), custom_table(spec[1], spec[2])))
+    return (IntegerTables(offsets=np.array([o for o, _ in made], dtype=np.int32),
+                          lengths=np.array([len(f) - 1 for _, f in made], dtype=np.int32),
+                          frequencies=np.concatenate([f for _, f in made]).astype(np.int32)),
+            np.array(position, dtype=np.int64))
+
+
+# -- the scan: one routine for both sides ----------------------------------------------
+
+Take = Callable[[int, "np.ndarray | None", np.ndarray, np.ndarray], np.ndarray]
+"""take(part, prediction, context, positions) → the part's indices k. ``part`` is
+plane·2 + pass; the encoder quantizes there, the decoder decodes. A prediction of None
+is a chain (:func:`_chain`): each value predicted by the one decoded before it."""
+
+
+def _context(activity: np.ndarray) -> np.ndarray:
+    return np.searchsorted(CONTEXT_BOUNDS, activity, side="left")
+
+
+def _neighbours(cols: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Columns left and right of ``cols``, mirrored at the edges (keeping the parity)."""
+    left = np.where(cols >= 1, cols - 1, np.minimum(cols + 1, width - 1))
+    right = np.where(cols + 1 < width, cols + 1, np.maximum(cols - 1, 0))
+    return left, right
+
+
+def _clip(values: np.ndarray) -> np.ndarray:
+    """values within ±LIMIT (np.clip is several times slower on short rows)."""
+    return np.minimum(np.maximum(values, -LIMIT), LIMIT)
+
+
+def _chain(k: np.ndarray, step: int) -> np.ndarray:
+    """Decoded values of a chain: each predicted by the one before (the first by 0)."""
+    d = np.cumsum(k.astype(np.int64) * step)
+    if np.abs(d).max(initial=0) <= LIMIT:
+        return d
+    out, value = np.empty(len(k), dtype=np.int64), 0
+    for n, v in enumerate(k.tolist()):  # only a hostile stream gets here: clip as the encoder would
+        value = min(LIMIT, max(-LIMIT, value + v * step))
+        out[n] = value
+    return out
+
+
+def _chained_indices(values: np.ndarray, step: int) -> np.ndarray:
+    """The encoder's side of :func:`_chain`: each index against the value decoded before it."""
+    out, value, half = [], 0, (step - 1) // 2
+    for v in values.tolist():
+        magnitude = (abs(v - value) + half) // step
+        q = magnitude if v >= value else -magnitude
+        out.append(q)
+        value = min(LIMIT, max(-LIMIT, value + q * step))
+    return np.array(out, dtype=np.int64)
+
+
+def _scan_plane(height: int, width: int, step: int, plane: int, side: np.ndarray | None, take: Take,
+                keep: bool = False):
+    """(d, |k|, k) of one plane, int32 (H, W): the decoded residuals, the indices'
+    magnitudes (at most LIMIT: all a context needs) and, if ``keep``, the indices.
+    ``side``: the magnitudes of the plane this one is predicted from, added to every
+    context."""
+    d = np.zeros((height, width), dtype=np.int32)
+    k = np.zeros((height, width) if keep else (1, 1), dtype=np.int32)
+    magnitude = np.zeros((height, width), dtype=np.int32)
+    columns = [np.arange(0, width, 2), np.arange(1, width, 2)]
+    sides = [_neighbours(c, width) for c in columns]
+
+    def settle(i, cols: np.ndarray, prediction: np.ndarray, activity: np.ndarray, part: int) -> None:
+        """Take the indices at rows ``i`` (one, or one per column), columns ``cols``."""
+        if side is not None:
+            activity = activity + side[i, cols]
+        got = _clip(take(part, prediction, _context(activity), i * width + cols))
+        if keep:
+            k[i, cols] = got
+        magnitude[i, cols] = np.abs(got)
+        d[i, cols] = _clip(prediction + got * step)
+
+    for i in range(height):  # pass A, row by row: each row predicts from the one above
+        cols = columns[i % 2]
+        if not len(cols):
+            continue
+        if i == 0:  # along the row, each from the A pixel two to the left (prediction None)
+            got = _clip(take(plane * 2, None, np.zeros(len(cols), np.int64), cols))
+            if keep:
+                k[0, cols] = got
+            magnitude[0, cols] = np.abs(got)
+            d[0, cols] = _chain(got, step)
+        else:
+            left, right = sides[i % 2]
+            activity = magnitude[i - 1, left] + magnitude[i - 1, right]
+            if i >= 2:
+                activity = activity + magnitude[i - 2, cols]
+            settle(i, cols, (d[i - 1, left].astype(np.int64) + d[i - 1, right]) >> 1, activity, plane * 2)
+    for start in range(0, height, BAND):  # pass B, a band of rows at once: from A pixels only
+        rows = np.arange(start, min(height, start + BAND))
+        r = np.repeat(rows, [len(columns[(n + 1) % 2]) for n in rows])
+        if not len(r):
+            continue
+        cols = np.concatenate([columns[(n + 1) % 2] for n in rows])
+        left, right = _neighbours(cols, width)
+        up = np.where(r >= 1, r - 1, np.minimum(r + 1, height - 1))
+        down = np.where(r + 1 < height, r + 1, np.maximum(r - 1, 0))
+        u, v, w, x = (d[up, cols].astype(np.int64), d[down, cols].astype(np.int64),
+                      d[r, left].astype(np.int64), d[r, right].astype(np.int64))
+        vertical = np.abs(u - v) <= np.abs(w - x)
+        prediction = np.where(vertical, (u + v) >> 1, (w + x) >> 1)
+        activity = magnitude[up, cols] + magnitude[down, cols] + magnitude[r, left] + magnitude[r, right]
+        settle(r, cols, prediction, activity, plane * 2 + 1)
+    return d, magnitude, k
+
+
+def _scan(height: int, width: int, planes: int, step: int,
+          take_for: Callable[[int, np.ndarray | None], Take], keep: bool = False):
+    """(decoded pixels uint8 (H, W, planes), if ``keep`` the indices int32 (planes, H, W),
+    else None) of a scan. ``take_for(channel, base)`` gives a channel's Take; ``base`` is
+    G's decoded residual (flat) for R and B, which are coded on top of it, else None."""
+    pixels = np.empty((height, width, planes), dtype=np.uint8)
+    indices = np.empty((planes, height, width), dtype=np.int32) if keep else None
+    base = side = None
+    for n, channel in enumerate([1, 0, 2] if planes == 3 else [0]):
+        d, magnitude, k = _scan_plane(height, width, step, n, side,
+                                      take_for(channel, None if base is None else base.reshape(-1)), keep)
+        if base is None:
+            base, side = d, magnitude
+        else:
+            d = d + base
+        pixels[..., channel] = np.clip(d + CENTRE, 0, 255)
+        if keep:
+            indices[channel] = k
+    return pixels, indices
+
+
+def _quantize(values: np.ndarray, step: int) -> np.ndarray:
+    """round(values / step), halves toward zero (no flip-flop between two levels), in
+    integers: |values − k·step| ≤ ⌊step/2⌋."""
+    magnitude = (np.abs(values) + (step - 1) // 2) // step
+    return np.where(values < 0, -magnitude, magnitude)
+
+
+# -- encoder --------------------------------------------------------------------------
+
+@dataclass
+class Trial:
+    """One step's scan of an image: what the encoder needs to choose and to code."""
+
+    step: int
+    pixels: np.ndarray  # uint8 (H, W, planes), as the decoder will give them
+    histogram: np.ndarray  # int64 (parts · CONTEXTS, 2·SPAN + 1)
+    parts: list  # (part, indices int16, contexts uint8) in coding order
+
+    @property
+    def specs(self) -> list:
+        """Each context's table (:func:`_choose`), chosen once."""
+        if not hasattr(self, "_specs"):
+            self._specs = [_choose(row) for row in self.histogram]
+        return self._specs
+
+    def bits(self) -> float:
+        """Code length of the indices, the step and the tables' description, in bits."""
+        return 8.0 * (1 + sum(len(_spec_bytes(spec)) for spec, _ in self.specs)) + sum(b for _, b in self.specs)
+
+    def squared_error(self, original: np.ndarray) -> float:
+        return float(np.sum((self.pixels.astype(np.int64) - original) ** 2))
+
+
+def trial(pixels: np.ndarray, step: int) -> Trial:
+    """Scan uint8 pixels (H, W, 1|3) at ``step``."""
+    if not 1 <= step <= MAX_STEP:
+        raise ValueError(f"step must be 1..{MAX_STEP}, got {step}")
+    height, width, planes = pixels.shape
+    parts: list = []
+    bins = 2 * SPAN + 1
+    histogram = np.zeros(planes * PASSES * CONTEXTS * bins, dtype=np.int64)
+    codes: list[np.ndarray] = []
+
+    def count() -> None:  # a plane's indices into the histogram, then forget them
+        if codes:
+            histogram[:] += np.bincount(np.concatenate(codes), minlength=len(histogram))
+            codes.clear()
+
+    def take_for(channel: int, base: np.ndarray | None) -> Take:
+        count()
+        target = pixels[..., channel].reshape(-1).astype(np.int32) - CENTRE
+        if base is not None:
+            target = target - base
+
+        def take(part: int, prediction, context: np.ndarray, positions: np.ndarray) -> np.ndarray:
+            if prediction is None:
+                k = _chained_indices(target[positions], step)
+            else:
+                k = _quantize(target[positions] - prediction, step)
+            parts.append((part, k.astype(np.int16), context.astype(np.uint8)))
+            codes.append((part * CONTEXTS + context) * bins + np.minimum(np.maximum(k, -SPAN), SPAN) + SPAN)
+            return k
+
+        return take
+
+    decoded, _ = _scan(height, width, planes, step, take_for)
+    count()
+    histogram = histogram.reshape(planes * PASSES * CONTEXTS, bins)
+    return Trial(step, decoded, histogram, parts)
+
+
+def _latent_grid(height: int, width: int) -> tuple[int, int]:
+    return -(-height // 16), -(-width // 16)
+
+
+def encode_trial(found: Trial) -> list[Substream]:
+    """The substreams of a kept trial."""
+    height, width, planes = found.pixels.shape
+    specs = [spec for spec, _ in found.specs]
+    coded, position = _tables_of(specs)
+    writer = IndexedCoder(coded).encoder()
+    for part, k, context in found.parts:
+        writer.encode(k.astype(np.int64), position[part * CONTEXTS + context])
+    head = bytes([found.step]) + b"".join(_spec_bytes(spec) for spec in specs)
+    return [Substream(b"pset", (1, 1, 1), head + bytes(-len(head) % 4)),
+            Substream(b"pixl", (1, *_latent_grid(height, width)), writer.finish().tobytes())]
+
+
+def step_of(quality: float) -> int:
+    """The step of ``--model pixels`` at a quality (1..8; fractional: the one below)."""
+    return STEPS[int(quality)]
+
+
+def compress(model: Model, source, quality: int, effort: int = 1, progress=None, spill_bytes=None,
+             step: int | None = None) -> list[Substream]:
+    """The substreams of a uint8 image (H, W, 1|3) at the quality's step (or ``step``)."""
+    if not isinstance(source, np.ndarray):
+        raise ValueError("the pixels family codes images held in memory")
+    height, width = source.shape[:2]
+    if height * width > MAX_PIXELS:
+        raise ValueError(f"the pixels family codes images of at most {MAX_PIXELS} pixels")
+    return encode_trial(trial(source, step or step_of(quality)))
+
+
+LOSSLESS_GATE = 4.0
+"""The search goes on only where the image's lossless code (:func:`lossless_bits`) is at
+most this many times the budget: photos cost 5x and more (their model file is the one
+to keep); text, line art, screenshots, hatching and flat colour less
+(docs/results/hard-content.md)."""
+
+
+def _plane_bits(target: np.ndarray, part: int, side: np.ndarray | None) -> tuple[float, np.ndarray]:
+    """(bits, |k|) of one plane's lossless scan, vectorized: at step 1 every prediction
+    is made from the original values. The edges are treated a little differently from
+    the scan's (a reflected border): an estimate, not the code length."""
+    height, width = target.shape
+    t = np.pad(target, 2, mode="reflect") if min(height, width) > 2 else np.pad(target, 2, mode="edge")
+    ii, jj = np.indices((height, width))
+    a_pixels = (ii + jj) % 2 == 0
+
+    def at(di: int, dj: int, grid: np.ndarray) -> np.ndarray:
+        return grid[2 + di:2 + di + height, 2 + dj:2 + dj + width]
+
+    k = np.where(a_pixels, target - ((at(-1, -1, t) + at(-1, 1, t)) >> 1), 0)
+    k[0, 0::2] = np.diff(target[0, 0::2], prepend=0)
+    u, v, w, x = at(-1, 0, t), at(1, 0, t), at(0, -1, t), at(0, 1, t)
+    vertical = np.abs(u - v) <= np.abs(w - x)
+    k = np.where(a_pixels, k, target - np.where(vertical, (u + v) >> 1, (w + x) >> 1))
+    m = np.pad(np.where(a_pixels, np.abs(k), 0), 2)
+    activity = np.where(a_pixels, at(-1, -1, m) + at(-1, 1, m) + at(-2, 0, m),
+                        at(-1, 0, m) + at(1, 0, m) + at(0, -1, m) + at(0, 1, m))
+    if side is not None:
+        activity = activity + side
+    keys = (part + (~a_pixels).astype(np.int64)) * CONTEXTS + _context(activity)
+    bins = 2 * SPAN + 1
+    histogram = np.bincount((keys * bins + np.clip(k, -SPAN, SPAN) + SPAN).ravel(),
+                            minlength=(part + 2) * CONTEXTS * bins).reshape(-1, bins)
+    chosen = [_choose(row) for row in histogram[part * CONTEXTS:]]
+    return sum(b for _, b in chosen), np.abs(k)
+
+
+SAMPLE_EVERY = 4
+SAMPLE_ROWS = 16
+""":func:`lossless_bits` looks at bands of SAMPLE_ROWS rows, one in SAMPLE_EVERY."""
+
+
+def lossless_bits(pixels: np.ndarray) -> float:
+    """An estimate of the indices' code length at step 1 (vectorized, no scan), from a
+    quarter of the rows, in bands."""
+    height = pixels.shape[0]
+    factor = 1.0
+    if height > 2 * SAMPLE_EVERY * SAMPLE_ROWS:
+        starts = range(0, height - SAMPLE_ROWS + 1, SAMPLE_EVERY * SAMPLE_ROWS)
+        pixels = np.concatenate([pixels[a:a + SAMPLE_ROWS] for a in starts])
+        factor = height / pixels.shape[0]
+    values = pixels.astype(np.int32) - CENTRE
+    if pixels.shape[2] == 1:
+        return factor * _plane_bits(values[..., 0], 0, None)[0]
+    bits, side = _plane_bits(values[..., 1], 0, None)
+    for n, channel in ((1, 0), (2, 2)):
+        bits += _plane_bits(values[..., channel] - values[..., 1], 2 * n, side)[0]
+    return factor * bits
+
+
+def best_within(pixels: np.ndarray, budget_bits: float, worst_squared_error: Callable[[], float]) -> Trial | None:
+    """The trial of the smallest ladder step whose code fits in ``budget_bits`` and whose
+    squared error is below ``worst_squared_error()`` (asked only where it is not lossless),
+    or None. A photo costs an estimate (:data:`LOSSLESS_GATE`); other images a scan at step
+    1 where the estimate fits, else a bisection of the ladder, a scan per step tried."""
+    height, width = pixels.shape[:2]
+    if height * width > MAX_PIXELS:
+        return None
+    estimate = lossless_bits(pixels)
+    if estimate > LOSSLESS_GATE * budget_bits:
+        return None
+    found = trial(pixels, LADDER[0]) if estimate <= budget_bits else None  # lossless often fits outright
+    if found is None or found.bits() > budget_bits:
+        low, high = 1 if found is not None else 0, len(LADDER) - 1
+        found = trial(pixels, LADDER[high])
+        if found.bits() > budget_bits:
+            return None
+        while low < high:  # invariant: LADDER[high] fits, and ``found`` is its trial
+            middle = (low + high) // 2
+            attempt = trial(pixels, LADDER[middle])
+            if attempt.bits() <= budget_bits:
+                high, found = middle, attempt
+            else:
+                low = middle + 1
+    error = found.squared_error(pixels)
+    if error > 0 and error >= worst_squared_error():  # lossless needs no comparison
+        return None
+    return found
+
+
+# -- decoder --------------------------------------------------------------------------
+
+def _read_parameters(stream: Substream, planes: int) -> tuple[int, list]:
+    """(step, each context's table spec) from ``pset``; FormatError on anything else."""
+    data = stream.data
+    if stream.shape != (1, 1, 1) or len(data) < 4:
+        raise FormatError("substream pset has the wrong shape or is empty")
+    step, at, specs = data[0], 1, []
+    if not 1 <= step <= MAX_STEP:
+        raise FormatError(f"substream pset gives step {step} (1..{MAX_STEP})")
+    try:
+        for _ in range(planes * PASSES * CONTEXTS):
+            spec, at = _parse_spec(data, at)
+            specs.append(spec)
+    except IndexError:
+        raise FormatError("substream pset ends inside its tables") from None
+    if len(data) - at >= 4 or any(data[at:]):
+        raise FormatError("substream pset has bytes after its tables")
+    return step, specs
+
+
+def decompress(model: Model, quality: int, height: int, width: int, gray: bool, substreams: list[Substream],
+               sink: Callable[[np.ndarray], None], progress=None, spill_bytes=None, on_latents=None) -> None:
+    """Decode the indices, then hand ``sink`` the rows (``on_latents`` sees the indices,
+    (planes, H, W), first)."""
+    from .families import expect_substreams
+    from .tiling import LatentStore
+
+    if height * width > MAX_PIXELS:
+        raise FormatError(f"a pixels file of {width}x{height} is larger than the family's {MAX_PIXELS} pixels")
+    planes = 1 if gray else 3
+    expect_substreams(substreams, [(b"pset", (1, 1, 1)), (b"pixl", (1, *_latent_grid(height, width)))])
+    step, specs = _read_parameters(substreams[0], planes)
+    (payload,) = expect_substreams(substreams[1:], [(b"pixl", (1, *_latent_grid(height, width)))])
+    coded, position = _tables_of(specs)
+    try:
+        reader = IndexedCoder(coded).decoder(payload.data)
+
+        def take_for(channel: int, base) -> Take:
+            def take(part: int, prediction: np.ndarray, context: np.ndarray, positions: np.ndarray) -> np.ndarray:
+                return reader.decode(position[part * CONTEXTS + context])
+            return take
+
+        pixels, indices = _scan(height, width, planes, step, take_for, keep=on_latents is not None)
+        reader.finish()
+    except CorruptStream as exc:
+        raise FormatError(f"substream pixl is corrupt: {exc}") from None
+    if on_latents is not None:
+        on_latents(LatentStore(indices.shape, array=indices))
+    for start in range(0, height, 256):
+        sink(pixels[start:start + 256])
+        if progress is not None:
+            progress(min(height, start + 256), height)

@@ -1,0 +1,173 @@
+"""The pixels family (nic.pixels): lossless and near-lossless coding of the pixels
+themselves, and the default encoder's choice between it and the model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from conftest import smooth_image
+from nic import api, container, pixels
+from nic.container import FormatError, Substream
+
+
+def drawing(height: int = 96, width: int = 128) -> np.ndarray:
+    """Black lines and boxes on white: what the model cannot reproduce."""
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    for n in range(0, width, 9):
+        draw.line([(n, 0), (width - n, height - 1)], fill=(0, 0, 0))
+    draw.rectangle([10, 10, 40, 30], outline=(200, 0, 0))
+    return np.asarray(image).copy()
+
+
+def noise(height: int, width: int, channels: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, channels), dtype=np.uint8)
+
+
+def _round_trip(image: np.ndarray, step: int) -> tuple[np.ndarray, list[Substream]]:
+    substreams = pixels.compress(pixels.MODEL, image, 4, step=step)
+    rows: list[np.ndarray] = []
+    pixels.decompress(pixels.MODEL, 4, image.shape[0], image.shape[1], image.shape[2] == 1, substreams, rows.append)
+    return np.concatenate(rows), substreams
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (1, 7, 1), (9, 1, 3), (2, 2, 1), (17, 23, 3), (40, 33, 1)])
+def test_step_one_is_lossless_at_any_size(shape):
+    image = noise(*shape)
+    decoded, _ = _round_trip(image, 1)
+    assert np.array_equal(decoded, image)
+
+
+@pytest.mark.parametrize("step", [2, 5, 16, 255])
+def test_every_pixel_comes_back_within_half_a_step(step):
+    for image in (smooth_image(37, 41), noise(20, 30, 3), drawing()[..., :1]):
+        decoded, _ = _round_trip(image, step)
+        assert np.abs(decoded.astype(int) - image).max() <= step // 2
+
+
+def test_the_encoders_estimate_is_the_code_length():
+    image = drawing()
+    found = pixels.trial(image, 3)
+    _, substreams = _round_trip(image, 3)
+    coded = sum(len(s.data) for s in substreams)
+    assert abs(coded - found.bits() / 8) <= 8
+
+
+def test_tables_are_integers_summing_to_the_precision():
+    tables = pixels.tables()
+    for t in range(pixels.TABLES):
+        f = tables.channel(t)
+        assert f.min() >= 1 and f.sum() == 1 << 16
+    f = pixels.custom_table(np.array([-255, 0, 3, 255]), np.array([0, 61, 5, 9]))
+    assert f.min() >= 1 and f.sum() == 1 << 16 and len(f) == 512
+
+
+def sparse_drawing(height: int = 192, width: int = 256) -> np.ndarray:
+    """A few lines on white: far fewer bits as pixels than as any model's latents."""
+    image = np.full((height, width, 3), 255, dtype=np.uint8)
+    image[height // 2] = 0
+    image[:, width // 3] = (200, 0, 0)
+    return image
+
+
+def test_default_encoder_codes_a_drawing_as_pixels_and_a_photo_with_the_model(tiny_hyperprior_weights):
+    line_art = sparse_drawing()
+    model_file = api.encode_pixels(line_art, 4, tiny_hyperprior_weights, family="hyperprior")
+    chosen = api.encode_pixels(line_art, 4, tiny_hyperprior_weights)
+    assert container.parse_header(chosen).model_id == pixels.MODEL_ID
+    assert len(chosen) <= len(model_file)
+    decoded = api.decode_pixels(chosen).pixels  # no weights needed
+    from_model = api.decode_pixels(model_file, tiny_hyperprior_weights).pixels
+    assert np.sum((decoded.astype(int) - line_art) ** 2) < np.sum((from_model.astype(int) - line_art) ** 2)
+
+    photo = smooth_image(64, 80)
+    assert api.encode_pixels(photo, 4, tiny_hyperprior_weights) == api.encode_pixels(
+        photo, 4, tiny_hyperprior_weights, family="hyperprior")
+
+
+def test_streamed_encoding_gives_the_same_bytes(tiny_hyperprior_weights):
+    from nic.tiling import ArrayRows
+
+    line_art = sparse_drawing()
+    assert api.encode_rows(ArrayRows(line_art), 4, tiny_hyperprior_weights)[0] == api.encode_pixels(
+        line_art, 4, tiny_hyperprior_weights)
+
+
+def test_gray_drawing_decodes_to_rgb():
+    gray = np.repeat(drawing()[..., :1], 3, axis=2)
+    data = api.encode_pixels(gray, 8, family="pixels")
+    assert container.parse_header(data).colour == container.COLOUR_GRAY
+    assert np.array_equal(api.decode_pixels(data).pixels, gray)
+
+
+def test_explicit_family_through_the_cli(tmp_path):
+    from click.testing import CliRunner
+
+    from nic.cli import cli
+
+    source = tmp_path / "art.png"
+    Image.fromarray(drawing()).save(source)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["encode", str(source), "--model", "pixels", "-q", "8", "-o", str(tmp_path / "a.nic")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli, ["decode", str(tmp_path / "a.nic"), "-o", str(tmp_path / "b.png")])
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "b.png")), drawing())
+    result = runner.invoke(cli, ["info", str(tmp_path / "a.nic")])
+    assert "pixels" in result.output
+    result = runner.invoke(cli, ["encode", str(source), "--model", "pixels", "--weights", "x.npz",
+                                 "-o", str(tmp_path / "c.nic")])
+    assert result.exit_code == 1 and "has no weights" in result.stderr
+
+
+def _rewrite(data: bytes, substreams: list[Substream], **header) -> bytes:
+    parsed = container.unpack(data)
+    payload = b"".join(bytes(p) for p in container.pack_substreams(substreams))
+    fields = dict(parsed.header.__dict__, payload_length=len(payload))
+    fields.update(header)
+    return container.pack(container.Header(**fields), payload, parsed.sections)
+
+
+def _pset(body: bytes) -> Substream:
+    return Substream(b"pset", (1, 1, 1), body + bytes(-len(body) % 4))
+
+
+def test_hostile_files_fail_with_one_message():
+    image = drawing(24, 32)
+    data = api.encode_pixels(image, 6, family="pixels")
+    pset, pixl = container.unpack(data).substreams()
+    cases = {
+        "step 0": [_pset(b"\0" + pset.data[1:]), pixl],
+        "table 200": [_pset(pset.data[:1] + b"\xc8" + pset.data[2:]), pixl],
+        "bytes after its tables": [_pset(pset.data + b"\1\0\0\0"), pixl],
+        "ends inside its tables": [_pset(pset.data[:3]), pixl],
+        "corrupt": [pset, Substream(b"pixl", pixl.shape, pixl.data[:-4])],
+        "needs pset, pixl": [pixl, pset],
+    }
+    for expected, substreams in cases.items():
+        with pytest.raises(FormatError) as caught:
+            api.decode_pixels(_rewrite(data, substreams))
+        assert expected in str(caught.value) and "\n" not in str(caught.value)
+    with pytest.raises(Exception, match="names weights"):
+        api.decode_pixels(_rewrite(data, [pset, pixl], weights_hash=b"\1" * 8))
+
+
+def test_a_file_larger_than_the_family_codes_is_refused():
+    data = api.encode_pixels(drawing(24, 32), 6, family="pixels")
+    pset, pixl = container.unpack(data).substreams()
+    big = _rewrite(data, [pset, Substream(b"pixl", (1, 256, 512), pixl.data)], width=8192, height=4096,
+                   latent_shape=(1, 256, 512))
+    with pytest.raises(FormatError, match="larger than the family"):
+        api.decode_pixels(big)
+
+
+def test_a_flat_colour_costs_at_most_0_02_bpp_at_every_quality():
+    """Issue 21's flat-region target, with the shipped default: 768x512 of one colour."""
+    flat = np.empty((512, 768, 3), dtype=np.uint8)
+    flat[:] = (120, 160, 200)
+    for quality in range(1, 9):
+        data = api.encode_pixels(flat, quality)
+        assert 8 * len(data) / flat[..., 0].size <= 0.02
+        assert np.array_equal(api.decode_pixels(data).pixels, flat)
