@@ -13,8 +13,9 @@ of those two predicted by G's decoded residual at the same pixel. A plane's valu
 e = x − 128 are visited in two passes over a checkerboard: pass A (the pixels with
 i + j even) row by row, then pass B (i + j odd) a band of ``BAND`` rows at a time:
 
-* pass A predicts from the two A pixels diagonally above, (i − 1, j ± 1), and in the
-  first row from the A pixel two to the left;
+* pass A predicts from the A pixels a = (i − 1, j − 1), b = (i − 1, j + 1) and
+  c = (i − 2, j): the median of a, b and a + b − c (LOCO-I's edge detector turned 45°;
+  (a + b)/2 in the second row, the A pixel two to the left in the first);
 * pass B from its four A neighbours, up, down, left and right: the mean, or along the
   direction of the smaller difference.
 
@@ -353,7 +354,13 @@ def _scan_plane(height: int, width: int, step: int, plane: int, side: np.ndarray
             activity = magnitude[i - 1, left] + magnitude[i - 1, right]
             if i >= 2:
                 activity = activity + magnitude[i - 2, cols]
-            settle(i, cols, (d[i - 1, left].astype(np.int64) + d[i - 1, right]) >> 1, activity, plane * 2)
+            a, b = d[i - 1, left].astype(np.int64), d[i - 1, right].astype(np.int64)
+            if i >= 2:  # the median of a, b and the plane through a, b and the pixel two rows up
+                low, high = np.minimum(a, b), np.maximum(a, b)
+                prediction = np.maximum(low, np.minimum(high, a + b - d[i - 2, cols]))
+            else:
+                prediction = (a + b) >> 1
+            settle(i, cols, prediction, activity, plane * 2)
     for start in range(0, height, BAND):  # pass B, a band of rows at once: from A pixels only
         rows = np.arange(start, min(height, start + BAND))
         r = np.repeat(rows, [len(columns[(n + 1) % 2]) for n in rows])
@@ -516,7 +523,10 @@ def _plane_bits(target: np.ndarray, part: int, side: np.ndarray | None) -> tuple
     def at(di: int, dj: int, grid: np.ndarray) -> np.ndarray:
         return grid[2 + di:2 + di + height, 2 + dj:2 + dj + width]
 
-    k = np.where(a_pixels, target - ((at(-1, -1, t) + at(-1, 1, t)) >> 1), 0)
+    a, b = at(-1, -1, t), at(-1, 1, t)
+    planar = np.maximum(np.minimum(a, b), np.minimum(np.maximum(a, b), a + b - at(-2, 0, t)))
+    planar[1] = (a[1] + b[1]) >> 1
+    k = np.where(a_pixels, target - planar, 0)
     k[0, 0::2] = np.diff(target[0, 0::2], prepend=0)
     u, v, w, x = at(-1, 0, t), at(1, 0, t), at(0, -1, t), at(0, 1, t)
     vertical = np.abs(u - v) <= np.abs(w - x)
