@@ -591,7 +591,8 @@ def decode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, out
 @click.option("--codecs", default="jpeg,webp,jpeg2000,avif", show_default=True,
               help="Pillow codecs to show next to nic ('none' for nic alone).")
 @click.option("--model", "family", type=click.Choice(list(FAMILY_NAMES)), default=None,
-              help=f"Model family of the installed weights [default: {DEFAULT_FAMILY}].")
+              help=f"Model family [default: as nic encode, {DEFAULT_FAMILY} or pixels, whichever file is "
+                   "no larger and closer].")
 @threads_option
 @weights_option
 @max_pixels_option
@@ -827,7 +828,8 @@ def export(checkpoint: str, output: str, half: bool) -> None:
 @click.option("-e", "--effort", type=click.IntRange(1, 4), default=1, show_default=True,
               help="nic's encoder effort (as in nic encode).")
 @click.option("--model", "family", type=click.Choice(list(FAMILY_NAMES)), default=None,
-              help=f"Model family of the installed weights to measure [default: {DEFAULT_FAMILY}].")
+              help=f"Model family to measure [default: as nic encode, {DEFAULT_FAMILY} or pixels, whichever "
+                   "file is no larger and closer].")
 @click.option("--hard", is_flag=True,
               help="Instead of DIR, the generated hard-content set (text, line art, gratings, flat areas): "
                    "nic's bpp and PSNR, its transforms' ceiling, and each codec's PSNR at the same bytes "

@@ -16,23 +16,24 @@ i + j even) row by row, then pass B (i + j odd) a band of ``BAND`` rows at a tim
 * pass A predicts from the A pixels a = (i − 1, j − 1), b = (i − 1, j + 1) and
   c = (i − 2, j): the median of a, b and a + b − c (LOCO-I's edge detector turned 45°;
   (a + b)/2 in the second row, the A pixel two to the left in the first);
-* pass B from its four A neighbours, up, down, left and right: the mean, or along the
-  direction of the smaller difference.
+* pass B from its four A neighbours: the mean of the pair, up and down or left and
+  right, whose difference is smaller (along an edge, not across it).
 
 The index k = round((e − prediction) / step) (halves toward zero) is what is coded;
 the decoded value is prediction + k·step. Everything is integer arithmetic, so the
-decoder repeats the encoder's predictions exactly. Each index is coded with one of
-``TABLES`` fixed integer tables (two-sided geometric, made by integer arithmetic
-alone, :func:`tables`), the one that the file's parameters give its *context*: the
-plane, the pass and how large the indices of its already coded neighbours are
-(``CONTEXT_BOUNDS``). The encoder picks each context's table by the exact code length
-of its indices. Range coding is nic.coding's, one part per pass and row.
+decoder repeats the encoder's predictions exactly. Each index is coded with the integer
+table of its *context*: the plane, the pass and how large the indices of its already
+coded neighbours are (``CONTEXT_BOUNDS``). A context's table is one of ``TABLES`` fixed
+ones (two-sided geometric, made by integer arithmetic alone, :func:`tables`) or the
+file's own, described in the file (``CUSTOM``), whichever codes the context's indices
+in fewer bits, description included. Range coding is nic.coding's, one part per row of
+pass A and per band of pass B.
 
 Payload (format version 2): two substreams,
 
 | name   | shape                  | content                                                      |
 |--------|------------------------|--------------------------------------------------------------|
-| ``pset`` | (n, 1, 1)              | n bytes, zero-padded to 4: the step (1..255), then the table index of each context: plane, pass, context, in that order |
+| ``pset`` | (1, 1, 1)              | bytes, zero-padded to 4: the step (1..255), then each context's table (plane, pass, context, in that order): a fixed table's index, or ``CUSTOM`` and the table |
 | ``pixl`` | (1, latent rows, columns) | the range-coded indices, plane after plane: pass A's pixel by pixel in the first row, then row by row, then pass B's band by band |
 
 Images above ``MAX_PIXELS`` pixels are not coded this way (the decoder holds the whole
@@ -100,30 +101,38 @@ NO_WEIGHTS = bytes(8)
 
 # -- tables ---------------------------------------------------------------------------
 
-def _table(t: int) -> np.ndarray:
-    """Frequencies of table t over k = −L..L, then the escape: p(k) ∝ r^|k| with
-    r = 1 − D/2^16, D = (16, 13, 11, 9)[t % 4]·2^12 >> t // 4 (t = 0: all mass at 0),
-    in integers only, summing to 2**PRECISION, each ≥ 1."""
+def _powers() -> np.ndarray:
+    """p[t, k] = 2^40 · r_t^k, k = 0..SPAN, each step floored as in integers, for the
+    decay r_t = 1 − D_t/2^16 of table t, D_t = (16, 13, 11, 9)[t % 4]·2^12 >> t // 4
+    (t = 0: r = 0). All below 2^41: exact in int64."""
+    t = np.arange(TABLES)
+    decay = 65536 - ((np.array([16, 13, 11, 9])[t % 4] << 12) >> (t // 4))
+    p = np.empty((TABLES, SPAN + 1), dtype=np.int64)
+    p[:, 0] = 1 << 40
+    for k in range(1, SPAN + 1):
+        p[:, k] = (p[:, k - 1] * decay) >> 16
+    return p
+
+
+def _table(p: np.ndarray) -> np.ndarray:
+    """Frequencies over k = −L..L, then the escape, of one row of :func:`_powers`
+    (p(k) ∝ r^|k|), in integers only, summing to 2**PRECISION, each ≥ 1."""
     total = 1 << PRECISION
-    decay = 65536 - (((16, 13, 11, 9)[t % 4] << 12) >> (t // 4))
-    p = [1 << 40]
-    for _ in range(SPAN):
-        p.append(p[-1] * decay >> 16)
-    mass = p[0] + 2 * sum(p[1:])
+    mass = int(p[0]) + 2 * int(p[1:].sum())
     budget = total - (2 * SPAN + 2)
-    raw = [v * budget // mass for v in p]
-    half = max(1, max((k for k, v in enumerate(raw) if v >= 1), default=1))
-    tail = max(1, 2 * sum(p[half + 1:]) * budget // mass)
-    side = [max(1, v) for v in raw[1:half + 1]]
-    freq = side[::-1] + [raw[0]] + side + [tail]
-    freq[half] += total - sum(freq)
-    return np.array(freq, dtype=np.int64)
+    raw = p * budget // mass  # below 2^57
+    half = max(1, int(np.flatnonzero(raw >= 1)[-1]))
+    tail = max(1, 2 * int(p[half + 1:].sum()) * budget // mass)
+    side = np.maximum(1, raw[1:half + 1])
+    freq = np.concatenate([side[::-1], raw[:1], side, [tail]])
+    freq[half] += total - int(freq.sum())
+    return freq
 
 
 @lru_cache(maxsize=1)
 def tables() -> IntegerTables:
     """The ``TABLES`` integer tables (made once per process)."""
-    made = [_table(t) for t in range(TABLES)]
+    made = [_table(row) for row in _powers()]
     lengths = np.array([len(f) - 1 for f in made], dtype=np.int32)
     return IntegerTables(offsets=-(lengths // 2), lengths=lengths, frequencies=np.concatenate(made).astype(np.int32))
 

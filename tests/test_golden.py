@@ -247,3 +247,22 @@ def test_shipped_hyperprior_files_decode_to_the_same_integers(threads, quality):
     check_golden(GOLDEN.parent / f"hyperprior-shipped-q{quality}.nic",
                  GOLDEN.parent / f"hyperprior-shipped-q{quality}.json", made, digest,
                  lambda d: context_integers(model, d), threads)
+
+
+def pixels_integers(data: bytes) -> dict:
+    """SHA-256 of the indices and the pixels a pixels-family file decodes to."""
+    decoded = api.decode_pixels(data)
+    return {"indices": sha256(np.ascontiguousarray(decoded.latents).astype(np.int64).tobytes()),
+            "pixels": sha256(decoded.pixels.tobytes())}
+
+
+@pytest.mark.parametrize("quality", [3, 8])
+def test_pixels_files_decode_to_the_same_pixels(threads, quality):
+    """Files of the pixels family (no weights), made once, decode to the same indices and
+    pixels, and are re-made byte for byte: its tables and its scan order are fixed."""
+    from nic import pixels
+
+    threads(1)
+    made = api.encode_pixels(golden_image(40, 56), quality, family="pixels")
+    check_golden(GOLDEN.parent / f"pixels-q{quality}.nic", GOLDEN.parent / f"pixels-q{quality}.json", made,
+                 pixels.NO_WEIGHTS, pixels_integers, threads)
