@@ -5,10 +5,12 @@
     >>> image = nic.decode(data)
 
 This is where the pieces meet: the weights (:mod:`nic.weights`) name a model family
-(:mod:`nic.families`: :mod:`nic.factorized`, :mod:`nic.hyperprior`), whose module turns
-pixels into substreams and back, and :mod:`nic.container` packs those into a file.
-Nothing here knows how a family codes. The model is loaded once per process and per
-weights file.
+(:mod:`nic.families`: :mod:`nic.factorized`, :mod:`nic.hyperprior`, and
+:mod:`nic.pixels`, which has none), whose module turns pixels into substreams and back,
+and :mod:`nic.container` packs those into a file. Nothing here knows how a family codes.
+Without a family the encoder codes with the default one, then tries the pixels family
+and keeps whichever file is no larger and closer to the original. The model is loaded
+once per process and per weights file.
 """
 
 from __future__ import annotations
@@ -133,9 +135,11 @@ def encode_pixels(pixels: np.ndarray, quality: float = 4, weights: str | Path | 
     """.nic bytes of uint8 pixels of shape (H, W, 3) or (H, W, 1), with optional
     metadata carried verbatim in ancillary sections. ``effort`` 1..4 is the encoder's
     quantization search (1: rounding; see nic.quantization); any effort decodes the same
-    way. ``family`` (nic.families) picks the installed weights of that model family.
-    ``quality`` may lie between the trained ones (3.5): the hyperprior family codes it
-    with a coarser step (effort 1), the factorized family at the quality below."""
+    way. ``family`` (nic.families) picks the installed weights of that model family;
+    without it, the default family's file or the pixels family's, whichever is no larger
+    and closer to the original. ``quality`` may lie between the trained ones (3.5): the
+    hyperprior family codes it with a coarser step (effort 1), the factorized family at
+    the quality below."""
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] not in (1, 3):
         raise ValueError("pixels must be uint8 of shape (H, W, 3) or (H, W, 1)")
     height, width = pixels.shape[:2]
@@ -155,9 +159,10 @@ def encode_pixels(pixels: np.ndarray, quality: float = 4, weights: str | Path | 
     return data
 
 
-PIXELS_OVERHEAD = container.HEADER_SIZE + 4 + 4 + 2 * 16 + 4
+PIXELS_OVERHEAD = container.HEADER_SIZE + 4 + 4 + 2 * 16 + 4 + 32
 """Bytes of a pixels file beyond its coded indices and tables: header, payload CRC,
-substream directory, padding."""
+substream directory, padding, and a margin for the range coder's last words (the code
+length is an estimate within ~25 bytes)."""
 
 
 def _or_pixels(pixels: np.ndarray, data: bytes, quality: int, channels: int, gray_rgb: bool,
@@ -170,17 +175,28 @@ def _or_pixels(pixels: np.ndarray, data: bytes, quality: int, channels: int, gra
     height, width = pixels.shape[:2]
     sections = len(data) - container.parse_header(data).payload_length - container.HEADER_SIZE - 4
 
-    def model_error() -> float:
-        decoded = decode_pixels(data, weights).pixels[..., :pixels.shape[2]]
-        return float(np.sum((decoded.astype(np.int64) - pixels) ** 2))
+    def model_error() -> int:  # decoded strip by strip: no second copy of the image
+        error, row = [0], [0]
+
+        def open_sink(header, icc, exif):
+            def add(rows: np.ndarray) -> None:
+                original = pixels[row[0]:row[0] + len(rows)]
+                error[0] += int(np.sum((rows[..., :original.shape[2]].astype(np.int32) - original) ** 2,
+                                       dtype=np.int64))
+                row[0] += len(rows)
+            return add
+
+        decode_rows(data, open_sink, weights)
+        return error[0]
 
     budget = 8.0 * (len(data) - sections - PIXELS_OVERHEAD)
     found = family_pixels.best_within(pixels, budget, model_error)
     if found is None:
         return data
     model = family_pixels.MODEL
+    quality = min(quality, model.qualities)  # a header field only: the step is in the file
     other = b"".join(_file_parts(model, family_pixels.NO_WEIGHTS, quality, channels, width, height,
-                                 family_pixels.encode_trial(found), icc_profile, exif, gray_rgb))
+                                 family_pixels.encode_trial(found, height, width), icc_profile, exif, gray_rgb))
     return other if len(other) <= len(data) else data
 
 
@@ -203,7 +219,6 @@ def encode_rows(source: PixelRows, quality: float = 4, weights: str | Path | Non
     from .tiling import read_whole
 
     if family in (None, PIXELS) and width * height <= MAX_PIXELS:
-
         whole = read_whole(source)
         return [encode_pixels(whole, quality, weights, icc_profile, exif, 1, progress, family)]
     model, digest, quality, step = _model(weights, family, quality)
@@ -347,7 +362,7 @@ def encode(image: Image.Image | NDArray[np.uint8], quality: float = 4, weights: 
 
     A Pillow image's ICC profile and EXIF travel along unless ``strip``. ``effort`` 1..4
     spends more encoding time for a smaller file at the same quality (nic.quantization);
-    ``family`` picks the model family (nic.families) of the installed weights."""
+    ``family`` picks the model family (nic.families), as for :func:`encode_pixels`."""
     from PIL import Image
 
     from .images import image_metadata, pixels_from_image

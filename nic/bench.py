@@ -563,8 +563,8 @@ class Point:
         return {k: self.mean(k) for k in ("bpp", "psnr", "ms_ssim", "enc_ms", "dec_ms")}
 
 
-def round_trip(codec: str, param: float, pixels: np.ndarray,
-               weights: str | None, effort: int = 1) -> tuple[bytes, np.ndarray, float, float]:
+def round_trip(codec: str, param: float, pixels: np.ndarray, weights: str | None, effort: int = 1,
+               family: str | None = None) -> tuple[bytes, np.ndarray, float, float]:
     """(file bytes, decoded pixels, encode seconds, decode seconds) of one image.
 
     Both timings are in-process and start from pixels in memory (no file I/O, no PNG
@@ -574,7 +574,7 @@ def round_trip(codec: str, param: float, pixels: np.ndarray,
         from .api import decode_pixels, encode_pixels
 
         start = time.perf_counter()
-        data = encode_pixels(pixels, quality=param, weights=weights, effort=effort)
+        data = encode_pixels(pixels, quality=param, weights=weights, effort=effort, family=family)
         middle = time.perf_counter()
         out = decode_pixels(data, weights).pixels
     else:
@@ -585,10 +585,12 @@ def round_trip(codec: str, param: float, pixels: np.ndarray,
     return data, out, middle - start, time.perf_counter() - middle
 
 
-def measure(codec: str, param: float, pixels: np.ndarray, weights: str | None, effort: int = 1) -> dict:
-    """Encode, decode and score one image at one setting (timings in milliseconds)."""
+def measure(codec: str, param: float, pixels: np.ndarray, weights: str | None, effort: int = 1,
+            family: str | None = None) -> dict:
+    """Encode, decode and score one image at one setting (timings in milliseconds);
+    ``family`` as for nic.api.encode_pixels (None: the default's choice)."""
     h, w, _ = pixels.shape
-    data, out, enc, dec = round_trip(codec, param, pixels, weights, effort)
+    data, out, enc, dec = round_trip(codec, param, pixels, weights, effort, family)
     try:
         msssim: float | None = ms_ssim(pixels, out)
     except ValueError:  # under 16 px on a side: MS-SSIM is undefined
@@ -849,10 +851,13 @@ def same_bytes(codec: str, pixels: np.ndarray, budget: int, keep: bool = False) 
     return result
 
 
-def ceiling_psnr(model, pixels: np.ndarray, quality: int) -> float:
-    """PSNR of g_s(g_a(x)) without quantization: the best the transforms can do."""
+def ceiling_psnr(model, pixels: np.ndarray, quality: int) -> float | None:
+    """PSNR of g_s(g_a(x)) without quantization: the best the transforms can do (None
+    for a family without transforms)."""
     from .tiling import analysis_latents, reconstruct_tiled
 
+    if not hasattr(model, "base") and not hasattr(model.config, "M"):
+        return None
     base = getattr(model, "base", model)  # a hyperprior model's transforms are its base's
     height, width = pixels.shape[:2]
     y = analysis_latents(base, pixels, quality)
@@ -905,7 +910,7 @@ def hard_table(rows: list[dict]) -> str:
     lines = [head, "|---|---:|---|---:|---:|---:|" + "---:|" * len(codecs)]
     for row in rows:
         cells = [row["image"], str(row["quality"]), row["family"], f"{row['bpp']:.3f}", f"{row['psnr']:.2f}",
-                 f"{row['ceiling']:.2f}"]
+                 "-" if row["ceiling"] is None else f"{row['ceiling']:.2f}"]
         cells += ["-" if row[c] is None else f"{row[c]:.2f}" for c in codecs]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -950,13 +955,14 @@ def _images(paths: Sequence[Path], sizes: list[dict]):
         yield path.name, pixels
 
 
-def _warm_up(codecs: Sequence[tuple[str, float]], weights: str | None, effort: int = 1) -> None:
+def _warm_up(codecs: Sequence[tuple[str, float]], weights: str | None, effort: int = 1,
+             family: str | None = None) -> None:
     """One untimed round on a small image, so one-time setup (range-coder tables per
     quality, library initialisation, torch kernel selection) is not charged to image 1."""
     rng = np.random.default_rng(0)
     tiny = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
     for codec, param in codecs:
-        measure(codec, param, tiny, weights, effort)
+        measure(codec, param, tiny, weights, effort, family)
 
 
 def escape(text: str) -> str:
@@ -1006,7 +1012,7 @@ def run_command(opts: BenchOptions, out=None, err=None) -> dict:
 
     from .weights import default_weights, installed
 
-    if opts.weights is None and opts.family is not None:
+    if opts.weights is None and opts.family is not None and opts.family not in families.WEIGHTLESS:
         opts = dataclasses.replace(opts, weights=str(installed(opts.family)))
     # torch's import is start-up cost too, but only measurable if nothing imported it yet.
     torch_ms: float | None = None
@@ -1016,7 +1022,7 @@ def run_command(opts: BenchOptions, out=None, err=None) -> dict:
 
         torch_ms = (time.perf_counter() - start) * 1e3
     start = time.perf_counter()
-    model, digest = default_weights(opts.weights)
+    model, digest = default_weights(opts.weights, opts.family if opts.family in families.WEIGHTLESS else None)
     load_ms = (time.perf_counter() - start) * 1e3
     qualities = parse_qualities(opts.qualities, model.qualities)
     if opts.speed and opts.qualities is None:
@@ -1071,14 +1077,14 @@ def _run_rd(paths: Sequence[Path], sizes: list[dict], qualities: list[int], base
     for name in baselines:
         plan += [(name, p) for p in BASELINES[name].params]
     _warm_up([("nic", q) for q in qualities] + [(b, BASELINES[b].mid) for b in baselines], opts.weights,
-             opts.effort)
+             opts.effort, opts.family)
     points = {(codec, param): Point(codec, param, setting_label(codec, param)) for codec, param in plan}
     with _progress(err) as progress:
         task = progress.add_task("bench", total=len(paths) * len(plan))
         for name, pixels in _images(paths, sizes):
             for codec, param in plan:
                 progress.update(task, description=f"{escape(name)} {codec} {setting_label(codec, param)}")
-                record = measure(codec, param, pixels, opts.weights, opts.effort)
+                record = measure(codec, param, pixels, opts.weights, opts.effort, opts.family)
                 points[(codec, param)].images.append({"image": name, **record})
                 progress.advance(task)
 
@@ -1183,7 +1189,7 @@ def _run_speed(paths: Sequence[Path], sizes: list[dict], qualities: list[int], b
     from rich.table import Table
 
     plan = [("nic", float(q)) for q in qualities] + [(b, float(BASELINES[b].mid)) for b in baselines]
-    _warm_up(plan, opts.weights, opts.effort)
+    _warm_up(plan, opts.weights, opts.effort, opts.family)
     rows = []
     with _progress(err) as progress:
         task = progress.add_task("speed", total=len(paths) * len(plan))
@@ -1192,7 +1198,7 @@ def _run_speed(paths: Sequence[Path], sizes: list[dict], qualities: list[int], b
             for codec, param in plan:
                 progress.update(task, description=f"{escape(name)} {codec} {setting_label(codec, param)}")
                 h, w, _ = pixels.shape
-                data, decoded, enc, dec = round_trip(codec, param, pixels, opts.weights, opts.effort)
+                data, decoded, enc, dec = round_trip(codec, param, pixels, opts.weights, opts.effort, opts.family)
                 results[(codec, param)].append({
                     "image": name, "megapixels": h * w / 1e6, "enc_ms": enc * 1e3, "dec_ms": dec * 1e3,
                     "bpp": 8.0 * len(data) / (h * w), "psnr": psnr(pixels, decoded)})

@@ -11,13 +11,16 @@ closer to the original. ``--model pixels -q Q`` forces it, at the step ``STEPS[Q
 How a plane is coded. Gray images have one plane; colour ones G, then R and B, each
 of those two predicted by G's decoded residual at the same pixel. A plane's values
 e = x − 128 are visited in two passes over a checkerboard: pass A (the pixels with
-i + j even) row by row, then pass B (i + j odd) a band of ``BAND`` rows at a time:
+i + j even) row by row, then pass B (i + j odd) a band of rows at a time. An image
+taller than it is wide is scanned transposed, so that the rows, which pass A visits one
+at a time, are the shorter side (at most 4,096 of them):
 
 * pass A predicts from the A pixels a = (i − 1, j − 1), b = (i − 1, j + 1) and
   c = (i − 2, j): the median of a, b and a + b − c (LOCO-I's edge detector turned 45°;
   (a + b)/2 in the second row, the A pixel two to the left in the first);
 * pass B from its four A neighbours: the mean of the pair, up and down or left and
-  right, whose difference is smaller (along an edge, not across it).
+  right, whose difference is smaller (along an edge, not across it; left and right
+  in an image one row high).
 
 The index k = round((e − prediction) / step) (halves toward zero) is what is coded;
 the decoded value is prediction + k·step. Everything is integer arithmetic, so the
@@ -75,8 +78,8 @@ CONTEXT_BOUNDS = np.array([0, 1, 2, 4, 8, 16, 40])
 """Context of an index: how many bounds lie below the sum of its coded neighbours' |k|."""
 CONTEXTS = len(CONTEXT_BOUNDS) + 1
 PASSES = 2
-BAND = 64
-"""Pass B runs a band of this many rows at a time."""
+BAND_PIXELS = 1 << 17
+"""Pass B runs a band of rows at a time: as many as hold about this many pixels."""
 SPAN = 2047
 """Support of the widest table: |k| ≤ SPAN; beyond, an escape (nic.coding)."""
 
@@ -84,6 +87,7 @@ SPAN = 2047
 @dataclass(frozen=True)
 class Config:
     model_id: int = MODEL_ID
+    name: str = NAME
 
 
 class Model:
@@ -159,8 +163,10 @@ CUSTOM = 255
 """A context's table is one of the fixed ones (its index, a byte) or, after the byte
 CUSTOM, the file's own: the count n, then n values with a level each (value v₁ as a
 zig-zag varint, then the gaps v_i − v_{i−1} ≥ 1 as varints; a level is a byte 0..MAX_LEVEL).
-Its frequencies, over v₁..v_n, are 1 + w·(budget)/Σw with w = (2 | level & 1) << (level >> 1)
-for the listed values (0 for the others), the rest to the largest (:func:`custom_table`)."""
+Its frequencies over v₁..v_n are 1 + ⌊w·(2^16 − L − 1)/Σw⌋ (L = v_n − v₁ + 1, w = (2 |
+level & 1) << (level >> 1) for a listed value, 0 for the others), the escape's 1, and
+what is left of 2^16 to the largest w (:func:`custom_table`). Varints are canonical (no
+trailing zero byte)."""
 
 
 def _level_weights(levels: np.ndarray) -> np.ndarray:
@@ -196,6 +202,8 @@ def _read_varint(data: bytes, at: int) -> tuple[int, int]:
         value |= (byte & 0x7F) << shift
         shift += 7
         if not byte & 0x80:
+            if byte == 0 and shift > 7:
+                raise FormatError("substream pset has a number with a trailing zero byte")
             return value, at
     raise FormatError("substream pset has a number longer than 3 bytes")
 
@@ -259,8 +267,9 @@ def _choose(row: np.ndarray) -> tuple:
 
 
 def _tables_of(specs: list) -> tuple[IntegerTables, np.ndarray]:
-    """The file's tables (each fixed one used, once, then each custom one, in context
-    order) and each context's position among them."""
+    """The file's tables, in the order the contexts first use them (a fixed table once,
+    however many contexts use it; each custom table), and each context's position among
+    them."""
     fixed = tables()
     made, position, seen = [], [], {}
     for spec in specs:
@@ -292,7 +301,8 @@ def _context(activity: np.ndarray) -> np.ndarray:
 
 
 def _neighbours(cols: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Columns left and right of ``cols``, mirrored at the edges (keeping the parity)."""
+    """Columns left and right of ``cols``, mirrored at the edges (keeping the parity where
+    the row has two pixels or more)."""
     left = np.where(cols >= 1, cols - 1, np.minimum(cols + 1, width - 1))
     right = np.where(cols + 1 < width, cols + 1, np.maximum(cols - 1, 0))
     return left, right
@@ -328,13 +338,14 @@ def _chained_indices(values: np.ndarray, step: int) -> np.ndarray:
 
 def _scan_plane(height: int, width: int, step: int, plane: int, side: np.ndarray | None, take: Take,
                 keep: bool = False):
-    """(d, |k|, k) of one plane, int32 (H, W): the decoded residuals, the indices'
-    magnitudes (at most LIMIT: all a context needs) and, if ``keep``, the indices.
-    ``side``: the magnitudes of the plane this one is predicted from, added to every
-    context."""
-    d = np.zeros((height, width), dtype=np.int32)
+    """(d, |k|, k) of one plane (H, W): the decoded residuals and the indices' magnitudes
+    (int16: both within ±LIMIT, all a prediction and a context need) and, if ``keep``,
+    the indices (int32). ``side``: the magnitudes of the plane this one is predicted
+    from, added to every context but the first row's (sums of five magnitudes stay
+    below 2^15)."""
+    d = np.zeros((height, width), dtype=np.int16)
     k = np.zeros((height, width) if keep else (1, 1), dtype=np.int32)
-    magnitude = np.zeros((height, width), dtype=np.int32)
+    magnitude = np.zeros((height, width), dtype=np.int16)
     columns = [np.arange(0, width, 2), np.arange(1, width, 2)]
     sides = [_neighbours(c, width) for c in columns]
 
@@ -370,8 +381,9 @@ def _scan_plane(height: int, width: int, step: int, plane: int, side: np.ndarray
             else:
                 prediction = (a + b) >> 1
             settle(i, cols, prediction, activity, plane * 2)
-    for start in range(0, height, BAND):  # pass B, a band of rows at once: from A pixels only
-        rows = np.arange(start, min(height, start + BAND))
+    band = max(1, BAND_PIXELS // width)
+    for start in range(0, height, band):  # pass B, a band of rows at once: from A pixels only
+        rows = np.arange(start, min(height, start + band))
         r = np.repeat(rows, [len(columns[(n + 1) % 2]) for n in rows])
         if not len(r):
             continue
@@ -381,7 +393,7 @@ def _scan_plane(height: int, width: int, step: int, plane: int, side: np.ndarray
         down = np.where(r + 1 < height, r + 1, np.maximum(r - 1, 0))
         u, v, w, x = (d[up, cols].astype(np.int64), d[down, cols].astype(np.int64),
                       d[r, left].astype(np.int64), d[r, right].astype(np.int64))
-        vertical = np.abs(u - v) <= np.abs(w - x)
+        vertical = (np.abs(u - v) <= np.abs(w - x)) if height > 1 else False  # one row: no pixel above
         prediction = np.where(vertical, (u + v) >> 1, (w + x) >> 1)
         activity = magnitude[up, cols] + magnitude[down, cols] + magnitude[r, left] + magnitude[r, right]
         settle(r, cols, prediction, activity, plane * 2 + 1)
@@ -391,7 +403,7 @@ def _scan_plane(height: int, width: int, step: int, plane: int, side: np.ndarray
 def _scan(height: int, width: int, planes: int, step: int,
           take_for: Callable[[int, np.ndarray | None], Take], keep: bool = False):
     """(decoded pixels uint8 (H, W, planes), if ``keep`` the indices int32 (planes, H, W),
-    else None) of a scan. ``take_for(channel, base)`` gives a channel's Take; ``base`` is
+    else None) of a scan (R and B's residuals, G's plus theirs, stay within int16). ``take_for(channel, base)`` gives a channel's Take; ``base`` is
     G's decoded residual (flat) for R and B, which are coded on top of it, else None."""
     pixels = np.empty((height, width, planes), dtype=np.uint8)
     indices = np.empty((planes, height, width), dtype=np.int32) if keep else None
@@ -423,9 +435,9 @@ class Trial:
     """One step's scan of an image: what the encoder needs to choose and to code."""
 
     step: int
-    pixels: np.ndarray  # uint8 (H, W, planes), as the decoder will give them
+    squared_error: int  # of the pixels the decoder will give, against the original
     histogram: np.ndarray  # int64 (parts · CONTEXTS, 2·SPAN + 1)
-    parts: list  # (part, indices int16, contexts uint8) in coding order
+    parts: list  # (part, indices int16, contexts uint8) in coding order, if kept
 
     @property
     def specs(self) -> list:
@@ -438,14 +450,17 @@ class Trial:
         """Code length of the indices, the step and the tables' description, in bits."""
         return 8.0 * (1 + sum(len(_spec_bytes(spec)) for spec, _ in self.specs)) + sum(b for _, b in self.specs)
 
-    def squared_error(self, original: np.ndarray) -> float:
-        return float(np.sum((self.pixels.astype(np.int64) - original) ** 2))
+
+def _scanned(pixels: np.ndarray) -> np.ndarray:
+    """The image as it is scanned: transposed where it is taller than wide."""
+    return np.ascontiguousarray(pixels.transpose(1, 0, 2)) if pixels.shape[0] > pixels.shape[1] else pixels
 
 
-def trial(pixels: np.ndarray, step: int) -> Trial:
-    """Scan uint8 pixels (H, W, 1|3) at ``step``."""
+def trial(pixels: np.ndarray, step: int, keep: bool = False) -> Trial:
+    """Scan uint8 pixels (H, W, 1|3) at ``step``; ``keep`` the parts, for coding."""
     if not 1 <= step <= MAX_STEP:
         raise ValueError(f"step must be 1..{MAX_STEP}, got {step}")
+    pixels = _scanned(pixels)
     height, width, planes = pixels.shape
     parts: list = []
     bins = 2 * SPAN + 1
@@ -468,25 +483,30 @@ def trial(pixels: np.ndarray, step: int) -> Trial:
                 k = _chained_indices(target[positions], step)
             else:
                 k = _quantize(target[positions] - prediction, step)
-            parts.append((part, k.astype(np.int16), context.astype(np.uint8)))
-            codes.append((part * CONTEXTS + context) * bins + np.minimum(np.maximum(k, -SPAN), SPAN) + SPAN)
+            if keep:
+                parts.append((part, k.astype(np.int16), context.astype(np.uint8)))
+            codes.append(((part * CONTEXTS + context) * bins + np.minimum(np.maximum(k, -SPAN), SPAN) + SPAN)
+                         .astype(np.int32))
             return k
 
         return take
 
     decoded, _ = _scan(height, width, planes, step, take_for)
     count()
+    error = int(np.sum((decoded.astype(np.int32) - pixels) ** 2, dtype=np.int64))
+    del decoded
     histogram = histogram.reshape(planes * PASSES * CONTEXTS, bins)
-    return Trial(step, decoded, histogram, parts)
+    return Trial(step, error, histogram, parts)
 
 
 def _latent_grid(height: int, width: int) -> tuple[int, int]:
     return -(-height // 16), -(-width // 16)
 
 
-def encode_trial(found: Trial) -> list[Substream]:
-    """The substreams of a kept trial."""
-    height, width, planes = found.pixels.shape
+def encode_trial(found: Trial, height: int, width: int) -> list[Substream]:
+    """The substreams of a trial of ``height`` x ``width`` pixels, kept for coding."""
+    if not found.parts:
+        raise ValueError("the trial was not kept for coding")
     specs = [spec for spec, _ in found.specs]
     coded, position = _tables_of(specs)
     writer = IndexedCoder(coded).encoder()
@@ -506,11 +526,12 @@ def compress(model: Model, source, quality: int, effort: int = 1, progress=None,
              step: int | None = None) -> list[Substream]:
     """The substreams of a uint8 image (H, W, 1|3) at the quality's step (or ``step``)."""
     if not isinstance(source, np.ndarray):
-        raise ValueError("the pixels family codes images held in memory")
+        raise ValueError("the pixels family codes images held in memory (at most "
+                         f"{MAX_PIXELS} pixels)")
     height, width = source.shape[:2]
     if height * width > MAX_PIXELS:
         raise ValueError(f"the pixels family codes images of at most {MAX_PIXELS} pixels")
-    return encode_trial(trial(source, step or step_of(quality)))
+    return encode_trial(trial(source, step or step_of(quality), keep=True), height, width)
 
 
 LOSSLESS_GATE = 4.0
@@ -534,7 +555,7 @@ def _plane_bits(target: np.ndarray, part: int, side: np.ndarray | None) -> tuple
 
     a, b = at(-1, -1, t), at(-1, 1, t)
     planar = np.maximum(np.minimum(a, b), np.minimum(np.maximum(a, b), a + b - at(-2, 0, t)))
-    planar[1] = (a[1] + b[1]) >> 1
+    planar[1:2] = (a[1:2] + b[1:2]) >> 1
     k = np.where(a_pixels, target - planar, 0)
     k[0, 0::2] = np.diff(target[0, 0::2], prepend=0)
     u, v, w, x = at(-1, 0, t), at(1, 0, t), at(0, -1, t), at(0, 1, t)
@@ -561,6 +582,7 @@ SAMPLE_ROWS = 16
 def lossless_bits(pixels: np.ndarray) -> float:
     """An estimate of the indices' code length at step 1 (vectorized, no scan), from a
     quarter of the rows, in bands."""
+    pixels = _scanned(pixels)
     height = pixels.shape[0]
     factor = 1.0
     if height > 2 * SAMPLE_EVERY * SAMPLE_ROWS:
@@ -576,11 +598,13 @@ def lossless_bits(pixels: np.ndarray) -> float:
     return factor * bits
 
 
-def best_within(pixels: np.ndarray, budget_bits: float, worst_squared_error: Callable[[], float]) -> Trial | None:
-    """The trial of the smallest ladder step whose code fits in ``budget_bits`` and whose
-    squared error is below ``worst_squared_error()`` (asked only where it is not lossless),
-    or None. A photo costs an estimate (:data:`LOSSLESS_GATE`); other images a scan at step
-    1 where the estimate fits, else a bisection of the ladder, a scan per step tried."""
+def best_within(pixels: np.ndarray, budget_bits: float, worst_squared_error: Callable[[], int]) -> Trial | None:
+    """A trial (kept) of a ladder step whose code fits in ``budget_bits`` and whose squared
+    error is below ``worst_squared_error()`` (asked only where it is not lossless), or
+    None. A photo costs an estimate (:data:`LOSSLESS_GATE`); other images a scan at step
+    1 where the estimate fits, else a bisection of the ladder, a scan per step tried.
+    Sizes fall with the step only roughly, so the bisection finds a step that fits, not
+    always the smallest."""
     height, width = pixels.shape[:2]
     if height * width > MAX_PIXELS:
         return None
@@ -600,10 +624,9 @@ def best_within(pixels: np.ndarray, budget_bits: float, worst_squared_error: Cal
                 high, found = middle, attempt
             else:
                 low = middle + 1
-    error = found.squared_error(pixels)
-    if error > 0 and error >= worst_squared_error():  # lossless needs no comparison
+    if found.squared_error > 0 and found.squared_error >= worst_squared_error():  # lossless needs no comparison
         return None
-    return found
+    return trial(pixels, found.step, keep=True)  # scanned again: one trial's parts held at a time
 
 
 # -- decoder --------------------------------------------------------------------------
@@ -639,7 +662,7 @@ def decompress(model: Model, quality: int, height: int, width: int, gray: bool, 
     planes = 1 if gray else 3
     expect_substreams(substreams, [(b"pset", (1, 1, 1)), (b"pixl", (1, *_latent_grid(height, width)))])
     step, specs = _read_parameters(substreams[0], planes)
-    (payload,) = expect_substreams(substreams[1:], [(b"pixl", (1, *_latent_grid(height, width)))])
+    payload = substreams[1]
     coded, position = _tables_of(specs)
     try:
         reader = IndexedCoder(coded).decoder(payload.data)
@@ -649,8 +672,13 @@ def decompress(model: Model, quality: int, height: int, width: int, gray: bool, 
                 return reader.decode(position[part * CONTEXTS + context])
             return take
 
-        pixels, indices = _scan(height, width, planes, step, take_for, keep=on_latents is not None)
+        tall = height > width  # scanned transposed (:func:`_scanned`)
+        pixels, indices = _scan(width if tall else height, height if tall else width, planes, step, take_for,
+                                keep=on_latents is not None)
         reader.finish()
+        if tall:
+            pixels = pixels.transpose(1, 0, 2)
+            indices = None if indices is None else np.ascontiguousarray(indices.transpose(0, 2, 1))
     except CorruptStream as exc:
         raise FormatError(f"substream pixl is corrupt: {exc}") from None
     if on_latents is not None:

@@ -87,6 +87,29 @@ def test_default_encoder_codes_a_drawing_as_pixels_and_a_photo_with_the_model(ti
         photo, 4, tiny_hyperprior_weights, family="hyperprior")
 
 
+@pytest.mark.parametrize("shape", [(1, 40, 3), (1, 1, 1), (37, 1, 3)])
+def test_default_encoder_takes_one_pixel_high_or_wide_images(tiny_hyperprior_weights, shape):
+    image = noise(*shape, seed=5)
+    data = api.encode_pixels(image, 4, tiny_hyperprior_weights)
+    assert api.decode_pixels(data, tiny_hyperprior_weights).pixels.shape == shape
+
+
+def test_a_tall_image_is_scanned_on_its_side():
+    """A tall image's rows are its columns: pass A loops over the shorter side."""
+    image = drawing(128, 48)
+    decoded, _ = _round_trip(image, 1)
+    assert np.array_equal(decoded, image)
+    assert abs(pixels.trial(image, 1).bits() - pixels.trial(image.transpose(1, 0, 2).copy(), 1).bits()) < 1e-6
+
+
+def test_bench_measures_the_pixels_family_alone():
+    from nic import bench
+
+    (row,) = bench.run_hard("8", "none", None, "pixels", ["text-black"])
+    assert row["family"] == "pixels" and row["ceiling"] is None and row["psnr"] == float("inf")
+    assert "| text-black | 8 | pixels |" in bench.hard_table([row])
+
+
 def test_streamed_encoding_gives_the_same_bytes(tiny_hyperprior_weights):
     from nic.tiling import ArrayRows
 
