@@ -37,7 +37,7 @@ Payload (format version 2): two substreams,
 | name   | shape                  | content                                                      |
 |--------|------------------------|--------------------------------------------------------------|
 | ``pset`` | (1, 1, 1)              | bytes, zero-padded to 4: the step (1..255), then each context's table (plane, pass, context, in that order): a fixed table's index, or ``CUSTOM`` and the table |
-| ``pixl`` | (1, latent rows, columns) | the range-coded indices, plane after plane: pass A's pixel by pixel in the first row, then row by row, then pass B's band by band |
+| ``pixl`` | (1, latent rows, columns) | the range-coded indices, plane after plane: pass A's, the first row as one part and then one part per row, then pass B's, one part per band (:func:`_pass_b_pieces`) |
 
 Images above ``MAX_PIXELS`` pixels are not coded this way (the decoder holds the whole
 image); a file that claims one is refused. Math only: no I/O.
@@ -79,7 +79,8 @@ CONTEXT_BOUNDS = np.array([0, 1, 2, 4, 8, 16, 40])
 CONTEXTS = len(CONTEXT_BOUNDS) + 1
 PASSES = 2
 BAND_PIXELS = 1 << 17
-"""Pass B runs a band of rows at a time: as many as hold about this many pixels."""
+"""Pass B runs a band of rows at a time, as many as hold about this many pixels (a row
+wider than that in parts of this many of its pass-B pixels)."""
 SPAN = 2047
 """Support of the widest table: |k| ≤ SPAN; beyond, an escape (nic.coding)."""
 
@@ -336,6 +337,23 @@ def _chained_indices(values: np.ndarray, step: int) -> np.ndarray:
     return np.array(out, dtype=np.int64)
 
 
+def _pass_b_pieces(height: int, width: int, columns: list[np.ndarray]):
+    """(rows, columns) of pass B's pixels in coding order, a piece of at most about
+    BAND_PIXELS positions at a time: bands of whole rows, or a very wide row in parts."""
+    band = BAND_PIXELS // width
+    for start in range(0, height, max(1, band)):
+        if band >= 1:
+            rows = np.arange(start, min(height, start + band))
+            cols = np.concatenate([columns[(n + 1) % 2] for n in rows])
+            if len(cols):
+                yield np.repeat(rows, [len(columns[(n + 1) % 2]) for n in rows]), cols
+        else:
+            row = columns[(start + 1) % 2]
+            for first in range(0, len(row), BAND_PIXELS):
+                cols = row[first:first + BAND_PIXELS]
+                yield np.full(len(cols), start), cols
+
+
 def _scan_plane(height: int, width: int, step: int, plane: int, side: np.ndarray | None, take: Take,
                 keep: bool = False):
     """(d, |k|, k) of one plane (H, W): the decoded residuals and the indices' magnitudes
@@ -381,13 +399,7 @@ def _scan_plane(height: int, width: int, step: int, plane: int, side: np.ndarray
             else:
                 prediction = (a + b) >> 1
             settle(i, cols, prediction, activity, plane * 2)
-    band = max(1, BAND_PIXELS // width)
-    for start in range(0, height, band):  # pass B, a band of rows at once: from A pixels only
-        rows = np.arange(start, min(height, start + band))
-        r = np.repeat(rows, [len(columns[(n + 1) % 2]) for n in rows])
-        if not len(r):
-            continue
-        cols = np.concatenate([columns[(n + 1) % 2] for n in rows])
+    for r, cols in _pass_b_pieces(height, width, columns):  # pass B, from A pixels only
         left, right = _neighbours(cols, width)
         up = np.where(r >= 1, r - 1, np.minimum(r + 1, height - 1))
         down = np.where(r + 1 < height, r + 1, np.maximum(r - 1, 0))
