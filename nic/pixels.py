@@ -546,6 +546,10 @@ def compress(model: Model, source, quality: int, effort: int = 1, progress=None,
     return encode_trial(trial(source, step or step_of(quality), keep=True), height, width)
 
 
+KEEP_PIXELS = 1 << 22
+"""Up to this many pixels (4.2 MP) the search keeps every scan's indices, for coding the
+one it picks; above, it keeps one scan's at a time and scans the chosen step again."""
+
 LOSSLESS_GATE = 4.0
 """The search goes on only where the image's lossless code (:func:`lossless_bits`) is at
 most this many times the budget: photos cost 5x and more (their model file is the one
@@ -623,22 +627,27 @@ def best_within(pixels: np.ndarray, budget_bits: float, worst_squared_error: Cal
     estimate = lossless_bits(pixels)
     if estimate > LOSSLESS_GATE * budget_bits:
         return None
-    found = trial(pixels, LADDER[0]) if estimate <= budget_bits else None  # lossless often fits outright
+    keep = height * width <= KEEP_PIXELS
+
+    def scan(n: int) -> Trial:
+        return trial(pixels, LADDER[n], keep)
+
+    found = scan(0) if estimate <= budget_bits else None  # lossless often fits outright
     if found is None or found.bits() > budget_bits:
         low, high = 1 if found is not None else 0, len(LADDER) - 1
-        found = trial(pixels, LADDER[high])
+        found = scan(high)
         if found.bits() > budget_bits:
             return None
         while low < high:  # invariant: LADDER[high] fits, and ``found`` is its trial
             middle = (low + high) // 2
-            attempt = trial(pixels, LADDER[middle])
+            attempt = scan(middle)
             if attempt.bits() <= budget_bits:
                 high, found = middle, attempt
             else:
                 low = middle + 1
     if found.squared_error > 0 and found.squared_error >= worst_squared_error():  # lossless needs no comparison
         return None
-    return trial(pixels, found.step, keep=True)  # scanned again: one trial's parts held at a time
+    return found if keep else trial(pixels, found.step, keep=True)
 
 
 # -- decoder --------------------------------------------------------------------------
