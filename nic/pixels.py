@@ -64,7 +64,7 @@ MAX_PIXELS = 1 << 24
 STEPS = (None, 40, 28, 20, 14, 10, 6, 3, 1)
 """The step of ``--model pixels -q Q`` (index Q; a fractional quality takes the one below)."""
 
-LADDER = (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 64)
+LADDER = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 18, 20, 22, 24, 28, 32, 40, 48, 64)
 """Steps the encoder's choice against the model searches (nic.api)."""
 
 MAX_STEP = 255
