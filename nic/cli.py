@@ -492,7 +492,7 @@ def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, qua
             if len(result) > limit:
                 note += " (not reached: even quality 1 is larger)"
         size = write_output(target, result)
-        return len(data), size, count, size, f"{note}, {w}x{h}"
+        return len(data), size, count, size, f"{note}{_coded_as(result)}, {w}x{h}"
 
     def encode_streamed(source: str, target: str, batch: bool):
         """(result, None) after encoding straight from the file, a strip of rows at a
@@ -517,7 +517,8 @@ def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, qua
                 reader.close()
             size_in = os.fstat(stream.fileno()).st_size
         size = write_output(target, parts)
-        return (size_in, size, count, size, f"quality {chosen:g}, effort {effort}, {reader.width}x{reader.height}"), None
+        note = f"quality {chosen:g}, effort {effort}{_coded_as(parts[0])}, {reader.width}x{reader.height}"
+        return (size_in, size, count, size, note), None
 
     run_jobs(pairs, work, out_dir, verbose)
 
@@ -681,6 +682,16 @@ def info(file: str, max_pixels: int) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")
+
+
+def _coded_as(head) -> str:
+    """``-v``'s note on a file the pixels family coded (the default's choice), from the
+    first bytes of the file."""
+    from .container import HEADER_SIZE, parse_header
+    from .families import name_of
+
+    header = parse_header(bytes(head[:HEADER_SIZE]), max_pixels=1 << 62)
+    return "" if name_of(header.model_id) != "pixels" else ", coded as pixels (no model)"
 
 
 def _pixel_rows(substreams) -> list[tuple[str, str]]:

@@ -134,8 +134,10 @@ def test_explicit_family_through_the_cli(tmp_path):
     source = tmp_path / "art.png"
     Image.fromarray(drawing()).save(source)
     runner = CliRunner()
-    result = runner.invoke(cli, ["encode", str(source), "--model", "pixels", "-q", "8", "-o", str(tmp_path / "a.nic")])
+    result = runner.invoke(cli, ["encode", str(source), "--model", "pixels", "-q", "8", "-o", str(tmp_path / "a.nic"),
+                                 "-v"])
     assert result.exit_code == 0, result.output
+    assert "coded as pixels" in result.stderr
     result = runner.invoke(cli, ["decode", str(tmp_path / "a.nic"), "-o", str(tmp_path / "b.png")])
     assert result.exit_code == 0, result.output
     assert np.array_equal(np.asarray(Image.open(tmp_path / "b.png")), drawing())
