@@ -354,6 +354,32 @@ def _pass_b_pieces(height: int, width: int, columns: list[np.ndarray]):
                 yield np.full(len(cols), start), cols
 
 
+def _predict_a(d: np.ndarray, magnitude: np.ndarray, i: int, cols: np.ndarray, left: np.ndarray,
+               right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(prediction, activity) of pass A's pixels in row i ≥ 1, columns ``cols``."""
+    activity = magnitude[i - 1, left] + magnitude[i - 1, right]
+    a, b = d[i - 1, left].astype(np.int64), d[i - 1, right].astype(np.int64)
+    if i == 1:
+        return (a + b) >> 1, activity
+    # the median of a, b and the plane through a, b and the pixel two rows up
+    prediction = np.maximum(np.minimum(a, b), np.minimum(np.maximum(a, b), a + b - d[i - 2, cols]))
+    return prediction, activity + magnitude[i - 2, cols]
+
+
+def _predict_b(d: np.ndarray, magnitude: np.ndarray, r: np.ndarray, cols: np.ndarray, height: int,
+               width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(prediction, activity) of pass B's pixels at rows ``r``, columns ``cols``."""
+    left, right = _neighbours(cols, width)
+    up = np.where(r >= 1, r - 1, np.minimum(r + 1, height - 1))
+    down = np.where(r + 1 < height, r + 1, np.maximum(r - 1, 0))
+    u, v, w, x = (d[up, cols].astype(np.int64), d[down, cols].astype(np.int64),
+                  d[r, left].astype(np.int64), d[r, right].astype(np.int64))
+    vertical = (np.abs(u - v) <= np.abs(w - x)) if height > 1 else False  # one row: no pixel above
+    prediction = np.where(vertical, (u + v) >> 1, (w + x) >> 1)
+    activity = magnitude[up, cols] + magnitude[down, cols] + magnitude[r, left] + magnitude[r, right]
+    return prediction, activity
+
+
 def _scan_plane(height: int, width: int, step: int, plane: int, side: np.ndarray | None, take: Take,
                 keep: bool = False):
     """(d, |k|, k) of one plane (H, W): the decoded residuals and the indices' magnitudes
@@ -388,27 +414,9 @@ def _scan_plane(height: int, width: int, step: int, plane: int, side: np.ndarray
             magnitude[0, cols] = np.abs(got)
             d[0, cols] = _chain(got, step)
         else:
-            left, right = sides[i % 2]
-            activity = magnitude[i - 1, left] + magnitude[i - 1, right]
-            if i >= 2:
-                activity = activity + magnitude[i - 2, cols]
-            a, b = d[i - 1, left].astype(np.int64), d[i - 1, right].astype(np.int64)
-            if i >= 2:  # the median of a, b and the plane through a, b and the pixel two rows up
-                low, high = np.minimum(a, b), np.maximum(a, b)
-                prediction = np.maximum(low, np.minimum(high, a + b - d[i - 2, cols]))
-            else:
-                prediction = (a + b) >> 1
-            settle(i, cols, prediction, activity, plane * 2)
+            settle(i, cols, *_predict_a(d, magnitude, i, cols, *sides[i % 2]), plane * 2)
     for r, cols in _pass_b_pieces(height, width, columns):  # pass B, from A pixels only
-        left, right = _neighbours(cols, width)
-        up = np.where(r >= 1, r - 1, np.minimum(r + 1, height - 1))
-        down = np.where(r + 1 < height, r + 1, np.maximum(r - 1, 0))
-        u, v, w, x = (d[up, cols].astype(np.int64), d[down, cols].astype(np.int64),
-                      d[r, left].astype(np.int64), d[r, right].astype(np.int64))
-        vertical = (np.abs(u - v) <= np.abs(w - x)) if height > 1 else False  # one row: no pixel above
-        prediction = np.where(vertical, (u + v) >> 1, (w + x) >> 1)
-        activity = magnitude[up, cols] + magnitude[down, cols] + magnitude[r, left] + magnitude[r, right]
-        settle(r, cols, prediction, activity, plane * 2 + 1)
+        settle(r, cols, *_predict_b(d, magnitude, r, cols, height, width), plane * 2 + 1)
     return d, magnitude, k
 
 
