@@ -341,7 +341,7 @@ def cmd_tiling(args) -> None:
 
 
 def cmd_bf16(args) -> None:
-    from nic import api, factorized
+    from nic import factorized
     from nic.weights import default_weights
 
     torch.set_num_threads(args.threads)
