@@ -19,7 +19,6 @@ per-image bpp, PSNR and MS-SSIM at one fixed setting.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import math
@@ -856,7 +855,7 @@ def ceiling_psnr(model, pixels: np.ndarray, quality: int) -> float | None:
     for a family without transforms)."""
     from .tiling import analysis_latents, reconstruct_tiled
 
-    if not hasattr(model, "base") and not hasattr(model.config, "M"):
+    if families.name_of(model.config.model_id) in families.WEIGHTLESS:
         return None
     base = getattr(model, "base", model)  # a hyperprior model's transforms are its base's
     height, width = pixels.shape[:2]
@@ -1010,10 +1009,8 @@ def run_command(opts: BenchOptions, out=None, err=None) -> dict:
     for name, why in skipped.items():
         err.print(f"note: skipping {name}: {why}")
 
-    from .weights import default_weights, installed
+    from .weights import default_weights
 
-    if opts.weights is None and opts.family is not None and opts.family not in families.WEIGHTLESS:
-        opts = dataclasses.replace(opts, weights=str(installed(opts.family)))
     # torch's import is start-up cost too, but only measurable if nothing imported it yet.
     torch_ms: float | None = None
     if "torch" not in sys.modules:
@@ -1022,7 +1019,7 @@ def run_command(opts: BenchOptions, out=None, err=None) -> dict:
 
         torch_ms = (time.perf_counter() - start) * 1e3
     start = time.perf_counter()
-    model, digest = default_weights(opts.weights, opts.family if opts.family in families.WEIGHTLESS else None)
+    model, digest = default_weights(opts.weights, opts.family)
     load_ms = (time.perf_counter() - start) * 1e3
     qualities = parse_qualities(opts.qualities, model.qualities)
     if opts.speed and opts.qualities is None:

@@ -656,9 +656,11 @@ def info(file: str, max_pixels: int) -> None:
         substreams = parsed.substreams()
         step = dict(parsed.sections).get(SECTION_STEP)
         step = None if step is None else unpack_step(step)
+        h = parsed.header
+        weights = (_pixel_rows(substreams) if name_of(h.model_id) == "pixels"
+                   else [("weights", h.weights_hash.hex())])
     except FormatError as exc:
         raise NicError(f"{file}: {exc}") from None
-    h = parsed.header
     rows = [
         ("format version", str(h.version)),
         ("model id", f"{h.model_id} ({name_of(h.model_id)})"),
@@ -668,7 +670,7 @@ def info(file: str, max_pixels: int) -> None:
         ("size", f"{h.width}x{h.height}"),
         ("colour", COLOUR_NAMES[h.colour] + (" (of an all-gray RGB image: decodes to RGB)"
                                              if SECTION_GRAY_RGB in dict(parsed.sections) else "")),
-        *(_pixel_rows(substreams) if name_of(h.model_id) == "pixels" else [("weights", h.weights_hash.hex())]),
+        *weights,
         ("latent shape", "x".join(map(str, h.latent_shape))),
         ("payload bytes", str(h.payload_length)),
         *((f"substream {s.name.decode()}", f"{'x'.join(map(str, s.shape))}, {len(s.data)} bytes")
@@ -696,7 +698,9 @@ def _coded_as(head) -> str:
 
 def _pixel_rows(substreams) -> list[tuple[str, str]]:
     """``nic info``'s lines on a pixels file: no weights, and its step."""
-    step = substreams[0].data[0] if substreams and substreams[0].name == b"pset" and substreams[0].data else 0
+    from .pixels import step_in
+
+    step = step_in(substreams)
     return [("weights", "none (the pixels family has no model)"),
             ("pixel step", f"{step} (lossless)" if step == 1 else f"{step} (every pixel within ±{step // 2})")]
 

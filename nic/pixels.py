@@ -46,7 +46,7 @@ image); a file that claims one is refused. Math only: no I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Callable
 
 import numpy as np
@@ -393,26 +393,23 @@ def _scan_plane(height: int, width: int, step: int, plane: int, side: np.ndarray
     columns = [np.arange(0, width, 2), np.arange(1, width, 2)]
     sides = [_neighbours(c, width) for c in columns]
 
-    def settle(i, cols: np.ndarray, prediction: np.ndarray, activity: np.ndarray, part: int) -> None:
-        """Take the indices at rows ``i`` (one, or one per column), columns ``cols``."""
-        if side is not None:
+    def settle(i, cols: np.ndarray, prediction: np.ndarray | None, activity: np.ndarray, part: int) -> None:
+        """Take the indices at rows ``i`` (one, or one per column), columns ``cols``
+        (prediction None: a chain along them, :func:`_chain`)."""
+        if side is not None and prediction is not None:
             activity = activity + side[i, cols]
         got = _clip(take(part, prediction, _context(activity), i * width + cols))
         if keep:
             k[i, cols] = got
         magnitude[i, cols] = np.abs(got)
-        d[i, cols] = _clip(prediction + got * step)
+        d[i, cols] = _chain(got, step) if prediction is None else _clip(prediction + got * step)
 
     for i in range(height):  # pass A, row by row: each row predicts from the one above
         cols = columns[i % 2]
         if not len(cols):
             continue
-        if i == 0:  # along the row, each from the A pixel two to the left (prediction None)
-            got = _clip(take(plane * 2, None, np.zeros(len(cols), np.int64), cols))
-            if keep:
-                k[0, cols] = got
-            magnitude[0, cols] = np.abs(got)
-            d[0, cols] = _chain(got, step)
+        if i == 0:  # along the row, each from the A pixel two to the left
+            settle(0, cols, None, np.zeros(len(cols), np.int64), plane * 2)
         else:
             settle(i, cols, *_predict_a(d, magnitude, i, cols, *sides[i % 2]), plane * 2)
     for r, cols in _pass_b_pieces(height, width, columns):  # pass B, from A pixels only
@@ -459,12 +456,10 @@ class Trial:
     histogram: np.ndarray  # int64 (parts · CONTEXTS, 2·SPAN + 1)
     parts: list  # (part, indices int16, contexts uint8) in coding order, if kept
 
-    @property
+    @cached_property
     def specs(self) -> list:
-        """Each context's table (:func:`_choose`), chosen once."""
-        if not hasattr(self, "_specs"):
-            self._specs = [_choose(row) for row in self.histogram]
-        return self._specs
+        """Each context's (table, bits) (:func:`_choose`), chosen once."""
+        return [_choose(row) for row in self.histogram]
 
     def bits(self) -> float:
         """Code length of the indices, the step and the tables' description, in bits."""
@@ -660,14 +655,23 @@ def best_within(pixels: np.ndarray, budget_bits: float, worst_squared_error: Cal
 
 # -- decoder --------------------------------------------------------------------------
 
+def step_in(substreams: list[Substream]) -> int:
+    """The step of a pixels file's substreams (``nic info``); FormatError if ``pset`` is
+    missing or gives none."""
+    if not substreams or substreams[0].name != b"pset" or not substreams[0].data:
+        raise FormatError("a pixels file must begin with substream pset")
+    step = substreams[0].data[0]
+    if not 1 <= step <= MAX_STEP:
+        raise FormatError(f"substream pset gives step {step} (1..{MAX_STEP})")
+    return step
+
+
 def _read_parameters(stream: Substream, planes: int) -> tuple[int, list]:
     """(step, each context's table spec) from ``pset``; FormatError on anything else."""
     data = stream.data
     if stream.shape != (1, 1, 1) or len(data) < 4:
         raise FormatError("substream pset has the wrong shape or is empty")
-    step, at, specs = data[0], 1, []
-    if not 1 <= step <= MAX_STEP:
-        raise FormatError(f"substream pset gives step {step} (1..{MAX_STEP})")
+    step, at, specs = step_in([stream]), 1, []
     try:
         for _ in range(planes * PASSES * CONTEXTS):
             spec, at = _parse_spec(data, at)

@@ -160,7 +160,7 @@ def _pset(body: bytes) -> Substream:
     return Substream(b"pset", (1, 1, 1), body + bytes(-len(body) % 4))
 
 
-def test_hostile_files_fail_with_one_message():
+def test_hostile_files_fail_with_one_message(tmp_path):
     image = drawing(24, 32)
     data = api.encode_pixels(image, 6, family="pixels")
     pset, pixl = container.unpack(data).substreams()
@@ -176,6 +176,15 @@ def test_hostile_files_fail_with_one_message():
         with pytest.raises(FormatError) as caught:
             api.decode_pixels(_rewrite(data, substreams))
         assert expected in str(caught.value) and "\n" not in str(caught.value)
+    from click.testing import CliRunner
+
+    from nic.cli import cli
+
+    bad = tmp_path / "bad.nic"
+    bad.write_bytes(_rewrite(data, cases["step 0"]))
+    result = CliRunner().invoke(cli, ["info", str(bad)])
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [f"nic: error: {bad}: substream pset gives step 0 (1..255)"]
     with pytest.raises(Exception, match="names weights"):
         api.decode_pixels(_rewrite(data, [pset, pixl], weights_hash=b"\1" * 8))
 
