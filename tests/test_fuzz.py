@@ -298,15 +298,23 @@ def header_mutants(draw) -> bytes:
 @pytest.fixture(scope="module", autouse=True)
 def one_thread_and_report():
     """One torch thread (20x faster than 2 on a busy 2-core machine; the bytes do not
-    depend on it), the hang watchdog's exit, and the optional JSON report."""
+    depend on it) and one engine thread: the decoder then allocates on this thread only
+    while check_decode starts and stops tracemalloc, which on CPython before 3.12.9/3.13.2
+    can crash when another thread allocates at that moment (python/cpython#128679; twice
+    in ~12 full runs of the suite here, in tracemalloc.stop() and in the next
+    allocation). Also the hang watchdog's exit, and the optional JSON report."""
     import torch
 
-    threads = torch.get_num_threads()
+    from nic import engine
+
+    threads, engine_threads = torch.get_num_threads(), engine.threads()
     torch.set_num_threads(1)
+    engine.set_threads(1)
     seeds()
     started = time.perf_counter()
     yield
     torch.set_num_threads(threads)
+    engine.set_threads(engine_threads)
     report = os.environ.get("NIC_FUZZ_REPORT")
     if report:
         Path(report).write_text(json.dumps({"seconds": round(time.perf_counter() - started, 1),
