@@ -43,7 +43,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import context, engine, factorized
+from . import context, engine, factorized, trellis
 from .coding import (DISTRIBUTIONS, LATENT_LIMIT, SCALE_COUNT, SCALE_MAX, SCALE_MIN, CorruptStream, IndexedCoder,
                      IntegerTables, LatentCoder)
 from .container import UNIT_STEP, FormatError, Substream
@@ -520,6 +520,21 @@ def hyper_decode_block(model, z_hat: np.ndarray, quality: int, rows: tuple[int, 
     return mean[window], index[window]
 
 
+def tcq_coder(model: Model) -> IndexedCoder:
+    """ŷ's coder for trellis-coded files: Q0's tables, then Q1's (nic.trellis)."""
+    cache = _CODERS.setdefault(model, {})
+    if "tcq" not in cache:
+        cache["tcq"] = IndexedCoder(trellis.quantizer_tables(model.y_tables))
+    return cache["tcq"]
+
+
+def tcq_rate(model: Model) -> "trellis.Rate":
+    cache = _CODERS.setdefault(model, {})
+    if "tcq rate" not in cache:
+        cache["tcq rate"] = trellis.Rate(tcq_coder(model).tables)
+    return cache["tcq rate"]
+
+
 def bands(rows: int) -> list[tuple[int, int]]:
     """Runs of BLOCK latent rows, top to bottom (the last shorter)."""
     if BLOCK % HYPER_DOWNSAMPLING:  # z's grid and the checkerboard's parity must line up with a block's
@@ -546,7 +561,7 @@ def hyper_encode_bands(model: Model, y: LatentStore, quality: int) -> np.ndarray
 
 def compress(model: Model, source: np.ndarray | PixelRows, quality: int, effort: int = 1,
              progress: Progress | None = None, spill_bytes: int | None = None,
-             step: tuple[int, int] = UNIT_STEP) -> list[Substream]:
+             step: tuple[int, int] = UNIT_STEP, tcq: np.ndarray | None = None) -> list[Substream]:
     """The substreams of an image: ẑ, then the residuals k = round((y − μ)/Δ) (``yhat``)
     block by block, or at effort 2..4 the residuals chosen by D + λR with ẑ fixed
     (nic.quantization). With context (nic.context), each block's passes one after the
@@ -574,7 +589,7 @@ def compress(model: Model, source: np.ndarray | PixelRows, quality: int, effort:
             # The passes code what the search chose, each latent rounded to the nearest value
             # its own pass can send (without context: exactly the search's residuals).
             target = LatentStore(shape, array=residual + mean)
-        payload = _encode_blocks(model, quality, z_hat, target, step)
+        payload = _encode_blocks(model, quality, z_hat, target, step, tcq)
     return [Substream(b"zhat", z_hat.shape, z_coder.encode(z_hat)), Substream(b"yhat", shape, payload.tobytes())]
 
 
@@ -586,14 +601,20 @@ def _rounded(y: np.ndarray, mu: np.ndarray, size: int = UNIT_STEP[0]) -> np.ndar
 
 
 def _encode_blocks(model: Model, quality: int, z_hat: np.ndarray, target: LatentStore,
-                   step: tuple[int, int] = UNIT_STEP) -> np.ndarray:
+                   step: tuple[int, int] = UNIT_STEP, tcq: np.ndarray | None = None) -> np.ndarray:
     """ŷ's payload: per block, its residuals round((target − μ)/Δ) under the block's (μ, t),
-    one part per context pass (without context, one pass: the whole block)."""
+    one part per context pass (without context, one pass: the whole block). With ``tcq``
+    (each channel's distortion weight, bits per squared unit of y), the trellis chooses
+    the indices instead (nic.trellis), coded slot by slot."""
     _, rows, cols = target.shape
     _, y_coder = coders(model, quality)
+    if tcq is not None:
+        y_coder = tcq_coder(model)
+        rate = tcq_rate(model)
     writer = y_coder.encoder()
     config = model.config
     c = model.M // config.slices
+    delta = step[0] / 256.0
     for r in bands(rows):
         band = target.rows(*r)
         for cs in bands(cols):
@@ -601,6 +622,10 @@ def _encode_blocks(model: Model, quality: int, z_hat: np.ndarray, target: Latent
             y = band[:, :, cs[0]:cs[1]].astype(np.float64)
 
             def residuals(s: int, where: np.ndarray, mu: np.ndarray, t: np.ndarray, y=y) -> np.ndarray:
+                if tcq is not None:
+                    e = (y[s * c:(s + 1) * c, where] - mu) / delta
+                    return trellis.encode_pass(writer, e, where, t, tcq[s * c:(s + 1) * c] * delta**2, rate,
+                                               config.scales)
                 k = _rounded(y[s * c:(s + 1) * c, where], mu, step[0])
                 writer.encode(k.ravel(), t.ravel())
                 return k
@@ -613,7 +638,7 @@ def _encode_blocks(model: Model, quality: int, z_hat: np.ndarray, target: Latent
 def decompress(model: Model, quality: int, height: int, width: int, gray: bool, substreams: list[Substream],
                sink: Callable[[np.ndarray], None], progress: Progress | None = None,
                spill_bytes: int | None = None, on_latents: Callable[[LatentStore], None] | None = None,
-               step: tuple[int, int] = UNIT_STEP) -> None:
+               step: tuple[int, int] = UNIT_STEP, tcq: bool = False) -> None:
     """Decode ẑ, then block by block the integer h_s and the residuals (pass by pass with
     context), and hand ``sink`` the pixel rows. ``on_latents`` sees the residuals
     (integers) before the synthesis runs; ``step`` is the file's STEP section's."""
@@ -626,7 +651,8 @@ def decompress(model: Model, quality: int, height: int, width: int, gray: bool, 
         raise FormatError(f"substream zhat is corrupt: {exc}") from None
     with latent_store(y_shape, spill_bytes, np.float32) as y_hat, latent_store(y_shape, spill_bytes) as residual:
         try:
-            _decode_blocks(model, quality, z_hat, y_coder.decoder(y.data), y_hat, residual, step)
+            _decode_blocks(model, quality, z_hat, (tcq_coder(model) if tcq else y_coder).decoder(y.data), y_hat, residual,
+                           step, tcq)
         except CorruptStream as exc:
             raise FormatError(f"substream yhat is corrupt: {exc}") from None
         if on_latents is not None:
@@ -635,13 +661,15 @@ def decompress(model: Model, quality: int, height: int, width: int, gray: bool, 
 
 
 def _decode_blocks(model: Model, quality: int, z_hat: np.ndarray, reader, y_hat: LatentStore,
-                   residual: LatentStore, step: tuple[int, int] = UNIT_STEP) -> None:
+                   residual: LatentStore, step: tuple[int, int] = UNIT_STEP, tcq: bool = False) -> None:
     """Fill ``y_hat`` (ŷ = μ + k·Δ, float32: elementwise IEEE, the same everywhere) and
     ``residual`` (k) block by block from the payload's parts."""
     _, rows, cols = y_hat.shape
     config = model.config
 
     def residuals(s: int, where: np.ndarray, mu: np.ndarray, t: np.ndarray) -> np.ndarray:
+        if tcq:
+            return trellis.decode_pass(reader, where, t, config.scales)
         return reader.decode(t.ravel()).reshape(t.shape)
 
     for r, cs in blocks(rows, cols):
