@@ -870,7 +870,7 @@ def run_hard(qualities: str | None, codecs: str | None, weights: str | None, fam
     ``report(row)`` sees each row as it is measured."""
     from . import hardset
     from .api import decode_pixels, encode_pixels, is_gray
-    from .container import parse_header
+    from .container import HEADER_SIZE, parse_header
     from .families import name_of
     from .weights import default_weights
 
@@ -885,7 +885,10 @@ def run_hard(qualities: str | None, codecs: str | None, weights: str | None, fam
         for quality in chosen:
             data = encode_pixels(pixels, quality, weights, family=family)
             decoded = decode_pixels(data, weights).pixels
-            row = {"image": name, "quality": quality, "family": name_of(parse_header(data).model_id),
+            coded = name_of(parse_header(data).model_id)
+            if data[HEADER_SIZE + 4:HEADER_SIZE + 8] == b"tmap":  # pixel tiles over the model's (nic.overlay)
+                coded += " + tiles"
+            row = {"image": name, "quality": quality, "family": coded,
                    "bytes": len(data), "bpp": 8.0 * len(data) / (height * width),
                    "psnr": psnr(pixels, decoded), "ceiling": ceiling_psnr(model, pixels, quality)}
             # An all-gray image is one channel to the baselines too, as it is to nic (api.is_gray).

@@ -517,7 +517,8 @@ def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, qua
                 reader.close()
             size_in = os.fstat(stream.fileno()).st_size
         size = write_output(target, parts)
-        note = f"quality {chosen:g}, effort {effort}{_coded_as(parts[0])}, {reader.width}x{reader.height}"
+        note = f"quality {chosen:g}, effort {effort}{_coded_as(b''.join(map(bytes, parts[:3])))}, "\
+                   f"{reader.width}x{reader.height}"
         return (size_in, size, count, size, note), None
 
     run_jobs(pairs, work, out_dir, verbose)
@@ -687,13 +688,16 @@ def info(file: str, max_pixels: int) -> None:
 
 
 def _coded_as(head) -> str:
-    """``-v``'s note on a file the pixels family coded (the default's choice), from the
-    first bytes of the file."""
+    """``-v``'s note on a file where the default chose the pixels family, or pixel tiles
+    over the model's (nic.overlay), from the file's first bytes (header and directory)."""
     from .container import HEADER_SIZE, parse_header
     from .families import name_of
 
-    header = parse_header(bytes(head[:HEADER_SIZE]), max_pixels=1 << 62)
-    return "" if name_of(header.model_id) != "pixels" else ", coded as pixels (no model)"
+    head = bytes(head[:HEADER_SIZE + 8])
+    header = parse_header(head[:HEADER_SIZE], max_pixels=1 << 62)
+    if name_of(header.model_id) == "pixels":
+        return ", coded as pixels (no model)"
+    return ", with pixel tiles over the model's" if head[HEADER_SIZE + 4:HEADER_SIZE + 8] == b"tmap" else ""
 
 
 def _pixel_rows(substreams) -> list[tuple[str, str]]:

@@ -21,6 +21,7 @@ Each image is 512 rows x 768 columns (Kodak's size), uint8 RGB:
 | zone-plate      | a radial cosine chirp, every frequency and orientation          |
 | screenshot      | a window: title bar, buttons, menu, text, flat panels           |
 | photo-with-text | a smooth photo-like texture with a caption and a diagram pasted in |
+| page-with-photo | the screenshot's window with a photo-like picture in its page: a web page or a document with a figure |
 
 Math only: arrays out, no files read or written.
 """
@@ -203,6 +204,13 @@ def photo_with_text() -> np.ndarray:
     return np.asarray(image).copy()
 
 
+def page_with_photo() -> np.ndarray:
+    """The screenshot's window with a photo-like picture in the middle of its page."""
+    image = screenshot()
+    image[128:384, 256:640] = photo_like(7)[:256, :384]
+    return image
+
+
 # ---- random hard content for training ---------------------------------------------------
 
 def random_crop(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -307,7 +315,7 @@ _RANDOM = (_random_flat, _random_gradient, _random_text, _random_lines, _random_
 IMAGES = {
     "flat": flat, "gradient": gradient, "text-black": text_black, "text-colour": text_colour,
     "line-art": line_art, "hatching": hatching, "gratings": gratings, "zone-plate": zone_plate,
-    "screenshot": screenshot, "photo-with-text": photo_with_text,
+    "screenshot": screenshot, "photo-with-text": photo_with_text, "page-with-photo": page_with_photo,
 }
 """Name → generator of each image of the set, in the order of the table above."""
 

@@ -43,7 +43,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import context, engine, factorized, trellis
+from . import context, engine, factorized, overlay, trellis
 from .coding import (DISTRIBUTIONS, LATENT_LIMIT, SCALE_COUNT, SCALE_MAX, SCALE_MIN, CorruptStream, IndexedCoder,
                      IntegerTables, LatentCoder)
 from .container import UNIT_STEP, FormatError, Substream
@@ -640,9 +640,14 @@ def decompress(model: Model, quality: int, height: int, width: int, gray: bool, 
                spill_bytes: int | None = None, on_latents: Callable[[LatentStore], None] | None = None,
                step: tuple[int, int] = UNIT_STEP, tcq: bool = False) -> None:
     """Decode ẑ, then block by block the integer h_s and the residuals (pass by pass with
-    context), and hand ``sink`` the pixel rows. ``on_latents`` sees the residuals
+    context), and hand ``sink`` the pixel rows, with an overlay's pixel tiles pasted over
+    them where the file has one (nic.overlay). ``on_latents`` sees the residuals
     (integers) before the synthesis runs; ``step`` is the file's STEP section's."""
     y_shape = factorized.latent_shape(model.base.config, height, width)
+    if [s.name for s in substreams[:len(overlay.NAMES)]] == list(overlay.NAMES):  # pixel tiles over the model's
+        tiles, tiled = overlay.decode(substreams[:len(overlay.NAMES)], height, width, gray)
+        sink = overlay.paster(sink, tiled, tiles)
+        substreams = substreams[len(overlay.NAMES):]
     z, y = expect_substreams(substreams, [(b"zhat", z_shape(model.config.Z, *y_shape[1:])), (b"yhat", y_shape)])
     z_coder, y_coder = coders(model, quality)
     try:

@@ -72,8 +72,8 @@ RGB) and \fBSTEP\fR (the quantization step of a quality between two trained ones
 Sections whose type starts with a lowercase letter are skipped by readers that do not
 know them; an unknown uppercase type makes a file unreadable. In format version 1 (the factorized family) the
 payload is one range\-coded stream; in version 2 (the hyperprior and pixels families) it is a
-directory of named substreams (\fBzhat\fR, then \fByhat\fR; \fBpset\fR, then \fBpixl\fR), each with its shape and
-length. The full table is in the module nic.container.
+directory of named substreams (\fBzhat\fR, then \fByhat\fR, after \fBtmap\fR, \fBpset\fR and \fBpixl\fR where
+pixel tiles cover part of the image; \fBpset\fR, then \fBpixl\fR), each with its shape and length. The full table is in the module nic.container.
 .SH EXAMPLES
 .nf
 nic encode photo.png \-q 4 \-o photo.nic

@@ -560,10 +560,12 @@ to keep); text, line art, screenshots, hatching and flat colour less
 (docs/results/hard-content.md)."""
 
 
-def _plane_bits(target: np.ndarray, part: int, side: np.ndarray | None) -> tuple[float, np.ndarray]:
+def _plane_bits(target: np.ndarray, part: int, side: np.ndarray | None, bits: bool = True
+                ) -> tuple[float, np.ndarray]:
     """(bits, |k|) of one plane's lossless scan, vectorized: at step 1 every prediction
     is made from the original values. The edges are treated a little differently from
-    the scan's (a reflected border): an estimate, not the code length."""
+    the scan's (a reflected border): an estimate, not the code length. Without ``bits``,
+    |k| alone (and 0 bits)."""
     height, width = target.shape
     t = np.pad(target, 2, mode="reflect") if min(height, width) > 2 else np.pad(target, 2, mode="edge")
     ii, jj = np.indices((height, width))
@@ -580,6 +582,8 @@ def _plane_bits(target: np.ndarray, part: int, side: np.ndarray | None) -> tuple
     u, v, w, x = at(-1, 0, t), at(1, 0, t), at(0, -1, t), at(0, 1, t)
     vertical = np.abs(u - v) <= np.abs(w - x)
     k = np.where(a_pixels, k, target - np.where(vertical, (u + v) >> 1, (w + x) >> 1))
+    if not bits:
+        return 0.0, np.abs(k)
     m = np.pad(np.where(a_pixels, np.abs(k), 0), 2)
     activity = np.where(a_pixels, at(-1, -1, m) + at(-1, 1, m) + at(-2, 0, m),
                         at(-1, 0, m) + at(1, 0, m) + at(0, -1, m) + at(0, 1, m))

@@ -1,0 +1,214 @@
+"""Pixel tiles over a model's file: where the model reconstructs an image badly (text,
+line art, a UI pasted into a photo) those 64x64 tiles are coded by the ``pixels`` family
+(:mod:`nic.pixels`) and pasted over the model's pixels at decode.
+
+A hyperprior file with an overlay has three more substreams, before ẑ and ŷ:
+
+| name | shape | content |
+|------|-------|---------|
+| ``tmap`` | (1, tile rows, tile columns): ẑ's grid, one tile per ẑ position (64x64 pixels) | one bit per tile in raster order, least significant bit first, 1 = a pixel tile; zero bits pad it to a multiple of 4 bytes; at least one tile |
+| ``pset``, ``pixl`` | as a ``pixels`` file of the whole image | the pixels family's code of the image with every other tile set to 128 (what costs next to nothing there) |
+
+The model codes the image with the overlay's tiles flattened to their mean colour (it
+spends almost nothing on them); the decoder decodes the pixel image (so an overlay
+needs the image within the pixels family's MAX_PIXELS) and pastes its tiles over the
+model's rows as they stream out. The encoder's choice is :func:`choose`'s.
+
+Math only: arrays in, arrays out. No I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from . import pixels
+from .container import FormatError, Substream
+
+TILE = 64
+"""Tile side in pixels: one ẑ position (nic.hyperprior.HYPER_DOWNSAMPLING latents of 16)."""
+NAMES = (b"tmap", b"pset", b"pixl")
+FILL = 128
+"""What the pixel image holds outside the overlay's tiles."""
+
+CANDIDATE_EXACT = 0.8
+CANDIDATE_EDGES = 0.01
+"""A tile is worth a look where at least CANDIDATE_EXACT of its sampled pixels are
+predicted exactly at step 1 and at least CANDIDATE_EDGES jump by EDGE or more: flat
+background and hard edges, which photos (sensor noise, soft edges) rarely have. On
+Kodak, 10 tiles of 2 images qualify (docs/results/hard-content.md, section 4)."""
+EDGE = 48
+STEPS = (1, 4, 16)
+"""Pixel steps tried for each candidate tile."""
+LOOKED_AT = 32
+"""At most this many candidates are tried, those the model reconstructs worst first."""
+LEAST_GAIN = 1024
+"""A tile is tried only where a perfect free pixel tile would lower J by this many bits
+(64x64 pixels cost more than that at any step)."""
+
+
+def grid(height: int, width: int) -> tuple[int, int]:
+    """(tile rows, tile columns) of an image."""
+    return -(-height // TILE), -(-width // TILE)
+
+
+def tile_slices(tiles: np.ndarray) -> list[tuple[slice, slice]]:
+    """The pixel slices of the True tiles of a tile map, in raster order."""
+    return [(slice(i * TILE, (i + 1) * TILE), slice(j * TILE, (j + 1) * TILE)) for i, j in zip(*np.nonzero(tiles))]
+
+
+# ---- the tile map ------------------------------------------------------------------------
+
+def pack_map(tiles: np.ndarray) -> Substream:
+    """``tmap`` of a bool tile map (tile rows, tile columns)."""
+    bits = np.packbits(tiles.ravel().astype(np.uint8), bitorder="little").tobytes()
+    return Substream(NAMES[0], (1, *tiles.shape), bits + bytes(-len(bits) % 4))
+
+
+def unpack_map(stream: Substream, height: int, width: int) -> np.ndarray:
+    """The bool tile map of ``tmap``; FormatError unless it is exactly what pack_map writes."""
+    shape = grid(height, width)
+    if tuple(stream.shape) != (1, *shape):
+        raise FormatError(f"substream tmap has shape {'x'.join(map(str, stream.shape))}, "
+                          f"expected 1x{shape[0]}x{shape[1]}")
+    count = shape[0] * shape[1]
+    size = -(-count // 8)
+    data = stream.data
+    if len(data) != size + (-size % 4) or any(data[size:]):
+        raise FormatError("substream tmap has the wrong length or non-zero padding")
+    bits = np.unpackbits(np.frombuffer(data[:size], dtype=np.uint8), bitorder="little")
+    if bits[count:].any():
+        raise FormatError("substream tmap sets bits beyond its tiles")
+    tiles = bits[:count].reshape(shape).astype(bool)
+    if not tiles.any():
+        raise FormatError("substream tmap selects no tile")
+    return tiles
+
+
+# ---- images ------------------------------------------------------------------------------
+
+def pixel_image(image: np.ndarray, tiles: np.ndarray) -> np.ndarray:
+    """The image the pixels family codes: the tiles' pixels, FILL elsewhere."""
+    out = np.full_like(image, FILL)
+    for rows, cols in tile_slices(tiles):
+        out[rows, cols] = image[rows, cols]
+    return out
+
+
+def flattened(image: np.ndarray, tiles: np.ndarray) -> np.ndarray:
+    """The image the model codes: each tile of the overlay at its mean colour."""
+    out = image.copy()
+    for rows, cols in tile_slices(tiles):
+        block = image[rows, cols]
+        out[rows, cols] = np.round(block.reshape(-1, block.shape[2]).mean(axis=0)).astype(np.uint8)
+    return out
+
+
+def paster(sink: Callable[[np.ndarray], None], tiled: np.ndarray, tiles: np.ndarray
+           ) -> Callable[[np.ndarray], None]:
+    """A sink that pastes the overlay's tiles (from the decoded pixel image ``tiled``) over
+    each strip of the model's rows before handing it on."""
+    mask = np.repeat(np.repeat(tiles, TILE, axis=0), TILE, axis=1)[:tiled.shape[0], :tiled.shape[1]]
+    done = [0]
+
+    def paste(rows: np.ndarray) -> None:
+        start, stop = done[0], done[0] + len(rows)
+        where = mask[start:stop]
+        if where.any():
+            rows = rows.copy()
+            rows[where] = tiled[start:stop][where][:, :rows.shape[2]]
+        done[0] = stop
+        sink(rows)
+
+    return paste
+
+
+def decode(streams: list[Substream], height: int, width: int, gray: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(tile map, decoded pixel image) of an overlay's three substreams."""
+    tiles = unpack_map(streams[0], height, width)
+    rows: list[np.ndarray] = []
+    pixels.decompress(pixels.MODEL, 1, height, width, gray, list(streams[1:]), rows.append)
+    return tiles, np.concatenate(rows)
+
+
+# ---- the encoder's choice --------------------------------------------------------------------
+
+SAMPLED_ROWS = 16
+""":func:`candidates` looks at the first SAMPLED_ROWS rows of each row of tiles."""
+
+
+def candidates(image: np.ndarray) -> np.ndarray:
+    """Bool tile map of the tiles worth a look (CANDIDATE_EXACT, CANDIDATE_EDGES), from
+    each plane's residuals at step 1 (the vectorized estimate of nic.pixels) on the first
+    SAMPLED_ROWS rows of each row of tiles: a photo costs it ~10 ms at 768x512."""
+    height, width = image.shape[:2]
+    rows, cols = grid(height, width)
+    band = min(SAMPLED_ROWS, TILE)
+    sample = np.concatenate([image[r * TILE:r * TILE + band] for r in range(rows)])
+    values = sample.astype(np.int32) - pixels.CENTRE
+    if image.shape[2] == 1:
+        planes = [pixels._plane_bits(values[..., 0], 0, None, bits=False)[1]]
+    else:
+        planes = [pixels._plane_bits(values[..., c] - (values[..., 1] if c != 1 else 0), 0, None, bits=False)[1]
+                  for c in (1, 0, 2)]
+    exact = sum((k == 0).astype(np.float32) for k in planes) / len(planes)
+    edges = sum((k >= EDGE).astype(np.float32) for k in planes) / len(planes)
+    # Each row of tiles' sampled rows, in a (rows, band, cols·TILE) grid (the last band may be short).
+    starts = np.cumsum([0] + [min(band, height - r * TILE) for r in range(rows)])
+    pad = cols * TILE - width
+
+    def share(values: np.ndarray) -> np.ndarray:
+        out = np.zeros((rows, cols))
+        for r in range(rows):
+            part = np.pad(values[starts[r]:starts[r + 1]], ((0, 0), (0, pad)))
+            count = np.pad(np.ones(part.shape[0:1] + (width,), np.float32), ((0, 0), (0, pad)))
+            out[r] = part.reshape(len(part), cols, TILE).sum(axis=(0, 2)) / count.reshape(len(part), cols, TILE).sum(axis=(0, 2))
+        return out
+
+    return (share(exact) >= CANDIDATE_EXACT) & (share(edges) >= CANDIDATE_EDGES)
+
+
+@dataclass(frozen=True)
+class Choice:
+    tiles: np.ndarray  # bool (tile rows, tile columns)
+    step: int
+
+
+def choose(image: np.ndarray, model_pixels: np.ndarray, looked: np.ndarray, weight: float) -> Choice | None:
+    """The tiles (among ``looked``: the LOOKED_AT the model reconstructs worst, where that
+    could pay, LEAST_GAIN) and the one pixel step for which pixel tiles lower J = bits +
+    weight·SSE against the model's decoded pixels, each tile coded alone to estimate its
+    bits; None where none does."""
+    places = tile_slices(looked)
+    errors = np.array([float(np.sum((model_pixels[rows, cols].astype(np.int64) - image[rows, cols]) ** 2))
+                       for rows, cols in places])
+    worst = [n for n in np.argsort(-errors, kind="stable")[:LOOKED_AT] if weight * errors[n] >= LEAST_GAIN]
+    if not worst:
+        return None
+    places = [places[n] for n in sorted(worst)]
+    errors = errors[sorted(worst)]
+    gains = np.zeros((len(STEPS), len(places)))
+    for n, (rows, cols) in enumerate(places):
+        tile = image[rows, cols]
+        model_error = errors[n]
+        for s, step in enumerate(STEPS):
+            found = pixels.trial(tile, step, keep=False)
+            gains[s, n] = found.bits() + weight * (found.squared_error - model_error)
+    best = int(np.argmin(np.minimum(gains, 0).sum(axis=1)))
+    chosen = gains[best] < 0
+    if not chosen.any():
+        return None
+    tiles = np.zeros_like(looked)
+    for (rows, cols), take in zip(places, chosen):
+        if take:
+            tiles[rows.start // TILE, cols.start // TILE] = True
+    return Choice(tiles, STEPS[best])
+
+
+def encode(image: np.ndarray, choice: Choice) -> list[Substream]:
+    """The overlay's substreams (tmap, pset, pixl) for an image and a choice."""
+    height, width = image.shape[:2]
+    found = pixels.trial(pixel_image(image, choice.tiles), choice.step, keep=True)
+    return [pack_map(choice.tiles), *pixels.encode_trial(found, height, width)]
