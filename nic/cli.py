@@ -659,7 +659,7 @@ def info(file: str, max_pixels: int) -> None:
         step = None if step is None else unpack_step(step)
         h = parsed.header
         weights = (_pixel_rows(substreams) if name_of(h.model_id) == "pixels"
-                   else [("weights", h.weights_hash.hex())])
+                   else [("weights", h.weights_hash.hex()), *_overlay_rows(substreams, h)])
     except FormatError as exc:
         raise NicError(f"{file}: {exc}") from None
     rows = [
@@ -698,6 +698,17 @@ def _coded_as(head) -> str:
     if name_of(header.model_id) == "pixels":
         return ", coded as pixels (no model)"
     return ", with pixel tiles over the model's" if head[HEADER_SIZE + 4:HEADER_SIZE + 8] == b"tmap" else ""
+
+
+def _overlay_rows(substreams, header) -> list[tuple[str, str]]:
+    """``nic info``'s line on pixel tiles over the model's (nic.overlay), if the file has them."""
+    from .overlay import NAMES, unpack_map
+    from .pixels import step_in
+
+    if [s.name for s in substreams[:len(NAMES)]] != list(NAMES):
+        return []
+    tiles = unpack_map(substreams[0], header.height, header.width)
+    return [("pixel tiles", f"{int(tiles.sum())} of {tiles.size} (64x64), step {step_in(substreams[1:])}")]
 
 
 def _pixel_rows(substreams) -> list[tuple[str, str]]:

@@ -3,6 +3,9 @@ through the API and the streaming decoder, hostile overlays, and the default's c
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -42,7 +45,7 @@ def _overlay_file(weights: str, image: np.ndarray, tiles: np.ndarray, step: int,
     return api._overlay_file(image, overlay.Choice(tiles, step), model, digest, quality, None, image.shape[2])
 
 
-def test_an_overlay_decodes_its_tiles_over_the_model(tiny_hyperprior_weights):
+def test_an_overlay_decodes_its_tiles_over_the_model(tiny_hyperprior_weights, tmp_path):
     image = _with_text(smooth_image(160, 200))
     tiles = np.zeros(overlay.grid(160, 200), dtype=bool)
     tiles[2, 0] = tiles[2, 3] = True  # the last tile row (rows 128..159) and column (192..199) are partial
@@ -58,6 +61,10 @@ def test_an_overlay_decodes_its_tiles_over_the_model(tiny_hyperprior_weights):
                                                 family="hyperprior"), tiny_hyperprior_weights).pixels
     outside = ~np.repeat(np.repeat(tiles, 64, axis=0), 64, axis=1)[:160, :200]
     np.testing.assert_array_equal(decoded[outside], alone[outside])
+    path = tmp_path / "overlay.nic"
+    path.write_bytes(data)
+    info = subprocess.run([sys.executable, "-m", "nic", "info", str(path)], capture_output=True, text=True)
+    assert "2 of 12 (64x64), step 1" in info.stdout
     # The streaming decoder pastes the same tiles, strip by strip.
     rows: list[np.ndarray] = []
     api.decode_rows(data, lambda header, icc, exif: rows.append, tiny_hyperprior_weights)
