@@ -35,10 +35,16 @@ FILL = 128
 
 CANDIDATE_EXACT = 0.8
 CANDIDATE_EDGES = 0.01
+CANDIDATE_FLAT = 0.5
 """A tile is worth a look where at least CANDIDATE_EXACT of its sampled pixels are
-predicted exactly at step 1 and at least CANDIDATE_EDGES jump by EDGE or more: flat
-background and hard edges, which photos (sensor noise, soft edges) rarely have. On
-Kodak, 10 tiles of 2 images qualify (docs/results/hard-content.md, section 4)."""
+predicted exactly at step 1, at least CANDIDATE_EDGES jump by EDGE or more, and one
+colour covers at least CANDIDATE_FLAT of it: a flat background with hard edges, which
+photos (sensor noise, soft edges, gradients) rarely have. On Kodak 10 tiles of 2
+images qualify, on the 36 Debian photos 4 tiles of 2 (docs/results/hard-content.md,
+section 4), and LEAST_CANDIDATES leaves one of these four photos."""
+LEAST_CANDIDATES = 4
+"""Fewer candidates than this are not looked at: a photo's odd flat tile is not worth a
+decode of its model file (seconds for a large photo), text or UI takes several tiles."""
 EDGE = 48
 STEPS = (1, 4, 16)
 """Pixel steps tried for each candidate tile."""
@@ -140,9 +146,10 @@ SAMPLED_ROWS = 16
 
 
 def candidates(image: np.ndarray) -> np.ndarray:
-    """Bool tile map of the tiles worth a look (CANDIDATE_EXACT, CANDIDATE_EDGES), from
-    each plane's residuals at step 1 (the vectorized estimate of nic.pixels) on the first
-    SAMPLED_ROWS rows of each row of tiles: a photo costs it ~10 ms at 768x512."""
+    """Bool tile map of the tiles worth a look (CANDIDATE_EXACT, CANDIDATE_EDGES from each
+    plane's residuals at step 1, the vectorized estimate of nic.pixels, on the first
+    SAMPLED_ROWS rows of each row of tiles; then CANDIDATE_FLAT on the whole tile): a
+    photo costs it ~10 ms at 768x512, ~30 ms per megapixel."""
     height, width = image.shape[:2]
     rows, cols = grid(height, width)
     band = min(SAMPLED_ROWS, TILE)
@@ -167,7 +174,13 @@ def candidates(image: np.ndarray) -> np.ndarray:
             out[r] = part.reshape(len(part), cols, TILE).sum(axis=(0, 2)) / count.reshape(len(part), cols, TILE).sum(axis=(0, 2))
         return out
 
-    return (share(exact) >= CANDIDATE_EXACT) & (share(edges) >= CANDIDATE_EDGES)
+    looked = (share(exact) >= CANDIDATE_EXACT) & (share(edges) >= CANDIDATE_EDGES)
+    for rows_, cols_ in tile_slices(looked):  # and a background: one colour on CANDIDATE_FLAT of the tile
+        tile = image[rows_, cols_].reshape(-1, image.shape[2]).astype(np.int64)
+        colour = (tile << np.arange(0, 8 * image.shape[2], 8)).sum(axis=1)
+        if np.unique(colour, return_counts=True)[1].max() < CANDIDATE_FLAT * len(colour):
+            looked[rows_.start // TILE, cols_.start // TILE] = False
+    return looked if looked.sum() >= LEAST_CANDIDATES else np.zeros_like(looked)
 
 
 @dataclass(frozen=True)
