@@ -144,6 +144,7 @@ def encode_pixels(pixels: np.ndarray, quality: float = 4, weights: str | Path | 
         raise ValueError("pixels must be uint8 of shape (H, W, 3) or (H, W, 1)")
     height, width = pixels.shape[:2]
     _check_dimensions(width, height)
+    requested = quality
     model, digest, quality, step = _model(weights, family, quality)
     # Not with an ICC profile: a reader that skips gRGB would write it beside one channel.
     gray_rgb = pixels.shape[2] == 3 and not icc_profile and is_gray(pixels)
@@ -159,7 +160,7 @@ def encode_pixels(pixels: np.ndarray, quality: float = 4, weights: str | Path | 
         data = _or_pixels(pixels, data, quality, channels, gray_rgb, icc_profile, exif, weights)
         if data is kept:
             data = _or_overlay(pixels, data, model, digest, quality, step, channels, gray_rgb, icc_profile, exif,
-                               weights, effort)
+                               weights, requested)
     return data
 
 
@@ -179,9 +180,11 @@ def _squared_error(data: bytes, pixels: np.ndarray, weights: str | Path | None) 
 
 def _or_overlay(pixels: np.ndarray, data: bytes, model, digest: bytes, quality: int, step, channels: int,
                 gray_rgb: bool, icc_profile: bytes | None, exif: bytes | None, weights: str | Path | None,
-                effort: int = 1) -> bytes:
+                requested: float) -> bytes:
     """The default's third try, where the model's file is kept: the same model with pixel
-    tiles over the tiles it reconstructs worst (nic.overlay), where that lowers J."""
+    tiles over the tiles it reconstructs worst (nic.overlay), where that lowers J (λ of
+    the ``requested`` quality). The overlay's model part is coded at effort 1 whatever
+    the effort of ``data``: a second search would double a slow encode."""
     from . import overlay
     from . import pixels as family_pixels
 
@@ -192,12 +195,11 @@ def _or_overlay(pixels: np.ndarray, data: bytes, model, digest: bytes, quality: 
     if not looked.any():
         return data
     model_pixels = decode_pixels(data, weights).pixels[..., :pixels.shape[2]]
-    weight = model.base.config.lambdas[quality - 1] / pixels.shape[2]
+    weight = _lambda(model.base.config.lambdas, requested) / pixels.shape[2]
     choice = overlay.choose(pixels, model_pixels, looked, weight)
     if choice is None:
         return data
-    other = _overlay_file(pixels, choice, model, digest, quality, step, channels, gray_rgb, icc_profile, exif,
-                          effort)
+    other = _overlay_file(pixels, choice, model, digest, quality, step, channels, gray_rgb, icc_profile, exif)
     if len(other) > OVERLAY_GROWTH * len(data):
         return data
     model_error = int(np.sum((model_pixels.astype(np.int64) - pixels) ** 2))
@@ -206,6 +208,15 @@ def _or_overlay(pixels: np.ndarray, data: bytes, model, digest: bytes, quality: 
     if len(other) > len(data) and gain < OVERLAY_SLOPE * np.log2(len(other) / len(data)):
         return data
     return other if 8 * len(other) + weight * error < 8 * len(data) + weight * model_error else data
+
+
+def _lambda(lambdas, quality: float) -> float:
+    """λ of a quality, geometric between the trained ones around it."""
+    upper = int(np.ceil(quality))
+    if upper == quality or upper < 2:
+        return lambdas[upper - 1]
+    above = quality - (upper - 1)
+    return lambdas[upper - 2] ** (1 - above) * lambdas[upper - 1] ** above
 
 
 def _overlay_file(pixels: np.ndarray, choice, model, digest: bytes, quality: int, step, channels: int,

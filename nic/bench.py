@@ -870,8 +870,9 @@ def run_hard(qualities: str | None, codecs: str | None, weights: str | None, fam
     ``report(row)`` sees each row as it is measured."""
     from . import hardset
     from .api import decode_pixels, encode_pixels, is_gray
-    from .container import HEADER_SIZE, parse_header
+    from .container import parse_header
     from .families import name_of
+    from .overlay import has_tiles
     from .weights import default_weights
 
     model, _ = default_weights(weights, family, coding=True)
@@ -885,9 +886,7 @@ def run_hard(qualities: str | None, codecs: str | None, weights: str | None, fam
         for quality in chosen:
             data = encode_pixels(pixels, quality, weights, family=family)
             decoded = decode_pixels(data, weights).pixels
-            coded = name_of(parse_header(data).model_id)
-            if data[HEADER_SIZE + 4:HEADER_SIZE + 8] == b"tmap":  # pixel tiles over the model's (nic.overlay)
-                coded += " + tiles"
+            coded = name_of(parse_header(data).model_id) + (" + tiles" if has_tiles(data) else "")
             row = {"image": name, "quality": quality, "family": coded,
                    "bytes": len(data), "bpp": 8.0 * len(data) / (height * width),
                    "psnr": psnr(pixels, decoded), "ceiling": ceiling_psnr(model, pixels, quality)}

@@ -492,7 +492,7 @@ def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, qua
             if len(result) > limit:
                 note += " (not reached: even quality 1 is larger)"
         size = write_output(target, result)
-        return len(data), size, count, size, f"{note}{_coded_as(result)}, {w}x{h}"
+        return len(data), size, count, size, f"{note}{_coded_as([result])}, {w}x{h}"
 
     def encode_streamed(source: str, target: str, batch: bool):
         """(result, None) after encoding straight from the file, a strip of rows at a
@@ -517,8 +517,7 @@ def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, qua
                 reader.close()
             size_in = os.fstat(stream.fileno()).st_size
         size = write_output(target, parts)
-        note = f"quality {chosen:g}, effort {effort}{_coded_as(b''.join(map(bytes, parts[:3])))}, "\
-                   f"{reader.width}x{reader.height}"
+        note = f"quality {chosen:g}, effort {effort}{_coded_as(parts)}, {reader.width}x{reader.height}"
         return (size_in, size, count, size, note), None
 
     run_jobs(pairs, work, out_dir, verbose)
@@ -687,28 +686,33 @@ def info(file: str, max_pixels: int) -> None:
         click.echo(f"{key:<{width}}  {value}")
 
 
-def _coded_as(head) -> str:
+def _coded_as(parts) -> str:
     """``-v``'s note on a file where the default chose the pixels family, or pixel tiles
-    over the model's (nic.overlay), from the file's first bytes (header and directory)."""
+    over the model's (nic.overlay), from the file's first bytes (``parts``: its buffers,
+    of which only the first bytes are read)."""
     from .container import HEADER_SIZE, parse_header
     from .families import name_of
+    from .overlay import HEAD_BYTES, has_tiles
 
-    head = bytes(head[:HEADER_SIZE + 8])
-    header = parse_header(head[:HEADER_SIZE], max_pixels=1 << 62)
+    head = bytearray()
+    for part in parts:
+        head += memoryview(part).cast("B")[:HEAD_BYTES - len(head)]
+        if len(head) >= HEAD_BYTES:
+            break
+    header = parse_header(bytes(head[:HEADER_SIZE]), max_pixels=1 << 62)
     if name_of(header.model_id) == "pixels":
         return ", coded as pixels (no model)"
-    return ", with pixel tiles over the model's" if head[HEADER_SIZE + 4:HEADER_SIZE + 8] == b"tmap" else ""
+    return ", with pixel tiles over the model's" if has_tiles(bytes(head)) else ""
 
 
 def _overlay_rows(substreams, header) -> list[tuple[str, str]]:
-    """``nic info``'s line on pixel tiles over the model's (nic.overlay), if the file has them."""
-    from .overlay import NAMES, unpack_map
-    from .pixels import step_in
-
-    if [s.name for s in substreams[:len(NAMES)]] != list(NAMES):
+    """``nic info``'s line on pixel tiles over the model's (nic.overlay, whose table this
+    reads without numpy), if the file has them."""
+    if [s.name for s in substreams[:3]] != [b"tmap", b"pset", b"pixl"] or not substreams[1].data:
         return []
-    tiles = unpack_map(substreams[0], header.height, header.width)
-    return [("pixel tiles", f"{int(tiles.sum())} of {tiles.size} (64x64), step {step_in(substreams[1:])}")]
+    tiles = -(-header.height // 64) * -(-header.width // 64)
+    chosen = sum(bin(byte).count("1") for byte in substreams[0].data)
+    return [("pixel tiles", f"{chosen} of {tiles} (64x64), step {substreams[1].data[0]}")]
 
 
 def _pixel_rows(substreams) -> list[tuple[str, str]]:

@@ -642,13 +642,15 @@ def decompress(model: Model, quality: int, height: int, width: int, gray: bool, 
     """Decode ẑ, then block by block the integer h_s and the residuals (pass by pass with
     context), and hand ``sink`` the pixel rows, with an overlay's pixel tiles pasted over
     them where the file has one (nic.overlay). ``on_latents`` sees the residuals
-    (integers) before the synthesis runs; ``step`` is the file's STEP section's."""
+    (integers) before the synthesis runs; ``step`` is the file's STEP section's; ``tcq``
+    reads trellis-coded residuals (nic.trellis: no file carries them)."""
     y_shape = factorized.latent_shape(model.base.config, height, width)
-    if [s.name for s in substreams[:len(overlay.NAMES)]] == list(overlay.NAMES):  # pixel tiles over the model's
-        tiles, tiled = overlay.decode(substreams[:len(overlay.NAMES)], height, width, gray)
-        sink = overlay.paster(sink, tiled, tiles)
-        substreams = substreams[len(overlay.NAMES):]
-    z, y = expect_substreams(substreams, [(b"zhat", z_shape(model.config.Z, *y_shape[1:])), (b"yhat", y_shape)])
+    tiles = substreams[:len(overlay.NAMES)] if [s.name for s in substreams[:3]] == list(overlay.NAMES) else []
+    z, y = expect_substreams(substreams[len(tiles):],
+                             [(b"zhat", z_shape(model.config.Z, *y_shape[1:])), (b"yhat", y_shape)])
+    if tiles:  # pixel tiles over the model's, decoded after the cheap checks (their decode is not cheap)
+        tile_map, tiled = overlay.decode(tiles, height, width, gray)
+        sink = overlay.paster(sink, tiled, tile_map)
     z_coder, y_coder = coders(model, quality)
     try:
         z_hat = z_coder.decode(z.data, z.shape)

@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from . import pixels
-from .container import FormatError, Substream
+from .container import HEADER_SIZE, VERSION_SUBSTREAMS, FormatError, Substream
 
 TILE = 64
 """Tile side in pixels: one ẑ position (nic.hyperprior.HYPER_DOWNSAMPLING latents of 16)."""
@@ -36,12 +36,12 @@ FILL = 128
 CANDIDATE_EXACT = 0.8
 CANDIDATE_EDGES = 0.01
 CANDIDATE_FLAT = 0.5
-"""A tile is worth a look where at least CANDIDATE_EXACT of its sampled pixels are
-predicted exactly at step 1, at least CANDIDATE_EDGES jump by EDGE or more, and one
-colour covers at least CANDIDATE_FLAT of it: a flat background with hard edges, which
-photos (sensor noise, soft edges, gradients) rarely have. On Kodak 10 tiles of 2
-images qualify, on the 36 Debian photos 4 tiles of 2 (docs/results/hard-content.md,
-section 4), and LEAST_CANDIDATES leaves one of these four photos."""
+"""A tile is worth a look where, over its sampled pixels of the three planes, at least
+CANDIDATE_EXACT are predicted exactly at step 1 and at least CANDIDATE_EDGES jump by
+EDGE or more, and one colour covers at least CANDIDATE_FLAT of it: a flat background
+with hard edges, which photos (sensor noise, soft edges, gradients) rarely have. On
+Kodak 9 tiles of kodim20 and 1 of kodim24 qualify; on the 36 Debian photos, 4 tiles of
+2 (docs/results/hard-content.md, section 4)."""
 LEAST_CANDIDATES = 4
 """Fewer candidates than this are not looked at: a photo's odd flat tile is not worth a
 decode of its model file (seconds for a large photo), text or UI takes several tiles."""
@@ -51,8 +51,9 @@ STEPS = (1, 4, 16)
 LOOKED_AT = 32
 """At most this many candidates are tried, those the model reconstructs worst first."""
 LEAST_GAIN = 1024
-"""A tile is tried only where a perfect free pixel tile would lower J by this many bits
-(64x64 pixels cost more than that at any step)."""
+"""A tile is tried only where a perfect free pixel tile would lower J by this many bits:
+where it would not, the model's tile is already close (pixel tiles of the hard set cost
+~400 bits and more at step 16)."""
 
 
 def grid(height: int, width: int) -> tuple[int, int]:
@@ -66,6 +67,17 @@ def tile_slices(tiles: np.ndarray) -> list[tuple[slice, slice]]:
 
 
 # ---- the tile map ------------------------------------------------------------------------
+
+HEAD_BYTES = HEADER_SIZE + 8
+"""Bytes of a file :func:`has_tiles` reads: the header, the substream count, a name."""
+
+
+def has_tiles(head: bytes) -> bool:
+    """Whether a file that begins with ``head`` (HEAD_BYTES or more) has pixel tiles: a
+    version-2 file whose first substream is ``tmap``."""
+    return (len(head) >= HEAD_BYTES and head[4] == VERSION_SUBSTREAMS
+            and bytes(head[HEADER_SIZE + 4:HEAD_BYTES]) == NAMES[0])
+
 
 def pack_map(tiles: np.ndarray) -> Substream:
     """``tmap`` of a bool tile map (tile rows, tile columns)."""
@@ -146,22 +158,24 @@ SAMPLED_ROWS = 16
 
 
 def candidates(image: np.ndarray) -> np.ndarray:
-    """Bool tile map of the tiles worth a look (CANDIDATE_EXACT, CANDIDATE_EDGES from each
-    plane's residuals at step 1, the vectorized estimate of nic.pixels, on the first
-    SAMPLED_ROWS rows of each row of tiles; then CANDIDATE_FLAT on the whole tile): a
-    photo costs it ~10 ms at 768x512, ~30 ms per megapixel."""
+    """Bool tile map of the tiles worth a look (CANDIDATE_EXACT, CANDIDATE_EDGES from the
+    residuals at step 1, nic.pixels.residuals, on the first SAMPLED_ROWS rows of each row
+    of tiles; then CANDIDATE_FLAT on the whole tile; LEAST_CANDIDATES): a photo costs it
+    ~10 ms at 768x512, ~30 ms per megapixel. A gray image gets the tiles its all-gray RGB
+    version gets."""
     height, width = image.shape[:2]
     rows, cols = grid(height, width)
     band = min(SAMPLED_ROWS, TILE)
     sample = np.concatenate([image[r * TILE:r * TILE + band] for r in range(rows)])
     values = sample.astype(np.int32) - pixels.CENTRE
-    if image.shape[2] == 1:
-        planes = [pixels._plane_bits(values[..., 0], 0, None, bits=False)[1]]
-    else:
-        planes = [pixels._plane_bits(values[..., c] - (values[..., 1] if c != 1 else 0), 0, None, bits=False)[1]
-                  for c in (1, 0, 2)]
-    exact = sum((k == 0).astype(np.float32) for k in planes) / len(planes)
-    edges = sum((k >= EDGE).astype(np.float32) for k in planes) / len(planes)
+    # The planes the pixels family codes (G, then R and B on G); a gray image as the
+    # all-gray RGB image it stands for (R − G = B − G = 0), so both are judged alike.
+    green = values[..., 0] if image.shape[2] == 1 else values[..., 1]
+    planes = [green] + ([np.zeros_like(green)] * 2 if image.shape[2] == 1 else
+                        [values[..., 0] - green, values[..., 2] - green])
+    magnitudes = [np.abs(pixels.residuals(plane)[0]) for plane in planes]
+    exact = sum((k == 0).astype(np.float32) for k in magnitudes) / 3
+    edges = sum((k >= EDGE).astype(np.float32) for k in magnitudes) / 3
     # Each row of tiles' sampled rows, in a (rows, band, cols·TILE) grid (the last band may be short).
     starts = np.cumsum([0] + [min(band, height - r * TILE) for r in range(rows)])
     pad = cols * TILE - width
@@ -171,7 +185,8 @@ def candidates(image: np.ndarray) -> np.ndarray:
         for r in range(rows):
             part = np.pad(values[starts[r]:starts[r + 1]], ((0, 0), (0, pad)))
             count = np.pad(np.ones(part.shape[0:1] + (width,), np.float32), ((0, 0), (0, pad)))
-            out[r] = part.reshape(len(part), cols, TILE).sum(axis=(0, 2)) / count.reshape(len(part), cols, TILE).sum(axis=(0, 2))
+            out[r] = (part.reshape(len(part), cols, TILE).sum(axis=(0, 2))
+                      / count.reshape(len(part), cols, TILE).sum(axis=(0, 2)))
         return out
 
     looked = (share(exact) >= CANDIDATE_EXACT) & (share(edges) >= CANDIDATE_EDGES)

@@ -560,12 +560,11 @@ to keep); text, line art, screenshots, hatching and flat colour less
 (docs/results/hard-content.md)."""
 
 
-def _plane_bits(target: np.ndarray, part: int, side: np.ndarray | None, bits: bool = True
-                ) -> tuple[float, np.ndarray]:
-    """(bits, |k|) of one plane's lossless scan, vectorized: at step 1 every prediction
-    is made from the original values. The edges are treated a little differently from
-    the scan's (a reflected border): an estimate, not the code length. Without ``bits``,
-    |k| alone (and 0 bits)."""
+def residuals(target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(residuals k, A positions) of one plane (int32 values − CENTRE, (H, W)) at step 1,
+    vectorized: every prediction made from the original values, as the scan makes it at
+    step 1, but with a reflected border where the scan has its own edge rules: an
+    estimate (also nic.overlay's), not the scan."""
     height, width = target.shape
     t = np.pad(target, 2, mode="reflect") if min(height, width) > 2 else np.pad(target, 2, mode="edge")
     ii, jj = np.indices((height, width))
@@ -581,9 +580,17 @@ def _plane_bits(target: np.ndarray, part: int, side: np.ndarray | None, bits: bo
     k[0, 0::2] = np.diff(target[0, 0::2], prepend=0)
     u, v, w, x = at(-1, 0, t), at(1, 0, t), at(0, -1, t), at(0, 1, t)
     vertical = np.abs(u - v) <= np.abs(w - x)
-    k = np.where(a_pixels, k, target - np.where(vertical, (u + v) >> 1, (w + x) >> 1))
-    if not bits:
-        return 0.0, np.abs(k)
+    return np.where(a_pixels, k, target - np.where(vertical, (u + v) >> 1, (w + x) >> 1)), a_pixels
+
+
+def _plane_bits(target: np.ndarray, part: int, side: np.ndarray | None) -> tuple[float, np.ndarray]:
+    """(bits, |k|) of one plane's lossless scan, estimated from :func:`residuals`."""
+    height, width = target.shape
+    k, a_pixels = residuals(target)
+
+    def at(di: int, dj: int, grid: np.ndarray) -> np.ndarray:
+        return grid[2 + di:2 + di + height, 2 + dj:2 + dj + width]
+
     m = np.pad(np.where(a_pixels, np.abs(k), 0), 2)
     activity = np.where(a_pixels, at(-1, -1, m) + at(-1, 1, m) + at(-2, 0, m),
                         at(-1, 0, m) + at(1, 0, m) + at(0, -1, m) + at(0, 1, m))

@@ -32,7 +32,7 @@ from functools import cached_property
 
 import numpy as np
 
-from .coding import PRECISION, IntegerTables
+from .coding import LATENT_LIMIT, PRECISION, IntegerTables
 
 TRANSITIONS = np.array([[0, 2], [2, 0], [1, 3], [3, 1]], dtype=np.int64)
 """Next state by (state, parity of k): VVC's 4-state machine."""
@@ -108,8 +108,9 @@ def quantizer_tables(unit: IntegerTables) -> IntegerTables:
             parts.append(freq)
     tables = IntegerTables(np.array(offsets, np.int32), np.array(lengths, np.int32),
                            np.concatenate(parts).astype(np.int32))
-    assert all(int(tables.channel(t).sum()) == 1 << PRECISION and tables.channel(t).min() >= 1
-               for t in range(len(offsets)))
+    if not all(int(tables.channel(t).sum()) == 1 << PRECISION and tables.channel(t).min() >= 1
+               for t in range(len(offsets))):
+        raise ValueError("the unit tables do not merge into valid quantizer tables")
     return tables
 
 
@@ -265,6 +266,8 @@ def encode_pass(writer, e: np.ndarray, where: np.ndarray, t: np.ndarray, weight:
     c = len(e)
     tables = seq.spread(t)
     valid = np.tile(seq.valid, (c, 1))
+    if not np.isfinite(e).all() or np.abs(e).max(initial=0) > LATENT_LIMIT / 2:
+        raise ValueError("latent magnitude exceeds what the trellis can code")
     k = search(seq.spread(e), np.repeat(weight, seq.rows), tables, valid, rate, count)
     q = quantizer(follow(k, valid))
     for j in range(seq.length):
