@@ -7,12 +7,13 @@ A hyperprior file with an overlay has three more substreams, before ẑ and ŷ:
 | name | shape | content |
 |------|-------|---------|
 | ``tmap`` | (1, tile rows, tile columns): ẑ's grid, one tile per ẑ position (64x64 pixels) | one bit per tile in raster order, least significant bit first, 1 = a pixel tile; zero bits pad it to a multiple of 4 bytes; at least one tile |
-| ``pset``, ``pixl`` | as a ``pixels`` file of the whole image | the pixels family's code of the image with every other tile set to 128 (what costs next to nothing there) |
+| ``pset`` | (1, 1, 1) | the pixels family's step and tables, as in a ``pixels`` file |
+| ``pixl`` | (1, latent rows, latent columns): the image's grid | the pixels family's indices of the tiles' image: the n tiles in raster order, packed row by row ⌈√n⌉ to a row (:func:`packed_size`), FILL where a tile cut by the image's edge, or a slot after the last tile, has no pixels |
 
 The model codes the image with the overlay's tiles flattened to their mean colour (it
-spends almost nothing on them); the decoder decodes the pixel image (so an overlay
-needs the image within the pixels family's MAX_PIXELS) and pastes its tiles over the
-model's rows as they stream out. The encoder's choice is :func:`choose`'s.
+spends almost nothing on them); the decoder decodes the tiles' image (what it costs
+follows the tile count, within the pixels family's MAX_PIXELS) and pastes the tiles
+over the model's rows as they stream out. The encoder's choice is :func:`choose`'s.
 
 Math only: arrays in, arrays out. No I/O.
 """
@@ -107,11 +108,23 @@ def unpack_map(stream: Substream, height: int, width: int) -> np.ndarray:
 
 # ---- images ------------------------------------------------------------------------------
 
+def packed_size(count: int) -> tuple[int, int]:
+    """(rows, columns) of tiles of the pixel image that holds ``count`` tiles: about square."""
+    columns = max(1, int(np.ceil(np.sqrt(count))))
+    return -(-count // columns), columns
+
+
 def pixel_image(image: np.ndarray, tiles: np.ndarray) -> np.ndarray:
-    """The image the pixels family codes: the tiles' pixels, FILL elsewhere."""
-    out = np.full_like(image, FILL)
-    for rows, cols in tile_slices(tiles):
-        out[rows, cols] = image[rows, cols]
+    """The image the pixels family codes: the tiles in raster order, packed row by row
+    into :func:`packed_size`'s grid; a tile cut by the image's edge, and the slots after
+    the last tile, are FILL where they have no pixels."""
+    places = tile_slices(tiles)
+    rows, columns = packed_size(len(places))
+    out = np.full((rows * TILE, columns * TILE, image.shape[2]), FILL, dtype=np.uint8)
+    for n, (r, c) in enumerate(places):
+        block = image[r, c]
+        top, left = (n // columns) * TILE, (n % columns) * TILE
+        out[top:top + block.shape[0], left:left + block.shape[1]] = block
     return out
 
 
@@ -124,19 +137,26 @@ def flattened(image: np.ndarray, tiles: np.ndarray) -> np.ndarray:
     return out
 
 
-def paster(sink: Callable[[np.ndarray], None], tiled: np.ndarray, tiles: np.ndarray
+def paster(sink: Callable[[np.ndarray], None], packed: np.ndarray, tiles: np.ndarray
            ) -> Callable[[np.ndarray], None]:
-    """A sink that pastes the overlay's tiles (from the decoded pixel image ``tiled``) over
-    each strip of the model's rows before handing it on."""
-    mask = np.repeat(np.repeat(tiles, TILE, axis=0), TILE, axis=1)[:tiled.shape[0], :tiled.shape[1]]
+    """A sink that pastes the overlay's tiles (from the decoded pixel image ``packed``,
+    :func:`pixel_image`'s layout) over each strip of the model's rows before handing it on."""
+    columns = packed_size(int(tiles.sum()))[1]
+    places = [(r, c, (n // columns) * TILE, (n % columns) * TILE) for n, (r, c) in enumerate(tile_slices(tiles))]
     done = [0]
 
     def paste(rows: np.ndarray) -> None:
         start, stop = done[0], done[0] + len(rows)
-        where = mask[start:stop]
-        if where.any():
-            rows = rows.copy()
-            rows[where] = tiled[start:stop][where][:, :rows.shape[2]]
+        copied = False
+        for r, c, top, left in places:
+            first, last = max(start, r.start), min(stop, r.stop)
+            if first >= last:
+                continue
+            if not copied:
+                rows, copied = rows.copy(), True
+            cols = slice(c.start, min(c.stop, rows.shape[1]))
+            rows[first - start:last - start, cols] = packed[top + first - r.start:top + last - r.start,
+                                                            left:left + cols.stop - cols.start, :rows.shape[2]]
         done[0] = stop
         sink(rows)
 
@@ -144,11 +164,18 @@ def paster(sink: Callable[[np.ndarray], None], tiled: np.ndarray, tiles: np.ndar
 
 
 def decode(streams: list[Substream], height: int, width: int, gray: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(tile map, decoded pixel image) of an overlay's three substreams."""
+    """(tile map, decoded pixel image of the tiles, packed) of an overlay's three substreams."""
     tiles = unpack_map(streams[0], height, width)
-    rows: list[np.ndarray] = []
-    pixels.decompress(pixels.MODEL, 1, height, width, gray, list(streams[1:]), rows.append)
-    return tiles, np.concatenate(rows)
+    grid_shape = (1, *pixels._latent_grid(height, width))
+    if tuple(streams[2].shape) != grid_shape:
+        raise FormatError(f"substream pixl has shape {'x'.join(map(str, streams[2].shape))}, "
+                          f"expected {'x'.join(map(str, grid_shape))}")
+    rows, columns = packed_size(int(tiles.sum()))
+    size = (rows * TILE, columns * TILE)
+    coded = Substream(streams[2].name, (1, *pixels._latent_grid(*size)), streams[2].data)
+    out: list[np.ndarray] = []
+    pixels.decompress(pixels.MODEL, 1, *size, gray, [streams[1], coded], out.append)
+    return tiles, np.concatenate(out)
 
 
 # ---- the encoder's choice --------------------------------------------------------------------
@@ -236,7 +263,11 @@ def choose(image: np.ndarray, model_pixels: np.ndarray, looked: np.ndarray, weig
 
 
 def encode(image: np.ndarray, choice: Choice) -> list[Substream]:
-    """The overlay's substreams (tmap, pset, pixl) for an image and a choice."""
-    height, width = image.shape[:2]
-    found = pixels.trial(pixel_image(image, choice.tiles), choice.step, keep=True)
-    return [pack_map(choice.tiles), *pixels.encode_trial(found, height, width)]
+    """The overlay's substreams (tmap, pset, pixl) for an image and a choice: ``pixl``
+    declares the image's latent grid (its packed image's own size follows from the tile
+    count)."""
+    packed = pixel_image(image, choice.tiles)
+    found = pixels.trial(packed, choice.step, keep=True)
+    pset, pixl = pixels.encode_trial(found, *packed.shape[:2])
+    grid_shape = (1, *pixels._latent_grid(*image.shape[:2]))
+    return [pack_map(choice.tiles), pset, Substream(pixl.name, grid_shape, pixl.data)]

@@ -266,3 +266,35 @@ def test_pixels_files_decode_to_the_same_pixels(threads, quality):
     made = api.encode_pixels(golden_image(40, 56), quality, family="pixels")
     check_golden(GOLDEN.parent / f"pixels-q{quality}.nic", GOLDEN.parent / f"pixels-q{quality}.json", made,
                  pixels.NO_WEIGHTS, pixels_integers, threads)
+
+
+def overlay_integers(model, data: bytes) -> dict:
+    """SHA-256 of what a file with pixel tiles decodes to in integers: the tile map, the
+    tiles' packed pixels and the model's residuals."""
+    from nic import hyperprior, overlay
+
+    parsed = container.unpack(data)
+    header, substreams = parsed.header, parsed.substreams()
+    tiles, packed = overlay.decode(substreams[:3], header.height, header.width, False)
+    seen = []
+    hyperprior.decompress(model, header.quality, header.height, header.width, False, substreams, lambda rows: None,
+                          on_latents=lambda store: seen.append(store.rows(0, store.shape[1])))
+    return {name: sha256(np.ascontiguousarray(value).astype(np.int64).tobytes()) for name, value in
+            (("tiles", tiles), ("packed", packed), ("residual", seen[0]))}
+
+
+def test_overlay_golden_file_decodes_to_the_same_integers(threads, tiny_hyperprior_weights):
+    """A file with pixel tiles over the tiny model's (nic.overlay; two tiles, one cut by
+    the image's edges), made once, decodes to the same integers and is re-made byte for
+    byte: the tile map and the packing of the tiles are fixed."""
+    from nic import overlay
+    from nic.weights import load_weights
+
+    threads(1)
+    model, digest = load_weights(tiny_hyperprior_weights, coding=True)
+    image = golden_image(160, 200)
+    tiles = np.zeros(overlay.grid(160, 200), dtype=bool)
+    tiles[0, 1] = tiles[2, 3] = True
+    made = api._overlay_file(image, overlay.Choice(tiles, 4), model, digest, 3, None, 3)
+    check_golden(GOLDEN.parent / "overlay-tiny-q3.nic", GOLDEN.parent / "overlay-tiny-q3.json", made, digest,
+                 lambda d: overlay_integers(model, d), threads)
