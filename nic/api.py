@@ -194,7 +194,9 @@ def _or_overlay(pixels: np.ndarray, data: bytes, model, digest: bytes, quality: 
     looked = overlay.candidates(pixels)
     if not looked.any():
         return data
-    model_pixels = decode_pixels(data, weights).pixels[..., :pixels.shape[2]]
+    # The model's rows down to the last candidate's: the decode stops there.
+    needed = min(height, (int(np.flatnonzero(looked.any(axis=1))[-1]) + 1) * overlay.TILE)
+    model_pixels = _first_rows(data, weights, needed)[..., :pixels.shape[2]]
     weight = _lambda(model.base.config.lambdas, requested) / pixels.shape[2]
     choice = overlay.choose(pixels, model_pixels, looked, weight)
     if choice is None:
@@ -202,12 +204,35 @@ def _or_overlay(pixels: np.ndarray, data: bytes, model, digest: bytes, quality: 
     other = _overlay_file(pixels, choice, model, digest, quality, step, channels, gray_rgb, icc_profile, exif)
     if len(other) > OVERLAY_GROWTH * len(data):
         return data
-    model_error = int(np.sum((model_pixels.astype(np.int64) - pixels) ** 2))
+    model_error = (int(np.sum((model_pixels.astype(np.int64) - pixels) ** 2)) if needed == height
+                   else _squared_error(data, pixels, weights))
     error = _squared_error(other, pixels, weights)
     gain = 10 * np.log10(max(model_error, 1) / max(error, 1))  # dB
     if len(other) > len(data) and gain < OVERLAY_SLOPE * np.log2(len(other) / len(data)):
         return data
     return other if 8 * len(other) + weight * error < 8 * len(data) + weight * model_error else data
+
+
+class _Enough(Exception):
+    """A sink of :func:`_first_rows` has its rows."""
+
+
+def _first_rows(data: bytes, weights: str | Path | None, count: int) -> np.ndarray:
+    """The first ``count`` pixel rows a file decodes to; the decode stops once it has them."""
+    got: list[np.ndarray] = []
+
+    def open_sink(header, icc_profile, exif):
+        def add(rows: np.ndarray) -> None:
+            got.append(rows)
+            if sum(len(r) for r in got) >= count:
+                raise _Enough
+        return add
+
+    try:
+        decode_rows(data, open_sink, weights)
+    except _Enough:
+        pass
+    return np.concatenate(got)[:count]
 
 
 def _lambda(lambdas, quality: float) -> float:

@@ -132,6 +132,10 @@ def test_the_default_puts_pixel_tiles_over_a_caption():
     model_error = np.mean((api.decode_pixels(model).pixels[band].astype(int) - image[band]) ** 2)
     assert error < model_error / 4
     assert len(data) <= api.OVERLAY_GROWTH * len(model)
+    # Captioned at the top instead: the model's decode for the choice stops below the caption.
+    top = np.ascontiguousarray(image[::-1])
+    top[:128] = image[-128:]
+    assert container.unpack(api.encode_pixels(top, 4)).substreams()[0].name == b"tmap"
 
 
 def test_photos_without_such_tiles_are_not_looked_at():
