@@ -174,8 +174,19 @@ asking the model for more quality."""
 
 
 def _squared_error(data: bytes, pixels: np.ndarray, weights: str | Path | None) -> int:
-    decoded = decode_pixels(data, weights).pixels
-    return int(np.sum((decoded[..., :pixels.shape[2]].astype(np.int64) - pixels) ** 2))
+    """Squared error of a file's decode against ``pixels``, strip by strip: no second copy
+    of the image."""
+    error, row = [0], [0]
+
+    def open_sink(header, icc, exif):
+        def add(rows: np.ndarray) -> None:
+            original = pixels[row[0]:row[0] + len(rows)]
+            error[0] += int(np.sum((rows[..., :original.shape[2]].astype(np.int32) - original) ** 2, dtype=np.int64))
+            row[0] += len(rows)
+        return add
+
+    decode_rows(data, open_sink, weights)
+    return error[0]
 
 
 def _or_overlay(pixels: np.ndarray, data: bytes, model, digest: bytes, quality: int, step, channels: int,
@@ -245,16 +256,14 @@ def _lambda(lambdas, quality: float) -> float:
 
 
 def _overlay_file(pixels: np.ndarray, choice, model, digest: bytes, quality: int, step, channels: int,
-                  gray_rgb: bool = False, icc_profile: bytes | None = None, exif: bytes | None = None,
-                  effort: int = 1) -> bytes:
+                  gray_rgb: bool = False, icc_profile: bytes | None = None, exif: bytes | None = None) -> bytes:
     """A hyperprior file with an overlay (nic.overlay.Choice): the model codes the image with
-    the overlay's tiles flattened, the pixels family the tiles."""
+    the overlay's tiles flattened (at effort 1), the pixels family the tiles."""
     from . import overlay
 
     height, width = pixels.shape[:2]
     extra = {} if step is None else {"step": step}
-    substreams = _family(model).compress(model, overlay.flattened(pixels, choice.tiles), quality, effort, None,
-                                         **extra)
+    substreams = _family(model).compress(model, overlay.flattened(pixels, choice.tiles), quality, 1, None, **extra)
     return b"".join(_file_parts(model, digest, quality, channels, width, height,
                                 overlay.encode(pixels, choice) + substreams, icc_profile, exif, gray_rgb, step))
 
@@ -275,22 +284,8 @@ def _or_pixels(pixels: np.ndarray, data: bytes, quality: int, channels: int, gra
     height, width = pixels.shape[:2]
     sections = len(data) - container.parse_header(data).payload_length - container.HEADER_SIZE - 4
 
-    def model_error() -> int:  # decoded strip by strip: no second copy of the image
-        error, row = [0], [0]
-
-        def open_sink(header, icc, exif):
-            def add(rows: np.ndarray) -> None:
-                original = pixels[row[0]:row[0] + len(rows)]
-                error[0] += int(np.sum((rows[..., :original.shape[2]].astype(np.int32) - original) ** 2,
-                                       dtype=np.int64))
-                row[0] += len(rows)
-            return add
-
-        decode_rows(data, open_sink, weights)
-        return error[0]
-
     budget = 8.0 * (len(data) - sections - PIXELS_OVERHEAD)
-    found = family_pixels.best_within(pixels, budget, model_error)
+    found = family_pixels.best_within(pixels, budget, lambda: _squared_error(data, pixels, weights))
     if found is None:
         return data
     model = family_pixels.MODEL

@@ -71,6 +71,30 @@ LATENT_LIMIT = 2**31 - 1
 """Largest magnitude a latent may have (zig-zag code must fit in 32 bits)."""
 
 
+class CodeLengths:
+    """Exact code length in bits of integers under tables of an :class:`IntegerTables`:
+    −log2(frequency / 2**PRECISION) of the symbol, or for a value outside its table the
+    escape symbol's, then the escape's bit length (uniform over 33) and its bits, as
+    :func:`_encode_escapes` sends them. numpy; the search's torch twin is
+    nic.quantization.TableRate."""
+
+    def __init__(self, tables: IntegerTables):
+        self.offsets = tables.offsets.astype(np.int64)
+        self.lengths = tables.lengths.astype(np.int64)
+        self.starts = tables.starts
+        self.bits = -np.log2(tables.frequencies.astype(np.float64) / (1 << PRECISION))
+
+    def __call__(self, values: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """Bits of int64 ``values`` under tables ``t`` (arrays that broadcast)."""
+        symbol = values - self.offsets[t]
+        inside = (symbol >= 0) & (symbol < self.lengths[t])
+        bits = self.bits[self.starts[t] + np.where(inside, symbol, self.lengths[t])]
+        if not inside.all():
+            zigzag = np.where(values >= 0, 2 * values, -2 * values - 1)
+            bits = bits + np.where(inside, 0.0, np.log2(33) + np.frexp(zigzag.astype(np.float64))[1])
+        return bits
+
+
 class CorruptStream(ValueError):
     """The payload does not decode with the tables it claims."""
 

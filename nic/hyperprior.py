@@ -44,8 +44,8 @@ from typing import Callable
 import numpy as np
 
 from . import context, engine, factorized, overlay, trellis
-from .coding import (DISTRIBUTIONS, LATENT_LIMIT, SCALE_COUNT, SCALE_MAX, SCALE_MIN, CorruptStream, IndexedCoder,
-                     IntegerTables, LatentCoder)
+from .coding import (DISTRIBUTIONS, LATENT_LIMIT, SCALE_COUNT, SCALE_MAX, SCALE_MIN, CodeLengths, CorruptStream,
+                     IndexedCoder, IntegerTables, LatentCoder)
 from .container import UNIT_STEP, FormatError, Substream
 from .families import expect_substreams, trainable_names
 from .integer import (ACTIVATION_MAX, BIAS_LIMIT, MAX_SHIFT, MEAN_BITS, NARROW_WEIGHT_MAX,  # noqa: F401
@@ -528,10 +528,10 @@ def tcq_coder(model: Model) -> IndexedCoder:
     return cache["tcq"]
 
 
-def tcq_rate(model: Model) -> "trellis.Rate":
+def tcq_rate(model: Model) -> CodeLengths:
     cache = _CODERS.setdefault(model, {})
     if "tcq rate" not in cache:
-        cache["tcq rate"] = trellis.Rate(tcq_coder(model).tables)
+        cache["tcq rate"] = CodeLengths(tcq_coder(model).tables)
     return cache["tcq rate"]
 
 
@@ -645,7 +645,9 @@ def decompress(model: Model, quality: int, height: int, width: int, gray: bool, 
     (integers) before the synthesis runs; ``step`` is the file's STEP section's; ``tcq``
     reads trellis-coded residuals (nic.trellis: no file carries them)."""
     y_shape = factorized.latent_shape(model.base.config, height, width)
-    tiles = substreams[:len(overlay.NAMES)] if [s.name for s in substreams[:3]] == list(overlay.NAMES) else []
+    tiles = substreams[:len(overlay.NAMES)]
+    if [s.name for s in tiles] != list(overlay.NAMES):
+        tiles = []
     z, y = expect_substreams(substreams[len(tiles):],
                              [(b"zhat", z_shape(model.config.Z, *y_shape[1:])), (b"yhat", y_shape)])
     if tiles:  # pixel tiles over the model's, decoded after the cheap checks (their decode is not cheap)
@@ -658,8 +660,8 @@ def decompress(model: Model, quality: int, height: int, width: int, gray: bool, 
         raise FormatError(f"substream zhat is corrupt: {exc}") from None
     with latent_store(y_shape, spill_bytes, np.float32) as y_hat, latent_store(y_shape, spill_bytes) as residual:
         try:
-            _decode_blocks(model, quality, z_hat, (tcq_coder(model) if tcq else y_coder).decoder(y.data), y_hat, residual,
-                           step, tcq)
+            reader = (tcq_coder(model) if tcq else y_coder).decoder(y.data)
+            _decode_blocks(model, quality, z_hat, reader, y_hat, residual, step, tcq)
         except CorruptStream as exc:
             raise FormatError(f"substream yhat is corrupt: {exc}") from None
         if on_latents is not None:

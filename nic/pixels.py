@@ -51,7 +51,7 @@ from typing import Callable
 
 import numpy as np
 
-from .coding import PRECISION, CorruptStream, IndexedCoder, IntegerTables
+from .coding import PRECISION, CodeLengths, CorruptStream, IndexedCoder, IntegerTables
 from .container import FormatError, Substream
 
 MODEL_ID = 3
@@ -145,18 +145,7 @@ def tables() -> IntegerTables:
 @lru_cache(maxsize=1)
 def _costs() -> np.ndarray:
     """Bits of k = −SPAN..SPAN under each table (TABLES, 2·SPAN + 1), escapes included."""
-    found = tables()
-    k = np.arange(-SPAN, SPAN + 1)
-    u = np.where(k >= 0, 2 * k, -2 * k - 1)
-    escape_bits = np.log2(33) + np.frexp(u.astype(np.float64))[1]
-    out = np.empty((TABLES, len(k)))
-    for t in range(TABLES):
-        f = found.channel(t).astype(np.float64)
-        bits = np.full(len(k), -np.log2(f[-1] / (1 << PRECISION))) + escape_bits
-        inside = np.abs(k) <= found.lengths[t] // 2
-        bits[inside] = -np.log2(f[k[inside] + found.lengths[t] // 2] / (1 << PRECISION))
-        out[t] = bits
-    return out
+    return CodeLengths(tables())(np.arange(-SPAN, SPAN + 1)[None, :], np.arange(TABLES)[:, None])
 
 
 MAX_LEVEL = 61

@@ -32,14 +32,12 @@ from functools import cached_property
 
 import numpy as np
 
-from .coding import LATENT_LIMIT, PRECISION, IntegerTables
+from .coding import LATENT_LIMIT, PRECISION, CodeLengths, IntegerTables
 
 TRANSITIONS = np.array([[0, 2], [2, 0], [1, 3], [3, 1]], dtype=np.int64)
 """Next state by (state, parity of k): VVC's 4-state machine."""
 
 STATES = 4
-ESCAPE_LENGTH_BITS = float(np.log2(33))
-"""An escaped value's bit length is sent uniformly over 0..32 (nic.coding)."""
 
 
 def quantizer(state: np.ndarray) -> np.ndarray:
@@ -72,7 +70,8 @@ def _merged(offset: int, freq: np.ndarray, q: int) -> tuple[int, np.ndarray]:
     split = (values % 2 == 1) if q == 0 else ((values % 2 == 0) & (values != 0))
     lower, upper = _split(np.where(split, f, 0))
     whole = np.where(split, 0, f)
-    # The index whose cell holds each unit value whole: Q0 2m → m; Q1 0 → 0, 2m − 1 → m (m > 0), 2m + 1 → m (m < 0).
+    # The index whose cell holds each unit value whole:
+    # Q0 2m → m; Q1 0 → 0, 2m − 1 → m (m > 0), 2m + 1 → m (m < 0).
     if q == 0:
         owner = np.where(split, 0, values // 2)
     else:
@@ -112,27 +111,6 @@ def quantizer_tables(unit: IntegerTables) -> IntegerTables:
                for t in range(len(offsets))):
         raise ValueError("the unit tables do not merge into valid quantizer tables")
     return tables
-
-
-class Rate:
-    """Exact code length in bits of index k under table t (escapes included)."""
-
-    def __init__(self, tables: IntegerTables):
-        self.offsets = tables.offsets.astype(np.int64)
-        self.lengths = tables.lengths.astype(np.int64)
-        self.starts = tables.starts
-        self.bits = PRECISION - np.log2(tables.frequencies.astype(np.float64))
-
-    def __call__(self, k: np.ndarray, t: np.ndarray) -> np.ndarray:
-        symbol = k - self.offsets[t]
-        inside = (symbol >= 0) & (symbol < self.lengths[t])
-        at = self.starts[t] + np.where(inside, symbol, self.lengths[t])
-        bits = self.bits[at]
-        if not inside.all():
-            u = np.where(k >= 0, 2 * k, -2 * k - 1)
-            extra = ESCAPE_LENGTH_BITS + np.frexp(u.astype(np.float64))[1]
-            bits = bits + np.where(inside, 0.0, extra)
-        return bits
 
 
 # ---- sequences ----------------------------------------------------------------------------
@@ -193,7 +171,7 @@ def _candidates(e: np.ndarray, q: int) -> list[np.ndarray]:
     return [to_index(odd), to_index(odd + 2), np.zeros_like(e)]
 
 
-def search(e: np.ndarray, weight: np.ndarray, t: np.ndarray, valid: np.ndarray, rate: Rate,
+def search(e: np.ndarray, weight: np.ndarray, t: np.ndarray, valid: np.ndarray, rate: CodeLengths,
            count: int) -> np.ndarray:
     """The indices k (int64, like e) minimizing Σ weight·(e − v)² + bits, v the levels the
     states give them, for sequences e (S, L) of residuals in units of Δ; ``weight`` (S,)
@@ -256,8 +234,8 @@ def follow(k: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 # ---- one context pass ------------------------------------------------------------------------
 
-def encode_pass(writer, e: np.ndarray, where: np.ndarray, t: np.ndarray, weight: np.ndarray, rate: Rate,
-                count: int) -> np.ndarray:
+def encode_pass(writer, e: np.ndarray, where: np.ndarray, t: np.ndarray, weight: np.ndarray,
+                rate: CodeLengths, count: int) -> np.ndarray:
     """Search and code one pass: residuals e (c, n) in units of Δ at the positions of
     ``where``, their unit tables t (c, n), each channel's distortion weight (c,) in bits
     per squared unit of Δ. The indices go to ``writer`` (an IndexedEncoder) slot by slot,

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import smooth_image, tiny_context_model
 from nic import hyperprior, trellis
-from nic.coding import PRECISION, IndexedCoder, IntegerTables
+from nic.coding import PRECISION, CodeLengths, IndexedCoder, IntegerTables
 
 
 def _unit_tables() -> IntegerTables:
@@ -22,7 +22,8 @@ def _unit_tables() -> IntegerTables:
         offsets.append(-half)
         lengths.append(len(values))
         parts.append(f)
-    return IntegerTables(np.array(offsets, np.int32), np.array(lengths, np.int32), np.concatenate(parts).astype(np.int32))
+    return IntegerTables(np.array(offsets, np.int32), np.array(lengths, np.int32),
+                         np.concatenate(parts).astype(np.int32))
 
 
 def test_quantizer_tables_split_the_unit_cells_exactly():
@@ -48,7 +49,8 @@ def test_levels_interleave():
     np.testing.assert_array_equal(trellis.levels(k, np.ones_like(k)), [-5, -3, -1, 0, 1, 3, 5])
 
 
-def _cost(k: np.ndarray, e: np.ndarray, weight: float, t: np.ndarray, rate: trellis.Rate, count: int) -> float:
+def _cost(k: np.ndarray, e: np.ndarray, weight: float, t: np.ndarray, rate: CodeLengths,
+          count: int) -> float:
     states = trellis.follow(k[None], np.ones((1, len(k)), bool))[0]
     q = trellis.quantizer(states)
     v = trellis.levels(k, q)
@@ -73,7 +75,7 @@ def test_search_finds_the_cheapest_sequence(weight):
     rng = np.random.default_rng(3)
     unit = _unit_tables()
     count = len(unit.lengths)
-    rate = trellis.Rate(trellis.quantizer_tables(unit))
+    rate = CodeLengths(trellis.quantizer_tables(unit))
     for _ in range(6):
         e = rng.normal(0, 2.5, 6)
         t = rng.integers(0, count, 6)
@@ -94,7 +96,7 @@ def test_a_pass_decodes_to_the_levels_it_was_searched_for():
     e[0, 0] = 900.0  # an escape
     t = rng.integers(0, count, (3, n))
     writer = coder.encoder()
-    levels = trellis.encode_pass(writer, e, where, t, np.array([0.5, 2.0, 8.0]), trellis.Rate(tables), count)
+    levels = trellis.encode_pass(writer, e, where, t, np.array([0.5, 2.0, 8.0]), CodeLengths(tables), count)
     reader = coder.decoder(writer.finish().tobytes())
     np.testing.assert_array_equal(trellis.decode_pass(reader, where, t, count), levels)
     reader.finish()
