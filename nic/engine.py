@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 _BLOCK = 2048
 """Pixels a GDN step handles at once: its temporaries stay in cache."""
@@ -95,10 +96,12 @@ class Conv:
         self.k, self.stride, self.padding = k, stride, k // 2
         self.channels, self.out_channels = channels, out_channels
         s = stride
-        # Tap (ky, kx) reads phase plane (ky mod s, kx mod s) at offset (ky // s, kx // s).
-        self.taps = [((ky % s) * s + kx % s, ky // s, kx // s) for ky in range(k) for kx in range(k)]
-        kernel = weight.astype(np.float32).transpose(2, 3, 1, 0).reshape(k * k, channels, out_channels)
-        self.weights = _Taps(kernel, bias)
+        # Tap (ky, kx) reads phase plane (ky mod s, kx mod s) at offset (ky // s, kx // s);
+        # ordered by plane, then offset, a row's taps read consecutive pixels of a plane.
+        order = sorted(((ky % s) * s + kx % s, ky // s, kx // s, ky, kx) for ky in range(k) for kx in range(k))
+        self.taps = [(plane, dy, dx) for plane, dy, dx, _, _ in order]
+        kernel = weight.astype(np.float32).transpose(2, 3, 1, 0)
+        self.weights = _Taps(np.stack([kernel[ky, kx] for *_, ky, kx in order]), bias)
 
     transposed = False
     geometry = property(lambda self: (self.k, self.stride, self.padding))
@@ -161,16 +164,17 @@ class Deconv:
         # Per output phase (a, b): its taps' (row shift, column shift, kernel position).
         self.phases = [[(ty, tx, ky * k + kx) for ky, ty in phases[a] for kx, tx in phases[b]]
                        for a in range(s) for b in range(s)]
-        # Few output channels (the last layer of g_s): one product of the input with every
-        # tap's weights side by side, (C, k·k·C_out), whose columns are then shifted and
-        # summed; gathering the input (k·k/s² times its size) would cost more.
+        # Few output channels (the last layer of g_s): one product of every tap's weights
+        # stacked, (k·k·C_out, C), with the input, giving each tap's outputs as rows over
+        # the pixels, which are then shifted and summed as whole contiguous rows; gathering
+        # the input (k·k/s² times its size) would cost more.
         self.gather = out_channels * 4 > channels
         if self.gather:
             self.weights = [_Taps(np.stack([kernel[t // k, t % k] for _, _, t in phase]), bias)
                             for phase in self.phases]
         else:
             self.side = np.ascontiguousarray(kernel.reshape(k * k, channels, out_channels)
-                                             .transpose(1, 0, 2).reshape(channels, -1))
+                                             .transpose(0, 2, 1).reshape(-1, channels))
 
     transposed = True
     geometry = property(lambda self: (self.k, self.stride, self.padding))
@@ -195,27 +199,29 @@ class Deconv:
 
                 self.weights[phase].correlate(inputs, height, padded_cols, store)
             return out
-        products = np.empty((len(flat), self.side.shape[1]), dtype=np.float32)
+        products = np.empty((len(self.side), len(flat)), dtype=np.float32)
 
         def product(index: int) -> None:
-            rows = slice(index * _CHUNK_ROWS, (index + 1) * _CHUNK_ROWS)
-            np.matmul(flat[rows], self.side, out=products[rows])
+            pixels = slice(index * _SIDE_PIXELS, (index + 1) * _SIDE_PIXELS)
+            np.matmul(self.side, flat[pixels].T, out=products[:, pixels])
 
         def phase_sum(phase: int) -> None:
-            result = np.empty((n, c), dtype=np.float32)
-            result[:] = self.bias
+            result = np.empty((c, n), dtype=np.float32)
+            result[:] = self.bias[:, None]
             for ty, tx, t in self.phases[phase]:
                 start = (before - ty) * padded_cols + before - tx
-                result += products[start:start + n, t * c:(t + 1) * c]
-            out[phase // s::s, phase % s::s] = result.reshape(height, padded_cols, -1)[:, :width]
+                result += products[t * c:(t + 1) * c, start:start + n]
+            out[phase // s::s, phase % s::s] = result.reshape(c, height, padded_cols)[:, :, :width].transpose(1, 2, 0)
 
-        parallel(product, -(-len(flat) // _CHUNK_ROWS))
+        parallel(product, -(-len(flat) // _SIDE_PIXELS))
         parallel(phase_sum, len(self.phases))
         return out
 
 
+_SIDE_PIXELS = 4096
+"""Input pixels of one product of a transposed convolution with few output channels."""
 _CHUNK_ROWS = 512
-_CHUNK_BYTES = 4 << 20
+_CHUNK_BYTES = 1 << 20
 """Output pixels of one matrix product at least (and its gathered input up to _CHUNK_BYTES):
 large enough for an efficient product, small enough to stay in a core's caches."""
 
@@ -246,22 +252,43 @@ class _Taps:
         # where the gathered rows are short (the pixels: 3 channels).
         pixels = max(_CHUNK_ROWS, _CHUNK_BYTES // (4 * channels * len(inputs)))
         step = max(1, pixels // width)
+        runs = _runs(inputs, rows * width)
+        columns = np.cumsum([0] + [length * channels for _, _, length in runs]).tolist()
         buffers = threading.local()
 
         def chunk(index: int) -> None:
             first, last = index * step, min(rows, (index + 1) * step)
             start, stop = first * width, last * width
             if not hasattr(buffers, "gathered"):
-                buffers.gathered = np.empty((step * width, len(inputs), channels), dtype=np.float32)
+                buffers.gathered = np.empty((step * width, len(inputs) * channels), dtype=np.float32)
                 buffers.out = np.empty((step * width, self.out_channels), dtype=np.float32)
             gathered, out = buffers.gathered[:stop - start], buffers.out[:stop - start]
-            for t, (array, offset) in enumerate(inputs):
-                gathered[:, t] = array[offset + start:offset + stop]
-            np.matmul(gathered.reshape(stop - start, -1), self.stacked, out=out)
+            for column, (array, offset, length) in zip(columns, runs):
+                # A run of taps reads consecutive pixels: its values for a pixel are one
+                # contiguous stretch of length·C values, a pixel's C further on for the next.
+                gathered[:, column:column + length * channels] = as_strided(
+                    array[offset + start:], (stop - start, length * channels), array.strides)
+            np.matmul(gathered, self.stacked, out=out)
             out += self.bias
             store(first, last, out.reshape(last - first, width, -1))
 
         parallel(chunk, -(-rows // step))
+
+
+def _runs(inputs: list[tuple[np.ndarray, int]], n: int) -> list[tuple[np.ndarray, int, int]]:
+    """The taps as runs (array, offset, length): consecutive taps that read the same array
+    at consecutive offsets are one run. Each run's reads are checked to lie inside its
+    array (they are then taken through a strided view)."""
+    runs: list[list] = []
+    for array, offset in inputs:
+        if runs and runs[-1][0] is array and runs[-1][1] + runs[-1][2] == offset:
+            runs[-1][2] += 1
+        else:
+            runs.append([array, offset, 1])
+    for array, offset, length in runs:
+        if offset < 0 or offset + n + length - 1 > len(array) or not array.flags.c_contiguous:
+            raise ValueError("a convolution tap reads outside its input")
+    return [tuple(run) for run in runs]
 
 
 class GDN:

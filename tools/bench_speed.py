@@ -193,7 +193,8 @@ def cmd_engines(args) -> None:
     from nic.weights import default_weights
 
     set_threads(args.threads)
-    engines = {"numpy": default_weights(coding=True)[0], "torch": default_weights()[0]}
+    engines = {"numpy": default_weights(family="factorized", coding=True)[0],
+               "torch": default_weights(family="factorized")[0]}
     print(f"{args.threads} threads, quality {args.quality}, best of {args.repeat}")
     print(f"{'image':<14} {'size':>9} {'g_a numpy':>9} {'g_a torch':>9} {'ratio':>5} {'g_s numpy':>9} "
           f"{'g_s torch':>9} {'ratio':>5} {'latents differ':>14} {'dB numpy':>9} {'dB torch':>9}")
