@@ -372,7 +372,7 @@ def fill(state: dict[str, Tensor], arrays: dict[str, np.ndarray]) -> None:
     Into the parameter itself, converting as it copies: no fp32 copy of the file's fp16
     kernels on the side (a weights file with several pairs is ~45 MB of fp16)."""
     for name, tensor in state.items():
-        tensor.copy_(torch.from_numpy(np.ascontiguousarray(arrays[name])))
+        tensor.copy_(torch.from_numpy(np.array(arrays[name])))
 
 
 def from_arrays(arrays: dict[str, np.ndarray]) -> Codec:

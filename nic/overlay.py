@@ -49,8 +49,10 @@ decode of its model file (seconds for a large photo), text or UI takes several t
 EDGE = 48
 STEPS = (1, 4, 16)
 """Pixel steps tried for each candidate tile."""
-LOOKED_AT = 32
+LOOKED_AT = 1024
 """At most this many candidates are tried, those the model reconstructs worst first."""
+STRIP_TILES = 256
+"""Candidates are priced in strips of at most this many tiles side by side (:func:`strip`)."""
 LEAST_GAIN = 1024
 """A tile is tried only where a perfect free pixel tile would lower J by this many bits:
 where it would not, the model's tile is already close (pixel tiles of the hard set cost
@@ -231,29 +233,45 @@ class Choice:
     step: int
 
 
+def strip(image: np.ndarray, places: list[tuple[slice, slice]]) -> np.ndarray:
+    """The tiles at ``places`` side by side, (TILE, n·TILE), FILL where a tile cut by the
+    image's edge has no pixels: one scan of the pixels family prices them all."""
+    out = np.full((TILE, TILE * len(places), image.shape[2]), FILL, dtype=np.uint8)
+    for n, (rows, cols) in enumerate(places):
+        block = image[rows, cols]
+        out[:block.shape[0], n * TILE:n * TILE + block.shape[1]] = block
+    return out
+
+
 def choose(image: np.ndarray, model_pixels: np.ndarray, looked: np.ndarray, weight: float) -> Choice | None:
     """The tiles (among ``looked``: the LOOKED_AT the model reconstructs worst, where that
     could pay, LEAST_GAIN) and the one pixel step for which pixel tiles lower J = bits +
-    weight·SSE against the model's decoded pixels, each tile coded alone to estimate its
-    bits; None where none does."""
+    weight·SSE against the model's decoded pixels; None where none does. The tiles are
+    priced side by side, a strip of up to STRIP_TILES in one scan per step
+    (:func:`strip`): each tile's bits under the tables the strip shares, whose
+    description counts once per strip."""
     places = tile_slices(looked)
     errors = np.array([float(np.sum((model_pixels[rows, cols].astype(np.int64) - image[rows, cols]) ** 2))
                        for rows, cols in places])
-    worst = [n for n in np.argsort(-errors, kind="stable")[:LOOKED_AT] if weight * errors[n] >= LEAST_GAIN]
+    worst = sorted(n for n in np.argsort(-errors, kind="stable")[:LOOKED_AT] if weight * errors[n] >= LEAST_GAIN)
     if not worst:
         return None
-    places = [places[n] for n in sorted(worst)]
-    errors = errors[sorted(worst)]
+    places = [places[n] for n in worst]
+    errors = errors[worst]
     gains = np.zeros((len(STEPS), len(places)))
-    for n, (rows, cols) in enumerate(places):
-        tile = image[rows, cols]
-        model_error = errors[n]
+    totals = np.zeros(len(STEPS))
+    for first in range(0, len(places), STRIP_TILES):
+        part = slice(first, first + STRIP_TILES)
+        tiles = strip(image, places[part])
         for s, step in enumerate(STEPS):
-            found = pixels.trial(tile, step, keep=False)
-            gains[s, n] = found.bits() + weight * (found.squared_error - model_error)
-    best = int(np.argmin(np.minimum(gains, 0).sum(axis=1)))
+            found = pixels.trial(tiles, step, per_column=True)
+            bits, squared = (values.reshape(-1, TILE).sum(axis=1) for values in found.columns)
+            gains[s, part] = bits + weight * (squared - errors[part])
+            description = found.bits() - found.columns[0].sum()  # the step and the strip's tables
+            totals[s] += np.minimum(gains[s, part], 0).sum() + description
+    best = int(np.argmin(totals))
     chosen = gains[best] < 0
-    if not chosen.any():
+    if totals[best] >= 0 or not chosen.any():
         return None
     tiles = np.zeros_like(looked)
     for (rows, cols), take in zip(places, chosen):

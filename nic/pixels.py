@@ -444,6 +444,7 @@ class Trial:
     squared_error: int  # of the pixels the decoder will give, against the original
     histogram: np.ndarray  # int64 (parts · CONTEXTS, 2·SPAN + 1)
     parts: list  # (part, indices int16, contexts uint8) in coding order, if kept
+    columns: tuple[np.ndarray, np.ndarray] | None = None  # (bits, squared error) of each column, if asked
 
     @cached_property
     def specs(self) -> list:
@@ -460,12 +461,16 @@ def _scanned(pixels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(pixels.transpose(1, 0, 2)) if pixels.shape[0] > pixels.shape[1] else pixels
 
 
-def trial(pixels: np.ndarray, step: int, keep: bool = False) -> Trial:
-    """Scan uint8 pixels (H, W, 1|3) at ``step``; ``keep`` the parts, for coding."""
+def trial(pixels: np.ndarray, step: int, keep: bool = False, per_column: bool = False) -> Trial:
+    """Scan uint8 pixels (H, W, 1|3) at ``step``; ``keep`` the parts, for coding;
+    ``per_column``: also each column's bits (its indices under the tables the whole image
+    chooses, descriptions left out) and squared error (:attr:`Trial.columns`)."""
     if not 1 <= step <= MAX_STEP:
         raise ValueError(f"step must be 1..{MAX_STEP}, got {step}")
+    original = pixels
     pixels = _scanned(pixels)
     height, width, planes = pixels.shape
+    located: list[tuple[np.ndarray, np.ndarray]] = []  # per_column: (codes, positions)
     parts: list = []
     bins = 2 * SPAN + 1
     histogram = np.zeros(planes * PASSES * CONTEXTS * bins, dtype=np.int64)
@@ -491,16 +496,42 @@ def trial(pixels: np.ndarray, step: int, keep: bool = False) -> Trial:
                 parts.append((part, k.astype(np.int16), context.astype(np.uint8)))
             codes.append(((part * CONTEXTS + context) * bins + np.minimum(np.maximum(k, -SPAN), SPAN) + SPAN)
                          .astype(np.int32))
+            if per_column:
+                located.append((codes[-1], positions))
             return k
 
         return take
 
     decoded, _ = _scan(height, width, planes, step, take_for)
     count()
-    error = int(np.sum((decoded.astype(np.int32) - pixels) ** 2, dtype=np.int64))
+    squared = (decoded.astype(np.int32) - pixels) ** 2
     del decoded
-    histogram = histogram.reshape(planes * PASSES * CONTEXTS, bins)
-    return Trial(step, error, histogram, parts)
+    found = Trial(step, int(np.sum(squared, dtype=np.int64)), histogram.reshape(planes * PASSES * CONTEXTS, bins),
+                  parts)
+    if per_column:
+        # Where the image was scanned transposed, its columns are the scanned rows.
+        transposed = pixels is not original
+        code = np.concatenate([c for c, _ in located])
+        at = np.concatenate([p for _, p in located])
+        bits = np.bincount(at // width if transposed else at % width,
+                           weights=_code_lengths(found.specs).reshape(-1)[code], minlength=original.shape[1])
+        found.columns = (bits, squared.sum(axis=(1 if transposed else 0, 2), dtype=np.int64))
+    return found
+
+
+def _code_lengths(specs: list) -> np.ndarray:
+    """Bits of each k = −SPAN..SPAN (float64 (contexts, 2·SPAN + 1)) under each context's
+    chosen table (:func:`_choose`'s (spec, bits)); inf where a custom table has no such
+    value (no index of that context has it)."""
+    out = np.full((len(specs), 2 * SPAN + 1), np.inf)
+    for n, (spec, _) in enumerate(specs):
+        if spec[0] == "fixed":
+            out[n] = _costs()[spec[1]]
+        else:
+            values = spec[1]
+            freq = custom_table(values, spec[2])
+            out[n, values + SPAN] = -np.log2(freq[values - values[0]] / (1 << PRECISION))
+    return out
 
 
 def _latent_grid(height: int, width: int) -> tuple[int, int]:

@@ -120,6 +120,7 @@ def test_the_same_bits_with_any_thread_count(monkeypatch):
     monkeypatch.setattr(engine, "_CHUNK_ROWS", 16)
     monkeypatch.setattr(engine, "_CHUNK_BYTES", 1024)
     monkeypatch.setattr(engine, "_BLOCK", 64)
+    monkeypatch.setattr(engine, "_SIDE_PIXELS", 64)
     rng = np.random.default_rng(3)
     layers = [engine.Conv(rng.normal(size=(12, 3, 5, 5)).astype(np.float32), rng.normal(size=12), 2),
               engine.GDN(np.ones(12), np.abs(rng.normal(size=(12, 12))) * 0.1, inverse=False),
@@ -137,3 +138,25 @@ def test_the_same_bits_with_any_thread_count(monkeypatch):
         engine.set_threads(saved)
     assert results[0].shape == (52, 72, 3)
     assert np.array_equal(results[0], results[1])
+
+
+def test_blas_runs_one_thread_while_the_engines_threads_do():
+    """Otherwise BLAS's threads and nic's share the cores twice over (2x slower in a
+    program that imports nic); the program's own setting comes back afterwards."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    seen = []
+
+    def work(item: int) -> None:
+        seen.append(max(info["num_threads"] for info in threadpoolctl.threadpool_info()
+                        if info["user_api"] == "blas"))
+
+    saved = engine.threads()
+    try:
+        engine.set_threads(2)
+        with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+            engine.parallel(work, 4)
+            after = [info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"]
+    finally:
+        engine.set_threads(saved)
+    assert seen == [1] * 4
+    assert after and all(n == 2 for n in after)

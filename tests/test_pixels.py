@@ -56,6 +56,19 @@ def test_the_encoders_estimate_is_the_code_length():
     assert abs(coded - found.bits() / 8) <= 8
 
 
+@pytest.mark.parametrize("shape", [(64, 200), (200, 64)])  # scanned as it is, and on its side
+def test_per_column_costs_add_up_to_the_scan(shape):
+    image = drawing(*shape)
+    found = pixels.trial(image, 4, per_column=True)
+    bits, squared = found.columns
+    assert bits.shape == squared.shape == (shape[1],)
+    description = 8.0 * (1 + sum(len(pixels._spec_bytes(spec)) for spec, _ in found.specs))
+    assert bits.sum() == pytest.approx(found.bits() - description)
+    assert squared.sum() == found.squared_error
+    decoded, _ = _round_trip(image, 4)
+    assert np.array_equal(squared, ((decoded.astype(int) - image) ** 2).sum(axis=(0, 2)))
+
+
 def test_tables_are_integers_summing_to_the_precision():
     tables = pixels.tables()
     for t in range(pixels.TABLES):
