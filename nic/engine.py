@@ -100,11 +100,20 @@ _blas_saved: list = []
 
 @lru_cache(maxsize=1)
 def _blas_libraries() -> list:
+    if os.environ.get("OPENBLAS_NUM_THREADS") == "1" and "openblas" in _blas_name():
+        return []  # started single-threaded (nic's CLI): nothing to limit, no import to pay
     try:
         from threadpoolctl import ThreadpoolController
     except ImportError:  # nothing to limit with: BLAS keeps its threads
         return []
     return list(ThreadpoolController().select(user_api="blas").lib_controllers)
+
+
+def _blas_name() -> str:
+    try:
+        return str(np.__config__.CONFIG["Build Dependencies"]["blas"]["name"]).lower()
+    except (AttributeError, KeyError, TypeError):
+        return ""
 
 
 @contextmanager

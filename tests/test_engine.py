@@ -140,10 +140,12 @@ def test_the_same_bits_with_any_thread_count(monkeypatch):
     assert np.array_equal(results[0], results[1])
 
 
-def test_blas_runs_one_thread_while_the_engines_threads_do():
+def test_blas_runs_one_thread_while_the_engines_threads_do(monkeypatch):
     """Otherwise BLAS's threads and nic's share the cores twice over (2x slower in a
     program that imports nic); the program's own setting comes back afterwards."""
     threadpoolctl = pytest.importorskip("threadpoolctl")
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)  # as in a program, not nic's CLI
+    engine._blas_libraries.cache_clear()
     seen = []
 
     def work(item: int) -> None:
@@ -158,5 +160,6 @@ def test_blas_runs_one_thread_while_the_engines_threads_do():
             after = [info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"]
     finally:
         engine.set_threads(saved)
+        engine._blas_libraries.cache_clear()
     assert seen == [1] * 4
     assert after and all(n == 2 for n in after)
