@@ -151,17 +151,53 @@ def encode_pixels(pixels: np.ndarray, quality: float = 4, weights: str | Path | 
     if gray_rgb:
         pixels = pixels[..., :1]
     extra = {} if step is None else {"step": step}
+    y_hat: list = []  # the default's later tries synthesize the model's file from its ŷ, not decode it
+    if family is None and _synthesizes(model, pixels):
+        extra["on_y_hat"] = y_hat.append
     substreams = _family(model).compress(model, pixels, quality, effort, progress, **extra)
     channels = 3 if gray_rgb else pixels.shape[2]
     data = b"".join(_file_parts(model, digest, quality, channels, width, height,
                                 substreams, icc_profile, exif, gray_rgb, step))
     if family is None:
+        rows = (_synthesized(model, y_hat[0], quality, pixels) if y_hat else
+                lambda sink: decode_rows(data, lambda header, icc, exif: sink, weights))
         kept = data
-        data = _or_pixels(pixels, data, quality, channels, gray_rgb, icc_profile, exif, weights)
+        data = _or_pixels(pixels, data, quality, channels, gray_rgb, icc_profile, exif, rows)
         if data is kept:
             data = _or_overlay(pixels, data, model, digest, quality, step, channels, gray_rgb, icc_profile, exif,
-                               weights, requested)
+                               rows, requested)
     return data
+
+
+Rows = Callable[[Callable[[np.ndarray], None]], None]
+"""rows(sink): hands ``sink`` a file's decoded pixel rows, strip by strip, top to bottom."""
+
+
+def _synthesizes(model, pixels: np.ndarray) -> bool:
+    """Whether the default's later tries will want the model's file decoded: the model
+    can hand back ŷ (the hyperprior family), and the image is one the pixels family
+    and the overlay look at."""
+    from .pixels import MAX_PIXELS
+
+    return _family(model).NAME == "hyperprior" and pixels.shape[0] * pixels.shape[1] <= MAX_PIXELS
+
+
+def _synthesized(model, y_hat, quality: int, pixels: np.ndarray, paste=None) -> Rows:
+    """The rows of a hyperprior file from the ŷ its encoder handed back: the synthesis the
+    decoder runs after its entropy decoding (the same pixels, without that work); with
+    ``paste`` (nic.overlay.paster's arguments) an overlay's tiles pasted over them."""
+    from .tiling import reconstruct_into
+
+    height, width = pixels.shape[:2]
+
+    def rows(sink: Callable[[np.ndarray], None]) -> None:
+        if paste is not None:
+            from . import overlay
+
+            sink = overlay.paster(sink, *paste)
+        reconstruct_into(model.base, y_hat, quality, height, width, pixels.shape[2] == 1, sink)
+
+    return rows
 
 
 OVERLAY_GROWTH = 1.5
@@ -173,51 +209,55 @@ on photos (Kodak: q4 → q6 doubles the bits for 3.8 dB), so that it is worth mo
 asking the model for more quality."""
 
 
-def _squared_error(data: bytes, pixels: np.ndarray, weights: str | Path | None) -> int:
-    """Squared error of a file's decode against ``pixels``, strip by strip: no second copy
+def _squared_error(rows: Rows, pixels: np.ndarray) -> int:
+    """Squared error of a file's rows against ``pixels``, strip by strip: no second copy
     of the image."""
     error, row = [0], [0]
 
-    def open_sink(header, icc, exif):
-        def add(rows: np.ndarray) -> None:
-            original = pixels[row[0]:row[0] + len(rows)]
-            error[0] += int(np.sum((rows[..., :original.shape[2]].astype(np.int32) - original) ** 2, dtype=np.int64))
-            row[0] += len(rows)
-        return add
+    def add(strip: np.ndarray) -> None:
+        original = pixels[row[0]:row[0] + len(strip)]
+        error[0] += int(np.sum((strip[..., :original.shape[2]].astype(np.int32) - original) ** 2, dtype=np.int64))
+        row[0] += len(strip)
 
-    decode_rows(data, open_sink, weights)
+    rows(add)
     return error[0]
 
 
 def _or_overlay(pixels: np.ndarray, data: bytes, model, digest: bytes, quality: int, step, channels: int,
-                gray_rgb: bool, icc_profile: bytes | None, exif: bytes | None, weights: str | Path | None,
+                gray_rgb: bool, icc_profile: bytes | None, exif: bytes | None, rows: Rows,
                 requested: float) -> bytes:
     """The default's third try, where the model's file is kept: the same model with pixel
     tiles over the tiles it reconstructs worst (nic.overlay), where that lowers J (λ of
-    the ``requested`` quality). The overlay's model part is coded at effort 1 whatever
-    the effort of ``data``: a second search would double a slow encode."""
+    the ``requested`` quality). ``rows``: the model's file decoded. The overlay's model
+    part is coded at effort 1 whatever the effort of ``data``: a second search would
+    double a slow encode."""
     from . import overlay
-    from . import pixels as family_pixels
 
-    height, width = pixels.shape[:2]
-    if _family(model).NAME != "hyperprior" or height * width > family_pixels.MAX_PIXELS:
+    if not _synthesizes(model, pixels):
         return data
     looked = overlay.candidates(pixels)
     if not looked.any():
         return data
-    # The model's rows down to the last candidate's: the decode stops there.
+    height = pixels.shape[0]
+    # The model's rows down to the last candidate's: the synthesis stops there.
     needed = min(height, (int(np.flatnonzero(looked.any(axis=1))[-1]) + 1) * overlay.TILE)
-    model_pixels = _first_rows(data, weights, needed)[..., :pixels.shape[2]]
+    model_pixels = _first_rows(rows, needed)[..., :pixels.shape[2]]
     weight = _lambda(model.base.config.lambdas, requested) / pixels.shape[2]
     choice = overlay.choose(pixels, model_pixels, looked, weight)
     if choice is None:
         return data
-    other = _overlay_file(pixels, choice, model, digest, quality, step, channels, gray_rgb, icc_profile, exif)
+    y_hat: list = []
+    other = _overlay_file(pixels, choice, model, digest, quality, step, channels, gray_rgb, icc_profile, exif,
+                          y_hat.append)
     if len(other) > OVERLAY_GROWTH * len(data):
         return data
     model_error = (int(np.sum((model_pixels.astype(np.int64) - pixels) ** 2)) if needed == height
-                   else _squared_error(data, pixels, weights))
-    error = _squared_error(other, pixels, weights)
+                   else _squared_error(rows, pixels))
+    # The overlay file's rows as its decoder makes them: its tiles decoded, pasted over
+    # the synthesis of its model part.
+    tile_map, packed = overlay.decode(container.unpack(other).substreams()[:len(overlay.NAMES)], *pixels.shape[:2],
+                                      pixels.shape[2] == 1)
+    error = _squared_error(_synthesized(model, y_hat[0], quality, pixels, (packed, tile_map)), pixels)
     gain = 10 * np.log10(max(model_error, 1) / max(error, 1))  # dB
     if len(other) > len(data) and gain < OVERLAY_SLOPE * np.log2(len(other) / len(data)):
         return data
@@ -228,19 +268,17 @@ class _Enough(Exception):
     """A sink of :func:`_first_rows` has its rows."""
 
 
-def _first_rows(data: bytes, weights: str | Path | None, count: int) -> np.ndarray:
-    """The first ``count`` pixel rows a file decodes to; the decode stops once it has them."""
+def _first_rows(rows: Rows, count: int) -> np.ndarray:
+    """The first ``count`` pixel rows of a file; its decode stops once it has them."""
     got: list[np.ndarray] = []
 
-    def open_sink(header, icc_profile, exif):
-        def add(rows: np.ndarray) -> None:
-            got.append(rows)
-            if sum(len(r) for r in got) >= count:
-                raise _Enough
-        return add
+    def add(strip: np.ndarray) -> None:
+        got.append(strip)
+        if sum(len(r) for r in got) >= count:
+            raise _Enough
 
     try:
-        decode_rows(data, open_sink, weights)
+        rows(add)
     except _Enough:
         pass
     return np.concatenate(got)[:count]
@@ -256,13 +294,17 @@ def _lambda(lambdas, quality: float) -> float:
 
 
 def _overlay_file(pixels: np.ndarray, choice, model, digest: bytes, quality: int, step, channels: int,
-                  gray_rgb: bool = False, icc_profile: bytes | None = None, exif: bytes | None = None) -> bytes:
+                  gray_rgb: bool = False, icc_profile: bytes | None = None, exif: bytes | None = None,
+                  on_y_hat: Callable | None = None) -> bytes:
     """A hyperprior file with an overlay (nic.overlay.Choice): the model codes the image with
-    the overlay's tiles flattened (at effort 1), the pixels family the tiles."""
+    the overlay's tiles flattened (at effort 1), the pixels family the tiles. ``on_y_hat``
+    is handed the model part's ŷ (nic.hyperprior.compress)."""
     from . import overlay
 
     height, width = pixels.shape[:2]
     extra = {} if step is None else {"step": step}
+    if on_y_hat is not None:
+        extra["on_y_hat"] = on_y_hat
     substreams = _family(model).compress(model, overlay.flattened(pixels, choice.tiles), quality, 1, None, **extra)
     return b"".join(_file_parts(model, digest, quality, channels, width, height,
                                 overlay.encode(pixels, choice) + substreams, icc_profile, exif, gray_rgb, step))
@@ -275,17 +317,17 @@ length is an estimate within ~25 bytes)."""
 
 
 def _or_pixels(pixels: np.ndarray, data: bytes, quality: int, channels: int, gray_rgb: bool,
-               icc_profile: bytes | None, exif: bytes | None, weights: str | Path | None) -> bytes:
+               icc_profile: bytes | None, exif: bytes | None, rows: Rows) -> bytes:
     """The default's second try: the ``pixels`` family's file (nic.pixels) instead of the
-    model's ``data`` where it is no larger and closer to the original (text, line art,
-    screenshots, flat colour), else ``data``."""
+    model's ``data`` (decoded: ``rows``) where it is no larger and closer to the original
+    (text, line art, screenshots, flat colour), else ``data``."""
     from . import pixels as family_pixels
 
     height, width = pixels.shape[:2]
     sections = len(data) - container.parse_header(data).payload_length - container.HEADER_SIZE - 4
 
     budget = 8.0 * (len(data) - sections - PIXELS_OVERHEAD)
-    found = family_pixels.best_within(pixels, budget, lambda: _squared_error(data, pixels, weights))
+    found = family_pixels.best_within(pixels, budget, lambda: _squared_error(rows, pixels))
     if found is None:
         return data
     model = family_pixels.MODEL

@@ -561,12 +561,17 @@ def hyper_encode_bands(model: Model, y: LatentStore, quality: int) -> np.ndarray
 
 def compress(model: Model, source: np.ndarray | PixelRows, quality: int, effort: int = 1,
              progress: Progress | None = None, spill_bytes: int | None = None,
-             step: tuple[int, int] = UNIT_STEP, tcq: np.ndarray | None = None) -> list[Substream]:
+             step: tuple[int, int] = UNIT_STEP, tcq: np.ndarray | None = None,
+             on_y_hat: Callable[[LatentStore], None] | None = None) -> list[Substream]:
     """The substreams of an image: ẑ, then the residuals k = round((y − μ)/Δ) (``yhat``)
     block by block, or at effort 2..4 the residuals chosen by D + λR with ẑ fixed
     (nic.quantization). With context (nic.context), each block's passes one after the
     other. ``step``: (Δ·256, table shift) of a quality between the trained ones
-    (:func:`step_for`; the file's STEP section), effort 1 only."""
+    (:func:`step_for`; the file's STEP section), effort 1 only. ``on_y_hat`` is handed
+    ŷ (float32, in memory) exactly as the decoder will make it: its synthesis is the
+    file's decode (nic.api's choices use it instead of decoding the file)."""
+    if on_y_hat is not None and tcq is not None:
+        raise ValueError("ŷ of trellis-coded residuals is not handed back")
     if effort not in (1, 2, 3, 4):
         raise ValueError(f"effort must be 1..4, got {effort}")
     if effort != 1 and step != UNIT_STEP:
@@ -589,7 +594,10 @@ def compress(model: Model, source: np.ndarray | PixelRows, quality: int, effort:
             # The passes code what the search chose, each latent rounded to the nearest value
             # its own pass can send (without context: exactly the search's residuals).
             target = LatentStore(shape, array=residual + mean)
-        payload = _encode_blocks(model, quality, z_hat, target, step, tcq)
+        y_hat = None if on_y_hat is None else LatentStore(shape, np.float32)
+        payload = _encode_blocks(model, quality, z_hat, target, step, tcq, y_hat)
+    if y_hat is not None:
+        on_y_hat(y_hat)
     return [Substream(b"zhat", z_hat.shape, z_coder.encode(z_hat)), Substream(b"yhat", shape, payload.tobytes())]
 
 
@@ -601,11 +609,13 @@ def _rounded(y: np.ndarray, mu: np.ndarray, size: int = UNIT_STEP[0]) -> np.ndar
 
 
 def _encode_blocks(model: Model, quality: int, z_hat: np.ndarray, target: LatentStore,
-                   step: tuple[int, int] = UNIT_STEP, tcq: np.ndarray | None = None) -> np.ndarray:
+                   step: tuple[int, int] = UNIT_STEP, tcq: np.ndarray | None = None,
+                   y_hat: LatentStore | None = None) -> np.ndarray:
     """ŷ's payload: per block, its residuals round((target − μ)/Δ) under the block's (μ, t),
     one part per context pass (without context, one pass: the whole block). With ``tcq``
     (each channel's distortion weight, bits per squared unit of y), the trellis chooses
-    the indices instead (nic.trellis), coded slot by slot."""
+    the indices instead (nic.trellis), coded slot by slot. ``y_hat`` is given ŷ block by
+    block, as :func:`_decode_blocks` makes it."""
     _, rows, cols = target.shape
     _, y_coder = coders(model, quality)
     if tcq is not None:
@@ -630,8 +640,13 @@ def _encode_blocks(model: Model, quality: int, z_hat: np.ndarray, target: Latent
                 writer.encode(k.ravel(), t.ravel())
                 return k
 
-            context.run_passes(model.context_networks(quality), mean, index, config.slices, config.checkerboard,
-                               config.scales, residuals, keep=False, step=step)
+            decoded = context.run_passes(model.context_networks(quality), mean, index, config.slices,
+                                         config.checkerboard, config.scales, residuals, keep=y_hat is not None,
+                                         step=step)
+            if y_hat is not None:
+                y_hat.put(slice(*r), slice(*cs), decoded[0].astype(np.float32))
+    if y_hat is not None:
+        y_hat.finish()
     return writer.finish()
 
 

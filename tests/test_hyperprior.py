@@ -418,3 +418,20 @@ def test_a_quality_between_two_trained_ones_codes_with_a_coarser_step(tmp_path):
                             [(container.SECTION_STEP, container.pack_step(300, 1))])
     with pytest.raises(FormatError, match="STEP is not part of the factorized family"):
         api.decode_pixels(forged)
+
+
+@pytest.mark.parametrize("quality, channels", [(3, 3), (2.5, 3), (3, 1)])
+def test_the_y_hat_the_encoder_hands_back_synthesizes_to_the_decoded_pixels(tmp_path, quality, channels):
+    """The default's later tries (nic.api) synthesize the model's file from ŷ instead of
+    decoding it: that must be the decoder's output, with context and with a step."""
+    path = tmp_path / "w.npz"
+    save_weights(hyperprior.to_arrays(tiny_context_model()), path)
+    image = smooth_image(70, 100, channels, seed=5)
+    coding, digest = load_weights(path, coding=True)
+    model, _, coded, step = api._model(path, None, quality)
+    handed = []
+    substreams = hyperprior.compress(coding, image, coded, step=step or container.UNIT_STEP, on_y_hat=handed.append)
+    data = b"".join(api._file_parts(coding, digest, coded, channels, 100, 70, substreams, None, None, False, step))
+    rows: list[np.ndarray] = []
+    api._synthesized(coding, handed[0], coded, image)(rows.append)
+    assert np.array_equal(np.concatenate(rows), api.decode_pixels(data, path).pixels)
