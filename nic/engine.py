@@ -152,7 +152,7 @@ class Conv:
         order = sorted(((ky % s) * s + kx % s, ky // s, kx // s, ky, kx) for ky in range(k) for kx in range(k))
         self.taps = [(plane, dy, dx) for plane, dy, dx, _, _ in order]
         kernel = weight.astype(np.float32).transpose(2, 3, 1, 0)
-        self.weights = _Taps(np.stack([kernel[ky, kx] for *_, ky, kx in order]), bias)
+        self.weights = _Taps(kernel[[ky for *_, ky, _ in order], [kx for *_, kx in order]], bias)
 
     transposed = False
     geometry = property(lambda self: (self.k, self.stride, self.padding))
@@ -221,7 +221,7 @@ class Deconv:
         # the input (k·k/s² times its size) would cost more.
         self.gather = out_channels * 4 > channels
         if self.gather:
-            self.weights = [_Taps(np.stack([kernel[t // k, t % k] for _, _, t in phase]), bias)
+            self.weights = [_Taps(kernel.reshape(k * k, channels, out_channels)[[t for _, _, t in phase]], bias)
                             for phase in self.phases]
         else:
             self.side = np.ascontiguousarray(kernel.reshape(k * k, channels, out_channels)
