@@ -168,7 +168,7 @@ class Conv:
         plane_cols = cols + reach
         planes = np.empty((s * s, rows + reach + 1, plane_cols, self.channels), dtype=np.float32)
         parallel(lambda plane: _fill_phase(planes[plane], x, plane // s - p, plane % s - p, s), s * s)
-        flat = planes.reshape(s * s, -1, self.channels)
+        flat = list(planes.reshape(s * s, -1, self.channels))  # one view per plane: taps of a plane share it
         inputs = [(flat[plane], dy * plane_cols + dx) for plane, dy, dx in self.taps]
         out = np.empty((rows, cols, self.out_channels), dtype=np.float32)
 
@@ -212,8 +212,10 @@ class Deconv:
         shifts = [t for phase in phases for _, t in phase]
         self.before, self.after = max(shifts), -min(shifts)
         kernel = weight.astype(np.float32).transpose(2, 3, 0, 1)  # (ky, kx, C, C_out)
-        # Per output phase (a, b): its taps' (row shift, column shift, kernel position).
-        self.phases = [[(ty, tx, ky * k + kx) for ky, ty in phases[a] for kx, tx in phases[b]]
+        # Per output phase (a, b): its taps' (row shift, column shift, kernel position),
+        # ordered so that a row's taps read consecutive input pixels (one run to gather).
+        self.phases = [sorted(((ty, tx, ky * k + kx) for ky, ty in phases[a] for kx, tx in phases[b]),
+                              key=lambda tap: (-tap[0], -tap[1]))
                        for a in range(s) for b in range(s)]
         # Few output channels (the last layer of g_s): one product of every tap's weights
         # stacked, (k·k·C_out, C), with the input, giving each tap's outputs as rows over
@@ -232,24 +234,34 @@ class Deconv:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         height, width, _ = x.shape
-        s, before = self.stride, self.before
+        before = self.before
         padded_cols = width + before + self.after
         padded = np.zeros((height + before + self.after + 1, padded_cols, self.channels), dtype=np.float32)
         padded[before:before + height, before:before + width] = x
-        flat = padded.reshape(-1, self.channels)
-        out = np.empty((height * s, width * s, self.out_channels), dtype=np.float32)
+        out = np.empty((height * self.stride, width * self.stride, self.out_channels), dtype=np.float32)
+        (self._gathered if self.gather else self._sides)(padded.reshape(-1, self.channels), out, height, width)
+        return out
+
+    def _gathered(self, flat: np.ndarray, out: np.ndarray, height: int, width: int) -> None:
+        """Each output phase a correlation of the padded input (``flat``: its pixels in rows
+        of width + before + after) with the phase's taps."""
+        s, before = self.stride, self.before
+        padded_cols = width + before + self.after
+        for phase, taps in enumerate(self.phases):
+            a, b = divmod(phase, s)
+            inputs = [(flat, (before - ty) * padded_cols + before - tx) for ty, tx, _ in taps]
+
+            def store(first: int, last: int, values: np.ndarray, a: int = a, b: int = b) -> None:
+                out[s * first + a:s * last + a:s, b::s] = values[:, :width]
+
+            self.weights[phase].correlate(inputs, height, padded_cols, store)
+
+    def _sides(self, flat: np.ndarray, out: np.ndarray, height: int, width: int) -> None:
+        """Every tap's outputs at once (tap-major rows over the input's pixels), then each
+        output phase the sum of its taps' rows, shifted."""
+        s, before, c = self.stride, self.before, self.out_channels
+        padded_cols = width + before + self.after
         n = height * padded_cols
-        c = self.out_channels
-        if self.gather:
-            for phase, taps in enumerate(self.phases):
-                a, b = divmod(phase, s)
-                inputs = [(flat, (before - ty) * padded_cols + before - tx) for ty, tx, _ in taps]
-
-                def store(first: int, last: int, values: np.ndarray, a: int = a, b: int = b) -> None:
-                    out[s * first + a:s * last + a:s, b::s] = values[:, :width]
-
-                self.weights[phase].correlate(inputs, height, padded_cols, store)
-            return out
         products = np.empty((len(self.side), len(flat)), dtype=np.float32)
 
         def product(index: int) -> None:
@@ -266,14 +278,16 @@ class Deconv:
 
         parallel(product, -(-len(flat) // _SIDE_PIXELS))
         parallel(phase_sum, len(self.phases))
-        return out
 
 
 _SIDE_PIXELS = 4096
 """Input pixels of one product of a transposed convolution with few output channels."""
 _CHUNK_ROWS = 512
-_CHUNK_BYTES = 1 << 20
-"""Output pixels of one matrix product at least (and its gathered input up to _CHUNK_BYTES):
+_CHUNK_BYTES = 4 << 20
+_CHUNK_MOST = 4096
+"""Output pixels of one matrix product: at least _CHUNK_ROWS, more while the gathered input
+stays within _CHUNK_BYTES, at most _CHUNK_MOST (g_a's first layer, 75 values a pixel:
+4096 took it from 36 to 25 ms on kodim01, where 14,000 left its output out of cache):
 large enough for an efficient product, small enough to stay in a core's caches."""
 
 
@@ -301,7 +315,7 @@ class _Taps:
         channels = inputs[0][0].shape[1]
         # Image rows per chunk, from the sizes alone: at least _CHUNK_ROWS pixels, more
         # where the gathered rows are short (the pixels: 3 channels).
-        pixels = max(_CHUNK_ROWS, _CHUNK_BYTES // (4 * channels * len(inputs)))
+        pixels = max(_CHUNK_ROWS, min(_CHUNK_MOST, _CHUNK_BYTES // (4 * channels * len(inputs))))
         step = max(1, pixels // width)
         runs = _runs(inputs, rows * width)
         columns = np.cumsum([0] + [length * channels for _, _, length in runs]).tolist()

@@ -121,13 +121,21 @@ def pixel_image(image: np.ndarray, tiles: np.ndarray) -> np.ndarray:
     into :func:`packed_size`'s grid; a tile cut by the image's edge, and the slots after
     the last tile, are FILL where they have no pixels."""
     places = tile_slices(tiles)
-    rows, columns = packed_size(len(places))
+    return _packed(image, places, packed_size(len(places))[1])[0]
+
+
+def _packed(image: np.ndarray, places: list[tuple[slice, slice]], columns: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the tiles at ``places`` packed ``columns`` to a row, FILL where they have no
+    pixels; bool: where they have)."""
+    rows = -(-len(places) // columns)
     out = np.full((rows * TILE, columns * TILE, image.shape[2]), FILL, dtype=np.uint8)
+    real = np.zeros(out.shape[:2], dtype=bool)
     for n, (r, c) in enumerate(places):
         block = image[r, c]
         top, left = (n // columns) * TILE, (n % columns) * TILE
         out[top:top + block.shape[0], left:left + block.shape[1]] = block
-    return out
+        real[top:top + block.shape[0], left:left + block.shape[1]] = True
+    return out, real
 
 
 def flattened(image: np.ndarray, tiles: np.ndarray) -> np.ndarray:
@@ -233,14 +241,11 @@ class Choice:
     step: int
 
 
-def strip(image: np.ndarray, places: list[tuple[slice, slice]]) -> np.ndarray:
-    """The tiles at ``places`` side by side, (TILE, n·TILE), FILL where a tile cut by the
-    image's edge has no pixels: one scan of the pixels family prices them all."""
-    out = np.full((TILE, TILE * len(places), image.shape[2]), FILL, dtype=np.uint8)
-    for n, (rows, cols) in enumerate(places):
-        block = image[rows, cols]
-        out[:block.shape[0], n * TILE:n * TILE + block.shape[1]] = block
-    return out
+def strip(image: np.ndarray, places: list[tuple[slice, slice]]) -> tuple[np.ndarray, np.ndarray]:
+    """(the tiles at ``places`` side by side, (TILE, n·TILE), FILL where a tile cut by
+    the image's edge has no pixels; bool: where they have): one scan of the pixels
+    family prices them all."""
+    return _packed(image, places, len(places))
 
 
 def choose(image: np.ndarray, model_pixels: np.ndarray, looked: np.ndarray, weight: float) -> Choice | None:
@@ -262,9 +267,9 @@ def choose(image: np.ndarray, model_pixels: np.ndarray, looked: np.ndarray, weig
     totals = np.zeros(len(STEPS))
     for first in range(0, len(places), STRIP_TILES):
         part = slice(first, first + STRIP_TILES)
-        tiles = strip(image, places[part])
+        tiles, real = strip(image, places[part])
         for s, step in enumerate(STEPS):
-            found = pixels.trial(tiles, step, per_column=True)
+            found = pixels.trial(tiles, step, per_column=True, counted=real)  # no error counted on FILL
             bits, squared = (values.reshape(-1, TILE).sum(axis=1) for values in found.columns)
             gains[s, part] = bits + weight * (squared - errors[part])
             description = found.bits() - found.columns[0].sum()  # the step and the strip's tables

@@ -461,10 +461,12 @@ def _scanned(pixels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(pixels.transpose(1, 0, 2)) if pixels.shape[0] > pixels.shape[1] else pixels
 
 
-def trial(pixels: np.ndarray, step: int, keep: bool = False, per_column: bool = False) -> Trial:
+def trial(pixels: np.ndarray, step: int, keep: bool = False, per_column: bool = False,
+          counted: np.ndarray | None = None) -> Trial:
     """Scan uint8 pixels (H, W, 1|3) at ``step``; ``keep`` the parts, for coding;
     ``per_column``: also each column's bits (its indices under the tables the whole image
-    chooses, descriptions left out) and squared error (:attr:`Trial.columns`)."""
+    chooses, descriptions left out) and squared error (:attr:`Trial.columns`), the
+    latter only over the pixels ``counted`` (bool (H, W)) where that is given."""
     if not 1 <= step <= MAX_STEP:
         raise ValueError(f"step must be 1..{MAX_STEP}, got {step}")
     original = pixels
@@ -509,14 +511,24 @@ def trial(pixels: np.ndarray, step: int, keep: bool = False, per_column: bool = 
     found = Trial(step, int(np.sum(squared, dtype=np.int64)), histogram.reshape(planes * PASSES * CONTEXTS, bins),
                   parts)
     if per_column:
-        # Where the image was scanned transposed, its columns are the scanned rows.
-        transposed = pixels is not original
-        code = np.concatenate([c for c, _ in located])
-        at = np.concatenate([p for _, p in located])
-        bits = np.bincount(at // width if transposed else at % width,
-                           weights=_code_lengths(found.specs).reshape(-1)[code], minlength=original.shape[1])
-        found.columns = (bits, squared.sum(axis=(1 if transposed else 0, 2), dtype=np.int64))
+        if counted is not None:
+            squared *= _scanned(counted[..., None])
+        found.columns = _column_costs(found.specs, located, squared, original.shape[1], pixels is not original)
     return found
+
+
+def _column_costs(specs: list, located: list[tuple[np.ndarray, np.ndarray]], squared: np.ndarray, columns: int,
+                  transposed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(bits, squared error) of each of an image's ``columns``: the code lengths of the
+    indices ``located`` ((codes, flat positions) in the scanned image) under ``specs``,
+    and ``squared`` (the scanned image's (H, W, planes) errors) summed per column.
+    Where the image was scanned ``transposed``, its columns are the scanned rows."""
+    width = squared.shape[1]
+    code = np.concatenate([c for c, _ in located])
+    at = np.concatenate([p for _, p in located])
+    bits = np.bincount(at // width if transposed else at % width,
+                       weights=_code_lengths(specs).reshape(-1)[code], minlength=columns)
+    return bits, squared.sum(axis=(1 if transposed else 0, 2), dtype=np.int64)
 
 
 def _code_lengths(specs: list) -> np.ndarray:

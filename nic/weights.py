@@ -132,30 +132,28 @@ def _archive(path: Path | str) -> zipfile.ZipFile:
 
 
 _NPY_MAGIC = b"\x93NUMPY"
-_NPY_HEADER = re.compile(rb"\{'descr': '([<>|][a-z][0-9]{1,2})', 'fortran_order': False, "
-                         rb"'shape': \(((?:[0-9]+, )*[0-9]*,?)\), \} *\n")
-"""The header numpy writes for a plain array; anything else is read by numpy's own parser."""
+_NPY_HEADER = re.compile(rb"\{'descr': '([<>|](?:b1|[iu][1248]|f[248]|c(?:8|16)))', 'fortran_order': False, "
+                         rb"'shape': \((|[0-9]+,|[0-9]+(?:, [0-9]+)+)\), \} *\n")
+"""The header numpy writes for a plain array of numbers; anything else is read by numpy's own parser."""
 
 
-def _npy_header(member) -> tuple[tuple[int, ...], np.dtype, bytes] | None:
-    """(shape, dtype, the header's bytes) of the .npy file ``member`` is positioned at the
-    start of, where its header is the plain one numpy writes; None otherwise (then the
-    caller rewinds and lets numpy parse it). Parsing it here takes microseconds where
-    numpy's reader (ast.literal_eval) takes ~70: a small image reads ~140 members."""
+def _npy_header(member) -> tuple[tuple[int, ...], np.dtype] | None:
+    """(shape, dtype) of the .npy file ``member`` is positioned at the start of, where
+    its header is the plain one numpy writes, leaving ``member`` at the array's data;
+    None otherwise (numpy's reader then parses it). Parsing it here takes microseconds
+    where numpy's reader (ast.literal_eval) takes ~70: a small image reads ~140 members."""
     start = member.read(10)
     if len(start) < 10 or start[:6] != _NPY_MAGIC or start[6:8] not in (b"\x01\x00", b"\x02\x00"):
         return None
     if start[6] == 1:
-        length, header = int.from_bytes(start[8:10], "little"), start
+        length = int.from_bytes(start[8:10], "little")
     else:
-        header = start + member.read(2)
-        length = int.from_bytes(header[8:12], "little")
+        length = int.from_bytes(start[8:10] + member.read(2), "little")
     text = member.read(length)
     match = _NPY_HEADER.fullmatch(text) if len(text) == length else None
     if match is None:
         return None
-    shape = tuple(int(n) for n in match.group(2).split(b",") if n.strip())
-    return shape, np.dtype(match.group(1).decode()), header + text
+    return tuple(int(n) for n in match.group(2).split(b",") if n.strip()), np.dtype(match.group(1).decode())
 
 
 class LazyArrays(Mapping):
@@ -174,24 +172,8 @@ class LazyArrays(Mapping):
                 raise KeyError(name)
             with self._lock:
                 if name not in self._loaded:
-                    self._loaded[name] = self._read(self._names[name])
+                    self._loaded[name] = self._read(self._names[name], whole=True)
         return self._loaded[name]
-
-    def _read(self, filename: str) -> np.ndarray:
-        """A member's array (read-only), read whole in one call: zipfile checks its CRC-32
-        when the read reaches the member's end."""
-        with self._archive.open(filename) as member:
-            found = _npy_header(member)
-            if found is None or found[1].hasobject:
-                with self._archive.open(filename) as again:
-                    return np.lib.format.read_array(again, allow_pickle=False)
-            shape, dtype, _ = found
-            data = member.read()
-        count = int(np.prod(shape, dtype=np.int64))
-        if len(data) != count * dtype.itemsize:
-            raise ValueError(f"weights member {filename} holds {len(data)} bytes, its header says "
-                             f"{count * dtype.itemsize}")
-        return np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
 
     def describe(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
         """(shape, dtype) of an array, from its header alone."""
@@ -199,16 +181,32 @@ class LazyArrays(Mapping):
             return self._loaded[name].shape, self._loaded[name].dtype
         if name not in self._names:
             raise KeyError(name)
-        with self._lock, self._archive.open(self._names[name]) as member:
+        with self._lock:
+            return self._read(self._names[name], whole=False)
+
+    def _read(self, filename: str, whole: bool):
+        """A member's array (read-only, read in one call: zipfile checks its CRC-32 when
+        the read reaches the member's end), or without ``whole`` its (shape, dtype)."""
+        with self._archive.open(filename) as member:
             found = _npy_header(member)
             if found is not None:
-                return found[0], found[1]
-        with self._lock, self._archive.open(self._names[name]) as member:
+                if not whole:
+                    return found
+                shape, dtype = found
+                data = member.read()
+                count = int(np.prod(shape, dtype=np.int64))
+                if len(data) != count * dtype.itemsize:
+                    raise ValueError(f"weights member {filename} holds {len(data)} bytes, its header says "
+                                     f"{count * dtype.itemsize}")
+                return np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
+        with self._archive.open(filename) as member:  # numpy's reader for anything else
+            if whole:
+                return np.lib.format.read_array(member, allow_pickle=False)
             version = np.lib.format.read_magic(member)
             reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                       else np.lib.format.read_array_header_2_0)
             shape, _, dtype = reader(member)
-        return shape, dtype
+            return shape, dtype
 
     def __contains__(self, name) -> bool:
         return name in self._names

@@ -119,6 +119,7 @@ def test_the_same_bits_with_any_thread_count(monkeypatch):
     give the same bits (small chunks here, so that there are many)."""
     monkeypatch.setattr(engine, "_CHUNK_ROWS", 16)
     monkeypatch.setattr(engine, "_CHUNK_BYTES", 1024)
+    monkeypatch.setattr(engine, "_CHUNK_MOST", 32)
     monkeypatch.setattr(engine, "_BLOCK", 64)
     monkeypatch.setattr(engine, "_SIDE_PIXELS", 64)
     rng = np.random.default_rng(3)

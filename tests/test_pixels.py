@@ -66,7 +66,12 @@ def test_per_column_costs_add_up_to_the_scan(shape):
     assert bits.sum() == pytest.approx(found.bits() - description)
     assert squared.sum() == found.squared_error
     decoded, _ = _round_trip(image, 4)
-    assert np.array_equal(squared, ((decoded.astype(int) - image) ** 2).sum(axis=(0, 2)))
+    errors = (decoded.astype(int) - image) ** 2
+    assert np.array_equal(squared, errors.sum(axis=(0, 2)))
+    counted = np.zeros(shape, dtype=bool)
+    counted[:shape[0] // 2, :shape[1] // 3] = True  # e.g. a tile cut by an image's edge, FILL elsewhere
+    only = pixels.trial(image, 4, per_column=True, counted=counted).columns[1]
+    assert np.array_equal(only, (errors * counted[..., None]).sum(axis=(0, 2)))
 
 
 def test_tables_are_integers_summing_to_the_precision():
