@@ -552,6 +552,27 @@ def test_png_writer_round_trip(channels, monkeypatch):
             assert all(len(body) <= 100 for kind, body in parse_png(data) if kind == b"IDAT")
 
 
+def test_png_writer_deflates_in_pieces_with_the_same_bytes_for_any_thread_count(monkeypatch):
+    """Pieces deflated side by side (each primed with the bytes before it) make one valid
+    zlib stream, and the file does not depend on the thread count."""
+    from nic import engine
+
+    monkeypatch.setattr(streaming, "DEFLATE_PIECE", 700)  # many pieces, most primed with a dictionary
+    pixels = smooth_image(61, 47)
+    files = []
+    saved = engine.threads()
+    try:
+        for count in (1, 3):
+            engine.set_threads(count)
+            files.append(write("PNG", pixels, 7))
+    finally:
+        engine.set_threads(saved)
+    assert files[0] == files[1]
+    assert np.array_equal(whole_pixels(files[0]), pixels)
+    raw = zlib.decompress(b"".join(body for kind, body in parse_png(files[0]) if kind == b"IDAT"))
+    assert len(raw) == 61 * (47 * 3 + 1)
+
+
 def test_png_writer_uses_all_filters_and_is_as_small_as_pillow():
     pixels = smooth_image(64, 80)
     data = write("PNG", pixels, 64)
