@@ -192,9 +192,23 @@ class IntegerHyperSynthesis:
         return mean, index
 
 
+OUTPUTS_AT_ONCE = 64
+"""An integer layer's output channels are computed this many at a time, the groups side
+by side on the engine's threads (every sum is exact: the same integers in any order)."""
+
+
 def _integer_layer(layer: IntegerLayer, value: np.ndarray) -> np.ndarray:
     """One exact integer layer on integer-valued float64 activations (C, h, w)."""
-    acc = _transposed(value, layer.taps) if layer.transposed else _correlate(value, layer.taps)
+    taps = layer.taps
+    out_channels = taps.shape[2]
+    h, w = value.shape[1:]
+    acc = np.empty((out_channels, 2 * h, 2 * w) if layer.transposed else (out_channels, h, w))
+
+    def group(n: int) -> None:
+        part = slice(n * OUTPUTS_AT_ONCE, (n + 1) * OUTPUTS_AT_ONCE)
+        acc[part] = (_transposed if layer.transposed else _correlate)(value, taps[:, :, part])
+
+    engine.parallel(group, -(-out_channels // OUTPUTS_AT_ONCE))
     acc += layer.bias.astype(np.float64)[:, None, None]
     out = np.floor(np.ldexp(acc, -layer.shift[:, None, None]) + 0.5)  # × 2**−shift is exact; so is floor of it
     if layer.relu:
