@@ -93,13 +93,16 @@ class IntegerContextNetwork:
         (exact: multiples of 2**−MEAN_BITS below 2**12). A few thousand positions at a time."""
         rows, cols = np.nonzero(where)
         out = np.empty((len(self.hidden[-1]), len(rows)))
+        # Exact sums: the same integers whatever the chunks, so they are cut evenly over
+        # the threads (768 positions of a Kodak pass: two of 384, not 512 and 256).
+        size = max(1, min(POSITIONS_AT_ONCE, -(-len(rows) // engine.threads())))
 
-        def chunk(i: int) -> None:  # exact sums: the same integers whatever the threads
-            start = i * POSITIONS_AT_ONCE
-            r, c = rows[start:start + POSITIONS_AT_ONCE], cols[start:start + POSITIONS_AT_ONCE]
+        def chunk(i: int) -> None:
+            start = i * size
+            r, c = rows[start:start + size], cols[start:start + size]
             out[:, start:start + len(r)] = self._at(hyper, seen, halo, channels, r, c, where.shape[1]).T
 
-        engine.parallel(chunk, -(-len(rows) // POSITIONS_AT_ONCE))
+        engine.parallel(chunk, -(-len(rows) // size))
         return out
 
     def _at(self, hyper: np.ndarray, seen: np.ndarray, halo: int, channels: int, r: np.ndarray, c: np.ndarray,
