@@ -21,6 +21,10 @@ family's on the same photos. The state (``RUN/qQ-joint.pt``: the pair, the gains
 hyper-networks, the optimizer, the step) is saved every few minutes and on SIGTERM;
 running the same command again resumes. ``tools/hyperprior_quality.py`` and
 ``tools/train_hyperprior.py --export`` take the joint state when it exists.
+
+    python tools/joint_hyperprior.py ../shared/data/kodak --run runs/stage1 -q 4 --report
+
+prints the start and the joint state side by side on Kodak and the hard set.
 """
 
 from __future__ import annotations
@@ -81,17 +85,19 @@ def load_run_quality(model: hyperprior.Codec, run: Path, quality: int) -> None:
         model.load_quality_state(quality, torch.load(run / f"q{quality}.pt", weights_only=True))
 
 
-def joint_model(init: str | None, run: Path, quality: int) -> hyperprior.Codec:
-    """The hyperprior model of ``run`` at ``quality``: the joint state if there is one,
-    else stage 1's hyper-networks on the frozen transforms (with an own pair for Q)."""
+def joint_model(init: str | None, run: Path, quality: int, start: bool = False) -> hyperprior.Codec:
+    """The hyperprior model of ``run`` at ``quality``: the joint state if there is one (and
+    not ``start``), else stage 1's hyper-networks on the frozen transforms (with an own
+    pair for Q)."""
     base = with_own_pair(default_weights(init, "factorized")[0], quality).build_all()
     path = joint_path(run, quality)
-    state = torch.load(path if path.exists() else run / f"q{quality}.pt", weights_only=True)
-    hyper = state["hyper"]["hyper"] if path.exists() else state["hyper"]
+    joint = path.exists() and not start
+    state = torch.load(path if joint else run / f"q{quality}.pt", weights_only=True)
+    hyper = state["hyper"]["hyper"] if joint else state["hyper"]
     # The hyper-networks' widths, as stage 1 trained them (tools/train_hyperprior.py --hyper-N, --Z).
     config = hyperprior.Config(hyper_N=hyper["h_a.0.weight"].shape[0], Z=hyper["h_a.4.weight"].shape[0])
     model = hyperprior.Codec(base, config)
-    if path.exists():
+    if joint:
         load_joint(model, quality, state)
     else:
         model.load_quality_state(quality, state)
@@ -196,7 +202,45 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rate", choices=["rounded", "noisy"], default="rounded",
                         help="y's rate in training: of the rounded residuals (what the coder spends; "
                              "straight-through) or of the residuals with uniform noise")
+    parser.add_argument("--report", action="store_true",
+                        help="train nothing: print the start (RUN/qQ.pt) and the end-to-end state "
+                             "(RUN/qQ-joint.pt) on every second image of DATA (the Kodak folder) and on "
+                             "the hard set (nic.hardset), coded as the coder would with the float h_s")
     return parser.parse_args()
+
+
+REPORTED = ("text-black", "text-colour", "line-art", "screenshot", "photo-with-text", "page-with-photo",
+            "gratings", "zone-plate")
+"""The hard set's images :func:`report` codes (the flat ones cost nothing either way)."""
+
+
+def report(args: argparse.Namespace) -> None:
+    """bpp, PSNR and J of a run's quality before and after its end-to-end training: every
+    second image of DATA together (Kodak), and each image of the hard set."""
+    from PIL import Image
+
+    from nic import hardset
+
+    def tensor(pixels: np.ndarray) -> torch.Tensor:
+        pixels = np.repeat(pixels, 3, axis=2) if pixels.shape[2] == 1 else pixels
+        h, w = pixels.shape[0] // 16 * 16, pixels.shape[1] // 16 * 16
+        return torch.from_numpy(np.array(pixels[:h, :w])).permute(2, 0, 1).unsqueeze(0).float() / 255.0
+
+    kodak = [tensor(np.asarray(Image.open(path).convert("RGB")))
+             for path in sorted(p for folder in args.data for p in folder.glob("*.png"))[::2]]
+    hard = [tensor(image) for image in hardset.generate(list(REPORTED)).values()]
+    q = args.quality
+    print(f"{'state':<6} {'Kodak ' + str(len(kodak)) + ': bpp':>14} {'dB':>7} {'J':>7}  "
+          + "  ".join(f"{name}: bpp / dB" for name in REPORTED))
+    for label in ("start", "joint"):
+        if label == "joint" and not joint_path(args.run, q).exists():
+            break
+        model = joint_model(args.init, args.run, q, start=label == "start")
+        photos = evaluate(model, q, kodak)
+        cells = [evaluate(model, q, [x]) for x in hard]
+        print(f"{label:<6} {photos['bpp']:14.4f} {photos['psnr']:7.3f} "
+              f"{j_of(photos, model.base.config.lambdas[q - 1]):7.4f}  "
+              + "  ".join(f"{c['bpp']:.3f} / {c['psnr']:.2f}" for c in cells), flush=True)
 
 
 def j_of(result: dict[str, float], lam: float) -> float:
@@ -303,7 +347,11 @@ class Run:
 
 
 def main() -> None:
-    run = Run(parse_args())
+    args = parse_args()
+    if args.report:
+        report(args)
+        return
+    run = Run(args)
     if run.step == 0:
         run.reference()
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
