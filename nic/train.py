@@ -156,7 +156,7 @@ class CropSampler:
         scale = self.rng.uniform(low, 1.0)
         size = min(min(h, w), int(math.ceil(self.patch / scale)))
         top, left = self.rng.randint(0, h - size), self.rng.randint(0, w - size)
-        x = torch.from_numpy(np.ascontiguousarray(img[top : top + size, left : left + size]))
+        x = torch.from_numpy(np.array(img[top : top + size, left : left + size]))  # a copy: the photo may be read-only
         x = x.permute(2, 0, 1).unsqueeze(0).float() / 255.0
         if size != self.patch:
             x = F.interpolate(x, size=(self.patch, self.patch), mode="bilinear", antialias=True, align_corners=False)
