@@ -18,7 +18,8 @@ run sequentially along a row, too slow per pixel in numpy) is left to Pillow's C
 decoder: each strip is rewrapped as a stored (level 0) zlib stream whose first row
 is the previous, already unfiltered row under filter type 0, and Pillow decodes
 that as a tiny image. :func:`row_writer` writes PNG (adaptive per-row filters
-chosen with vectorised numpy, as Pillow chooses them, then zlib) and PGM/PPM.
+chosen with vectorised numpy, as Pillow chooses them, then zlib at Pillow's settings,
+in pieces deflated side by side on nic's threads: :class:`_Deflate`) and PGM/PPM.
 """
 
 from __future__ import annotations
