@@ -159,9 +159,9 @@ def encode_pixels(pixels: np.ndarray, quality: float = 4, weights: str | Path | 
     data = b"".join(_file_parts(model, digest, quality, channels, width, height,
                                 substreams, icc_profile, exif, gray_rgb, step))
     if family is None:
-        rows = (_synthesized(model, y_hat[0], quality, pixels) if y_hat else
-                lambda sink: decode_rows(data, lambda header, icc, exif: sink, weights))
         kept = data
+        rows = (_synthesized(model, y_hat[0], quality, pixels) if y_hat else
+                lambda sink: decode_rows(kept, lambda header, icc, exif: sink, weights))
         data = _or_pixels(pixels, data, quality, channels, gray_rgb, icc_profile, exif, rows)
         if data is kept:
             data = _or_overlay(pixels, data, model, digest, quality, step, channels, gray_rgb, icc_profile, exif,
