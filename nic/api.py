@@ -112,14 +112,17 @@ def default_quality(weights: str | Path | None = None, family: str | None = None
     return min(4, model.qualities)
 
 
-def _model(weights: str | Path | None, family: str | None, quality: float):
+def _model(weights: str | Path | None, family: str | None, quality: float, precision: str = "auto",
+           pixels: int = 0):
     """(model, weights hash, the trained quality that codes, the family's step or None):
     a quality between two trained ones is coded by the upper one's networks with a
     coarser step where the family has steps (nic.hyperprior.step_for), else by the
-    trained quality below it."""
+    trained quality below it. The model runs its transforms at ``precision`` for an
+    image of ``pixels`` pixels (:func:`at_precision`)."""
     from .weights import default_weights
 
     model, digest = default_weights(weights, family, coding=True)
+    model = at_precision(model, precision, pixels)
     if not 1 <= quality <= model.qualities:
         raise ValueError(f"quality must be 1..{model.qualities}, got {quality:g}")
     module = _family(model)
@@ -129,9 +132,19 @@ def _model(weights: str | Path | None, family: str | None, quality: float):
     return model, digest, coded, step
 
 
+def at_precision(model, precision: str, pixels: int):
+    """``model`` with g_a and g_s in ``precision`` ("auto", "fp32" or "bf16";
+    nic.precision.choose decides "auto" for an image of ``pixels`` pixels). A family
+    without transforms (the pixels family) is returned as it is."""
+    from .precision import choose
+
+    chosen = choose(precision, pixels)
+    return model.at_precision(chosen) if hasattr(model, "at_precision") else model
+
+
 def encode_pixels(pixels: np.ndarray, quality: float = 4, weights: str | Path | None = None,
                   icc_profile: bytes | None = None, exif: bytes | None = None, effort: int = 1,
-                  progress: Progress | None = None, family: str | None = None) -> bytes:
+                  progress: Progress | None = None, family: str | None = None, precision: str = "auto") -> bytes:
     """.nic bytes of uint8 pixels of shape (H, W, 3) or (H, W, 1), with optional
     metadata carried verbatim in ancillary sections. ``effort`` 1..4 is the encoder's
     quantization search (1: rounding; see nic.quantization); any effort decodes the same
@@ -139,13 +152,14 @@ def encode_pixels(pixels: np.ndarray, quality: float = 4, weights: str | Path | 
     without it, the default family's file or the pixels family's, whichever is no larger
     and closer to the original. ``quality`` may lie between the trained ones (3.5): the
     hyperprior family codes it with a coarser step (effort 1), the factorized family at
-    the quality below."""
+    the quality below. ``precision`` is the transforms' arithmetic (nic.precision: "auto",
+    "fp32" or "bf16"); every precision's files decode everywhere."""
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] not in (1, 3):
         raise ValueError("pixels must be uint8 of shape (H, W, 3) or (H, W, 1)")
     height, width = pixels.shape[:2]
     _check_dimensions(width, height)
     requested = quality
-    model, digest, quality, step = _model(weights, family, quality)
+    model, digest, quality, step = _model(weights, family, quality, precision, height * width)
     # Not with an ICC profile: a reader that skips gRGB would write it beside one channel.
     gray_rgb = pixels.shape[2] == 3 and not icc_profile and is_gray(pixels)
     if gray_rgb:
@@ -161,7 +175,8 @@ def encode_pixels(pixels: np.ndarray, quality: float = 4, weights: str | Path | 
     if family is None:
         kept = data
         rows = (_synthesized(model, y_hat[0], quality, pixels) if y_hat else
-                lambda sink: decode_rows(kept, lambda header, icc, exif: sink, weights))
+                lambda sink: decode_rows(kept, lambda header, icc, exif: sink, weights,
+                                         precision=getattr(model, "precision", "fp32")))
         data = _or_pixels(pixels, data, quality, channels, gray_rgb, icc_profile, exif, rows)
         if data is kept:
             data = _or_overlay(pixels, data, model, digest, quality, step, channels, gray_rgb, icc_profile, exif,
@@ -340,7 +355,7 @@ def _or_pixels(pixels: np.ndarray, data: bytes, quality: int, channels: int, gra
 def encode_rows(source: PixelRows, quality: float = 4, weights: str | Path | None = None,
                 icc_profile: bytes | None = None, exif: bytes | None = None,
                 progress: Progress | None = None, spill_bytes: int | None = None,
-                family: str | None = None) -> list:
+                family: str | None = None, precision: str = "auto") -> list:
     """The .nic file of an image read strip by strip (effort 1), as a list of buffers to
     write in order, so that no stage holds the whole image or a second copy of the file.
 
@@ -357,8 +372,8 @@ def encode_rows(source: PixelRows, quality: float = 4, weights: str | Path | Non
 
     if family in (None, PIXELS) and width * height <= MAX_PIXELS:
         whole = read_whole(source)
-        return [encode_pixels(whole, quality, weights, icc_profile, exif, 1, progress, family)]
-    model, digest, quality, step = _model(weights, family, quality)
+        return [encode_pixels(whole, quality, weights, icc_profile, exif, 1, progress, family, precision)]
+    model, digest, quality, step = _model(weights, family, quality, precision, width * height)
     watched = _GrayWatch(source)
     extra = {} if step is None else {"step": step}
     substreams = _family(model).compress(model, watched, quality, 1, progress, spill_bytes, **extra)
@@ -368,7 +383,7 @@ def encode_rows(source: PixelRows, quality: float = 4, weights: str | Path | Non
 
 def encode_to_target(pixels: np.ndarray, max_bytes: int, weights: str | Path | None = None,
                      icc_profile: bytes | None = None, exif: bytes | None = None,
-                     effort: int = 1, family: str | None = None) -> tuple[bytes, float]:
+                     effort: int = 1, family: str | None = None, precision: str = "auto") -> tuple[bytes, float]:
     """(file, quality) of the largest file not above ``max_bytes``, as cwebp -size does:
     a binary search over the trained qualities, then, where the family codes qualities
     between them (effort 1), a bisection between the last that fits and the next; the
@@ -379,7 +394,8 @@ def encode_to_target(pixels: np.ndarray, max_bytes: int, weights: str | Path | N
 
     def size_at(quality: float) -> int:
         if quality not in results:
-            results[quality] = encode_pixels(pixels, quality, weights, icc_profile, exif, effort, family=family)
+            results[quality] = encode_pixels(pixels, quality, weights, icc_profile, exif, effort, family=family,
+                                             precision=precision)
         return len(results[quality])
 
     if size_at(low) > max_bytes:
@@ -430,13 +446,14 @@ def _open_for_decoding(data: bytes, weights: str | Path | None, max_pixels: int)
 
 
 def _decompress(data: bytes, weights: str | Path | None, max_pixels: int, progress: Progress | None,
-                spill_bytes: int | None, open_sink, on_latents=None) -> Header:
+                spill_bytes: int | None, open_sink, on_latents=None, precision: str = "auto") -> Header:
     """Decode, calling ``open_sink(header, icc_profile, exif)`` once every substream is
     decoded (so a corrupt file opens no output) and feeding the rows it returns. A
     grayscale file of an all-gray RGB source (section gRGB) decodes to RGB: ``open_sink``
     gets, and the caller gets back, its header with the colour layout RGB."""
     parsed, substreams, model = _open_for_decoding(data, weights, max_pixels)
     header = parsed.header
+    model = at_precision(model, precision, header.width * header.height)
     known = dict(parsed.sections)
     sink: list[RowSink] = []
     to_rgb = header.colour == COLOUR_GRAY and container.SECTION_GRAY_RGB in known
@@ -459,8 +476,10 @@ def _decompress(data: bytes, weights: str | Path | None, max_pixels: int, progre
 
 
 def decode_pixels(data: bytes, weights: str | Path | None = None,
-                  max_pixels: int = container.DEFAULT_MAX_PIXELS, progress: Progress | None = None) -> Decoded:
-    """Decode .nic bytes; raises FormatError or WeightsError naming the problem."""
+                  max_pixels: int = container.DEFAULT_MAX_PIXELS, progress: Progress | None = None,
+                  precision: str = "auto") -> Decoded:
+    """Decode .nic bytes; raises FormatError or WeightsError naming the problem.
+    ``precision``: g_s's arithmetic (nic.precision), as for :func:`encode_pixels`."""
     found: dict = {}
 
     def open_sink(header: Header, icc_profile: bytes | None, exif: bytes | None) -> RowSink:
@@ -478,28 +497,30 @@ def decode_pixels(data: bytes, weights: str | Path | None = None,
         found["latents"] = np.asarray(latents.array, dtype=np.int64)
 
     # The whole image is held anyway: its latents stay in memory (no spill file).
-    header = _decompress(data, weights, max_pixels, progress, 1 << 62, open_sink, keep)
+    header = _decompress(data, weights, max_pixels, progress, 1 << 62, open_sink, keep, precision)
     return Decoded(found["pixels"], header, found["latents"], found["icc_profile"], found["exif"])
 
 
 def decode_rows(data: bytes, open_sink: Callable[[Header, bytes | None, bytes | None], RowSink],
                 weights: str | Path | None = None, max_pixels: int = container.DEFAULT_MAX_PIXELS,
-                progress: Progress | None = None, spill_bytes: int | None = None) -> Header:
+                progress: Progress | None = None, spill_bytes: int | None = None, precision: str = "auto") -> Header:
     """Decode .nic bytes strip by strip, for images too large to hold whole.
 
     Once the file is validated and its latents decoded, ``open_sink(header, icc_profile,
     exif)`` is called and returns the function that receives the uint8 pixel rows
     (n, width, 1|3), top to bottom. The same pixels as :func:`decode_pixels`."""
-    return _decompress(data, weights, max_pixels, progress, spill_bytes, open_sink)
+    return _decompress(data, weights, max_pixels, progress, spill_bytes, open_sink, precision=precision)
 
 
 def encode(image: Image.Image | NDArray[np.uint8], quality: float = 4, weights: str | Path | None = None,
-           background: str | None = None, strip: bool = False, effort: int = 1, family: str | None = None) -> bytes:
+           background: str | None = None, strip: bool = False, effort: int = 1, family: str | None = None,
+           precision: str = "auto") -> bytes:
     """Encode a Pillow image or a uint8 numpy array (H, W), (H, W, 1|3|4) to .nic bytes.
 
     A Pillow image's ICC profile and EXIF travel along unless ``strip``. ``effort`` 1..4
     spends more encoding time for a smaller file at the same quality (nic.quantization);
-    ``family`` picks the model family (nic.families), as for :func:`encode_pixels`."""
+    ``family`` picks the model family (nic.families) and ``precision`` the transforms'
+    arithmetic (nic.precision), as for :func:`encode_pixels`."""
     from PIL import Image
 
     from .images import image_metadata, pixels_from_image
@@ -521,15 +542,15 @@ def encode(image: Image.Image | NDArray[np.uint8], quality: float = 4, weights: 
             pixels = pixels_from_image(Image.fromarray(array, "RGBA"), background)
         else:
             pixels = array
-    return encode_pixels(pixels, quality, weights, icc_profile, exif, effort, family=family)
+    return encode_pixels(pixels, quality, weights, icc_profile, exif, effort, family=family, precision=precision)
 
 
-def decode(data: bytes, weights: str | Path | None = None) -> Image.Image:
+def decode(data: bytes, weights: str | Path | None = None, precision: str = "auto") -> Image.Image:
     """Decode .nic bytes to a Pillow image (mode RGB or L), with ``info["icc_profile"]``
     and ``info["exif"]`` when the file carries them."""
     from .images import image_from_pixels
 
-    decoded = decode_pixels(data, weights)
+    decoded = decode_pixels(data, weights, precision=precision)
     image = image_from_pixels(decoded.pixels)
     if decoded.icc_profile:
         image.info["icc_profile"] = decoded.icc_profile

@@ -563,7 +563,7 @@ class Point:
 
 
 def round_trip(codec: str, param: float, pixels: np.ndarray, weights: str | None, effort: int = 1,
-               family: str | None = None) -> tuple[bytes, np.ndarray, float, float]:
+               family: str | None = None, precision: str = "auto") -> tuple[bytes, np.ndarray, float, float]:
     """(file bytes, decoded pixels, encode seconds, decode seconds) of one image.
 
     Both timings are in-process and start from pixels in memory (no file I/O, no PNG
@@ -573,9 +573,10 @@ def round_trip(codec: str, param: float, pixels: np.ndarray, weights: str | None
         from .api import decode_pixels, encode_pixels
 
         start = time.perf_counter()
-        data = encode_pixels(pixels, quality=param, weights=weights, effort=effort, family=family)
+        data = encode_pixels(pixels, quality=param, weights=weights, effort=effort, family=family,
+                             precision=precision)
         middle = time.perf_counter()
-        out = decode_pixels(data, weights).pixels
+        out = decode_pixels(data, weights, precision=precision).pixels
     else:
         start = time.perf_counter()
         data = encode_baseline(codec, param, pixels)
@@ -585,11 +586,11 @@ def round_trip(codec: str, param: float, pixels: np.ndarray, weights: str | None
 
 
 def measure(codec: str, param: float, pixels: np.ndarray, weights: str | None, effort: int = 1,
-            family: str | None = None) -> dict:
+            family: str | None = None, precision: str = "auto") -> dict:
     """Encode, decode and score one image at one setting (timings in milliseconds);
     ``family`` as for nic.api.encode_pixels (None: the default's choice)."""
     h, w, _ = pixels.shape
-    data, out, enc, dec = round_trip(codec, param, pixels, weights, effort, family)
+    data, out, enc, dec = round_trip(codec, param, pixels, weights, effort, family, precision)
     try:
         msssim: float | None = ms_ssim(pixels, out)
     except ValueError:  # under 16 px on a side: MS-SSIM is undefined
@@ -864,7 +865,7 @@ def ceiling_psnr(model, pixels: np.ndarray, quality: int) -> float | None:
 
 
 def run_hard(qualities: str | None, codecs: str | None, weights: str | None, family: str | None,
-             names: list[str] | None = None, report=None) -> list[dict]:
+             names: list[str] | None = None, report=None, precision: str = "auto") -> list[dict]:
     """Measure the hard-content set (nic.hardset): per image and quality, nic's bytes, bpp
     and PSNR, the ceiling of its transforms, and each baseline's PSNR at nic's bytes.
     ``report(row)`` sees each row as it is measured."""
@@ -884,8 +885,8 @@ def run_hard(qualities: str | None, codecs: str | None, weights: str | None, fam
     for name, pixels in hardset.generate(names).items():
         height, width = pixels.shape[:2]
         for quality in chosen:
-            data = encode_pixels(pixels, quality, weights, family=family)
-            decoded = decode_pixels(data, weights).pixels
+            data = encode_pixels(pixels, quality, weights, family=family, precision=precision)
+            decoded = decode_pixels(data, weights, precision=precision).pixels
             coded = name_of(parse_header(data).model_id) + (" + tiles" if has_tiles(data) else "")
             row = {"image": name, "quality": quality, "family": coded,
                    "bytes": len(data), "bpp": 8.0 * len(data) / (height * width),
@@ -933,6 +934,7 @@ class BenchOptions:
     compare: tuple[str, ...] = ()  # earlier `nic bench --json` files: their nic curves become references
     effort: int = 1  # nic's encoder effort (nic.quantization)
     family: str | None = None  # the model family of the installed weights (nic.families), without --weights
+    precision: str = "auto"  # the transforms' arithmetic (nic.precision); the report records what ran
 
 
 def _read(path: Path) -> np.ndarray:
@@ -957,13 +959,13 @@ def _images(paths: Sequence[Path], sizes: list[dict]):
 
 
 def _warm_up(codecs: Sequence[tuple[str, float]], weights: str | None, effort: int = 1,
-             family: str | None = None) -> None:
+             family: str | None = None, precision: str = "auto") -> None:
     """One untimed round on a small image, so one-time setup (range-coder tables per
     quality, library initialisation, torch kernel selection) is not charged to image 1."""
     rng = np.random.default_rng(0)
     tiny = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
     for codec, param in codecs:
-        measure(codec, param, tiny, weights, effort, family)
+        measure(codec, param, tiny, weights, effort, family, precision)
 
 
 def escape(text: str) -> str:
@@ -1023,6 +1025,7 @@ def run_command(opts: BenchOptions, out=None, err=None) -> dict:
     start = time.perf_counter()
     model, digest = default_weights(opts.weights, opts.family)
     load_ms = (time.perf_counter() - start) * 1e3
+    from .precision import AUTO_PIXELS, bf16_units
     qualities = parse_qualities(opts.qualities, model.qualities)
     if opts.speed and opts.qualities is None:
         qualities = [(model.qualities + 1) // 2]  # a mid quality, like the baselines
@@ -1034,6 +1037,8 @@ def run_command(opts: BenchOptions, out=None, err=None) -> dict:
         "folder": str(folder), "kodak": kodak, "images": sizes,
         "libraries": _library_versions(), "skipped": skipped,
         "model_load_ms": load_ms, "torch_import_ms": torch_ms,
+        # What ran: "auto" is bf16 for images of AUTO_PIXELS or more on a CPU with bf16 units.
+        "precision": opts.precision, "bf16_units": bf16_units(), "auto_pixels": AUTO_PIXELS,
     }
     if opts.speed:
         report.update(_run_speed(paths, sizes, qualities, baselines, opts, load_ms, torch_ms, out, err))
@@ -1076,14 +1081,14 @@ def _run_rd(paths: Sequence[Path], sizes: list[dict], qualities: list[int], base
     for name in baselines:
         plan += [(name, p) for p in BASELINES[name].params]
     _warm_up([("nic", q) for q in qualities] + [(b, BASELINES[b].mid) for b in baselines], opts.weights,
-             opts.effort, opts.family)
+             opts.effort, opts.family, opts.precision)
     points = {(codec, param): Point(codec, param, setting_label(codec, param)) for codec, param in plan}
     with _progress(err) as progress:
         task = progress.add_task("bench", total=len(paths) * len(plan))
         for name, pixels in _images(paths, sizes):
             for codec, param in plan:
                 progress.update(task, description=f"{escape(name)} {codec} {setting_label(codec, param)}")
-                record = measure(codec, param, pixels, opts.weights, opts.effort, opts.family)
+                record = measure(codec, param, pixels, opts.weights, opts.effort, opts.family, opts.precision)
                 points[(codec, param)].images.append({"image": name, **record})
                 progress.advance(task)
 
@@ -1188,7 +1193,7 @@ def _run_speed(paths: Sequence[Path], sizes: list[dict], qualities: list[int], b
     from rich.table import Table
 
     plan = [("nic", float(q)) for q in qualities] + [(b, float(BASELINES[b].mid)) for b in baselines]
-    _warm_up(plan, opts.weights, opts.effort, opts.family)
+    _warm_up(plan, opts.weights, opts.effort, opts.family, opts.precision)
     rows = []
     with _progress(err) as progress:
         task = progress.add_task("speed", total=len(paths) * len(plan))
@@ -1197,7 +1202,8 @@ def _run_speed(paths: Sequence[Path], sizes: list[dict], qualities: list[int], b
             for codec, param in plan:
                 progress.update(task, description=f"{escape(name)} {codec} {setting_label(codec, param)}")
                 h, w, _ = pixels.shape
-                data, decoded, enc, dec = round_trip(codec, param, pixels, opts.weights, opts.effort, opts.family)
+                data, decoded, enc, dec = round_trip(codec, param, pixels, opts.weights, opts.effort, opts.family,
+                                                     opts.precision)
                 results[(codec, param)].append({
                     "image": name, "megapixels": h * w / 1e6, "enc_ms": enc * 1e3, "dec_ms": dec * 1e3,
                     "bpp": 8.0 * len(data) / (h * w), "psnr": psnr(pixels, decoded)})

@@ -35,6 +35,7 @@ functions at the end keep the latents of very large images in
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import threading
@@ -218,8 +219,12 @@ class Model:
     transforms in numpy (:mod:`nic.engine`), the integer tables. No torch.
 
     A quality's own pair (``Config.specialized``) is checked and built when the quality
-    is first used, each transform when it first runs (an encoder never builds its g_s). ``network()`` is the same weights as a torch ``Codec``, built once, for what
-    differentiates through the transforms (the encoder's effort 2..4)."""
+    is first used, each transform when it first runs (an encoder never builds its g_s).
+    ``at_precision("bf16")`` is the same model with its transforms in bf16
+    (:mod:`nic.precision`). ``network()`` is the same weights as a torch ``Codec``, built
+    once, for what differentiates through the transforms (the encoder's effort 2..4)."""
+
+    precision = "fp32"
 
     def __init__(self, arrays: dict[str, np.ndarray]):
         config = read_config(arrays)
@@ -233,7 +238,8 @@ class Model:
         self.gain = arrays["gain"].astype(np.float32)
         self.inverse_gain = arrays["inverse_gain"].astype(np.float32)
         self._arrays = arrays
-        self._pairs: dict[int, tuple[engine.Network, engine.Network]] = {}
+        self._pairs: dict[tuple[int, str], tuple] = {}  # (own pair's quality or 0, precision): (g_a, g_s)
+        self._views = {"fp32": self}
         self._network = None
 
     @property
@@ -244,19 +250,46 @@ class Model:
     def latent_channels(self) -> int:
         return self.config.M
 
-    def transforms(self, quality: int) -> tuple[engine.Network, engine.Network]:
-        """(g_a, g_s) of a quality: its own pair if it is specialized, else the shared one."""
-        key = quality if quality in self.config.specialized else 0
+    def transforms(self, quality: int) -> tuple:
+        """(g_a, g_s) of a quality at the model's precision: its own pair if it is
+        specialized, else the shared one (:class:`nic.engine.Network` in fp32,
+        :class:`nic.precision.Transform` in bf16)."""
+        return self._pair(quality if quality in self.config.specialized else 0, self.precision)
+
+    def _pair(self, own: int, precision: str) -> tuple:
+        """(g_a, g_s) of quality ``own``'s own pair (0: the shared one), built once."""
+        key = (own, precision)
         if key not in self._pairs:
             with _BUILDING:
                 if key not in self._pairs:
-                    prefix = f"own.q{key}." if key else ""
-                    if key:
-                        pair = pair_shapes(self.config.pair_N(key), self.config.M)
-                        check_arrays(self._arrays, {prefix + name: shape for name, shape in pair.items()})
-                    self._pairs[key] = (engine.Network(lambda: _layers(self._arrays, prefix, "g_a")),
-                                        engine.Network(lambda: _layers(self._arrays, prefix, "g_s")))
+                    if precision == "bf16":
+                        from .precision import Transform
+
+                        g_a, g_s = self._pair(own, "fp32")  # their layers, unbuilt until used
+                        self._pairs[key] = (Transform(g_a, analysis=True), Transform(g_s, analysis=False))
+                    else:
+                        self._pairs[key] = self._fp32_pair(own)
         return self._pairs[key]
+
+    def _fp32_pair(self, own: int) -> tuple[engine.Network, engine.Network]:
+        prefix = f"own.q{own}." if own else ""
+        if own:
+            pair = pair_shapes(self.config.pair_N(own), self.config.M)
+            check_arrays(self._arrays, {prefix + name: shape for name, shape in pair.items()})
+        return (engine.Network(lambda: _layers(self._arrays, prefix, "g_a")),
+                engine.Network(lambda: _layers(self._arrays, prefix, "g_s")))
+
+    def at_precision(self, precision: str) -> "Model":
+        """This model with its transforms in ``precision`` ("fp32" or "bf16"), sharing its
+        weights, tables and built transforms (one view per precision, kept)."""
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"no precision {precision!r}")
+        with _BUILDING:
+            if precision not in self._views:
+                view = copy.copy(self)
+                view.precision = precision
+                self._views[precision] = view
+        return self._views[precision]
 
     def analysis_array(self, block: np.ndarray, quality: int) -> np.ndarray:
         """y·gain, float32 (M, h/16, w/16), of uint8 pixels (h, w, 1|3), h and w multiples of 16."""

@@ -33,6 +33,7 @@ Math only: arrays in, bytes out. No I/O.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import threading
@@ -401,10 +402,26 @@ class Model:
         self._context: dict[int, dict] = {}
         check_slices(M, config)
         self._network = None
+        self._views = {"fp32": self}
 
     @property
     def qualities(self) -> int:
         return self.base.config.qualities
+
+    @property
+    def precision(self) -> str:
+        return self.base.precision
+
+    def at_precision(self, precision: str) -> "Model":
+        """This model with g_a and g_s in ``precision`` (nic.precision; h_a stays fp32, the
+        rest is integer), sharing everything else."""
+        base = self.base.at_precision(precision)
+        with _BUILDING:
+            if precision not in self._views:
+                view = copy.copy(self)
+                view.base = base
+                self._views[precision] = view
+        return self._views[precision]
 
     @property
     def latent_channels(self) -> int:

@@ -9,10 +9,12 @@
 Opening reads the file and validates its header (cheap, no torch), and puts the
 ICC profile and EXIF the file carries in ``info["icc_profile"]`` and ``info["exif"]``
 straight away, as Pillow's JPEG plugin does; the pixels are decoded on first access,
-like any lazy Pillow format.
+like any lazy Pillow format, at the precision of the image's ``precision`` attribute
+("auto" unless set before the pixels are read; ``NicImageFile.precision`` for all).
 
 Saving takes ``quality=`` (1..8, default 4; 3.5 lies between two), ``effort=`` (1..4, default 1),
-``model=`` (the model family, "factorized" or "hyperprior") and ``background=``
+``model=`` (the model family, "factorized" or "hyperprior"), ``precision=`` ("auto",
+"fp32" or "bf16": the transforms' arithmetic, nic.precision) and ``background=``
 (a colour to flatten transparency onto), as :func:`nic.encode` does,
 and Pillow's usual metadata keywords: ``icc_profile=`` and ``exif=`` (bytes, or an
 :class:`PIL.Image.Exif` for ``exif``) replace what the image carries, ``None``
@@ -41,6 +43,7 @@ def _accept(prefix: bytes) -> bool:
 class NicImageFile(ImageFile.ImageFile):
     format = FORMAT
     format_description = "nic learned image codec"
+    precision = "auto"  # g_s's arithmetic when the pixels are decoded (nic.precision)
 
     def _open(self) -> None:
         head = self.fp.read(HEADER_SIZE)
@@ -74,7 +77,7 @@ class NicImageFile(ImageFile.ImageFile):
             from .api import decode_pixels
             from .images import image_from_pixels
 
-            decoded = decode_pixels(self._nic_data)
+            decoded = decode_pixels(self._nic_data, precision=self.precision)
             image = image_from_pixels(decoded.pixels)
             self.im = image.im
             self._nic_loaded = True
@@ -136,7 +139,8 @@ def _save(im: Image.Image, fp: IO[bytes], filename: str | bytes) -> None:
     # nic.api.encode reads metadata only from the image, so the pieces it is made of
     # are called here, in the same order, to put explicit metadata in their place.
     pixels = pixels_from_image(im, options.get("background"))
-    fp.write(encode_pixels(pixels, quality, None, icc_profile, exif, effort, family=options.get("model")))
+    fp.write(encode_pixels(pixels, quality, None, icc_profile, exif, effort, family=options.get("model"),
+                           precision=options.get("precision", "auto")))
 
 
 def register() -> None:
