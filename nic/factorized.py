@@ -308,7 +308,10 @@ class Model:
         return self.transforms(quality)[1](y).transpose(2, 0, 1)
 
     def network(self):
-        """The same weights as a torch ``Codec`` (nic.factorized_torch), built on first use."""
+        """The same weights as a torch ``Codec`` (nic.factorized_torch), built on first use
+        (once for all precisions: the efforts' search runs it in fp32)."""
+        if self.precision != "fp32":
+            return self._views["fp32"].network()
         if self._network is None:
             with _BUILDING:
                 if self._network is None:

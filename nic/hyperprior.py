@@ -472,7 +472,10 @@ class Model:
 
     def network(self):
         """The same weights as a torch ``Codec`` (nic.hyperprior_torch), built on first use:
-        for what differentiates through the transforms (the encoder's effort 2..4)."""
+        for what differentiates through the transforms (the encoder's effort 2..4); once for
+        all precisions."""
+        if self.precision != "fp32":
+            return self._views["fp32"].network()
         if self._network is None:
             with _BUILDING:
                 if self._network is None:

@@ -24,12 +24,19 @@ Three choices keep bf16's error at fp32's level where it would show:
   remainder of that rounding, so that the pixels are as exact as fp32 would make them
   from the same inputs; the taps are summed in fp32 (nic.engine.Deconv.phase_sums).
 
-Math only: arrays in, arrays out; torch is imported when a bf16 transform first runs.
+Efforts 2..4 search for the latents to send with the fp32 torch network (they
+differentiate through g_s). Several Python threads running bf16 transforms at once each
+get torch's OpenMP team of nic.engine.threads() threads (more threads than cores: the
+results do not change, the speed does).
+
+Math only, no I/O but reading the CPU's flags: arrays in, arrays out; torch is imported
+when bf16 is chosen.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import platform
 import sys
 import threading
 from contextlib import contextmanager
@@ -55,14 +62,17 @@ class PrecisionError(ValueError):
 
 @lru_cache(maxsize=None)
 def bf16_units() -> bool:
-    """Whether the CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX). Read from
-    /proc/cpuinfo where there is one (without importing torch), else asked of torch."""
+    """Whether the CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX: x86 only). Read
+    from /proc/cpuinfo where there is one (without importing torch), else asked of torch."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False  # torch's bf16 kernels here are for those two x86 extensions
     try:
         with open("/proc/cpuinfo") as info:
             for line in info:
                 if line.startswith("flags"):
                     flags = line.split(":", 1)[1].split()
                     return "avx512_bf16" in flags or "amx_bf16" in flags
+        return False  # read, and no flags line
     except OSError:
         pass
     if not torch_installed():
@@ -92,9 +102,16 @@ def choose(precision: str, pixels: int) -> str:
         raise PrecisionError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if precision == "bf16" and not torch_installed():
         raise PrecisionError("bf16 needs PyTorch (pip install torch); fp32 runs without it")
-    if precision != "auto":
-        return precision
-    return "bf16" if pixels >= AUTO_PIXELS and bf16_units() and torch_installed() else "fp32"
+    if precision == "fp32" or (precision == "auto" and not (pixels >= AUTO_PIXELS and bf16_units()
+                                                           and torch_installed())):
+        return "fp32"
+    try:
+        import torch  # noqa: F401  (what bf16 runs on: a broken install is found here, not mid-image)
+    except ImportError as exc:
+        if precision == "auto":
+            return "fp32"
+        raise PrecisionError(f"bf16 needs a working PyTorch ({exc})") from None
+    return "bf16"
 
 
 # ---- the transforms in bf16 --------------------------------------------------------------
@@ -164,8 +181,9 @@ def _torch_layers(layers: list, analysis: bool) -> list:
             out.append(_GDN(torch, layer))
         elif isinstance(layer, engine.ReLU):
             out.append(torch.relu)
-        elif last and not analysis:
-            out.append(_ExactOutput(torch, layer))
+        elif last and not analysis and isinstance(layer, engine.Deconv) and not layer.gather:
+            # It takes the IGDN before it, to write its output where it wants it.
+            out.append(_ExactOutput(torch, layer, out.pop() if out and isinstance(out[-1], _GDN) else None))
         elif isinstance(layer, (engine.Conv, engine.Deconv)):
             out.append(_Convolution(torch, layer, pixels_in=first and analysis))
         else:
@@ -226,34 +244,45 @@ class _GDN:
         self.beta = torch.from_numpy(layer.beta).to(torch.bfloat16)
         self.inverse = layer.inverse
 
-    def __call__(self, x):
+    def __call__(self, x, into=None):
+        """GDN of x, into ``into`` (a tensor of x's shape) if given."""
         norm = self.torch.nn.functional.conv2d(x * x, self.gamma, self.beta)
         norm.sqrt_()
-        return norm.mul_(x) if self.inverse else self.torch.div(x, norm, out=norm)
+        into = norm if into is None else into
+        return self.torch.mul(norm, x, out=into) if self.inverse else self.torch.div(x, norm, out=into)
 
 
 class _ExactOutput:
     """g_s's last layer (few output channels: the pixels): every tap's products of the
     bf16 input with the bf16 weights, as the bf16-rounded result plus the remainder of
     that rounding (both from bf16 products summed in fp32), then the taps summed in fp32
-    by nic.engine. Its output is the (height, width, C_out) float32 array."""
+    by nic.engine. Its output is the (height, width, C_out) float32 array. ``gdn``, the
+    IGDN before it, writes straight into the zero-padded input the products read."""
 
-    def __init__(self, torch, layer: engine.Deconv):
+    def __init__(self, torch, layer: engine.Deconv, gdn: "_GDN | None"):
         if not isinstance(layer, engine.Deconv) or layer.gather:
             raise TypeError("the exact bf16 output is for a transposed convolution with few outputs")
-        self.torch, self.layer = torch, layer
+        self.torch, self.layer, self.gdn = torch, layer, gdn
         self.side = torch.from_numpy(layer.side).to(torch.bfloat16)  # (taps·C_out, C)
 
     def __call__(self, x):
         torch, layer = self.torch, self.layer
         _, channels, height, width = x.shape
-        padded = torch.zeros((height + layer.before + layer.after + 1, width + layer.before + layer.after, channels),
-                             dtype=torch.bfloat16)
-        padded[layer.before:layer.before + height, layer.before:layer.before + width] = x[0].permute(1, 2, 0)
+        b = layer.before
+        padded = torch.empty((height + b + layer.after + 1, width + b + layer.after, channels), dtype=torch.bfloat16)
+        padded[:b].zero_()
+        padded[b + height:].zero_()
+        padded[b:b + height, :b].zero_()
+        padded[b:b + height, b + width:].zero_()
+        inside = padded[b:b + height, b:b + width].permute(2, 0, 1).unsqueeze(0)
+        if self.gdn is None:
+            inside.copy_(x)
+        else:
+            self.gdn(x, into=inside)
         flat = padded.reshape(-1, channels).t()
         rounded = self.side @ flat
         remainder = torch.addmm(rounded, self.side, flat, beta=-1)  # fp32 sums less the rounded ones
-        products = rounded.float().add_(remainder.float())
+        products = rounded.float().add_(remainder)
         out = np.empty((height * layer.stride, width * layer.stride, layer.out_channels), dtype=np.float32)
         layer.phase_sums(products.numpy(), out, height, width)
         return out
@@ -272,4 +301,5 @@ def keep_freed_memory() -> bool:
     except OSError:
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    no_mmap, no_trim = libc.mallopt(M_MMAP_MAX, 0), libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    return bool(no_mmap and no_trim)

@@ -4,7 +4,6 @@
     python tools/bench_speed.py flops                      # FLOPs of g_a and g_s for 768x512
     python tools/bench_speed.py conv -j 2                  # this CPU's 5x5 conv throughput
     python tools/bench_speed.py codec -j 2 IMAGES...       # encode/decode ms per image, in-process
-    python tools/bench_speed.py bf16 IMAGES...             # what bf16 autocast does to latents and PSNR
     python tools/bench_speed.py tiles -j 1 2048x1536 --tiles 256 448 768   # tile size sweep
     python tools/bench_speed.py tiling --tile 128 IMAGES...  # tiled against whole-image results
     python tools/bench_speed.py engines -j 2 IMAGES...     # numpy engine against torch: time, latents, PSNR
@@ -12,6 +11,7 @@
                                                            # (--model hyperprior --weights W: that family)
 
 IMAGES are files (e.g. ../shared/data/kodak/kodim*.png) or WxH for a generated image.
+fp32 against bf16 (``--precision``) has its own tool: tools/precision_table.py.
 The model is loaded once; the first run of each shape is a warm-up and not counted.
 Measurement only: nothing here is imported by nic.
 """
@@ -341,46 +341,6 @@ def cmd_tiling(args) -> None:
           f"largest |gap| {max(abs(g) for g in gaps):.4f} dB, mean {float(np.mean(gaps)):+.5f} dB")
 
 
-def cmd_bf16(args) -> None:
-    from nic import factorized
-    from nic.weights import default_weights
-
-    torch.set_num_threads(args.threads)
-    model = default_weights()[0]
-    for spec in args.images:
-        name, pixels = load_pixels(spec)
-        h, w = pixels.shape[:2]
-        for quality in args.qualities:
-            ref = factorized.quantize_latents(model, pixels, quality)
-            t0 = time.perf_counter()
-            ref = factorized.quantize_latents(model, pixels, quality)
-            t1 = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                factorized.quantize_latents(model, pixels, quality)
-                t2 = time.perf_counter()
-                bf = factorized.quantize_latents(model, pixels, quality)
-                t3 = time.perf_counter()
-            out_ref = factorized.reconstruct(model, ref, quality, h, w, False)
-            out_bf_enc = factorized.reconstruct(model, bf, quality, h, w, False)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                factorized.reconstruct(model, ref, quality, h, w, False)
-                t4 = time.perf_counter()
-                out_bf_dec = factorized.reconstruct(model, ref, quality, h, w, False)
-                t5 = time.perf_counter()
-
-            def psnr(a):
-                return 10 * np.log10(255**2 / np.mean((a.astype(np.float64) - pixels) ** 2))
-
-            coder = factorized.coder(model, quality)
-            bits_ref, bits_bf = 8 * len(coder.encode(ref)), 8 * len(coder.encode(bf))
-            print(f"{name} q{quality}: bf16 g_a changes {np.mean(bf != ref) * 100:.2f}% of latents, "
-                  f"bpp {bits_ref / (w * h):.4f} → {bits_bf / (w * h):.4f}, PSNR {psnr(out_ref):.3f} → "
-                  f"{psnr(out_bf_enc):.3f} dB; bf16 g_s: PSNR {psnr(out_bf_dec):.3f} dB, "
-                  f"max pixel diff {np.abs(out_bf_dec.astype(int) - out_ref).max()}; "
-                  f"g_a {(t1 - t0) * 1e3:.0f} → {(t3 - t2) * 1e3:.0f} ms, "
-                  f"g_s bf16 {(t5 - t4) * 1e3:.0f} ms", flush=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -427,11 +387,6 @@ def main() -> None:
     p.add_argument("--model", default=None, help="nic encode's --model (a model family)")
     p.add_argument("--weights", default=None, help="nic's --weights")
     p.set_defaults(run=cmd_cli)
-    p = sub.add_parser("bf16")
-    p.add_argument("images", nargs="+")
-    p.add_argument("-j", "--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--qualities", type=int, nargs="+", default=[1, 4, 8])
-    p.set_defaults(run=cmd_bf16)
     args = parser.parse_args()
     args.run(args)
 

@@ -172,6 +172,8 @@ def main() -> None:
                              "process or only around the tiled transforms (see MALLOPT)")
     parser.add_argument("--model", default=None, help="passed to nic encode as --model (a model family)")
     parser.add_argument("--weights", type=Path, default=None, help="passed to nic encode and decode as --weights")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                        help="passed to nic encode and decode as --precision (nic.precision; default auto)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the files in this folder")
     parser.add_argument("--kodak", type=Path, default=None, metavar="DIR",
                         help="also time in-process encode/decode of every image in DIR (ms per image)")
@@ -185,6 +187,7 @@ def main() -> None:
         print(f"({TIME} not found: using getrusage(RUSAGE_CHILDREN))", file=sys.stderr)
     nic = nic_command(args.tile, args.mallopt)
     extra = ["-j", str(args.threads)] if args.threads else []
+    extra += ["--precision", args.precision] if args.precision else []
     if args.weights is not None:
         extra += ["--weights", str(args.weights)]
     family = ["--model", args.model] if args.model else []

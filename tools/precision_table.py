@@ -19,7 +19,7 @@ family: N=128, M=192, 5x5 GDN transforms) with random weights (speed does not de
 them), its ``compress``/``decompress`` in the same process, on the same images, against
 nic's factorized family at both precisions; CompressAI is a measuring dependency only:
 
-    pip install --no-deps compressai==1.2.8 && pip install einops pandas torch_geometric
+    pip install --no-deps compressai==1.2.8 pytorch_msssim && pip install einops pandas scipy torch_geometric
 
 (its package imports torchvision, which its models never use: the tool puts a stub in
 its place). Measurement only: nothing here is imported by nic.
@@ -100,7 +100,7 @@ def cmd_bdrate(args, photos) -> None:
     print(f"the bf16 encoder against the fp32 encoder (both decoded in fp32), family {args.model or 'default'}, "
           f"{len(photos)} images")
     curves = {"fp32": ([], []), "bf16": ([], [])}
-    print(f"{'quality':>7} {'fp32 bpp':>9} {'dB':>7} {'bf16 bpp':>9} {'dB':>7} {'latents':>8}")
+    print(f"{'quality':>7} {'fp32 bpp':>9} {'dB':>7} {'bf16 bpp':>9} {'dB':>7}")
     for q in args.qualities:
         row = {}
         for chosen in ("fp32", "bf16"):
@@ -121,9 +121,12 @@ def cmd_bdrate(args, photos) -> None:
 
 def compressai_model():
     """CompressAI's bmshj2018-factorized (N=128, M=192), random weights, its tables updated."""
-    sys.modules.setdefault("torchvision", types.ModuleType("torchvision"))  # imported, never used by the models
-    for name in ("torchvision.transforms", "torchvision.ops"):
-        sys.modules.setdefault(name, types.ModuleType(name))
+    if "torchvision" not in sys.modules:  # imported by the package, never used by its models
+        stub = types.ModuleType("torchvision")
+        for part in ("transforms", "ops"):
+            setattr(stub, part, types.ModuleType(f"torchvision.{part}"))
+            sys.modules[f"torchvision.{part}"] = getattr(stub, part)
+        sys.modules["torchvision"] = stub
     from compressai.models import FactorizedPrior
 
     model = FactorizedPrior(128, 192).eval()
@@ -140,7 +143,7 @@ def cmd_compressai(args, photos) -> None:
           f"(ms per image; CompressAI {__import__('compressai').__version__}, fp32, its own range coder)")
 
     def compressai_times(pixels):
-        x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0).float() / 255
+        x = torch.from_numpy(np.array(pixels)).permute(2, 0, 1).unsqueeze(0).float() / 255
         with torch.inference_mode():
             enc, out = best_of(args.repeat, lambda: theirs.compress(x))
             dec, _ = best_of(args.repeat, lambda: theirs.decompress(out["strings"], out["shape"]))
