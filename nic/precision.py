@@ -19,10 +19,11 @@ Three choices keep bf16's error at fp32's level where it would show:
 * g_a's first layer takes the pixels as integers 0..255 (exact in bf16) with its
   weights divided by 255, instead of x / 255 (not exact in bf16);
 * g_a's output, the latents before rounding, and every hidden layer are bf16;
-* g_s's last layer, whose output is the pixels, is computed as every tap's product
-  (bf16 inputs and weights, fp32 sums) twice: once rounded to bf16 and once as the
-  remainder of that rounding, so that the pixels are as exact as fp32 would make them
-  from the same inputs; the taps are summed in fp32 (nic.engine.Deconv.phase_sums).
+* g_s's last layer, whose output is the pixels, is computed twice on the bf16 units,
+  as a stride-1 convolution whose channels are the output phases' pixels (bf16 inputs
+  and weights, fp32 sums): once rounded to bf16 and once as the remainder of that
+  rounding, so that the pixels are as exact as fp32 would make them from the same
+  inputs (:class:`_ExactOutput`).
 
 Efforts 2..4 search for the latents to send with the fp32 torch network (they
 differentiate through g_s). Several Python threads running bf16 transforms at once each
@@ -253,47 +254,68 @@ class _GDN:
 
 
 class _ExactOutput:
-    """g_s's last layer (few output channels: the pixels): every tap's products of the
-    bf16 input with the bf16 weights, as the bf16-rounded result plus the remainder of
-    that rounding (both from bf16 products summed in fp32), then the taps summed in fp32
-    by nic.engine. Its output is the (height, width, C_out) float32 array. ``gdn``, the
-    IGDN before it, writes straight into the zero-padded input the products read."""
+    """g_s's last layer (few output channels: the pixels), exact to fp32 from its bf16
+    inputs and weights. The transposed convolution is written as a stride-1 convolution
+    giving each output phase's pixels as channels (s·s·C_out of them at the input's
+    size; a pixel shuffle puts them in place), computed twice on the bf16 units: once
+    rounded to bf16, then, with the rounded result as C_out·s·s more input channels
+    weighted −1 at the kernel's centre, the remainder of that rounding (the sums are
+    fp32 inside, so only the remainder is rounded: 2^-9 of 2^-9). Their sum in fp32 plus
+    the bias are the pixels. ``gdn``, the IGDN before it, writes straight into the
+    channels the two convolutions read. Its output is a (height·s, width·s, C_out)
+    float32 array."""
 
     def __init__(self, torch, layer: engine.Deconv, gdn: "_GDN | None"):
-        if not isinstance(layer, engine.Deconv) or layer.gather:
-            raise TypeError("the exact bf16 output is for a transposed convolution with few outputs")
-        self.torch, self.layer, self.gdn = torch, layer, gdn
-        self.side = torch.from_numpy(layer.side).to(torch.bfloat16)  # (taps·C_out, C)
+        if not isinstance(layer, engine.Deconv) or layer.before != layer.after:
+            raise TypeError("the exact bf16 output is for a transposed convolution of a symmetric reach")
+        self.torch, self.gdn, self.stride = torch, gdn, layer.stride
+        s, reach, k = layer.stride, layer.before, layer.k
+        weight = layer.source_weight.astype(np.float32)  # (C, C_out, k, k)
+        channels, outputs = weight.shape[:2]
+        size = 2 * reach + 1
+        phases = np.zeros((outputs, s, s, channels, size, size), dtype=np.float32)
+        for a in range(s):
+            for b in range(s):
+                # Output s·m + a reads input m − t through kernel position s·t + a + k // 2.
+                for ty in range(-reach, reach + 1):
+                    for tx in range(-reach, reach + 1):
+                        ky, kx = s * ty + a + k // 2, s * tx + b + k // 2
+                        if 0 <= ky < k and 0 <= kx < k:
+                            phases[:, a, b, :, reach - ty, reach - tx] = weight[:, :, ky, kx].T
+        phases = phases.reshape(outputs * s * s, channels, size, size)
+        extra = outputs * s * s
+        rounded = np.concatenate([phases, np.zeros((extra, extra, size, size), np.float32)], axis=1)
+        remainder = rounded.copy()
+        remainder[np.arange(extra), channels + np.arange(extra), reach, reach] = -1.0
+        self.rounded, self.remainder = (_cl(torch, torch.from_numpy(w).to(torch.bfloat16)) for w in (rounded, remainder))
+        self.channels, self.extra, self.reach = channels, extra, reach
+        self.bias = torch.from_numpy(np.repeat(layer.source_bias.astype(np.float32), s * s)).reshape(1, -1, 1, 1)
 
     def __call__(self, x):
-        torch, layer = self.torch, self.layer
+        torch = self.torch
+        F = torch.nn.functional
         _, channels, height, width = x.shape
-        b = layer.before
-        padded = torch.empty((height + b + layer.after + 1, width + b + layer.after, channels), dtype=torch.bfloat16)
-        padded[:b].zero_()
-        padded[b + height:].zero_()
-        padded[b:b + height, :b].zero_()
-        padded[b:b + height, b + width:].zero_()
-        inside = padded[b:b + height, b:b + width].permute(2, 0, 1).unsqueeze(0)
+        both = torch.empty((1, height, width, channels + self.extra), dtype=torch.bfloat16).permute(0, 3, 1, 2)
+        inside, tail = both[:, :channels], both[:, channels:]
         if self.gdn is None:
             inside.copy_(x)
         else:
             self.gdn(x, into=inside)
-        flat = padded.reshape(-1, channels).t()
-        rounded = self.side @ flat
-        remainder = torch.addmm(rounded, self.side, flat, beta=-1)  # fp32 sums less the rounded ones
-        products = rounded.float().add_(remainder)
-        out = np.empty((height * layer.stride, width * layer.stride, layer.out_channels), dtype=np.float32)
-        layer.phase_sums(products.numpy(), out, height, width)
-        return out
+        tail.zero_()  # read by the first pass with zero weights: must not be NaN
+        rounded = F.conv2d(both, self.rounded, None, 1, self.reach)
+        tail.copy_(rounded)
+        remainder = F.conv2d(both, self.remainder, None, 1, self.reach)
+        pixels = rounded.float().add_(remainder).add_(self.bias)
+        return F.pixel_shuffle(pixels, self.stride)[0].permute(1, 2, 0).numpy()
 
 
 def keep_freed_memory() -> bool:
     """Ask glibc's allocator to keep freed blocks for reuse: no mmap of large blocks (each
     would be returned on free and page-faulted and zeroed again on the next tile or
     layer), no trimming of the heap below 1 GiB. A setting of the whole process: nic's
-    CLI makes it when bf16 runs (g_a 80 → 48 ms, g_s 124 → 73 ms on a Kodak image,
-    docs/speed.md); a program may call it too. False where there is no glibc."""
+    CLI makes it when bf16 runs (faster in nine of ten alternating runs of g_a and g_s
+    on a Kodak image, g_s by ~20 %: docs/speed.md); a program may call it too. False
+    where there is no glibc."""
     import ctypes
 
     try:

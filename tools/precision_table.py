@@ -66,17 +66,17 @@ def cmd_speed(args, photos) -> None:
           f"best of {args.repeat} per image; CPU bf16 units: {'yes' if precision.bf16_units() else 'no'}")
     print(f"{'quality':>7} | {'fp32 encode':>11} {'bf16 encode':>11} | {'fp32 decode':>11} {'bf16 decode':>11} (ms)")
     for q in args.qualities:
-        means = {}
         for chosen in ("fp32", "bf16"):
             api.decode_pixels(api.encode_pixels(photos[0][1], q, family=args.model, precision=chosen),
                               precision=chosen)  # warm-up: weights, tables, kernels
-            enc, dec = [], []
-            for _, pixels in photos:
+        times: dict[str, tuple[list, list]] = {"fp32": ([], []), "bf16": ([], [])}
+        for _, pixels in photos:
+            for chosen in ("fp32", "bf16"):  # side by side, image by image: the machine's speed drifts
                 seconds, data = best_of(args.repeat, lambda: api.encode_pixels(pixels, q, family=args.model,
                                                                                  precision=chosen))
-                enc.append(seconds)
-                dec.append(best_of(args.repeat, lambda: api.decode_pixels(data, precision=chosen))[0])
-            means[chosen] = (statistics.mean(enc) * 1e3, statistics.mean(dec) * 1e3)
+                times[chosen][0].append(seconds)
+                times[chosen][1].append(best_of(args.repeat, lambda: api.decode_pixels(data, precision=chosen))[0])
+        means = {key: (statistics.mean(enc) * 1e3, statistics.mean(dec) * 1e3) for key, (enc, dec) in times.items()}
         print(f"{q:>7} | {means['fp32'][0]:11.1f} {means['bf16'][0]:11.1f} | "
               f"{means['fp32'][1]:11.1f} {means['bf16'][1]:11.1f}", flush=True)
 
@@ -157,11 +157,13 @@ def cmd_compressai(args, photos) -> None:
             dec, _ = best_of(args.repeat, lambda: api.decode_pixels(data, precision=chosen))
             return enc, dec
         rows[f"nic factorized, {chosen}"] = nic_times
-    results = {}
-    for name, times in rows.items():
+    for times in rows.values():
         times(photos[0][1])  # warm-up
-        pairs = [times(pixels) for _, pixels in photos]
-        results[name] = tuple(statistics.mean(p[i] for p in pairs) * 1e3 for i in (0, 1))
+    pairs: dict[str, list] = {name: [] for name in rows}
+    for _, pixels in photos:  # side by side, image by image: the machine's speed drifts
+        for name, times in rows.items():
+            pairs[name].append(times(pixels))
+    results = {name: tuple(statistics.mean(p[i] for p in pairs[name]) * 1e3 for i in (0, 1)) for name in rows}
     reference = results["CompressAI bmshj2018-factorized"]
     print(f"{'':34} {'encode':>8} {'decode':>8} {'x faster (enc / dec)':>22}")
     for name, (enc, dec) in results.items():
