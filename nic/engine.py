@@ -260,23 +260,15 @@ class Deconv:
 
     def _sides(self, flat: np.ndarray, out: np.ndarray, height: int, width: int) -> None:
         """Every tap's outputs at once (tap-major rows over the input's pixels), then each
-        output phase the sum of its taps' rows, shifted (:meth:`phase_sums`)."""
+        output phase the sum of its taps' rows, shifted."""
+        s, before, c = self.stride, self.before, self.out_channels
+        padded_cols = width + before + self.after
+        n = height * padded_cols
         products = np.empty((len(self.side), len(flat)), dtype=np.float32)
 
         def product(index: int) -> None:
             pixels = slice(index * _SIDE_PIXELS, (index + 1) * _SIDE_PIXELS)
             np.matmul(self.side, flat[pixels].T, out=products[:, pixels])
-
-        parallel(product, -(-len(flat) // _SIDE_PIXELS))
-        self.phase_sums(products, out, height, width)
-
-    def phase_sums(self, products: np.ndarray, out: np.ndarray, height: int, width: int) -> None:
-        """``out`` (height·s, width·s, C_out) from ``products``, the rows ``side`` @ the
-        padded input's pixels (taps·C_out, pixels): each output phase the bias plus the
-        sum of its taps' rows, each shifted by its tap's offset."""
-        s, before, c = self.stride, self.before, self.out_channels
-        padded_cols = width + before + self.after
-        n = height * padded_cols
 
         def phase_sum(phase: int) -> None:
             result = np.empty((c, n), dtype=np.float32)
@@ -286,6 +278,7 @@ class Deconv:
                 result += products[t * c:(t + 1) * c, start:start + n]
             out[phase // s::s, phase % s::s] = result.reshape(c, height, padded_cols)[:, :, :width].transpose(1, 2, 0)
 
+        parallel(product, -(-len(flat) // _SIDE_PIXELS))
         parallel(phase_sum, len(self.phases))
 
 

@@ -122,25 +122,20 @@ class Transform:
     (height, width, channels) float32 array, it returns one, as :class:`nic.engine.Network`
     does. ``modules()`` gives the layers' geometry to nic.tiling. Built on first use."""
 
-    def __init__(self, layers, analysis: bool):
-        self._engine_layers = layers  # nic.engine layers (or a function that makes them)
+    def __init__(self, network: engine.Network, analysis: bool):
+        self._network = network  # the fp32 transform, whose layers this one is built from
         self.analysis = analysis
         self._built: list | None = None
         self._lock = threading.Lock()
 
     def modules(self) -> list:
-        return self._engine().modules()
-
-    def _engine(self) -> engine.Network:
-        if not isinstance(self._engine_layers, engine.Network):
-            self._engine_layers = engine.Network(self._engine_layers)
-        return self._engine_layers
+        return self._network.modules()
 
     def _layers(self) -> list:
         if self._built is None:
             with self._lock:
                 if self._built is None:
-                    self._built = _torch_layers(self._engine().layers, self.analysis)
+                    self._built = _torch_layers(self._network.layers, self.analysis)
         return self._built
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -151,7 +146,7 @@ class Transform:
             t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).permute(2, 0, 1).unsqueeze(0)
             for layer in layers:
                 t = layer(t)
-            if isinstance(t, np.ndarray):  # g_s's last layer sums its taps in numpy
+            if isinstance(t, np.ndarray):  # g_s's exact last layer hands back the pixels' array
                 return t
             return t[0].permute(1, 2, 0).float().numpy()
 
@@ -288,7 +283,7 @@ class _ExactOutput:
         remainder = rounded.copy()
         remainder[np.arange(extra), channels + np.arange(extra), reach, reach] = -1.0
         self.rounded, self.remainder = (_cl(torch, torch.from_numpy(w).to(torch.bfloat16)) for w in (rounded, remainder))
-        self.channels, self.extra, self.reach = channels, extra, reach
+        self.extra, self.reach = extra, reach
         self.bias = torch.from_numpy(np.repeat(layer.source_bias.astype(np.float32), s * s)).reshape(1, -1, 1, 1)
 
     def __call__(self, x):
