@@ -112,18 +112,29 @@ def base_of(arrays: dict[str, np.ndarray]) -> bytes | None:
     """The weights hash of the file whose arrays this one's ``base.*`` are (its config's
     ``base``: a hyperprior file that shares the factorized weights' transforms instead of
     holding a copy), or None where the file holds everything itself."""
+    return _named_weights(arrays, "base")
+
+
+def extends_of(arrays: dict[str, np.ndarray]) -> bytes | None:
+    """The weights hash of the earlier weights of the same family that this file extends
+    (its config's ``extends``: it holds only what it changed, and every other array is
+    the earlier file's), or None."""
+    return _named_weights(arrays, "extends")
+
+
+def _named_weights(arrays: dict[str, np.ndarray], field: str) -> bytes | None:
     try:
-        base = _config_fields(arrays).get("base", "")
+        value = _config_fields(arrays).get(field, "")
     except ValueError:
         return None  # the family's loader says what is wrong with the config
-    if not base:
+    if not value:
         return None
     try:
-        digest = bytes.fromhex(base) if isinstance(base, str) else b""
+        digest = bytes.fromhex(value) if isinstance(value, str) else b""
     except ValueError:
         digest = b""
     if len(digest) != 8:
-        raise ValueError(f"weights name an invalid base {base!r} (expected a weights hash)")
+        raise ValueError(f"weights name an invalid {field} {value!r} (expected a weights hash)")
     return digest
 
 

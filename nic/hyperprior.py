@@ -107,6 +107,7 @@ class Config:
     context_kernel: int = 3  # their spatial reach over ŷ (5 measured no better at q4, for 2.5x the work)
     base: str = ""  # weights hash of the factorized weights whose transforms these share (not held here)
     coding_only: bool = False  # integer networks only: codes files, cannot be trained further
+    extends: str = ""  # weights hash of earlier hyperprior weights whose arrays complete these (nic.weights)
 
     @property
     def has_context(self) -> bool:
@@ -120,7 +121,7 @@ class Config:
         if not self.has_context:
             for name in ("slices", "checkerboard", "context_width", "context_kernel"):
                 del fields[name]
-        for name in ("base", "coding_only"):
+        for name in ("base", "coding_only", "extends"):
             if not fields[name]:
                 del fields[name]
         return json.dumps(fields, sort_keys=True)
@@ -138,8 +139,9 @@ class Config:
         if not isinstance(config.checkerboard, bool) or type(config.context_kernel) is not int or \
                 config.context_kernel not in (1, 3, 5):
             raise ValueError("config fields checkerboard or context_kernel are invalid")
-        if not isinstance(config.base, str) or not isinstance(config.coding_only, bool):
-            raise ValueError("config fields base or coding_only are invalid")
+        if not isinstance(config.base, str) or not isinstance(config.coding_only, bool) or \
+                not isinstance(config.extends, str):
+            raise ValueError("config fields base, coding_only or extends are invalid")
         if config.model_id != MODEL_ID or config.scales != SCALE_COUNT or \
                 config.distribution not in DISTRIBUTIONS:
             raise ValueError("config is not a mean-scale hyperprior of this nic")

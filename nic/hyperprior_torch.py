@@ -12,6 +12,7 @@ Math only: tensors and arrays in, tensors and arrays out; no I/O.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -289,6 +290,21 @@ class Codec(nn.Module):
                                                           context_weight_max)
                                     for q in range(self.qualities)]
 
+    def export_quality(self, quality: int, calibration: Tensor | None = None,
+                       context_weight_max: int = WEIGHT_MAX) -> None:
+        """:meth:`export_tables` for one quality, every other quality's integer networks
+        and tables kept as they are (a quality trained on after the weights shipped: the
+        other qualities' files stay byte for byte the same)."""
+        self._check_trainable()
+        if self.z_tables is None or self.integer_h_s is None:
+            raise ValueError("export_tables() first")
+        Z, q = self.config.Z, quality - 1
+        self.z_tables[q] = integer_tables(self.z_density).select(q * Z, (q + 1) * Z)
+        self.integer_h_s[q] = integerize(self.hyper[q].h_s, self.config.scales,
+                                         None if calibration is None else self._h_s_activations(quality, calibration))
+        if self.config.has_context:
+            self.integer_context[q] = self._integer_context(quality, calibration, context_weight_max)
+
     @torch.no_grad()
     def _integer_context(self, quality: int, y: Tensor | None, weight_max: int = WEIGHT_MAX
                          ) -> dict[str, context.IntegerContextNetwork]:
@@ -425,6 +441,66 @@ def integerize_context(net: ContextNetwork, activations: list[Tensor] | None = N
 
 
 
+@torch.no_grad()
+def trainable_again(model: Codec) -> Codec:
+    """A coding-only model (shipped weights: integer h_s and context networks, no float
+    copies) made trainable again: each float network is its integer network read back,
+    every layer computing the integer layer's output in its own units (weights and bias
+    ÷ 2**shift; ReLU does not care about units), the means ÷ 2**MEAN_BITS at the end. It
+    differs from the integer network only by the rounding and clipping of activations,
+    so training resumes from what nic ships without a run's states. A copy (loaded
+    weights are shared within a process); a trainable model is returned as it is."""
+    if not model.config.coding_only:
+        return model
+    model = copy.deepcopy(model)
+    config = dataclasses.replace(model.config, coding_only=False, base="")
+    model.config = config
+    M = model.M
+    for hyper, network in zip(model.hyper, model.integer_h_s):
+        convs = [layer for layer in hyper.h_s if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d))]
+        for n, (layer, integer) in enumerate(zip(convs, network.layers, strict=True)):
+            weight, bias = _read_back(integer.weight, integer.bias, integer.shift)
+            if n == len(convs) - 1:
+                weight[:M] /= 1 << MEAN_BITS
+                bias[:M] /= 1 << MEAN_BITS
+            if integer.transposed:  # a correlation kernel (out, in, k, k) back to (in, out, k, k)
+                weight = weight.flip(-1, -2).transpose(0, 1)
+            layer.weight.copy_(weight)
+            layer.bias.copy_(bias)
+    if config.has_context:
+        for nets, integer_nets in zip(model.context, model.integer_context, strict=True):
+            for name, net in nets.nets.items():
+                _context_read_back(net, integer_nets[name])
+    return model
+
+
+def _read_back(weight: np.ndarray, bias: np.ndarray, shift: np.ndarray) -> tuple[Tensor, Tensor]:
+    """An integer layer's weights and bias as floats in units of its own output."""
+    scale = torch.from_numpy(np.ldexp(1.0, -shift.astype(np.int64)))
+    w = torch.from_numpy(weight.astype(np.float64)) * scale.reshape(-1, *[1] * (weight.ndim - 1))
+    return w.float(), (torch.from_numpy(bias.astype(np.float64)) * scale).float()
+
+
+def _context_read_back(net: ContextNetwork, integer: context.IntegerContextNetwork) -> None:
+    """Inverse of :func:`integerize_context` up to its rounding: the inputs are floats, the
+    integer network sees them × 2**MEAN_BITS, and its outputs are (μ·2**MEAN_BITS, t)."""
+    first_hyper, b0 = _read_back(integer.first_hyper, integer.biases[0], integer.shifts[0])
+    net.hyper.weight.copy_(first_hyper[:, :, None, None] * (1 << MEAN_BITS))
+    net.hyper.bias.copy_(b0)
+    if net.context is not None:
+        first_context, _ = _read_back(integer.first_context, integer.biases[0], integer.shifts[0])
+        net.context.weight.copy_(first_context * (1 << MEAN_BITS))
+    hidden, b1 = _read_back(integer.hidden[0], integer.biases[1], integer.shifts[1])
+    out, b2 = _read_back(integer.hidden[1], integer.biases[2], integer.shifts[2])
+    c = len(out) // 2
+    out[:c] /= 1 << MEAN_BITS
+    b2[:c] /= 1 << MEAN_BITS
+    net.hidden.weight.copy_(hidden[:, :, None, None])
+    net.hidden.bias.copy_(b1)
+    net.out.weight.copy_(out[:, :, None, None])
+    net.out.bias.copy_(b2)
+
+
 # ---- weights as plain arrays (no pickle) -----------------------------------------------
 
 def to_arrays(model: Codec, half: bool = False, separate_base: bool = False,
@@ -471,6 +547,31 @@ def to_arrays(model: Codec, half: bool = False, separate_base: bool = False,
             for name, network in networks.items():
                 context.put_network(arrays, f"integer_context.{q}.{name}", network, narrow=coding_only)
     _put_tables(arrays, "y_tables", model.y_tables)
+    arrays["config"] = np.frombuffer(config.to_json().encode(), dtype=np.uint8)
+    return arrays
+
+
+def extension_arrays(model: Codec, qualities: list[int], earlier: dict[str, np.ndarray],
+                     earlier_hash: bytes) -> dict[str, np.ndarray]:
+    """Coding-only weights that extend ``earlier`` (the arrays of the weights file of hash
+    ``earlier_hash``, as loaded: its base joined) with what ``qualities`` were trained to
+    since: each one's pair (under ``base.``), h_a, integer h_s, context networks and ẑ
+    tables, and the arrays those qualities share rows of (the gains, the ẑ density, the
+    base's config). Every other array stays the earlier file's, so every other quality
+    codes exactly as it did. Export the trained qualities first (:meth:`Codec.export_quality`)."""
+    config = dataclasses.replace(model.config, base="")
+    full = to_arrays(model, half=True, coding_only=True)
+    prefixes = tuple(p for q in qualities for p in (f"hyper.{q - 1}.", f"integer_h_s.{q - 1}.",
+                                                    f"integer_context.{q - 1}.", f"z_tables.{q - 1}.",
+                                                    f"base.own.q{q}."))
+    arrays = {name: value for name, value in full.items()
+              if name.startswith(prefixes + ("z_density.",)) or name in ("base.gain", "base.inverse_gain")}
+    if not np.array_equal(full["base.config"], earlier["base.config"]):
+        arrays["base.config"] = full["base.config"]
+    for name, value in arrays.items():
+        if name in earlier and earlier[name].dtype != value.dtype and value.dtype.kind == "f":
+            raise ValueError(f"array {name} would change its precision: {earlier[name].dtype} -> {value.dtype}")
+    config = dataclasses.replace(config, coding_only=True, extends=earlier_hash.hex())
     arrays["config"] = np.frombuffer(config.to_json().encode(), dtype=np.uint8)
     return arrays
 

@@ -19,6 +19,12 @@ weights name the factorized weights whose transforms they use by that file's wei
 (their config's ``base``), and the loader reads ``base.*`` from the weights file of that
 hash beside them (:class:`Joined`). The hash of the sharing file covers the name, so a
 .nic file's weights hash still identifies everything that decodes it.
+
+Weights may also extend earlier weights of their own family (their config's
+``extends``, :class:`Extended`): they hold only the arrays they changed (a quality
+trained further), and take every other array from the earlier file, which stays
+installed beside them so that the files made with it keep decoding. A family encodes
+with the installed file named after it (``hyperprior.npz``), if there is one.
 """
 
 from __future__ import annotations
@@ -281,18 +287,75 @@ def _read_and_hash(path: Path) -> tuple[dict[str, np.ndarray], bytes]:
     return arrays, weights_hash(arrays)
 
 
-def _with_base(arrays, folder: Path, lazily: bool):
-    """``arrays`` joined with those of the weights file its config names as its base
-    (looked for beside it, then where :func:`candidates` looks); WeightsError if none."""
-    from .families import base_of, model_id_of
+class Extended(Mapping):
+    """A weights file's arrays over those of the earlier weights it extends (its config's
+    ``extends``): an array it holds itself replaces the earlier file's of that name."""
+
+    def __init__(self, arrays, earlier):
+        self.arrays, self.earlier = arrays, earlier
+
+    def _split(self, name: str):
+        return (self.arrays if name in self.arrays else self.earlier), name
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        arrays, name = self._split(name)
+        return arrays[name]
+
+    def describe(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
+        arrays, name = self._split(name)
+        if hasattr(arrays, "describe"):
+            return arrays.describe(name)
+        return arrays[name].shape, arrays[name].dtype
+
+    def __contains__(self, name) -> bool:
+        return name in self.arrays or name in self.earlier
+
+    def __iter__(self):
+        yield from self.arrays
+        yield from (name for name in self.earlier if name not in self.arrays)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+MAX_EXTENDED = 8
+"""Longest chain of weights files that extend one another."""
+
+
+def _with_base(arrays, folder: Path, lazily: bool, depth: int = 0):
+    """``arrays`` completed by the weights they extend (their config's ``extends``, same
+    family) or joined with those of the weights file their config names as their base
+    (another family's), each looked for beside them, then where :func:`candidates` looks;
+    WeightsError if it is not installed."""
+    from .families import base_of, extends_of, model_id_of
 
     try:
-        wanted = base_of(arrays)
+        wanted, earlier = base_of(arrays), extends_of(arrays)
     except ValueError as exc:
         raise WeightsError(str(exc)) from None
+    own = model_id_of(arrays)
+    if earlier is not None:
+        if wanted is not None:
+            raise WeightsError("weights name both a base and earlier weights they extend")
+        if depth >= MAX_EXTENDED:
+            raise WeightsError(f"weights extend a chain of more than {MAX_EXTENDED} weights files")
+        found = _installed_with(earlier, folder, lazily, lambda model_id: model_id == own)
+        if found is None:
+            raise WeightsError(f"these weights extend weights {earlier.hex()}, which are not installed beside them")
+        return Extended(arrays, _with_base(found, folder, lazily, depth + 1))
     if wanted is None:
         return arrays
-    own = model_id_of(arrays)  # a base is another family's file: skip this family's
+    # A base is another family's file: skip this family's.
+    found = _installed_with(wanted, folder, lazily, lambda model_id: model_id not in (None, own))
+    if found is None:
+        raise WeightsError(f"these weights share the transforms of weights {wanted.hex()}, which are not "
+                           f"installed beside them")
+    return Joined(arrays, "base.", found)
+
+
+def _installed_with(digest: bytes, folder: Path, lazily: bool, family_fits):
+    """The arrays of the weights file of hash ``digest`` among those beside ``folder``'s
+    file and the installed ones whose model id ``family_fits``, or None."""
     seen = set()
     for candidate in [*sorted(folder.glob("*.npz")), *candidates()]:
         key = candidate.resolve()
@@ -300,16 +363,15 @@ def _with_base(arrays, folder: Path, lazily: bool):
             continue
         seen.add(key)
         info = candidate.stat()
-        if info.st_size > MAX_WEIGHTS_BYTES or _peek_model_id(str(key), info.st_mtime) in (None, own):
+        if info.st_size > MAX_WEIGHTS_BYTES or not family_fits(_peek_model_id(str(key), info.st_mtime)):
             continue
         try:
-            base, digest = (_lazy(candidate) if lazily else None) or _read_and_hash(candidate)
+            arrays, found = (_lazy(candidate) if lazily else None) or _read_and_hash(candidate)
         except (WeightsError, OSError):
             continue
-        if digest == wanted:
-            return Joined(arrays, "base.", base)
-    raise WeightsError(f"these weights share the transforms of weights {wanted.hex()}, which are not "
-                       f"installed beside them")
+        if found == digest:
+            return arrays
+    return None
 
 
 @lru_cache(maxsize=8)
@@ -332,6 +394,15 @@ def _load_path(path: str, mtime: float, coding: bool):
     except (OSError, zipfile.BadZipFile) as exc:  # a member read on use is unreadable or fails its CRC
         raise WeightsError(f"{path}: not a valid weights file ({exc})") from None
     return model, digest
+
+
+def joined_arrays(path: Path | str):
+    """A weights file's arrays completed by those of the files it names (its base, the
+    weights it extends), each read on use where a digest file allows."""
+    path = Path(path)
+    lazy = _lazy(path)
+    arrays = lazy[0] if lazy is not None else _read_and_hash(path)[0]
+    return _with_base(arrays, path.parent, lazy is not None)
 
 
 def load_weights(path: Path | str, coding: bool = False):
@@ -423,7 +494,10 @@ def installed(family: str | None = None) -> Path:
     found = candidates()
     if not found:
         raise WeightsError("no weights installed (expected weights/default.npz)")
-    for candidate in found:
+    # The family's own name first (weights/hyperprior.npz): earlier weights of a family stay
+    # installed beside it under other names, so that the files made with them still decode.
+    own_name = f"{family or DEFAULT}.npz"
+    for candidate in sorted(found, key=lambda path: path.name != own_name):
         if model_id_of_file(candidate) == wanted:
             return candidate
     if family is not None:

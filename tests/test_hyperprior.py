@@ -435,3 +435,36 @@ def test_the_y_hat_the_encoder_hands_back_synthesizes_to_the_decoded_pixels(tmp_
     rows: list[np.ndarray] = []
     api._synthesized(coding, handed[0], coded, image)(rows.append)
     assert np.array_equal(np.concatenate(rows), api.decode_pixels(data, path).pixels)
+
+
+def test_shipped_weights_become_trainable_again(tmp_path):
+    """Coding-only weights read back into float networks (hyperprior.trainable_again) give
+    the same means and scale indices as the integer networks they came from, up to the
+    rounding of activations; re-integerizing one quality (export_quality) leaves every
+    other quality's integers as shipped. The loaded model itself stays coding-only."""
+    from nic import factorized
+
+    model = tiny_hyperprior(slices=2, checkerboard=True, context_width=8, context_kernel=3)
+    save_weights(factorized.to_arrays(model.base), tmp_path / "base.npz")
+    save_weights(hyperprior.to_arrays(model, separate_base=True, coding_only=True), tmp_path / "ship.npz")
+    shipped, _ = load_weights(tmp_path / "ship.npz")
+    again = hyperprior.trainable_again(shipped)
+    assert shipped.config.coding_only and not again.config.coding_only
+
+    image = smooth_image(64, 96)
+    y = torch.from_numpy(hyperprior.analysis(shipped, image, 3))[None]
+    with torch.no_grad():
+        z_hat = torch.round(again.hyper[2].h_a(y))
+        mean, index = shipped.hyper_decode(z_hat[0].numpy().astype(np.int64), 3, *y.shape[-2:])
+        float_mean, float_index = again.means_and_indices(again.hyper[2].h_s(z_hat), y.shape[-2:])
+    assert np.abs(float_mean[0].numpy() - mean).max() < 0.05
+    assert np.mean(np.round(float_index[0].numpy()).clip(0, again.config.scales - 1) != index) < 0.05
+    with torch.no_grad():
+        shipped_bits = again.latent_bits(y, 3, rounded=True)[1]
+        again.context[2].nets["1_1"].out.bias.zero_()
+        assert again.latent_bits(y, 3, rounded=True)[1] != shipped_bits  # the context networks came back too
+
+    kept = [layer.weight.copy() for layer in again.integer_h_s[1].layers]
+    again.export_quality(3, y, context_weight_max=127)
+    assert all(np.array_equal(a, layer.weight) for a, layer in zip(kept, again.integer_h_s[1].layers))
+    assert not np.array_equal(again.integer_context[2]["1_1"].biases[2], shipped.integer_context[2]["1_1"].biases[2])

@@ -4,6 +4,7 @@ import pickle
 import numpy as np
 import pytest
 
+from nic import weights
 from nic.weights import WeightsError, load_weights, read_arrays, weights_hash
 
 
@@ -84,3 +85,50 @@ def test_a_member_that_fails_its_crc_is_one_clear_error(tiny_weights, tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(WeightsError, match="not a valid weights file"):
         load_weights(path, coding=True)
+
+
+def test_weights_that_extend_earlier_ones_change_only_their_qualities(tmp_path, monkeypatch):
+    """A hyperprior quality trained after its weights shipped goes out as a small file
+    that names the earlier weights by hash and holds only what that quality changed
+    (hyperprior.extension_arrays). The other qualities code byte for byte as before, the
+    files of the earlier weights keep decoding with both installed, the family encodes
+    with the file named after it, and without the earlier file the new one fails in one line."""
+    import torch
+
+    from conftest import smooth_image, tiny_hyperprior
+    from nic import api, container, factorized, hyperprior
+    from nic.weights import installed, joined_arrays, save_weights
+
+    model = tiny_hyperprior(slices=2, checkerboard=True, context_width=8, context_kernel=3)
+    ship = tmp_path / "ship"
+    ship.mkdir()
+    save_weights(factorized.to_arrays(model.base, half=True), ship / "default.npz")
+    earlier_hash = save_weights(hyperprior.to_arrays(model, half=True, separate_base=True, coding_only=True),
+                                ship / "hyperprior-v1.npz")
+    trained = hyperprior.trainable_again(load_weights(ship / "hyperprior-v1.npz")[0])
+    trained.base = factorized.specialize(trained.base, [3])
+    with torch.no_grad():
+        trained.base.own["q3"].g_s[0].bias.add_(0.01)
+        trained.hyper[2].h_s[4].bias[16:].add_(2.0)
+    image = smooth_image(64, 96)
+    trained.export_quality(3, torch.from_numpy(hyperprior.analysis(trained, image, 3))[None], 127)
+    arrays = hyperprior.extension_arrays(trained, [3], joined_arrays(ship / "hyperprior-v1.npz"), earlier_hash)
+    assert not any(name.startswith(("hyper.1.", "integer_h_s.1.", "base.own.q2.", "base.g_a.")) for name in arrays)
+    assert arrays["base.own.q3.g_s.0.weight"].dtype == np.float16 and "base.own.q3.g_s.0.bias" in arrays
+    new_hash = save_weights(arrays, ship / "hyperprior.npz")
+
+    monkeypatch.setenv("NIC_WEIGHTS_DIR", str(ship))
+    assert installed("hyperprior") == ship / "hyperprior.npz"
+    for quality, same in ((2, True), (3, False)):
+        old = api.encode_pixels(image, quality, ship / "hyperprior-v1.npz")
+        new = api.encode_pixels(image, quality)
+        assert container.unpack(new).header.weights_hash == new_hash
+        assert same == all(a.data == b.data for a, b in zip(container.unpack(old).substreams(),
+                                                            container.unpack(new).substreams()))
+        assert api.decode_pixels(old).pixels.shape == api.decode_pixels(new).pixels.shape == image.shape
+
+    (ship / "hyperprior-v1.npz").unlink()
+    (ship / "hyperprior-v1.npz.digest").unlink()
+    weights._load_path.cache_clear()  # loaded models are cached per process
+    with pytest.raises(WeightsError, match=f"extend weights {earlier_hash.hex()}, which are not installed"):
+        load_weights(ship / "hyperprior.npz", coding=True)

@@ -11,6 +11,14 @@ header, CRCs and substream directory. Prints mean bpp, PSNR and the rate change,
 bpp of a flat 768x512 image, and the median encode/decode time of the first image.
 This measures a quality before every quality of a run is trained (``nic bench --weights``
 measures an exported weights file).
+
+A run that started from shipped hyperprior weights (``tools/joint_hyperprior.py`` without
+stage-1 states) has only RUN/qQ-joint.pt: Q's networks are integerized alone
+(:meth:`Codec.export_quality`, activation ranges from the run's held-out photos of
+``--calibrate``), and the weights it started from are measured beside it.
+
+    python tools/hyperprior_quality.py ../shared/data/kodak --run runs/joint4 -q 4 \
+        --calibrate ../shared/data/train
 """
 
 from __future__ import annotations
@@ -56,6 +64,15 @@ def hyperprior_at(base, run: Path, quality: int, distribution: str = "gaussian")
     return model
 
 
+def joint_from_weights(run: Path, quality: int, weights: str | None, data: list[Path],
+                       holdout: int) -> hyperprior.Codec:
+    """Quality Q's end-to-end state of a run that started from hyperprior weights, Q
+    integerized alone, calibrated on the run's held-out photos."""
+    from joint_hyperprior import exported, joint_model
+
+    return exported(joint_model(None, run, quality, weights=weights).eval(), quality, data, holdout)
+
+
 def file_bytes(substreams, version: int) -> int:
     directory = 0 if version == 1 else 4 + SUBSTREAM_ENTRY.size * len(substreams)
     return HEADER_SIZE + directory + sum(len(s.data) for s in substreams) + 4
@@ -77,11 +94,21 @@ def main() -> None:
     parser.add_argument("--init", default=None, help="factorized weights [default: installed]")
     parser.add_argument("--distribution", choices=["gaussian", "laplace"], default="gaussian",
                         help="the conditional's shape the run was trained with")
+    parser.add_argument("--weights", default=None,
+                        help="the hyperprior weights a run without stage-1 states started from [default: installed]")
+    parser.add_argument("--calibrate", type=Path, nargs="*", default=[],
+                        help="the run's training data, for a run without stage-1 states")
+    parser.add_argument("--holdout", type=int, default=16, help="as the run's")
     args = parser.parse_args()
     q = args.quality
     base = default_weights(args.init, "factorized")[0]
-    model = hyperprior_at(base, args.run, q, args.distribution)
-    families = (("factorized", factorized, base), ("hyperprior", hyperprior, model))
+    if (args.run / f"q{q}.pt").exists():
+        model = hyperprior_at(base, args.run, q, args.distribution)
+        families = (("factorized", factorized, base), ("hyperprior", hyperprior, model))
+    else:
+        model = joint_from_weights(args.run, q, args.weights, args.calibrate, args.holdout)
+        started = default_weights(args.weights, "hyperprior")[0]
+        families = (("factorized", factorized, base), ("start", hyperprior, started), ("hyperprior", hyperprior, model))
     if joint_path(args.run, q).exists():
         print(f"quality {q}: the end-to-end state {joint_path(args.run, q)}")
     results = {name: [] for name, _, _ in families}
@@ -96,8 +123,9 @@ def main() -> None:
     print("| family | bpp | PSNR (dB) |\n|---|---:|---:|")
     for name, (bpp, quality_db) in means.items():
         print(f"| {name} | {bpp:.4f} | {quality_db:.2f} |")
-    print(f"rate change: {100 * (means['hyperprior'][0] / means['factorized'][0] - 1):+.2f} % "
-          f"(PSNR {means['hyperprior'][1] - means['factorized'][1]:+.3f} dB)")
+    for against in ("factorized", "start")[: len(families) - 1]:
+        print(f"rate change against {against}: {100 * (means['hyperprior'][0] / means[against][0] - 1):+.2f} % "
+              f"(PSNR {means['hyperprior'][1] - means[against][1]:+.3f} dB)")
     flat = np.empty((512, 768, 3), np.uint8)
     flat[:] = (120, 160, 200)
     print("flat 768x512: " + ", ".join(f"{name} {8 * code(f, m, flat, q)[0] / flat[..., 0].size:.4f} bpp"

@@ -25,6 +25,13 @@ running the same command again resumes. ``tools/hyperprior_quality.py`` and
     python tools/joint_hyperprior.py ../shared/data/kodak --run runs/stage1 -q 4 --report
 
 prints the start and the joint state side by side on Kodak and the hard set.
+
+    python tools/joint_hyperprior.py ../shared/data/train --run runs/joint --extend weights/new.npz
+
+writes weights that extend the hyperprior weights the run started from (``--weights``,
+default: the installed ones) with every quality the run has a joint state of, each
+integerized on the run's held-out photos: a small file that names the earlier weights
+by hash and holds only what those qualities changed (nic.weights, "extends").
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nic import factorized, hyperprior  # noqa: E402
 from nic.quantization import TableRate  # noqa: E402
+from nic.layers import bf16_is_fast  # noqa: E402
 from nic.train import CropSampler, find_images, load_rgb, save_atomic, split_holdout  # noqa: E402
 from nic.weights import default_weights  # noqa: E402
 
@@ -85,13 +93,29 @@ def load_run_quality(model: hyperprior.Codec, run: Path, quality: int) -> None:
         model.load_quality_state(quality, torch.load(run / f"q{quality}.pt", weights_only=True))
 
 
-def joint_model(init: str | None, run: Path, quality: int, start: bool = False) -> hyperprior.Codec:
+def shipped_start(weights: str | None, quality: int) -> hyperprior.Codec:
+    """The hyperprior weights ``weights`` (default: the installed ones) made trainable
+    (:func:`nic.hyperprior.trainable_again`: the float networks read back from the integer
+    ones), with an own pair for ``quality``: where a run without stage-1 states starts."""
+    model = hyperprior.trainable_again(default_weights(weights, "hyperprior")[0])
+    model.base = with_own_pair(model.base, quality).build_all()
+    return model
+
+
+def joint_model(init: str | None, run: Path, quality: int, start: bool = False,
+                weights: str | None = None) -> hyperprior.Codec:
     """The hyperprior model of ``run`` at ``quality``: the joint state if there is one (and
-    not ``start``), else stage 1's hyper-networks on the frozen transforms (with an own
-    pair for Q)."""
-    base = with_own_pair(default_weights(init, "factorized")[0], quality).build_all()
+    not ``start``), else the start: stage 1's hyper-networks on the frozen transforms of
+    ``init`` (with an own pair for Q) where RUN/qQ.pt exists, else the hyperprior weights
+    ``weights`` (:func:`shipped_start`)."""
     path = joint_path(run, quality)
     joint = path.exists() and not start
+    if not (run / f"q{quality}.pt").exists():
+        model = shipped_start(weights, quality)
+        if joint:
+            load_joint(model, quality, torch.load(path, weights_only=True))
+        return model
+    base = with_own_pair(default_weights(init, "factorized")[0], quality).build_all()
     state = torch.load(path if joint else run / f"q{quality}.pt", weights_only=True)
     hyper = state["hyper"]["hyper"] if joint else state["hyper"]
     # The hyper-networks' widths, as stage 1 trained them (tools/train_hyperprior.py --hyper-N, --Z).
@@ -102,6 +126,41 @@ def joint_model(init: str | None, run: Path, quality: int, start: bool = False) 
     else:
         model.load_quality_state(quality, state)
     return model
+
+
+def exported(model: hyperprior.Codec, quality: int, data: list[Path], holdout: int) -> hyperprior.Codec:
+    """``model`` with quality Q's integer networks and tables made from its float ones
+    alone (:meth:`Codec.export_quality`; context weights within ±127, as shipped), their
+    activation ranges measured on 16 of the run's held-out photos (``holdout`` of ``data``)."""
+    held = split_holdout(find_images(data, ["kodak", "kodim"]), holdout)[1]
+    with torch.no_grad():
+        y = torch.cat([model.base.analysis(x, quality)[..., :16, :16] for x in held_out_images(held[:16], 256)])
+    model.export_quality(quality, y, context_weight_max=127)
+    return model
+
+
+def extend(args: argparse.Namespace) -> None:
+    """Write weights extending ``--weights`` with every quality of the run's joint states."""
+    from nic.weights import installed, joined_arrays, save_weights
+
+    earlier, earlier_hash = default_weights(args.weights, "hyperprior")
+    qualities = sorted(q for q in range(1, earlier.qualities + 1) if joint_path(args.run, q).exists())
+    if not qualities:
+        raise SystemExit(f"{args.run} has no joint state (qQ-joint.pt)")
+    model = hyperprior.trainable_again(earlier)
+    for q in qualities:
+        if (args.run / f"q{q}.pt").exists():
+            raise SystemExit(f"{args.run} started quality {q} from a stage-1 state, not from weights: "
+                             "export it with tools/train_hyperprior.py --export")
+        model.base = with_own_pair(model.base, q).build_all()
+        load_joint(model, q, torch.load(joint_path(args.run, q), weights_only=True))
+        exported(model.eval(), q, args.data, args.holdout)
+    path = args.weights or installed("hyperprior")
+    arrays = hyperprior.extension_arrays(model, qualities, joined_arrays(path), earlier_hash)
+    digest = save_weights(arrays, args.extend)
+    size = sum(value.nbytes for value in arrays.values())
+    print(f"{args.extend}: weights {digest.hex()}, qualities {qualities}, {len(arrays)} arrays, "
+          f"{size / 1e6:.1f} MB, extending {earlier_hash.hex()}")
 
 
 def held_out_images(paths: list[Path], size: int = 512) -> list[torch.Tensor]:
@@ -166,6 +225,8 @@ def trained_parameters(model: hyperprior.Codec, quality: int) -> tuple[list, lis
     """(parameters at the base learning rate, the z density's) that Q's training moves."""
     own = model.base.own[f"q{quality}"]
     params = [*own.parameters(), model.base.gain, model.base.inverse_gain, *model.hyper[quality - 1].parameters()]
+    if model.config.has_context:
+        params += list(model.context[quality - 1].parameters())
     return params, list(model.z_density.parameters())
 
 
@@ -185,14 +246,22 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", nargs="+", type=Path)
     parser.add_argument("--run", type=Path, required=True)
-    parser.add_argument("-q", "--quality", type=int, required=True)
+    parser.add_argument("-q", "--quality", type=int, default=None, help="the quality to train (not with --extend)")
     parser.add_argument("--init", default=None, help="factorized weights [default: installed]")
+    parser.add_argument("--weights", default=None,
+                        help="hyperprior weights to start from where RUN has no stage-1 state qQ.pt "
+                             "[default: installed]")
+    parser.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                        help="the transforms in bf16 autocast (auto: where the CPU has bf16 units)")
     parser.add_argument("--minutes", type=float, default=60.0, help="training time of this whole schedule")
     parser.add_argument("--steps", type=int, default=None, help="the schedule's length in steps instead of minutes")
     parser.add_argument("--patch", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--lr-final", type=float, default=1e-5)
+    parser.add_argument("--warmup", type=int, default=200,
+                        help="steps over which the learning rate rises from 0 (Adam's first steps move "
+                             "every parameter by about the learning rate, whatever its gradient)")
     parser.add_argument("--holdout", type=int, default=16)
     parser.add_argument("--validate-minutes", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -202,11 +271,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rate", choices=["rounded", "noisy"], default="rounded",
                         help="y's rate in training: of the rounded residuals (what the coder spends; "
                              "straight-through) or of the residuals with uniform noise")
+    parser.add_argument("--extend", type=Path, default=None,
+                        help="train nothing: write weights that extend --weights with every quality RUN "
+                             "has a joint state of")
     parser.add_argument("--report", action="store_true",
                         help="train nothing: print the start (RUN/qQ.pt) and the end-to-end state "
                              "(RUN/qQ-joint.pt) on every second image of DATA (the Kodak folder) and on "
                              "the hard set (nic.hardset), coded as the coder would with the float h_s")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if (args.quality is None) == (args.extend is None):
+        parser.error("give -q QUALITY, or --extend OUT without it")
+    return args
 
 
 REPORTED = ("text-black", "text-colour", "line-art", "screenshot", "photo-with-text", "page-with-photo",
@@ -235,7 +310,7 @@ def report(args: argparse.Namespace) -> None:
     for label in ("start", "joint"):
         if label == "joint" and not joint_path(args.run, q).exists():
             break
-        model = joint_model(args.init, args.run, q, start=label == "start")
+        model = joint_model(args.init, args.run, q, start=label == "start", weights=args.weights)
         photos = evaluate(model, q, kodak)
         cells = [evaluate(model, q, [x]) for x in hard]
         print(f"{label:<6} {photos['bpp']:14.4f} {photos['psnr']:7.3f} "
@@ -256,7 +331,8 @@ class Run:
         self.args, q = args, args.quality
         self.q = q
         torch.manual_seed(args.seed)
-        self.model = joint_model(args.init, args.run, q).train()
+        self.model = joint_model(args.init, args.run, q, weights=args.weights).train()
+        self.bf16 = bf16_is_fast("cpu") if args.bf16 == "auto" else args.bf16 == "on"
         self.lam = self.model.base.config.lambdas[q - 1]
         self.params, density = trained_parameters(self.model, q)
         for p in self.model.parameters():
@@ -306,10 +382,13 @@ class Run:
         args, model, q = self.args, self.model, self.q
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["scale"]
-        x = self.sampler.batch(args.batch)
-        y = model.base.analysis(x, q)
-        z_bits, y_bits, y_hat = model.latent_bits(y, q, rounded=args.rate == "rounded")
-        x_tilde = model.base.synthesis(y_hat, q)
+        x = self.sampler.batch(args.batch).contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            y = model.base.analysis(x, q)
+        z_bits, y_bits, y_hat = model.latent_bits(y.float(), q, rounded=args.rate == "rounded")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            x_tilde = model.base.synthesis(y_hat, q)
+        x_tilde = x_tilde.float()
         bpp = (z_bits + y_bits) / (x.shape[2] * x.shape[3])
         mse = ((x_tilde - x) ** 2).mean(dim=(1, 2, 3))
         loss = (bpp + self.lam * 255**2 * mse).mean()
@@ -330,6 +409,7 @@ class Run:
         while (self.step < args.steps) if args.steps else (self.elapsed < budget):
             fraction = self.step / args.steps if args.steps else self.elapsed / budget
             lr = args.lr_final + 0.5 * (args.lr - args.lr_final) * (1 + math.cos(math.pi * fraction))
+            lr *= min(1.0, (self.step + 1) / (args.warmup + 1))
             started = time.monotonic()
             sums += self.train_step(lr)
             self.step += 1
@@ -350,6 +430,9 @@ def main() -> None:
     args = parse_args()
     if args.report:
         report(args)
+        return
+    if args.extend is not None:
+        extend(args)
         return
     run = Run(args)
     if run.step == 0:
