@@ -243,6 +243,23 @@ def test_training_bits_reach_every_part(model):
         model.eval()
 
 
+def test_the_rounded_training_rate_is_what_the_coder_spends(model):
+    """With ``rounded``, training sees ŷ's rate and ŷ exactly as evaluation (the coder)
+    does: h_s gets round(z), not z plus noise; its gradient still reaches h_a."""
+    y = torch.randn(2, 16, 8, 8) * 4
+    with torch.no_grad():
+        _, coded_bits, coded_y_hat = model.latent_bits(y, 3, rounded=True)
+    model.train()
+    try:
+        _, y_bits, y_hat = model.latent_bits(y, 3, rounded=True)
+        assert torch.allclose(y_bits, coded_bits) and torch.equal(y_hat, coded_y_hat)
+        y_bits.sum().backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.hyper[2].h_a.parameters())
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+
 def test_start_from_fits_a_gaussian_per_channel():
     """A fresh h_s starts as exactly a per-channel Gaussian: each channel's mean and the
     scale index of its spread, whatever z is."""
@@ -458,6 +475,8 @@ def test_shipped_weights_become_trainable_again(tmp_path):
         mean, index = shipped.hyper_decode(z_hat[0].numpy().astype(np.int64), 3, *y.shape[-2:])
         float_mean, float_index = again.means_and_indices(again.hyper[2].h_s(z_hat), y.shape[-2:])
     assert np.abs(float_mean[0].numpy() - mean).max() < 0.05
+    rms = [float(layer.weight.detach().pow(2).mean().sqrt()) for layer in again.hyper[2].h_s if hasattr(layer, "weight")]
+    assert max(rms) < 1.5 * min(rms)  # balanced: read back from integers, they spanned orders of magnitude
     assert np.mean(np.round(float_index[0].numpy()).clip(0, again.config.scales - 1) != index) < 0.05
     with torch.no_grad():
         shipped_bits = again.latent_bits(y, 3, rounded=True)[1]
