@@ -461,12 +461,11 @@ def trainable_again(model: Codec) -> Codec:
     ÷ 2**shift), the means ÷ 2**MEAN_BITS at the end, then each hidden layer's units
     rescaled (:func:`_balance`). It differs from the integer network only by the
     rounding and clipping of activations, so training resumes from what nic ships
-    without a run's states. A copy (loaded weights are shared within a process); a
-    trainable model is returned as it is."""
+    without a run's states. Always a copy (loaded models are shared within a process)."""
+    model = copy.deepcopy(model)
     if not model.config.coding_only:
         return model
-    model = copy.deepcopy(model)
-    config = dataclasses.replace(model.config, coding_only=False, base="")
+    config = dataclasses.replace(model.config, coding_only=False, base="", extends="")
     model.config = config
     M = model.M
     for hyper, network in zip(model.hyper, model.integer_h_s):
@@ -566,7 +565,7 @@ def to_arrays(model: Codec, half: bool = False, separate_base: bool = False,
         raise ValueError("coding-only weights cannot be exported again")
     base = factorized.to_arrays(model.base, half)
     config = dataclasses.replace(model.config, base=weights_hash(base).hex() if separate_base else "",
-                                 coding_only=coding_only)
+                                 coding_only=coding_only, extends="")  # it holds everything itself
     arrays = {} if separate_base else {f"base.{name}": value for name, value in base.items()}
     for name, tensor in model.state_dict().items():
         if name.startswith("base.") or (coding_only and (".h_s." in name or name.startswith("context."))):
@@ -603,8 +602,14 @@ def extension_arrays(model: Codec, qualities: list[int], earlier: dict[str, np.n
     tables, and the arrays those qualities share rows of (the gains, the ẑ density, the
     base's config). Every other array stays the earlier file's, so every other quality
     codes exactly as it did. Export the trained qualities first (:meth:`Codec.export_quality`)."""
+    if not qualities or any(not 1 <= q <= model.qualities for q in qualities):
+        raise ValueError(f"qualities {qualities} are not among this model's 1..{model.qualities}")
     config = dataclasses.replace(model.config, base="")
     full = to_arrays(model, half=True, coding_only=True)
+    others = [q - 1 for q in range(1, model.qualities + 1) if q not in qualities]
+    for name in ("base.gain", "base.inverse_gain"):  # whole arrays: every other row must stay as it was
+        if not np.array_equal(full[name][others], np.asarray(earlier[name])[others]):
+            raise ValueError(f"{name} changed for qualities other than {qualities}")
     prefixes = tuple(p for q in qualities for p in (f"hyper.{q - 1}.", f"integer_h_s.{q - 1}.",
                                                     f"integer_context.{q - 1}.", f"z_tables.{q - 1}.",
                                                     f"base.own.q{q}."))

@@ -319,7 +319,8 @@ class Extended(Mapping):
 
 
 MAX_EXTENDED = 8
-"""Longest chain of weights files that extend one another."""
+"""Most weights files in a chain of extensions (each extending the next) above the file
+that extends nothing."""
 
 
 def _with_base(arrays, folder: Path, lazily: bool, depth: int = 0):
@@ -331,20 +332,20 @@ def _with_base(arrays, folder: Path, lazily: bool, depth: int = 0):
 
     try:
         wanted, earlier = base_of(arrays), extends_of(arrays)
+        if wanted is None and earlier is None:
+            return arrays
+        own = model_id_of(arrays)
     except ValueError as exc:
         raise WeightsError(str(exc)) from None
-    own = model_id_of(arrays)
     if earlier is not None:
         if wanted is not None:
             raise WeightsError("weights name both a base and earlier weights they extend")
         if depth >= MAX_EXTENDED:
-            raise WeightsError(f"weights extend a chain of more than {MAX_EXTENDED} weights files")
+            raise WeightsError(f"weights extend a chain of more than {MAX_EXTENDED} extensions")
         found = _installed_with(earlier, folder, lazily, lambda model_id: model_id == own)
         if found is None:
             raise WeightsError(f"these weights extend weights {earlier.hex()}, which are not installed beside them")
         return Extended(arrays, _with_base(found, folder, lazily, depth + 1))
-    if wanted is None:
-        return arrays
     # A base is another family's file: skip this family's.
     found = _installed_with(wanted, folder, lazily, lambda model_id: model_id not in (None, own))
     if found is None:
@@ -400,6 +401,7 @@ def joined_arrays(path: Path | str):
     """A weights file's arrays completed by those of the files it names (its base, the
     weights it extends), each read on use where a digest file allows."""
     path = Path(path)
+    load_weights(path)  # the checks of a weights file, with their one-line errors
     lazy = _lazy(path)
     arrays = lazy[0] if lazy is not None else _read_and_hash(path)[0]
     return _with_base(arrays, path.parent, lazy is not None)
@@ -425,17 +427,19 @@ def load_weights(path: Path | str, coding: bool = False):
         raise WeightsError(f"cannot read weights {path}: {exc.strerror or exc}") from None
 
 
-def candidates() -> list[Path]:
-    """Weights files to look in, default first: $NIC_WEIGHTS_DIR, then shipped."""
+def candidates(first: str = DEFAULT_NAME) -> list[Path]:
+    """Weights files to look in, folder by folder ($NIC_WEIGHTS_DIR, then shipped), in
+    each the file named ``first`` first, then the others by name."""
     folders = []
     if os.environ.get(ENV_DIR):
         folders.append(Path(os.environ[ENV_DIR]))
     folders.append(shipped_dir())
     found = []
     for folder in folders:
-        if (folder / DEFAULT_NAME).is_file():
-            found.append(folder / DEFAULT_NAME)
-        found.extend(sorted(p for p in folder.glob("*.npz") if p.name != DEFAULT_NAME))
+        for name in dict.fromkeys((first, DEFAULT_NAME)):
+            if (folder / name).is_file():
+                found.append(folder / name)
+        found.extend(sorted(p for p in folder.glob("*.npz") if p.name not in (first, DEFAULT_NAME)))
     return found
 
 
@@ -491,13 +495,12 @@ def installed(family: str | None = None) -> Path:
     from .families import DEFAULT, model_id_named
 
     wanted = model_id_named(family or DEFAULT)
-    found = candidates()
+    # In each folder the family's own name first (weights/hyperprior.npz): earlier weights
+    # of a family stay installed beside it under other names, so that their files decode.
+    found = candidates(f"{family or DEFAULT}.npz")
     if not found:
         raise WeightsError("no weights installed (expected weights/default.npz)")
-    # The family's own name first (weights/hyperprior.npz): earlier weights of a family stay
-    # installed beside it under other names, so that the files made with them still decode.
-    own_name = f"{family or DEFAULT}.npz"
-    for candidate in sorted(found, key=lambda path: path.name != own_name):
+    for candidate in found:
         if model_id_of_file(candidate) == wanted:
             return candidate
     if family is not None:

@@ -113,7 +113,9 @@ def test_weights_that_extend_earlier_ones_change_only_their_qualities(tmp_path, 
     image = smooth_image(64, 96)
     trained.export_quality(3, torch.from_numpy(hyperprior.analysis(trained, image, 3))[None], 127)
     arrays = hyperprior.extension_arrays(trained, [3], joined_arrays(ship / "hyperprior-v1.npz"), earlier_hash)
-    assert not any(name.startswith(("hyper.1.", "integer_h_s.1.", "base.own.q2.", "base.g_a.")) for name in arrays)
+    allowed = ("hyper.2.", "integer_h_s.2.", "integer_context.2.", "z_tables.2.", "base.own.q3.", "z_density.")
+    assert {name for name in arrays if not name.startswith(allowed)} == {"config", "base.config", "base.gain",
+                                                                          "base.inverse_gain"}
     assert arrays["base.own.q3.g_s.0.weight"].dtype == np.float16 and "base.own.q3.g_s.0.bias" in arrays
     new_hash = save_weights(arrays, ship / "hyperprior.npz")
 
@@ -124,11 +126,29 @@ def test_weights_that_extend_earlier_ones_change_only_their_qualities(tmp_path, 
         new = api.encode_pixels(image, quality)
         assert container.unpack(new).header.weights_hash == new_hash
         assert same == all(a.data == b.data for a, b in zip(container.unpack(old).substreams(),
-                                                            container.unpack(new).substreams()))
-        assert api.decode_pixels(old).pixels.shape == api.decode_pixels(new).pixels.shape == image.shape
+                                                            container.unpack(new).substreams(), strict=True))
+        assert np.array_equal(api.decode_pixels(old).pixels, api.decode_pixels(old, ship / "hyperprior-v1.npz").pixels)
+        assert api.decode_pixels(new).pixels.shape == image.shape
 
     (ship / "hyperprior-v1.npz").unlink()
     (ship / "hyperprior-v1.npz.digest").unlink()
     weights._load_path.cache_clear()  # loaded models are cached per process
     with pytest.raises(WeightsError, match=f"extend weights {earlier_hash.hex()}, which are not installed"):
         load_weights(ship / "hyperprior.npz", coding=True)
+
+
+def test_the_weights_a_family_encodes_with(tmp_path, monkeypatch, tiny_hyperprior_weights):
+    """$NIC_WEIGHTS_DIR comes before the shipped weights whatever its files are named, and
+    a weights file without a config among them blocks nothing."""
+    import shutil
+
+    from nic.weights import installed, weights_for
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    shutil.copy(tiny_hyperprior_weights, folder / "mine.npz")
+    np.savez(folder / "aaa-broken.npz", x=np.zeros(3))
+    monkeypatch.setenv("NIC_WEIGHTS_DIR", str(folder))
+    assert installed("hyperprior") == folder / "mine.npz"
+    shipped, digest = load_weights(installed("factorized"))
+    assert weights_for(shipped.config.model_id, digest)[1] == digest

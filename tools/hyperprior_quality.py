@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import sys
 import time
@@ -36,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nic import factorized, hyperprior  # noqa: E402
-from nic.bench import list_images, psnr  # noqa: E402
+from nic.bench import list_images, psnr, rate_change  # noqa: E402
 from nic.container import HEADER_SIZE, SUBSTREAM_ENTRY  # noqa: E402
 from nic.images import read_image  # noqa: E402
 from nic.weights import default_weights  # noqa: E402
@@ -99,6 +100,9 @@ def main() -> None:
     parser.add_argument("--calibrate", type=Path, nargs="*", default=[],
                         help="the run's training data, for a run without stage-1 states")
     parser.add_argument("--holdout", type=int, default=16, help="as the run's")
+    parser.add_argument("--curve", type=Path, default=None,
+                        help="a `nic bench --json` file of the same folder: the run's point against its nic "
+                             "curve (rate at the same PSNR)")
     args = parser.parse_args()
     q = args.quality
     base = default_weights(args.init, "factorized")[0]
@@ -126,6 +130,11 @@ def main() -> None:
     for against in ("factorized", "start")[: len(families) - 1]:
         print(f"rate change against {against}: {100 * (means['hyperprior'][0] / means[against][0] - 1):+.2f} % "
               f"(PSNR {means['hyperprior'][1] - means[against][1]:+.3f} dB)")
+    if args.curve is not None:
+        points = json.loads(args.curve.read_text())["codecs"]["nic"]["points"]
+        change = rate_change([p["mean"]["bpp"] for p in points], [p["mean"]["psnr"] for p in points],
+                             *means["hyperprior"])
+        print(f"against the nic curve of {args.curve}: {100 * change:+.2f} % rate at the same PSNR")
     flat = np.empty((512, 768, 3), np.uint8)
     flat[:] = (120, 160, 200)
     print("flat 768x512: " + ", ".join(f"{name} {8 * code(f, m, flat, q)[0] / flat[..., 0].size:.4f} bpp"

@@ -144,6 +144,10 @@ def extend(args: argparse.Namespace) -> None:
     from nic.weights import installed, joined_arrays, save_weights
 
     earlier, earlier_hash = default_weights(args.weights, "hyperprior")
+    path = Path(args.weights or installed("hyperprior"))
+    if args.extend.resolve() == path.resolve():
+        raise SystemExit(f"{args.extend} is the file it would extend: write elsewhere, then rename the earlier "
+                         "file (docs/hyperprior.md, 'Shipping a quality trained further')")
     qualities = sorted(q for q in range(1, earlier.qualities + 1) if joint_path(args.run, q).exists())
     if not qualities:
         raise SystemExit(f"{args.run} has no joint state (qQ-joint.pt)")
@@ -155,7 +159,6 @@ def extend(args: argparse.Namespace) -> None:
         model.base = with_own_pair(model.base, q).build_all()
         load_joint(model, q, torch.load(joint_path(args.run, q), weights_only=True))
         exported(model.eval(), q, args.data, args.holdout)
-    path = args.weights or installed("hyperprior")
     arrays = hyperprior.extension_arrays(model, qualities, joined_arrays(path), earlier_hash)
     digest = save_weights(arrays, args.extend)
     size = sum(value.nbytes for value in arrays.values())
@@ -345,7 +348,11 @@ class Run:
         self.step, self.elapsed = 0, 0.0
         if self.path.exists():
             state = torch.load(self.path, weights_only=True)
-            self.optimizer.load_state_dict(state["optimizer"])
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except ValueError:
+                raise SystemExit(f"{self.path} was saved by an earlier version of this tool (other parameters "
+                                 "train now): start a new run folder") from None
             self.step, self.elapsed = state["step"], state["elapsed"]
         files, held = split_holdout(find_images(args.data, ["kodak", "kodim"]), args.holdout)
         self.crops = held_out_images(held)
