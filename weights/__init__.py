@@ -2,8 +2,10 @@
 
 ``default.npz`` is the factorized family: the shared transforms, the per-quality
 gains, own pairs and integer CDF tables of every quality (``nic train`` + ``nic export``).
-``hyperprior.npz`` is the hyperprior family, the default: per quality h_a, the integer
-h_s and context networks and the integer tables (``tools/train_hyperprior.py --export
---ship``); it shares the transforms of ``default.npz``, which its config names by hash.
+``hyperprior.npz`` is the hyperprior family, the default; it extends
+``hyperprior-53082465.npz`` (per quality h_a, the integer h_s and context networks and
+the integer tables, ``tools/train_hyperprior.py --export --ship``, sharing the transforms
+of ``default.npz``, which its config names by hash) with quality 4 trained end to end
+(``tools/joint_hyperprior.py --extend``); the earlier file stays so that its files decode.
 See README.md and docs/hyperprior.md for how they were trained.
 """
