@@ -119,14 +119,15 @@ def _captioned(image: np.ndarray, rows: int) -> np.ndarray:
 def test_the_default_puts_pixel_tiles_over_a_caption():
     """A photo-like image with a caption band: the default keeps the model for the photo
     and codes the caption's tiles as pixels, much closer to the original there. A gray
-    image is looked at as its all-gray RGB version is."""
+    image is looked at as its all-gray RGB version is. (Quality 3: quality 4's networks,
+    trained end to end with generated text, code this caption well enough at the top.)"""
     image = _captioned(hardset.photo_like()[:256, :384], rows=128)
     gray = image[..., 1:2]
     assert overlay.candidates(gray).any()
     np.testing.assert_array_equal(overlay.candidates(np.repeat(gray, 3, axis=2)), overlay.candidates(gray))
-    data = api.encode_pixels(image, 4)
+    data = api.encode_pixels(image, 3)
     assert [s.name for s in container.unpack(data).substreams()][0] == b"tmap"
-    model = api.encode_pixels(image, 4, family="hyperprior")
+    model = api.encode_pixels(image, 3, family="hyperprior")
     band = slice(-128, None)
     error = np.mean((api.decode_pixels(data).pixels[band].astype(int) - image[band]) ** 2)
     model_error = np.mean((api.decode_pixels(model).pixels[band].astype(int) - image[band]) ** 2)
@@ -135,7 +136,7 @@ def test_the_default_puts_pixel_tiles_over_a_caption():
     # Captioned at the top instead: the model's decode for the choice stops below the caption.
     top = np.ascontiguousarray(image[::-1])
     top[:128] = image[-128:]
-    assert container.unpack(api.encode_pixels(top, 4)).substreams()[0].name == b"tmap"
+    assert container.unpack(api.encode_pixels(top, 3)).substreams()[0].name == b"tmap"
 
 
 def test_photos_without_such_tiles_are_not_looked_at():
