@@ -246,17 +246,11 @@ def shipped_dir() -> Path:
     return Path(str(files("nic.pretrained")))
 
 
-class Joined(Mapping):
-    """A weights file's arrays with another file's under ``prefix`` (the base transforms
-    a hyperprior file names by hash instead of holding them)."""
-
-    def __init__(self, arrays, prefix: str, base):
-        self.arrays, self.prefix, self.base = arrays, prefix, base
+class _Routed(Mapping):
+    """A map of arrays that reads each name from one of several (``_split``)."""
 
     def _split(self, name: str):
-        if name.startswith(self.prefix):
-            return self.base, name[len(self.prefix):]
-        return self.arrays, name
+        raise NotImplementedError
 
     def __getitem__(self, name: str) -> np.ndarray:
         arrays, name = self._split(name)
@@ -267,6 +261,19 @@ class Joined(Mapping):
         if hasattr(arrays, "describe"):
             return arrays.describe(name)
         return arrays[name].shape, arrays[name].dtype
+
+
+class Joined(_Routed):
+    """A weights file's arrays with another file's under ``prefix`` (the base transforms
+    a hyperprior file names by hash instead of holding them)."""
+
+    def __init__(self, arrays, prefix: str, base):
+        self.arrays, self.prefix, self.base = arrays, prefix, base
+
+    def _split(self, name: str):
+        if name.startswith(self.prefix):
+            return self.base, name[len(self.prefix):]
+        return self.arrays, name
 
     def __contains__(self, name) -> bool:
         arrays, name = self._split(name)
@@ -287,7 +294,7 @@ def _read_and_hash(path: Path) -> tuple[dict[str, np.ndarray], bytes]:
     return arrays, weights_hash(arrays)
 
 
-class Extended(Mapping):
+class Extended(_Routed):
     """A weights file's arrays over those of the earlier weights it extends (its config's
     ``extends``): an array it holds itself replaces the earlier file's of that name."""
 
@@ -296,16 +303,6 @@ class Extended(Mapping):
 
     def _split(self, name: str):
         return (self.arrays if name in self.arrays else self.earlier), name
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        arrays, name = self._split(name)
-        return arrays[name]
-
-    def describe(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
-        arrays, name = self._split(name)
-        if hasattr(arrays, "describe"):
-            return arrays.describe(name)
-        return arrays[name].shape, arrays[name].dtype
 
     def __contains__(self, name) -> bool:
         return name in self.arrays or name in self.earlier
