@@ -289,18 +289,13 @@ class Codec(nn.Module):
         The context networks' weights stay within ±``context_weight_max`` (127: int8 in
         coding-only weights, measured at no cost; h_s needs its 16 bits)."""
         self._check_trainable()
-        tables = integer_tables(self.z_density)
-        Z = self.config.Z
-        self.z_tables = [tables.select(q * Z, (q + 1) * Z) for q in range(self.qualities)]
         self.y_tables = self.conditional.integer_tables()
-        self.integer_h_s = [
-            integerize(self.hyper[q].h_s, self.config.scales,
-                       None if calibration is None else self._h_s_activations(q + 1, calibration[q]))
-            for q in range(self.qualities)]
-        if self.config.has_context:
-            self.integer_context = [self._integer_context(q + 1, None if calibration is None else calibration[q],
-                                                          context_weight_max)
-                                    for q in range(self.qualities)]
+        self.z_tables = [None] * self.qualities
+        self.integer_h_s = [None] * self.qualities
+        self.integer_context = [None] * self.qualities if self.config.has_context else None
+        tables = integer_tables(self.z_density)
+        for q in range(self.qualities):
+            self._export(q + 1, tables, None if calibration is None else calibration[q], context_weight_max)
 
     def export_quality(self, quality: int, calibration: Tensor | None = None,
                        context_weight_max: int = WEIGHT_MAX) -> None:
@@ -310,8 +305,13 @@ class Codec(nn.Module):
         self._check_trainable()
         if self.z_tables is None or self.integer_h_s is None:
             raise ValueError("export_tables() first")
+        self._export(quality, integer_tables(self.z_density), calibration, context_weight_max)
+
+    def _export(self, quality: int, z_tables: IntegerTables, calibration: Tensor | None,
+                context_weight_max: int) -> None:
+        """One quality's ẑ tables (its rows of ``z_tables``), integer h_s and context networks."""
         Z, q = self.config.Z, quality - 1
-        self.z_tables[q] = integer_tables(self.z_density).select(q * Z, (q + 1) * Z)
+        self.z_tables[q] = z_tables.select(q * Z, (q + 1) * Z)
         self.integer_h_s[q] = integerize(self.hyper[q].h_s, self.config.scales,
                                          None if calibration is None else self._h_s_activations(quality, calibration))
         if self.config.has_context:
@@ -604,7 +604,6 @@ def extension_arrays(model: Codec, qualities: list[int], earlier: dict[str, np.n
     codes exactly as it did. Export the trained qualities first (:meth:`Codec.export_quality`)."""
     if not qualities or any(not 1 <= q <= model.qualities for q in qualities):
         raise ValueError(f"qualities {qualities} are not among this model's 1..{model.qualities}")
-    config = dataclasses.replace(model.config, base="")
     full = to_arrays(model, half=True, coding_only=True)
     others = [q - 1 for q in range(1, model.qualities + 1) if q not in qualities]
     for name in ("base.gain", "base.inverse_gain"):  # whole arrays: every other row must stay as it was
@@ -620,7 +619,7 @@ def extension_arrays(model: Codec, qualities: list[int], earlier: dict[str, np.n
     for name, value in arrays.items():
         if name in earlier and earlier[name].dtype != value.dtype and value.dtype.kind == "f":
             raise ValueError(f"array {name} would change its precision: {earlier[name].dtype} -> {value.dtype}")
-    config = dataclasses.replace(config, coding_only=True, extends=earlier_hash.hex())
+    config = dataclasses.replace(model.config, base="", coding_only=True, extends=earlier_hash.hex())
     arrays["config"] = np.frombuffer(config.to_json().encode(), dtype=np.uint8)
     return arrays
 
