@@ -478,8 +478,23 @@ def test_shipped_weights_become_trainable_again(tmp_path):
     rms = [float(layer.weight.detach().pow(2).mean().sqrt()) for layer in again.hyper[2].h_s if hasattr(layer, "weight")]
     assert max(rms) < 1.5 * min(rms)  # balanced: read back from integers, they spanned orders of magnitude
     assert np.mean(np.round(float_index[0].numpy()).clip(0, again.config.scales - 1) != index) < 0.05
+    # The context networks read back too: the float passes give the coder's ŷ (the
+    # integer passes') but where a mean's rounding moves a residual across a half.
+    from nic import context
+    y_np = y[0].numpy().astype(np.float64)
+    c = y_np.shape[0] // 2
+
+    def residuals(s, where, mu, t):
+        return np.round(y_np[s * c:(s + 1) * c][:, where] - mu).astype(np.int64)
+
+    coded_y_hat, _ = context.run_passes(shipped.context_networks(3), mean, index, 2, True,
+                                        shipped.config.scales, residuals)
     with torch.no_grad():
-        shipped_bits = again.latent_bits(y, 3, rounded=True)[1]
+        shipped_bits, float_y_hat = again.latent_bits(y, 3, rounded=True)[1:]
+    differ = np.abs(float_y_hat[0].numpy() - coded_y_hat) > 0.5
+    assert differ.mean() < 0.02
+    assert np.abs(float_y_hat[0].numpy() - coded_y_hat)[~differ].max() < 0.05
+    with torch.no_grad():
         again.context[2].nets["1_1"].out.bias.zero_()
         assert again.latent_bits(y, 3, rounded=True)[1] != shipped_bits  # the context networks came back too
 

@@ -69,9 +69,19 @@ def joint_from_weights(run: Path, quality: int, weights: str | None, data: list[
                        holdout: int) -> hyperprior.Codec:
     """Quality Q's end-to-end state of a run that started from hyperprior weights, Q
     integerized alone, calibrated on the run's held-out photos."""
-    from joint_hyperprior import exported, joint_model
+    from joint_hyperprior import calibration_images, exported, joint_model
 
-    return exported(joint_model(None, run, quality, weights=weights).eval(), quality, data, holdout)
+    model = joint_model(None, run, quality, weights=weights).eval()
+    return exported(model, quality, calibration_images(data, holdout))
+
+
+def extrapolated_change(rates: list[float], psnrs: list[float], rate: float, quality_db: float) -> float:
+    """The rate change at the same PSNR of a point just beyond an end of the curve: log-rate
+    linear in PSNR along the curve's nearer end segment."""
+    front = sorted(zip(psnrs, rates))
+    (p0, r0), (p1, r1) = front[-2:] if quality_db >= front[-1][0] else front[:2]
+    slope = (np.log(r1) - np.log(r0)) / (p1 - p0)
+    return float(rate / np.exp(np.log(r1) + slope * (quality_db - p1)) - 1)
 
 
 def file_bytes(substreams, version: int) -> int:
@@ -132,9 +142,12 @@ def main() -> None:
               f"(PSNR {means['hyperprior'][1] - means[against][1]:+.3f} dB)")
     if args.curve is not None:
         points = json.loads(args.curve.read_text())["codecs"]["nic"]["points"]
-        change = rate_change([p["mean"]["bpp"] for p in points], [p["mean"]["psnr"] for p in points],
-                             *means["hyperprior"])
-        print(f"against the nic curve of {args.curve}: {100 * change:+.2f} % rate at the same PSNR")
+        rates, psnrs = [p["mean"]["bpp"] for p in points], [p["mean"]["psnr"] for p in points]
+        change = rate_change(rates, psnrs, *means["hyperprior"])
+        how = ""
+        if np.isnan(change):  # beyond an end of the curve: its end segment's log-rate slope, extended
+            change, how = extrapolated_change(rates, psnrs, *means["hyperprior"]), " (the end segment extended)"
+        print(f"against the nic curve of {args.curve}: {100 * change:+.2f} % rate at the same PSNR{how}")
     flat = np.empty((512, 768, 3), np.uint8)
     flat[:] = (120, 160, 200)
     print("flat 768x512: " + ", ".join(f"{name} {8 * code(f, m, flat, q)[0] / flat[..., 0].size:.4f} bpp"

@@ -128,13 +128,19 @@ def joint_model(init: str | None, run: Path, quality: int, start: bool = False,
     return model
 
 
-def exported(model: hyperprior.Codec, quality: int, data: list[Path], holdout: int) -> hyperprior.Codec:
+def calibration_images(data: list[Path], holdout: int) -> list[torch.Tensor]:
+    """16 of the run's held-out photos (``holdout`` of ``data``), to measure activation
+    ranges on when integerizing (:func:`exported`)."""
+    held = split_holdout(find_images(data, ["kodak", "kodim"]), holdout)[1]
+    return held_out_images(held[:16], 256)
+
+
+def exported(model: hyperprior.Codec, quality: int, images: list[torch.Tensor]) -> hyperprior.Codec:
     """``model`` with quality Q's integer networks and tables made from its float ones
     alone (:meth:`Codec.export_quality`; context weights within ±127, as shipped), their
-    activation ranges measured on 16 of the run's held-out photos (``holdout`` of ``data``)."""
-    held = split_holdout(find_images(data, ["kodak", "kodim"]), holdout)[1]
+    activation ranges measured on ``images`` (:func:`calibration_images`)."""
     with torch.no_grad():
-        y = torch.cat([model.base.analysis(x, quality)[..., :16, :16] for x in held_out_images(held[:16], 256)])
+        y = torch.cat([model.base.analysis(x, quality)[..., :16, :16] for x in images])
     model.export_quality(quality, y, context_weight_max=127)
     return model
 
@@ -152,13 +158,14 @@ def extend(args: argparse.Namespace) -> None:
     if not qualities:
         raise SystemExit(f"{args.run} has no joint state (qQ-joint.pt)")
     model = hyperprior.trainable_again(earlier)
+    images = calibration_images(args.data, args.holdout)
     for q in qualities:
         if (args.run / f"q{q}.pt").exists():
             raise SystemExit(f"{args.run} started quality {q} from a stage-1 state, not from weights: "
                              "export it with tools/train_hyperprior.py --export")
         model.base = with_own_pair(model.base, q).build_all()
         load_joint(model, q, torch.load(joint_path(args.run, q), weights_only=True))
-        exported(model.eval(), q, args.data, args.holdout)
+        exported(model.eval(), q, images)
     arrays = hyperprior.extension_arrays(model, qualities, joined_arrays(path), earlier_hash)
     digest = save_weights(arrays, args.extend)
     size = sum(value.nbytes for value in arrays.values())
