@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nic import factorized, hyperprior  # noqa: E402
-from nic.bench import list_images, psnr, rate_change  # noqa: E402
+from nic.bench import list_images, pareto_front, psnr, rate_change  # noqa: E402
 from nic.container import HEADER_SIZE, SUBSTREAM_ENTRY  # noqa: E402
 from nic.images import read_image  # noqa: E402
 from nic.weights import default_weights  # noqa: E402
@@ -77,9 +77,11 @@ def joint_from_weights(run: Path, quality: int, weights: str | None, data: list[
 
 def extrapolated_change(rates: list[float], psnrs: list[float], rate: float, quality_db: float) -> float:
     """The rate change at the same PSNR of a point just beyond an end of the curve: log-rate
-    linear in PSNR along the curve's nearer end segment."""
-    front = sorted(zip(psnrs, rates))
-    (p0, r0), (p1, r1) = front[-2:] if quality_db >= front[-1][0] else front[:2]
+    linear in PSNR along the nearer end segment of the curve's Pareto points (as
+    :func:`nic.bench.rate_change` takes them)."""
+    front_rates, front_psnrs = pareto_front(rates, psnrs)
+    end = slice(-2, None) if quality_db >= front_psnrs[-1] else slice(0, 2)
+    (r0, r1), (p0, p1) = front_rates[end], front_psnrs[end]
     slope = (np.log(r1) - np.log(r0)) / (p1 - p0)
     return float(rate / np.exp(np.log(r1) + slope * (quality_db - p1)) - 1)
 
