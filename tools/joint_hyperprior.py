@@ -419,7 +419,7 @@ class Run:
         args = self.args
         budget = args.minutes * 60
         last_save = last_validation = time.monotonic()
-        sums = np.zeros(3)
+        sums, window = np.zeros(3), 0  # the steps since the last log line (fewer after a resume)
         while (self.step < args.steps) if args.steps else (self.elapsed < budget):
             fraction = self.step / args.steps if args.steps else self.elapsed / budget
             lr = args.lr_final + 0.5 * (args.lr - args.lr_final) * (1 + math.cos(math.pi * fraction))
@@ -427,11 +427,13 @@ class Run:
             started = time.monotonic()
             sums += self.train_step(lr)
             self.step += 1
+            window += 1
             self.elapsed += time.monotonic() - started
             if self.step % 20 == 0:
-                self.log(f"q{self.q} step {self.step} loss {sums[0] / 20:.4f} bpp {sums[1] / 20:.4f} "
-                         f"psnr {sums[2] / 20:.2f} lr {lr:.1e} {self.elapsed / self.step:.2f} s/step")
-                sums[:] = 0
+                loss, bpp, db = sums / window
+                self.log(f"q{self.q} step {self.step} loss {loss:.4f} bpp {bpp:.4f} "
+                         f"psnr {db:.2f} lr {lr:.1e} {self.elapsed / self.step:.2f} s/step")
+                sums[:], window = 0, 0
             if time.monotonic() - last_save > 300:
                 self.save()
                 last_save = time.monotonic()
