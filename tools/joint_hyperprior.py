@@ -299,6 +299,13 @@ REPORTED = ("text-black", "text-colour", "line-art", "screenshot", "photo-with-t
 """The hard set's images :func:`report` codes (the flat ones cost nothing either way)."""
 
 
+def image_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """(1, 3, h, w) in [0, 1] of (h, w, 1 or 3) 8-bit pixels, cropped to multiples of 16."""
+    pixels = np.repeat(pixels, 3, axis=2) if pixels.shape[2] == 1 else pixels
+    h, w = pixels.shape[0] // 16 * 16, pixels.shape[1] // 16 * 16
+    return torch.from_numpy(np.array(pixels[:h, :w, :3])).permute(2, 0, 1).unsqueeze(0).float() / 255.0
+
+
 def report(args: argparse.Namespace) -> None:
     """bpp, PSNR and J of a run's quality before and after its end-to-end training: every
     second image of DATA together (Kodak), and each image of the hard set."""
@@ -306,14 +313,9 @@ def report(args: argparse.Namespace) -> None:
 
     from nic import hardset
 
-    def tensor(pixels: np.ndarray) -> torch.Tensor:
-        pixels = np.repeat(pixels, 3, axis=2) if pixels.shape[2] == 1 else pixels
-        h, w = pixels.shape[0] // 16 * 16, pixels.shape[1] // 16 * 16
-        return torch.from_numpy(np.array(pixels[:h, :w])).permute(2, 0, 1).unsqueeze(0).float() / 255.0
-
-    kodak = [tensor(np.asarray(Image.open(path).convert("RGB")))
+    kodak = [image_tensor(np.asarray(Image.open(path).convert("RGB")))
              for path in sorted(p for folder in args.data for p in folder.glob("*.png"))[::2]]
-    hard = [tensor(image) for image in hardset.generate(list(REPORTED)).values()]
+    hard = [image_tensor(image) for image in hardset.generate(list(REPORTED)).values()]
     q = args.quality
     print(f"{'state':<6} {'Kodak ' + str(len(kodak)) + ': bpp':>14} {'dB':>7} {'J':>7}  "
           + "  ".join(f"{name}: bpp / dB" for name in REPORTED))

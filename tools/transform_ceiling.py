@@ -28,7 +28,7 @@ from nic import hardset, hyperprior  # noqa: E402
 from nic.bench import list_images  # noqa: E402
 from nic.images import read_image  # noqa: E402
 from nic.weights import default_weights  # noqa: E402
-from joint_hyperprior import psnr_8bit  # noqa: E402
+from joint_hyperprior import image_tensor, psnr_8bit  # noqa: E402
 
 
 def main() -> None:
@@ -49,9 +49,9 @@ def main() -> None:
     model.base = model.base.build_all()
     model.eval()
     if args.hard:
-        sets = {name: [tensor(pixels)] for name, pixels in hardset.generate(args.hard).items()}
+        sets = {name: [image_tensor(pixels)] for name, pixels in hardset.generate(args.hard).items()}
     else:
-        sets = {f"{args.folder}": [tensor(read_image(path.read_bytes()))
+        sets = {f"{args.folder}": [image_tensor(read_image(path.read_bytes()))
                                    for path in list_images(args.folder)[::args.every]]}
     print(f"weights {digest.hex()[:8]}")
     print("| images | quality | bpp | coded (dB) | ceiling (dB) | headroom (dB) |")
@@ -62,13 +62,6 @@ def main() -> None:
             bpp, coded, ceiling = measure(model, quality, images)
             print(f"| {label} | {quality} | {bpp:.4f} | {coded:.2f} | {ceiling:.2f} | {ceiling - coded:.2f} |",
                   flush=True)
-
-
-def tensor(pixels: np.ndarray) -> torch.Tensor:
-    """(1, 3, h, w) in [0, 1] of (h, w, 1 or 3) 8-bit pixels, cropped to multiples of 16."""
-    pixels = np.repeat(pixels, 3, axis=2) if pixels.shape[2] == 1 else pixels
-    h, w = pixels.shape[0] // 16 * 16, pixels.shape[1] // 16 * 16
-    return torch.from_numpy(np.array(pixels[:h, :w, :3])).permute(2, 0, 1)[None].float() / 255
 
 
 @torch.no_grad()
