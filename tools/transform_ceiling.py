@@ -37,22 +37,32 @@ def main() -> None:
     parser.add_argument("--hard", nargs="+", default=None, metavar="NAME",
                         help="measure these images of nic.hardset, each on its own, instead of a folder")
     parser.add_argument("--weights", default=None, help="hyperprior weights [default: installed]")
-    parser.add_argument("--every", type=int, default=2, help="measure every N-th image [default: 2]")
+    parser.add_argument("--every", type=int, default=2, metavar="N", help="measure every N-th image [default: 2]")
     parser.add_argument("-q", "--quality", type=int, action="append", default=None,
                         help="a quality to measure (repeat) [default: all]")
     args = parser.parse_args()
     if (args.folder is None) == (args.hard is None):
         parser.error("give a folder, or --hard NAME ... without one")
+    if args.every < 1:
+        parser.error("--every must be at least 1")
+    if args.folder is not None and not args.folder.is_dir():
+        parser.error(f"{args.folder} is not a folder")
+    try:
+        if args.hard:
+            sets = {name: [image_tensor(pixels)] for name, pixels in hardset.generate(args.hard).items()}
+        else:
+            sets = {f"{args.folder}": [image_tensor(read_image(path.read_bytes()))
+                                       for path in list_images(args.folder)[::args.every]]}
+    except (ValueError, OSError) as exc:  # an unknown hard-set name, an unreadable image
+        parser.error(str(exc))
 
     weights, digest = default_weights(args.weights, "hyperprior")
     model = hyperprior.trainable_again(weights)
     model.base = model.base.build_all()
     model.eval()
-    if args.hard:
-        sets = {name: [image_tensor(pixels)] for name, pixels in hardset.generate(args.hard).items()}
-    else:
-        sets = {f"{args.folder}": [image_tensor(read_image(path.read_bytes()))
-                                   for path in list_images(args.folder)[::args.every]]}
+    wrong = [q for q in args.quality or [] if not 1 <= q <= model.qualities]
+    if wrong:
+        parser.error(f"quality {wrong[0]} is not one of the weights' 1..{model.qualities}")
     print(f"weights {digest.hex()[:8]}")
     print("| images | quality | bpp | coded (dB) | ceiling (dB) | headroom (dB) |")
     print("|---|---:|---:|---:|---:|---:|")
