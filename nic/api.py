@@ -9,7 +9,8 @@ This is where the pieces meet: the weights (:mod:`nic.weights`) name a model fam
 :mod:`nic.pixels`, which has none), whose module turns pixels into substreams and back,
 and :mod:`nic.container` packs those into a file. Nothing here knows how a family codes.
 Without a family the encoder codes with the default one, then tries the pixels family
-and keeps whichever file is no larger and closer to the original. The model is loaded
+(and pixel tiles over the model's image) and keeps whichever file is worth its bits
+(:func:`_worth`). The model is loaded
 once per process and per weights file.
 """
 
@@ -149,8 +150,8 @@ def encode_pixels(pixels: np.ndarray, quality: float = 4, weights: str | Path | 
     metadata carried verbatim in ancillary sections. ``effort`` 1..4 is the encoder's
     quantization search (1: rounding; see nic.quantization); any effort decodes the same
     way. ``family`` (nic.families) picks the installed weights of that model family;
-    without it, the default family's file or the pixels family's, whichever is no larger
-    and closer to the original. ``quality`` may lie between the trained ones (3.5): the
+    without it, the default family's file or the pixels family's (or the model's with
+    pixel tiles over it), whichever is worth its bits (:func:`_worth`). ``quality`` may lie between the trained ones (3.5): the
     hyperprior family codes it with a coarser step (effort 1), the factorized family at
     the quality below. ``precision`` is the transforms' arithmetic (nic.precision: "auto",
     "fp32" or "bf16"); every precision's files decode everywhere."""
@@ -177,10 +178,11 @@ def encode_pixels(pixels: np.ndarray, quality: float = 4, weights: str | Path | 
         rows = (_synthesized(model, y_hat[0], quality, pixels) if y_hat else
                 lambda sink: decode_rows(kept, lambda header, icc, exif: sink, weights,
                                          precision=getattr(model, "precision", "fp32")))
-        data = _or_pixels(pixels, data, quality, channels, gray_rgb, icc_profile, exif, rows)
+        weight = _lambda(_lambdas(model), requested) / pixels.shape[2]
+        data = _or_pixels(pixels, data, quality, channels, gray_rgb, icc_profile, exif, rows, weight)
         if data is kept:
             data = _or_overlay(pixels, data, model, digest, quality, step, channels, gray_rgb, icc_profile, exif,
-                               rows, requested)
+                               rows, weight)
     return data
 
 
@@ -215,13 +217,23 @@ def _synthesized(model, y_hat, quality: int, pixels: np.ndarray, paste=None) -> 
     return rows
 
 
-OVERLAY_GROWTH = 1.5
-OVERLAY_SLOPE = 4.0
-"""An overlay (nic.overlay) is kept where its J = bits + λ·SSE/channels is lower than the
-model's file alone, and where it is larger, at most OVERLAY_GROWTH times as large and
-better by at least OVERLAY_SLOPE dB per doubling of the size: what a quality step buys
-on photos (Kodak: q4 → q6 doubles the bits for 3.8 dB), so that it is worth more than
-asking the model for more quality."""
+GROWTH = 1.5
+SLOPE = 4.0
+"""The default's other tries (the pixels family's file, an overlay: nic.overlay) replace
+the model's file where their J = bits + λ·SSE/channels is lower, and where they are
+larger, at most GROWTH times as large and better by at least SLOPE dB per doubling of
+the size: what a quality step buys on photos (Kodak: q4 → q6 doubles the bits for
+3.8 dB), so that it is worth more than asking the model for more quality."""
+
+
+def _worth(bits: float, error: int, model_bits: float, model_error: int, weight: float) -> bool:
+    """Whether a file of ``bits`` and squared ``error`` beats the model's by :data:`GROWTH`
+    and :data:`SLOPE`'s rule (``weight``: λ/channels)."""
+    if bits > model_bits:
+        gain = 10 * np.log10(max(model_error, 1) / max(error, 1))  # dB
+        if bits > GROWTH * model_bits or gain < SLOPE * np.log2(bits / model_bits):
+            return False
+    return bits + weight * error < model_bits + weight * model_error
 
 
 def _squared_error(rows: Rows, pixels: np.ndarray) -> int:
@@ -240,10 +252,10 @@ def _squared_error(rows: Rows, pixels: np.ndarray) -> int:
 
 def _or_overlay(pixels: np.ndarray, data: bytes, model, digest: bytes, quality: int, step, channels: int,
                 gray_rgb: bool, icc_profile: bytes | None, exif: bytes | None, rows: Rows,
-                requested: float) -> bytes:
+                weight: float) -> bytes:
     """The default's third try, where the model's file is kept: the same model with pixel
-    tiles over the tiles it reconstructs worst (nic.overlay), where that lowers J (λ of
-    the ``requested`` quality). ``rows``: the model's file decoded. The overlay's model
+    tiles over the tiles it reconstructs worst (nic.overlay), where :func:`_worth` says so
+    (``weight``: λ/channels of the requested quality). ``rows``: the model's file decoded. The overlay's model
     part is coded at effort 1 whatever the effort of ``data``: a second search would
     double a slow encode."""
     from . import overlay
@@ -257,14 +269,13 @@ def _or_overlay(pixels: np.ndarray, data: bytes, model, digest: bytes, quality: 
     # The model's rows down to the last candidate's: the synthesis stops there.
     needed = min(height, (int(np.flatnonzero(looked.any(axis=1))[-1]) + 1) * overlay.TILE)
     model_pixels = _first_rows(rows, needed)[..., :pixels.shape[2]]
-    weight = _lambda(model.base.config.lambdas, requested) / pixels.shape[2]
     choice = overlay.choose(pixels, model_pixels, looked, weight)
     if choice is None:
         return data
     y_hat: list = []
     other = _overlay_file(pixels, choice, model, digest, quality, step, channels, gray_rgb, icc_profile, exif,
                           y_hat.append)
-    if len(other) > OVERLAY_GROWTH * len(data):
+    if len(other) > GROWTH * len(data):
         return data
     model_error = (int(np.sum((model_pixels.astype(np.int64) - pixels) ** 2)) if needed == height
                    else _squared_error(rows, pixels))
@@ -273,10 +284,7 @@ def _or_overlay(pixels: np.ndarray, data: bytes, model, digest: bytes, quality: 
     tile_map, packed = overlay.decode(container.unpack(other).substreams()[:len(overlay.NAMES)], *pixels.shape[:2],
                                       pixels.shape[2] == 1)
     error = _squared_error(_synthesized(model, y_hat[0], quality, pixels, (packed, tile_map)), pixels)
-    gain = 10 * np.log10(max(model_error, 1) / max(error, 1))  # dB
-    if len(other) > len(data) and gain < OVERLAY_SLOPE * np.log2(len(other) / len(data)):
-        return data
-    return other if 8 * len(other) + weight * error < 8 * len(data) + weight * model_error else data
+    return other if _worth(8 * len(other), error, 8 * len(data), model_error, weight) else data
 
 
 class _Enough(Exception):
@@ -297,6 +305,11 @@ def _first_rows(rows: Rows, count: int) -> np.ndarray:
     except _Enough:
         pass
     return np.concatenate(got)[:count]
+
+
+def _lambdas(model) -> list[float]:
+    """The λ of each trained quality of a model (the hyperprior family's are its transforms')."""
+    return getattr(model, "base", model).config.lambdas
 
 
 def _lambda(lambdas, quality: float) -> float:
@@ -332,24 +345,43 @@ length is an estimate within ~25 bytes)."""
 
 
 def _or_pixels(pixels: np.ndarray, data: bytes, quality: int, channels: int, gray_rgb: bool,
-               icc_profile: bytes | None, exif: bytes | None, rows: Rows) -> bytes:
+               icc_profile: bytes | None, exif: bytes | None, rows: Rows, weight: float) -> bytes:
     """The default's second try: the ``pixels`` family's file (nic.pixels) instead of the
-    model's ``data`` (decoded: ``rows``) where it is no larger and closer to the original
-    (text, line art, screenshots, flat colour), else ``data``."""
+    model's ``data`` (decoded: ``rows``) where it is worth it (text, line art,
+    screenshots, flat colour): exact and no larger, or of lower J by :func:`_worth`'s
+    rule (``weight``: λ/channels of the requested quality); else ``data``."""
     from . import pixels as family_pixels
 
     height, width = pixels.shape[:2]
     sections = len(data) - container.parse_header(data).payload_length - container.HEADER_SIZE - 4
+    model_bits = 8.0 * (len(data) - sections)
+    model_error: list[int] = []
 
-    budget = 8.0 * (len(data) - sections - PIXELS_OVERHEAD)
-    found = family_pixels.best_within(pixels, budget, lambda: _squared_error(rows, pixels))
+    def error() -> int:  # the model's, asked once and only where a step is not exact
+        if not model_error:
+            model_error.append(_squared_error(rows, pixels))
+        return model_error[0]
+
+    def cost(found) -> float | None:
+        bits = found.bits() + 8.0 * PIXELS_OVERHEAD
+        if found.squared_error == 0 and bits <= model_bits:
+            return bits
+        if not _worth(bits, found.squared_error, model_bits, error(), weight):
+            return None
+        return bits + weight * found.squared_error
+
+    found = family_pixels.cheapest(pixels, model_bits - 8.0 * PIXELS_OVERHEAD,
+                                   GROWTH * model_bits - 8.0 * PIXELS_OVERHEAD, cost)
     if found is None:
         return data
     model = family_pixels.MODEL
     quality = min(quality, model.qualities)  # a header field only: the step is in the file
     other = b"".join(_file_parts(model, family_pixels.NO_WEIGHTS, quality, channels, width, height,
                                  family_pixels.encode_trial(found, height, width), icc_profile, exif, gray_rgb))
-    return other if len(other) <= len(data) else data
+    other_bits = 8.0 * (len(other) - sections)
+    if found.squared_error == 0 and other_bits <= model_bits:
+        return other
+    return other if _worth(other_bits, found.squared_error, model_bits, error(), weight) else data
 
 
 def encode_rows(source: PixelRows, quality: float = 4, weights: str | Path | None = None,

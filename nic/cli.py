@@ -459,8 +459,8 @@ def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: b
               help="Encoder search: 1 rounds the latents; 2..4 choose them by distortion + λ·rate "
                    "(smaller files at the same quality; 30-260x slower). Decoding is unchanged.")
 @click.option("--model", "family", type=click.Choice(list(FAMILY_NAMES)), default=None,
-              help=f"Model family to encode with [default: {DEFAULT_FAMILY}, or pixels where that file is no "
-                   "larger and closer to the original]; 'pixels' codes the pixels themselves (no model; "
+              help=f"Model family to encode with [default: {DEFAULT_FAMILY}, or pixels where that file is worth "
+                   "its bits: lower rate + λ·distortion, at most 1.5x the size]; 'pixels' codes the pixels themselves (no model; "
                    "lossless at -q 8). Decoding always follows the file.")
 @click.option("--background", metavar="COLOUR", default=None,
               help="Flatten transparent input onto this colour (e.g. white, #808080).")
@@ -617,7 +617,7 @@ def decode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, out
               help="Pillow codecs to show next to nic ('none' for nic alone).")
 @click.option("--model", "family", type=click.Choice(list(FAMILY_NAMES)), default=None,
               help=f"Model family [default: as nic encode, {DEFAULT_FAMILY} or pixels, whichever file is "
-                   "no larger and closer].")
+                   "worth its bits].")
 @threads_option
 @weights_option
 @max_pixels_option
@@ -887,7 +887,7 @@ def export(checkpoint: str, output: str, half: bool) -> None:
               help="nic's encoder effort (as in nic encode).")
 @click.option("--model", "family", type=click.Choice(list(FAMILY_NAMES)), default=None,
               help=f"Model family to measure [default: as nic encode, {DEFAULT_FAMILY} or pixels, whichever "
-                   "file is no larger and closer].")
+                   "file is worth its bits].")
 @click.option("--hard", is_flag=True,
               help="Instead of DIR, the generated hard-content set (text, line art, gratings, flat areas): "
                    "nic's bpp and PSNR, its transforms' ceiling, and each codec's PSNR at the same bytes "

@@ -5,8 +5,8 @@ The learned transforms never saw text, line art, hatching or screenshots and can
 reproduce them at any rate (docs/results/hard-content.md). A predictive pixel coder
 can: every pixel comes back within ±⌊step/2⌋ of the original, the near-lossless mode
 of JPEG-LS in spirit. ``nic encode`` without ``--model`` codes with the model first and
-then tries this family (nic.api): its file is kept only where it is no larger and
-closer to the original. ``--model pixels -q Q`` forces it, at the step ``STEPS[Q]``.
+then tries this family (nic.api): its file is kept only where it is exact and no
+larger, or worth its extra bits (``nic.api._worth``). ``--model pixels -q Q`` forces it, at the step ``STEPS[Q]``.
 
 How a plane is coded. Gray images have one plane; colour ones G, then R and B, each
 of those two predicted by G's decoded residual at the same pixel. A plane's values
@@ -660,40 +660,60 @@ def lossless_bits(pixels: np.ndarray) -> float:
     return factor * bits
 
 
-def best_within(pixels: np.ndarray, budget_bits: float, worst_squared_error: Callable[[], int]) -> Trial | None:
-    """A trial (kept) of a ladder step whose code fits in ``budget_bits`` and whose squared
-    error is below ``worst_squared_error()`` (asked only where it is not lossless), or
-    None. A photo costs an estimate (:data:`LOSSLESS_GATE`); other images a scan at step
-    1 where the estimate fits, else a bisection of the ladder, a scan per step tried.
-    Sizes fall with the step only roughly, so the bisection finds a step that fits, not
-    always the smallest."""
+WALK = 4
+"""Coarser steps :func:`cheapest` scans past the finest one that fits, while the cost falls."""
+
+
+def cheapest(pixels: np.ndarray, gate_bits: float, limit_bits: float, cost: Callable[[Trial], float | None]
+             ) -> Trial | None:
+    """A trial (kept) of the ladder step of least ``cost(trial)`` (None: not a choice)
+    among those whose code fits in ``limit_bits``, or None. A photo costs an estimate:
+    the search stops where the lossless code is more than :data:`LOSSLESS_GATE` times
+    ``gate_bits`` (the model's file). Other images cost a scan at step 1 where the
+    estimate fits the limit (taken as it is where it fits ``gate_bits``: exact, and no
+    larger than the model's), else a bisection for the finest step that fits (sizes fall
+    with the step only roughly: a step that fits, not always the finest), then a scan
+    per coarser step, up to :data:`WALK` of them, until one costs more than the best so
+    far."""
     height, width = pixels.shape[:2]
     if height * width > MAX_PIXELS:
         return None
     estimate = lossless_bits(pixels)
-    if estimate > LOSSLESS_GATE * budget_bits:
+    if estimate > LOSSLESS_GATE * gate_bits:
         return None
     keep = height * width <= KEEP_PIXELS
 
     def scan(n: int) -> Trial:
         return trial(pixels, LADDER[n], keep)
 
-    found = scan(0) if estimate <= budget_bits else None  # lossless often fits outright
-    if found is None or found.bits() > budget_bits:
+    n, found = 0, (scan(0) if estimate <= limit_bits else None)  # lossless often fits outright
+    if found is None or found.bits() > limit_bits:
         low, high = 1 if found is not None else 0, len(LADDER) - 1
         found = scan(high)
-        if found.bits() > budget_bits:
+        if found.bits() > limit_bits:
             return None
         while low < high:  # invariant: LADDER[high] fits, and ``found`` is its trial
             middle = (low + high) // 2
             attempt = scan(middle)
-            if attempt.bits() <= budget_bits:
+            if attempt.bits() <= limit_bits:
                 high, found = middle, attempt
             else:
                 low = middle + 1
-    if found.squared_error > 0 and found.squared_error >= worst_squared_error():  # lossless needs no comparison
+        n = high
+    elif found.bits() <= gate_bits:  # exact, in no more bits than the model's file: kept as it is
+        return found if keep else trial(pixels, found.step, keep=True)
+    best, least = found, cost(found)
+    for m in range(n + 1, min(len(LADDER), n + 1 + WALK)):
+        attempt = scan(m)
+        price = cost(attempt)
+        if price is None:
+            continue
+        if least is not None and price >= least:
+            break
+        best, least = attempt, price
+    if least is None:
         return None
-    return found if keep else trial(pixels, found.step, keep=True)
+    return best if keep else trial(pixels, best.step, keep=True)
 
 
 # -- decoder --------------------------------------------------------------------------

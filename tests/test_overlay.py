@@ -132,7 +132,7 @@ def test_the_default_puts_pixel_tiles_over_a_caption():
     error = np.mean((api.decode_pixels(data).pixels[band].astype(int) - image[band]) ** 2)
     model_error = np.mean((api.decode_pixels(model).pixels[band].astype(int) - image[band]) ** 2)
     assert error < model_error / 4
-    assert len(data) <= api.OVERLAY_GROWTH * len(model)
+    assert len(data) <= api.GROWTH * len(model)
     # Captioned at the top instead: the model's decode for the choice stops below the caption.
     top = np.ascontiguousarray(image[::-1])
     top[:128] = image[-128:]

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from conftest import smooth_image
-from nic import api, container, pixels
+from nic import api, container, hardset, pixels
 from nic.container import FormatError, Substream
 
 
@@ -104,6 +104,28 @@ def test_default_encoder_codes_a_drawing_as_pixels_and_a_photo_with_the_model(ti
     photo = smooth_image(64, 80)
     assert api.encode_pixels(photo, 4, tiny_hyperprior_weights) == api.encode_pixels(
         photo, 4, tiny_hyperprior_weights, family="hyperprior")
+
+
+def test_a_larger_pixels_file_is_taken_where_it_is_worth_its_bits():
+    """Black text at quality 4, shipped weights: the pixels family's file is larger than
+    the model's, within api.GROWTH of it, and better by more than api.SLOPE dB per doubling."""
+    text = np.ascontiguousarray(hardset.generate(["text-black"])["text-black"][:128, :192])
+    model_file = api.encode_pixels(text, 4, family="hyperprior")
+    chosen = api.encode_pixels(text, 4)
+    assert container.parse_header(chosen).model_id == pixels.MODEL_ID
+    assert len(model_file) < len(chosen) <= api.GROWTH * len(model_file)
+    error = np.sum((api.decode_pixels(chosen).pixels.astype(int) - text) ** 2)
+    model_error = np.sum((api.decode_pixels(model_file).pixels.astype(int) - text) ** 2)
+    assert 10 * np.log10(model_error / max(error, 1)) >= api.SLOPE * np.log2(len(chosen) / len(model_file))
+
+
+def test_worth_its_bits_is_lower_j_within_the_growth_and_slope():
+    bits, error, weight = 8000.0, 10_000, 0.5
+    assert api._worth(bits * 0.9, error // 2, bits, error, weight)  # smaller and closer
+    assert not api._worth(bits * 0.5, error * 4, bits, error, weight)  # smaller, but J is higher
+    assert api._worth(bits * 1.4, error // 16, bits, error, weight)  # 12 dB for half a doubling
+    assert not api._worth(bits * 1.4, error // 2, bits, error, weight)  # 3 dB: under the slope
+    assert not api._worth(bits * 1.6, 0, bits, error, weight)  # beyond the growth, even exact
 
 
 @pytest.mark.parametrize("shape", [(1, 40, 3), (1, 1, 1), (37, 1, 3)])
