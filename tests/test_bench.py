@@ -460,6 +460,24 @@ def test_bd_curve_reads_the_shipped_line_from_the_committed_reports():
     assert all(line.endswith(" dB |") for line in gaps)
 
 
+def test_bd_curve_prints_the_hyperprior_line_against_jpeg_2000():
+    """--family hyperprior: the family's weights files in order, ending at the installed
+    one, each with its own report's BD-rate against JPEG 2000."""
+    import json
+    from pathlib import Path
+
+    from nic.weights import default_weights
+
+    root = Path(__file__).resolve().parent.parent
+    out = _tool_output("bd_curve.py", "--family", "hyperprior")
+    rows = [line for line in out.splitlines() if line.startswith("| `")]
+    head = default_weights(None, "hyperprior", coding=True)[1].hex()[:8]
+    assert rows[-1].startswith(f"| `{head}`") and "points" in rows[-1]
+    report = json.loads((root / "docs" / "results" / f"kodak-{head}.json").read_text())
+    assert f"{report['bd_rate']['against']['jpeg2000']['bd_rate_percent']:+.1f} %" in rows[-1]
+    assert len([line for line in out.splitlines() if line.startswith("| q=")]) == 8
+
+
 def test_readme_results_tables_are_the_reports():
     """The README's Kodak tables are printed by tools/results_markdown.py from
     docs/results/kodak.json: every table row it prints is in the README as it is, so a
