@@ -736,7 +736,9 @@ def _overlay_rows(substreams, header) -> list[tuple[str, str]]:
         return []
     tiles = -(-header.height // 64) * -(-header.width // 64)
     chosen = sum(bin(byte).count("1") for byte in substreams[0].data)
-    return [("pixel tiles", f"{chosen} of {tiles} (64x64), step {substreams[1].data[0]}")]
+    pset = substreams[1].data  # the step first, or after EXTENDED (0) and the predictor: nic.pixels.parameters_in
+    step = pset[2] if pset[0] == 0 and len(pset) > 2 else pset[0]
+    return [("pixel tiles", f"{chosen} of {tiles} (64x64), step {step}")]
 
 
 def _pixel_rows(substreams) -> list[tuple[str, str]]:

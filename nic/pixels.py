@@ -17,7 +17,12 @@ at a time, are the shorter side (at most 4,096 of them):
 
 * pass A predicts from the A pixels a = (i − 1, j − 1), b = (i − 1, j + 1) and
   c = (i − 2, j): the median of a, b and a + b − c (LOCO-I's edge detector turned 45°;
-  (a + b)/2 in the second row, the A pixel two to the left in the first);
+  (a + b)/2 in the second row, the A pixel two to the left in the first). With the
+  GRADIENT predictor (every file written since the thirteenth session), from the fourth
+  row on it predicts c instead where the image changes downward no more than across:
+  |a − a'| + |b − b'| ≤ |a − b|, a' and b' the A pixels two rows above a and b. Vertical
+  strokes, stripes and window edges, which the 45° median cuts across, are then
+  predicted along;
 * pass B from its four A neighbours: the mean of the pair, up and down or left and
   right, whose difference is smaller (along an edge, not across it; left and right
   in an image one row high).
@@ -36,10 +41,12 @@ Payload (format version 2): two substreams,
 
 | name   | shape                  | content                                                      |
 |--------|------------------------|--------------------------------------------------------------|
-| ``pset`` | (1, 1, 1)              | bytes, zero-padded to 4: the step (1..255), then each context's table (plane, pass, context, in that order): a fixed table's index, or ``CUSTOM`` and the table |
+| ``pset`` | (1, 1, 1)              | bytes, zero-padded to 4: the step (1..255), or ``EXTENDED`` (0), the predictor (``GRADIENT``) and the step; then each context's table (plane, pass, context, in that order): a fixed table's index, or ``CUSTOM`` and the table |
 | ``pixl`` | (1, latent rows, columns) | the range-coded indices, plane after plane: pass A's, the first row as one part and then one part per row, then pass B's, one part per band (:func:`_pass_b_pieces`) |
 
-Images above ``MAX_PIXELS`` pixels are not coded this way (the decoder holds the whole
+A reader older than the GRADIENT predictor takes ``EXTENDED`` for a step and refuses the
+file ("pset gives step 0") instead of decoding it wrongly. Images above ``MAX_PIXELS``
+pixels are not coded this way (the decoder holds the whole
 image); a file that claims one is refused. Math only: no I/O.
 """
 
@@ -78,6 +85,15 @@ CONTEXT_BOUNDS = np.array([0, 1, 2, 4, 8, 16, 40])
 """Context of an index: how many bounds lie below the sum of its coded neighbours' |k|."""
 CONTEXTS = len(CONTEXT_BOUNDS) + 1
 PASSES = 2
+MEDIAN, GRADIENT = 0, 1
+"""Pass A's predictors: MEDIAN, the median of a, b and a + b − c (the files of the first
+version); GRADIENT, that median or the pixel c two rows up, whichever the gradients
+around say (what the encoder writes now: 10-18 % fewer bits on text, line art and
+screenshots, 43 % on the gratings, docs/results/hard-content.md section 7)."""
+EXTENDED = 0
+"""A ``pset`` that begins with this byte (a step no reader accepts) gives the predictor
+in its second byte and the step in its third; one that begins with the step (1..255)
+has the MEDIAN predictor."""
 BAND_PIXELS = 1 << 17
 """Pass B runs a band of rows at a time, as many as hold about this many pixels (a row
 wider than that in parts of this many of its pass-B pixels)."""
@@ -344,14 +360,19 @@ def _pass_b_pieces(height: int, width: int, columns: list[np.ndarray]):
 
 
 def _predict_a(d: np.ndarray, magnitude: np.ndarray, i: int, cols: np.ndarray, left: np.ndarray,
-               right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+               right: np.ndarray, predictor: int) -> tuple[np.ndarray, np.ndarray]:
     """(prediction, activity) of pass A's pixels in row i ≥ 1, columns ``cols``."""
     activity = magnitude[i - 1, left] + magnitude[i - 1, right]
     a, b = d[i - 1, left].astype(np.int64), d[i - 1, right].astype(np.int64)
     if i == 1:
         return (a + b) >> 1, activity
+    c = d[i - 2, cols].astype(np.int64)
     # the median of a, b and the plane through a, b and the pixel two rows up
-    prediction = np.maximum(np.minimum(a, b), np.minimum(np.maximum(a, b), a + b - d[i - 2, cols]))
+    prediction = np.maximum(np.minimum(a, b), np.minimum(np.maximum(a, b), a + b - c))
+    if predictor == GRADIENT and i >= 3:
+        # the pixel two rows up where the image changes downward no more than across
+        down = np.abs(a - d[i - 3, left]) + np.abs(b - d[i - 3, right])
+        prediction = np.where(down <= np.abs(a - b), c, prediction)
     return prediction, activity + magnitude[i - 2, cols]
 
 
@@ -370,7 +391,7 @@ def _predict_b(d: np.ndarray, magnitude: np.ndarray, r: np.ndarray, cols: np.nda
 
 
 def _scan_plane(height: int, width: int, step: int, plane: int, side: np.ndarray | None, take: Take,
-                keep: bool = False):
+                keep: bool = False, predictor: int = GRADIENT):
     """(d, |k|, k) of one plane (H, W): the decoded residuals and the indices' magnitudes
     (int16: both within ±LIMIT, all a prediction and a context need) and, if ``keep``,
     the indices (int32). ``side``: the magnitudes of the plane this one is predicted
@@ -400,14 +421,14 @@ def _scan_plane(height: int, width: int, step: int, plane: int, side: np.ndarray
         if i == 0:  # along the row, each from the A pixel two to the left
             settle(0, cols, None, np.zeros(len(cols), np.int64), plane * 2)
         else:
-            settle(i, cols, *_predict_a(d, magnitude, i, cols, *sides[i % 2]), plane * 2)
+            settle(i, cols, *_predict_a(d, magnitude, i, cols, *sides[i % 2], predictor), plane * 2)
     for r, cols in _pass_b_pieces(height, width, columns):  # pass B, from A pixels only
         settle(r, cols, *_predict_b(d, magnitude, r, cols, height, width), plane * 2 + 1)
     return d, magnitude, k
 
 
 def _scan(height: int, width: int, planes: int, step: int,
-          take_for: Callable[[int, np.ndarray | None], Take], keep: bool = False):
+          take_for: Callable[[int, np.ndarray | None], Take], keep: bool = False, predictor: int = GRADIENT):
     """(decoded pixels uint8 (H, W, planes), if ``keep`` the indices int32 (planes, H, W),
     else None) of a scan (R and B's residuals, G's plus theirs, stay within int16). ``take_for(channel, base)`` gives a channel's Take; ``base`` is
     G's decoded residual (flat) for R and B, which are coded on top of it, else None."""
@@ -416,7 +437,8 @@ def _scan(height: int, width: int, planes: int, step: int,
     base = side = None
     for n, channel in enumerate([1, 0, 2] if planes == 3 else [0]):
         d, magnitude, k = _scan_plane(height, width, step, n, side,
-                                      take_for(channel, None if base is None else base.reshape(-1)), keep)
+                                      take_for(channel, None if base is None else base.reshape(-1)), keep,
+                                      predictor)
         if base is None:
             base, side = d, magnitude
         else:
@@ -445,6 +467,7 @@ class Trial:
     histogram: np.ndarray  # int64 (parts · CONTEXTS, 2·SPAN + 1)
     parts: list  # (part, indices int16, contexts uint8) in coding order, if kept
     columns: tuple[np.ndarray, np.ndarray] | None = None  # (bits, squared error) of each column, if asked
+    predictor: int = GRADIENT
 
     @cached_property
     def specs(self) -> list:
@@ -452,8 +475,8 @@ class Trial:
         return [_choose(row) for row in self.histogram]
 
     def bits(self) -> float:
-        """Code length of the indices, the step and the tables' description, in bits."""
-        return 8.0 * (1 + sum(len(_spec_bytes(spec)) for spec, _ in self.specs)) + sum(b for _, b in self.specs)
+        """Code length of the indices, the parameters and the tables' description, in bits."""
+        return 8.0 * (len(_parameters(self.step, self.predictor)) + sum(len(_spec_bytes(spec)) for spec, _ in self.specs)) + sum(b for _, b in self.specs)
 
 
 def _scanned(pixels: np.ndarray) -> np.ndarray:
@@ -462,8 +485,8 @@ def _scanned(pixels: np.ndarray) -> np.ndarray:
 
 
 def trial(pixels: np.ndarray, step: int, keep: bool = False, per_column: bool = False,
-          counted: np.ndarray | None = None) -> Trial:
-    """Scan uint8 pixels (H, W, 1|3) at ``step``; ``keep`` the parts, for coding;
+          counted: np.ndarray | None = None, predictor: int = GRADIENT) -> Trial:
+    """Scan uint8 pixels (H, W, 1|3) at ``step`` with pass A's ``predictor``; ``keep`` the parts, for coding;
     ``per_column``: also each column's bits (its indices under the tables the whole image
     chooses, descriptions left out) and squared error (:attr:`Trial.columns`), the
     latter only over the pixels ``counted`` (bool (H, W)) where that is given."""
@@ -504,12 +527,12 @@ def trial(pixels: np.ndarray, step: int, keep: bool = False, per_column: bool = 
 
         return take
 
-    decoded, _ = _scan(height, width, planes, step, take_for)
+    decoded, _ = _scan(height, width, planes, step, take_for, predictor=predictor)
     count()
     squared = (decoded.astype(np.int32) - pixels) ** 2
     del decoded
     found = Trial(step, int(np.sum(squared, dtype=np.int64)), histogram.reshape(planes * PASSES * CONTEXTS, bins),
-                  parts)
+                  parts, predictor=predictor)
     if per_column:
         if counted is not None:
             squared *= _scanned(counted[..., None])
@@ -559,7 +582,7 @@ def encode_trial(found: Trial, height: int, width: int) -> list[Substream]:
     writer = IndexedCoder(coded).encoder()
     for part, k, context in found.parts:
         writer.encode(k.astype(np.int64), position[part * CONTEXTS + context])
-    head = bytes([found.step]) + b"".join(_spec_bytes(spec) for spec in specs)
+    head = _parameters(found.step, found.predictor) + b"".join(_spec_bytes(spec) for spec in specs)
     return [Substream(b"pset", (1, 1, 1), head + bytes(-len(head) % 4)),
             Substream(b"pixl", (1, *_latent_grid(height, width)), writer.finish().tobytes())]
 
@@ -595,18 +618,20 @@ to keep); text, line art, screenshots, hatching and flat colour less
 def residuals(target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(residuals k, A positions) of one plane (int32 values − CENTRE, (H, W)) at step 1,
     vectorized: every prediction made from the original values, as the scan makes it at
-    step 1, but with a reflected border where the scan has its own edge rules: an
+    step 1 with the GRADIENT predictor, but with a reflected border where the scan has its own edge rules: an
     estimate (also nic.overlay's), not the scan."""
     height, width = target.shape
-    t = np.pad(target, 2, mode="reflect") if min(height, width) > 2 else np.pad(target, 2, mode="edge")
+    t = np.pad(target, 3, mode="reflect") if min(height, width) > 3 else np.pad(target, 3, mode="edge")
     ii, jj = np.indices((height, width))
     a_pixels = (ii + jj) % 2 == 0
 
     def at(di: int, dj: int, grid: np.ndarray) -> np.ndarray:
-        return grid[2 + di:2 + di + height, 2 + dj:2 + dj + width]
+        return grid[3 + di:3 + di + height, 3 + dj:3 + dj + width]
 
-    a, b = at(-1, -1, t), at(-1, 1, t)
-    planar = np.maximum(np.minimum(a, b), np.minimum(np.maximum(a, b), a + b - at(-2, 0, t)))
+    a, b, c = at(-1, -1, t), at(-1, 1, t), at(-2, 0, t)
+    planar = np.maximum(np.minimum(a, b), np.minimum(np.maximum(a, b), a + b - c))
+    down = np.abs(a - at(-3, -1, t)) + np.abs(b - at(-3, 1, t))
+    planar[3:] = np.where(down <= np.abs(a - b), c, planar)[3:]  # GRADIENT from the fourth row
     planar[1:2] = (a[1:2] + b[1:2]) >> 1
     k = np.where(a_pixels, target - planar, 0)
     k[0, 0::2] = np.diff(target[0, 0::2], prepend=0)
@@ -718,23 +743,43 @@ def cheapest(pixels: np.ndarray, gate_bits: float, limit_bits: float, cost: Call
 
 # -- decoder --------------------------------------------------------------------------
 
-def step_in(substreams: list[Substream]) -> int:
-    """The step of a pixels file's substreams (``nic info``); FormatError if ``pset`` is
-    missing or gives none."""
+def _parameters(step: int, predictor: int) -> bytes:
+    """The bytes ``pset`` begins with: the step alone (MEDIAN), or EXTENDED, the predictor
+    and the step."""
+    return bytes([step]) if predictor == MEDIAN else bytes([EXTENDED, predictor, step])
+
+
+def parameters_in(substreams: list[Substream]) -> tuple[int, int, int]:
+    """(step, predictor, bytes read) of a pixels file's substreams (``nic info``);
+    FormatError if ``pset`` is missing, or gives an unknown predictor or no step."""
     if not substreams or substreams[0].name != b"pset" or not substreams[0].data:
         raise FormatError("a pixels file must begin with substream pset")
-    step = substreams[0].data[0]
+    data = substreams[0].data
+    step, predictor, at = data[0], MEDIAN, 1
+    if step == EXTENDED:
+        if len(data) < 3:
+            raise FormatError("substream pset ends inside its parameters")
+        predictor, step, at = data[1], data[2], 3
+        if predictor not in (MEDIAN, GRADIENT):
+            raise FormatError(f"substream pset gives predictor {predictor}, which this nic does not know")
     if not 1 <= step <= MAX_STEP:
         raise FormatError(f"substream pset gives step {step} (1..{MAX_STEP})")
-    return step
+    return step, predictor, at
 
 
-def _read_parameters(stream: Substream, planes: int) -> tuple[int, list]:
-    """(step, each context's table spec) from ``pset``; FormatError on anything else."""
+def step_in(substreams: list[Substream]) -> int:
+    """The step of a pixels file's substreams (``nic info``); FormatError as
+    :func:`parameters_in`."""
+    return parameters_in(substreams)[0]
+
+
+def _read_parameters(stream: Substream, planes: int) -> tuple[int, int, list]:
+    """(step, predictor, each context's table spec) from ``pset``; FormatError on anything else."""
     data = stream.data
     if stream.shape != (1, 1, 1) or len(data) < 4:
         raise FormatError("substream pset has the wrong shape or is empty")
-    step, at, specs = step_in([stream]), 1, []
+    step, predictor, at = parameters_in([stream])
+    specs = []
     try:
         for _ in range(planes * PASSES * CONTEXTS):
             spec, at = _parse_spec(data, at)
@@ -743,7 +788,7 @@ def _read_parameters(stream: Substream, planes: int) -> tuple[int, list]:
         raise FormatError("substream pset ends inside its tables") from None
     if len(data) - at >= 4 or any(data[at:]):
         raise FormatError("substream pset has bytes after its tables")
-    return step, specs
+    return step, predictor, specs
 
 
 def decompress(model: Model, quality: int, height: int, width: int, gray: bool, substreams: list[Substream],
@@ -757,7 +802,7 @@ def decompress(model: Model, quality: int, height: int, width: int, gray: bool, 
         raise FormatError(f"a pixels file of {width}x{height} is larger than the family's {MAX_PIXELS} pixels")
     planes = 1 if gray else 3
     expect_substreams(substreams, [(b"pset", (1, 1, 1)), (b"pixl", (1, *_latent_grid(height, width)))])
-    step, specs = _read_parameters(substreams[0], planes)
+    step, predictor, specs = _read_parameters(substreams[0], planes)
     payload = substreams[1]
     coded, position = _tables_of(specs)
     try:
@@ -770,7 +815,7 @@ def decompress(model: Model, quality: int, height: int, width: int, gray: bool, 
 
         tall = height > width  # scanned transposed (:func:`_scanned`)
         pixels, indices = _scan(width if tall else height, height if tall else width, planes, step, take_for,
-                                keep=on_latents is not None)
+                                keep=on_latents is not None, predictor=predictor)
         reader.finish()
         if tall:
             pixels = pixels.transpose(1, 0, 2)

@@ -288,6 +288,21 @@ def test_pixels_files_decode_to_the_same_pixels(threads, quality):
                  pixels.NO_WEIGHTS, pixels_integers, threads)
 
 
+@pytest.mark.parametrize("quality", [3, 8])
+def test_pixels_files_of_the_median_predictor_keep_decoding(threads, quality):
+    """Files of the pixels family's first predictor (nic.pixels.MEDIAN, written until the
+    GRADIENT predictor replaced it), kept as they were made and never re-made, decode to
+    the same indices and pixels."""
+    from nic import pixels
+
+    path = GOLDEN.parent / f"pixels-median-q{quality}.nic"
+    data = path.read_bytes()
+    assert pixels.parameters_in(container.unpack(data).substreams())[1] == pixels.MEDIAN
+    recorded = json.loads(path.with_suffix(".json").read_text())
+    threads(2)
+    assert {k: v for k, v in recorded.items() if k != "weights_hash"} == pixels_integers(data)
+
+
 def overlay_integers(model, data: bytes) -> dict:
     """SHA-256 of what a file with pixel tiles decodes to in integers: the tile map, the
     tiles' packed pixels and the model's residuals."""

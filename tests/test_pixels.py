@@ -62,7 +62,8 @@ def test_per_column_costs_add_up_to_the_scan(shape):
     found = pixels.trial(image, 4, per_column=True)
     bits, squared = found.columns
     assert bits.shape == squared.shape == (shape[1],)
-    description = 8.0 * (1 + sum(len(pixels._spec_bytes(spec)) for spec, _ in found.specs))
+    description = 8.0 * (len(pixels._parameters(found.step, found.predictor))
+                         + sum(len(pixels._spec_bytes(spec)) for spec, _ in found.specs))
     assert bits.sum() == pytest.approx(found.bits() - description)
     assert squared.sum() == found.squared_error
     decoded, _ = _round_trip(image, 4)
@@ -205,8 +206,9 @@ def test_hostile_files_fail_with_one_message(tmp_path):
     data = api.encode_pixels(image, 6, family="pixels")
     pset, pixl = container.unpack(data).substreams()
     cases = {
-        "step 0": [_pset(b"\0" + pset.data[1:]), pixl],
-        "table 200": [_pset(pset.data[:1] + b"\xc8" + pset.data[2:]), pixl],
+        "step 0": [_pset(pset.data[:2] + b"\0" + pset.data[3:]), pixl],
+        "predictor 7, which this nic does not know": [_pset(b"\0\7" + pset.data[2:]), pixl],
+        "table 200": [_pset(pset.data[:3] + b"\xc8" + pset.data[4:]), pixl],
         "bytes after its tables": [_pset(pset.data + b"\1\0\0\0"), pixl],
         "ends inside its tables": [_pset(pset.data[:3]), pixl],
         "corrupt": [pset, Substream(b"pixl", pixl.shape, pixl.data[:-4])],
