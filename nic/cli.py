@@ -742,12 +742,13 @@ def _overlay_rows(substreams, header) -> list[tuple[str, str]]:
 
 
 def _pixel_rows(substreams) -> list[tuple[str, str]]:
-    """``nic info``'s lines on a pixels file: no weights, and its step."""
-    from .pixels import step_in
+    """``nic info``'s lines on a pixels file: no weights, its step and its predictor."""
+    from .pixels import GRADIENT, parameters_in
 
-    step = step_in(substreams)
+    step, predictor, _ = parameters_in(substreams)
     return [("weights", "none (the pixels family has no model)"),
-            ("pixel step", f"{step} (lossless)" if step == 1 else f"{step} (every pixel within ±{step // 2})")]
+            ("pixel step", f"{step} (lossless)" if step == 1 else f"{step} (every pixel within ±{step // 2})"),
+            ("pixel predictor", "gradient" if predictor == GRADIENT else "median (the first version's)")]
 
 
 @cli.command()

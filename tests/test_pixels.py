@@ -3,6 +3,8 @@ themselves, and the default encoder's choice between it and the model."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
@@ -183,7 +185,9 @@ def test_explicit_family_through_the_cli(tmp_path):
     assert result.exit_code == 0, result.output
     assert np.array_equal(np.asarray(Image.open(tmp_path / "b.png")), drawing())
     result = runner.invoke(cli, ["info", str(tmp_path / "a.nic")])
-    assert "pixels" in result.output
+    assert "pixels" in result.output and "pixel predictor  gradient" in result.output
+    median = runner.invoke(cli, ["info", str(Path(__file__).parent / "golden" / "pixels-median-q3.nic")])
+    assert "pixel predictor  median" in median.output
     result = runner.invoke(cli, ["encode", str(source), "--model", "pixels", "--weights", "x.npz",
                                  "-o", str(tmp_path / "c.nic")])
     assert result.exit_code == 1 and "has no weights" in result.stderr
