@@ -226,6 +226,11 @@ the size: what a quality step buys on photos (Kodak: q4 → q6 doubles the bits 
 3.8 dB), so that it is worth more than asking the model for more quality."""
 
 
+def _coded_bits(data: bytes) -> float:
+    """Bits of a file without its sections (metadata, STEP): what :func:`_worth` compares."""
+    return 8.0 * (container.parse_header(data).payload_length + container.HEADER_SIZE + 4)
+
+
 def _worth(bits: float, error: int, model_bits: float, model_error: int, weight: float) -> bool:
     """Whether a file of ``bits`` and squared ``error`` beats the model's by :data:`GROWTH`
     and :data:`SLOPE`'s rule (``weight``: λ/channels)."""
@@ -275,7 +280,8 @@ def _or_overlay(pixels: np.ndarray, data: bytes, model, digest: bytes, quality: 
     y_hat: list = []
     other = _overlay_file(pixels, choice, model, digest, quality, step, channels, gray_rgb, icc_profile, exif,
                           y_hat.append)
-    if len(other) > GROWTH * len(data):
+    bits, model_bits = _coded_bits(other), _coded_bits(data)
+    if bits > GROWTH * model_bits:
         return data
     model_error = (int(np.sum((model_pixels.astype(np.int64) - pixels) ** 2)) if needed == height
                    else _squared_error(rows, pixels))
@@ -284,7 +290,7 @@ def _or_overlay(pixels: np.ndarray, data: bytes, model, digest: bytes, quality: 
     tile_map, packed = overlay.decode(container.unpack(other).substreams()[:len(overlay.NAMES)], *pixels.shape[:2],
                                       pixels.shape[2] == 1)
     error = _squared_error(_synthesized(model, y_hat[0], quality, pixels, (packed, tile_map)), pixels)
-    return other if _worth(8 * len(other), error, 8 * len(data), model_error, weight) else data
+    return other if _worth(bits, error, model_bits, model_error, weight) else data
 
 
 class _Enough(Exception):
@@ -353,8 +359,7 @@ def _or_pixels(pixels: np.ndarray, data: bytes, quality: int, channels: int, gra
     from . import pixels as family_pixels
 
     height, width = pixels.shape[:2]
-    sections = len(data) - container.parse_header(data).payload_length - container.HEADER_SIZE - 4
-    model_bits = 8.0 * (len(data) - sections)
+    model_bits = _coded_bits(data)
     model_error: list[int] = []
 
     def error() -> int:  # the model's, asked once and only where a step is not exact
@@ -378,7 +383,7 @@ def _or_pixels(pixels: np.ndarray, data: bytes, quality: int, channels: int, gra
     quality = min(quality, model.qualities)  # a header field only: the step is in the file
     other = b"".join(_file_parts(model, family_pixels.NO_WEIGHTS, quality, channels, width, height,
                                  family_pixels.encode_trial(found, height, width), icc_profile, exif, gray_rgb))
-    other_bits = 8.0 * (len(other) - sections)
+    other_bits = _coded_bits(other)
     if found.squared_error == 0 and other_bits <= model_bits:
         return other
     return other if _worth(other_bits, found.squared_error, model_bits, error(), weight) else data

@@ -26,7 +26,7 @@ family); \fB\-\-model factorized\fR encodes with the learned factorized entropy 
 the 2017 paper instead. Where the learned transforms cannot follow the image (text,
 line art, screenshots, flat colour), the default stores the pixels themselves,
 losslessly or each within a step (the \fBpixels\fR family), whenever that file is worth
-its bits (lower rate + λ·distortion than the model's, at most 1.5 times its size); \fB\-\-model pixels\fR forces it (lossless at
+its bits (lower rate + lambda x distortion than the model's, at most 1.5 times its size); \fB\-\-model pixels\fR forces it (lossless at
 \fB\-q 8\fR). Decoding follows the file.
 .PP
 nic is silent unless \fB\-v\fR is given, so it fits in pipelines: \fB\-\fR names

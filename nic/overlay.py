@@ -272,7 +272,7 @@ def choose(image: np.ndarray, model_pixels: np.ndarray, looked: np.ndarray, weig
             found = pixels.trial(tiles, step, per_column=True, counted=real)  # no error counted on FILL
             bits, squared = (values.reshape(-1, TILE).sum(axis=1) for values in found.columns)
             gains[s, part] = bits + weight * (squared - errors[part])
-            description = found.bits() - found.columns[0].sum()  # the step and the strip's tables
+            description = found.bits() - found.columns[0].sum()  # the parameters and the strip's tables
             totals[s] += np.minimum(gains[s, part], 0).sum() + description
     best = int(np.argmin(totals))
     chosen = gains[best] < 0

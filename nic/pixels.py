@@ -610,7 +610,7 @@ one it picks; above, it keeps one scan's at a time and scans the chosen step aga
 
 LOSSLESS_GATE = 4.0
 """The search goes on only where the image's lossless code (:func:`lossless_bits`) is at
-most this many times the budget: photos cost 5x and more (their model file is the one
+most this many times the model's file (:func:`cheapest`'s ``gate_bits``): photos cost 5x and more (their model file is the one
 to keep); text, line art, screenshots, hatching and flat colour less
 (docs/results/hard-content.md)."""
 
@@ -760,17 +760,11 @@ def parameters_in(substreams: list[Substream]) -> tuple[int, int, int]:
         if len(data) < 3:
             raise FormatError("substream pset ends inside its parameters")
         predictor, step, at = data[1], data[2], 3
-        if predictor not in (MEDIAN, GRADIENT):
+        if predictor != GRADIENT:  # MEDIAN has one spelling: the step alone
             raise FormatError(f"substream pset gives predictor {predictor}, which this nic does not know")
     if not 1 <= step <= MAX_STEP:
         raise FormatError(f"substream pset gives step {step} (1..{MAX_STEP})")
     return step, predictor, at
-
-
-def step_in(substreams: list[Substream]) -> int:
-    """The step of a pixels file's substreams (``nic info``); FormatError as
-    :func:`parameters_in`."""
-    return parameters_in(substreams)[0]
 
 
 def _read_parameters(stream: Substream, planes: int) -> tuple[int, int, list]:

@@ -127,7 +127,9 @@ def test_worth_its_bits_is_lower_j_within_the_growth_and_slope():
     assert api._worth(bits * 0.9, error // 2, bits, error, weight)  # smaller and closer
     assert not api._worth(bits * 0.5, error * 4, bits, error, weight)  # smaller, but J is higher
     assert api._worth(bits * 1.4, error // 16, bits, error, weight)  # 12 dB for half a doubling
-    assert not api._worth(bits * 1.4, error // 2, bits, error, weight)  # 3 dB: under the slope
+    assert not api._worth(bits * 1.4, error // 2, bits, error, weight)  # 3 dB, but J is higher
+    assert api._worth(bits * 1.4, int(error / 1.2), bits, error, 10.0) is False  # J lower, 0.8 dB: under the slope
+    assert bits * 1.4 + 10.0 * int(error / 1.2) < bits + 10.0 * error
     assert not api._worth(bits * 1.6, 0, bits, error, weight)  # beyond the growth, even exact
 
 
@@ -212,6 +214,7 @@ def test_hostile_files_fail_with_one_message(tmp_path):
     cases = {
         "step 0": [_pset(pset.data[:2] + b"\0" + pset.data[3:]), pixl],
         "predictor 7, which this nic does not know": [_pset(b"\0\7" + pset.data[2:]), pixl],
+        "predictor 0, which this nic does not know": [_pset(b"\0\0" + pset.data[2:]), pixl],
         "table 200": [_pset(pset.data[:3] + b"\xc8" + pset.data[4:]), pixl],
         "bytes after its tables": [_pset(pset.data + b"\1\0\0\0"), pixl],
         "ends inside its tables": [_pset(pset.data[:3]), pixl],
