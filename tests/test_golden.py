@@ -256,7 +256,7 @@ def test_context_golden_file_decodes_to_the_same_integers(threads, tiny_context_
     check_golden(CONTEXT_GOLDEN, CONTEXT_DIGESTS, made, digest, lambda d: context_integers(model, d), threads)
 
 
-@pytest.mark.parametrize("quality", [1, 4, 6, 8, 3.5])
+@pytest.mark.parametrize("quality", [1, 3, 4, 5, 6, 8, 3.5])
 def test_shipped_hyperprior_files_decode_to_the_same_integers(threads, quality):
     """Files of the shipped hyperprior weights (the default family), made once, decode on
     any machine and thread count to the integers they decoded to where they were made,

@@ -54,6 +54,7 @@ HYPERPRIOR_LINE = [
     ("f77d9120", 7.2, "q4 end to end (shipped)"),
     ("3148e4ae", 11.0, "q7, q8 end to end (shipped)"),
     ("5e131eae", 15.2, "q6 end to end (shipped); q2, q3 tried, not shipped"),
+    ("4a9658ae", 18.7, "q3, q5 end to end (shipped)"),
 ]
 
 
