@@ -367,13 +367,12 @@ def _or_pixels(pixels: np.ndarray, data: bytes, quality: int, channels: int, gra
             model_error.append(_squared_error(rows, pixels))
         return model_error[0]
 
+    def kept(bits: float, squared_error: int) -> bool:  # exact and no larger: no need to decode the model's
+        return (squared_error == 0 and bits <= model_bits) or _worth(bits, squared_error, model_bits, error(), weight)
+
     def cost(found) -> float | None:
         bits = found.bits() + 8.0 * PIXELS_OVERHEAD
-        if found.squared_error == 0 and bits <= model_bits:
-            return bits
-        if not _worth(bits, found.squared_error, model_bits, error(), weight):
-            return None
-        return bits + weight * found.squared_error
+        return bits + weight * found.squared_error if kept(bits, found.squared_error) else None
 
     found = family_pixels.cheapest(pixels, model_bits - 8.0 * PIXELS_OVERHEAD,
                                    GROWTH * model_bits - 8.0 * PIXELS_OVERHEAD, cost)
@@ -383,10 +382,7 @@ def _or_pixels(pixels: np.ndarray, data: bytes, quality: int, channels: int, gra
     quality = min(quality, model.qualities)  # a header field only: the step is in the file
     other = b"".join(_file_parts(model, family_pixels.NO_WEIGHTS, quality, channels, width, height,
                                  family_pixels.encode_trial(found, height, width), icc_profile, exif, gray_rgb))
-    other_bits = _coded_bits(other)
-    if found.squared_error == 0 and other_bits <= model_bits:
-        return other
-    return other if _worth(other_bits, found.squared_error, model_bits, error(), weight) else data
+    return other if kept(_coded_bits(other), found.squared_error) else data
 
 
 def encode_rows(source: PixelRows, quality: float = 4, weights: str | Path | None = None,

@@ -698,8 +698,8 @@ def cheapest(pixels: np.ndarray, gate_bits: float, limit_bits: float, cost: Call
     estimate fits the limit (taken as it is where it fits ``gate_bits``: exact, and no
     larger than the model's), else a bisection for the finest step that fits (sizes fall
     with the step only roughly: a step that fits, not always the finest), then a scan
-    per coarser step, up to :data:`WALK` of them, until one costs more than the best so
-    far."""
+    per coarser step not scanned yet, up to :data:`WALK` of them, until one costs more
+    than the best so far."""
     height, width = pixels.shape[:2]
     if height * width > MAX_PIXELS:
         return None
@@ -707,9 +707,12 @@ def cheapest(pixels: np.ndarray, gate_bits: float, limit_bits: float, cost: Call
     if estimate > LOSSLESS_GATE * gate_bits:
         return None
     keep = height * width <= KEEP_PIXELS
+    # The bisection's scans that fit and lie within the walk's reach of the finest so far:
+    # the walk comes back to them (a few at a time, however large the image).
+    fitting: dict[int, Trial] = {}
 
     def scan(n: int) -> Trial:
-        return trial(pixels, LADDER[n], keep)
+        return fitting[n] if n in fitting else trial(pixels, LADDER[n], keep)
 
     n, found = 0, (scan(0) if estimate <= limit_bits else None)  # lossless often fits outright
     if found is None or found.bits() > limit_bits:
@@ -717,11 +720,14 @@ def cheapest(pixels: np.ndarray, gate_bits: float, limit_bits: float, cost: Call
         found = scan(high)
         if found.bits() > limit_bits:
             return None
+        fitting[high] = found
         while low < high:  # invariant: LADDER[high] fits, and ``found`` is its trial
             middle = (low + high) // 2
             attempt = scan(middle)
             if attempt.bits() <= limit_bits:
                 high, found = middle, attempt
+                fitting = {m: t for m, t in fitting.items() if m <= high + WALK}
+                fitting[high] = found
             else:
                 low = middle + 1
         n = high
