@@ -1192,8 +1192,14 @@ def _run_speed(paths: Sequence[Path], sizes: list[dict], qualities: list[int], b
                opts: BenchOptions, load_ms: float, torch_ms: float | None, out, err) -> dict:
     from rich.table import Table
 
-    plan = [("nic", float(q)) for q in qualities] + [(b, float(BASELINES[b].mid)) for b in baselines]
-    _warm_up(plan, opts.weights, opts.effort, opts.family, opts.precision)
+    plan = [("nic", float(q)) for q in qualities]
+    if opts.family is None and opts.weights is None:  # the default, beside the family it replaced, image by image
+        plan += [(FACTORIZED_ROW, float(q)) for q in qualities]
+    plan += [(b, float(BASELINES[b].mid)) for b in baselines]
+    _warm_up([key for key in plan if key[0] != FACTORIZED_ROW], opts.weights, opts.effort, opts.family,
+             opts.precision)
+    _warm_up([("nic", q) for codec, q in plan if codec == FACTORIZED_ROW], None, opts.effort, "factorized",
+             opts.precision)
     rows = []
     with _progress(err) as progress:
         task = progress.add_task("speed", total=len(paths) * len(plan))
@@ -1202,8 +1208,12 @@ def _run_speed(paths: Sequence[Path], sizes: list[dict], qualities: list[int], b
             for codec, param in plan:
                 progress.update(task, description=f"{escape(name)} {codec} {setting_label(codec, param)}")
                 h, w, _ = pixels.shape
-                data, decoded, enc, dec = round_trip(codec, param, pixels, opts.weights, opts.effort, opts.family,
-                                                     opts.precision)
+                if codec == FACTORIZED_ROW:  # the installed factorized weights
+                    data, decoded, enc, dec = round_trip("nic", param, pixels, None, opts.effort, "factorized",
+                                                         opts.precision)
+                else:
+                    data, decoded, enc, dec = round_trip(codec, param, pixels, opts.weights, opts.effort,
+                                                         opts.family, opts.precision)
                 results[(codec, param)].append({
                     "image": name, "megapixels": h * w / 1e6, "enc_ms": enc * 1e3, "dec_ms": dec * 1e3,
                     "bpp": 8.0 * len(data) / (h * w), "psnr": psnr(pixels, decoded)})
@@ -1228,9 +1238,30 @@ def _run_speed(paths: Sequence[Path], sizes: list[dict], qualities: list[int], b
                       _fmt(row["enc_mpx_per_s"], 2), _fmt(row["dec_mpx_per_s"], 2), _fmt(row["mean_bpp"], 3),
                       _fmt(row["mean_psnr"], 2))
     out.print(table)
+    ratios = _family_ratios(results, qualities)
+    for q, (enc, dec) in ratios.items():
+        out.print(f"q{q:g}: the default takes {enc:.2f}x the factorized family's time to encode and {dec:.2f}x to "
+                  f"decode (median of the per-image ratios)")
     import torch
 
     torch_note = f", torch import {torch_ms:.0f} ms" if torch_ms is not None else ""
     out.print(f"nic model load (not in the timings above): weights {load_ms:.0f} ms{torch_note}; "
               f"torch threads: {torch.get_num_threads()}")
-    return {"mode": "speed", "torch_threads": torch.get_num_threads(), "rows": rows}
+    return {"mode": "speed", "torch_threads": torch.get_num_threads(), "rows": rows,
+            "default_over_factorized": {f"{q:g}": {"encode": enc, "decode": dec} for q, (enc, dec) in ratios.items()}}
+
+
+FACTORIZED_ROW = "factorized"
+"""--speed's row of the factorized family, timed beside the default's on each image."""
+
+
+def _family_ratios(results: dict, qualities: list[int]) -> dict[float, tuple[float, float]]:
+    """Per quality, the median over images of the default's encode and decode time over
+    the factorized family's on the same image (empty where the factorized row was not run)."""
+    ratios = {}
+    for q in qualities:
+        default, factorized = results.get(("nic", float(q))), results.get((FACTORIZED_ROW, float(q)))
+        if default and factorized:
+            ratios[float(q)] = tuple(statistics.median(a[key] / b[key] for a, b in zip(default, factorized))
+                                     for key in ("enc_ms", "dec_ms"))
+    return ratios

@@ -78,21 +78,47 @@ class IntegerContextNetwork:
     hidden: tuple[np.ndarray, ...]  # int32 (out, in) per 1x1 layer after the first, the last included
 
     @cached_property
-    def _float(self) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-        """(first layer's h_s part (2M, W), its context taps (k, k, C, W), later layers (in, out)),
-        float64 and transposed for position-major inputs."""
-        return (self.first_hyper.T.astype(np.float64), self.first_context.transpose(2, 3, 1, 0).astype(np.float64),
-                [w.T.astype(np.float64) for w in self.hidden])
+    def _float(self) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        """(first layer's h_s part (2M, W), later layers (in, out), each layer's bias and
+        2**−shift), float64, transposed for position-major inputs and contiguous; made once."""
+        later = [np.ascontiguousarray(w.T, dtype=np.float64) for w in self.hidden]
+        return (np.ascontiguousarray(self.first_hyper.T, dtype=np.float64), later,
+                [b.astype(np.float64) for b in self.biases],
+                [np.ldexp(1.0, -t.astype(np.int32)) for t in self.shifts])
+
+    @cached_property
+    def _taps(self) -> dict:
+        """The first layer's context taps as (rows of the gathered inputs, W) float64, per
+        (channels, anchored): made once for each way a pass calls the network."""
+        return {}
+
+    def _first_taps(self, channels: int, anchored: int) -> np.ndarray:
+        """The context taps' weights, tap by tap (row-major over the k x k kernel): every
+        seen channel's at a tap that reads an anchor of the pass's own slice (odd
+        di + dj), the first ``anchored`` channels' elsewhere (the slice's other positions
+        are still zero there: their products would add nothing)."""
+        key = (channels, anchored)
+        if key not in self._taps:
+            k = self.first_context.shape[-1]
+            taps = self.first_context.transpose(2, 3, 1, 0)  # (k, k, C, W)
+            self._taps[key] = np.ascontiguousarray(np.concatenate(
+                [taps[i, j, :_seen_at(i - k // 2, j - k // 2, channels, anchored)]
+                 for i in range(k) for j in range(k)]), dtype=np.float64)
+        return self._taps[key]
 
     def __call__(self, hyper: np.ndarray, seen: np.ndarray, halo: int, channels: int,
-                 where: np.ndarray) -> np.ndarray:
+                 where: np.ndarray, anchored: int | None = None) -> np.ndarray:
         """Integer corrections (2c, n) as float64 at the n positions of ``where`` (rows x
-        cols, bool; in raster order). ``hyper``: h_s's (μ, t) by position ((rows·cols, 2M)),
-        ``seen``: ŷ decoded so far, zero elsewhere, with a zero border of ``halo``
-        ((rows + 2·halo, cols + 2·halo, M)); both float32, clipped to the inputs' limit
-        (exact: multiples of 2**−MEAN_BITS below 2**12). A few thousand positions at a time."""
+        cols, bool; in raster order). ``hyper``: h_s's (μ, t), channel by channel ((2M,
+        rows·cols) float64), ``seen``: ŷ decoded so far, zero elsewhere, with a zero border
+        of ``halo`` ((rows + 2·halo, cols + 2·halo, M) float32); both clipped to the inputs'
+        limit (exact: multiples of 2**−MEAN_BITS below 2**12). ``channels``: how many of ``seen``'s
+        channels the network reads; ``anchored``: in a checkerboard's second phase, where
+        the channels from ``anchored`` on are decoded at the anchors only (at the other
+        positions they are zero, and are not multiplied). A few hundred positions at a time."""
         rows, cols = np.nonzero(where)
         out = np.empty((len(self.hidden[-1]), len(rows)))
+        taps = self._first_taps(channels, channels if anchored is None else anchored) if channels else None
         # Exact sums: the same integers whatever the chunks, so they are cut evenly over
         # the threads (768 positions of a Kodak pass: two of 384, not 512 and 256).
         size = max(1, min(POSITIONS_AT_ONCE, -(-len(rows) // engine.threads())))
@@ -100,43 +126,57 @@ class IntegerContextNetwork:
         def chunk(i: int) -> None:
             start = i * size
             r, c = rows[start:start + size], cols[start:start + size]
-            out[:, start:start + len(r)] = self._at(hyper, seen, halo, channels, r, c, where.shape[1]).T
+            out[:, start:start + len(r)] = self._at(hyper, seen, halo, channels, anchored, taps, r, c,
+                                                    where.shape[1]).T
 
         engine.parallel(chunk, -(-len(rows) // size))
         return out
 
-    def _at(self, hyper: np.ndarray, seen: np.ndarray, halo: int, channels: int, r: np.ndarray, c: np.ndarray,
-            cols: int) -> np.ndarray:
-        first_hyper, taps, later = self._float
+    def _at(self, hyper: np.ndarray, seen: np.ndarray, halo: int, channels: int, anchored: int | None,
+            taps: np.ndarray | None, r: np.ndarray, c: np.ndarray, cols: int) -> np.ndarray:
+        first_hyper, later, biases, scales = self._float
         # The inputs are multiples of 2**−MEAN_BITS; the sums of w·input are exact, and so
         # is their scaling by 2**MEAN_BITS to the integer network's units.
-        acc = hyper[r * cols + c].astype(np.float64) @ first_hyper
+        acc = hyper[:, r * cols + c].T @ first_hyper  # BLAS reads the transpose in place
         if channels:
             # Every tap's inputs side by side (im2col), then one matrix product: BLAS is
             # faster on one wide product than on k·k narrow ones, and the sum as exact.
-            k = taps.shape[0]
+            k = self.first_context.shape[-1]
             width = seen.shape[1]
             flat = seen.reshape(-1, seen.shape[2])
-            patches = np.empty((len(r), k * k * channels))
+            patches = np.empty((len(r), len(taps)))
+            column = 0
             for i in range(k):
                 for j in range(k):
+                    n = _seen_at(i - k // 2, j - k // 2, channels, channels if anchored is None else anchored)
                     at = (r + halo + i - k // 2) * width + (c + halo + j - k // 2)
-                    patches[:, (i * k + j) * channels:(i * k + j + 1) * channels] = flat[at, :channels]
-            acc += patches @ taps.reshape(-1, taps.shape[-1])
+                    patches[:, column:column + n] = flat[at, :n]
+                    column += n
+            acc += patches @ taps
         acc *= float(1 << MEAN_BITS)
-        value = _finish(acc, self.biases[0], self.shifts[0], relu=True)
+        value = _finish(acc, biases[0], scales[0], relu=True)
         for n, weight in enumerate(later, 1):
-            value = _finish(value @ weight, self.biases[n], self.shifts[n], relu=n < len(later))
+            value = _finish(value @ weight, biases[n], scales[n], relu=n < len(later))
         return value
 
 
-def _finish(acc: np.ndarray, bias: np.ndarray, shift: np.ndarray, relu: bool) -> np.ndarray:
-    """floor((acc + bias) / 2**shift + ½) per output (the last axis), clipped if ``relu``."""
-    acc += bias.astype(np.float64)
-    out = np.floor(np.ldexp(acc, -shift) + 0.5)  # × 2**−shift: exact
+def _seen_at(di: int, dj: int, channels: int, anchored: int) -> int:
+    """Channels a tap at offset (di, dj) from a pass's position reads: all ``channels``
+    where it lands on an anchor (odd di + dj, in a checkerboard's second phase), else the
+    first ``anchored``."""
+    return channels if (di + dj) % 2 else anchored
+
+
+def _finish(acc: np.ndarray, bias: np.ndarray, scale: np.ndarray, relu: bool) -> np.ndarray:
+    """floor((acc + bias) · scale + ½) per output (the last axis; ``scale`` = 2**−shift,
+    so the product is exact), clipped if ``relu``; in place."""
+    acc += bias
+    acc *= scale
+    acc += 0.5
+    np.floor(acc, out=acc)
     if relu:
-        np.clip(out, 0, ACTIVATION_MAX, out=out)
-    return out
+        np.clip(acc, 0, ACTIVATION_MAX, out=acc)
+    return acc
 
 
 # ---- weights as plain arrays -------------------------------------------------------------
@@ -219,12 +259,13 @@ def run_passes(networks: dict[str, IntegerContextNetwork], mean: np.ndarray, ind
     c = M // slices
     limit = INPUT_LIMIT / (1 << MEAN_BITS)
     halo = max((n.first_context.shape[-1] // 2 for n in networks.values()), default=0)
-    # The networks' inputs, position-major: h_s's (μ, t), and ŷ as it is decoded.
+    # The networks' inputs: h_s's (μ, t) channel by channel, and ŷ as it is decoded,
+    # position-major (each tap gathers its positions' channels in one run).
     hyper = seen = None
     if networks:
-        hyper = np.empty((rows * cols, 2 * M), dtype=np.float32)
-        hyper[:, :M] = np.clip(mean.reshape(M, -1), -limit, limit).T
-        hyper[:, M:] = index.reshape(M, -1).T
+        hyper = np.empty((2 * M, rows * cols))
+        np.clip(mean.reshape(M, -1), -limit, limit, out=hyper[:M])
+        hyper[M:] = index.reshape(M, -1)
         seen = np.zeros((rows + 2 * halo, cols + 2 * halo, M), dtype=np.float32)
     y_hat = np.zeros(mean.shape) if keep else None
     k_all = np.zeros(mean.shape, dtype=np.int64) if keep else None
@@ -236,7 +277,8 @@ def run_passes(networks: dict[str, IntegerContextNetwork], mean: np.ndarray, ind
         if network is not None:
             # What is decoded so far: the slices before s and, in phase 1, slice s's anchors
             # (its other positions are still zero).
-            correction = network(hyper, seen, halo, context_channels(M, slices, s, p, checkerboard), where)
+            correction = network(hyper, seen, halo, context_channels(M, slices, s, p, checkerboard), where,
+                                 anchored=s * c if p == 1 else None)
             mu = mu + correction[:c] / float(1 << MEAN_BITS)
             t = np.clip(t + correction[c:].astype(np.int64), 0, scales - 1)
         k = residuals(s, where, mu, np.clip(t - shift, 0, scales - 1))

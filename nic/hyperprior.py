@@ -167,6 +167,11 @@ class IntegerLayer:
     relu: bool
 
     @cached_property
+    def scale(self) -> np.ndarray:
+        """2**−shift per output channel, float64 (a power of two: multiplying by it is exact)."""
+        return np.ldexp(1.0, -self.shift.astype(np.int32))
+
+    @cached_property
     def taps(self) -> np.ndarray:
         """The kernel as float64 taps (k, k, O, C), made once: a correlation's own taps, or
         for a transposed layer the transposed convolution's (W_t[a, b] = weight[:, :, k−1−a, k−1−b])."""
@@ -213,10 +218,12 @@ def _integer_layer(layer: IntegerLayer, value: np.ndarray) -> np.ndarray:
 
     engine.parallel(group, -(-out_channels // OUTPUTS_AT_ONCE))
     acc += layer.bias.astype(np.float64)[:, None, None]
-    out = np.floor(np.ldexp(acc, -layer.shift[:, None, None]) + 0.5)  # × 2**−shift is exact; so is floor of it
+    acc *= layer.scale[:, None, None]  # × 2**−shift is exact; so is floor of it
+    acc += 0.5
+    np.floor(acc, out=acc)
     if layer.relu:
-        np.clip(out, 0, ACTIVATION_MAX, out=out)
-    return out
+        np.clip(acc, 0, ACTIVATION_MAX, out=acc)
+    return acc
 
 
 def _correlate(value: np.ndarray, taps: np.ndarray) -> np.ndarray:

@@ -640,8 +640,9 @@ def residuals(target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.where(a_pixels, k, target - np.where(vertical, (u + v) >> 1, (w + x) >> 1)), a_pixels
 
 
-def _plane_bits(target: np.ndarray, part: int, side: np.ndarray | None) -> tuple[float, np.ndarray]:
-    """(bits, |k|) of one plane's lossless scan, estimated from :func:`residuals`."""
+def _plane_histogram(target: np.ndarray, part: int, side: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(each context's histogram of k over −SPAN..SPAN, (CONTEXTS·2, 2·SPAN + 1), |k|) of
+    one plane's lossless scan, estimated from :func:`residuals`."""
     height, width = target.shape
     k, a_pixels = residuals(target)
 
@@ -653,12 +654,19 @@ def _plane_bits(target: np.ndarray, part: int, side: np.ndarray | None) -> tuple
                         at(-1, 0, m) + at(1, 0, m) + at(0, -1, m) + at(0, 1, m))
     if side is not None:
         activity = activity + side
-    keys = (part + (~a_pixels).astype(np.int64)) * CONTEXTS + _context(activity)
+    keys = (~a_pixels).astype(np.int64) * CONTEXTS + _context(activity)
     bins = 2 * SPAN + 1
     histogram = np.bincount((keys * bins + np.clip(k, -SPAN, SPAN) + SPAN).ravel(),
-                            minlength=(part + 2) * CONTEXTS * bins).reshape(-1, bins)
-    chosen = [_choose(row) for row in histogram[part * CONTEXTS:]]
-    return sum(b for _, b in chosen), np.abs(k)
+                            minlength=2 * CONTEXTS * bins).reshape(-1, bins)
+    return histogram, np.abs(k)
+
+
+def _entropy_bits(histogram: np.ndarray) -> float:
+    """Σ over the rows of count · entropy: no table codes a row in fewer bits (fixed or
+    the context's own, which :func:`_choose` counts without its description)."""
+    counts = histogram[histogram > 0].astype(np.float64)
+    totals = np.repeat(histogram.sum(axis=1), (histogram > 0).sum(axis=1)).astype(np.float64)
+    return float(-(counts * np.log2(counts / totals)).sum())
 
 
 SAMPLE_EVERY = 4
@@ -666,9 +674,11 @@ SAMPLE_ROWS = 16
 """:func:`lossless_bits` looks at bands of SAMPLE_ROWS rows, one in SAMPLE_EVERY."""
 
 
-def lossless_bits(pixels: np.ndarray) -> float:
+def lossless_bits(pixels: np.ndarray, above: float = np.inf) -> float:
     """An estimate of the indices' code length at step 1 (vectorized, no scan), from a
-    quarter of the rows, in bands."""
+    quarter of the rows, in bands; or, where the histograms' entropy (a lower bound of the
+    estimate) is already more than ``above``, that bound: a photo's answer is known
+    before its tables are chosen (those are a third of the cost)."""
     pixels = _scanned(pixels)
     height = pixels.shape[0]
     factor = 1.0
@@ -678,11 +688,15 @@ def lossless_bits(pixels: np.ndarray) -> float:
         factor = height / pixels.shape[0]
     values = pixels.astype(np.int32) - CENTRE
     if pixels.shape[2] == 1:
-        return factor * _plane_bits(values[..., 0], 0, None)[0]
-    bits, side = _plane_bits(values[..., 1], 0, None)
-    for n, channel in ((1, 0), (2, 2)):
-        bits += _plane_bits(values[..., channel] - values[..., 1], 2 * n, side)[0]
-    return factor * bits
+        histograms = [_plane_histogram(values[..., 0], 0, None)[0]]
+    else:
+        first, side = _plane_histogram(values[..., 1], 0, None)
+        histograms = [first] + [_plane_histogram(values[..., channel] - values[..., 1], 2 * n, side)[0]
+                                for n, channel in ((1, 0), (2, 2))]
+    bound = factor * sum(_entropy_bits(h) for h in histograms)
+    if bound > above:
+        return bound
+    return factor * sum(sum(b for _, b in map(_choose, h)) for h in histograms)
 
 
 WALK = 4
@@ -703,7 +717,7 @@ def cheapest(pixels: np.ndarray, gate_bits: float, limit_bits: float, cost: Call
     height, width = pixels.shape[:2]
     if height * width > MAX_PIXELS:
         return None
-    estimate = lossless_bits(pixels)
+    estimate = lossless_bits(pixels, above=LOSSLESS_GATE * gate_bits)
     if estimate > LOSSLESS_GATE * gate_bits:
         return None
     keep = height * width <= KEEP_PIXELS

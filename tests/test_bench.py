@@ -359,8 +359,13 @@ def test_bench_command_speed_mode(tmp_path, request):
     assert result.exit_code == 0, result.output
     report = json.loads(out_json.read_text())
     assert report["mode"] == "speed" and report["model_load_ms"] >= 0
-    assert [r["codec"] for r in report["rows"]] == ["nic", "jpeg"]
+    # The installed default is timed beside the installed factorized family, image by image.
+    assert [r["codec"] for r in report["rows"]] == (["nic", "jpeg"] if _weights_args(request) else
+                                                   ["nic", "factorized", "jpeg"])
     assert all(r["median_enc_ms"] > 0 and r["enc_mpx_per_s"] > 0 for r in report["rows"])
+    if not _weights_args(request):
+        ratio = report["default_over_factorized"]["4"]
+        assert ratio["encode"] > 0 and ratio["decode"] > 0 and "factorized family's time" in result.output
 
 
 def test_bench_command_refuses_bad_options(tmp_path):

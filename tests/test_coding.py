@@ -92,3 +92,13 @@ def test_indexed_coder_reports_truncation():
     payload = indexed.encode(values, indices).tobytes()
     with pytest.raises(CorruptStream):
         indexed.decode(payload[:-8] + b"\xff" * 3, indices)
+
+
+def test_indexed_coder_refuses_indices_without_a_table():
+    from nic.coding import IndexedCoder
+    from nic.entropy import GaussianConditional
+
+    indexed = IndexedCoder(GaussianConditional().integer_tables())
+    for bad in (64, -1):
+        with pytest.raises(ValueError, match="table indices"):
+            indexed.encode(np.zeros(3, np.int64), np.array([0, bad, 1]))

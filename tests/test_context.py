@@ -67,6 +67,25 @@ def test_integer_context_follows_the_float_one():
     assert (difference < 0.05).mean() > 0.97 and difference.max() <= 1.05
 
 
+def test_second_phase_skips_only_zeros():
+    """In a checkerboard's second phase the pass's own slice is decoded at the anchors
+    only: leaving its other taps out of the products (``anchored``) gives the same
+    integers as multiplying their zeros."""
+    coding = hyperprior.Model(hyperprior.to_arrays(tiny_context_model()))
+    network = coding.context_networks(3)["1_1"]
+    rng = np.random.default_rng(5)
+    rows, cols, M, halo = 7, 9, 16, 1
+    hyper = np.concatenate([rng.integers(-2048, 2048, (M, rows * cols)) / 256.0,
+                            rng.integers(0, 64, (M, rows * cols)).astype(np.float64)])
+    seen = np.zeros((rows + 2 * halo, cols + 2 * halo, M), dtype=np.float32)
+    seen[halo:-halo, halo:-halo, :8] = rng.integers(-2048, 2048, (rows, cols, 8)) / 256.0
+    anchors = context.phase_mask(rows, cols, 0, True)
+    seen[halo:-halo, halo:-halo, 8:][anchors] = rng.integers(-2048, 2048, (int(anchors.sum()), 8)) / 256.0
+    where = context.phase_mask(rows, cols, 1, True)
+    np.testing.assert_array_equal(network(hyper, seen, halo, 16, where, anchored=8),
+                                  network(hyper, seen, halo, 16, where))
+
+
 def test_a_fresh_context_codes_as_h_s_alone():
     """Zero last layers: every pass's (μ, t) is h_s's, so the coded integers are the plain family's."""
     model = tiny_context_model()

@@ -58,6 +58,16 @@ def test_the_encoders_estimate_is_the_code_length():
     assert abs(coded - found.bits() / 8) <= 8
 
 
+def test_lossless_estimate_stops_at_its_entropy_bound():
+    """The photo gate's estimate: where the histograms' entropy is already above the
+    bar, that bound comes back (above the bar, below the estimate); else the estimate."""
+    photo = smooth_image(160, 200) // 2 + np.random.default_rng(2).integers(0, 96, (160, 200, 3), dtype=np.uint8)
+    estimate = pixels.lossless_bits(photo)
+    bound = pixels.lossless_bits(photo, above=estimate / 2)
+    assert estimate / 2 < bound <= estimate
+    assert pixels.lossless_bits(photo, above=estimate) == estimate
+
+
 @pytest.mark.parametrize("shape", [(64, 200), (200, 64)])  # scanned as it is, and on its side
 def test_per_column_costs_add_up_to_the_scan(shape):
     image = drawing(*shape)
