@@ -486,8 +486,8 @@ def reconstruct_into(model, latents: LatentStore, quality: int, height: int, wid
 
 def to_pixels(x_hat: np.ndarray) -> np.ndarray:
     """uint8 of float pixels in [0, 1]: NaN → 0, clipped, ×255, rounded half to even."""
-    x = np.nan_to_num(x_hat, nan=0.0)
-    np.clip(x, 0.0, 1.0, out=x)
+    x = np.fmax(x_hat, np.float32(0.0))  # NaN → 0 (fmax takes the number), and −inf
+    np.fmin(x, np.float32(1.0), out=x)
     x *= np.float32(255.0)
     return np.round(x, out=x).astype(np.uint8)
 

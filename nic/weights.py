@@ -225,7 +225,21 @@ class LazyArrays(Mapping):
 
 
 def _lazy(path: Path) -> tuple[LazyArrays, bytes] | None:
-    """(arrays read on use, hash) where ``path`` has a digest file that still matches."""
+    """(arrays read on use, hash) where ``path`` has a digest file that still matches;
+    looked at once per process for each file (again if it or its digest file changed on
+    disk): a decode asks it of every installed file, and of each file its weights extend."""
+    try:
+        found, record = os.stat(path), os.stat(digest_path(path))
+    except OSError:
+        return None
+    return _lazy_checked(str(Path(path).resolve()), (found.st_mtime_ns, found.st_size),
+                         (record.st_mtime_ns, record.st_size))
+
+
+@lru_cache(maxsize=32)
+def _lazy_checked(path: str, stat: tuple[int, int], digest_stat: tuple[int, int]
+                  ) -> tuple[LazyArrays, bytes] | None:
+    path = Path(path)
     try:
         record = json.loads(digest_path(path).read_text())
         digest = bytes.fromhex(record["weights_hash"])

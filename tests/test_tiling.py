@@ -185,6 +185,12 @@ def test_read_only_input_and_non_finite_output(tiny_weights):
         tiling.quantize_tiled(broken, pixels, 1)
 
 
+def test_float_pixels_become_bytes_whatever_the_synthesis_gives():
+    x = np.array([[[np.nan, np.inf, -np.inf, -0.0, 0.5 / 255, 1.5 / 255, 254.5 / 255, 1.2, -3.0]]],
+                 dtype=np.float32)
+    np.testing.assert_array_equal(tiling.to_pixels(x), [[[0, 255, 0, 0, 0, 2, 254, 255, 0]]])
+
+
 # ---- strip sources and latent stores (bounded memory for huge images) -------------------------
 
 class ChunkedRows:
