@@ -1188,22 +1188,38 @@ def _run_rd(paths: Sequence[Path], sizes: list[dict], qualities: list[int], base
     return report
 
 
-def _run_speed(paths: Sequence[Path], sizes: list[dict], qualities: list[int], baselines: list[str],
+def _run_speed(paths: Sequence[Path], sizes: list[dict], qualities: list[float], baselines: list[str],
                opts: BenchOptions, load_ms: float, torch_ms: float | None, out, err) -> dict:
-    from rich.table import Table
-
     plan = [("nic", float(q)) for q in qualities]
     if opts.family is None and opts.weights is None:  # the default, beside the family it replaced, image by image
-        plan += [(FACTORIZED_ROW, float(q)) for q in qualities]
+        plan += [(FACTORIZED_ROW, float(q)) for q in qualities if float(q).is_integer()]
     plan += [(b, float(BASELINES[b].mid)) for b in baselines]
+    results = _timed(paths, sizes, plan, opts, err)
+    rows = _speed_table(results, len(paths), out)
+    ratios = _family_ratios(results, qualities)
+    for q, (enc, dec) in ratios.items():
+        out.print(f"{setting_label('nic', q)}: the default takes {enc:.2f}x the factorized family's time to encode "
+                  f"and {dec:.2f}x to decode (median of the per-image ratios)")
+    import torch
+
+    torch_note = f", torch import {torch_ms:.0f} ms" if torch_ms is not None else ""
+    out.print(f"nic model load (not in the timings above): weights {load_ms:.0f} ms{torch_note}; "
+              f"torch threads: {torch.get_num_threads()}")
+    return {"mode": "speed", "torch_threads": torch.get_num_threads(), "rows": rows,
+            "default_over_factorized": {f"{q:g}": {"encode": enc, "decode": dec} for q, (enc, dec) in ratios.items()}}
+
+
+def _timed(paths: Sequence[Path], sizes: list[dict], plan: list[tuple[str, float]], opts: BenchOptions,
+           err) -> dict[tuple[str, float], list[dict]]:
+    """Each (codec, setting) of ``plan``'s per-image records, image by image (every
+    setting of one image before the next image)."""
     _warm_up([key for key in plan if key[0] != FACTORIZED_ROW], opts.weights, opts.effort, opts.family,
              opts.precision)
     _warm_up([("nic", q) for codec, q in plan if codec == FACTORIZED_ROW], None, opts.effort, "factorized",
              opts.precision)
-    rows = []
+    results: dict[tuple[str, float], list[dict]] = {key: [] for key in plan}
     with _progress(err) as progress:
         task = progress.add_task("speed", total=len(paths) * len(plan))
-        results = {key: [] for key in plan}
         for name, pixels in _images(paths, sizes):
             for codec, param in plan:
                 progress.update(task, description=f"{escape(name)} {codec} {setting_label(codec, param)}")
@@ -1218,9 +1234,17 @@ def _run_speed(paths: Sequence[Path], sizes: list[dict], qualities: list[int], b
                     "image": name, "megapixels": h * w / 1e6, "enc_ms": enc * 1e3, "dec_ms": dec * 1e3,
                     "bpp": 8.0 * len(data) / (h * w), "psnr": psnr(pixels, decoded)})
                 progress.advance(task)
-    table = Table(title=f"Speed, median over {len(paths)} image(s) (model load excluded)")
+    return results
+
+
+def _speed_table(results: dict[tuple[str, float], list[dict]], images: int, out) -> list[dict]:
+    """The --speed report's rows (medians over images), printed as a table."""
+    from rich.table import Table
+
+    table = Table(title=f"Speed, median over {images} image(s) (model load excluded)")
     for col in ("codec", "setting", "enc ms", "dec ms", "enc MP/s", "dec MP/s", "bpp", "PSNR dB"):
         table.add_column(col, justify="left" if col in ("codec", "setting") else "right")
+    rows = []
     for (codec, param), records in results.items():
         row = {
             "codec": codec, "setting": setting_label(codec, param), "param": param,
@@ -1238,26 +1262,18 @@ def _run_speed(paths: Sequence[Path], sizes: list[dict], qualities: list[int], b
                       _fmt(row["enc_mpx_per_s"], 2), _fmt(row["dec_mpx_per_s"], 2), _fmt(row["mean_bpp"], 3),
                       _fmt(row["mean_psnr"], 2))
     out.print(table)
-    ratios = _family_ratios(results, qualities)
-    for q, (enc, dec) in ratios.items():
-        out.print(f"q{q:g}: the default takes {enc:.2f}x the factorized family's time to encode and {dec:.2f}x to "
-                  f"decode (median of the per-image ratios)")
-    import torch
-
-    torch_note = f", torch import {torch_ms:.0f} ms" if torch_ms is not None else ""
-    out.print(f"nic model load (not in the timings above): weights {load_ms:.0f} ms{torch_note}; "
-              f"torch threads: {torch.get_num_threads()}")
-    return {"mode": "speed", "torch_threads": torch.get_num_threads(), "rows": rows,
-            "default_over_factorized": {f"{q:g}": {"encode": enc, "decode": dec} for q, (enc, dec) in ratios.items()}}
+    return rows
 
 
 FACTORIZED_ROW = "factorized"
-"""--speed's row of the factorized family, timed beside the default's on each image."""
+"""--speed's row of the installed factorized family, timed beside the installed default's on
+each image at each trained quality (a quality between them is a step of the hyperprior
+family's, but the quality below for the factorized family: not the same work)."""
 
 
-def _family_ratios(results: dict, qualities: list[int]) -> dict[float, tuple[float, float]]:
+def _family_ratios(results: dict, qualities: list[float]) -> dict[float, tuple[float, float]]:
     """Per quality, the median over images of the default's encode and decode time over
-    the factorized family's on the same image (empty where the factorized row was not run)."""
+    the factorized family's on the same image (none where the factorized row was not run)."""
     ratios = {}
     for q in qualities:
         default, factorized = results.get(("nic", float(q))), results.get((FACTORIZED_ROW, float(q)))

@@ -883,8 +883,8 @@ def export(checkpoint: str, output: str, half: bool) -> None:
               help="Write a folder to open in a browser: index.html with the tables, the RD plot, the JSON "
                    "and nic compare's sheets of three images at 0.25, 0.5 and 1 bpp.")
 @click.option("--speed", is_flag=True,
-              help="Time encode/decode (median ms, MP/s) instead of the RD sweep; the default model is timed "
-                   "beside --model factorized on each image, and their ratio printed.")
+              help="Time encode/decode (median ms, MP/s) instead of the RD sweep; without --model and --weights, "
+                   "the default is timed beside --model factorized on each image, and their ratio printed.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N images.")
 @click.option("--compare", metavar="JSON", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="An earlier --json report whose nic curve is one more BD-rate reference (repeatable).")

@@ -236,13 +236,14 @@ class IndexedCoder:
         self.models = _models(tables)
 
     def _groups(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(positions in coding order, group boundaries over the table indices)."""
+        """(positions in coding order, group boundaries over the table indices);
+        ValueError for an index without a table."""
         count = len(self.models)
-        # A stable sort of small integers is a radix sort: several times faster on
-        # uint8 than on int64 (a Kodak pass: 0.35 against 2.4 ms).
-        narrow = indices.astype(np.uint8 if count <= 256 else np.uint16)
         if len(indices) and (indices.min() < 0 or indices.max() >= count):
             raise ValueError(f"table indices must lie in 0 … {count - 1}")
+        # A stable sort of small integers is a radix sort: several times faster on
+        # uint8 than on int64 (a Kodak pass: 0.35 against 2.4 ms).
+        narrow = indices.astype(np.uint8 if count <= 256 else np.uint16 if count <= 65536 else np.int64)
         order = np.argsort(narrow, kind="stable")
         bounds = np.concatenate([[0], np.cumsum(np.bincount(narrow, minlength=count))])
         return order, bounds

@@ -87,23 +87,24 @@ class IntegerContextNetwork:
                 [np.ldexp(1.0, -t.astype(np.int32)) for t in self.shifts])
 
     @cached_property
-    def _taps(self) -> dict:
-        """The first layer's context taps as (rows of the gathered inputs, W) float64, per
-        (channels, anchored): made once for each way a pass calls the network."""
+    def _taps(self) -> dict[tuple[int, int], tuple[np.ndarray, list[int]]]:
+        """:meth:`_first_taps` by (channels, anchored): made once for each way a pass calls
+        the network."""
         return {}
 
-    def _first_taps(self, channels: int, anchored: int) -> np.ndarray:
-        """The context taps' weights, tap by tap (row-major over the k x k kernel): every
-        seen channel's at a tap that reads an anchor of the pass's own slice (odd
-        di + dj), the first ``anchored`` channels' elsewhere (the slice's other positions
-        are still zero there: their products would add nothing)."""
+    def _first_taps(self, channels: int, anchored: int) -> tuple[np.ndarray, list[int]]:
+        """(the context taps' weights as (rows of the gathered inputs, W) float64, how many
+        channels each tap reads), tap by tap, row-major over the k x k kernel: every seen
+        channel at a tap that reads an anchor of the pass's own slice (odd di + dj), the
+        first ``anchored`` elsewhere (the slice's other positions are still zero there:
+        their products would add nothing)."""
         key = (channels, anchored)
         if key not in self._taps:
             k = self.first_context.shape[-1]
-            taps = self.first_context.transpose(2, 3, 1, 0)  # (k, k, C, W)
-            self._taps[key] = np.ascontiguousarray(np.concatenate(
-                [taps[i, j, :_seen_at(i - k // 2, j - k // 2, channels, anchored)]
-                 for i in range(k) for j in range(k)]), dtype=np.float64)
+            counts = [channels if (i + j - 2 * (k // 2)) % 2 else anchored for i in range(k) for j in range(k)]
+            taps = self.first_context.transpose(2, 3, 1, 0).reshape(k * k, -1, self.first_context.shape[0])
+            self._taps[key] = (np.ascontiguousarray(np.concatenate([tap[:n] for tap, n in zip(taps, counts)]),
+                                                    dtype=np.float64), counts)
         return self._taps[key]
 
     def __call__(self, hyper: np.ndarray, seen: np.ndarray, halo: int, channels: int,
@@ -126,45 +127,37 @@ class IntegerContextNetwork:
         def chunk(i: int) -> None:
             start = i * size
             r, c = rows[start:start + size], cols[start:start + size]
-            out[:, start:start + len(r)] = self._at(hyper, seen, halo, channels, anchored, taps, r, c,
-                                                    where.shape[1]).T
+            out[:, start:start + len(r)] = self._at(hyper, seen, halo, taps, r, c, where.shape[1]).T
 
         engine.parallel(chunk, -(-len(rows) // size))
         return out
 
-    def _at(self, hyper: np.ndarray, seen: np.ndarray, halo: int, channels: int, anchored: int | None,
-            taps: np.ndarray | None, r: np.ndarray, c: np.ndarray, cols: int) -> np.ndarray:
+    def _at(self, hyper: np.ndarray, seen: np.ndarray, halo: int, taps: tuple[np.ndarray, list[int]] | None,
+            r: np.ndarray, c: np.ndarray, cols: int) -> np.ndarray:
         first_hyper, later, biases, scales = self._float
         # The inputs are multiples of 2**−MEAN_BITS; the sums of w·input are exact, and so
         # is their scaling by 2**MEAN_BITS to the integer network's units.
         acc = hyper[:, r * cols + c].T @ first_hyper  # BLAS reads the transpose in place
-        if channels:
+        if taps is not None:
             # Every tap's inputs side by side (im2col), then one matrix product: BLAS is
             # faster on one wide product than on k·k narrow ones, and the sum as exact.
+            weights, counts = taps
             k = self.first_context.shape[-1]
             width = seen.shape[1]
             flat = seen.reshape(-1, seen.shape[2])
-            patches = np.empty((len(r), len(taps)))
+            patches = np.empty((len(r), len(weights)))
             column = 0
-            for i in range(k):
-                for j in range(k):
-                    n = _seen_at(i - k // 2, j - k // 2, channels, channels if anchored is None else anchored)
-                    at = (r + halo + i - k // 2) * width + (c + halo + j - k // 2)
-                    patches[:, column:column + n] = flat[at, :n]
-                    column += n
-            acc += patches @ taps
+            for tap, n in enumerate(counts):
+                i, j = divmod(tap, k)
+                at = (r + halo + i - k // 2) * width + (c + halo + j - k // 2)
+                patches[:, column:column + n] = flat[at, :n]
+                column += n
+            acc += patches @ weights
         acc *= float(1 << MEAN_BITS)
         value = _finish(acc, biases[0], scales[0], relu=True)
         for n, weight in enumerate(later, 1):
             value = _finish(value @ weight, biases[n], scales[n], relu=n < len(later))
         return value
-
-
-def _seen_at(di: int, dj: int, channels: int, anchored: int) -> int:
-    """Channels a tap at offset (di, dj) from a pass's position reads: all ``channels``
-    where it lands on an anchor (odd di + dj, in a checkerboard's second phase), else the
-    first ``anchored``."""
-    return channels if (di + dj) % 2 else anchored
 
 
 def _finish(acc: np.ndarray, bias: np.ndarray, scale: np.ndarray, relu: bool) -> np.ndarray:
@@ -242,13 +235,14 @@ def read_network(arrays, prefix: str, shapes: dict[str, tuple[int, ...]]) -> Int
 # ---- the passes ----------------------------------------------------------------------------
 
 def run_passes(networks: dict[str, IntegerContextNetwork], mean: np.ndarray, index: np.ndarray, slices: int,
-               checkerboard: bool, scales: int, residuals, keep: bool = True, step: tuple[int, int] = UNIT_STEP
-               ) -> tuple[np.ndarray, np.ndarray] | None:
+               checkerboard: bool, scales: int, residuals, keep: bool = True, step: tuple[int, int] = UNIT_STEP,
+               keep_residuals: bool = True) -> tuple[np.ndarray, np.ndarray | None] | None:
     """Code ŷ pass by pass: for each pass its (μ, t) at its positions, then
     ``residuals(s, where, mu, t)`` (the pass's (c, n) means and the indices of the
     tables it codes with) gives its integers k (c, n), and ŷ = μ + k·Δ there. Returns
-    (ŷ float64, k int64), both (M, rows, cols), or None without ``keep`` (the encoder's
-    case: it needs neither). The encoder's ``residuals`` rounds (y − μ)/Δ and codes
+    (ŷ, k), both (M, rows, cols): ŷ as g_s reads it (float32, rounded from the exact
+    value), k int64 (None without ``keep_residuals``); or None without ``keep`` (the
+    encoder's case: it needs neither). The encoder's ``residuals`` rounds (y − μ)/Δ and codes
     (k, t); the decoder's decodes k. ``step`` = (Δ·256, shift): the quantization step
     and how many scale-table entries narrower its tables are (container STEP; Δ = 1
     and no shift by default). ŷ stays a multiple of 1/256, exactly. Without context
@@ -267,8 +261,8 @@ def run_passes(networks: dict[str, IntegerContextNetwork], mean: np.ndarray, ind
         np.clip(mean.reshape(M, -1), -limit, limit, out=hyper[:M])
         hyper[M:] = index.reshape(M, -1)
         seen = np.zeros((rows + 2 * halo, cols + 2 * halo, M), dtype=np.float32)
-    y_hat = np.zeros(mean.shape) if keep else None
-    k_all = np.zeros(mean.shape, dtype=np.int64) if keep else None
+    y_hat = np.zeros(mean.shape, dtype=np.float32) if keep else None
+    k_all = np.zeros(mean.shape, dtype=np.int64) if keep and keep_residuals else None
     for s, p in passes(slices, checkerboard):
         where = phase_mask(rows, cols, p, checkerboard)
         channels = slice(s * c, (s + 1) * c)
@@ -283,8 +277,9 @@ def run_passes(networks: dict[str, IntegerContextNetwork], mean: np.ndarray, ind
             t = np.clip(t + correction[c:].astype(np.int64), 0, scales - 1)
         k = residuals(s, where, mu, np.clip(t - shift, 0, scales - 1))
         value = (k * size) / 256.0 + mu  # exact: k·size is an integer (k itself at the unit step)
-        if keep:
+        if y_hat is not None:
             y_hat[channels, where] = value
+        if k_all is not None:
             k_all[channels, where] = k
         if seen is not None:
             seen[halo:halo + rows, halo:halo + cols, channels][where] = np.clip(value, -limit, limit).T

@@ -33,6 +33,7 @@ Math only: arrays in, bytes out. No I/O.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -685,9 +686,9 @@ def _encode_blocks(model: Model, quality: int, z_hat: np.ndarray, target: Latent
 
             decoded = context.run_passes(model.context_networks(quality), mean, index, config.slices,
                                          config.checkerboard, config.scales, residuals, keep=y_hat is not None,
-                                         step=step)
+                                         step=step, keep_residuals=False)
             if y_hat is not None:
-                y_hat.put(slice(*r), slice(*cs), decoded[0].astype(np.float32))
+                y_hat.put(slice(*r), slice(*cs), decoded[0])
     if y_hat is not None:
         y_hat.finish()
     return writer.finish()
@@ -716,7 +717,8 @@ def decompress(model: Model, quality: int, height: int, width: int, gray: bool, 
         z_hat = z_coder.decode(z.data, z.shape)
     except CorruptStream as exc:
         raise FormatError(f"substream zhat is corrupt: {exc}") from None
-    with latent_store(y_shape, spill_bytes, np.float32) as y_hat, latent_store(y_shape, spill_bytes) as residual:
+    kept = latent_store(y_shape, spill_bytes) if on_latents is not None else contextlib.nullcontext()
+    with latent_store(y_shape, spill_bytes, np.float32) as y_hat, kept as residual:
         try:
             reader = (tcq_coder(model) if tcq else y_coder).decoder(y.data)
             _decode_blocks(model, quality, z_hat, reader, y_hat, residual, step, tcq)
@@ -728,9 +730,9 @@ def decompress(model: Model, quality: int, height: int, width: int, gray: bool, 
 
 
 def _decode_blocks(model: Model, quality: int, z_hat: np.ndarray, reader, y_hat: LatentStore,
-                   residual: LatentStore, step: tuple[int, int] = UNIT_STEP, tcq: bool = False) -> None:
+                   residual: LatentStore | None, step: tuple[int, int] = UNIT_STEP, tcq: bool = False) -> None:
     """Fill ``y_hat`` (ŷ = μ + k·Δ, float32: elementwise IEEE, the same everywhere) and
-    ``residual`` (k) block by block from the payload's parts."""
+    ``residual`` (k; None: not kept) block by block from the payload's parts."""
     _, rows, cols = y_hat.shape
     config = model.config
 
@@ -742,9 +744,12 @@ def _decode_blocks(model: Model, quality: int, z_hat: np.ndarray, reader, y_hat:
     for r, cs in blocks(rows, cols):
         mean, index = hyper_decode_block(model, z_hat, quality, r, cs)
         block, k = context.run_passes(model.context_networks(quality), mean, index, config.slices,
-                                      config.checkerboard, config.scales, residuals, step=step)
-        y_hat.put(slice(*r), slice(*cs), block.astype(np.float32))
-        residual.put(slice(*r), slice(*cs), k)
+                                      config.checkerboard, config.scales, residuals, step=step,
+                                      keep_residuals=residual is not None)
+        y_hat.put(slice(*r), slice(*cs), block)
+        if residual is not None:
+            residual.put(slice(*r), slice(*cs), k)
     reader.finish()
     y_hat.finish()
-    residual.finish()
+    if residual is not None:
+        residual.finish()

@@ -640,7 +640,7 @@ def residuals(target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.where(a_pixels, k, target - np.where(vertical, (u + v) >> 1, (w + x) >> 1)), a_pixels
 
 
-def _plane_histogram(target: np.ndarray, part: int, side: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def _plane_histogram(target: np.ndarray, side: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """(each context's histogram of k over −SPAN..SPAN, (CONTEXTS·2, 2·SPAN + 1), |k|) of
     one plane's lossless scan, estimated from :func:`residuals`."""
     height, width = target.shape
@@ -688,11 +688,11 @@ def lossless_bits(pixels: np.ndarray, above: float = np.inf) -> float:
         factor = height / pixels.shape[0]
     values = pixels.astype(np.int32) - CENTRE
     if pixels.shape[2] == 1:
-        histograms = [_plane_histogram(values[..., 0], 0, None)[0]]
+        histograms = [_plane_histogram(values[..., 0], None)[0]]
     else:
-        first, side = _plane_histogram(values[..., 1], 0, None)
-        histograms = [first] + [_plane_histogram(values[..., channel] - values[..., 1], 2 * n, side)[0]
-                                for n, channel in ((1, 0), (2, 2))]
+        first, side = _plane_histogram(values[..., 1], None)
+        histograms = [first] + [_plane_histogram(values[..., channel] - values[..., 1], side)[0]
+                                for channel in (0, 2)]
     bound = factor * sum(_entropy_bits(h) for h in histograms)
     if bound > above:
         return bound

@@ -228,17 +228,25 @@ def _lazy(path: Path) -> tuple[LazyArrays, bytes] | None:
     """(arrays read on use, hash) where ``path`` has a digest file that still matches;
     looked at once per process for each file (again if it or its digest file changed on
     disk): a decode asks it of every installed file, and of each file its weights extend."""
+    path = Path(path)
     try:
         found, record = os.stat(path), os.stat(digest_path(path))
     except OSError:
         return None
-    return _lazy_checked(str(Path(path).resolve()), (found.st_mtime_ns, found.st_size),
-                         (record.st_mtime_ns, record.st_size))
+    return _lazy_checked(str(path), _identity(found), _identity(record))
 
 
-@lru_cache(maxsize=32)
-def _lazy_checked(path: str, stat: tuple[int, int], digest_stat: tuple[int, int]
+def _identity(found: os.stat_result) -> tuple[int, ...]:
+    """What tells a file's contents changed without reading it: device, inode, size and
+    modification time."""
+    return found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns
+
+
+@lru_cache(maxsize=16)
+def _lazy_checked(path: str, file_identity: tuple[int, ...], digest_identity: tuple[int, ...]
                   ) -> tuple[LazyArrays, bytes] | None:
+    """:func:`_lazy` of ``path`` (its digest file beside it, as named) while both files
+    keep their identities."""
     path = Path(path)
     try:
         record = json.loads(digest_path(path).read_text())
