@@ -151,7 +151,8 @@ def encode_pixels(pixels: np.ndarray, quality: float = 4, weights: str | Path | 
     quantization search (1: rounding; see nic.quantization); any effort decodes the same
     way. ``family`` (nic.families) picks the installed weights of that model family;
     without it, the default family's file or the pixels family's (or the model's with
-    pixel tiles over it), whichever is worth its bits (:func:`_worth`). ``quality`` may lie between the trained ones (3.5): the
+    pixel tiles over it), whichever is worth its bits (:func:`_worth`). ``quality`` may
+    lie between the trained ones (3.5): the
     hyperprior family codes it with a coarser step (effort 1), the factorized family at
     the quality below. ``precision`` is the transforms' arithmetic (nic.precision: "auto",
     "fp32" or "bf16"); every precision's files decode everywhere."""

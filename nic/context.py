@@ -31,7 +31,7 @@ import numpy as np
 
 from . import engine
 from .container import UNIT_STEP
-from .integer import ACTIVATION_MAX, BIAS_LIMIT, MAX_SHIFT, MEAN_BITS, NARROW_WEIGHT_MAX, WEIGHT_MAX
+from .integer import BIAS_LIMIT, MAX_SHIFT, MEAN_BITS, NARROW_WEIGHT_MAX, WEIGHT_MAX, finish, scale_of
 
 INPUT_LIMIT = 2**20
 """Inputs of a context network (μ, t and ŷ, × 2**MEAN_BITS) are clipped to ±INPUT_LIMIT."""
@@ -84,7 +84,7 @@ class IntegerContextNetwork:
         later = [np.ascontiguousarray(w.T, dtype=np.float64) for w in self.hidden]
         return (np.ascontiguousarray(self.first_hyper.T, dtype=np.float64), later,
                 [b.astype(np.float64) for b in self.biases],
-                [np.ldexp(1.0, -t.astype(np.int32)) for t in self.shifts])
+                [scale_of(t) for t in self.shifts])
 
     @cached_property
     def _taps(self) -> dict[tuple[int, int], tuple[np.ndarray, list[int]]]:
@@ -154,22 +154,10 @@ class IntegerContextNetwork:
                 column += n
             acc += patches @ weights
         acc *= float(1 << MEAN_BITS)
-        value = _finish(acc, biases[0], scales[0], relu=True)
+        value = finish(acc, biases[0], scales[0], relu=True)
         for n, weight in enumerate(later, 1):
-            value = _finish(value @ weight, biases[n], scales[n], relu=n < len(later))
+            value = finish(value @ weight, biases[n], scales[n], relu=n < len(later))
         return value
-
-
-def _finish(acc: np.ndarray, bias: np.ndarray, scale: np.ndarray, relu: bool) -> np.ndarray:
-    """floor((acc + bias) · scale + ½) per output (the last axis; ``scale`` = 2**−shift,
-    so the product is exact), clipped if ``relu``; in place."""
-    acc += bias
-    acc *= scale
-    acc += 0.5
-    np.floor(acc, out=acc)
-    if relu:
-        np.clip(acc, 0, ACTIVATION_MAX, out=acc)
-    return acc
 
 
 # ---- weights as plain arrays -------------------------------------------------------------

@@ -50,8 +50,8 @@ from .coding import (DISTRIBUTIONS, LATENT_LIMIT, SCALE_COUNT, SCALE_MAX, SCALE_
                      IndexedCoder, IntegerTables, LatentCoder)
 from .container import UNIT_STEP, FormatError, Substream
 from .families import expect_substreams, trainable_names
-from .integer import (ACTIVATION_MAX, BIAS_LIMIT, MAX_SHIFT, MEAN_BITS, NARROW_WEIGHT_MAX,  # noqa: F401
-                      WEIGHT_MAX)  # h_s's bounds
+from .integer import (BIAS_LIMIT, MAX_SHIFT, MEAN_BITS, NARROW_WEIGHT_MAX,  # noqa: F401
+                      WEIGHT_MAX, finish, scale_of)  # h_s's bounds, its layers' last step
 from .tiling import (LatentStore, PixelRows, Progress, analysis_into, analysis_latents, latent_store,
                      reconstruct_into)
 
@@ -170,7 +170,7 @@ class IntegerLayer:
     @cached_property
     def scale(self) -> np.ndarray:
         """2**−shift per output channel, float64 (a power of two: multiplying by it is exact)."""
-        return np.ldexp(1.0, -self.shift.astype(np.int32))
+        return scale_of(self.shift)
 
     @cached_property
     def taps(self) -> np.ndarray:
@@ -218,13 +218,7 @@ def _integer_layer(layer: IntegerLayer, value: np.ndarray) -> np.ndarray:
         acc[part] = (_transposed if layer.transposed else _correlate)(value, taps[:, :, part])
 
     engine.parallel(group, -(-out_channels // OUTPUTS_AT_ONCE))
-    acc += layer.bias.astype(np.float64)[:, None, None]
-    acc *= layer.scale[:, None, None]  # × 2**−shift is exact; so is floor of it
-    acc += 0.5
-    np.floor(acc, out=acc)
-    if layer.relu:
-        np.clip(acc, 0, ACTIVATION_MAX, out=acc)
-    return acc
+    return finish(acc, layer.bias.astype(np.float64)[:, None, None], layer.scale[:, None, None], layer.relu)
 
 
 def _correlate(value: np.ndarray, taps: np.ndarray) -> np.ndarray:

@@ -8,6 +8,8 @@ a and bias b, in float64: with these bounds every partial sum is an integer belo
 so any BLAS, summing in any order, gives the exact result.
 """
 
+import numpy as np
+
 ACTIVATION_MAX = 4095
 """Integer hidden activations are clipped to 0 … ACTIVATION_MAX (12 bits)."""
 
@@ -24,3 +26,22 @@ context networks' so (integerized within it) and h_a's kernels (scaled to it).""
 
 MEAN_BITS = 8
 """μ is an integer multiple of 2**−MEAN_BITS."""
+
+
+def scale_of(shift: np.ndarray) -> np.ndarray:
+    """2**−shift as float64 (a power of two, 0 ≤ shift ≤ MAX_SHIFT: multiplying by it is
+    exact)."""
+    return np.ldexp(1.0, -np.asarray(shift).astype(np.int32))
+
+
+def finish(acc: np.ndarray, bias: np.ndarray, scale: np.ndarray, relu: bool) -> np.ndarray:
+    """A layer's output from its sums ``acc`` (float64, integer-valued): floor((acc + bias)
+    · scale + ½), clipped to 0 … ACTIVATION_MAX if ``relu``; ``bias`` and ``scale``
+    (:func:`scale_of`) broadcast against ``acc``. In place: ``acc`` is returned."""
+    acc += bias
+    acc *= scale
+    acc += 0.5
+    np.floor(acc, out=acc)
+    if relu:
+        np.clip(acc, 0, ACTIVATION_MAX, out=acc)
+    return acc

@@ -476,7 +476,8 @@ class Trial:
 
     def bits(self) -> float:
         """Code length of the indices, the parameters and the tables' description, in bits."""
-        return 8.0 * (len(_parameters(self.step, self.predictor)) + sum(len(_spec_bytes(spec)) for spec, _ in self.specs)) + sum(b for _, b in self.specs)
+        described = len(_parameters(self.step, self.predictor)) + sum(len(_spec_bytes(spec)) for spec, _ in self.specs)
+        return 8.0 * described + sum(b for _, b in self.specs)
 
 
 def _scanned(pixels: np.ndarray) -> np.ndarray:
@@ -610,9 +611,9 @@ one it picks; above, it keeps one scan's at a time and scans the chosen step aga
 
 LOSSLESS_GATE = 4.0
 """The search goes on only where the image's lossless code (:func:`lossless_bits`) is at
-most this many times the model's file (:func:`cheapest`'s ``gate_bits``): photos cost 5x and more (their model file is the one
-to keep); text, line art, screenshots, hatching and flat colour less
-(docs/results/hard-content.md)."""
+most this many times the model's file (:func:`cheapest`'s ``gate_bits``): photos cost 5x
+and more (their model file is the one to keep); text, line art, screenshots, hatching
+and flat colour less (docs/results/hard-content.md)."""
 
 
 def residuals(target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -126,15 +126,14 @@ _READING = threading.Lock()
 
 
 @lru_cache(maxsize=16)
-def _opened(path: str, mtime: float, size: int) -> zipfile.ZipFile:
+def _opened(path: str, identity: tuple[int, ...]) -> zipfile.ZipFile:
     return zipfile.ZipFile(path)
 
 
 def _archive(path: Path | str) -> zipfile.ZipFile:
     """The weights file ``path`` opened once per process (its directory read once: ~7 ms
-    for the shipped files), again if it changed on disk."""
-    info = os.stat(path)
-    return _opened(str(Path(path).resolve()), info.st_mtime, info.st_size)
+    for the shipped files), again if it changed on disk (:func:`_identity`)."""
+    return _opened(str(Path(path).resolve()), _identity(os.stat(path)))
 
 
 _NPY_MAGIC = b"\x93NUMPY"
