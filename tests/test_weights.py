@@ -63,6 +63,39 @@ def test_a_digest_file_lets_the_coder_read_only_what_it_uses(tiny_weights, tmp_p
     assert load_weights(path)[1] == digest  # the trainable model reads and hashes everything
 
 
+def test_a_digest_file_reads_members_without_parsing_the_zip(tiny_weights, tmp_path):
+    """The digest records the zip directory's SHA-256 and where each member's bytes begin:
+    while the directory is unchanged, members are read straight from the file."""
+    import json
+
+    from nic.weights import digest_path
+
+    path, digest = _copy_with_digest(tiny_weights, tmp_path)
+    record = json.loads(digest_path(path).read_text())
+    assert len(record["directory"]) == 3 and all(len(member) == 4 for member in record["members"])
+    model, found = load_weights(path, coding=True)
+    arrays = model._arrays
+    assert found == digest and arrays._archive is None
+    expected = read_arrays(path.read_bytes())
+    assert arrays.describe("g_s.0.weight") == (expected["g_s.0.weight"].shape, expected["g_s.0.weight"].dtype)
+    assert np.array_equal(arrays["g_s.0.weight"], expected["g_s.0.weight"])
+
+
+def test_a_digest_file_of_the_earlier_form_still_serves(tiny_weights, tmp_path):
+    """Members as [name, CRC, size] and no directory: checked against the zip's own list."""
+    import json
+
+    from nic.weights import LazyArrays, digest_path
+
+    path, digest = _copy_with_digest(tiny_weights, tmp_path)
+    record = json.loads(digest_path(path).read_text())
+    digest_path(path).write_text(json.dumps({"weights_hash": record["weights_hash"],
+                                             "members": [member[:3] for member in record["members"]]}))
+    weights._lazy_checked.cache_clear()
+    model, found = load_weights(path, coding=True)
+    assert found == digest and isinstance(model._arrays, LazyArrays) and model._arrays._archive is not None
+
+
 def test_a_digest_file_that_no_longer_matches_is_ignored(tiny_weights, tmp_path):
     """Weights rewritten beside an old digest file: their own hash, from their content."""
     from nic.weights import LazyArrays
