@@ -302,8 +302,13 @@ plane·2 + pass; the encoder quantizes there, the decoder decodes. A prediction 
 is a chain (:func:`_chain`): each value predicted by the one decoded before it."""
 
 
+_CONTEXT_OF = np.searchsorted(CONTEXT_BOUNDS, np.arange(CONTEXT_BOUNDS[-1] + 2), side="left").astype(np.int32)
+"""The context of each activity 0 … CONTEXT_BOUNDS[-1] + 1 (any larger one has the last's)."""
+
+
 def _context(activity: np.ndarray) -> np.ndarray:
-    return np.searchsorted(CONTEXT_BOUNDS, activity, side="left")
+    """How many CONTEXT_BOUNDS lie below each activity (≥ 0), int32: a table look-up."""
+    return _CONTEXT_OF.take(activity, mode="clip")
 
 
 def _neighbours(cols: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -361,19 +366,25 @@ def _pass_b_pieces(height: int, width: int, columns: list[np.ndarray]):
 
 def _predict_a(d: np.ndarray, magnitude: np.ndarray, i: int, cols: np.ndarray, left: np.ndarray,
                right: np.ndarray, predictor: int) -> tuple[np.ndarray, np.ndarray]:
-    """(prediction, activity) of pass A's pixels in row i ≥ 1, columns ``cols``."""
-    activity = magnitude[i - 1, left] + magnitude[i - 1, right]
-    a, b = d[i - 1, left].astype(np.int64), d[i - 1, right].astype(np.int64)
+    """(prediction, activity) of pass A's pixels in row i ≥ 1, columns ``cols`` (every
+    second one from cols[0]: the row's A pixels)."""
+    # int16 throughout: decoded residuals lie within ±LIMIT, so a + b − c, the gradients
+    # (each ≤ 4·LIMIT) and the activities (five magnitudes) stay within its range.
+    up, above = d[i - 1], magnitude[i - 1]
+    activity = above.take(left) + above.take(right)
+    a, b = up.take(left), up.take(right)
     if i == 1:
         return (a + b) >> 1, activity
-    c = d[i - 2, cols].astype(np.int64)
+    c = d[i - 2, cols[0]::2]
     # the median of a, b and the plane through a, b and the pixel two rows up
-    prediction = np.maximum(np.minimum(a, b), np.minimum(np.maximum(a, b), a + b - c))
+    low, high = np.minimum(a, b), np.maximum(a, b)
+    prediction = np.maximum(low, np.minimum(high, a + b - c))
     if predictor == GRADIENT and i >= 3:
         # the pixel two rows up where the image changes downward no more than across
-        down = np.abs(a - d[i - 3, left]) + np.abs(b - d[i - 3, right])
-        prediction = np.where(down <= np.abs(a - b), c, prediction)
-    return prediction, activity + magnitude[i - 2, cols]
+        third = d[i - 3]
+        down = np.abs(a - third.take(left)) + np.abs(b - third.take(right))
+        prediction = np.where(down <= high - low, c, prediction)
+    return prediction, activity + magnitude[i - 2, cols[0]::2]
 
 
 def _predict_b(d: np.ndarray, magnitude: np.ndarray, r: np.ndarray, cols: np.ndarray, height: int,
@@ -382,11 +393,13 @@ def _predict_b(d: np.ndarray, magnitude: np.ndarray, r: np.ndarray, cols: np.nda
     left, right = _neighbours(cols, width)
     up = np.where(r >= 1, r - 1, np.minimum(r + 1, height - 1))
     down = np.where(r + 1 < height, r + 1, np.maximum(r - 1, 0))
-    u, v, w, x = (d[up, cols].astype(np.int64), d[down, cols].astype(np.int64),
-                  d[r, left].astype(np.int64), d[r, right].astype(np.int64))
+    here = r * width
+    at = (up * width + cols, down * width + cols, here + left, here + right)  # in the flattened planes
+    flat, size = d.reshape(-1), magnitude.reshape(-1)
+    u, v, w, x = (flat.take(n) for n in at)  # int16, as in :func:`_predict_a`
     vertical = (np.abs(u - v) <= np.abs(w - x)) if height > 1 else False  # one row: no pixel above
     prediction = np.where(vertical, (u + v) >> 1, (w + x) >> 1)
-    activity = magnitude[up, cols] + magnitude[down, cols] + magnitude[r, left] + magnitude[r, right]
+    activity = size.take(at[0]) + size.take(at[1]) + size.take(at[2]) + size.take(at[3])
     return prediction, activity
 
 
@@ -403,27 +416,33 @@ def _scan_plane(height: int, width: int, step: int, plane: int, side: np.ndarray
     columns = [np.arange(0, width, 2), np.arange(1, width, 2)]
     sides = [_neighbours(c, width) for c in columns]
 
-    def settle(i, cols: np.ndarray, prediction: np.ndarray | None, activity: np.ndarray, part: int) -> None:
-        """Take the indices at rows ``i`` (one, or one per column), columns ``cols``
-        (prediction None: a chain along them, :func:`_chain`)."""
-        if side is not None and prediction is not None:
-            activity = activity + side[i, cols]
-        got = _clip(take(part, prediction, _context(activity), i * width + cols))
+    flat_d, flat_magnitude, flat_k = d.reshape(-1), magnitude.reshape(-1), k.reshape(-1)
+    flat_side = None if side is None else side.reshape(-1)
+
+    def settle(at, positions: np.ndarray, prediction: np.ndarray | None, activity: np.ndarray, part: int) -> None:
+        """Take the indices at flat ``positions`` (``at``: the same as an index of the
+        flattened planes: a slice for a row's A pixels; prediction None: a chain along
+        them, :func:`_chain`)."""
+        if flat_side is not None and prediction is not None:
+            activity = activity + flat_side[at]
+        got = _clip(take(part, prediction, _context(activity), positions))
         if keep:
-            k[i, cols] = got
-        magnitude[i, cols] = np.abs(got)
-        d[i, cols] = _chain(got, step) if prediction is None else _clip(prediction + got * step)
+            flat_k[at] = got
+        flat_magnitude[at] = np.abs(got)
+        flat_d[at] = _chain(got, step) if prediction is None else _clip(prediction + got * step)
 
     for i in range(height):  # pass A, row by row: each row predicts from the one above
         cols = columns[i % 2]
         if not len(cols):
             continue
+        at = slice(i * width + i % 2, (i + 1) * width, 2)
         if i == 0:  # along the row, each from the A pixel two to the left
-            settle(0, cols, None, np.zeros(len(cols), np.int64), plane * 2)
+            settle(at, cols, None, np.zeros(len(cols), np.int64), plane * 2)
         else:
-            settle(i, cols, *_predict_a(d, magnitude, i, cols, *sides[i % 2], predictor), plane * 2)
+            settle(at, i * width + cols, *_predict_a(d, magnitude, i, cols, *sides[i % 2], predictor), plane * 2)
     for r, cols in _pass_b_pieces(height, width, columns):  # pass B, from A pixels only
-        settle(r, cols, *_predict_b(d, magnitude, r, cols, height, width), plane * 2 + 1)
+        positions = r * width + cols
+        settle(positions, positions, *_predict_b(d, magnitude, r, cols, height, width), plane * 2 + 1)
     return d, magnitude, k
 
 
@@ -452,8 +471,12 @@ def _scan(height: int, width: int, planes: int, step: int,
 def _quantize(values: np.ndarray, step: int) -> np.ndarray:
     """round(values / step), halves toward zero (no flip-flop between two levels), in
     integers: |values − k·step| ≤ ⌊step/2⌋."""
-    magnitude = (np.abs(values) + (step - 1) // 2) // step
-    return np.where(values < 0, -magnitude, magnitude)
+    if step == 1:
+        return values
+    magnitude = np.abs(values)
+    magnitude += (step - 1) // 2
+    magnitude //= step
+    return magnitude * np.sign(values)
 
 
 # -- encoder --------------------------------------------------------------------------
@@ -517,11 +540,13 @@ def trial(pixels: np.ndarray, step: int, keep: bool = False, per_column: bool = 
             if prediction is None:
                 k = _chained_indices(target[positions], step)
             else:
-                k = _quantize(target[positions] - prediction, step)
+                k = _quantize(target.take(positions) - prediction, step)
             if keep:
                 parts.append((part, k.astype(np.int16), context.astype(np.uint8)))
-            codes.append(((part * CONTEXTS + context) * bins + np.minimum(np.maximum(k, -SPAN), SPAN) + SPAN)
-                         .astype(np.int32))
+            code = context * bins
+            code += part * CONTEXTS * bins + SPAN
+            code += np.minimum(np.maximum(k, -SPAN), SPAN)
+            codes.append(code.astype(np.int32, copy=False))
             if per_column:
                 located.append((codes[-1], positions))
             return k
