@@ -14,6 +14,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
@@ -396,11 +397,17 @@ def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: b
     def one(source: str, target: str) -> None:
         started = time.perf_counter()
         try:
-            size_in, size_out, pixels, nic_bytes, note = work(source, target, batch)
+            with warnings.catch_warnings(record=True) as caught:  # one job at a time: named by its input
+                warnings.simplefilter("always", UserWarning)
+                size_in, size_out, pixels, nic_bytes, note = work(source, target, batch)
         except _domain_errors() as exc:
             raise NicError(f"{source}: {exc}") from None
         except OSError as exc:  # reading a streamed input failed midway
             raise NicError(f"{source}: {exc.strerror or exc}") from None
+        finally:
+            for warning in caught:
+                line = f"nic: warning: {source}: {warning.message}"
+                console.print(line, markup=False, highlight=False) if console else click.echo(line, err=True)
         totals["files"] += 1
         totals["in"] += size_in
         totals["out"] += size_out
@@ -978,6 +985,16 @@ def bench_hard(qualities: str | None, codecs: str, json_out: str | None, family:
             stream.write(json.dumps(json_safe({"hard": rows}), indent=1).encode())
 
 
+def _warnings_as_lines() -> None:
+    """Python warnings outside a job's (:func:`run_jobs` names its input) as one
+    ``nic: warning:`` line each on stderr, every time, not Python's two-line form once."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        click.echo(f"nic: warning: {message}", err=True)
+
+    warnings.showwarning = show
+    warnings.simplefilter("always", UserWarning)
+
+
 def main() -> None:
     # Idle OpenMP threads sleep instead of spinning: measured faster when the machine
     # is busy (docs/speed.md), and it must be set before torch is imported.
@@ -985,6 +1002,7 @@ def main() -> None:
     # nic.engine runs its own threads, each calling numpy's BLAS on a chunk of its own:
     # BLAS threads would only compete with them. Before numpy is imported.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    _warnings_as_lines()
     # Not standalone: click would print "Aborted!" and exit 1 for Ctrl-C; every exit
     # code is decided here instead.
     try:

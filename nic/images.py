@@ -8,7 +8,10 @@ Inputs become uint8 arrays of shape (H, W, 3) for colour or (H, W, 1) for graysc
 * alpha (an alpha channel, or a PNG tRNS colour key, which is transparency too):
   an alpha channel that is fully opaque carries nothing and is dropped;
   real transparency is refused unless a ``background`` colour is given to flatten
-  onto (``nic encode --background white``). nic never drops transparency silently.
+  onto (``nic encode --background white``). nic never drops transparency silently;
+* an image of several frames (an animation, a multi-page TIFF) gives its first, with
+  a :class:`FramesWarning` saying how many were left out (the CLI prints it as one
+  ``nic: warning:`` line).
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP",
 
 class ImageError(ValueError):
     """The input image cannot be read or is not acceptable; the message says why."""
+
+
+class FramesWarning(UserWarning):
+    """The input has several frames (an animation, pages) and only the first is coded."""
 
 
 def pixels_from_image(im: Image.Image, background: str | None = None) -> np.ndarray:
@@ -121,7 +128,23 @@ def read_image_with_metadata(data: bytes, background: str | None = None, max_pix
         raise ImageError("image is too large (decompression bomb limit; raise it with --max-pixels)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"cannot read image: {exc}") from None
+    frames = _frames(im)
+    if frames > 1:
+        warnings.warn(FramesWarning(f"input has {frames} frames (an animation or pages); nic codes the first"),
+                      stacklevel=2)
     return (pixels_from_image(im, background), *image_metadata(im))
+
+
+def _frames(im: Image.Image) -> int:
+    """How many frames an opened image has (1 where Pillow cannot tell), its first one
+    current again after counting."""
+    try:
+        frames = int(getattr(im, "n_frames", 1))
+        if frames > 1:
+            im.seek(0)
+        return frames
+    except (OSError, ValueError, EOFError, TypeError):
+        return 1
 
 
 def read_image(data: bytes, background: str | None = None, max_pixels: int | None = None) -> np.ndarray:
