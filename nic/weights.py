@@ -216,15 +216,15 @@ class LazyArrays(Mapping):
     file whose record of the zip's directory still holds: :func:`_lazy`) straight from
     the file, without parsing the zip's directory."""
 
-    def __init__(self, path: Path, direct: dict[str, tuple[int, int, int]] | None = None):
-        self._direct = direct
+    def __init__(self, path: Path, direct: tuple | None = None):
+        self._path = path
         if direct is None:
-            self._archive = _archive(path)
+            self._archive, self._direct = _archive(path), None
             infos = {info.filename: info.file_size for info in self._archive.infolist()}
-        else:
+        else:  # (the file, open, whose directory was checked; the members)
             self._archive = None
-            self._fd = _descriptor(str(Path(path).resolve()), _identity(os.stat(path)))
-            infos = {name: size for name, (_, size, _) in direct.items()}
+            self._file, self._direct = direct
+            infos = {name: size for name, (_, size, _) in self._direct.items()}
         self._names = {name[:-4]: name for name in infos if name.endswith(".npy")}
         self._sizes = {name[:-4]: size for name, size in infos.items() if name.endswith(".npy")}
         self._loaded: dict[str, np.ndarray] = {}
@@ -236,8 +236,25 @@ class LazyArrays(Mapping):
                 raise KeyError(name)
             with self._lock:
                 if name not in self._loaded:
-                    self._loaded[name] = self._read(self._names[name], whole=True)
+                    self._loaded[name] = self._guarded(self._names[name], whole=True)
         return self._loaded[name]
+
+    def _guarded(self, filename: str, whole: bool):
+        """:meth:`_read`, a damaged member a WeightsError (it may be read mid-encode). A
+        member that fails a direct read is read again through zipfile: the digest file
+        may be the damaged one."""
+        errors = (OSError, EOFError, zipfile.BadZipFile, zlib.error, ValueError)
+        try:
+            return self._read(filename, whole)
+        except errors as exc:
+            failure = exc
+        if self._direct is not None:
+            try:
+                self._archive, self._direct = _archive(self._path), None
+                return self._read(filename, whole)
+            except errors as exc:
+                failure = exc
+        raise WeightsError(f"{self._path}: not a valid weights file ({filename} is damaged: {failure})") from None
 
     def member_size(self, name: str) -> int:
         """The bytes of an array's .npy member (its header included)."""
@@ -250,7 +267,7 @@ class LazyArrays(Mapping):
         if name not in self._names:
             raise KeyError(name)
         with self._lock:
-            return self._read(self._names[name], whole=False)
+            return self._guarded(self._names[name], whole=False)
 
     _HEADER_BYTES = 4096
     """What a direct read takes to find an array's header (numpy writes ~128 bytes)."""
@@ -258,9 +275,9 @@ class LazyArrays(Mapping):
     def _bytes(self, filename: str, whole: bool) -> bytes:
         """A member's bytes read directly: whole (its CRC-32 checked) or its start."""
         crc, size, offset = self._direct[filename]
-        data = os.pread(self._fd, size if whole else min(size, self._HEADER_BYTES), offset)
+        data = os.pread(self._file.fileno(), size if whole else min(size, self._HEADER_BYTES), offset)
         if whole and (len(data) != size or zlib.crc32(data) != crc):
-            raise zipfile.BadZipFile(f"Bad CRC-32 for file {filename!r}")
+            raise zipfile.BadZipFile("bad CRC-32")
         return data
 
     def _open(self, filename: str, data: bytes | None):
@@ -304,23 +321,33 @@ class LazyArrays(Mapping):
         return len(self._names)
 
 
-@lru_cache(maxsize=16)
-def _descriptor(path: str, identity: tuple[int, ...]) -> int:
-    """A file descriptor of ``path`` kept open for the process (as :func:`_opened`'s)."""
-    return os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-
-
-def _direct(path: Path, record: dict) -> dict[str, tuple[int, int, int]] | None:
-    """Each member's (CRC-32, size, data offset) from a digest ``record``, where it has
-    them and ``path``'s central directory is still the one it records (its SHA-256: the
-    names, CRCs, sizes and places of every member); None otherwise."""
+def _direct(path: Path, record: dict) -> tuple | None:
+    """(``path`` open, each member's (CRC-32, size, data offset)) from a digest ``record``
+    that has them, well formed, while the file's central directory is still the one it
+    records (its SHA-256: the names, CRCs, sizes and places of every member); None
+    otherwise (the reader then checks the zip's own member list)."""
     members, directory = record.get("members"), record.get("directory")
-    if not hasattr(os, "pread") or directory is None or any(len(member) != 4 for member in members):
+    if not hasattr(os, "pread") or not isinstance(members, list) or directory is None:
         return None
-    with open(path, "rb") as f:
-        if _directory(f) != directory:
+    found: dict[str, tuple[int, int, int]] = {}
+    for member in members:
+        if not (isinstance(member, list) and len(member) == 4 and isinstance(member[0], str)
+                and all(type(value) is int for value in member[1:])):
             return None
-    return {name: (crc, size, offset) for name, crc, size, offset in members}
+        name, crc, size, offset = member
+        if name in found or not (0 <= crc < 1 << 32 and size >= 0 and offset >= 0):
+            return None
+        found[name] = (crc, size, offset)
+    f = open(path, "rb")
+    try:
+        place = _directory(f)
+        if place != directory or any(offset + size > place[0] for _, size, offset in found.values()):
+            f.close()
+            return None
+    except BaseException:
+        f.close()
+        raise
+    return f, found
 
 
 def _lazy(path: Path) -> tuple[LazyArrays, bytes] | None:
@@ -350,11 +377,16 @@ def _lazy_checked(path: str, file_identity: tuple[int, ...], digest_identity: tu
     try:
         record = json.loads(digest_path(path).read_text())
         digest = bytes.fromhex(record["weights_hash"])
-        if len(digest) != 8 or sum(member[2] for member in record["members"]) > MAX_WEIGHTS_BYTES:
+        if len(digest) != 8:
             return None
         direct = _direct(path, record)
         if direct is not None:
+            if sum(size for _, size, _ in direct[1].values()) > MAX_WEIGHTS_BYTES:
+                direct[0].close()
+                return None
             return LazyArrays(path, direct), digest
+        if sum(member[2] for member in record["members"]) > MAX_WEIGHTS_BYTES:
+            return None
         arrays = LazyArrays(path)
         if [member[:3] for member in record["members"]] != _members(arrays._archive):
             return None
@@ -500,17 +532,19 @@ def _installed_with(digest: bytes, folder: Path, lazily: bool, family_fits):
 def _load_path(path: str, mtime: float, coding: bool):
     from .families import from_arrays, load, reads_lazily
 
-    lazy = _lazy(Path(path)) if coding else None
-    if lazy is not None and reads_lazily(lazy[0]):
-        arrays, digest = lazy
-    else:
-        arrays, digest = _read_and_hash(Path(path))
-    arrays = _with_base(arrays, Path(path).parent, lazy is not None)
     try:
+        lazy = _lazy(Path(path)) if coding else None
+        if lazy is not None and reads_lazily(lazy[0]):
+            arrays, digest = lazy
+        else:
+            arrays, digest = _read_and_hash(Path(path))
+        arrays = _with_base(arrays, Path(path).parent, lazy is not None)
         model = (load if coding else from_arrays)(arrays)
+    except WeightsError:
+        raise
     except ValueError as exc:
         raise WeightsError(f"{path}: {exc}") from None
-    except (TypeError, IndexError, RuntimeError, MemoryError) as exc:
+    except (TypeError, IndexError, RuntimeError, MemoryError, OverflowError, AttributeError) as exc:
         # A config the network cannot be built from (wrong types, negative or absurd sizes).
         raise WeightsError(f"{path}: not a valid weights file ({type(exc).__name__}: {exc})") from None
     except (OSError, zipfile.BadZipFile) as exc:  # a member read on use is unreadable or fails its CRC
@@ -585,7 +619,8 @@ def _peek_model_id(path: str, mtime: float) -> int | None:
         with _READING, archive.open("config.npy") as member:
             config = np.lib.format.read_array(member, allow_pickle=False)
         return model_id_of({"config": config})
-    except (ValueError, OSError, KeyError, zipfile.BadZipFile, EOFError, MemoryError):
+    except (ValueError, OSError, KeyError, zipfile.BadZipFile, EOFError, MemoryError, TypeError, OverflowError,
+            AttributeError):
         return None  # load_weights says what is wrong, if this file is ever picked
 
 

@@ -96,6 +96,30 @@ def test_a_digest_file_of_the_earlier_form_still_serves(tiny_weights, tmp_path):
     assert found == digest and isinstance(model._arrays, LazyArrays) and model._arrays._archive is not None
 
 
+@pytest.mark.parametrize("damage", ["offset", "type", "size"])
+def test_a_damaged_digest_file_costs_speed_not_the_weights(tiny_weights, tmp_path, damage):
+    """Members the digest places wrongly are read through zipfile; malformed ones (a
+    string offset, a negative size) make the reader check the zip's own member list."""
+    import json
+
+    from nic.weights import digest_path
+
+    path, digest = _copy_with_digest(tiny_weights, tmp_path)
+    record = json.loads(digest_path(path).read_text())
+    for member in record["members"]:
+        if damage == "offset":
+            member[3] += 1
+        elif damage == "type":
+            member[3] = str(member[3])
+        else:
+            member[2] = -member[2]
+    digest_path(path).write_text(json.dumps(record))
+    weights._lazy_checked.cache_clear()
+    model, found = load_weights(path, coding=True)
+    expected = read_arrays(path.read_bytes())
+    assert found == digest and np.array_equal(model._arrays["g_s.0.weight"], expected["g_s.0.weight"])
+
+
 def test_a_digest_file_that_no_longer_matches_is_ignored(tiny_weights, tmp_path):
     """Weights rewritten beside an old digest file: their own hash, from their content."""
     from nic.weights import LazyArrays
