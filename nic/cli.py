@@ -750,12 +750,14 @@ def _overlay_rows(substreams, header) -> list[tuple[str, str]]:
 
 def _pixel_rows(substreams) -> list[tuple[str, str]]:
     """``nic info``'s lines on a pixels file: no weights, its step and its predictor."""
-    from .pixels import GRADIENT, parameters_in
+    from .pixels import GRADIENT, INTERLEAVED, PLANES, parameters_in
 
     step, predictor, _ = parameters_in(substreams)
+    coding = {GRADIENT: ("pixel predictor", "gradient"), INTERLEAVED: ("pixel coding", "dictionary (LZMA2), interleaved"),
+              PLANES: ("pixel coding", "dictionary (LZMA2), plane by plane")}
     return [("weights", "none (the pixels family has no model)"),
             ("pixel step", f"{step} (lossless)" if step == 1 else f"{step} (every pixel within ±{step // 2})"),
-            ("pixel predictor", "gradient" if predictor == GRADIENT else "median (the first version's)")]
+            coding.get(predictor, ("pixel predictor", "median (the first version's)"))]
 
 
 @cli.command()

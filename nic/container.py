@@ -26,7 +26,8 @@ the payload is one substream: the latents ŷ, of the header's latent shape. In
 version 2 the payload is a list of substreams, each range-coded on its own, with its
 own escapes (the hyperprior family writes ẑ, then ŷ, after an overlay's tile map and
 pixel substreams where it has pixel tiles over the model's, :mod:`nic.overlay`; the
-pixels family its step, predictor and tables, then the pixels' indices, :mod:`nic.pixels`):
+pixels family its step, predictor and tables, then the pixels' indices, range-coded, or
+in its dictionary codings the quantized pixel values as one LZMA2 stream, :mod:`nic.pixels`):
 
 | offset | size   | field        | meaning                                                 |
 |-------:|-------:|--------------|---------------------------------------------------------|

@@ -25,7 +25,8 @@ slices and a checkerboard, computed by exact integer networks (the \fBhyperprior
 family); \fB\-\-model factorized\fR encodes with the learned factorized entropy model of
 the 2017 paper instead. Where the learned transforms cannot follow the image (text,
 line art, screenshots, flat colour), the default stores the pixels themselves,
-losslessly or each within a step (the \fBpixels\fR family), whenever that file is worth
+losslessly or each within a step (the \fBpixels\fR family: predicted pixel by pixel, or
+as one LZMA2 stream that finds repeated glyphs, icons and patterns), whenever that file is worth
 its bits (lower rate + lambda x distortion than the model's, at most 1.5 times its size); \fB\-\-model pixels\fR forces it (lossless at
 \fB\-q 8\fR). Decoding follows the file.
 .PP

@@ -45,13 +45,22 @@ Payload (format version 2): two substreams,
 | ``pixl`` | (1, latent rows, columns) | the range-coded indices, plane after plane: pass A's, the first row as one part and then one part per row, then pass B's, one part per band (:func:`_pass_b_pieces`) |
 
 A reader older than the GRADIENT predictor takes ``EXTENDED`` for a step and refuses the
-file ("pset gives step 0") instead of decoding it wrongly. Images above ``MAX_PIXELS``
+file ("pset gives step 0") instead of decoding it wrongly.
+
+The dictionary codings (``INTERLEAVED``, ``PLANES`` in place of the predictor) skip the
+scan: ``pset`` is EXTENDED, the coding and the step, with no tables, and ``pixl`` one
+LZMA2 stream (raw, fixed dictionary: ``DICTIONARY_BYTES``) of the pixel values quantized
+to the step, zero-padded to 4 bytes. The scan predicts each pixel from its neighbours
+and cannot see a glyph, an icon or a stripe repeated elsewhere; LZMA2's matches can (2-50x
+fewer bits on text, screenshots, line art and patterns: docs/results/hard-content.md,
+section 9). The encoder tries it lossless and keeps whichever file is cheaper. Images above ``MAX_PIXELS``
 pixels are not coded this way (the decoder holds the whole
 image); a file that claims one is refused. Math only: no I/O.
 """
 
 from __future__ import annotations
 
+import lzma
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from typing import Callable
@@ -94,6 +103,20 @@ EXTENDED = 0
 """A ``pset`` that begins with this byte (a step no reader accepts) gives the predictor
 in its second byte and the step in its third; one that begins with the step (1..255)
 has the MEDIAN predictor."""
+INTERLEAVED, PLANES = 2, 3
+"""The dictionary codings, in place of a predictor: no scan and no tables, the pixel
+values quantized to the step, q = ⌊(x + ⌊(step − 1)/2⌋) / step⌋ (decoded min(q·step,
+255): within ±⌊step/2⌋), as bytes in the image's order, the channels of a pixel side by
+side (INTERLEAVED) or plane after plane (PLANES), compressed as one LZMA2 stream (raw,
+with a DICTIONARY_BYTES dictionary, fixed by the format, so that no file can make the
+decoder allocate more). Repeated glyphs, icons, hatching and stripes cost nearly
+nothing this way; the predictive scan cannot see them (docs/results/hard-content.md
+section 9). Readers older than these codings refuse such a file ("predictor 2")."""
+DICTIONARIES = (INTERLEAVED, PLANES)
+DICTIONARY_BYTES = 1 << 23
+DICTIONARY_PRESET = 2
+"""The encoder's LZMA2 preset: 6 saves another 3-10 % for 3-5x the time (768x512:
+15-90 ms at 2)."""
 BAND_PIXELS = 1 << 17
 """Pass B runs a band of rows at a time, as many as hold about this many pixels (a row
 wider than that in parts of this many of its pass-B pixels)."""
@@ -490,7 +513,8 @@ class Trial:
     histogram: np.ndarray  # int64 (parts · CONTEXTS, 2·SPAN + 1)
     parts: list  # (part, indices int16, contexts uint8) in coding order, if kept
     columns: tuple[np.ndarray, np.ndarray] | None = None  # (bits, squared error) of each column, if asked
-    predictor: int = GRADIENT
+    predictor: int = GRADIENT  # or a dictionary coding (DICTIONARIES), whose bytes are ``packed``
+    packed: bytes | None = None
 
     @cached_property
     def specs(self) -> list:
@@ -499,6 +523,8 @@ class Trial:
 
     def bits(self) -> float:
         """Code length of the indices, the parameters and the tables' description, in bits."""
+        if self.packed is not None:
+            return 8.0 * (len(_parameters(self.step, self.predictor)) + len(self.packed) + 3)
         described = len(_parameters(self.step, self.predictor)) + sum(len(_spec_bytes(spec)) for spec, _ in self.specs)
         return 8.0 * described + sum(b for _, b in self.specs)
 
@@ -601,6 +627,10 @@ def _latent_grid(height: int, width: int) -> tuple[int, int]:
 
 def encode_trial(found: Trial, height: int, width: int) -> list[Substream]:
     """The substreams of a trial of ``height`` x ``width`` pixels, kept for coding."""
+    if found.packed is not None:
+        head = _parameters(found.step, found.predictor)
+        return [Substream(b"pset", (1, 1, 1), head + bytes(-len(head) % 4)),
+                Substream(b"pixl", (1, *_latent_grid(height, width)), found.packed + bytes(-len(found.packed) % 4))]
     if not found.parts:
         raise ValueError("the trial was not kept for coding")
     specs = [spec for spec, _ in found.specs]
@@ -620,14 +650,18 @@ def step_of(quality: float) -> int:
 
 def compress(model: Model, source, quality: int, effort: int = 1, progress=None, spill_bytes=None,
              step: int | None = None) -> list[Substream]:
-    """The substreams of a uint8 image (H, W, 1|3) at the quality's step (or ``step``)."""
+    """The substreams of a uint8 image (H, W, 1|3) at the quality's step (or ``step``), in
+    the smaller of the scan's coding and the dictionary coding (each pixel within
+    ±step/2 either way)."""
     if not isinstance(source, np.ndarray):
         raise ValueError("the pixels family codes images held in memory (at most "
                          f"{MAX_PIXELS} pixels)")
     height, width = source.shape[:2]
     if height * width > MAX_PIXELS:
         raise ValueError(f"the pixels family codes images of at most {MAX_PIXELS} pixels")
-    return encode_trial(trial(source, step or step_of(quality), keep=True), height, width)
+    step = step or step_of(quality)
+    scanned, packed = trial(source, step, keep=True), dictionary_trial(source, step)
+    return encode_trial(packed if packed.bits() < scanned.bits() else scanned, height, width)
 
 
 KEEP_PIXELS = 1 << 22
@@ -725,27 +759,121 @@ def lossless_bits(pixels: np.ndarray, above: float = np.inf) -> float:
     return factor * sum(sum(b for _, b in map(_choose, h)) for h in histograms)
 
 
+def _quantized_values(pixels: np.ndarray, step: int) -> np.ndarray:
+    """The dictionary codings' values q of uint8 pixels at ``step`` (uint8)."""
+    if step == 1:
+        return pixels
+    return ((pixels.astype(np.int32) + (step - 1) // 2) // step).astype(np.uint8)
+
+
+def _dictionary_bytes(values: np.ndarray, coding: int) -> bytes:
+    """(H, W, C) values in a dictionary coding's order."""
+    return (values if coding == INTERLEAVED else values.transpose(2, 0, 1)).tobytes()
+
+
+def dictionary_trial(pixels: np.ndarray, step: int = 1) -> Trial:
+    """The pixels (H, W, 1|3) in the smaller of the dictionary codings (DICTIONARIES) at
+    ``step``, kept for coding."""
+    values = _quantized_values(pixels, step)
+    squared = 0
+    if step > 1:
+        decoded = np.minimum(values.astype(np.int32) * step, 255)
+        squared = int(np.sum((decoded - pixels) ** 2, dtype=np.int64))
+    filters = [{"id": lzma.FILTER_LZMA2, "preset": DICTIONARY_PRESET, "dict_size": DICTIONARY_BYTES}]
+    found = None
+    for coding in (INTERLEAVED, PLANES) if pixels.shape[2] > 1 else (INTERLEAVED,):
+        packed = lzma.compress(_dictionary_bytes(values, coding), format=lzma.FORMAT_RAW, filters=filters)
+        if found is None or len(packed) < len(found.packed):
+            found = Trial(step, squared, np.zeros((0, 2 * SPAN + 1), np.int64), [], predictor=coding, packed=packed)
+    return found
+
+
+def _unpacked(data: bytes, height: int, width: int, planes: int, coding: int) -> np.ndarray:
+    """A dictionary coding's values (H, W, planes) uint8 from its LZMA2 stream; FormatError
+    where it is corrupt, or holds more or fewer values than the image has."""
+    expected = height * width * planes
+    reader = lzma.LZMADecompressor(format=lzma.FORMAT_RAW,
+                                   filters=[{"id": lzma.FILTER_LZMA2, "dict_size": DICTIONARY_BYTES}])
+    try:
+        raw = reader.decompress(data, max_length=expected)
+        if len(raw) == expected and not reader.eof:  # the stream's end marker, after the values
+            raw += reader.decompress(b"", max_length=1)
+    except lzma.LZMAError:
+        raise FormatError("substream pixl is corrupt (its LZMA2 stream)") from None
+    # The substream is padded to whole words with zeros after the stream's end.
+    if len(raw) != expected or not reader.eof or len(reader.unused_data) > 3 or any(reader.unused_data):
+        raise FormatError(f"substream pixl holds other than the {expected} values of the image")
+    values = np.frombuffer(raw, dtype=np.uint8)
+    if coding == INTERLEAVED:
+        return values.reshape(height, width, planes)
+    return values.reshape(planes, height, width).transpose(1, 2, 0)
+
+
+DICTIONARY_SAMPLE = 1 << 17
+"""Bytes of an image's rows that :func:`cheapest` deflates (zlib level 1) to tell whether
+a dictionary coding could be small where the scan's estimate says it is not (a photo's
+answer, ~2-3 ms at 768x512)."""
+
+
+def _dictionary_estimate(pixels: np.ndarray) -> float:
+    """Bits that a dictionary coding might take, from the deflated size of about
+    DICTIONARY_SAMPLE bytes of the image's rows (evenly spaced bands), scaled."""
+    import zlib
+
+    row = pixels.shape[1] * pixels.shape[2]
+    band = max(1, min(pixels.shape[0], 16))
+    bands = max(1, min(pixels.shape[0] // band, DICTIONARY_SAMPLE // (row * band) or 1))
+    starts = np.linspace(0, pixels.shape[0] - band, bands).astype(int)
+    sample = np.concatenate([pixels[a:a + band] for a in starts])
+    return 8.0 * len(zlib.compress(sample.tobytes(), 1)) * pixels.shape[0] / sample.shape[0]
+
+
 WALK = 4
 """Coarser steps :func:`cheapest` scans past the finest one that fits, while the cost falls."""
 
 
 def cheapest(pixels: np.ndarray, gate_bits: float, limit_bits: float, cost: Callable[[Trial], float | None]
              ) -> Trial | None:
-    """A trial (kept) of the ladder step of least ``cost(trial)`` (None: not a choice)
-    among those whose code fits in ``limit_bits``, or None. A photo costs an estimate:
-    the search stops where the lossless code is more than :data:`LOSSLESS_GATE` times
-    ``gate_bits`` (the model's file). Other images cost a scan at step 1 where the
-    estimate fits the limit (taken as it is where it fits ``gate_bits``: exact, and no
-    larger than the model's), else a bisection for the finest step that fits (sizes fall
-    with the step only roughly: a step that fits, not always the finest), then a scan
-    per coarser step not scanned yet, up to :data:`WALK` of them, until one costs more
-    than the best so far."""
+    """A trial (kept) of least ``cost(trial)`` (None: not a choice) among those whose
+    code fits in ``limit_bits``: the dictionary coding's, lossless (:func:`dictionary_trial`;
+    taken as it is where it fits ``gate_bits``: exact, and no larger than the model's),
+    and the scan's, at a step of the ladder (:func:`_scanned_cheapest`); or None. A photo
+    costs two estimates: where both the scan's lossless code and the dictionary's
+    (:func:`_dictionary_estimate`) are more than :data:`LOSSLESS_GATE` times
+    ``gate_bits`` (the model's file), nothing is tried."""
     height, width = pixels.shape[:2]
     if height * width > MAX_PIXELS:
         return None
-    estimate = lossless_bits(pixels, above=LOSSLESS_GATE * gate_bits)
-    if estimate > LOSSLESS_GATE * gate_bits:
-        return None
+    gate = LOSSLESS_GATE * gate_bits
+    estimate = lossless_bits(pixels, above=gate)
+    options = []
+    if estimate <= gate or _dictionary_estimate(pixels) <= gate:
+        packed = dictionary_trial(pixels)
+        if packed.bits() <= gate_bits:  # exact, in no more bits than the model's file: kept, or the scan's if smaller
+            if estimate < packed.bits():  # flat colour, gradients: the scan's lossless code may be smaller still
+                lossless = trial(pixels, 1, keep=True)
+                if lossless.bits() < packed.bits():
+                    return lossless
+            return packed
+        if packed.bits() <= limit_bits:
+            options.append(packed)
+    if estimate <= gate:
+        options.append(_scanned_cheapest(pixels, estimate, gate_bits, limit_bits, cost))
+    priced = [(price, n, found) for n, found in enumerate(options)
+              if found is not None and (price := cost(found)) is not None]
+    return min(priced)[2] if priced else None
+
+
+def _scanned_cheapest(pixels: np.ndarray, estimate: float, gate_bits: float, limit_bits: float,
+                      cost: Callable[[Trial], float | None]) -> Trial | None:
+    """The scan's trial (kept) of the ladder step of least ``cost(trial)`` among those
+    whose code fits in ``limit_bits``, or None: a scan at step 1 where the lossless
+    ``estimate`` fits the limit (taken as it is where it fits ``gate_bits``: exact, and
+    no larger than the model's), else a bisection for the finest step that fits (sizes
+    fall with the step only roughly: a step that fits, not always the finest), then a
+    scan per coarser step not scanned yet, up to :data:`WALK` of them, until one costs
+    more than the best so far."""
+    height, width = pixels.shape[:2]
     keep = height * width <= KEEP_PIXELS
     # The bisection's scans that fit and lie within the walk's reach of the finest so far:
     # the walk comes back to them (a few at a time, however large the image).
@@ -806,7 +934,7 @@ def parameters_in(substreams: list[Substream]) -> tuple[int, int, int]:
         if len(data) < 3:
             raise FormatError("substream pset ends inside its parameters")
         predictor, step, at = data[1], data[2], 3
-        if predictor != GRADIENT:  # MEDIAN has one spelling: the step alone
+        if predictor != GRADIENT and predictor not in DICTIONARIES:  # MEDIAN has one spelling: the step alone
             raise FormatError(f"substream pset gives predictor {predictor}, which this nic does not know")
     if not 1 <= step <= MAX_STEP:
         raise FormatError(f"substream pset gives step {step} (1..{MAX_STEP})")
@@ -821,7 +949,7 @@ def _read_parameters(stream: Substream, planes: int) -> tuple[int, int, list]:
     step, predictor, at = parameters_in([stream])
     specs = []
     try:
-        for _ in range(planes * PASSES * CONTEXTS):
+        for _ in range(0 if predictor in DICTIONARIES else planes * PASSES * CONTEXTS):
             spec, at = _parse_spec(data, at)
             specs.append(spec)
     except IndexError:
@@ -844,6 +972,16 @@ def decompress(model: Model, quality: int, height: int, width: int, gray: bool, 
     expect_substreams(substreams, [(b"pset", (1, 1, 1)), (b"pixl", (1, *_latent_grid(height, width)))])
     step, predictor, specs = _read_parameters(substreams[0], planes)
     payload = substreams[1]
+    if predictor in DICTIONARIES:
+        values = _unpacked(payload.data, height, width, planes, predictor)
+        if on_latents is not None:
+            on_latents(LatentStore((planes, height, width), array=values.transpose(2, 0, 1).astype(np.int32)))
+        decoded = values if step == 1 else np.minimum(values.astype(np.int32) * step, 255).astype(np.uint8)
+        for start in range(0, height, 256):
+            sink(decoded[start:start + 256])
+            if progress is not None:
+                progress(min(height, start + 256), height)
+        return
     coded, position = _tables_of(specs)
     try:
         reader = IndexedCoder(coded).decoder(payload.data)

@@ -303,6 +303,23 @@ def test_pixels_files_of_the_median_predictor_keep_decoding(threads, quality):
     assert {k: v for k, v in recorded.items() if k != "weights_hash"} == pixels_integers(data)
 
 
+@pytest.mark.parametrize("name", ["pixels-dictionary-q8", "pixels-dictionary-step3", "pixels-dictionary-interleaved"])
+def test_pixels_files_of_the_dictionary_codings_keep_decoding(threads, name):
+    """Files of the pixels family's dictionary codings (nic.pixels.DICTIONARIES: LZMA2 of
+    the quantized pixel values, plane by plane or interleaved; lossless, and at step 3),
+    kept as they were made and never re-made (another liblzma may compress the same values
+    to other bytes), decode to the same values and pixels."""
+    from nic import pixels
+
+    path = GOLDEN.parent / f"{name}.nic"
+    data = path.read_bytes()
+    recorded = json.loads(path.with_suffix(".json").read_text())
+    assert pixels.parameters_in(container.unpack(data).substreams())[1] == recorded["coding"]
+    threads(2)
+    assert {k: v for k, v in recorded.items() if k not in ("weights_hash", "made_on", "coding")} == \
+        pixels_integers(data)
+
+
 def overlay_integers(model, data: bytes) -> dict:
     """SHA-256 of what a file with pixel tiles decodes to in integers: the tile map, the
     tiles' packed pixels and the model's residuals."""

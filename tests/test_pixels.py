@@ -50,10 +50,17 @@ def test_every_pixel_comes_back_within_half_a_step(step):
         assert np.abs(decoded.astype(int) - image).max() <= step // 2
 
 
+def _scanned_file(image: np.ndarray, step: int, quality: int = 6) -> bytes:
+    """A pixels file of the scan's coding (not the dictionary's, whichever is smaller)."""
+    substreams = pixels.encode_trial(pixels.trial(image, step, keep=True), *image.shape[:2])
+    return b"".join(api._file_parts(pixels.MODEL, pixels.NO_WEIGHTS, quality, image.shape[2], image.shape[1],
+                                    image.shape[0], substreams, None, None, False))
+
+
 def test_the_encoders_estimate_is_the_code_length():
     image = drawing()
     found = pixels.trial(image, 3)
-    _, substreams = _round_trip(image, 3)
+    substreams = pixels.encode_trial(pixels.trial(image, 3, keep=True), *image.shape[:2])
     coded = sum(len(s.data) for s in substreams)
     assert abs(coded - found.bits() / 8) <= 8
 
@@ -119,9 +126,12 @@ def test_default_encoder_codes_a_drawing_as_pixels_and_a_photo_with_the_model(ti
         photo, 4, tiny_hyperprior_weights, family="hyperprior")
 
 
-def test_a_larger_pixels_file_is_taken_where_it_is_worth_its_bits():
-    """Black text at quality 4, shipped weights: the pixels family's file is larger than
-    the model's, within api.GROWTH of it, and better by more than api.SLOPE dB per doubling."""
+def test_a_larger_pixels_file_is_taken_where_it_is_worth_its_bits(monkeypatch):
+    """Black text at quality 4, shipped weights, the scan alone (its dictionary coding
+    left out): the pixels family's file is larger than the model's, within api.GROWTH of
+    it, and better by more than api.SLOPE dB per doubling."""
+    huge = pixels.Trial(1, 0, np.zeros((0, 1)), [], predictor=pixels.INTERLEAVED, packed=bytes(1 << 20))
+    monkeypatch.setattr(pixels, "dictionary_trial", lambda image, step=1: huge)
     text = np.ascontiguousarray(hardset.generate(["text-black"])["text-black"][:128, :192])
     model_file = api.encode_pixels(text, 4, family="hyperprior")
     chosen = api.encode_pixels(text, 4)
@@ -196,9 +206,11 @@ def test_explicit_family_through_the_cli(tmp_path):
     result = runner.invoke(cli, ["decode", str(tmp_path / "a.nic"), "-o", str(tmp_path / "b.png")])
     assert result.exit_code == 0, result.output
     assert np.array_equal(np.asarray(Image.open(tmp_path / "b.png")), drawing())
-    result = runner.invoke(cli, ["info", str(tmp_path / "a.nic")])
-    assert "pixels" in result.output and "pixel predictor  gradient" in result.output
-    median = runner.invoke(cli, ["info", str(Path(__file__).parent / "golden" / "pixels-median-q3.nic")])
+    result = runner.invoke(cli, ["info", str(tmp_path / "a.nic")])  # a few lines: the dictionary's smaller
+    assert "pixels" in result.output and "pixel coding    dictionary (LZMA2)" in result.output
+    golden = Path(__file__).parent / "golden"
+    assert "pixel predictor  gradient" in runner.invoke(cli, ["info", str(golden / "pixels-q8.nic")]).output
+    median = runner.invoke(cli, ["info", str(golden / "pixels-median-q3.nic")])
     assert "pixel predictor  median" in median.output
     result = runner.invoke(cli, ["encode", str(source), "--model", "pixels", "--weights", "x.npz",
                                  "-o", str(tmp_path / "c.nic")])
@@ -217,9 +229,54 @@ def _pset(body: bytes) -> Substream:
     return Substream(b"pset", (1, 1, 1), body + bytes(-len(body) % 4))
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("step", [1, 3, 40])
+def test_the_dictionary_coding_round_trips_within_half_a_step(channels, step):
+    """Pixel values quantized to the step and LZMA2-coded (no scan): exact at step 1,
+    each pixel within ±step/2 otherwise, the whole file's bits what the trial said."""
+    image = drawing(37, 53)[..., :channels] if channels == 3 else drawing(37, 53)[..., 1:2]
+    found = pixels.dictionary_trial(image, step)
+    assert found.predictor in pixels.DICTIONARIES
+    substreams = pixels.encode_trial(found, 37, 53)
+    assert 8 * sum(len(s.data) for s in substreams) <= found.bits() + 8 * 4
+    decoded: list = []
+    pixels.decompress(pixels.MODEL, 4, 37, 53, channels == 1, substreams, decoded.append)
+    error = np.concatenate(decoded).astype(int) - image
+    assert np.abs(error).max() <= step // 2 and int(np.sum(error ** 2)) == found.squared_error
+
+
+def test_the_default_codes_repeated_text_with_the_dictionary():
+    """Text repeats its glyphs, which the scan cannot see: the default's file for black
+    text at q4 is lossless, in a dictionary coding, and smaller than the scan's lossless."""
+    text = np.ascontiguousarray(hardset.generate(["text-black"])["text-black"][:128, :192])
+    chosen = api.encode_pixels(text, 4)
+    substreams = container.unpack(chosen).substreams()
+    assert pixels.parameters_in(substreams)[1] in pixels.DICTIONARIES
+    assert np.array_equal(api.decode_pixels(chosen).pixels, text)
+    assert 8 * len(chosen) < pixels.trial(text, 1).bits()
+
+
+def test_hostile_dictionary_streams_fail_with_one_message():
+    image = drawing(24, 32)
+    found = pixels.dictionary_trial(image)
+    pset, pixl = pixels.encode_trial(found, 24, 32)
+    data = found.packed
+    cases = {  # garbage, another image's values, a stream cut short, a non-zero byte after its end
+        "garbage": data[:9] + bytes(len(data) - 9),
+        "another image's": pixels.dictionary_trial(drawing(24, 31)).packed,
+        "cut short": data[:len(data) // 2],
+        "run on": data + b"\1",
+    }
+    for name, payload in cases.items():
+        stream = Substream(b"pixl", pixl.shape, payload + bytes(-len(payload) % 4))
+        with pytest.raises(FormatError) as caught:
+            pixels.decompress(pixels.MODEL, 4, 24, 32, False, [pset, stream], lambda rows: None)
+        assert str(caught.value).startswith("substream pixl ") and "\n" not in str(caught.value), name
+
+
 def test_hostile_files_fail_with_one_message(tmp_path):
     image = drawing(24, 32)
-    data = api.encode_pixels(image, 6, family="pixels")
+    data = _scanned_file(image, pixels.STEPS[6])
     pset, pixl = container.unpack(data).substreams()
     cases = {
         "step 0": [_pset(pset.data[:2] + b"\0" + pset.data[3:]), pixl],
