@@ -53,7 +53,10 @@ LZMA2 stream (raw, fixed dictionary: ``DICTIONARY_BYTES``) of the pixel values q
 to the step, zero-padded to 4 bytes. The scan predicts each pixel from its neighbours
 and cannot see a glyph, an icon or a stripe repeated elsewhere; LZMA2's matches can (2-50x
 fewer bits on text, screenshots, line art and patterns: docs/results/hard-content.md,
-section 9). The encoder tries it lossless and keeps whichever file is cheaper. Images above ``MAX_PIXELS``
+section 9). The default encoder tries it lossless and keeps whichever file is cheaper;
+``--model pixels`` (:func:`compress`) takes the smaller coding at its step. Pixel tiles
+over a model's file (nic.overlay) decode in either coding; the encoder writes them with
+the scan. Images above ``MAX_PIXELS``
 pixels are not coded this way (the decoder holds the whole
 image); a file that claims one is refused. Math only: no I/O.
 """
@@ -523,8 +526,9 @@ class Trial:
 
     def bits(self) -> float:
         """Code length of the indices, the parameters and the tables' description, in bits."""
-        if self.packed is not None:
-            return 8.0 * (len(_parameters(self.step, self.predictor)) + len(self.packed) + 3)
+        if self.packed is not None:  # pset and pixl as written: each zero-padded to whole words
+            head, body = len(_parameters(self.step, self.predictor)), len(self.packed)
+            return 8.0 * (head + -head % 4 + body + -body % 4)
         described = len(_parameters(self.step, self.predictor)) + sum(len(_spec_bytes(spec)) for spec, _ in self.specs)
         return 8.0 * described + sum(b for _, b in self.specs)
 
@@ -812,7 +816,8 @@ def _unpacked(data: bytes, height: int, width: int, planes: int, coding: int) ->
 DICTIONARY_SAMPLE = 1 << 17
 """Bytes of an image's rows that :func:`cheapest` deflates (zlib level 1) to tell whether
 a dictionary coding could be small where the scan's estimate says it is not (a photo's
-answer, ~2-3 ms at 768x512)."""
+answer, ~2-3 ms at 768x512). Deflate looks 32 KB back where LZMA2 looks 8 MiB: content
+that repeats only from further away is underestimated and not tried."""
 
 
 def _dictionary_estimate(pixels: np.ndarray) -> float:
@@ -974,9 +979,9 @@ def decompress(model: Model, quality: int, height: int, width: int, gray: bool, 
     payload = substreams[1]
     if predictor in DICTIONARIES:
         values = _unpacked(payload.data, height, width, planes, predictor)
-        if on_latents is not None:
-            on_latents(LatentStore((planes, height, width), array=values.transpose(2, 0, 1).astype(np.int32)))
-        decoded = values if step == 1 else np.minimum(values.astype(np.int32) * step, 255).astype(np.uint8)
+        if on_latents is not None:  # the values themselves, uint8, not copied
+            on_latents(LatentStore((planes, height, width), array=values.transpose(2, 0, 1)))
+        decoded = values if step == 1 else np.minimum(np.arange(256) * step, 255).astype(np.uint8)[values]
         for start in range(0, height, 256):
             sink(decoded[start:start + 256])
             if progress is not None:

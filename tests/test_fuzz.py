@@ -105,7 +105,8 @@ def section(kind: bytes, body: bytes) -> bytes:
 @lru_cache(maxsize=1)
 def seeds() -> tuple[bytes, ...]:
     """Valid files: qualities 1..8 (RGB 24x40), a grayscale 17x9 at 3, quality 5 plus
-    sections, and the pixels family's at qualities 3 and 8 and in gray."""
+    sections, and the pixels family's at qualities 3 and 8 and in gray, and in its
+    dictionary coding (RGB lossless, gray at step 3)."""
     import torch
 
     threads = torch.get_num_threads()
@@ -118,6 +119,11 @@ def seeds() -> tuple[bytes, ...]:
                      + section(b"iCCP", b"not really an ICC profile"))
         files += [api.encode_pixels(rgb, q, family="pixels") for q in (3, 8)]
         files.append(api.encode_pixels(seed_image(17, 9, 1, seed=3), 5, family="pixels"))
+        for image, step in ((rgb, 1), (seed_image(17, 9, 1, seed=3), 3)):  # the dictionary coding (LZMA2)
+            found = pixels.dictionary_trial(image, step)
+            files.append(b"".join(api._file_parts(pixels.MODEL, pixels.NO_WEIGHTS, 8, image.shape[2], image.shape[1],
+                                                  image.shape[0], pixels.encode_trial(found, *image.shape[:2]),
+                                                  None, None, False)))
     finally:
         torch.set_num_threads(threads)
     return tuple(files)
