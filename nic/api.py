@@ -280,7 +280,7 @@ def _or_overlay(pixels: np.ndarray, data: bytes, model, digest: bytes, quality: 
         return data
     y_hat: list = []
     other = _overlay_file(pixels, choice, model, digest, quality, step, channels, gray_rgb, icc_profile, exif,
-                          y_hat.append)
+                          y_hat.append, weight)
     bits, model_bits = _coded_bits(other), _coded_bits(data)
     if bits > GROWTH * model_bits:
         return data
@@ -330,9 +330,10 @@ def _lambda(lambdas, quality: float) -> float:
 
 def _overlay_file(pixels: np.ndarray, choice, model, digest: bytes, quality: int, step, channels: int,
                   gray_rgb: bool = False, icc_profile: bytes | None = None, exif: bytes | None = None,
-                  on_y_hat: Callable | None = None) -> bytes:
+                  on_y_hat: Callable | None = None, weight: float | None = None) -> bytes:
     """A hyperprior file with an overlay (nic.overlay.Choice): the model codes the image with
-    the overlay's tiles flattened (at effort 1), the pixels family the tiles. ``on_y_hat``
+    the overlay's tiles flattened (at effort 1), the pixels family the tiles (in the coding
+    of least rate + ``weight``·distortion where given: nic.overlay.encode). ``on_y_hat``
     is handed the model part's ŷ (nic.hyperprior.compress)."""
     from . import overlay
 
@@ -342,7 +343,8 @@ def _overlay_file(pixels: np.ndarray, choice, model, digest: bytes, quality: int
         extra["on_y_hat"] = on_y_hat
     substreams = _family(model).compress(model, overlay.flattened(pixels, choice.tiles), quality, 1, None, **extra)
     return b"".join(_file_parts(model, digest, quality, channels, width, height,
-                                overlay.encode(pixels, choice) + substreams, icc_profile, exif, gray_rgb, step))
+                                overlay.encode(pixels, choice, weight) + substreams, icc_profile, exif, gray_rgb,
+                                step))
 
 
 PIXELS_OVERHEAD = container.HEADER_SIZE + 4 + 4 + 2 * 16 + 4 + 32

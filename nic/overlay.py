@@ -285,12 +285,25 @@ def choose(image: np.ndarray, model_pixels: np.ndarray, looked: np.ndarray, weig
     return Choice(tiles, STEPS[best])
 
 
-def encode(image: np.ndarray, choice: Choice) -> list[Substream]:
+def encode(image: np.ndarray, choice: Choice, weight: float | None = None) -> list[Substream]:
     """The overlay's substreams (tmap, pset, pixl) for an image and a choice: ``pixl``
     declares the image's latent grid (its packed image's own size follows from the tile
-    count)."""
-    packed = pixel_image(image, choice.tiles)
+    count). The tiles are coded with the pixels family's scan at the choice's step or,
+    given ``weight`` (λ per squared error), in whichever of that and its dictionary coding,
+    lossless or at the step, has the least bits + weight·squared error on the tiles' pixels."""
+    places = tile_slices(choice.tiles)
+    packed, real = _packed(image, places, packed_size(len(places))[1])
     found = pixels.trial(packed, choice.step, keep=True)
+    if weight is not None:
+        def price(candidate) -> float:
+            decoded: list = []
+            pixels.decompress(pixels.MODEL, 1, *packed.shape[:2], packed.shape[2] == 1,
+                              pixels.encode_trial(candidate, *packed.shape[:2]), decoded.append)
+            error = (np.concatenate(decoded).astype(np.int64) - packed)[real]
+            return candidate.bits() + weight * float(np.sum(error ** 2))
+
+        steps = sorted({1, choice.step})
+        found = min([found] + [pixels.dictionary_trial(packed, step) for step in steps], key=price)
     pset, pixl = pixels.encode_trial(found, *packed.shape[:2])
     grid_shape = (1, *pixels._latent_grid(*image.shape[:2]))
     return [pack_map(choice.tiles), pset, Substream(pixl.name, grid_shape, pixl.data)]

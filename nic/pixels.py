@@ -55,8 +55,7 @@ and cannot see a glyph, an icon or a stripe repeated elsewhere; LZMA2's matches 
 fewer bits on text, screenshots, line art and patterns: docs/results/hard-content.md,
 section 9). The default encoder tries it lossless and keeps whichever file is cheaper;
 ``--model pixels`` (:func:`compress`) takes the smaller coding at its step. Pixel tiles
-over a model's file (nic.overlay) decode in either coding; the encoder writes them with
-the scan. Images above ``MAX_PIXELS``
+over a model's file (nic.overlay) take either coding, by rate + λ·distortion. Images above ``MAX_PIXELS``
 pixels are not coded this way (the decoder holds the whole
 image); a file that claims one is refused. Math only: no I/O.
 """
