@@ -812,6 +812,10 @@ def _unpacked(data: bytes, height: int, width: int, planes: int, coding: int) ->
     return values.reshape(planes, height, width).transpose(1, 2, 0)
 
 
+SMALL_PIXELS = 1 << 14
+""":func:`cheapest` tries the dictionary coding of an image of at most this many pixels
+whatever the gates say (a 128x128 icon: a few milliseconds)."""
+
 DICTIONARY_SAMPLE = 1 << 17
 """Bytes of an image's rows that :func:`cheapest` deflates (zlib level 1) to tell whether
 a dictionary coding could be small where the scan's estimate says it is not (a photo's
@@ -851,7 +855,9 @@ def cheapest(pixels: np.ndarray, gate_bits: float, limit_bits: float, cost: Call
     gate = LOSSLESS_GATE * gate_bits
     estimate = lossless_bits(pixels, above=gate)
     options = []
-    if estimate <= gate or _dictionary_estimate(pixels) <= gate:
+    # A small image's model file is mostly its overhead (gate_bits near 0): its dictionary
+    # coding costs microseconds, and is always tried.
+    if estimate <= gate or height * width <= SMALL_PIXELS or _dictionary_estimate(pixels) <= gate:
         packed = dictionary_trial(pixels)
         if packed.bits() <= gate_bits:  # exact, in no more bits than the model's file: kept, or the scan's if smaller
             if estimate < packed.bits():  # flat colour, gradients: the scan's lossless code may be smaller still
