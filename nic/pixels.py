@@ -63,6 +63,7 @@ image); a file that claims one is refused. Math only: no I/O.
 from __future__ import annotations
 
 import lzma
+import zlib
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from typing import Callable
@@ -769,6 +770,11 @@ def _quantized_values(pixels: np.ndarray, step: int) -> np.ndarray:
     return ((pixels.astype(np.int32) + (step - 1) // 2) // step).astype(np.uint8)
 
 
+def _dequantized(values: np.ndarray, step: int) -> np.ndarray:
+    """The pixels (uint8) that a dictionary coding's values q stand for: min(q·step, 255)."""
+    return values if step == 1 else np.minimum(np.arange(256) * step, 255).astype(np.uint8)[values]
+
+
 def _dictionary_bytes(values: np.ndarray, coding: int) -> bytes:
     """(H, W, C) values in a dictionary coding's order."""
     return (values if coding == INTERLEAVED else values.transpose(2, 0, 1)).tobytes()
@@ -780,8 +786,7 @@ def dictionary_trial(pixels: np.ndarray, step: int = 1) -> Trial:
     values = _quantized_values(pixels, step)
     squared = 0
     if step > 1:
-        decoded = np.minimum(values.astype(np.int32) * step, 255)
-        squared = int(np.sum((decoded - pixels) ** 2, dtype=np.int64))
+        squared = int(np.sum((_dequantized(values, step).astype(np.int32) - pixels) ** 2, dtype=np.int64))
     filters = [{"id": lzma.FILTER_LZMA2, "preset": DICTIONARY_PRESET, "dict_size": DICTIONARY_BYTES}]
     found = None
     for coding in (INTERLEAVED, PLANES) if pixels.shape[2] > 1 else (INTERLEAVED,):
@@ -826,8 +831,6 @@ that repeats only from further away is underestimated and not tried."""
 def _dictionary_estimate(pixels: np.ndarray) -> float:
     """Bits that a dictionary coding might take, from the deflated size of about
     DICTIONARY_SAMPLE bytes of the image's rows (evenly spaced bands), scaled."""
-    import zlib
-
     row = pixels.shape[1] * pixels.shape[2]
     band = max(1, min(pixels.shape[0], 16))
     bands = max(1, min(pixels.shape[0] // band, DICTIONARY_SAMPLE // (row * band) or 1))
@@ -981,17 +984,24 @@ def decompress(model: Model, quality: int, height: int, width: int, gray: bool, 
     planes = 1 if gray else 3
     expect_substreams(substreams, [(b"pset", (1, 1, 1)), (b"pixl", (1, *_latent_grid(height, width)))])
     step, predictor, specs = _read_parameters(substreams[0], planes)
-    payload = substreams[1]
-    if predictor in DICTIONARIES:
-        values = _unpacked(payload.data, height, width, planes, predictor)
-        if on_latents is not None:  # the values themselves, uint8, not copied
-            on_latents(LatentStore((planes, height, width), array=values.transpose(2, 0, 1)))
-        decoded = values if step == 1 else np.minimum(np.arange(256) * step, 255).astype(np.uint8)[values]
-        for start in range(0, height, 256):
-            sink(decoded[start:start + 256])
-            if progress is not None:
-                progress(min(height, start + 256), height)
-        return
+    if predictor in DICTIONARIES:  # the values are the indices (uint8, not copied)
+        values = _unpacked(substreams[1].data, height, width, planes, predictor)
+        pixels, indices = _dequantized(values, step), values.transpose(2, 0, 1)
+    else:
+        pixels, indices = _decoded_scan(substreams[1], specs, height, width, planes, step, predictor,
+                                        keep=on_latents is not None)
+    if on_latents is not None:
+        on_latents(LatentStore(indices.shape, array=indices))
+    for start in range(0, height, 256):
+        sink(pixels[start:start + 256])
+        if progress is not None:
+            progress(min(height, start + 256), height)
+
+
+def _decoded_scan(payload: Substream, specs: list, height: int, width: int, planes: int, step: int,
+                  predictor: int, keep: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """(pixels (H, W, planes), if ``keep`` the indices (planes, H, W)) of the scan's
+    coding, range-decoded from ``payload`` under the tables of ``specs``."""
     coded, position = _tables_of(specs)
     try:
         reader = IndexedCoder(coded).decoder(payload.data)
@@ -1003,16 +1013,11 @@ def decompress(model: Model, quality: int, height: int, width: int, gray: bool, 
 
         tall = height > width  # scanned transposed (:func:`_scanned`)
         pixels, indices = _scan(width if tall else height, height if tall else width, planes, step, take_for,
-                                keep=on_latents is not None, predictor=predictor)
+                                keep=keep, predictor=predictor)
         reader.finish()
-        if tall:
-            pixels = pixels.transpose(1, 0, 2)
-            indices = None if indices is None else np.ascontiguousarray(indices.transpose(0, 2, 1))
     except CorruptStream as exc:
         raise FormatError(f"substream pixl is corrupt: {exc}") from None
-    if on_latents is not None:
-        on_latents(LatentStore(indices.shape, array=indices))
-    for start in range(0, height, 256):
-        sink(pixels[start:start + 256])
-        if progress is not None:
-            progress(min(height, start + 256), height)
+    if tall:
+        pixels = pixels.transpose(1, 0, 2)
+        indices = None if indices is None else np.ascontiguousarray(indices.transpose(0, 2, 1))
+    return pixels, indices

@@ -161,11 +161,12 @@ def write_digest(path: Path, digest: bytes | None = None) -> None:
     with open(path, "rb") as f, zipfile.ZipFile(f) as archive:
         members = _members(archive)
         offsets, directory = _data_offsets(archive, f), _directory(f)
+    place = ""
     if offsets is not None and directory is not None:
         members = [member + [offsets[member[0]]] for member in members]
+        place = f'"directory": {json.dumps(directory)}, '
     tmp = digest_path(path).with_name(digest_path(path).name + ".tmp")
     lines = ",\n".join(json.dumps(member) for member in members)
-    place = f'"directory": {json.dumps(directory)}, ' if offsets is not None and directory is not None else ""
     tmp.write_text(f'{{"weights_hash": "{digest.hex()}", {place}"members": [\n{lines}\n]}}\n')
     os.replace(tmp, digest_path(path))
 
@@ -226,7 +227,7 @@ class LazyArrays(Mapping):
             self._file, self._direct = direct
             infos = {name: size for name, (_, size, _) in self._direct.items()}
         self._names = {name[:-4]: name for name in infos if name.endswith(".npy")}
-        self._sizes = {name[:-4]: size for name, size in infos.items() if name.endswith(".npy")}
+        self._sizes = infos
         self._loaded: dict[str, np.ndarray] = {}
         self._lock = _READING
 
@@ -258,7 +259,7 @@ class LazyArrays(Mapping):
 
     def member_size(self, name: str) -> int:
         """The bytes of an array's .npy member (its header included)."""
-        return self._sizes[name]
+        return self._sizes[self._names[name]]
 
     def describe(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
         """(shape, dtype) of an array, from its header alone."""
