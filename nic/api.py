@@ -148,13 +148,13 @@ def encode_pixels(pixels: np.ndarray, quality: float = 4, weights: str | Path | 
                   progress: Progress | None = None, family: str | None = None, precision: str = "auto") -> bytes:
     """.nic bytes of uint8 pixels of shape (H, W, 3) or (H, W, 1), with optional
     metadata carried verbatim in ancillary sections. ``effort`` 1..4 is the encoder's
-    quantization search (1: rounding; see nic.quantization); any effort decodes the same
-    way. ``family`` (nic.families) picks the installed weights of that model family;
-    without it, the default family's file or the pixels family's (or the model's with
-    pixel tiles over it), whichever is worth its bits (:func:`_worth`). ``quality`` may
-    lie between the trained ones (3.5): the
-    hyperprior family codes it with a coarser step (effort 1), the factorized family at
-    the quality below. ``precision`` is the transforms' arithmetic (nic.precision: "auto",
+    quantization search (1: rounding; see nic.quantization) and the pixels family's LZMA2
+    preset (nic.pixels.EFFORT_PRESETS); any effort decodes the same way. ``family``
+    (nic.families) picks the installed weights of that model family; without it, the
+    default family's file or the pixels family's (or the model's with pixel tiles over
+    it), whichever is worth its bits (:func:`_worth`). ``quality`` may lie between the
+    trained ones (3.5): the hyperprior family codes it with a coarser step (effort 1), the
+    factorized family at the quality below. ``precision`` is the transforms' arithmetic (nic.precision: "auto",
     "fp32" or "bf16"); every precision's files decode everywhere."""
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] not in (1, 3):
         raise ValueError("pixels must be uint8 of shape (H, W, 3) or (H, W, 1)")
@@ -180,7 +180,7 @@ def encode_pixels(pixels: np.ndarray, quality: float = 4, weights: str | Path | 
                 lambda sink: decode_rows(kept, lambda header, icc, exif: sink, weights,
                                          precision=getattr(model, "precision", "fp32")))
         weight = _lambda(_lambdas(model), requested) / pixels.shape[2]
-        data = _or_pixels(pixels, data, quality, channels, gray_rgb, icc_profile, exif, rows, weight)
+        data = _or_pixels(pixels, data, quality, channels, gray_rgb, icc_profile, exif, rows, weight, effort)
         if data is kept:
             data = _or_overlay(pixels, data, model, digest, quality, step, channels, gray_rgb, icc_profile, exif,
                                rows, weight)
@@ -354,11 +354,15 @@ length is an estimate within ~25 bytes)."""
 
 
 def _or_pixels(pixels: np.ndarray, data: bytes, quality: int, channels: int, gray_rgb: bool,
-               icc_profile: bytes | None, exif: bytes | None, rows: Rows, weight: float) -> bytes:
+               icc_profile: bytes | None, exif: bytes | None, rows: Rows, weight: float, effort: int = 1) -> bytes:
     """The default's second try: the ``pixels`` family's file (nic.pixels) instead of the
     model's ``data`` (decoded: ``rows``) where it is worth it (text, line art,
     screenshots, flat colour): exact and no larger, or of lower J by :func:`_worth`'s
-    rule (``weight``: λ/channels of the requested quality); else ``data``."""
+    rule (``weight``: λ/channels of the requested quality); else ``data``. The pixel step
+    of ``quality`` (nic.pixels.step_of; the quality whose networks coded ``data``, so 3.5
+    takes 4's) tells the search whether lossy dictionary codings are worth a try. Above
+    effort 1 a dictionary coding, once chosen, is compressed again with the effort's
+    stronger preset (nic.pixels.stronger)."""
     from . import pixels as family_pixels
 
     height, width = pixels.shape[:2]
@@ -378,9 +382,11 @@ def _or_pixels(pixels: np.ndarray, data: bytes, quality: int, channels: int, gra
         return bits + weight * found.squared_error if kept(bits, found.squared_error) else None
 
     found = family_pixels.cheapest(pixels, model_bits - 8.0 * PIXELS_OVERHEAD,
-                                   GROWTH * model_bits - 8.0 * PIXELS_OVERHEAD, cost)
+                                   GROWTH * model_bits - 8.0 * PIXELS_OVERHEAD, cost,
+                                   family_pixels.step_of(min(quality, family_pixels.MODEL.qualities)))
     if found is None:
         return data
+    found = family_pixels.stronger(found, pixels, effort)
     model = family_pixels.MODEL
     quality = min(quality, model.qualities)  # a header field only: the step is in the file
     other = b"".join(_file_parts(model, family_pixels.NO_WEIGHTS, quality, channels, width, height,

@@ -464,7 +464,8 @@ def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: b
               help="Pick the quality whose file is the largest not above this many bits per pixel.")
 @click.option("-e", "--effort", type=click.IntRange(1, 4), default=1, show_default=True,
               help="Encoder search: 1 rounds the latents; 2..4 choose them by distortion + λ·rate "
-                   "(smaller files at the same quality; 30-260x slower). Decoding is unchanged.")
+                   "(smaller files at the same quality; 30-260x slower) and compress pixels-family files "
+                   "(text, screenshots) harder. Decoding is unchanged.")
 @click.option("--model", "family", type=click.Choice(list(FAMILY_NAMES)), default=None,
               help=f"Model family to encode with [default: {DEFAULT_FAMILY}, or pixels where that file is worth "
                    "its bits: lower rate + λ·distortion, at most 1.5x the size]; 'pixels' codes the pixels themselves (no model; "

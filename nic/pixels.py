@@ -53,8 +53,10 @@ LZMA2 stream (raw, fixed dictionary: ``DICTIONARY_BYTES``) of the pixel values q
 to the step, zero-padded to 4 bytes. The scan predicts each pixel from its neighbours
 and cannot see a glyph, an icon or a stripe repeated elsewhere; LZMA2's matches can (2-50x
 fewer bits on text, screenshots, line art and patterns: docs/results/hard-content.md,
-section 9). The default encoder tries it lossless and keeps whichever file is cheaper;
-``--model pixels`` (:func:`compress`) takes the smaller coding at its step. Pixel tiles
+section 9). The default encoder tries it lossless and, where an estimate at the quality's
+step says it could pay, at the ladder's steps (a chirp or large text, whose quantized
+values repeat where the exact ones do not: section 11), and keeps whichever file is
+cheaper; ``--model pixels`` (:func:`compress`) takes the smaller coding at its step. Pixel tiles
 over a model's file (nic.overlay) take either coding, by rate + λ·distortion. Images above ``MAX_PIXELS``
 pixels are not coded this way (the decoder holds the whole
 image); a file that claims one is refused. Math only: no I/O.
@@ -118,8 +120,12 @@ section 9). Readers older than these codings refuse such a file ("predictor 2").
 DICTIONARIES = (INTERLEAVED, PLANES)
 DICTIONARY_BYTES = 1 << 23
 DICTIONARY_PRESET = 2
-"""The encoder's LZMA2 preset: 6 saves another 3-10 % for 3-5x the time (768x512:
-15-90 ms at 2)."""
+"""The encoder's LZMA2 preset at effort 1 (768x512: 15-90 ms)."""
+EFFORT_PRESETS = (None, DICTIONARY_PRESET, 6, 9 | lzma.PRESET_EXTREME, 9 | lzma.PRESET_EXTREME)
+"""The LZMA2 preset of each encoder effort (index 1..4). A preset is the encoder's alone:
+the stream's chunks carry their own settings, and every preset decodes with the format's
+dictionary size. Stronger presets find longer and older matches (the hatching: 0.224 bpp
+at 2, 0.119 at 6, 0.047 at 9e; docs/results/hard-content.md section 10) for 3-40x the time."""
 BAND_PIXELS = 1 << 17
 """Pass B runs a band of rows at a time, as many as hold about this many pixels (a row
 wider than that in parts of this many of its pass-B pixels)."""
@@ -655,8 +661,8 @@ def step_of(quality: float) -> int:
 def compress(model: Model, source, quality: int, effort: int = 1, progress=None, spill_bytes=None,
              step: int | None = None) -> list[Substream]:
     """The substreams of a uint8 image (H, W, 1|3) at the quality's step (or ``step``), in
-    the smaller of the scan's coding and the dictionary coding (each pixel within
-    ±step/2 either way)."""
+    the smaller of the scan's coding and the dictionary coding at the ``effort``'s preset
+    (each pixel within ±step/2 either way)."""
     if not isinstance(source, np.ndarray):
         raise ValueError("the pixels family codes images held in memory (at most "
                          f"{MAX_PIXELS} pixels)")
@@ -664,7 +670,7 @@ def compress(model: Model, source, quality: int, effort: int = 1, progress=None,
     if height * width > MAX_PIXELS:
         raise ValueError(f"the pixels family codes images of at most {MAX_PIXELS} pixels")
     step = step or step_of(quality)
-    scanned, packed = trial(source, step, keep=True), dictionary_trial(source, step)
+    scanned, packed = trial(source, step, keep=True), stronger(dictionary_trial(source, step), source, effort)
     return encode_trial(packed if packed.bits() < scanned.bits() else scanned, height, width)
 
 
@@ -740,9 +746,9 @@ SAMPLE_ROWS = 16
 
 def lossless_bits(pixels: np.ndarray, above: float = np.inf) -> float:
     """An estimate of the indices' code length at step 1 (vectorized, no scan), from a
-    quarter of the rows, in bands; or, where the histograms' entropy (a lower bound of the
-    estimate) is already more than ``above``, that bound: a photo's answer is known
-    before its tables are chosen (those are a third of the cost)."""
+    quarter of the rows, in bands; or, where a lower bound of it is already more than
+    ``above``, that bound: the histograms' entropy, no table cost (those are a third of
+    the cost), and G's alone where that suffices (a photo's answer, without R and B)."""
     pixels = _scanned(pixels)
     height = pixels.shape[0]
     factor = 1.0
@@ -755,6 +761,9 @@ def lossless_bits(pixels: np.ndarray, above: float = np.inf) -> float:
         histograms = [_plane_histogram(values[..., 0], None)[0]]
     else:
         first, side = _plane_histogram(values[..., 1], None)
+        bound = factor * _entropy_bits(first)  # R's and B's entropies only add to it
+        if bound > above:
+            return bound
         histograms = [first] + [_plane_histogram(values[..., channel] - values[..., 1], side)[0]
                                 for channel in (0, 2)]
     bound = factor * sum(_entropy_bits(h) for h in histograms)
@@ -780,20 +789,37 @@ def _dictionary_bytes(values: np.ndarray, coding: int) -> bytes:
     return (values if coding == INTERLEAVED else values.transpose(2, 0, 1)).tobytes()
 
 
-def dictionary_trial(pixels: np.ndarray, step: int = 1) -> Trial:
+def dictionary_trial(pixels: np.ndarray, step: int = 1, effort: int = 1) -> Trial:
     """The pixels (H, W, 1|3) in the smaller of the dictionary codings (DICTIONARIES) at
-    ``step``, kept for coding."""
+    ``step``, compressed with the ``effort``'s preset (EFFORT_PRESETS), kept for coding."""
     values = _quantized_values(pixels, step)
     squared = 0
     if step > 1:
         squared = int(np.sum((_dequantized(values, step).astype(np.int32) - pixels) ** 2, dtype=np.int64))
-    filters = [{"id": lzma.FILTER_LZMA2, "preset": DICTIONARY_PRESET, "dict_size": DICTIONARY_BYTES}]
+    filters = [{"id": lzma.FILTER_LZMA2, "preset": _preset(effort), "dict_size": DICTIONARY_BYTES}]
     found = None
     for coding in (INTERLEAVED, PLANES) if pixels.shape[2] > 1 else (INTERLEAVED,):
         packed = lzma.compress(_dictionary_bytes(values, coding), format=lzma.FORMAT_RAW, filters=filters)
         if found is None or len(packed) < len(found.packed):
             found = Trial(step, squared, np.zeros((0, 2 * SPAN + 1), np.int64), [], predictor=coding, packed=packed)
     return found
+
+
+def _preset(effort: int) -> int:
+    """The LZMA2 preset of an encoder effort (EFFORT_PRESETS); ValueError outside 1..4."""
+    if not isinstance(effort, (int, np.integer)) or not 1 <= effort < len(EFFORT_PRESETS):
+        raise ValueError(f"effort must be 1..{len(EFFORT_PRESETS) - 1}, got {effort!r}")
+    return EFFORT_PRESETS[effort]
+
+
+def stronger(found: Trial, pixels: np.ndarray, effort: int) -> Trial:
+    """``found`` or, where it is a dictionary coding and ``effort``'s preset is stronger
+    than effort 1's, the same values compressed with that preset if smaller: the same
+    pixels decoded, in fewer bits."""
+    if found.predictor not in DICTIONARIES or _preset(effort) == DICTIONARY_PRESET:
+        return found
+    again = dictionary_trial(pixels, found.step, effort)
+    return again if again.bits() < found.bits() else found
 
 
 def _unpacked(data: bytes, height: int, width: int, planes: int, coding: int) -> np.ndarray:
@@ -828,14 +854,15 @@ answer, ~2-3 ms at 768x512). Deflate looks 32 KB back where LZMA2 looks 8 MiB: c
 that repeats only from further away is underestimated and not tried."""
 
 
-def _dictionary_estimate(pixels: np.ndarray) -> float:
-    """Bits that a dictionary coding might take, from the deflated size of about
-    DICTIONARY_SAMPLE bytes of the image's rows (evenly spaced bands), scaled."""
+def _dictionary_estimate(pixels: np.ndarray, step: int = 1) -> float:
+    """Bits that a dictionary coding at ``step`` might take, from the deflated size of
+    about DICTIONARY_SAMPLE bytes of the image's rows (evenly spaced bands) quantized to
+    the step, scaled."""
     row = pixels.shape[1] * pixels.shape[2]
     band = max(1, min(pixels.shape[0], 16))
     bands = max(1, min(pixels.shape[0] // band, DICTIONARY_SAMPLE // (row * band) or 1))
     starts = np.linspace(0, pixels.shape[0] - band, bands).astype(int)
-    sample = np.concatenate([pixels[a:a + band] for a in starts])
+    sample = _quantized_values(np.concatenate([pixels[a:a + band] for a in starts]), step)
     return 8.0 * len(zlib.compress(sample.tobytes(), 1)) * pixels.shape[0] / sample.shape[0]
 
 
@@ -843,23 +870,25 @@ WALK = 4
 """Coarser steps :func:`cheapest` scans past the finest one that fits, while the cost falls."""
 
 
-def cheapest(pixels: np.ndarray, gate_bits: float, limit_bits: float, cost: Callable[[Trial], float | None]
-             ) -> Trial | None:
+def cheapest(pixels: np.ndarray, gate_bits: float, limit_bits: float, cost: Callable[[Trial], float | None],
+             step: int = 1) -> Trial | None:
     """A trial (kept) of least ``cost(trial)`` (None: not a choice) among those whose
     code fits in ``limit_bits``: the dictionary coding's, lossless (:func:`dictionary_trial`;
-    taken as it is where it fits ``gate_bits``: exact, and no larger than the model's),
-    and the scan's, at a step of the ladder (:func:`_scanned_cheapest`); or None. A photo
-    costs two estimates: where both the scan's lossless code and the dictionary's
-    (:func:`_dictionary_estimate`) are more than :data:`LOSSLESS_GATE` times
-    ``gate_bits`` (the model's file), nothing is tried."""
+    taken as it is where it fits ``gate_bits``: exact, and no larger than the model's)
+    and, given the quality's pixel ``step`` above 1, at a coarser step of the ladder
+    (:func:`_dictionary_cheapest`), and the scan's, at a step of the ladder
+    (:func:`_scanned_cheapest`); or None. A photo costs two or three estimates: where
+    the scan's lossless code and the dictionary's (:func:`_dictionary_estimate`, lossless
+    and at ``step``) are all more than :data:`LOSSLESS_GATE` times ``gate_bits`` (the
+    model's file), nothing is tried."""
     height, width = pixels.shape[:2]
     if height * width > MAX_PIXELS:
         return None
     gate = LOSSLESS_GATE * gate_bits
     estimate = lossless_bits(pixels, above=gate)
     options = []
-    # A small image's model file is mostly its overhead (gate_bits near 0): its dictionary
-    # coding costs microseconds, and is always tried.
+    # A small image's model file is mostly its overhead (gate_bits near 0): its lossless
+    # dictionary coding costs milliseconds, and is always tried.
     if estimate <= gate or height * width <= SMALL_PIXELS or _dictionary_estimate(pixels) <= gate:
         packed = dictionary_trial(pixels)
         if packed.bits() <= gate_bits:  # exact, in no more bits than the model's file: kept, or the scan's if smaller
@@ -870,11 +899,49 @@ def cheapest(pixels: np.ndarray, gate_bits: float, limit_bits: float, cost: Call
             return packed
         if packed.bits() <= limit_bits:
             options.append(packed)
+    # Smooth or patterned content the model cannot follow (a chirp, gratings, large text):
+    # its values quantized to a step repeat where the exact ones do not. Up to 10 trials:
+    # only where the estimate at the quality's step says they could pay, small images too.
+    if step > 1 and _dictionary_estimate(pixels, step) <= gate:
+        options.append(_dictionary_cheapest(pixels, limit_bits, cost))
     if estimate <= gate:
         options.append(_scanned_cheapest(pixels, estimate, gate_bits, limit_bits, cost))
     priced = [(price, n, found) for n, found in enumerate(options)
               if found is not None and (price := cost(found)) is not None]
     return min(priced)[2] if priced else None
+
+
+def _dictionary_cheapest(pixels: np.ndarray, limit_bits: float, cost: Callable[[Trial], float | None]
+                         ) -> Trial | None:
+    """The dictionary coding at the ladder step above 1 of least ``cost(trial)`` among
+    those whose code fits in ``limit_bits``, or None: a bisection for the finest step
+    that fits (LZMA2's sizes fall with the step only roughly: a step that fits, not
+    always the finest), then up to :data:`WALK` coarser steps while the cost falls."""
+    trials: dict[int, Trial] = {}
+
+    def at(n: int) -> Trial:
+        if n not in trials:
+            trials[n] = dictionary_trial(pixels, LADDER[n])
+        return trials[n]
+
+    low, high = 1, len(LADDER) - 1
+    if at(high).bits() > limit_bits:
+        return None
+    while low < high:  # invariant: LADDER[high] fits
+        middle = (low + high) // 2
+        if at(middle).bits() <= limit_bits:
+            high = middle
+        else:
+            low = middle + 1
+    best, least = at(high), cost(at(high))
+    for n in range(high + 1, min(len(LADDER), high + 1 + WALK)):
+        price = cost(at(n))
+        if price is None:
+            continue
+        if least is not None and price >= least:
+            break
+        best, least = at(n), price
+    return best if least is not None else None
 
 
 def _scanned_cheapest(pixels: np.ndarray, estimate: float, gate_bits: float, limit_bits: float,
