@@ -281,6 +281,17 @@ def test_the_default_codes_repeated_text_with_the_dictionary():
     assert 8 * len(chosen) < pixels.trial(text, 1).bits()
 
 
+def test_the_dictionary_estimate_samples_the_whole_image():
+    """A wide image with a flat band of sky over noise is judged by all of it, not by its
+    first rows: the gate's estimate is within 2x of the whole image deflated."""
+    import zlib
+
+    image = np.random.default_rng(5).integers(0, 256, (64, 3000, 3), dtype=np.uint8)
+    image[:16] = 200
+    whole = 8 * len(zlib.compress(image.tobytes(), 1))
+    assert whole / 2 < pixels._dictionary_estimate(image) < 2 * whole
+
+
 def test_the_default_codes_a_chirp_as_a_lossy_dictionary_file():
     """A chirp the model cannot follow (15.6 dB at q4) repeats its values once they are
     quantized: the default searches the dictionary coding over the ladder's steps and
