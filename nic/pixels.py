@@ -853,23 +853,28 @@ dictionary coding could be small where the scan's estimate says it is not (a pho
 answer, ~2-3 ms). Deflate looks 32 KB back where LZMA2 looks 8 MiB: content that
 repeats only from further away is underestimated and not tried."""
 SAMPLE_BLOCK = (16, 256)
-"""Rows and columns of each block of that sample: a grid of blocks over the whole image.
-(Full-width bands, as before the sixteenth session, gave a 6 MP photo one band of its
-sky, whose estimate was 1/20 of its real size.)"""
+"""Rows and columns of each block of that sample, one at the centre of each cell of a grid
+shaped like the image. (Full-width bands, as before the sixteenth session, gave a 6 MP
+photo one band of its sky, whose estimate was 1/20 of its real size; blocks at the
+grid's edges would judge a picture by its margins.)"""
 
 
 def _dictionary_estimate(pixels: np.ndarray, step: int = 1) -> float:
     """Bits that a dictionary coding at ``step`` might take, from the deflated size of
-    about DICTIONARY_SAMPLE bytes of blocks (SAMPLE_BLOCK) spread over the image in a
-    grid, quantized to the step, scaled."""
+    about DICTIONARY_SAMPLE bytes of blocks (SAMPLE_BLOCK), one at the centre of each
+    cell of a grid shaped like the image, quantized to the step, scaled."""
     height, width, planes = pixels.shape
     rows, cols = min(height, SAMPLE_BLOCK[0]), min(width, SAMPLE_BLOCK[1])
     count = max(1, DICTIONARY_SAMPLE // (rows * cols * planes))
-    down = max(1, min(height // rows, int(np.ceil(np.sqrt(count)))))
+    across = max(1, min(width // cols, round(float(np.sqrt(count * width / height)))))
+    down = max(1, min(height // rows, count // across))
     across = max(1, min(width // cols, count // down))
-    tops = np.linspace(0, height - rows, down).astype(int)
-    lefts = np.linspace(0, width - cols, across).astype(int)
-    sample = np.concatenate([pixels[a:a + rows, b:b + cols].reshape(-1) for a in tops for b in lefts])
+
+    def starts(size: int, cells: int, block: int) -> np.ndarray:  # centred in their cells: never overlapping
+        return ((np.arange(cells) + 0.5) * size / cells - block / 2).clip(0, size - block).astype(int)
+
+    sample = np.concatenate([pixels[a:a + rows, b:b + cols].reshape(-1)
+                             for a in starts(height, down, rows) for b in starts(width, across, cols)])
     deflated = len(zlib.compress(_quantized_values(sample, step).tobytes(), 1))
     return 8.0 * deflated * height * width / (down * across * rows * cols)
 

@@ -281,13 +281,18 @@ def test_the_default_codes_repeated_text_with_the_dictionary():
     assert 8 * len(chosen) < pixels.trial(text, 1).bits()
 
 
-def test_the_dictionary_estimate_samples_the_whole_image():
-    """A wide image with a flat band of sky over noise is judged by all of it, not by its
-    first rows: the gate's estimate is within 2x of the whole image deflated."""
+@pytest.mark.parametrize("flat", ["top", "sides"])
+def test_the_dictionary_estimate_samples_the_whole_image(flat):
+    """An image of noise with a flat band of sky at the top, or flat margins at the sides,
+    is judged by all of it, not by its first rows or its edges: the gate's estimate is
+    within 2x of the whole image deflated."""
     import zlib
 
-    image = np.random.default_rng(5).integers(0, 256, (64, 3000, 3), dtype=np.uint8)
-    image[:16] = 200
+    image = np.random.default_rng(5).integers(0, 256, (400, 3000, 3), dtype=np.uint8)
+    if flat == "top":
+        image[:16] = 200
+    else:
+        image[:, :300] = image[:, -300:] = 200
     whole = 8 * len(zlib.compress(image.tobytes(), 1))
     assert whole / 2 < pixels._dictionary_estimate(image) < 2 * whole
 
