@@ -381,14 +381,13 @@ def _or_pixels(pixels: np.ndarray, data: bytes, quality: int, channels: int, gra
         bits = found.bits() + 8.0 * PIXELS_OVERHEAD
         return bits + weight * found.squared_error if kept(bits, found.squared_error) else None
 
+    model = family_pixels.MODEL
+    quality = min(quality, model.qualities)  # the step's hint, and a header field: the step is in the file
     found = family_pixels.cheapest(pixels, model_bits - 8.0 * PIXELS_OVERHEAD,
-                                   GROWTH * model_bits - 8.0 * PIXELS_OVERHEAD, cost,
-                                   family_pixels.step_of(min(quality, family_pixels.MODEL.qualities)))
+                                   GROWTH * model_bits - 8.0 * PIXELS_OVERHEAD, cost, family_pixels.step_of(quality))
     if found is None:
         return data
     found = family_pixels.stronger(found, pixels, effort)
-    model = family_pixels.MODEL
-    quality = min(quality, model.qualities)  # a header field only: the step is in the file
     other = b"".join(_file_parts(model, family_pixels.NO_WEIGHTS, quality, channels, width, height,
                                  family_pixels.encode_trial(found, height, width), icc_profile, exif, gray_rgb))
     return other if kept(_coded_bits(other), found.squared_error) else data

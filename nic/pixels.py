@@ -927,34 +927,8 @@ def cheapest(pixels: np.ndarray, gate_bits: float, limit_bits: float, cost: Call
 def _dictionary_cheapest(pixels: np.ndarray, limit_bits: float, cost: Callable[[Trial], float | None]
                          ) -> Trial | None:
     """The dictionary coding at the ladder step above 1 of least ``cost(trial)`` among
-    those whose code fits in ``limit_bits``, or None: a bisection for the finest step
-    that fits (LZMA2's sizes fall with the step only roughly: a step that fits, not
-    always the finest), then up to :data:`WALK` coarser steps while the cost falls."""
-    trials: dict[int, Trial] = {}
-
-    def at(n: int) -> Trial:
-        if n not in trials:
-            trials[n] = dictionary_trial(pixels, LADDER[n])
-        return trials[n]
-
-    low, high = 1, len(LADDER) - 1
-    if at(high).bits() > limit_bits:
-        return None
-    while low < high:  # invariant: LADDER[high] fits
-        middle = (low + high) // 2
-        if at(middle).bits() <= limit_bits:
-            high = middle
-        else:
-            low = middle + 1
-    best, least = at(high), cost(at(high))
-    for n in range(high + 1, min(len(LADDER), high + 1 + WALK)):
-        price = cost(at(n))
-        if price is None:
-            continue
-        if least is not None and price >= least:
-            break
-        best, least = at(n), price
-    return best if least is not None else None
+    those whose code fits in ``limit_bits``, or None (:func:`_ladder_cheapest`)."""
+    return _ladder_cheapest(lambda n: dictionary_trial(pixels, LADDER[n]), 1, limit_bits, cost)
 
 
 def _scanned_cheapest(pixels: np.ndarray, estimate: float, gate_bits: float, limit_bits: float,
@@ -962,29 +936,51 @@ def _scanned_cheapest(pixels: np.ndarray, estimate: float, gate_bits: float, lim
     """The scan's trial (kept) of the ladder step of least ``cost(trial)`` among those
     whose code fits in ``limit_bits``, or None: a scan at step 1 where the lossless
     ``estimate`` fits the limit (taken as it is where it fits ``gate_bits``: exact, and
-    no larger than the model's), else a bisection for the finest step that fits (sizes
-    fall with the step only roughly: a step that fits, not always the finest), then a
-    scan per coarser step not scanned yet, up to :data:`WALK` of them, until one costs
-    more than the best so far."""
+    no larger than the model's, else the walk of :func:`_ladder_cheapest` from it), else
+    :func:`_ladder_cheapest`'s search."""
     height, width = pixels.shape[:2]
     keep = height * width <= KEEP_PIXELS
-    # The bisection's scans that fit and lie within the walk's reach of the finest so far:
+
+    def scan(n: int) -> Trial:
+        return trial(pixels, LADDER[n], keep)
+
+    found = scan(0) if estimate <= limit_bits else None  # lossless often fits outright
+    if found is not None and found.bits() <= limit_bits:
+        if found.bits() <= gate_bits:  # exact, in no more bits than the model's file: kept as it is
+            return found if keep else trial(pixels, found.step, keep=True)
+        best = _ladder_cheapest(scan, 0, limit_bits, cost, start=found)
+    else:
+        best = _ladder_cheapest(scan, 1 if found is not None else 0, limit_bits, cost)
+    if best is None:
+        return None
+    return best if keep else trial(pixels, best.step, keep=True)
+
+
+def _ladder_cheapest(make: Callable[[int], Trial], low: int, limit_bits: float,
+                     cost: Callable[[Trial], float | None], start: Trial | None = None) -> Trial | None:
+    """The trial (``make(n)``: LADDER[n]'s) of least ``cost(trial)`` among those whose
+    code fits in ``limit_bits``, or None: a bisection over LADDER[low:] for the finest
+    step that fits (sizes fall with the step only roughly: a step that fits, not always
+    the finest), or LADDER[low] itself given its trial ``start`` (which fits), then a
+    trial per coarser step not made yet, up to :data:`WALK` of them, until one costs more
+    than the best so far."""
+    # The bisection's trials that fit and lie within the walk's reach of the finest so far:
     # the walk comes back to them (a few at a time, however large the image).
     fitting: dict[int, Trial] = {}
 
-    def scan(n: int) -> Trial:
-        return fitting[n] if n in fitting else trial(pixels, LADDER[n], keep)
+    def at(n: int) -> Trial:
+        return fitting[n] if n in fitting else make(n)
 
-    n, found = 0, (scan(0) if estimate <= limit_bits else None)  # lossless often fits outright
-    if found is None or found.bits() > limit_bits:
-        low, high = 1 if found is not None else 0, len(LADDER) - 1
-        found = scan(high)
+    n, found = low, start
+    if found is None:
+        high = len(LADDER) - 1
+        found = at(high)
         if found.bits() > limit_bits:
             return None
         fitting[high] = found
         while low < high:  # invariant: LADDER[high] fits, and ``found`` is its trial
             middle = (low + high) // 2
-            attempt = scan(middle)
+            attempt = at(middle)
             if attempt.bits() <= limit_bits:
                 high, found = middle, attempt
                 fitting = {m: t for m, t in fitting.items() if m <= high + WALK}
@@ -992,20 +988,16 @@ def _scanned_cheapest(pixels: np.ndarray, estimate: float, gate_bits: float, lim
             else:
                 low = middle + 1
         n = high
-    elif found.bits() <= gate_bits:  # exact, in no more bits than the model's file: kept as it is
-        return found if keep else trial(pixels, found.step, keep=True)
     best, least = found, cost(found)
     for m in range(n + 1, min(len(LADDER), n + 1 + WALK)):
-        attempt = scan(m)
+        attempt = at(m)
         price = cost(attempt)
         if price is None:
             continue
         if least is not None and price >= least:
             break
         best, least = attempt, price
-    if least is None:
-        return None
-    return best if keep else trial(pixels, best.step, keep=True)
+    return best if least is not None else None
 
 
 # -- decoder --------------------------------------------------------------------------
