@@ -33,7 +33,8 @@ def encode(image: Image.Image | NDArray[np.uint8], quality: float = 4, weights: 
     the installed ones. Transparency is refused unless flattened onto ``background``; a
     Pillow image's ICC profile and EXIF travel along unless ``strip``; ``effort`` 2..4
     searches for fewer bytes at the same quality (slower encode); ``model`` picks the model
-    family of the installed weights ("factorized" or "hyperprior"). Raises ValueError."""
+    family of the installed weights ("factorized" or "hyperprior"). Raises ValueError
+    (TypeError for a file name or another type)."""
     from .api import encode as _encode
 
     return _encode(image, quality=quality, weights=weights, background=background, strip=strip, effort=effort,
@@ -42,8 +43,9 @@ def encode(image: Image.Image | NDArray[np.uint8], quality: float = 4, weights: 
 
 def decode(data: bytes, weights: str | Path | None = None) -> Image.Image:
     """Decode .nic bytes to a Pillow image of mode RGB or L (see :func:`nic.api.decode`),
-    with ``info["icc_profile"]`` and ``info["exif"]`` when the file carries them. Raises
-    nic.container.FormatError or nic.weights.WeightsError (both ValueErrors) naming the problem."""
+    with ``info["icc_profile"]`` and ``info["exif"]`` when the file carries them. ``data``
+    is any bytes-like object (TypeError for a file name). Raises nic.container.FormatError
+    or nic.weights.WeightsError (both ValueErrors) naming the problem."""
     from .api import decode as _decode
 
     return _decode(data, weights=weights)

@@ -17,6 +17,8 @@ once per process and per weights file.
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -147,7 +149,8 @@ def encode_pixels(pixels: np.ndarray, quality: float = 4, weights: str | Path | 
                   icc_profile: bytes | None = None, exif: bytes | None = None, effort: int = 1,
                   progress: Progress | None = None, family: str | None = None, precision: str = "auto") -> bytes:
     """.nic bytes of uint8 pixels of shape (H, W, 3) or (H, W, 1), with optional
-    metadata carried verbatim in ancillary sections. ``effort`` 1..4 is the encoder's
+    metadata carried verbatim in ancillary sections (an ICC profile only where it
+    describes pixels of their channels: nic.images.profile_for). ``effort`` 1..4 is the encoder's
     quantization search (1: rounding; see nic.quantization) and the pixels family's LZMA2
     preset (nic.pixels.EFFORT_PRESETS); any effort decodes the same way. ``family``
     (nic.families) picks the installed weights of that model family; without it, the
@@ -160,6 +163,9 @@ def encode_pixels(pixels: np.ndarray, quality: float = 4, weights: str | Path | 
         raise ValueError("pixels must be uint8 of shape (H, W, 3) or (H, W, 1)")
     height, width = pixels.shape[:2]
     _check_dimensions(width, height)
+    from .images import profile_for
+
+    icc_profile = profile_for(icc_profile, pixels.shape[2])
     requested = quality
     model, digest, quality, step = _model(weights, family, quality, precision, height * width)
     # Not with an ICC profile: a reader that skips gRGB would write it beside one channel.
@@ -408,7 +414,10 @@ def encode_rows(source: PixelRows, quality: float = 4, weights: str | Path | Non
     _check_dimensions(width, height)
     if source.channels not in (1, 3):
         raise ValueError("images must have 1 or 3 channels")
+    from .images import profile_for
     from .pixels import MAX_PIXELS, NAME as PIXELS
+
+    icc_profile = profile_for(icc_profile, source.channels)
     from .tiling import read_whole
 
     if family in (None, PIXELS) and width * height <= MAX_PIXELS:
@@ -564,13 +573,16 @@ def encode(image: Image.Image | NDArray[np.uint8], quality: float = 4, weights: 
     arithmetic (nic.precision), as for :func:`encode_pixels`."""
     from PIL import Image
 
-    from .images import image_metadata, pixels_from_image
+    from .images import image_input, pixels_from_image
 
+    if isinstance(image, (str, bytes, os.PathLike)):
+        raise TypeError("nic.encode takes a Pillow image or a uint8 array, not a file: "
+                        "pass PIL.Image.open(name)")
+    if isinstance(quality, bool) or not isinstance(quality, numbers.Real):
+        raise TypeError(f"quality must be a number, got {quality!r}")
     icc_profile = exif = None
     if isinstance(image, Image.Image):
-        if not strip:
-            icc_profile, exif = image_metadata(image)
-        pixels = pixels_from_image(image, background)
+        pixels, icc_profile, exif = image_input(image, background, strip)
     else:
         array = np.asarray(image)
         if array.dtype != np.uint8:
@@ -591,6 +603,12 @@ def decode(data: bytes, weights: str | Path | None = None, precision: str = "aut
     and ``info["exif"]`` when the file carries them."""
     from .images import image_from_pixels
 
+    if isinstance(data, (str, os.PathLike)):
+        raise TypeError("nic.decode takes a .nic file's bytes, not its name: pass open(name, 'rb').read()")
+    try:
+        data = data if isinstance(data, bytes) else memoryview(data).tobytes()
+    except TypeError:
+        raise TypeError(f"nic.decode takes bytes, got {type(data).__name__}") from None
     decoded = decode_pixels(data, weights, precision=precision)
     image = image_from_pixels(decoded.pixels)
     if decoded.icc_profile:

@@ -9,8 +9,10 @@ torch is imported only by the commands that run the model, so ``nic --help`` and
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -162,7 +164,8 @@ def atomic_output(name: str) -> Iterator[_CountingStream]:
 
     A file is written to a temporary file beside the target and renamed into place
     only when the block ends without an error, so a failure or Ctrl-C never leaves a
-    partial or clobbered file."""
+    partial or clobbered file (a symbolic link's target is the file replaced; a device
+    or a named pipe is written in place)."""
     if name == "-":
         if sys.stdout.isatty():
             raise NicError("refusing to write binary data to a terminal; use -o FILE or a pipe")
@@ -180,9 +183,10 @@ def atomic_output(name: str) -> Iterator[_CountingStream]:
             _detach_stdout()
             sys.exit(1)
         return
-    path = Path(name)
-    if path.is_dir():
-        raise NicError(f"{name}: is a directory")
+    path = _output_path(name)
+    if path is None:  # a device or a pipe (/dev/null, a FIFO, >(…)): written in place
+        yield from _write_in_place(name)
+        return
     folder = path.parent if str(path.parent) else Path(".")
     tmp = None
     try:
@@ -215,6 +219,39 @@ def atomic_output(name: str) -> Iterator[_CountingStream]:
                 pass
 
 
+def _output_path(name: str) -> Path | None:
+    """The file an output name writes: a symbolic link's target (the link stays), or
+    None for an existing file that is not a regular one (a device, a pipe), which a
+    rename would replace. NicError for an empty name or a directory."""
+    if not name:
+        raise NicError("the output name is empty")
+    if name.endswith(os.sep) or (os.altsep and name.endswith(os.altsep)):
+        raise NicError(f"{name}: is a directory" if os.path.isdir(name) else f"{name}: no such directory")
+    try:
+        mode = os.stat(name).st_mode
+    except OSError:  # not there yet (or a dangling link: its target is created)
+        mode = None
+    if mode is not None and stat.S_ISDIR(mode):
+        raise NicError(f"{name}: is a directory")
+    if mode is not None and not stat.S_ISREG(mode):
+        return None
+    return Path(os.path.realpath(name)) if os.path.islink(name) else Path(name)
+
+
+def _write_in_place(name: str) -> Iterator[_CountingStream]:
+    """atomic_output for a device or a pipe: nothing there to keep, nothing to rename."""
+    try:
+        stream = open(name, "wb")
+    except OSError as exc:
+        raise _write_error(name, exc) from None
+    with stream:
+        yield _CountingStream(stream, name)
+        try:
+            stream.flush()
+        except OSError as exc:
+            raise _write_error(name, exc) from None
+
+
 def write_output(name: str, parts: bytes | list) -> int:
     """Write bytes (or a list of buffers, in order) to a file atomically, or to stdout
     for '-'; returns the number of bytes written."""
@@ -226,6 +263,8 @@ def write_output(name: str, parts: bytes | list) -> int:
 
 def open_input(name: str):
     """An input file opened for binary reading, with nic's one-line errors."""
+    if not name:
+        raise NicError("the input name is empty")
     try:
         path = Path(name)
         if path.is_dir():
@@ -275,7 +314,19 @@ def _umask() -> int:
 def default_output(source: str, suffix: str) -> str:
     if source == "-":
         return "-"
+    if not source:
+        raise NicError("the input name is empty")
+    if not Path(source).name:  # '.', '/': nothing to name an output after
+        raise NicError(f"{source}: is a directory")
     return str(Path(source).with_suffix(suffix))
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two names are one file (links, '.', '..' and hard links seen through)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them is not there yet
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def set_threads(threads: int | None) -> None:
@@ -305,6 +356,17 @@ weights_option = click.option("--weights", type=click.Path(dir_okay=False), defa
                               help="Weights file to use instead of the installed ones.")
 max_pixels_option = click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS,
                                  show_default=True, help="Refuse images with more pixels than this.")
+force_option = click.option("-f", "--force", is_flag=True,
+                            help="Replace an output beside IN that is already there (without -o or -d, "
+                                 "nic does not replace a file).")
+
+
+def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
+
+
 precision_option = click.option(
     "--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
     help="Arithmetic of the transforms: bf16 (needs PyTorch; ~3x faster on CPUs with AVX-512 BF16 or AMX), "
@@ -336,7 +398,8 @@ def cli() -> None:
     """
 
 
-SIZE_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KIB": 1024, "M": 1000**2, "MB": 1000**2, "MIB": 1024**2}
+SIZE_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KIB": 1024, "M": 1000**2, "MB": 1000**2, "MIB": 1024**2,
+              "G": 1000**3, "GB": 1000**3, "GIB": 1024**3}
 
 
 def parse_size(text: str) -> int:
@@ -353,8 +416,11 @@ def parse_size(text: str) -> int:
     return size
 
 
-def plan_outputs(inputs: tuple[str, ...], output: str | None, out_dir: str | None, suffix: str) -> list[tuple[str, str]]:
-    """(input, output) pairs; several inputs need -d DIR or go beside their sources."""
+def plan_outputs(inputs: tuple[str, ...], output: str | None, out_dir: str | None, suffix: str,
+                 force: bool = False) -> list[tuple[str, str]]:
+    """(input, output) pairs; several inputs need -d DIR or go beside their sources. An
+    output beside its source that is already there is replaced only with ``force``: a
+    decode's default name is often the original image the .nic was made from."""
     if len(inputs) > 1:
         if output is not None:
             raise click.UsageError("-o names one output; with several inputs use -d DIR")
@@ -371,11 +437,15 @@ def plan_outputs(inputs: tuple[str, ...], output: str | None, out_dir: str | Non
         else:
             target = output if output is not None else default_output(source, suffix)
         pairs.append((source, target))
-    targets = [t for _, t in pairs if t != "-"]
+    targets = [os.path.realpath(t) for _, t in pairs if t != "-"]
     if len(set(targets)) != len(targets):
         raise click.UsageError("two inputs would write the same output file")
-    if any(s == t and s != "-" for s, t in pairs):
+    if any(s != "-" and t != "-" and _same_file(s, t) for s, t in pairs):
         raise click.UsageError("an output would overwrite its own input")
+    if output is None and out_dir is None and not force:
+        for _, target in pairs:
+            if target != "-" and os.path.lexists(target):
+                raise NicError(f"{target}: already exists; name the output with -o, or replace it with --force")
     return pairs
 
 
@@ -453,14 +523,14 @@ def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: b
               help="Output .nic file, '-' for stdout [default: IN with .nic, stdout for '-'].")
 @click.option("-d", "--out-dir", metavar="DIR", default=None,
               help="Write each IN's .nic into DIR (created if missing).")
-@click.option("-q", "--quality", type=click.FloatRange(1, 255), default=None,
+@click.option("-q", "--quality", type=click.FloatRange(1, 255), default=None, callback=_finite,
               help="Quality 1..8 with the shipped weights (other weights may have more): "
                    "higher is larger and better. Between two (3.5) the hyperprior family codes with a "
                    "coarser step at effort 1; the factorized family, which cannot, at the quality below.  "
                    "[default: 4, or the weights' highest if lower]")
 @click.option("--size", "target_size", metavar="SIZE", default=None,
               help="Pick the quality whose file is the largest not above SIZE (50KB, 1.5MB, 64KiB, 20000).")
-@click.option("--bpp", "target_bpp", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--bpp", "target_bpp", type=click.FloatRange(min=0, min_open=True), default=None, callback=_finite,
               help="Pick the quality whose file is the largest not above this many bits per pixel.")
 @click.option("-e", "--effort", type=click.IntRange(1, 4), default=1, show_default=True,
               help="Encoder search: 1 rounds the latents; 2..4 choose them by distortion + λ·rate "
@@ -473,6 +543,7 @@ def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: b
 @click.option("--background", metavar="COLOUR", default=None,
               help="Flatten transparent input onto this colour (e.g. white, #808080).")
 @click.option("--strip", is_flag=True, help="Do not store the input's ICC profile and EXIF.")
+@force_option
 @threads_option
 @weights_option
 @max_pixels_option
@@ -481,13 +552,13 @@ def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: b
               help="Print size, bpp, chosen quality, precision and time on stderr.")
 def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, quality: float | None,
            target_size: str | None, target_bpp: float | None, effort: int, family: str | None,
-           background: str | None, strip: bool, threads: int | None, weights: str | None, max_pixels: int,
-           precision: str, verbose: bool) -> None:
+           background: str | None, strip: bool, force: bool, threads: int | None, weights: str | None,
+           max_pixels: int, precision: str, verbose: bool) -> None:
     """Encode images IN... (PNG, JPEG, WebP, TIFF, …; '-' for stdin) to .nic."""
     if sum(x is not None for x in (quality, target_size, target_bpp)) > 1:
         raise click.UsageError("give one of -q, --size and --bpp")
     max_bytes = parse_size(target_size) if target_size is not None else None
-    pairs = plan_outputs(inputs, output, out_dir, ".nic")
+    pairs = plan_outputs(inputs, output, out_dir, ".nic", force)
 
     def work(source: str, target: str, batch: bool):
         if source != "-" and effort == 1 and max_bytes is None and target_bpp is None:
@@ -563,15 +634,17 @@ def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, qua
 @click.option("--format", "out_format", type=click.Choice(["png", "jpg", "webp", "tif", "bmp", "ppm"]),
               default="png", show_default=True, help="Image format with -d or a default output name.")
 @click.option("--strip", is_flag=True, help="Do not restore the ICC profile and EXIF stored in IN.")
+@force_option
 @threads_option
 @weights_option
 @max_pixels_option
 @precision_option
 @click.option("-v", "--verbose", is_flag=True, help="Print size, bpp, precision and time on stderr.")
 def decode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, out_format: str, strip: bool,
-           threads: int | None, weights: str | None, max_pixels: int, precision: str, verbose: bool) -> None:
+           force: bool, threads: int | None, weights: str | None, max_pixels: int, precision: str,
+           verbose: bool) -> None:
     """Decode .nic files IN... ('-' for stdin) to images."""
-    pairs = plan_outputs(inputs, output, out_dir, "." + out_format)
+    pairs = plan_outputs(inputs, output, out_dir, "." + out_format, force)
 
     def work(source: str, target: str, batch: bool):
         from .container import COLOUR_GRAY, parse_header
@@ -615,7 +688,7 @@ def decode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, out
 @click.option("-o", "--output", metavar="OUT.png", required=True, help="The sheet (PNG).")
 @click.option("--size", "target_size", metavar="SIZE", default=None,
               help="Byte budget of every codec's file, e.g. 20KB.")
-@click.option("--bpp", "target_bpp", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--bpp", "target_bpp", type=click.FloatRange(min=0, min_open=True), default=None, callback=_finite,
               help="Budget in bits per pixel instead of --size.")
 @click.option("--crop", metavar="X,Y,W,H", default=None,
               help="The region shown [default: the most detailed 192x128 window].")

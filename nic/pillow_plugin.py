@@ -11,6 +11,8 @@ ICC profile and EXIF the file carries in ``info["icc_profile"]`` and ``info["exi
 straight away, as Pillow's JPEG plugin does; the pixels are decoded on first access,
 like any lazy Pillow format, at the precision of the image's ``precision`` attribute
 ("auto" unless set before the pixels are read; ``NicImageFile.precision`` for all).
+A damaged file still opens; reading its pixels raises OSError naming the damage, as
+Pillow's own formats do, and ``verify()`` checks its CRCs without decoding it.
 
 Saving takes ``quality=`` (1..8, default 4; 3.5 lies between two), ``effort=`` (1..4, default 1),
 ``model=`` (the model family, "factorized" or "hyperprior"), ``precision=`` ("auto",
@@ -77,7 +79,10 @@ class NicImageFile(ImageFile.ImageFile):
             from .api import decode_pixels
             from .images import image_from_pixels
 
-            decoded = decode_pixels(self._nic_data, precision=self.precision)
+            try:
+                decoded = decode_pixels(self._nic_data, precision=self.precision)
+            except FormatError as exc:  # what Pillow's formats raise for a broken file
+                raise OSError(f"broken .nic file: {exc}") from exc
             image = image_from_pixels(decoded.pixels)
             self.im = image.im
             self._nic_loaded = True
@@ -86,6 +91,15 @@ class NicImageFile(ImageFile.ImageFile):
                 self.fp.close()
             self.fp = None
         return Image.Image.load(self)
+
+    def verify(self) -> None:
+        """SyntaxError where the file is damaged (its header, payload or a section fails
+        its CRC, or it is cut short), without decoding it; as Pillow's PNG plugin checks."""
+        try:
+            unpack(self._nic_data)
+        except FormatError as exc:
+            raise SyntaxError(f"broken .nic file: {exc}") from None
+        super().verify()
 
 
 def _read_at_most(fp: IO[bytes], limit: int) -> bytes:
@@ -128,7 +142,9 @@ def _save(im: Image.Image, fp: IO[bytes], filename: str | bytes) -> None:
 
     options = im.encoderinfo
     quality = float(options.get("quality", 4))
-    effort = int(options.get("effort", 1))
+    effort = options.get("effort", 1)
+    if isinstance(effort, bool) or not isinstance(effort, int):
+        raise ValueError(f"effort must be an integer 1..4, got {effort!r}")
     icc_profile, exif = (None, None) if options.get("strip") else image_metadata(im)
     if not options.get("strip"):
         # Present but None (or empty) means "leave it out", as with Pillow's PNG writer.

@@ -796,13 +796,22 @@ def dictionary_trial(pixels: np.ndarray, step: int = 1, effort: int = 1) -> Tria
     squared = 0
     if step > 1:
         squared = int(np.sum((_dequantized(values, step).astype(np.int32) - pixels) ** 2, dtype=np.int64))
-    filters = [{"id": lzma.FILTER_LZMA2, "preset": _preset(effort), "dict_size": DICTIONARY_BYTES}]
+    filters = [{"id": lzma.FILTER_LZMA2, "preset": _preset(effort), "dict_size": _dictionary_size(values.size)}]
     found = None
     for coding in (INTERLEAVED, PLANES) if pixels.shape[2] > 1 else (INTERLEAVED,):
         packed = lzma.compress(_dictionary_bytes(values, coding), format=lzma.FORMAT_RAW, filters=filters)
         if found is None or len(packed) < len(found.packed):
             found = Trial(step, squared, np.zeros((0, 2 * SPAN + 1), np.int64), [], predictor=coding, packed=packed)
     return found
+
+
+def _dictionary_size(count: int) -> int:
+    """The encoder's LZMA2 dictionary for ``count`` values: the smallest power of two that
+    holds them all (at least LZMA2's 4 KiB), at most DICTIONARY_BYTES. A dictionary larger
+    than the data finds no other matches, but its match finder's tables (tens of MB at
+    DICTIONARY_BYTES) are allocated and cleared on every call: 9 ms for a 16x16 image.
+    The stream decodes with the format's DICTIONARY_BYTES, as any smaller one does."""
+    return min(DICTIONARY_BYTES, max(4096, 1 << max(0, count - 1).bit_length()))
 
 
 def _preset(effort: int) -> int:

@@ -6,6 +6,14 @@ import numpy as np
 import pytest
 
 
+def icc_profile(tag: bytes, space: bytes = b"RGB ") -> bytes:
+    """Bytes an ICC profile's header says describe ``space`` (b"RGB ", b"GRAY", b"CMYK"),
+    ``tag`` after it: what nic checks of a profile before it stores one."""
+    header = bytearray(128)
+    header[16:20] = space
+    return bytes(header) + tag
+
+
 def smooth_image(height: int, width: int, channels: int = 3, seed: int = 0) -> np.ndarray:
     """A deterministic photo-like uint8 image: gradients, a disc and mild noise."""
     rng = np.random.default_rng(seed)

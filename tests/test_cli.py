@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from nic.cli import cli
-from conftest import smooth_image
+from conftest import icc_profile, smooth_image
 
 
 def png_bytes(pixels: np.ndarray, mode: str | None = None) -> bytes:
@@ -328,7 +328,7 @@ def test_streamed_encode_and_decode_equal_the_whole_image_path(tmp_path, monkeyp
     pixels = smooth_image(130, 75, seed=9)
     exif = Image.Exif()
     exif[0x010F] = "nic test camera"
-    Image.fromarray(pixels).save(tmp_path / "a.png", icc_profile=b"\x00fake-icc" + bytes(40), exif=exif.tobytes())
+    Image.fromarray(pixels).save(tmp_path / "a.png", icc_profile=icc_profile(b"fake-icc"), exif=exif.tobytes())
     assert run_cli("encode", str(tmp_path / "a.png"), "-q", "2", "-o", str(tmp_path / "a.nic")).exit_code == 0
     with Image.open(tmp_path / "a.png") as im:
         expected = nic.encode(im, quality=2)
@@ -343,7 +343,7 @@ def test_streamed_encode_and_decode_equal_the_whole_image_path(tmp_path, monkeyp
         with Image.open(tmp_path / name) as out:
             assert np.array_equal(np.asarray(out), whole)
     with Image.open(tmp_path / "b.png") as out:
-        assert out.info["icc_profile"] == b"\x00fake-icc" + bytes(40)
+        assert out.info["icc_profile"] == icc_profile(b"fake-icc")
         assert out.getexif().get(0x010F) == "nic test camera"
 
 
@@ -447,3 +447,115 @@ def test_temporary_file_errors_are_not_blamed_on_the_output(tmp_path, monkeypatc
         assert "temporary file for the latents in" in message and "cannot write" not in message, message
         assert len(message.splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.nic", "in.png"]
+
+
+# ---- where outputs go: devices, pipes, links, the input itself, files already there -------
+
+def test_devices_pipes_and_links_are_written_not_replaced(tmp_path):
+    """A rename would put a regular file in place of /dev/null, a FIFO or a link."""
+    import threading
+
+    from nic.container import MAGIC
+
+    src = write_png(tmp_path / "in.png", smooth_image(16, 24))
+    assert run_cli("encode", str(src), "-o", os.devnull).exit_code == 0
+    assert not Path(os.devnull).is_file()
+    fifo = tmp_path / "out.nic"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    assert run_cli("encode", str(src), "-o", str(fifo)).exit_code == 0
+    reader.join(10)
+    assert fifo.is_fifo() and received and received[0].startswith(MAGIC)
+    (tmp_path / "real.nic").write_bytes(b"old")
+    (tmp_path / "link.nic").symlink_to("real.nic")
+    assert run_cli("encode", str(src), "-o", str(tmp_path / "link.nic")).exit_code == 0
+    assert (tmp_path / "link.nic").is_symlink() and (tmp_path / "real.nic").read_bytes() == received[0]
+
+
+def test_an_output_that_is_its_input_by_another_name_is_refused(tmp_path, monkeypatch):
+    src = write_png(tmp_path / "a.png", smooth_image(16, 16))
+    (tmp_path / "l.png").symlink_to("a.png")
+    monkeypatch.chdir(tmp_path)
+    for output in ("./a.png", str(src), "l.png", "../" + tmp_path.name + "/a.png"):
+        result = CliRunner().invoke(cli, ["encode", "a.png", "-o", output])
+        assert result.exit_code == 2 and "overwrite its own input" in result.output, (output, result.output)
+    assert CliRunner().invoke(cli, ["encode", "l.png", "-o", "a.png"]).exit_code == 2
+    assert (tmp_path / "a.png").read_bytes() == png_bytes(smooth_image(16, 16))
+
+
+def test_an_output_beside_its_input_is_not_replaced_without_force(tmp_path):
+    """`nic decode photo.nic` names photo.png: often the original the file was made from."""
+    src = write_png(tmp_path / "photo.png", smooth_image(16, 16))
+    original = src.read_bytes()
+    assert run_cli("encode", str(src)).exit_code == 0
+    result = CliRunner().invoke(cli, ["decode", str(tmp_path / "photo.nic")])
+    assert result.exit_code == 1 and "already exists" in result.output and "--force" in result.output
+    assert src.read_bytes() == original
+    assert CliRunner().invoke(cli, ["encode", str(src)]).exit_code == 1
+    assert run_cli("decode", str(tmp_path / "photo.nic"), "--force").exit_code == 0
+    assert src.read_bytes() != original
+    assert run_cli("decode", str(tmp_path / "photo.nic"), "-o", str(src)).exit_code == 0  # named: replaced
+
+
+@pytest.mark.parametrize("args,message", [
+    (["encode", ""], "input name is empty"), (["info", ""], "input name is empty"),
+    (["encode", "."], "is a directory"), (["decode", "/"], "is a directory"),
+    (["encode", "IN", "-o", ""], "output name is empty"),
+    (["encode", "IN", "-o", "OUT/missing/"], "no such directory"),
+    (["encode", "IN", "-o", "OUT/"], "is a directory"),
+])
+def test_names_that_are_no_files_are_one_line_errors(tmp_path, args, message):
+    src = write_png(tmp_path / "in.png", smooth_image(16, 16))
+    args = [a.replace("IN", str(src)).replace("OUT", str(tmp_path)) for a in args]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1 and result.output.startswith("nic: error: "), result.output
+    assert message in result.output and result.output.count("\n") == 1, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
+
+
+@pytest.mark.parametrize("option,value", [("-q", "nan"), ("--bpp", "inf"), ("--bpp", "nan")])
+def test_numbers_that_are_not_finite_are_usage_errors(tmp_path, option, value):
+    src = write_png(tmp_path / "in.png", smooth_image(16, 16))
+    result = CliRunner().invoke(cli, ["encode", str(src), option, value, "-o", str(tmp_path / "x.nic")])
+    assert result.exit_code == 2 and "not a finite number" in result.output, result.output
+
+
+def png_of_rows(pixels: np.ndarray, interlaced: bool = False, cut: int = 0) -> bytes:
+    """An 8-bit RGB PNG of ``pixels`` (Adam7 passes where ``interlaced``), unfiltered, its
+    image data less its last ``cut`` bytes in a zlib stream that ends cleanly."""
+    import struct
+    import zlib
+
+    height, width = pixels.shape[:2]
+    passes = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+    raw = b"".join(b"\x00" + row.tobytes() for x0, y0, dx, dy in (passes if interlaced else ((0, 0, 1, 1),))
+                   for row in pixels[y0::dy, x0::dx] if row.size)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, int(interlaced))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw[:len(raw) - cut]))
+            + chunk(b"IEND", b""))
+
+
+def test_short_png_data_is_refused_on_every_route(tmp_path):
+    """Pillow fills rows missing from a PNG whose zlib stream ends early with black; the
+    streamed route refuses the file, and so do stdin and efforts 2..4 (Pillow's route)."""
+    pixels = smooth_image(24, 13)
+    for interlaced in (False, True):
+        whole = png_of_rows(pixels, interlaced)
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(whole))), pixels)
+        assert run_cli("encode", "-", "-o", str(tmp_path / "x.nic"), input=whole).exit_code == 0
+        (tmp_path / "x.nic").unlink()
+        for cut in (3 * (1 + 3 * 13), 3):  # three whole rows, or part of one
+            short = png_of_rows(pixels, interlaced, cut)
+            (tmp_path / "short.png").write_bytes(short)
+            for args, stdin in ((["encode", str(tmp_path / "short.png")], None), (["encode", "-"], short),
+                                (["encode", str(tmp_path / "short.png"), "-e", "2"], None)):
+                result = CliRunner().invoke(cli, args + ["-o", str(tmp_path / "x.nic")], input=stdin)
+                assert result.exit_code == 1 and "cannot read image" in result.output, (interlaced, cut, args)
+                assert "too short" in result.output or "truncated" in result.output, result.output
+        assert not (tmp_path / "x.nic").exists()

@@ -9,9 +9,9 @@ from PIL import Image
 
 import nic
 from nic.cli import cli, parse_size
-from conftest import smooth_image
+from conftest import icc_profile, smooth_image
 
-FAKE_ICC = b"\x00\x00\x02\x0cfake-icc-profile-for-tests" + bytes(64)
+FAKE_ICC = icc_profile(b"fake-icc-profile-for-tests")
 
 
 def photo_with_metadata(path) -> None:
@@ -99,7 +99,7 @@ def test_pillow_save_strip_and_explicit_metadata(tmp_path):
     nic_with_metadata(tmp_path / "a.nic")
     with Image.open(tmp_path / "a.nic") as im:
         im.save(tmp_path / "stripped.nic", strip=True)
-        other_icc = b"\x00\x00\x01\x00another-profile" + bytes(32)
+        other_icc = icc_profile(b"another-profile")
         rotated = Image.Exif()
         rotated[0x0131] = "nic tests"  # Software
         rotated[0x0112] = 6  # dropped: nic stores pixels as they are shown
@@ -122,8 +122,9 @@ def test_pillow_opens_a_damaged_file_and_load_names_the_damage(tmp_path):
     (tmp_path / "cut.nic").write_bytes(data[:-10])
     with Image.open(tmp_path / "cut.nic") as im:
         assert im.size == (48, 32) and "icc_profile" not in im.info
-        with pytest.raises(nic.container.FormatError, match="truncated"):
+        with pytest.raises(OSError, match="truncated") as raised:
             im.load()
+    assert isinstance(raised.value.__cause__, nic.container.FormatError)
 
 
 @pytest.mark.parametrize("text,expected", [("20000", 20000), ("50KB", 50000), ("50k", 50000),
@@ -177,3 +178,34 @@ def test_batch_usage_errors(tmp_path):
     assert runner.invoke(cli, ["encode", "a.png", "b.png", "-o", "x.nic"]).exit_code == 2
     assert runner.invoke(cli, ["encode", "-", "b.png", "-d", str(tmp_path)]).exit_code == 2
     assert runner.invoke(cli, ["encode", "x/a.png", "y/a.png", "-d", str(tmp_path)]).exit_code == 2
+
+
+def test_pillow_verify_checks_the_crcs_without_decoding(tmp_path):
+    nic_with_metadata(tmp_path / "a.nic")
+    data = bytearray((tmp_path / "a.nic").read_bytes())
+    with Image.open(tmp_path / "a.nic") as im:
+        im.verify()
+    data[60] ^= 0x01  # in the payload
+    (tmp_path / "b.nic").write_bytes(bytes(data))
+    with Image.open(tmp_path / "b.nic") as im:
+        with pytest.raises(SyntaxError, match="CRC"):
+            im.verify()
+
+
+def test_pillow_save_refuses_an_effort_that_is_no_integer(tmp_path):
+    with pytest.raises(ValueError, match="effort must be an integer"):
+        Image.fromarray(smooth_image(16, 16)).save(tmp_path / "a.nic", effort=2.7)
+
+
+def test_python_api_says_what_it_takes():
+    with pytest.raises(TypeError, match="not a file"):
+        nic.encode("photo.png")
+    with pytest.raises(TypeError, match="quality must be a number"):
+        nic.encode(smooth_image(8, 8), quality="4")
+    with pytest.raises(TypeError, match="not its name"):
+        nic.decode("photo.nic")
+    with pytest.raises(TypeError, match="takes bytes"):
+        nic.decode(None)
+    data = nic.encode(smooth_image(8, 8), quality=2)
+    as_array = np.frombuffer(data, np.uint8)
+    assert np.array_equal(np.asarray(nic.decode(as_array)), np.asarray(nic.decode(bytearray(data))))
