@@ -150,7 +150,7 @@ def encode_pixels(pixels: np.ndarray, quality: float = 4, weights: str | Path | 
                   progress: Progress | None = None, family: str | None = None, precision: str = "auto") -> bytes:
     """.nic bytes of uint8 pixels of shape (H, W, 3) or (H, W, 1), with optional
     metadata carried verbatim in ancillary sections (an ICC profile only where it
-    describes pixels of their channels: nic.images.profile_for). ``effort`` 1..4 is the encoder's
+    describes pixels of their channels: nic.container.profile_for). ``effort`` 1..4 is the encoder's
     quantization search (1: rounding; see nic.quantization) and the pixels family's LZMA2
     preset (nic.pixels.EFFORT_PRESETS); any effort decodes the same way. ``family``
     (nic.families) picks the installed weights of that model family; without it, the
@@ -163,9 +163,7 @@ def encode_pixels(pixels: np.ndarray, quality: float = 4, weights: str | Path | 
         raise ValueError("pixels must be uint8 of shape (H, W, 3) or (H, W, 1)")
     height, width = pixels.shape[:2]
     _check_dimensions(width, height)
-    from .images import profile_for
-
-    icc_profile = profile_for(icc_profile, pixels.shape[2])
+    icc_profile = container.profile_for(icc_profile, pixels.shape[2])
     requested = quality
     model, digest, quality, step = _model(weights, family, quality, precision, height * width)
     # Not with an ICC profile: a reader that skips gRGB would write it beside one channel.
@@ -414,10 +412,9 @@ def encode_rows(source: PixelRows, quality: float = 4, weights: str | Path | Non
     _check_dimensions(width, height)
     if source.channels not in (1, 3):
         raise ValueError("images must have 1 or 3 channels")
-    from .images import profile_for
     from .pixels import MAX_PIXELS, NAME as PIXELS
 
-    icc_profile = profile_for(icc_profile, source.channels)
+    icc_profile = container.profile_for(icc_profile, source.channels)
     from .tiling import read_whole
 
     if family in (None, PIXELS) and width * height <= MAX_PIXELS:
@@ -575,9 +572,12 @@ def encode(image: Image.Image | NDArray[np.uint8], quality: float = 4, weights: 
 
     from .images import image_input, pixels_from_image
 
-    if isinstance(image, (str, bytes, os.PathLike)):
-        raise TypeError("nic.encode takes a Pillow image or a uint8 array, not a file: "
+    if isinstance(image, (str, os.PathLike)):
+        raise TypeError("nic.encode takes a Pillow image or a uint8 array, not a file name: "
                         "pass PIL.Image.open(name)")
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        raise TypeError("nic.encode takes a Pillow image or a uint8 array, not a file's bytes: "
+                        "pass PIL.Image.open(io.BytesIO(data))")
     if isinstance(quality, bool) or not isinstance(quality, numbers.Real):
         raise TypeError(f"quality must be a number, got {quality!r}")
     icc_profile = exif = None

@@ -184,7 +184,7 @@ def atomic_output(name: str) -> Iterator[_CountingStream]:
             sys.exit(1)
         return
     path = _output_path(name)
-    if path is None:  # a device or a pipe (/dev/null, a FIFO, >(…)): written in place
+    if path is None:  # a device, a pipe or an open file's own name: written in place
         yield from _write_in_place(name)
         return
     folder = path.parent if str(path.parent) else Path(".")
@@ -196,15 +196,7 @@ def atomic_output(name: str) -> Iterator[_CountingStream]:
             raise NicError(f"{name}: directory does not exist") from None
         except OSError as exc:
             raise _write_error(name, exc) from None
-        with os.fdopen(fd, "wb") as f:
-            # Only the output's own operations are its errors: an OSError of the work
-            # inside the block (reading the input, a temporary file) passes through.
-            yield _CountingStream(f, name)
-            try:
-                f.flush()
-                os.fsync(f.fileno())
-            except OSError as exc:
-                raise _write_error(name, exc) from None
+        yield from _written(os.fdopen(fd, "wb"), name, sync=True)
         try:
             os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, path)
@@ -219,37 +211,93 @@ def atomic_output(name: str) -> Iterator[_CountingStream]:
                 pass
 
 
+IN_PLACE = ("/dev/", "/proc/")
+"""Names under these are written in place: /dev/null, /dev/stdout, /dev/fd/N (``>(…)``),
+/proc/self/fd/N. Resolved, the last three name the file an open descriptor holds, which a
+rename would replace (and a redirection's ``>>`` would lose its earlier lines)."""
+
+
 def _output_path(name: str) -> Path | None:
     """The file an output name writes: a symbolic link's target (the link stays), or
-    None for an existing file that is not a regular one (a device, a pipe), which a
-    rename would replace. NicError for an empty name or a directory."""
+    None where the name is written in place (IN_PLACE, or an existing file that is not
+    a regular one: a device, a named pipe). NicError for an empty name, a directory, a
+    loop of links."""
     if not name:
         raise NicError("the output name is empty")
     if name.endswith(os.sep) or (os.altsep and name.endswith(os.altsep)):
         raise NicError(f"{name}: is a directory" if os.path.isdir(name) else f"{name}: no such directory")
     try:
         mode = os.stat(name).st_mode
-    except OSError:  # not there yet (or a dangling link: its target is created)
+    except FileNotFoundError:  # not there yet, or a dangling link (its target is created)
         mode = None
+    except OSError as exc:  # a loop of links, a path through a file, …
+        raise _write_error(name, exc) from None
     if mode is not None and stat.S_ISDIR(mode):
         raise NicError(f"{name}: is a directory")
-    if mode is not None and not stat.S_ISREG(mode):
+    if _in_place(name, mode):
         return None
     return Path(os.path.realpath(name)) if os.path.islink(name) else Path(name)
 
 
-def _write_in_place(name: str) -> Iterator[_CountingStream]:
-    """atomic_output for a device or a pipe: nothing there to keep, nothing to rename."""
+def _in_place(name: str, mode: int | None) -> bool:
+    """Whether an output name (of stat mode ``mode``, None where it is not there) is
+    written in place: IN_PLACE, or an existing file that is neither regular nor a folder."""
+    return (os.path.abspath(name).startswith(IN_PLACE)
+            or (mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)))
+
+
+def _image_format(target: str, out_format: str) -> str:
+    """A decode's output format: its name's extension's, or ``--format``'s for a device
+    or a pipe named without one (/dev/null, >(…))."""
+    from .images import OUTPUT_FORMATS, ImageError, output_format
+
     try:
-        stream = open(name, "wb")
+        return output_format(target)
+    except ImageError:
+        try:
+            mode = os.stat(target).st_mode
+        except OSError:
+            mode = None
+        if target != "-" and _in_place(target, mode):
+            return OUTPUT_FORMATS["." + out_format]
+        raise
+
+
+def _write_in_place(name: str) -> Iterator[_CountingStream]:
+    """atomic_output for a device, a pipe or an open file: nothing to rename. Opened to
+    append, so that a redirection's earlier bytes stay (``>> log``); a pipe without a
+    reader blocks until one opens it, as with any program that writes to it."""
+    try:
+        stream = open(name, "ab")
     except OSError as exc:
         raise _write_error(name, exc) from None
-    with stream:
+    if stream.isatty():
+        stream.close()
+        raise NicError(f"{name}: refusing to write binary data to a terminal")
+    yield from _written(stream, name, sync=False)
+
+
+def _written(stream, name: str, sync: bool) -> Iterator[_CountingStream]:
+    """Yield ``stream`` counted, then flush it (and fsync it with ``sync``) and close it.
+    Only the output's own operations are its errors (an OSError of the work inside the
+    block, e.g. reading the input, passes through), and a failed flush is said once:
+    closing flushes what is left again."""
+    done = False
+    try:
         yield _CountingStream(stream, name)
         try:
             stream.flush()
+            if sync:
+                os.fsync(stream.fileno())
         except OSError as exc:
             raise _write_error(name, exc) from None
+        done = True
+    finally:
+        try:
+            stream.close()
+        except OSError as exc:
+            if done:
+                raise _write_error(name, exc) from None
 
 
 def write_output(name: str, parts: bytes | list) -> int:
@@ -410,17 +458,18 @@ def parse_size(text: str) -> int:
     unit = match.group(2).upper() if match else None
     if not match or unit not in SIZE_UNITS:
         raise click.BadParameter(f"{text!r} is not a size like 50KB, 1.5MB, 64KiB or 20000")
-    size = int(float(match.group(1)) * SIZE_UNITS[unit])
+    number = float(match.group(1)) * SIZE_UNITS[unit]
+    if not math.isfinite(number):
+        raise click.BadParameter(f"{text!r} is too large a size")
+    size = int(number)
     if size < 1:
         raise click.BadParameter("the size must be at least 1 byte")
     return size
 
 
-def plan_outputs(inputs: tuple[str, ...], output: str | None, out_dir: str | None, suffix: str,
-                 force: bool = False) -> list[tuple[str, str]]:
-    """(input, output) pairs; several inputs need -d DIR or go beside their sources. An
-    output beside its source that is already there is replaced only with ``force``: a
-    decode's default name is often the original image the .nic was made from."""
+def plan_outputs(inputs: tuple[str, ...], output: str | None, out_dir: str | None, suffix: str
+                 ) -> list[tuple[str, str]]:
+    """(input, output) pairs; several inputs need -d DIR or go beside their sources."""
     if len(inputs) > 1:
         if output is not None:
             raise click.UsageError("-o names one output; with several inputs use -d DIR")
@@ -442,16 +491,23 @@ def plan_outputs(inputs: tuple[str, ...], output: str | None, out_dir: str | Non
         raise click.UsageError("two inputs would write the same output file")
     if any(s != "-" and t != "-" and _same_file(s, t) for s, t in pairs):
         raise click.UsageError("an output would overwrite its own input")
-    if output is None and out_dir is None and not force:
-        for _, target in pairs:
-            if target != "-" and os.path.lexists(target):
-                raise NicError(f"{target}: already exists; name the output with -o, or replace it with --force")
     return pairs
 
 
-def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: bool) -> None:
+def _check_free(target: str, batch: bool) -> None:
+    """NicError where an output beside its input (no -o, no -d) is already there: it is
+    replaced only with --force, since a decode's default name is often the original
+    image the .nic file was made from."""
+    if target != "-" and os.path.lexists(target):
+        other = "write into a folder with -d" if batch else "name the output with -o"
+        raise NicError(f"{target}: already exists; {other}, or replace it with --force")
+
+
+def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: bool,
+             keep_existing: bool = False) -> None:
     """Run ``work(source, target, batch) -> (bytes in, bytes out, pixels, nic bytes, note)``
-    on every pair; ``work`` reads its input and writes its output.
+    on every pair; ``work`` reads its input and writes its output. With ``keep_existing``
+    a pair whose output is already there fails (:func:`_check_free`) before any work.
 
     One input: an error is fatal (one line, exit 1). Several: every file is tried,
     with a progress bar on a terminal and a summary table; exit 1 if any failed."""
@@ -466,6 +522,8 @@ def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: b
 
     def one(source: str, target: str) -> None:
         started = time.perf_counter()
+        if keep_existing:
+            _check_free(target, batch)
         try:
             with warnings.catch_warnings(record=True) as caught:  # one job at a time: named by its input
                 warnings.simplefilter("always", UserWarning)
@@ -558,7 +616,7 @@ def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, qua
     if sum(x is not None for x in (quality, target_size, target_bpp)) > 1:
         raise click.UsageError("give one of -q, --size and --bpp")
     max_bytes = parse_size(target_size) if target_size is not None else None
-    pairs = plan_outputs(inputs, output, out_dir, ".nic", force)
+    pairs = plan_outputs(inputs, output, out_dir, ".nic")
 
     def work(source: str, target: str, batch: bool):
         if source != "-" and effort == 1 and max_bytes is None and target_bpp is None:
@@ -621,7 +679,7 @@ def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, qua
         note = f"quality {chosen:g}, effort {effort}, {arithmetic}{_coded_as(parts)}, {reader.width}x{reader.height}"
         return (size_in, size, count, size, note), None
 
-    run_jobs(pairs, work, out_dir, verbose)
+    run_jobs(pairs, work, out_dir, verbose, keep_existing=output is None and out_dir is None and not force)
 
 
 @cli.command()
@@ -632,7 +690,9 @@ def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, qua
 @click.option("-d", "--out-dir", metavar="DIR", default=None,
               help="Write each IN's image into DIR (created if missing).")
 @click.option("--format", "out_format", type=click.Choice(["png", "jpg", "webp", "tif", "bmp", "ppm"]),
-              default="png", show_default=True, help="Image format with -d or a default output name.")
+              default="png", show_default=True,
+              help="Image format with -d, a default output name, or an output named without an extension "
+                   "(/dev/null, a pipe).")
 @click.option("--strip", is_flag=True, help="Do not restore the ICC profile and EXIF stored in IN.")
 @force_option
 @threads_option
@@ -644,15 +704,15 @@ def decode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, out
            force: bool, threads: int | None, weights: str | None, max_pixels: int, precision: str,
            verbose: bool) -> None:
     """Decode .nic files IN... ('-' for stdin) to images."""
-    pairs = plan_outputs(inputs, output, out_dir, "." + out_format, force)
+    pairs = plan_outputs(inputs, output, out_dir, "." + out_format)
 
     def work(source: str, target: str, batch: bool):
         from .container import COLOUR_GRAY, parse_header
-        from .images import output_format, write_image
+        from .images import write_image
         from .streaming import STREAMED_FORMATS, row_writer
 
         data = read_nic_input(source, max_pixels)
-        fmt = output_format(target)
+        fmt = _image_format(target, out_format)
         set_threads(threads)
         from .api import decode_pixels, decode_rows
 
@@ -680,7 +740,7 @@ def decode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, out
                     stream.write(write_image(decoded.pixels, fmt, icc_profile, exif))
         return len(data), stream.written, h.width * h.height, len(data), note
 
-    run_jobs(pairs, work, out_dir, verbose)
+    run_jobs(pairs, work, out_dir, verbose, keep_existing=output is None and out_dir is None and not force)
 
 
 @cli.command()

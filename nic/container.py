@@ -47,7 +47,7 @@ unreadable, with a message naming it. Versions 1 and 2 define three ancillary se
 
 | type (stable id) | content                                                          |
 |------------------|------------------------------------------------------------------|
-| `iCCP`           | the source's ICC colour profile, verbatim                        |
+| `iCCP`           | the source's ICC colour profile, verbatim; written only where its colour space is the pixels' (RGB, or GRAY for one channel: `profile_for`) |
 | `eXIf`           | the source's EXIF block (orientation already applied, tag reset) |
 | `gRGB`           | empty: the grayscale image was an RGB source whose pixels were all gray; decode it to RGB (three equal channels). A reader that skips it writes the same pixels as one channel |
 
@@ -322,3 +322,21 @@ def unpack(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Container:
         sections.append((kind, body))
         offset = body_end + 4
     return Container(header, payload, sections)
+
+
+def profile_space(icc: bytes | None) -> bytes | None:
+    """An ICC profile's data colour space (b"RGB ", b"GRAY", b"CMYK", b"Lab ", …: bytes
+    16..20 of its header), None without one."""
+    return bytes(icc[16:20]) if icc and len(icc) >= 128 else None
+
+
+PROFILE_SPACES = {1: b"GRAY", 3: b"RGB "}
+"""The ICC colour space that describes nic's pixels of 1 and 3 channels."""
+
+
+def profile_for(icc: bytes | None, channels: int) -> bytes | None:
+    """The profile a file of ``channels`` channels stores: ``icc`` where its colour space
+    is theirs, else None. nic codes CMYK, Lab and other pixels as RGB (or L): their
+    profile would tell a viewer to read that RGB as CMYK or Lab, so it is left out and
+    the pixels are taken as sRGB."""
+    return icc if profile_space(icc) == PROFILE_SPACES[channels] else None

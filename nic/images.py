@@ -24,6 +24,8 @@ import zlib
 import numpy as np
 from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
 
+from .container import profile_space
+
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".tif": "TIFF",
                   ".tiff": "TIFF", ".webp": "WEBP", ".ppm": "PPM", ".pgm": "PPM", ".pnm": "PPM"}
 
@@ -93,23 +95,6 @@ def pixels_from_image(im: Image.Image, background: str | None = None) -> np.ndar
     if im.mode != "RGB":
         im = im.convert("RGB")
     return np.asarray(im, dtype=np.uint8)
-
-
-def profile_space(icc: bytes | None) -> bytes | None:
-    """An ICC profile's data colour space (b"RGB ", b"GRAY", b"CMYK", b"Lab ", …: bytes
-    16..20 of its header), None without one."""
-    return bytes(icc[16:20]) if icc and len(icc) >= 128 else None
-
-
-PROFILE_SPACES = {1: b"GRAY", 3: b"RGB "}
-"""The ICC colour space that describes nic's pixels of 1 and 3 channels."""
-
-
-def profile_for(icc: bytes | None, channels: int) -> bytes | None:
-    """``icc`` where it describes pixels of ``channels`` channels, else None. The input
-    policy turns CMYK, Lab and other pixels into RGB (or L), so their profile would tell
-    a viewer to read the RGB as CMYK or Lab: it is dropped, and the pixels are sRGB."""
-    return icc if profile_space(icc) == PROFILE_SPACES[channels] else None
 
 
 def _cmyk_to_srgb(im: Image.Image) -> Image.Image:
@@ -203,6 +188,8 @@ def _check_png_data(data: bytes) -> None:
     streaming reader (nic.streaming) refuses such a file, and so does the whole-image
     path, so that a file gives the same pixels or the same refusal on both. Called after
     Pillow has read the file, so its chunks and its zlib stream are sound."""
+    if data[12:16] != b"IHDR":  # Pillow takes a chunk before IHDR; the streaming reader refuses it
+        return
     width, height, depth, colour, interlace = struct.unpack(">IIBBxxB", data[16:29])
     bits = depth * {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(colour, 4)
     passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
@@ -211,19 +198,21 @@ def _check_png_data(data: bytes) -> None:
         columns, rows = -(-(width - x0) // dx), -(-(height - y0) // dy)
         if columns > 0 and rows > 0:
             expected += rows * (1 + (columns * bits + 7) // 8)
-    inflate, got, at = zlib.decompressobj(), 0, 8
+    inflate, got, at, view = zlib.decompressobj(), 0, 8, memoryview(data)
     while got < expected and at + 8 <= len(data):
         length, kind = struct.unpack(">I4s", data[at:at + 8])
-        if kind == b"IDAT":
-            pending = data[at + 8:at + 8 + length]
+        if kind == b"IEND":
+            break
+        # In pieces of 64 KiB, each inflated to at most 1 MiB: bounded memory, and the
+        # tail that zlib keeps between calls stays small (one chunk can be the whole file).
+        for piece in range(at + 8, min(at + 8 + length, len(data)), 1 << 16) if kind == b"IDAT" else ():
+            pending = view[piece:min(piece + (1 << 16), at + 8 + length)]
             while pending and got < expected and not inflate.eof:
                 try:
                     got += len(inflate.decompress(pending, min(expected - got, 1 << 20)))
                 except zlib.error:
                     return  # Pillow read it: not this check's to judge
                 pending = inflate.unconsumed_tail
-        elif kind == b"IEND":
-            break
         at += 12 + length
     if got < expected:
         raise ImageError("cannot read image: PNG image data is too short for the image size")

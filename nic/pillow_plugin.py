@@ -21,12 +21,15 @@ Saving takes ``quality=`` (1..8, default 4; 3.5 lies between two), ``effort=`` (
 and Pillow's usual metadata keywords: ``icc_profile=`` and ``exif=`` (bytes, or an
 :class:`PIL.Image.Exif` for ``exif``) replace what the image carries, ``None``
 leaves it out, and ``strip=True`` leaves out both. Without them the image's own ICC
-profile and EXIF are kept. Like Pillow's PNG and JPEG writers, other formats do not
+profile and EXIF are kept. A profile is stored only where its colour space is the
+pixels' (RGB, or GRAY for a gray image: nic.container.profile_for). Like Pillow's PNG and JPEG writers, other formats do not
 copy ``info["exif"]`` on their own: ``im.save("out.png", exif=im.getexif())``.
+nic stores one image: ``save_all=True`` saves an image of one frame and refuses more.
 """
 
 from __future__ import annotations
 
+import numbers
 from typing import IO
 
 from PIL import Image, ImageFile
@@ -95,10 +98,12 @@ class NicImageFile(ImageFile.ImageFile):
     def verify(self) -> None:
         """SyntaxError where the file is damaged (its header, payload or a section fails
         its CRC, or it is cut short), without decoding it; as Pillow's PNG plugin checks."""
+        if getattr(self, "_nic_loaded", False):  # load() has let go of the file's bytes
+            raise RuntimeError("verify must be called directly after open")
         try:
             unpack(self._nic_data)
         except FormatError as exc:
-            raise SyntaxError(f"broken .nic file: {exc}") from None
+            raise SyntaxError(f"broken .nic file: {exc}") from exc
         super().verify()
 
 
@@ -141,9 +146,10 @@ def _save(im: Image.Image, fp: IO[bytes], filename: str | bytes) -> None:
     from .images import image_metadata, pixels_from_image
 
     options = im.encoderinfo
-    quality = float(options.get("quality", 4))
-    effort = options.get("effort", 1)
-    if isinstance(effort, bool) or not isinstance(effort, int):
+    quality, effort = options.get("quality", 4), options.get("effort", 1)
+    if isinstance(quality, bool) or not isinstance(quality, numbers.Real):
+        raise ValueError(f"quality must be a number, got {quality!r}")
+    if isinstance(effort, bool) or not isinstance(effort, numbers.Integral):
         raise ValueError(f"effort must be an integer 1..4, got {effort!r}")
     icc_profile, exif = (None, None) if options.get("strip") else image_metadata(im)
     if not options.get("strip"):
@@ -159,8 +165,18 @@ def _save(im: Image.Image, fp: IO[bytes], filename: str | bytes) -> None:
                            precision=options.get("precision", "auto")))
 
 
+def _save_all(im: Image.Image, fp: IO[bytes], filename: str | bytes) -> None:
+    """``save_all=True``: nic stores one image, so only an image of one frame is saved."""
+    frames = getattr(im, "n_frames", 1) + len(im.encoderinfo.get("append_images", []))
+    if frames > 1:
+        raise ValueError(f"nic stores one image, not {frames} frames; save without save_all=True "
+                         "to store the first")
+    _save(im, fp, filename)
+
+
 def register() -> None:
     Image.register_open(FORMAT, NicImageFile, _accept)
     Image.register_save(FORMAT, _save)
+    Image.register_save_all(FORMAT, _save_all)
     Image.register_extension(FORMAT, ".nic")
     Image.register_mime(FORMAT, MIME)

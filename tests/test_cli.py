@@ -474,6 +474,24 @@ def test_devices_pipes_and_links_are_written_not_replaced(tmp_path):
     assert (tmp_path / "link.nic").is_symlink() and (tmp_path / "real.nic").read_bytes() == received[0]
 
 
+def test_an_open_files_name_is_appended_to_and_write_errors_name_the_output(tmp_path):
+    """-o /dev/stdout with `>> log`: the descriptor's file gets the bytes after the log's,
+    not a new file renamed over it. A full device is the output's one-line error."""
+    src = write_png(tmp_path / "in.png", smooth_image(16, 24))
+    log = tmp_path / "log"
+    log.write_bytes(b"log\n")
+    with open(log, "ab") as out:
+        done = subprocess.run([sys.executable, "-m", "nic", "encode", str(src), "-o", "/dev/stdout"], stdout=out,
+                              stderr=subprocess.PIPE, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert log.read_bytes().startswith(b"log\n\x89NIC")
+    if os.path.exists("/dev/full"):
+        result = CliRunner().invoke(cli, ["encode", str(src), "-o", "/dev/full"])
+        assert result.exit_code == 1 and result.output == "nic: error: /dev/full: cannot write (No space left on device)\n"
+    nic_file = log.read_bytes()[len(b"log\n"):]
+    assert run_cli("decode", "-", "-o", os.devnull, input=nic_file).exit_code == 0  # PNG, by --format
+
+
 def test_an_output_that_is_its_input_by_another_name_is_refused(tmp_path, monkeypatch):
     src = write_png(tmp_path / "a.png", smooth_image(16, 16))
     (tmp_path / "l.png").symlink_to("a.png")
@@ -497,6 +515,10 @@ def test_an_output_beside_its_input_is_not_replaced_without_force(tmp_path):
     assert run_cli("decode", str(tmp_path / "photo.nic"), "--force").exit_code == 0
     assert src.read_bytes() != original
     assert run_cli("decode", str(tmp_path / "photo.nic"), "-o", str(src)).exit_code == 0  # named: replaced
+    other = write_png(tmp_path / "other.png", smooth_image(8, 8))  # a batch: the others are still done
+    result = CliRunner().invoke(cli, ["encode", str(src), str(other)])
+    assert result.exit_code == 1 and "write into a folder with -d" in result.output
+    assert (tmp_path / "other.nic").exists()
 
 
 @pytest.mark.parametrize("args,message", [
@@ -505,21 +527,25 @@ def test_an_output_beside_its_input_is_not_replaced_without_force(tmp_path):
     (["encode", "IN", "-o", ""], "output name is empty"),
     (["encode", "IN", "-o", "OUT/missing/"], "no such directory"),
     (["encode", "IN", "-o", "OUT/"], "is a directory"),
+    (["encode", "IN", "-o", "OUT/loop"], "Too many levels of symbolic links"),
 ])
 def test_names_that_are_no_files_are_one_line_errors(tmp_path, args, message):
     src = write_png(tmp_path / "in.png", smooth_image(16, 16))
+    (tmp_path / "loop").symlink_to("loop2")
+    (tmp_path / "loop2").symlink_to("loop")
     args = [a.replace("IN", str(src)).replace("OUT", str(tmp_path)) for a in args]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 1 and result.output.startswith("nic: error: "), result.output
     assert message in result.output and result.output.count("\n") == 1, result.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png", "loop", "loop2"]
+    assert (tmp_path / "loop").is_symlink()
 
 
-@pytest.mark.parametrize("option,value", [("-q", "nan"), ("--bpp", "inf"), ("--bpp", "nan")])
+@pytest.mark.parametrize("option,value", [("-q", "nan"), ("--bpp", "inf"), ("--bpp", "nan"), ("--size", "9" * 400)])
 def test_numbers_that_are_not_finite_are_usage_errors(tmp_path, option, value):
     src = write_png(tmp_path / "in.png", smooth_image(16, 16))
     result = CliRunner().invoke(cli, ["encode", str(src), option, value, "-o", str(tmp_path / "x.nic")])
-    assert result.exit_code == 2 and "not a finite number" in result.output, result.output
+    assert result.exit_code == 2 and ("not a finite number" in result.output or "too large" in result.output)
 
 
 def png_of_rows(pixels: np.ndarray, interlaced: bool = False, cut: int = 0) -> bytes:

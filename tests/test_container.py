@@ -159,3 +159,18 @@ def test_substream_counts_and_leftovers_are_refused():
                               + bytes(4), "4 bytes after its last substream")):
         with pytest.raises(FormatError, match=message):
             unpack(pack(Header(**base, payload_length=len(payload)), payload)).substreams()
+
+
+@pytest.mark.parametrize("space,channels,kept", [(b"RGB ", 3, True), (b"GRAY", 1, True), (b"GRAY", 3, False),
+                                                  (b"RGB ", 1, False), (b"CMYK", 3, False), (b"Lab ", 3, False)])
+def test_a_profile_is_stored_only_where_it_describes_the_pixels(space, channels, kept):
+    import nic
+    from nic import api
+    from nic.container import profile_for
+    from conftest import icc_profile, smooth_image
+
+    profile = icc_profile(b"test", space)
+    assert profile_for(profile, channels) == (profile if kept else None)
+    assert profile_for(b"short", channels) is None and profile_for(None, channels) is None
+    stored = nic.decode(api.encode_pixels(smooth_image(16, 24, channels), 2, icc_profile=profile)).info
+    assert stored.get("icc_profile") == (profile if kept else None)

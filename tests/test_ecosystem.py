@@ -209,3 +209,19 @@ def test_python_api_says_what_it_takes():
     data = nic.encode(smooth_image(8, 8), quality=2)
     as_array = np.frombuffer(data, np.uint8)
     assert np.array_equal(np.asarray(nic.decode(as_array)), np.asarray(nic.decode(bytearray(data))))
+
+
+def test_pillow_save_all_stores_one_frame_or_refuses(tmp_path):
+    single = Image.fromarray(smooth_image(16, 16))
+    single.save(tmp_path / "one.nic", save_all=True)
+    assert Image.open(tmp_path / "one.nic").size == (16, 16)
+    with pytest.raises(ValueError, match="not 2 frames"):
+        single.save(tmp_path / "two.nic", save_all=True, append_images=[single])
+
+
+def test_pillow_verify_after_load_is_refused_as_pillow_does(tmp_path):
+    nic_with_metadata(tmp_path / "a.nic")
+    with Image.open(tmp_path / "a.nic") as im:
+        im.load()
+        with pytest.raises(RuntimeError, match="directly after open"):
+            im.verify()

@@ -5,12 +5,11 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import pytest
 from PIL import Image
 
 import nic
-from nic import api
-from nic.images import profile_for, read_image, read_image_with_metadata
+from nic.container import profile_for
+from nic.images import read_image, read_image_with_metadata
 from conftest import icc_profile, smooth_image
 
 
@@ -23,17 +22,6 @@ def test_16_bit_pgm_is_scaled_by_its_depth_not_its_content():
     assert dark.max() == 0 and bright.max() == 227
     tenbit = read_image(b"P5\n64 48\n1023\n" + (ramp * 4).astype(">u2").tobytes())  # Pillow scales to 0..65535
     assert abs(int(tenbit.max()) - round(227 * 4 * 255 / 1023)) <= 1
-
-
-@pytest.mark.parametrize("space,channels,kept", [(b"RGB ", 3, True), (b"GRAY", 1, True), (b"GRAY", 3, False),
-                                                  (b"RGB ", 1, False), (b"CMYK", 3, False), (b"Lab ", 3, False)])
-def test_a_profile_is_kept_only_where_it_describes_the_pixels(space, channels, kept):
-    profile = icc_profile(b"test", space)
-    assert profile_for(profile, channels) == (profile if kept else None)
-    assert profile_for(b"short", channels) is None and profile_for(None, channels) is None
-    pixels = smooth_image(16, 24, channels)
-    stored = nic.decode(api.encode_pixels(pixels, 2, icc_profile=profile)).info.get("icc_profile")
-    assert stored == (profile if kept else None)
 
 
 def test_cmyk_input_keeps_no_cmyk_profile():
