@@ -516,6 +516,8 @@ def parse_qualities(text: str | None, available: int) -> list[float]:
         try:
             if "-" in part:
                 first, last = (int(v) for v in part.split("-", 1))
+                if first > last:
+                    raise ValueError
                 found.update(range(first, last + 1))
             else:
                 value = float(part)
@@ -907,8 +909,8 @@ def hard_table(rows: list[dict]) -> str:
     cannot get that small)."""
     codecs = [k for k in rows[0] if k not in ("image", "quality", "family", "bytes", "bpp", "psnr", "ceiling")] \
         if rows else []
-    head = ("| image | q | coded as | nic bpp | nic PSNR | ceiling | "
-            + " | ".join(f"{c}, same bytes" for c in codecs) + " |")
+    head = "| " + " | ".join(["image", "q", "coded as", "nic bpp", "nic PSNR", "ceiling"]
+                            + [f"{c}, same bytes" for c in codecs]) + " |"
     lines = [head, "|---|---:|---|---:|---:|---:|" + "---:|" * len(codecs)]
     for row in rows:
         cells = [row["image"], str(row["quality"]), row["family"], f"{row['bpp']:.3f}", f"{row['psnr']:.2f}",

@@ -1,8 +1,9 @@
 """The ``nic`` command line: all I/O and every exit code live here.
 
 Exit codes: 0 success, 1 error (one line on stderr, no traceback), 2 usage error,
-130 interrupted. Outputs are written to a temporary file beside the target and
-renamed into place, so a failure or Ctrl-C never leaves a partial or clobbered file.
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Outputs are written to a temporary
+file beside the target and renamed into place, so a failure, Ctrl-C or SIGTERM never
+leaves a partial or clobbered file.
 torch is imported only by the commands that run the model, so ``nic --help`` and
 ``nic info`` stay fast.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
 import stat
 import sys
 import tempfile
@@ -47,6 +49,27 @@ class Interrupted(click.ClickException):
         click.echo("nic: interrupted", err=True)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt, so that every
+    ``finally`` runs (a temporary output file is removed) before nic exits."""
+
+
+class TerminatedExit(click.ClickException):
+    """SIGTERM: one line and exit code 143 (128 + 15)."""
+
+    exit_code = 143
+
+    def __init__(self) -> None:
+        super().__init__("terminated")
+
+    def show(self, file=None) -> None:
+        click.echo("nic: terminated", err=True)
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 class NicGroup(click.Group):
     def invoke(self, ctx: click.Context):
         # click turns KeyboardInterrupt into a blank line, "Aborted!" and exit 1 before
@@ -55,6 +78,8 @@ class NicGroup(click.Group):
             return super().invoke(ctx)
         except KeyboardInterrupt:
             raise Interrupted() from None
+        except Terminated:
+            raise TerminatedExit() from None
 
 
 def _domain_errors():
@@ -159,13 +184,15 @@ def _detach_stdout() -> None:
 
 
 @contextmanager
-def atomic_output(name: str) -> Iterator[_CountingStream]:
+def atomic_output(name: str, exclusive: bool = False) -> Iterator[_CountingStream]:
     """A binary stream for an output file, or stdout for '-'.
 
     A file is written to a temporary file beside the target and renamed into place
     only when the block ends without an error, so a failure or Ctrl-C never leaves a
     partial or clobbered file (a symbolic link's target is the file replaced; a device
-    or a named pipe is written in place)."""
+    or a named pipe is written in place). ``exclusive``: a file that appeared meanwhile
+    is kept, and the output fails (the temporary file is linked, not renamed, into
+    place: two processes cannot both find the name free)."""
     if name == "-":
         if sys.stdout.isatty():
             raise NicError("refusing to write binary data to a terminal; use -o FILE or a pipe")
@@ -190,8 +217,8 @@ def atomic_output(name: str) -> Iterator[_CountingStream]:
     folder = path.parent if str(path.parent) else Path(".")
     tmp = None
     try:
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        try:  # the name cut short: a 255-byte name is valid, and its temporary one must be too
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:64]}.", suffix=".tmp", dir=folder)
         except FileNotFoundError:
             raise NicError(f"{name}: directory does not exist") from None
         except OSError as exc:
@@ -199,7 +226,8 @@ def atomic_output(name: str) -> Iterator[_CountingStream]:
         yield from _written(os.fdopen(fd, "wb"), name, sync=True)
         try:
             os.chmod(tmp, 0o666 & ~_umask())
-            os.replace(tmp, path)
+            if not exclusive or not _linked(tmp, path, name):
+                os.replace(tmp, path)
         except OSError as exc:
             raise _write_error(name, exc) from None
         tmp = None
@@ -209,6 +237,22 @@ def atomic_output(name: str) -> Iterator[_CountingStream]:
                 os.unlink(tmp)
             except OSError:
                 pass
+
+
+def _linked(tmp: str, path: Path, name: str) -> bool:
+    """Link ``tmp`` at ``path`` where nothing is there (True, ``tmp`` removed), NicError
+    where something is; False where the file system has no hard links (then nothing was
+    there a moment ago, and a rename is left to do)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise NicError(f"{name}: already exists (made meanwhile); replace it with --force") from None
+    except OSError:
+        if os.path.lexists(path):
+            raise NicError(f"{name}: already exists (made meanwhile); replace it with --force") from None
+        return False
+    os.unlink(tmp)
+    return True
 
 
 IN_PLACE = ("/dev/", "/proc/")
@@ -300,10 +344,10 @@ def _written(stream, name: str, sync: bool) -> Iterator[_CountingStream]:
                 raise _write_error(name, exc) from None
 
 
-def write_output(name: str, parts: bytes | list) -> int:
+def write_output(name: str, parts: bytes | list, exclusive: bool = False) -> int:
     """Write bytes (or a list of buffers, in order) to a file atomically, or to stdout
-    for '-'; returns the number of bytes written."""
-    with atomic_output(name) as stream:
+    for '-'; returns the number of bytes written (``exclusive``: as atomic_output)."""
+    with atomic_output(name, exclusive) as stream:
         for part in [parts] if isinstance(parts, (bytes, bytearray)) else parts:
             stream.write(part)
     return stream.written
@@ -477,6 +521,8 @@ def plan_outputs(inputs: tuple[str, ...], output: str | None, out_dir: str | Non
             raise click.UsageError("'-' (stdin) can only be the sole input")
     if output is not None and out_dir is not None:
         raise click.UsageError("give -o or -d, not both")
+    if out_dir == "":
+        raise click.UsageError("-d names no folder")
     pairs = []
     for source in inputs:
         if out_dir is not None:
@@ -486,9 +532,12 @@ def plan_outputs(inputs: tuple[str, ...], output: str | None, out_dir: str | Non
         else:
             target = output if output is not None else default_output(source, suffix)
         pairs.append((source, target))
-    targets = [os.path.realpath(t) for _, t in pairs if t != "-"]
-    if len(set(targets)) != len(targets):
-        raise click.UsageError("two inputs would write the same output file")
+    seen: dict[str, str] = {}
+    for source, target in pairs:
+        if target != "-" and os.path.realpath(target) in seen:
+            raise click.UsageError(f"{seen[os.path.realpath(target)]} and {source} would write the same output "
+                                   f"file {target}")
+        seen[os.path.realpath(target)] = source
     if any(s != "-" and t != "-" and _same_file(s, t) for s, t in pairs):
         raise click.UsageError("an output would overwrite its own input")
     return pairs
@@ -565,7 +614,7 @@ def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: b
     from rich.table import Table
 
     table = Table(title=None, show_header=True, header_style="bold")
-    for column in ("files", "failed", "bytes in", "bytes out", "mean bpp"):
+    for column in ("coded", "failed", "bytes in", "bytes out", "mean bpp"):
         table.add_column(column, justify="right")
     mean_bpp = totals["bits"] / totals["files"] if totals["files"] else float("nan")
     table.add_row(str(totals["files"]), str(totals["failed"]), str(totals["in"]), str(totals["out"]),
@@ -617,6 +666,7 @@ def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, qua
         raise click.UsageError("give one of -q, --size and --bpp")
     max_bytes = parse_size(target_size) if target_size is not None else None
     pairs = plan_outputs(inputs, output, out_dir, ".nic")
+    keep = output is None and out_dir is None and not force  # files beside the inputs stay
 
     def work(source: str, target: str, batch: bool):
         if source != "-" and effort == 1 and max_bytes is None and target_bpp is None:
@@ -641,14 +691,14 @@ def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, qua
             with image_progress(count, f"encoding {Path(source).name}", not batch) as progress:
                 result = encode_pixels(pixels, chosen, weights, icc_profile, exif, effort, progress, family,
                                        arithmetic)
-            note = f"quality {chosen:g}, effort {effort}"
+            note = f"{_quality_note(result, chosen)}, effort {effort}"
         else:
             limit = max_bytes if max_bytes is not None else int(target_bpp * count / 8)
             result, chosen = encode_to_target(pixels, limit, weights, icc_profile, exif, effort, family, arithmetic)
             note = f"quality {chosen:g} chosen for ≤ {limit} bytes, effort {effort}"
             if len(result) > limit:
                 note += " (not reached: even quality 1 is larger)"
-        size = write_output(target, result)
+        size = write_output(target, result, keep)
         return len(data), size, count, size, f"{note}, {arithmetic}{_coded_as([result])}, {w}x{h}"
 
     def encode_streamed(source: str, target: str, batch: bool):
@@ -675,11 +725,12 @@ def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, qua
             finally:
                 reader.close()
             size_in = os.fstat(stream.fileno()).st_size
-        size = write_output(target, parts)
-        note = f"quality {chosen:g}, effort {effort}, {arithmetic}{_coded_as(parts)}, {reader.width}x{reader.height}"
+        size = write_output(target, parts, keep)
+        coded = _quality_note(b"".join(parts), chosen) if verbose and chosen != int(chosen) else f"quality {chosen:g}"
+        note = f"{coded}, effort {effort}, {arithmetic}{_coded_as(parts)}, {reader.width}x{reader.height}"
         return (size_in, size, count, size, note), None
 
-    run_jobs(pairs, work, out_dir, verbose, keep_existing=output is None and out_dir is None and not force)
+    run_jobs(pairs, work, out_dir, verbose, keep_existing=keep)
 
 
 @cli.command()
@@ -705,6 +756,7 @@ def decode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, out
            verbose: bool) -> None:
     """Decode .nic files IN... ('-' for stdin) to images."""
     pairs = plan_outputs(inputs, output, out_dir, "." + out_format)
+    keep = output is None and out_dir is None and not force  # files beside the inputs stay
 
     def work(source: str, target: str, batch: bool):
         from .container import COLOUR_GRAY, parse_header
@@ -720,7 +772,7 @@ def decode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, out
         arithmetic = run_precision(precision, h.width * h.height)
         note = f"{h.width}x{h.height}, quality {h.quality}, {arithmetic}"
         with image_progress(h.width * h.height, f"decoding {Path(source).name}", not batch) as progress:
-            with atomic_output(target) as stream:
+            with atomic_output(target, keep) as stream:
                 writers = []
 
                 def open_sink(header, icc_profile, exif):
@@ -740,7 +792,7 @@ def decode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, out
                     stream.write(write_image(decoded.pixels, fmt, icc_profile, exif))
         return len(data), stream.written, h.width * h.height, len(data), note
 
-    run_jobs(pairs, work, out_dir, verbose, keep_existing=output is None and out_dir is None and not force)
+    run_jobs(pairs, work, out_dir, verbose, keep_existing=keep)
 
 
 @cli.command()
@@ -768,6 +820,8 @@ def compare(image: str, output: str, target_size: str | None, target_bpp: float 
     """Write a sheet of IMAGE as nic and the other codecs code it at the same file size."""
     if (target_size is None) == (target_bpp is None):
         raise click.UsageError("give one of --size and --bpp")
+    if image != "-" and output != "-" and _same_file(image, output):
+        raise click.UsageError("the sheet would overwrite its own input")
     from .images import read_image
 
     try:
@@ -778,7 +832,7 @@ def compare(image: str, output: str, target_size: str | None, target_bpp: float 
     budget = parse_size(target_size) if target_size is not None else int(target_bpp * width * height / 8)
     if budget < 1:
         raise NicError(f"a budget of {budget} bytes is too small for a {width}x{height} image")
-    region = parse_crop(crop, width, height) if crop else None
+    region = parse_crop(crop, width, height) if crop is not None else None
     set_threads(threads)
     from .compare import detailed_crop, panels, sheet
 
@@ -788,7 +842,12 @@ def compare(image: str, output: str, target_size: str | None, target_bpp: float 
         raise NicError(str(exc)) from None
     for line in skipped:
         click.echo(f"nic: {line}: not shown", err=True)
-    picture = sheet(shown, region or detailed_crop(pixels, 192, 128), scale)
+    region = region or detailed_crop(pixels, 192, 128)
+    area = len(shown) * region[2] * region[3] * scale * scale
+    if area > max_pixels:
+        raise NicError(f"the sheet would have {area} pixels, more than the limit of {max_pixels}; "
+                       "give a smaller --crop or --scale (or raise --max-pixels)")
+    picture = sheet(shown, region, scale)
     import io
 
     buffer = io.BytesIO()
@@ -797,11 +856,12 @@ def compare(image: str, output: str, target_size: str | None, target_bpp: float 
 
 
 def parse_crop(text: str, width: int, height: int) -> tuple[int, int, int, int]:
-    """(x, y, w, h) from 'X,Y,W,H', inside the image; NicError otherwise."""
+    """(x, y, w, h) from 'X,Y,W,H', inside the image; a usage error for another form,
+    NicError for a region outside the image."""
     try:
         x, y, w, h = (int(v) for v in text.split(","))
     except ValueError:
-        raise NicError(f"--crop takes X,Y,W,H in pixels, not {text!r}") from None
+        raise click.BadParameter(f"takes X,Y,W,H in pixels, not {text!r}", param_hint="--crop") from None
     if x < 0 or y < 0 or w < 1 or h < 1 or x + w > width or y + h > height:
         raise NicError(f"--crop {text} is not inside the {width}x{height} image")
     return x, y, w, h
@@ -851,6 +911,19 @@ def info(file: str, max_pixels: int) -> None:
         click.echo(f"{key:<{width}}  {value}")
 
 
+def _quality_note(data: bytes, asked: float) -> str:
+    """``-v``'s quality: the one asked for, or the trained one the file holds where its
+    family has no steps between qualities (the factorized family codes 3.5 as 3)."""
+    from .container import SECTION_STEP, unpack
+
+    if asked == int(asked):
+        return f"quality {asked:g}"
+    parsed = unpack(data, max_pixels=1 << 62)
+    if any(kind == SECTION_STEP for kind, _ in parsed.sections):  # coded between two, with a step
+        return f"quality {asked:g}"
+    return f"quality {parsed.header.quality} ({asked:g} asked: this family codes the trained quality below)"
+
+
 def _coded_as(parts) -> str:
     """``-v``'s note on a file where the default chose the pixels family, or pixel tiles
     over the model's (nic.overlay), from the file's first bytes (``parts``: its buffers,
@@ -894,11 +967,26 @@ def _pixel_rows(substreams) -> list[tuple[str, str]]:
             coding.get(predictor, ("pixel predictor", "median (the first version's)"))]
 
 
+def check_device(device: str) -> None:
+    """Usage error for a device name other than cpu, cuda and cuda:N; NicError for CUDA
+    where this PyTorch has none."""
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", device):
+        raise click.BadParameter(f"{device!r} is not cpu, cuda or cuda:N", param_hint="--device")
+    if device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise NicError(f"--device {device}: this PyTorch has no CUDA device to use (torch {torch.__version__})")
+
+
 @cli.command()
 @click.argument("data", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--out", type=click.Path(file_okay=False), required=True,
               help="Run folder: checkpoint.pt, log.csv (resumed if it exists).")
-@click.option("--minutes", type=float, default=None, help="Time budget (training time, summed over resumes).")
+@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None, callback=_finite,
+              help="Time budget (training time, summed over resumes).")
 @click.option("--steps", type=click.IntRange(1), default=None, help="Step budget (instead of --minutes).")
 @click.option("--quality", "qualities", type=click.IntRange(1, 255), multiple=True,
               help="Train only these qualities [default: all].")
@@ -913,8 +1001,9 @@ def _pixel_rows(substreams) -> list[tuple[str, str]]:
 @click.option("--synthetic", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Share of crops that are generated hard content (text, line art, gratings, flat areas) "
                    "instead of photos.")
-@click.option("--lr", type=float, default=2e-4, show_default=True, help="Initial learning rate (cosine decay).")
-@click.option("--lr-final", type=float, default=1e-5, show_default=True,
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4, show_default=True, callback=_finite,
+              help="Initial learning rate (cosine decay).")
+@click.option("--lr-final", type=click.FloatRange(min=0), default=1e-5, show_default=True, callback=_finite,
               help="Learning rate at the end of the budget.")
 @click.option("--init", type=click.Path(dir_okay=False), default=None, help="Start from these weights.")
 @click.option("--finetune-decoder", is_flag=True,
@@ -962,6 +1051,7 @@ def train(data, out, minutes, steps, qualities, lambdas, N, M, patch, batch, syn
         checked_own_N(own_N, specialize)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    check_device(device)
     if compiled and device == "cpu" and not any(
             shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c):
         raise NicError("--compile needs a C++ compiler (g++ or clang++; or set CXX); train without it")
@@ -993,6 +1083,8 @@ def train(data, out, minutes, steps, qualities, lambdas, N, M, patch, batch, syn
         path = run_training(opts, report, report_validation)
     except ValueError as exc:
         raise NicError(str(exc)) from None
+    except OSError as exc:  # the run folder or a data file: named by the error
+        raise NicError(f"{exc.filename or out}: {exc.strerror or exc}") from None
     except KeyboardInterrupt:
         console.print(f"stopped; checkpoint saved in {out}, run the same command to resume")
         sys.exit(130)
@@ -1007,10 +1099,19 @@ def export(checkpoint: str, output: str, half: bool) -> None:
     """Turn a training CHECKPOINT into a weights file with integer CDF tables."""
     from .train import export_checkpoint
 
+    target = _output_path(output)  # a link's target; NicError for '', a folder, a loop of links
+    if target is None:
+        raise NicError(f"{output}: weights are written to a file (with a .digest file beside it), not here")
+    if _same_file(checkpoint, output):
+        raise click.UsageError("the weights would overwrite the checkpoint")
+    if not target.parent.is_dir():
+        raise NicError(f"{output}: directory does not exist")
     try:
-        digest = export_checkpoint(Path(checkpoint), Path(output), half)
+        digest = export_checkpoint(Path(checkpoint), target, half)
     except ValueError as exc:
         raise NicError(str(exc)) from None
+    except OSError as exc:
+        raise _write_error(output, exc) from None
     click.echo(f"{output}: weights {digest.hex()}")
 
 
@@ -1056,6 +1157,28 @@ def bench(folder: str | None, qualities: str | None, codecs: str, json_out: str 
     if report_dir and (speed or json_out or plot_out):
         raise click.UsageError("--report writes its own report.json and rd.png, and goes with the RD sweep "
                                "(not --speed, --json or --plot)")
+    for name in (json_out, plot_out, report_dir):
+        if name == "":
+            raise click.UsageError("an output name (--json, --plot, --report) is empty")
+    if qualities is not None:
+        from .bench import parse_qualities
+
+        try:
+            parse_qualities(qualities, 255)  # the form; the weights' range is checked when they load
+        except ValueError as exc:
+            raise click.BadParameter(str(exc).removeprefix("-q: "), param_hint="-q") from None
+    if plot_out == "-" and json_out == "-":
+        raise click.UsageError("only one of --json and --plot can go to stdout")
+    for name in (json_out, plot_out):  # before the sweep, not after it
+        if name not in (None, "-"):
+            path = _output_path(name)
+            if path is not None and not (path.parent if str(path.parent) else Path(".")).is_dir():
+                raise NicError(f"{name}: directory does not exist")
+            if folder is not None:
+                from .bench import list_images
+
+                if any(_same_file(name, str(p)) for p in list_images(Path(folder))):
+                    raise click.UsageError(f"{name} is one of the images being measured")
     set_threads(threads)
     try:
         run_precision(precision, 1 << 62)  # keeps freed memory if bf16 may run (auto: on large images)
@@ -1067,7 +1190,9 @@ def bench(folder: str | None, qualities: str | None, codecs: str, json_out: str 
         if report_dir is not None:
             bench_report(opts, Path(report_dir))
             return
-        run_command(opts, err=stderr_console())
+        err = stderr_console()
+        # The tables go to stderr where stdout carries the JSON or the plot.
+        run_command(opts, out=err if "-" in (json_out, plot_out) else None, err=err)
     except _domain_errors() as exc:
         raise NicError(str(exc)) from None
 
@@ -1115,7 +1240,7 @@ def bench_hard(qualities: str | None, codecs: str, json_out: str | None, family:
         click.echo(f"{row['image']} q{row['quality']}: {row['bpp']:.3f} bpp, {row['psnr']:.2f} dB", err=True)
 
     rows = run_hard(qualities, codecs, weights, family, report=report, precision=precision)
-    click.echo(hard_table(rows))
+    click.echo(hard_table(rows), err=json_out == "-")
     if json_out:
         with atomic_output(json_out) as stream:
             stream.write(json.dumps(json_safe({"hard": rows}), indent=1).encode())
@@ -1139,6 +1264,8 @@ def main() -> None:
     # BLAS threads would only compete with them. Before numpy is imported.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     _warnings_as_lines()
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # `kill`: cleaned up like Ctrl-C
+        signal.signal(signal.SIGTERM, _raise_terminated)
     # Not standalone: click would print "Aborted!" and exit 1 for Ctrl-C; every exit
     # code is decided here instead.
     try:
@@ -1149,6 +1276,9 @@ def main() -> None:
     except (click.Abort, KeyboardInterrupt):  # Ctrl-C before a command started (still parsing)
         Interrupted().show()
         sys.exit(130)
+    except Terminated:
+        TerminatedExit().show()
+        sys.exit(143)
     except ModuleNotFoundError as exc:
         if exc.name != "torch" or os.environ.get("NIC_DEBUG"):
             raise

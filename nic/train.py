@@ -113,11 +113,15 @@ def find_images(folders: list[Path], exclude: list[str], purpose: str = "trainin
 
 
 def load_rgb(path: Path) -> np.ndarray:
+    """A training image's RGB pixels; ValueError naming the file where Pillow cannot read it."""
     from PIL import Image, ImageOps
 
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        return np.asarray(im.convert("RGB"))
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            return np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"{path}: cannot read image ({exc})") from None
 
 
 class CropSampler:
@@ -289,12 +293,10 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
     model = Codec(config)
     state = None
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        config = Config.from_json(state["config"])
+        state, model = load_checkpoint(ckpt_path)
+        config = model.config
         if opts.lambdas and not retarget and config.lambdas != lambdas:
             raise ValueError(f"the checkpoint in {opts.out} was trained for λ {config.lambdas}, not {lambdas}")
-        model = Codec(config)
-        model.load_state_dict(state["model"])
     elif opts.init is not None:
         from .weights import default_weights
 
@@ -352,11 +354,14 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
     optimizer = torch.optim.Adam(groups, lr=opts.lr)
     step, elapsed = 0, 0.0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        step, elapsed = state["step"], state["elapsed"]
-        if world == 1:
-            rng.setstate(_rng_state_from(state["rng"]))
-            torch.set_rng_state(state["torch_rng"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            step, elapsed = int(state["step"]), float(state["elapsed"])
+            if world == 1:
+                rng.setstate(_rng_state_from(state["rng"]))
+                torch.set_rng_state(state["torch_rng"])
+        except Exception as exc:  # a checkpoint of another program, or damaged
+            raise ValueError(f"{ckpt_path}: cannot resume from it ({type(exc).__name__}: {exc})"[:300]) from None
     network = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -541,14 +546,25 @@ def _rng_state_from(state: list) -> tuple:
     return (version, tuple(internal), gauss)
 
 
+def load_checkpoint(path: Path) -> tuple[dict, "Codec"]:
+    """(the checkpoint's state, its model) of a training checkpoint, read without pickle's
+    code (``weights_only``); ValueError naming the file for anything else."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model = Codec(Config.from_json(state["config"]))
+        model.load_state_dict(state["model"])
+    except Exception as exc:  # torch, pickle, zip and the state's own errors: the file is not one
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: not a nic training checkpoint ({reason[:200]})") from None
+    return state, model
+
+
 def export_checkpoint(checkpoint: Path, output: Path, half: bool = False) -> bytes:
     """Weights file (with integer tables) from a training checkpoint; returns its hash."""
     from .factorized import is_conv_kernel, to_arrays
     from .weights import save_weights
 
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    model = Codec(Config.from_json(state["config"]))
-    model.load_state_dict(state["model"])
+    _, model = load_checkpoint(checkpoint)
     model.eval()
     if half:
         # Tables must describe the weights as shipped, so round first, then export.

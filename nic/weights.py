@@ -541,8 +541,10 @@ def _load_path(path: str, mtime: float, coding: bool):
             arrays, digest = _read_and_hash(Path(path))
         arrays = _with_base(arrays, Path(path).parent, lazy is not None)
         model = (load if coding else from_arrays)(arrays)
-    except WeightsError:
-        raise
+    except WeightsError as exc:
+        if str(path) in str(exc):
+            raise
+        raise WeightsError(f"{path}: {exc}") from None
     except ValueError as exc:
         raise WeightsError(f"{path}: {exc}") from None
     except (TypeError, IndexError, RuntimeError, MemoryError, OverflowError, AttributeError) as exc:
@@ -589,6 +591,8 @@ def candidates(first: str = DEFAULT_NAME) -> list[Path]:
     folders = []
     if os.environ.get(ENV_DIR):
         folders.append(Path(os.environ[ENV_DIR]))
+        if not folders[0].is_dir():  # said, not passed over: the shipped weights are not what was asked
+            raise WeightsError(f"{ENV_DIR}={os.environ[ENV_DIR]}: no such folder")
     folders.append(shipped_dir())
     found = []
     for folder in folders:

@@ -270,7 +270,9 @@ def _unread_bytes(pipe) -> int:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="FIONREAD on a pipe's write end is Linux behaviour")
-def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
+@pytest.mark.parametrize("signum,code,line", [(signal.SIGINT, 130, "nic: interrupted\n"),
+                                              (signal.SIGTERM, 143, "nic: terminated\n")])
+def test_ctrl_c_and_sigterm_are_one_line_and_their_exit_codes(tmp_path, signum, code, line):
     target = tmp_path / "out.png"
     process = subprocess.Popen(
         [sys.executable, "-m", "nic", "decode", "-", "-o", str(target)],
@@ -288,9 +290,9 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
         while _unread_bytes(process.stdin) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert _unread_bytes(process.stdin) == 0, "nic never started reading"
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=60) == 130
-        assert process.stderr.read().decode() == "nic: interrupted\n"
+        process.send_signal(signum)
+        assert process.wait(timeout=60) == code
+        assert process.stderr.read().decode() == line
         assert process.stdout.read() == b""
     finally:
         if process.poll() is None:
@@ -299,6 +301,25 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
         for pipe in (process.stdin, process.stdout, process.stderr):
             pipe.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_while_writing_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """SIGTERM is raised in the main thread as Terminated (nic.cli's handler), so the
+    temporary output beside the target goes, as it does for Ctrl-C."""
+    from nic import api
+    from nic.cli import Terminated
+
+    src = write_png(tmp_path / "in.png", smooth_image(16, 16))
+    assert run_cli("encode", str(src), "-o", str(tmp_path / "a.nic")).exit_code == 0
+
+    def terminated(*args, **kwargs):
+        assert any(p.name.startswith(".out.png.") for p in tmp_path.iterdir())  # the output is open
+        raise Terminated()
+
+    monkeypatch.setattr(api, "decode_rows", terminated)
+    result = CliRunner().invoke(cli, ["decode", str(tmp_path / "a.nic"), "-o", str(tmp_path / "out.png")])
+    assert result.exit_code == 143 and result.output == "nic: terminated\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.nic", "in.png"]
 
 
 def test_real_process_errors_have_no_traceback(tmp_path):
@@ -585,3 +606,39 @@ def test_short_png_data_is_refused_on_every_route(tmp_path):
                 assert result.exit_code == 1 and "cannot read image" in result.output, (interlaced, cut, args)
                 assert "too short" in result.output or "truncated" in result.output, result.output
         assert not (tmp_path / "x.nic").exists()
+
+
+def test_batches_name_clashing_inputs_and_count_what_was_coded(tmp_path):
+    a = write_png(tmp_path / "a.png", smooth_image(8, 8))
+    Image.fromarray(smooth_image(8, 8)).save(tmp_path / "a.jpg")
+    result = CliRunner().invoke(cli, ["encode", str(a), str(tmp_path / "a.jpg"), "-d", str(tmp_path / "out")])
+    assert result.exit_code == 2 and f"{a} and {tmp_path / 'a.jpg'} would write" in result.output
+    assert CliRunner().invoke(cli, ["encode", str(a), "-d", ""]).exit_code == 2
+    (tmp_path / "bad.png").write_bytes(b"no")
+    result = CliRunner().invoke(cli, ["encode", str(a), str(tmp_path / "bad.png"), "-d", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "coded" in result.output
+
+
+def test_an_output_that_appears_meanwhile_is_kept(tmp_path, monkeypatch):
+    """Without -o, -d or --force the output is linked into place, not renamed: of two
+    processes that found the name free, the second fails instead of replacing the first."""
+    from nic import api
+
+    src = write_png(tmp_path / "a.png", smooth_image(16, 16))
+    encode_rows = api.encode_rows
+
+    def meanwhile(*args, **kwargs):
+        (tmp_path / "a.nic").write_bytes(b"the other process's file")
+        return encode_rows(*args, **kwargs)
+
+    monkeypatch.setattr(api, "encode_rows", meanwhile)
+    result = CliRunner().invoke(cli, ["encode", str(src)])
+    assert result.exit_code == 1 and "already exists (made meanwhile)" in result.output, result.output
+    assert (tmp_path / "a.nic").read_bytes() == b"the other process's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.nic", "a.png"]
+
+
+def test_names_of_255_bytes_are_written(tmp_path):
+    src = write_png(tmp_path / ("k" * 251 + ".png"), smooth_image(8, 8))
+    assert run_cli("encode", str(src)).exit_code == 0
+    assert (tmp_path / ("k" * 251 + ".nic")).exists()

@@ -50,6 +50,14 @@ def test_command_writes_a_sheet_and_refuses_bad_options(tmp_path, tiny_weights):
     assert bad.exit_code == 1 and "not inside the 64x48 image" in bad.output
     tiny = runner.invoke(cli, ["compare", str(tmp_path / "a.png"), "--bpp", "0.001", "-o", str(tmp_path / "t.png")])
     assert tiny.exit_code == 1 and "too small" in tiny.output
+    for crop in ("", "1,2", "a,b,c,d"):
+        assert runner.invoke(cli, ["compare", str(tmp_path / "a.png"), "--bpp", "1", "--crop", crop,
+                                   "-o", str(tmp_path / "t.png")]).exit_code == 2
+    itself = runner.invoke(cli, ["compare", str(tmp_path / "a.png"), "--bpp", "1", "-o", str(tmp_path / "./a.png")])
+    assert itself.exit_code == 2 and "overwrite its own input" in itself.output
+    huge = runner.invoke(cli, ["compare", str(tmp_path / "a.png"), "--bpp", "1", "--codecs", "none", "--scale", "16",
+                               "--max-pixels", "100000", "-o", str(tmp_path / "t.png"), "--weights", tiny_weights])
+    assert huge.exit_code == 1 and "more than the limit" in huge.output
     assert not (tmp_path / "t.png").exists()
 
 

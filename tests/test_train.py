@@ -312,3 +312,46 @@ def test_train_picks_bf16_by_the_cpu_unless_told(tmp_path, photos, monkeypatch, 
                                       *tiny, "--no-bf16" if fast else "--bf16"])
     assert result.exit_code == 0, result.output
     assert "instructions" not in result.output and used == [not fast]
+
+
+def test_export_writes_a_file_and_refuses_what_is_not_one(tmp_path, photos):
+    out = tmp_path / "run"
+    assert CliRunner().invoke(cli, ["train", str(photos), "--out", str(out), "--steps", "1", *TINY]).exit_code == 0
+    checkpoint = str(out / "checkpoint.pt")
+    cases = [([checkpoint, "-o", os.devnull], 1, "not here"), ([checkpoint, "-o", checkpoint], 2, "checkpoint"),
+             ([checkpoint, "-o", str(tmp_path / "missing" / "w.npz")], 1, "directory does not exist")]
+    torch = pytest.importorskip("torch")
+    (tmp_path / "garbage.pt").write_bytes(os.urandom(1000))
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save({"foo": 1}, tmp_path / "keys.pt")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    for name in ("garbage.pt", "empty.pt", "keys.pt", "list.pt"):
+        cases.append(([str(tmp_path / name), "-o", str(tmp_path / "w.npz")], 1, "not a nic training checkpoint"))
+    for args, code, message in cases:
+        result = CliRunner().invoke(cli, ["export", *args])
+        assert result.exit_code == code and message in result.output, (args, result.output)
+        if code == 1:
+            assert result.output.startswith("nic: error: ") and result.output.count("\n") == 1, result.output
+    assert not (tmp_path / "w.npz").exists() and not os.path.isfile(os.devnull)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--minutes", "0"], "--minutes"), (["--minutes", "nan"], "finite"), (["--minutes", "inf"], "finite"),
+    (["--steps", "1", "--lr", "nan"], "finite"), (["--steps", "1", "--device", "bogus"], "--device"),
+])
+def test_train_refuses_budgets_and_settings_that_cannot_run(tmp_path, photos, args, message):
+    result = CliRunner().invoke(cli, ["train", str(photos), "--out", str(tmp_path / "run"), *TINY, *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_names_an_unreadable_image_and_a_checkpoint_it_cannot_resume(tmp_path, photos):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.png").write_text("hello")
+    result = CliRunner().invoke(cli, ["train", str(bad), "--out", str(tmp_path / "r1"), "--steps", "1", *TINY])
+    assert result.exit_code == 1 and f"{bad / 'x.png'}: cannot read image" in result.output, result.output
+    (tmp_path / "r2").mkdir()
+    (tmp_path / "r2" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    result = CliRunner().invoke(cli, ["train", str(photos), "--out", str(tmp_path / "r2"), "--steps", "1", *TINY])
+    assert result.exit_code == 1 and "not a nic training checkpoint" in result.output, result.output

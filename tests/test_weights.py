@@ -209,3 +209,11 @@ def test_the_weights_a_family_encodes_with(tmp_path, monkeypatch, tiny_hyperprio
     assert installed("hyperprior") == folder / "mine.npz"
     shipped, digest = load_weights(installed("factorized"))
     assert weights_for(shipped.config.model_id, digest)[1] == digest
+
+
+def test_a_weights_folder_named_in_the_environment_must_be_there(tmp_path, monkeypatch):
+    from nic.weights import WeightsError, candidates
+
+    monkeypatch.setenv("NIC_WEIGHTS_DIR", str(tmp_path / "missing"))
+    with pytest.raises(WeightsError, match="NIC_WEIGHTS_DIR=.*no such folder"):
+        candidates()
