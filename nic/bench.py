@@ -1011,6 +1011,8 @@ def run_command(opts: BenchOptions, out=None, err=None) -> dict:
         raise ValueError(f"{folder}: no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     kodak = looks_like_kodak(all_paths)
     paths = all_paths[: opts.limit] if opts.limit else all_paths
+    for path in paths:  # an unreadable image stops the run now, not after the others' minutes
+        _read(path)
     baselines, skipped = baseline_status(parse_codecs(opts.codecs))
     for name, why in skipped.items():
         err.print(f"note: skipping {name}: {why}")
