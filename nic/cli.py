@@ -842,6 +842,9 @@ def compare(image: str, output: str, target_size: str | None, target_bpp: float 
         raise NicError(str(exc)) from None
     for line in skipped:
         click.echo(f"nic: {line}: not shown", err=True)
+    if len(shown[1].data) > budget:  # nic's panel is what the sheet is for: shown, and said
+        click.echo(f"nic: nic's smallest file ({len(shown[1].data)} bytes) is over the budget of {budget} bytes",
+                   err=True)
     region = region or detailed_crop(pixels, 192, 128)
     area = len(shown) * region[2] * region[3] * scale * scale
     if area > max_pixels:

@@ -4,7 +4,10 @@ Inputs become uint8 arrays of shape (H, W, 3) for colour or (H, W, 1) for graysc
 
 * EXIF orientation is applied, so pixels are as a viewer shows them;
 * palette, 1-bit, CMYK, YCbCr, LAB and HSV images are converted to RGB (or L);
-* 16-bit and 32-bit grayscale are scaled to 8 bits (nic codes 8-bit samples);
+* 16-bit and 32-bit grayscale are scaled to 8 bits (nic codes 8-bit samples): 16-bit
+  ones (and a PGM's of any maxval, which Pillow gives on 0..65535) from 0..65535, others
+  by their range (0..255, else 0..65535); float samples all within 0..1 from 0..1, as
+  image editors write float TIFFs, others as integers;
 * alpha (an alpha channel, or a PNG tRNS colour key, which is transparency too):
   an alpha channel that is fully opaque carries nothing and is dropped;
   real transparency is refused unless a ``background`` colour is given to flatten
@@ -61,7 +64,8 @@ def pixels_from_image(im: Image.Image, background: str | None = None) -> np.ndar
         # 16-bit samples, and a PGM's of any maxval above 255 (Pillow scales them to 0..65535),
         # whatever their content; other integer or float samples by their range.
         sixteen = mode.startswith("I;16") or (mode == "I" and source_format == "PPM")
-        peak = 65535.0 if sixteen or array.max(initial=0) > 255 else 255.0
+        top = array.max(initial=0)
+        peak = 65535.0 if sixteen or top > 255 else 1.0 if mode == "F" and 0 < top <= 1 else 255.0
         gray = np.clip(np.round(array * (255.0 / peak)), 0, 255).astype(np.uint8)
         if not isinstance(key, int) or not (raw == key).any():
             return gray[..., None]

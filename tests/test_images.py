@@ -47,3 +47,12 @@ def test_formats_outside_pillows_first_five_still_open():
         assert read.shape == (12, 20, 3)
         if fmt != "GIF":
             assert np.array_equal(read, pixels)
+
+
+def test_float_samples_within_0_to_1_are_read_as_0_to_1():
+    """Image editors write float TIFFs on 0..1; read as 0..255 they came out black."""
+    ramp = np.linspace(0, 1, 24 * 40, dtype=np.float32).reshape(24, 40)
+    for values, top in ((ramp, 255), (ramp * 255, 255), (ramp * 0.5, 128)):
+        buffer = io.BytesIO()
+        Image.fromarray(values, "F").save(buffer, "TIFF")
+        assert read_image(buffer.getvalue()).max() == top
