@@ -53,6 +53,14 @@ def _family(model):
     return family(model.config.model_id)
 
 
+def _check_metadata(icc_profile, exif) -> None:
+    """TypeError for an ICC profile or EXIF block that is not bytes (``bytes(5)`` would
+    store five zeros)."""
+    for name, value in (("icc_profile", icc_profile), ("exif", exif)):
+        if value is not None and not isinstance(value, (bytes, bytearray, memoryview)):
+            raise TypeError(f"{name} must be bytes, got {type(value).__name__}")
+
+
 def _check_dimensions(width: int, height: int) -> None:
     if height < 1 or width < 1:
         raise ValueError("image has no pixels")
@@ -159,8 +167,11 @@ def encode_pixels(pixels: np.ndarray, quality: float = 4, weights: str | Path | 
     trained ones (3.5): the hyperprior family codes it with a coarser step (effort 1), the
     factorized family at the quality below. ``precision`` is the transforms' arithmetic (nic.precision: "auto",
     "fp32" or "bf16"); every precision's files decode everywhere."""
+    if not isinstance(pixels, np.ndarray):
+        raise TypeError(f"pixels must be a numpy array, got {type(pixels).__name__}")
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] not in (1, 3):
         raise ValueError("pixels must be uint8 of shape (H, W, 3) or (H, W, 1)")
+    _check_metadata(icc_profile, exif)
     height, width = pixels.shape[:2]
     _check_dimensions(width, height)
     icc_profile = container.profile_for(icc_profile, pixels.shape[2])
@@ -410,6 +421,7 @@ def encode_rows(source: PixelRows, quality: float = 4, weights: str | Path | Non
     nic.pixels.MAX_PIXELS whole (as ``--model pixels`` does); larger ones stream."""
     width, height = source.width, source.height
     _check_dimensions(width, height)
+    _check_metadata(icc_profile, exif)
     if source.channels not in (1, 3):
         raise ValueError("images must have 1 or 3 channels")
     from .pixels import MAX_PIXELS, NAME as PIXELS
@@ -580,6 +592,8 @@ def encode(image: Image.Image | NDArray[np.uint8], quality: float = 4, weights: 
                         "pass PIL.Image.open(io.BytesIO(data))")
     if isinstance(quality, bool) or not isinstance(quality, numbers.Real):
         raise TypeError(f"quality must be a number, got {quality!r}")
+    if image is None or isinstance(image, numbers.Number):
+        raise TypeError(f"nic.encode takes a Pillow image or a uint8 array, got {type(image).__name__}")
     icc_profile = exif = None
     if isinstance(image, Image.Image):
         pixels, icc_profile, exif = image_input(image, background, strip)

@@ -28,6 +28,7 @@ Math only: arrays in, arrays out; no torch, no I/O.
 
 from __future__ import annotations
 
+import numbers
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -62,6 +63,8 @@ def threads() -> int:
 def set_threads(threads: int) -> None:
     """Threads the layers use (default: the CPUs this process may run on)."""
     global _threads
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral):
+        raise TypeError(f"threads must be an integer, got {threads!r}")
     if threads < 1:
         raise ValueError("threads must be at least 1")
     _threads = threads

@@ -41,7 +41,21 @@ class FramesWarning(UserWarning):
     """The input has several frames (an animation, pages) and only the first is coded."""
 
 
-def pixels_from_image(im: Image.Image, background: str | None = None) -> np.ndarray:
+def background_colour(background) -> tuple[int, int, int]:
+    """(R, G, B) of a colour name or #hex (Pillow's ImageColor), or of an (R, G, B[, A])
+    tuple of 0..255; ImageError for anything else."""
+    if isinstance(background, str):
+        try:
+            return ImageColor.getrgb(background)[:3]
+        except ValueError:
+            raise ImageError(f"unknown background colour {background!r}") from None
+    if (isinstance(background, (tuple, list)) and len(background) in (3, 4)
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in background)):
+        return tuple(background[:3])
+    raise ImageError(f"a background colour is a name, #hex or an (R, G, B) of 0..255, not {background!r}")
+
+
+def pixels_from_image(im: Image.Image, background: str | tuple | None = None) -> np.ndarray:
     """uint8 (H, W, 3 or 1) pixels from a Pillow image, by the policy above."""
     source_format = im.format  # a turned image has none
     try:
@@ -85,10 +99,7 @@ def pixels_from_image(im: Image.Image, background: str | None = None) -> np.ndar
             if background is None:
                 raise ImageError("input has transparency, which nic does not store; flatten it onto a "
                                  "colour with --background (e.g. --background white)")
-            try:
-                colour = ImageColor.getrgb(background)[:3]
-            except ValueError:
-                raise ImageError(f"unknown background colour {background!r}") from None
+            colour = background_colour(background)
             base = Image.new("RGB", im.size, colour)
             base.paste(im.convert("RGBA"), mask=im.getchannel("A"))
             im = base if im.mode == "RGBA" or len(set(colour)) > 1 else base.convert("L")

@@ -78,14 +78,18 @@ class NicImageFile(ImageFile.ImageFile):
         self.tile = []
 
     def load(self):
-        if self.tile == [] and not getattr(self, "_nic_loaded", False):
+        # Not after a copy or unpickling: Pillow restores the pixels, not the file's bytes.
+        if self.tile == [] and not getattr(self, "_nic_loaded", False) and hasattr(self, "_nic_data"):
             from .api import decode_pixels
             from .images import image_from_pixels
+            from .weights import WeightsError
 
             try:
                 decoded = decode_pixels(self._nic_data, precision=self.precision)
             except FormatError as exc:  # what Pillow's formats raise for a broken file
                 raise OSError(f"broken .nic file: {exc}") from exc
+            except WeightsError as exc:  # the weights it needs are not installed: no pixels either
+                raise OSError(f"cannot decode this .nic file: {exc}") from exc
             image = image_from_pixels(decoded.pixels)
             self.im = image.im
             self._nic_loaded = True
@@ -155,6 +159,8 @@ def _save(im: Image.Image, fp: IO[bytes], filename: str | bytes) -> None:
     if not options.get("strip"):
         # Present but None (or empty) means "leave it out", as with Pillow's PNG writer.
         if "icc_profile" in options:
+            if isinstance(options["icc_profile"], str):
+                raise ValueError("icc_profile= must be bytes, not str")
             icc_profile = bytes(options["icc_profile"]) if options["icc_profile"] else None
         if "exif" in options:
             exif = _exif_bytes(options["exif"]) if options["exif"] else None

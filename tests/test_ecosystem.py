@@ -225,3 +225,55 @@ def test_pillow_verify_after_load_is_refused_as_pillow_does(tmp_path):
         im.load()
         with pytest.raises(RuntimeError, match="directly after open"):
             im.verify()
+
+
+def test_a_loaded_image_survives_pickling_and_copies(tmp_path):
+    """Pillow restores a copy's pixels, not the file's bytes: load() must not decode again."""
+    import copy
+    import pickle
+
+    Image.fromarray(smooth_image(16, 24)).save(tmp_path / "a.nic")
+    with Image.open(tmp_path / "a.nic") as im:
+        im.load()
+        pixels = np.asarray(im)
+        for other in (pickle.loads(pickle.dumps(im)), copy.deepcopy(im)):
+            assert np.array_equal(np.asarray(other), pixels)
+    with Image.open(tmp_path / "a.nic") as im:
+        assert np.array_equal(np.asarray(copy.deepcopy(im)), pixels)
+
+
+def test_pillow_load_of_a_file_whose_weights_are_missing_is_an_oserror(tmp_path):
+    import dataclasses
+
+    from nic import container
+
+    Image.fromarray(smooth_image(16, 24)).save(tmp_path / "a.nic", model="factorized")
+    parsed = container.unpack((tmp_path / "a.nic").read_bytes())
+    (tmp_path / "b.nic").write_bytes(container.pack(dataclasses.replace(parsed.header, weights_hash=b"\1" * 8),
+                                                    parsed.payload, parsed.sections))
+    with Image.open(tmp_path / "b.nic") as im:
+        with pytest.raises(OSError, match="weights"):
+            im.thumbnail((8, 8))
+
+
+def test_background_takes_a_name_or_an_rgb_tuple():
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0] = 200  # fully transparent red
+    by_name = nic.decode(nic.encode(rgba, quality=8, background="white", model="pixels"))
+    by_tuple = nic.decode(nic.encode(rgba, quality=8, background=(255, 255, 255), model="pixels"))
+    assert np.array_equal(np.asarray(by_name), np.asarray(by_tuple))
+    for bad in ((255, 0), (300, 0, 0), 0, "no such colour"):
+        with pytest.raises(ValueError, match="background colour"):
+            nic.encode(rgba, background=bad)
+
+
+def test_metadata_and_pixels_of_the_wrong_type_are_type_errors():
+    from nic import api
+
+    with pytest.raises(TypeError, match="numpy array"):
+        api.encode_pixels([[[1, 2, 3]]])
+    for metadata in ({"exif": 5}, {"icc_profile": "profile"}):
+        with pytest.raises(TypeError, match="must be bytes"):
+            api.encode_pixels(smooth_image(8, 8), **metadata)
+    with pytest.raises(TypeError):
+        nic.encode(None)

@@ -164,3 +164,13 @@ def test_blas_runs_one_thread_while_the_engines_threads_do(monkeypatch):
         engine._blas_libraries.cache_clear()
     assert seen == [1] * 4
     assert after and all(n == 2 for n in after)
+
+
+def test_set_threads_takes_a_positive_integer():
+    from nic import engine
+
+    before = engine.threads()
+    for bad, error in ((2.5, TypeError), (True, TypeError), ("2", TypeError), (None, TypeError), (0, ValueError)):
+        with pytest.raises(error):
+            engine.set_threads(bad)
+    assert engine.threads() == before
