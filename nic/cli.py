@@ -37,33 +37,31 @@ class NicError(click.ClickException):
         click.echo(f"nic: error: {self.format_message()}", err=True)
 
 
-class Interrupted(click.ClickException):
-    """Ctrl-C: one line and exit code 130, the shell convention for SIGINT."""
+class Stopped(click.ClickException):
+    """A signal that stopped the command: one line, and the shell's exit code for it
+    (128 + the signal's number)."""
 
-    exit_code = 130
-
-    def __init__(self) -> None:
-        super().__init__("interrupted")
+    def __init__(self, what: str, exit_code: int) -> None:
+        super().__init__(what)
+        self.exit_code = exit_code
 
     def show(self, file=None) -> None:
-        click.echo("nic: interrupted", err=True)
+        click.echo(f"nic: {self.message}", err=True)
+
+
+def Interrupted() -> Stopped:  # noqa: N802 (raised like the exception it makes)
+    """Ctrl-C (SIGINT): exit code 130."""
+    return Stopped("interrupted", 130)
+
+
+def TerminatedExit() -> Stopped:  # noqa: N802
+    """SIGTERM: exit code 143."""
+    return Stopped("terminated", 143)
 
 
 class Terminated(BaseException):
     """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt, so that every
     ``finally`` runs (a temporary output file is removed) before nic exits."""
-
-
-class TerminatedExit(click.ClickException):
-    """SIGTERM: one line and exit code 143 (128 + 15)."""
-
-    exit_code = 143
-
-    def __init__(self) -> None:
-        super().__init__("terminated")
-
-    def show(self, file=None) -> None:
-        click.echo("nic: terminated", err=True)
 
 
 def _raise_terminated(signum, frame) -> None:
