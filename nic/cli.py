@@ -638,8 +638,9 @@ def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: b
 @click.option("--bpp", "target_bpp", type=click.FloatRange(min=0, min_open=True), default=None, callback=_finite,
               help="Pick the quality whose file is the largest not above this many bits per pixel.")
 @click.option("-e", "--effort", type=click.IntRange(1, 4), default=1, show_default=True,
-              help="Encoder search: 1 rounds the latents; 2..4 choose them by distortion + λ·rate "
-                   "(smaller files at the same quality; 30-260x slower) and compress pixels-family files "
+              help="Encoder search: 1 rounds the latents; 2..4 choose them by distortion + λ·rate, 15-260x "
+                   "slower (--model factorized: smaller files at the same quality; the default: files no worse "
+                   "than effort 1's, its context model is not searched) and compress pixels-family files "
                    "(text, screenshots) harder. Decoding is unchanged.")
 @click.option("--model", "family", type=click.Choice(list(FAMILY_NAMES)), default=None,
               help=f"Model family to encode with [default: {DEFAULT_FAMILY}, or pixels where that file is worth "

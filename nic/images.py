@@ -173,6 +173,8 @@ def read_image_with_metadata(data: bytes, background: str | None = None, max_pix
     except UnidentifiedImageError:
         raise ImageError("input is not an image Pillow can read") from None
     except Image.DecompressionBombError:
+        if max_pixels is not None:  # Pillow's check at 2x the caller's limit fired first: the same refusal
+            raise ImageError(f"image exceeds the limit of {max_pixels} pixels (raise it with --max-pixels)") from None
         raise ImageError("image is too large (decompression bomb limit; raise it with --max-pixels)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"cannot read image: {exc}") from None

@@ -354,21 +354,26 @@ class Coding:
 
 
 def quantize_residuals(model, pixels: np.ndarray, quality: int, effort: int, y: np.ndarray, mean: np.ndarray,
-                       index: np.ndarray, progress=None) -> np.ndarray:
+                       index: np.ndarray, progress=None, continuous: bool = False):
     """The hyperprior family's residuals k (int64 (M, rows, cols)), ŷ = k + μ, chosen by
     D + λR at an effort level, with ẑ (so μ and the scale indices) fixed: the same
     searches as :func:`quantize`, the rate that of each latent's own table. ``model`` is
-    a torch hyperprior Codec, ``y`` the gained latents g_a(x)."""
+    a torch hyperprior Codec, ``y`` the gained latents g_a(x). With ``continuous``, also
+    the residuals the latent optimization ended at, before their rounding (float32):
+    where the means are not μ alone (context), rounding those under the real means
+    serves better than the integers chosen under μ."""
     if effort not in EFFORTS:
         raise ValueError(f"effort must be one of {EFFORTS}, got {effort}")
-    continuous = torch.from_numpy(y.astype(np.float64) - mean).float()
+    start = torch.from_numpy(y.astype(np.float64) - mean).float()
     if effort == 1:
-        return torch.round(continuous).to(torch.int64).numpy()
+        rounded = torch.round(start).to(torch.int64).numpy()
+        return (rounded, start.numpy()) if continuous else rounded
     if model.conditional.distribution != "gaussian":
         raise ValueError("effort 2..4 needs the Gaussian conditional")
     coding = Coding(torch.from_numpy(mean).float(), torch.from_numpy(index.astype(np.int64)), _indexed_rate(model),
                     model.conditional)
-    return _search(model.base, pixels, quality, effort, continuous, coding, progress)
+    found = _search(model.base, pixels, quality, effort, start, coding, progress, keep_continuous=True)
+    return found if continuous else found[0]
 
 
 def _indexed_rate(model) -> IndexedRate:
@@ -379,14 +384,16 @@ def _indexed_rate(model) -> IndexedRate:
 
 
 def _search(model, pixels: np.ndarray, quality: int, effort: int, continuous: Tensor, coding: Coding | None,
-            progress=None) -> np.ndarray:
+            progress=None, keep_continuous: bool = False):
     """The integers of ``continuous`` (M, rows, cols) chosen tile by tile by the searches
     of efforts 2 … ``effort`` (``coding``: the hyperprior family's, else the factorized
-    family's tables)."""
+    family's tables); with ``keep_continuous`` also the continuous latents the last
+    search ended at."""
     from .tiling import tiles
 
     shape = continuous.shape
     latents = torch.round(continuous).to(torch.int64)
+    ended = continuous.clone() if keep_continuous else None
     k = kappa(model, quality, pixels.shape[2])
     generator = torch.Generator().manual_seed(quality)  # the same bytes on every run
     grid = tiles(shape[1], shape[2], TILE_LATENTS * DOWNSAMPLING)
@@ -406,9 +413,11 @@ def _search(model, pixels: np.ndarray, quality: int, effort: int, continuous: Te
         if effort >= GREEDY_EFFORT:
             core, cost = part.greedy(core, RDOQ_PASSES, generator)
         latents[:, r0:r1, c0:c1] = core
+        if ended is not None:
+            ended[:, r0:r1, c0:c1] = continuous_core
         if progress is not None:
             progress(done, len(grid))
-    return latents.numpy()
+    return (latents.numpy(), ended.numpy()) if keep_continuous else latents.numpy()
 
 
 def image_cost(model, pixels: np.ndarray, latents: np.ndarray, quality: int) -> tuple[float, float]:

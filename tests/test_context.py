@@ -155,6 +155,22 @@ def test_effort_two_files_decode(weights):
     assert abs(np.mean((decoded - image) ** 2) - np.mean((plain - image) ** 2)) < 0.5 * np.mean((plain - image) ** 2)
 
 
+def test_effort_two_never_costs_more_than_effort_one(weights):
+    """Each candidate file (effort 1's, the search's integers, where the latent
+    optimization ended) is measured, and the cheapest kept: J = bits + λ·SSE/channels."""
+    from nic.weights import load_weights
+
+    lam = load_weights(weights)[0].base.config.lambdas[2] / 3
+    for seed in range(3):
+        image = smooth_image(48, 64, seed=seed)
+        costs = []
+        for effort in (1, 2):
+            data = api.encode_pixels(image, 3, weights, effort=effort, family="hyperprior")
+            error = api.decode_pixels(data, weights).pixels.astype(np.int64) - image
+            costs.append(8 * len(data) + lam * float(np.sum(error * error)))
+        assert costs[1] <= costs[0] + 1e-6, costs
+
+
 def test_blocks_give_the_whole_image_means_and_decode(weights, monkeypatch):
     """ŷ in blocks of latents: each block's h_s output equals the whole image's, and files
     of several blocks (context cut at block edges) decode, in memory or spilled."""
