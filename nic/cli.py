@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import signal
 import stat
@@ -65,6 +66,7 @@ class Terminated(BaseException):
 
 
 def _raise_terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not interrupt the clean-up
     raise Terminated()
 
 
@@ -253,10 +255,11 @@ def _linked(tmp: str, path: Path, name: str) -> bool:
     return True
 
 
-IN_PLACE = ("/dev/", "/proc/")
-"""Names under these are written in place: /dev/null, /dev/stdout, /dev/fd/N (``>(…)``),
-/proc/self/fd/N. Resolved, the last three name the file an open descriptor holds, which a
-rename would replace (and a redirection's ``>>`` would lose its earlier lines)."""
+IN_PLACE = re.compile(r"/dev/(stdin|stdout|stderr|fd/[0-9]+)|/proc/(self|thread-self|[0-9]+)(/task/[0-9]+)?/fd/[0-9]+")
+"""Names of an open descriptor's file, written in place: /dev/stdout, /dev/fd/N (``>(…)``),
+/proc/self/fd/N. Resolved, they name the file the descriptor holds, which a rename would
+replace (and a redirection's ``>>`` would lose its earlier lines). Other names under
+/dev (/dev/shm's files) are files like any."""
 
 
 def _output_path(name: str) -> Path | None:
@@ -283,8 +286,9 @@ def _output_path(name: str) -> Path | None:
 
 def _in_place(name: str, mode: int | None) -> bool:
     """Whether an output name (of stat mode ``mode``, None where it is not there) is
-    written in place: IN_PLACE, or an existing file that is neither regular nor a folder."""
-    return (os.path.abspath(name).startswith(IN_PLACE)
+    written in place: an open descriptor's name (IN_PLACE), or an existing file that is
+    neither regular nor a folder (a device, a named pipe)."""
+    return (IN_PLACE.fullmatch(os.path.abspath(name)) is not None
             or (mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)))
 
 
@@ -639,9 +643,9 @@ def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: b
               help="Pick the quality whose file is the largest not above this many bits per pixel.")
 @click.option("-e", "--effort", type=click.IntRange(1, 4), default=1, show_default=True,
               help="Encoder search: 1 rounds the latents; 2..4 choose them by distortion + λ·rate, 15-260x "
-                   "slower (--model factorized: smaller files at the same quality; the default: files no worse "
-                   "than effort 1's, its context model is not searched) and compress pixels-family files "
-                   "(text, screenshots) harder. Decoding is unchanged.")
+                   "slower (smaller files at the same quality: about 1-2 %; never a costlier file than effort "
+                   "1's with the default) and compress pixels-family files (text, screenshots) harder. "
+                   "Decoding is unchanged.")
 @click.option("--model", "family", type=click.Choice(list(FAMILY_NAMES)), default=None,
               help=f"Model family to encode with [default: {DEFAULT_FAMILY}, or pixels where that file is worth "
                    "its bits: lower rate + λ·distortion, at most 1.5x the size]; 'pixels' codes the pixels themselves (no model; "
@@ -725,7 +729,7 @@ def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, qua
                 reader.close()
             size_in = os.fstat(stream.fileno()).st_size
         size = write_output(target, parts, keep)
-        coded = _quality_note(b"".join(parts), chosen) if verbose and chosen != int(chosen) else f"quality {chosen:g}"
+        coded = _quality_note(_first_bytes(parts, 64), chosen)
         note = f"{coded}, effort {effort}, {arithmetic}{_coded_as(parts)}, {reader.width}x{reader.height}"
         return (size_in, size, count, size, note), None
 
@@ -831,10 +835,20 @@ def compare(image: str, output: str, target_size: str | None, target_bpp: float 
     budget = parse_size(target_size) if target_size is not None else int(target_bpp * width * height / 8)
     if budget < 1:
         raise NicError(f"a budget of {budget} bytes is too small for a {width}x{height} image")
-    region = parse_crop(crop, width, height) if crop is not None else None
     set_threads(threads)
-    from .compare import detailed_crop, panels, sheet
+    from .bench import parse_codecs
+    from .compare import detailed_crop, panels, sheet, sheet_size
 
+    region = parse_crop(crop, width, height) if crop is not None else detailed_crop(pixels, 192, 128)
+    try:
+        most = 2 + len(parse_codecs(codecs))  # the original, nic and every codec asked for
+    except ValueError as exc:
+        raise NicError(str(exc)) from None
+    sheet_width, sheet_height = sheet_size(most, region, scale)
+    if sheet_width * sheet_height > max_pixels:  # before any codec runs
+        raise NicError(f"the sheet would have up to {sheet_width}x{sheet_height} pixels, more than the limit of "
+                       f"{max_pixels}; "
+                       "give a smaller --crop or --scale (or raise --max-pixels)")
     try:
         shown, skipped = panels(pixels, budget, codecs, weights, family)
     except _domain_errors() as exc:
@@ -844,11 +858,6 @@ def compare(image: str, output: str, target_size: str | None, target_bpp: float 
     if len(shown[1].data) > budget:  # nic's panel is what the sheet is for: shown, and said
         click.echo(f"nic: nic's smallest file ({len(shown[1].data)} bytes) is over the budget of {budget} bytes",
                    err=True)
-    region = region or detailed_crop(pixels, 192, 128)
-    area = len(shown) * region[2] * region[3] * scale * scale
-    if area > max_pixels:
-        raise NicError(f"the sheet would have {area} pixels, more than the limit of {max_pixels}; "
-                       "give a smaller --crop or --scale (or raise --max-pixels)")
     picture = sheet(shown, region, scale)
     import io
 
@@ -913,17 +922,28 @@ def info(file: str, max_pixels: int) -> None:
         click.echo(f"{key:<{width}}  {value}")
 
 
+def _first_bytes(parts, count: int) -> bytes:
+    """The first ``count`` bytes of a file given as a list of buffers."""
+    head = bytearray()
+    for part in parts:
+        head += memoryview(part).cast("B")[:count - len(head)]
+        if len(head) >= count:
+            break
+    return bytes(head)
+
+
 def _quality_note(data: bytes, asked: float) -> str:
     """``-v``'s quality: the one asked for, or the trained one the file holds where its
     family has no steps between qualities (the factorized family codes 3.5 as 3)."""
-    from .container import SECTION_STEP, unpack
+    from .container import HEADER_SIZE, parse_header
+    from .families import name_of
 
     if asked == int(asked):
         return f"quality {asked:g}"
-    parsed = unpack(data, max_pixels=1 << 62)
-    if any(kind == SECTION_STEP for kind, _ in parsed.sections):  # coded between two, with a step
+    header = parse_header(bytes(data[:HEADER_SIZE]), max_pixels=1 << 62)
+    if name_of(header.model_id) == "hyperprior":  # a step between the two trained qualities (STEP)
         return f"quality {asked:g}"
-    return f"quality {parsed.header.quality} ({asked:g} asked: this family codes the trained quality below)"
+    return f"quality {header.quality} ({asked:g} asked: {name_of(header.model_id)} files hold trained qualities)"
 
 
 def _coded_as(parts) -> str:
@@ -934,11 +954,7 @@ def _coded_as(parts) -> str:
     from .families import name_of
     from .overlay import HEAD_BYTES, has_tiles
 
-    head = bytearray()
-    for part in parts:
-        head += memoryview(part).cast("B")[:HEAD_BYTES - len(head)]
-        if len(head) >= HEAD_BYTES:
-            break
+    head = _first_bytes(parts, HEAD_BYTES)
     header = parse_header(bytes(head[:HEADER_SIZE]), max_pixels=1 << 62)
     if name_of(header.model_id) == "pixels":
         return ", coded as pixels (no model)"
@@ -981,6 +997,9 @@ def check_device(device: str) -> None:
 
         if not torch.cuda.is_available():
             raise NicError(f"--device {device}: this PyTorch has no CUDA device to use (torch {torch.__version__})")
+        number = int(device.partition(":")[2] or 0)
+        if number >= torch.cuda.device_count():
+            raise NicError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices (0 on)")
 
 
 @cli.command()
@@ -1087,9 +1106,9 @@ def train(data, out, minutes, steps, qualities, lambdas, N, M, patch, batch, syn
         raise NicError(str(exc)) from None
     except OSError as exc:  # the run folder or a data file: named by the error
         raise NicError(f"{exc.filename or out}: {exc.strerror or exc}") from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or nic.train.Stopped by SIGTERM: 128 + the signal
         console.print(f"stopped; checkpoint saved in {out}, run the same command to resume")
-        sys.exit(130)
+        sys.exit(128 + getattr(exc, "signum", signal.SIGINT))
     console.print(f"checkpoint: {path}")
 
 

@@ -94,6 +94,14 @@ def label(panel: Panel, original: np.ndarray) -> list[str]:
             f"{psnr(original, panel.pixels):.2f} dB  {similarity}"]
 
 
+def sheet_size(count: int, crop: tuple[int, int, int, int], scale: int, columns: int = 3) -> tuple[int, int]:
+    """(width, height) of :func:`sheet`'s image of ``count`` panels."""
+    cell_w, cell_h = crop[2] * scale, crop[3] * scale + LABEL_HEIGHT
+    columns = min(columns, count)
+    rows = -(-count // columns)
+    return columns * cell_w + (columns + 1) * GAP, rows * cell_h + (rows + 1) * GAP
+
+
 def sheet(panels: list[Panel], crop: tuple[int, int, int, int], scale: int, columns: int = 3,
           labels: list[list[str]] | None = None):
     """A Pillow RGB image: each panel's crop enlarged ``scale`` times (nearest neighbour),
@@ -105,9 +113,8 @@ def sheet(panels: list[Panel], crop: tuple[int, int, int, int], scale: int, colu
     labels = labels or [label(panel, original) for panel in panels]
     (font,), _ = _fonts([15])
     cell_w, cell_h = w * scale, h * scale + LABEL_HEIGHT
+    image = Image.new("RGB", sheet_size(len(panels), crop, scale, columns), "white")
     columns = min(columns, len(panels))
-    rows = -(-len(panels) // columns)
-    image = Image.new("RGB", (columns * cell_w + (columns + 1) * GAP, rows * cell_h + (rows + 1) * GAP), "white")
     draw = ImageDraw.Draw(image)
     for i, panel in enumerate(panels):
         left = GAP + (i % columns) * (cell_w + GAP)

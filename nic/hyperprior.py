@@ -623,20 +623,24 @@ def compress(model: Model, source: np.ndarray | PixelRows, quality: int, effort:
         analysis_into(model.base, source, quality, y, progress=None if effort > 1 else progress)
         z_hat = hyper_encode_bands(model, y, quality)
         target: LatentStore = y
+        context_search = effort != 1 and model.config.has_context and tcq is None
         if effort != 1:  # torch: the search differentiates through g_s; the image is in memory
             from .quantization import quantize_residuals
 
             whole = y.rows(0, shape[1])
-            mean, index = model.hyper_decode(z_hat, quality, shape[1], shape[2])
+            if context_search:  # each latent's (μ, t) as the passes code effort 1's latents
+                mean, index = _pass_means(model, quality, z_hat, y)
+            else:
+                mean, index = model.hyper_decode(z_hat, quality, shape[1], shape[2])
             residual, ended = quantize_residuals(trainable(model), source, quality, effort, whole, mean, index,
                                                  progress, continuous=True)
             # The passes code what the search chose, each latent rounded to the nearest value
             # its own pass can send (without context: exactly the search's residuals).
             target = LatentStore(shape, array=residual + mean)
-        if effort != 1 and model.config.has_context and tcq is None:
-            # The search weighed rates under h_s's means; the passes round under their own.
-            # Where the latent optimization ended, rounded by the passes, often costs less
-            # than its integers rounded again; effort 1's file stays where neither does.
+        if context_search:
+            # The passes' means move as the search changes the latents before them: where
+            # the search's latent optimization ended, rounded by the passes, and its
+            # integers rounded again, are measured against effort 1's file.
             ended = LatentStore(shape, array=(ended.astype(np.float64) + mean).astype(np.float32))
             payload, y_hat = _cheaper(model, quality, source, z_hat, (y, ended, target))
         else:
@@ -651,10 +655,10 @@ def _cheaper(model: Model, quality: int, pixels: np.ndarray, z_hat: np.ndarray,
              targets: tuple[LatentStore, ...]) -> tuple[np.ndarray, LatentStore]:
     """(payload, ŷ) of whichever target's file has the lowest J = bits + λ·SSE/channels,
     measured on the file itself (its ŷ synthesized as the decoder will), the first of
-    equals. Effort 2..4's search weighs rates under h_s's means and scales, while a model
-    with context codes each latent under its pass's, rounding the search's choice again:
-    its file can cost more than effort 1's (kodim23 at q4: 4.7 % larger and 0.19 dB
-    worse), so each candidate is kept only where it costs less."""
+    equals. With context the search weighs rates under means and scales that the passes
+    recompute from the latents it changes, and the passes round its choice again: its
+    file can cost more than effort 1's, so each candidate is kept only where it costs
+    less."""
     weight = model.base.config.lambdas[quality - 1] / pixels.shape[2]
     height, width = pixels.shape[:2]
     best = None
@@ -673,6 +677,33 @@ def _cheaper(model: Model, quality: int, pixels: np.ndarray, z_hat: np.ndarray,
         if best is None or cost < best[0]:
             best = (cost, payload, y_hat)
     return best[1], best[2]
+
+
+def _pass_means(model: Model, quality: int, z_hat: np.ndarray, target: LatentStore
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(μ, t) of every latent (float64 and int64, (M, rows, cols)) as the passes code
+    ``target``: each pass's means and table indices, from the latents before it as the
+    encoder rounds them (at the unit step)."""
+    _, rows, cols = target.shape
+    mean, index = np.empty(target.shape), np.empty(target.shape, np.int64)
+    config = model.config
+    c = model.M // config.slices
+    for r in bands(rows):
+        band = target.rows(*r)
+        for cs in bands(cols):
+            hyper_mean, hyper_index = hyper_decode_block(model, z_hat, quality, r, cs)
+            y = band[:, :, cs[0]:cs[1]].astype(np.float64)
+            means, indices = mean[:, r[0]:r[1], cs[0]:cs[1]], index[:, r[0]:r[1], cs[0]:cs[1]]
+
+            def residuals(s: int, where: np.ndarray, mu: np.ndarray, t: np.ndarray, y=y, means=means,
+                          indices=indices) -> np.ndarray:
+                means[s * c:(s + 1) * c][:, where] = mu
+                indices[s * c:(s + 1) * c][:, where] = t
+                return _rounded(y[s * c:(s + 1) * c, where], mu)
+
+            context.run_passes(model.context_networks(quality), hyper_mean, hyper_index, config.slices,
+                               config.checkerboard, config.scales, residuals, keep=False)
+    return mean, index
 
 
 def _rounded(y: np.ndarray, mu: np.ndarray, size: int = UNIT_STEP[0]) -> np.ndarray:

@@ -112,6 +112,14 @@ def find_images(folders: list[Path], exclude: list[str], purpose: str = "trainin
     return files
 
 
+class Stopped(KeyboardInterrupt):
+    """Training stopped by a signal (SIGTERM), as Ctrl-C stops it, with the signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 def load_rgb(path: Path) -> np.ndarray:
     """A training image's RGB pixels; ValueError naming the file where Pillow cannot read it."""
     from PIL import Image, ImageOps
@@ -428,7 +436,8 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
             report_validation(step, rows)
 
     def stop_on_signal(signum, frame):
-        raise KeyboardInterrupt  # so that the finally clause below saves a checkpoint
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop: the checkpoint is being saved
+        raise Stopped(signum)  # a KeyboardInterrupt: the finally clause below saves a checkpoint
 
     previous_handler = signal.signal(signal.SIGTERM, stop_on_signal)
     last_save = last_validation = time.monotonic()

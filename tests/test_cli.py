@@ -642,3 +642,28 @@ def test_names_of_255_bytes_are_written(tmp_path):
     src = write_png(tmp_path / ("k" * 251 + ".png"), smooth_image(8, 8))
     assert run_cli("encode", str(src)).exit_code == 0
     assert (tmp_path / ("k" * 251 + ".nic")).exists()
+
+
+def test_only_an_open_descriptors_name_or_a_device_is_written_in_place():
+    """/dev/stdout and /dev/fd/N name the file a descriptor holds; /dev/shm holds files."""
+    import stat as st
+
+    from nic.cli import _in_place
+
+    for name in ("/dev/stdout", "/dev/fd/63", "/proc/self/fd/1", "/proc/123/task/124/fd/5"):
+        assert _in_place(name, st.S_IFREG | 0o644), name
+    for name in ("/dev/shm/x.nic", "/proc/x.nic", "/dev/fd"):
+        assert not _in_place(name, st.S_IFREG | 0o644) and not _in_place(name, None), name
+    assert _in_place("/tmp/a-fifo", st.S_IFIFO | 0o644) and _in_place("/tmp/x", st.S_IFCHR | 0o666)
+
+
+def test_a_second_sigterm_does_not_interrupt_the_clean_up():
+    from nic.cli import Terminated, _raise_terminated
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(Terminated):
+            _raise_terminated(signal.SIGTERM, None)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -62,16 +62,21 @@ def test_higher_effort_never_raises_the_cost(shipped, quality):
     assert costs[-1] < costs[0]  # and the search does find something on a real-looking image
 
 
-def test_effort_bytes_are_deterministic_across_runs_and_threads():
+@pytest.mark.parametrize("family", ["factorized", None])  # None: the default, with context
+def test_effort_bytes_are_deterministic_across_runs_and_threads(family):
+    from nic import engine
+
     pixels = smooth_image(48, 64, seed=7)
-    threads = torch.get_num_threads()
+    threads, engine_threads = torch.get_num_threads(), engine.threads()
     try:
         outputs = []
         for count in (1, 2, 1):
             torch.set_num_threads(count)
-            outputs.append(encode_pixels(pixels, quality=5, effort=3, family="factorized"))
+            engine.set_threads(count)
+            outputs.append(encode_pixels(pixels, quality=5, effort=3 if family else 2, family=family))
     finally:
         torch.set_num_threads(threads)
+        engine.set_threads(engine_threads)
     assert outputs[0] == outputs[1] == outputs[2]
 
 

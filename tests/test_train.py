@@ -355,3 +355,17 @@ def test_train_names_an_unreadable_image_and_a_checkpoint_it_cannot_resume(tmp_p
     (tmp_path / "r2" / "checkpoint.pt").write_bytes(b"not a checkpoint")
     result = CliRunner().invoke(cli, ["train", str(photos), "--out", str(tmp_path / "r2"), "--steps", "1", *TINY])
     assert result.exit_code == 1 and "not a nic training checkpoint" in result.output, result.output
+
+
+def test_training_stopped_by_sigterm_exits_143(tmp_path, photos, monkeypatch):
+    """nic train saves its checkpoint on SIGTERM as on Ctrl-C, and exits 128 + the signal."""
+    import signal
+
+    import nic.train as training
+
+    def stopped(*args, **kwargs):
+        raise training.Stopped(signal.SIGTERM)
+
+    monkeypatch.setattr(training, "train", stopped)
+    result = CliRunner().invoke(cli, ["train", str(photos), "--out", str(tmp_path / "run"), "--steps", "1", *TINY])
+    assert result.exit_code == 143 and "checkpoint saved" in result.output
