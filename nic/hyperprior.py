@@ -708,7 +708,7 @@ def _pass_means(model: Model, quality: int, z_hat: np.ndarray, target: LatentSto
 
 def _rounded(y: np.ndarray, mu: np.ndarray, size: int = UNIT_STEP[0]) -> np.ndarray:
     k = np.round((y - mu) * (256.0 / size))  # × 1.0, exactly, at the unit step
-    if np.abs(k).max(initial=0) > LATENT_LIMIT:
+    if not np.abs(k).max(initial=0) <= LATENT_LIMIT:  # NaN too
         raise ValueError("latent magnitude exceeds 2**31 - 1")
     return k.astype(np.int64)
 

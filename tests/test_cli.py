@@ -644,11 +644,15 @@ def test_names_of_255_bytes_are_written(tmp_path):
     assert (tmp_path / ("k" * 251 + ".nic")).exists()
 
 
-def test_only_an_open_descriptors_name_or_a_device_is_written_in_place():
-    """/dev/stdout and /dev/fd/N name the file a descriptor holds; /dev/shm holds files."""
+def test_only_an_open_descriptors_name_or_a_device_is_written_in_place(tmp_path):
+    """/dev/stdout and /dev/fd/N name the file a descriptor holds (also through a link to
+    them); /dev/shm holds files."""
     import stat as st
 
     from nic.cli import _in_place
+
+    (tmp_path / "out").symlink_to("/dev/stdout")
+    assert _in_place(str(tmp_path / "out"), st.S_IFREG | 0o644)
 
     for name in ("/dev/stdout", "/dev/fd/63", "/proc/self/fd/1", "/proc/123/task/124/fd/5"):
         assert _in_place(name, st.S_IFREG | 0o644), name

@@ -171,6 +171,38 @@ def test_effort_two_never_costs_more_than_effort_one(weights):
         assert costs[1] <= costs[0] + 1e-6, costs
 
 
+def test_pass_means_are_the_means_the_encoder_codes_with(weights, monkeypatch):
+    """Effort 2's search runs under hyperprior._pass_means: each latent's (μ, t) exactly
+    as the passes code effort 1's latents, block by block (several blocks here)."""
+    from nic import context
+    from nic.tiling import LatentStore
+
+    monkeypatch.setattr(hyperprior, "BLOCK", 4)
+    model, _ = load_weights(weights, coding=True)
+    y = hyperprior.analysis(model, smooth_image(100, 150), 3)
+    z_hat = model.hyper_encode(y, 3)
+    target = LatentStore(y.shape, array=y)
+    mean, index = hyperprior._pass_means(model, 3, z_hat, target)
+    seen_mean, seen_index = np.full(y.shape, np.nan), np.full(y.shape, -1)
+    run_passes, blocks = context.run_passes, iter(
+        (r, cs) for r in hyperprior.bands(y.shape[1]) for cs in hyperprior.bands(y.shape[2]))
+
+    def recording(networks, hyper_mean, hyper_index, slices, checkerboard, scales, residuals, **kwargs):
+        (r0, r1), (c0, c1) = next(blocks)
+        c = y.shape[0] // slices
+
+        def record(s, where, mu, t):
+            seen_mean[s * c:(s + 1) * c, r0:r1, c0:c1][:, where] = mu
+            seen_index[s * c:(s + 1) * c, r0:r1, c0:c1][:, where] = t
+            return residuals(s, where, mu, t)
+
+        return run_passes(networks, hyper_mean, hyper_index, slices, checkerboard, scales, record, **kwargs)
+
+    monkeypatch.setattr(context, "run_passes", recording)
+    hyperprior._encode_blocks(model, 3, z_hat, target)
+    assert np.array_equal(mean, seen_mean) and np.array_equal(index, seen_index)
+
+
 def test_blocks_give_the_whole_image_means_and_decode(weights, monkeypatch):
     """ŷ in blocks of latents: each block's h_s output equals the whole image's, and files
     of several blocks (context cut at block edges) decode, in memory or spilled."""
