@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # Pillow is imported where it is used, not with this module
 
 from . import container
 from .container import COLOUR_GRAY, COLOUR_RGB, FormatError, Header
+from .tiling import squared_error
 
 
 @dataclass(frozen=True)
@@ -257,20 +258,6 @@ def _worth(bits: float, error: int, model_bits: float, model_error: int, weight:
     return bits + weight * error < model_bits + weight * model_error
 
 
-def _squared_error(rows: Rows, pixels: np.ndarray) -> int:
-    """Squared error of a file's rows against ``pixels``, strip by strip: no second copy
-    of the image."""
-    error, row = [0], [0]
-
-    def add(strip: np.ndarray) -> None:
-        original = pixels[row[0]:row[0] + len(strip)]
-        error[0] += int(np.sum((strip[..., :original.shape[2]].astype(np.int32) - original) ** 2, dtype=np.int64))
-        row[0] += len(strip)
-
-    rows(add)
-    return error[0]
-
-
 def _or_overlay(pixels: np.ndarray, data: bytes, model, digest: bytes, quality: int, step, channels: int,
                 gray_rgb: bool, icc_profile: bytes | None, exif: bytes | None, rows: Rows,
                 weight: float) -> bytes:
@@ -300,12 +287,12 @@ def _or_overlay(pixels: np.ndarray, data: bytes, model, digest: bytes, quality: 
     if bits > GROWTH * model_bits:
         return data
     model_error = (int(np.sum((model_pixels.astype(np.int64) - pixels) ** 2)) if needed == height
-                   else _squared_error(rows, pixels))
+                   else squared_error(rows, pixels))
     # The overlay file's rows as its decoder makes them: its tiles decoded, pasted over
     # the synthesis of its model part.
     tile_map, packed = overlay.decode(container.unpack(other).substreams()[:len(overlay.NAMES)], *pixels.shape[:2],
                                       pixels.shape[2] == 1)
-    error = _squared_error(_synthesized(model, y_hat[0], quality, pixels, (packed, tile_map)), pixels)
+    error = squared_error(_synthesized(model, y_hat[0], quality, pixels, (packed, tile_map)), pixels)
     return other if _worth(bits, error, model_bits, model_error, weight) else data
 
 
@@ -386,11 +373,11 @@ def _or_pixels(pixels: np.ndarray, data: bytes, quality: int, channels: int, gra
 
     def error() -> int:  # the model's, asked once and only where a step is not exact
         if not model_error:
-            model_error.append(_squared_error(rows, pixels))
+            model_error.append(squared_error(rows, pixels))
         return model_error[0]
 
-    def kept(bits: float, squared_error: int) -> bool:  # exact and no larger: no need to decode the model's
-        return (squared_error == 0 and bits <= model_bits) or _worth(bits, squared_error, model_bits, error(), weight)
+    def kept(bits: float, squared: int) -> bool:  # exact and no larger: no need to decode the model's
+        return (squared == 0 and bits <= model_bits) or _worth(bits, squared, model_bits, error(), weight)
 
     def cost(found) -> float | None:
         bits = found.bits() + 8.0 * PIXELS_OVERHEAD

@@ -53,7 +53,7 @@ from .families import expect_substreams, trainable_names
 from .integer import (BIAS_LIMIT, MAX_SHIFT, MEAN_BITS, NARROW_WEIGHT_MAX,  # noqa: F401
                       WEIGHT_MAX, finish, scale_of)  # h_s's bounds, its layers' last step
 from .tiling import (LatentStore, PixelRows, Progress, analysis_into, analysis_latents, latent_store,
-                     reconstruct_into)
+                     reconstruct_into, squared_error)
 
 MODEL_ID = 2
 NAME = "hyperprior"
@@ -665,15 +665,9 @@ def _cheaper(model: Model, quality: int, pixels: np.ndarray, z_hat: np.ndarray,
     for target in targets:
         y_hat = LatentStore(target.shape, np.float32)
         payload = _encode_blocks(model, quality, z_hat, target, y_hat=y_hat)
-        done = [0, 0]  # rows seen (they arrive in order), squared error
-
-        def add(rows: np.ndarray) -> None:
-            error = rows.astype(np.int64) - pixels[done[0]:done[0] + len(rows)]
-            done[0] += len(rows)
-            done[1] += int(np.sum(error * error))
-
-        reconstruct_into(model.base, y_hat, quality, height, width, pixels.shape[2] == 1, add)
-        cost = 8.0 * payload.nbytes + weight * done[1]
+        error = squared_error(lambda sink, y_hat=y_hat: reconstruct_into(model.base, y_hat, quality, height, width,
+                                                                         pixels.shape[2] == 1, sink), pixels)
+        cost = 8.0 * payload.nbytes + weight * error
         if best is None or cost < best[0]:
             best = (cost, payload, y_hat)
     return best[1], best[2]
@@ -684,26 +678,32 @@ def _pass_means(model: Model, quality: int, z_hat: np.ndarray, target: LatentSto
     """(μ, t) of every latent (float64 and int64, (M, rows, cols)) as the passes code
     ``target``: each pass's means and table indices, from the latents before it as the
     encoder rounds them (at the unit step)."""
-    _, rows, cols = target.shape
     mean, index = np.empty(target.shape), np.empty(target.shape, np.int64)
     config = model.config
     c = model.M // config.slices
+    for r, cs, hyper_mean, hyper_index, y in _target_blocks(model, quality, z_hat, target):
+        means, indices = mean[:, r[0]:r[1], cs[0]:cs[1]], index[:, r[0]:r[1], cs[0]:cs[1]]
+
+        def residuals(s: int, where: np.ndarray, mu: np.ndarray, t: np.ndarray, y=y, means=means,
+                      indices=indices) -> np.ndarray:
+            means[s * c:(s + 1) * c][:, where] = mu
+            indices[s * c:(s + 1) * c][:, where] = t
+            return _rounded(y[s * c:(s + 1) * c, where], mu)
+
+        context.run_passes(model.context_networks(quality), hyper_mean, hyper_index, config.slices,
+                           config.checkerboard, config.scales, residuals, keep=False)
+    return mean, index
+
+
+def _target_blocks(model: Model, quality: int, z_hat: np.ndarray, target: LatentStore):
+    """Per block of latents, in the order the file codes them: (its rows, its columns,
+    h_s's (μ, t) there, ``target`` there as float64)."""
+    _, rows, cols = target.shape
     for r in bands(rows):
         band = target.rows(*r)
         for cs in bands(cols):
-            hyper_mean, hyper_index = hyper_decode_block(model, z_hat, quality, r, cs)
-            y = band[:, :, cs[0]:cs[1]].astype(np.float64)
-            means, indices = mean[:, r[0]:r[1], cs[0]:cs[1]], index[:, r[0]:r[1], cs[0]:cs[1]]
-
-            def residuals(s: int, where: np.ndarray, mu: np.ndarray, t: np.ndarray, y=y, means=means,
-                          indices=indices) -> np.ndarray:
-                means[s * c:(s + 1) * c][:, where] = mu
-                indices[s * c:(s + 1) * c][:, where] = t
-                return _rounded(y[s * c:(s + 1) * c, where], mu)
-
-            context.run_passes(model.context_networks(quality), hyper_mean, hyper_index, config.slices,
-                               config.checkerboard, config.scales, residuals, keep=False)
-    return mean, index
+            yield (r, cs, *hyper_decode_block(model, z_hat, quality, r, cs),
+                   band[:, :, cs[0]:cs[1]].astype(np.float64))
 
 
 def _rounded(y: np.ndarray, mu: np.ndarray, size: int = UNIT_STEP[0]) -> np.ndarray:
@@ -721,7 +721,6 @@ def _encode_blocks(model: Model, quality: int, z_hat: np.ndarray, target: Latent
     (each channel's distortion weight, bits per squared unit of y), the trellis chooses
     the indices instead (nic.trellis), coded slot by slot. ``y_hat`` is given ŷ block by
     block, as :func:`_decode_blocks` makes it."""
-    _, rows, cols = target.shape
     _, y_coder = coders(model, quality)
     if tcq is not None:
         y_coder = tcq_coder(model)
@@ -730,26 +729,22 @@ def _encode_blocks(model: Model, quality: int, z_hat: np.ndarray, target: Latent
     config = model.config
     c = model.M // config.slices
     delta = step[0] / 256.0
-    for r in bands(rows):
-        band = target.rows(*r)
-        for cs in bands(cols):
-            mean, index = hyper_decode_block(model, z_hat, quality, r, cs)
-            y = band[:, :, cs[0]:cs[1]].astype(np.float64)
+    for r, cs, mean, index, y in _target_blocks(model, quality, z_hat, target):
 
-            def residuals(s: int, where: np.ndarray, mu: np.ndarray, t: np.ndarray, y=y) -> np.ndarray:
-                if tcq is not None:
-                    e = (y[s * c:(s + 1) * c, where] - mu) / delta
-                    return trellis.encode_pass(writer, e, where, t, tcq[s * c:(s + 1) * c] * delta**2, rate,
-                                               config.scales)
-                k = _rounded(y[s * c:(s + 1) * c, where], mu, step[0])
-                writer.encode(k.ravel(), t.ravel())
-                return k
+        def residuals(s: int, where: np.ndarray, mu: np.ndarray, t: np.ndarray, y=y) -> np.ndarray:
+            if tcq is not None:
+                e = (y[s * c:(s + 1) * c, where] - mu) / delta
+                return trellis.encode_pass(writer, e, where, t, tcq[s * c:(s + 1) * c] * delta**2, rate,
+                                           config.scales)
+            k = _rounded(y[s * c:(s + 1) * c, where], mu, step[0])
+            writer.encode(k.ravel(), t.ravel())
+            return k
 
-            decoded = context.run_passes(model.context_networks(quality), mean, index, config.slices,
-                                         config.checkerboard, config.scales, residuals, keep=y_hat is not None,
-                                         step=step, keep_residuals=False)
-            if y_hat is not None:
-                y_hat.put(slice(*r), slice(*cs), decoded[0])
+        decoded = context.run_passes(model.context_networks(quality), mean, index, config.slices,
+                                     config.checkerboard, config.scales, residuals, keep=y_hat is not None,
+                                     step=step, keep_residuals=False)
+        if y_hat is not None:
+            y_hat.put(slice(*r), slice(*cs), decoded[0])
     if y_hat is not None:
         y_hat.finish()
     return writer.finish()

@@ -448,6 +448,20 @@ def quantize_tiled(model, pixels: np.ndarray, quality: int, tile: int | None = N
 
 # ---- g_s ----------------------------------------------------------------------------
 
+def squared_error(rows: Callable[[Callable[[np.ndarray], None]], None], pixels: np.ndarray) -> int:
+    """Squared error against ``pixels`` of the rows that ``rows(sink)`` hands its sink,
+    strip by strip, top to bottom: no second copy of the image."""
+    error, row = [0], [0]
+
+    def add(strip: np.ndarray) -> None:
+        original = pixels[row[0]:row[0] + len(strip)]
+        error[0] += int(np.sum((strip[..., :original.shape[2]].astype(np.int32) - original) ** 2, dtype=np.int64))
+        row[0] += len(strip)
+
+    rows(add)
+    return error[0]
+
+
 def reconstruct_into(model, latents: LatentStore, quality: int, height: int, width: int, gray: bool,
                      sink: Callable[[np.ndarray], None], tile: int | None = None,
                      progress: Progress | None = None) -> None:
