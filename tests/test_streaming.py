@@ -552,7 +552,23 @@ def test_png_writer_round_trip(channels, monkeypatch):
             assert all(len(body) <= 100 for kind, body in parse_png(data) if kind == b"IDAT")
 
 
-def test_png_writer_deflates_in_pieces_with_the_same_bytes_for_any_thread_count(monkeypatch):
+@pytest.fixture(params=["zlib", "zlib_ng"])
+def deflater(request, monkeypatch):
+    """The PNG writer with each deflater: zlib-ng where installed, else the standard zlib."""
+    module = zlib if request.param == "zlib" else pytest.importorskip("zlib_ng.zlib_ng")
+    monkeypatch.setattr(streaming, "_deflater", lambda: module)
+    return module
+
+
+def test_png_writer_deflates_with_zlib_ng_where_installed():
+    try:
+        from zlib_ng import zlib_ng
+    except ImportError:
+        zlib_ng = zlib
+    assert streaming._deflater() is zlib_ng
+
+
+def test_png_writer_deflates_in_pieces_with_the_same_bytes_for_any_thread_count(monkeypatch, deflater):
     """Pieces deflated side by side (each primed with the bytes before it) make one valid
     zlib stream, and the file does not depend on the thread count."""
     from nic import engine
@@ -573,7 +589,7 @@ def test_png_writer_deflates_in_pieces_with_the_same_bytes_for_any_thread_count(
     assert len(raw) == 61 * (47 * 3 + 1)
 
 
-def test_png_writer_uses_all_filters_and_is_as_small_as_pillow():
+def test_png_writer_uses_all_filters_and_is_as_small_as_pillow(deflater):
     pixels = smooth_image(64, 80)
     data = write("PNG", pixels, 64)
     raw = zlib.decompress(b"".join(body for kind, body in parse_png(data) if kind == b"IDAT"))

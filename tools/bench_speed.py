@@ -9,6 +9,7 @@
     python tools/bench_speed.py engines -j 2 IMAGES...     # numpy engine against torch: time, latents, PSNR
     python tools/bench_speed.py cli -j 2 IMAGES...         # wall clock of fresh `nic encode` / `nic decode`
                                                            # (--model hyperprior --weights W: that family)
+    python tools/bench_speed.py png -j 2 IMAGES...         # writing the decoded PNG: zlib against zlib-ng
 
 IMAGES are files (e.g. ../shared/data/kodak/kodim*.png) or WxH for a generated image.
 fp32 against bf16 (``--precision``) has its own tool: tools/precision_table.py.
@@ -341,6 +342,47 @@ def cmd_tiling(args) -> None:
           f"largest |gap| {max(abs(g) for g in gaps):.4f} dB, mean {float(np.mean(gaps)):+.5f} dB")
 
 
+def cmd_png(args) -> None:
+    """Writing each image's decoded pixels (the default at -q) as PNG, with each deflater
+    nic.streaming can use: in-process wall clock (best of --repeat) and file size."""
+    import io
+    import zlib
+
+    import nic
+    from nic import engine, streaming
+
+    deflaters = {"zlib": zlib}
+    try:
+        from zlib_ng import zlib_ng
+        deflaters["zlib-ng"] = zlib_ng
+    except ImportError:
+        print("zlib-ng is not installed: zlib only")
+    engine.set_threads(args.threads)
+    print(f"{args.threads} threads, q{args.quality}, best of {args.repeat}")
+    print(f"{'image':<28}" + "".join(f"{name + ' ms':>12}{name + ' bytes':>14}" for name in deflaters))
+    totals = {name: [0.0, 0] for name in deflaters}
+    for spec in args.images:
+        name, pixels = load_pixels(spec)
+        decoded = np.asarray(nic.decode(nic.encode(pixels, quality=args.quality)))
+        decoded = decoded.reshape(decoded.shape[0], decoded.shape[1], -1)
+        row = f"{name[:27]:<28}"
+        for label, module in deflaters.items():
+            streaming._deflater = lambda module=module: module
+            best, size = float("inf"), 0
+            for _ in range(args.repeat):
+                buffer = io.BytesIO()
+                start = time.perf_counter()
+                writer = streaming.row_writer("PNG", buffer, decoded.shape[1], decoded.shape[0], decoded.shape[2])
+                writer.write(decoded)
+                writer.close()
+                best, size = min(best, time.perf_counter() - start), len(buffer.getvalue())
+            totals[label][0] += best
+            totals[label][1] += size
+            row += f"{best * 1e3:12.1f}{size:14,d}"
+        print(row, flush=True)
+    print(f"{'total':<28}" + "".join(f"{t * 1e3:12.1f}{n:14,d}" for t, n in totals.values()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -387,6 +429,12 @@ def main() -> None:
     p.add_argument("--model", default=None, help="nic encode's --model (a model family)")
     p.add_argument("--weights", default=None, help="nic's --weights")
     p.set_defaults(run=cmd_cli)
+    p = sub.add_parser("png")
+    p.add_argument("images", nargs="+")
+    p.add_argument("-j", "--threads", type=int, default=2)
+    p.add_argument("-q", "--quality", type=int, default=4)
+    p.add_argument("--repeat", type=int, default=3)
+    p.set_defaults(run=cmd_png)
     args = parser.parse_args()
     args.run(args)
 
