@@ -27,29 +27,32 @@ from .container import VERSION as FORMAT_VERSION  # noqa: E402  (the first; file
 
 
 def encode(image: Image.Image | NDArray[np.uint8], quality: float = 4, weights: str | Path | None = None,
-           background: str | None = None, strip: bool = False, effort: int = 1, model: str | None = None) -> bytes:
+           background: str | None = None, strip: bool = False, effort: int = 1, model: str | None = None,
+           precision: str = "auto") -> bytes:
     """Encode a Pillow image or uint8 array of shape (H, W), (H, W, 1|3|4) to .nic bytes
     (see :func:`nic.api.encode`) at ``quality`` 1..8 (3.5: between two), with the ``weights`` file given or
     the installed ones. Transparency is refused unless flattened onto ``background`` (a
     colour name, #hex, or an (R, G, B) tuple); a
     Pillow image's ICC profile and EXIF travel along unless ``strip``; ``effort`` 2..4
     searches for fewer bytes at the same quality (slower encode); ``model`` picks the model
-    family of the installed weights ("factorized" or "hyperprior"). Raises ValueError
-    (TypeError for a file name or another type)."""
+    family of the installed weights ("factorized" or "hyperprior"); ``precision`` is the
+    transforms' arithmetic ("auto", "fp32" or "bf16", which needs PyTorch; any precision's
+    file decodes everywhere). Raises ValueError (TypeError for a file name or another type)."""
     from .api import encode as _encode
 
     return _encode(image, quality=quality, weights=weights, background=background, strip=strip, effort=effort,
-                   family=model)
+                   family=model, precision=precision)
 
 
-def decode(data: bytes, weights: str | Path | None = None) -> Image.Image:
+def decode(data: bytes, weights: str | Path | None = None, precision: str = "auto") -> Image.Image:
     """Decode .nic bytes to a Pillow image of mode RGB or L (see :func:`nic.api.decode`),
     with ``info["icc_profile"]`` and ``info["exif"]`` when the file carries them. ``data``
-    is any bytes-like object (TypeError for a file name). Raises nic.container.FormatError
-    or nic.weights.WeightsError (both ValueErrors) naming the problem."""
+    is any bytes-like object (TypeError for a file name); ``precision`` as for
+    :func:`encode`. Raises nic.container.FormatError or nic.weights.WeightsError (both
+    ValueErrors) naming the problem."""
     from .api import decode as _decode
 
-    return _decode(data, weights=weights)
+    return _decode(data, weights=weights, precision=precision)
 
 
 __all__ = ["encode", "decode", "__version__", "FORMAT_VERSION", "FORMAT_VERSIONS"]

@@ -54,6 +54,14 @@ def _family(model):
     return family(model.config.model_id)
 
 
+def _has_steps(module) -> bool:
+    """Whether a family codes qualities between its trained ones with a step (its
+    ``step_for``), asked without importing its torch twin."""
+    from .families import defines
+
+    return defines(module, "step_for")
+
+
 def _check_metadata(icc_profile, exif) -> None:
     """TypeError for an ICC profile or EXIF block that is not bytes (``bytes(5)`` would
     store five zeros)."""
@@ -138,7 +146,7 @@ def _model(weights: str | Path | None, family: str | None, quality: float, preci
     if not 1 <= quality <= model.qualities:
         raise ValueError(f"quality must be 1..{model.qualities}, got {quality:g}")
     module = _family(model)
-    if quality == int(quality) or not hasattr(module, "step_for"):
+    if quality == int(quality) or not _has_steps(module):
         return model, digest, int(quality), None
     coded, step = module.step_for(quality)
     return model, digest, coded, step
@@ -200,6 +208,8 @@ def encode_pixels(pixels: np.ndarray, quality: float = 4, weights: str | Path | 
         if data is kept:
             data = _or_overlay(pixels, data, model, digest, quality, step, channels, gray_rgb, icc_profile, exif,
                                rows, weight)
+            if data is not kept:  # an overlay: text or line art; the exact file may be smaller still
+                data = _or_exact(pixels, data, quality, channels, gray_rgb, icc_profile, exif, effort)
     return data
 
 
@@ -349,10 +359,12 @@ def _overlay_file(pixels: np.ndarray, choice, model, digest: bytes, quality: int
                                 step))
 
 
-PIXELS_OVERHEAD = container.HEADER_SIZE + 4 + 4 + 2 * 16 + 4 + 32
+CODER_SLACK = 32
+PIXELS_OVERHEAD = container.HEADER_SIZE + 4 + 4 + 2 * 16 + 4 + CODER_SLACK
 """Bytes of a pixels file beyond its coded indices and tables: header, payload CRC,
-substream directory, padding, and a margin for the range coder's last words (the code
-length is an estimate within ~25 bytes)."""
+substream directory, padding, and CODER_SLACK, a margin for the range coder's last words
+(the scan's code length is an estimate within ~25 bytes; a dictionary coding's, LZMA2's
+output, is exact and needs none)."""
 
 
 def _or_pixels(pixels: np.ndarray, data: bytes, quality: int, channels: int, gray_rgb: bool,
@@ -380,7 +392,8 @@ def _or_pixels(pixels: np.ndarray, data: bytes, quality: int, channels: int, gra
         return (squared == 0 and bits <= model_bits) or _worth(bits, squared, model_bits, error(), weight)
 
     def cost(found) -> float | None:
-        bits = found.bits() + 8.0 * PIXELS_OVERHEAD
+        slack = 0 if found.predictor in family_pixels.DICTIONARIES else CODER_SLACK  # LZMA2's size is exact
+        bits = found.bits() + 8.0 * (PIXELS_OVERHEAD - CODER_SLACK + slack)
         return bits + weight * found.squared_error if kept(bits, found.squared_error) else None
 
     model = family_pixels.MODEL
@@ -393,6 +406,28 @@ def _or_pixels(pixels: np.ndarray, data: bytes, quality: int, channels: int, gra
     other = b"".join(_file_parts(model, family_pixels.NO_WEIGHTS, quality, channels, width, height,
                                  family_pixels.encode_trial(found, height, width), icc_profile, exif, gray_rgb))
     return other if kept(_coded_bits(other), found.squared_error) else data
+
+
+def _or_exact(pixels: np.ndarray, data: bytes, quality: int, channels: int, gray_rgb: bool,
+              icc_profile: bytes | None, exif: bytes | None, effort: int = 1) -> bytes:
+    """The pixels family's exact file (its lossless dictionary coding) where it is no
+    larger than ``data``, an overlay's file; else ``data``. :func:`_or_pixels` tries it
+    against the model's file only where its estimates say it could pay, and they can be
+    10x over on text (its repeats lie far apart), while an overlay says the image has
+    text the model cannot follow. The trial stops once its code outgrows ``data``: on a
+    photo with a caption it reads a fraction of the image."""
+    from . import pixels as family_pixels
+
+    height, width = pixels.shape[:2]
+    bits = _coded_bits(data)
+    found = family_pixels.dictionary_trial(pixels, limit_bits=bits)
+    if found is None:
+        return data
+    found = family_pixels.stronger(found, pixels, effort)
+    model = family_pixels.MODEL
+    other = b"".join(_file_parts(model, family_pixels.NO_WEIGHTS, min(quality, model.qualities), channels, width,
+                                 height, family_pixels.encode_trial(found, height, width), icc_profile, exif, gray_rgb))
+    return other if _coded_bits(other) <= bits else data
 
 
 def encode_rows(source: PixelRows, quality: float = 4, weights: str | Path | None = None,
@@ -453,7 +488,7 @@ def encode_to_target(pixels: np.ndarray, max_bytes: int, weights: str | Path | N
         else:
             high = middle - 1
     best: float = low
-    if effort == 1 and low < model.qualities and hasattr(_family(model), "step_for"):
+    if effort == 1 and low < model.qualities and _has_steps(_family(model)):
         above = low + 1.0
         for _ in range(TARGET_BISECTIONS):  # size grows with the quality; keep the largest that fits
             middle = round((best + above) / 2, 4)
@@ -513,7 +548,7 @@ def _decompress(data: bytes, weights: str | Path | None, max_pixels: int, progre
 
     extra = {}
     if container.SECTION_STEP in known:
-        if not hasattr(_family(model), "step_for"):
+        if not _has_steps(_family(model)):
             raise FormatError(f"section STEP is not part of the {_family(model).NAME} family's files")
         extra["step"] = container.unpack_step(known[container.SECTION_STEP])
     _family(model).decompress(model, header.quality, header.height, header.width, header.colour == COLOUR_GRAY,

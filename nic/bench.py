@@ -941,10 +941,17 @@ class BenchOptions:
 
 def _read(path: Path) -> np.ndarray:
     """Pixels of one image file by nic's input policy (nic.images); ValueError naming the file."""
+    import warnings
+
     from .images import ImageError, read_image
 
     try:
-        return read_image(path.read_bytes())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            pixels = read_image(path.read_bytes())
+        for warning in caught:  # named by its file, as nic encode names its inputs'
+            warnings.warn(type(warning.message)(f"{path}: {warning.message}"), stacklevel=2)
+        return pixels
     except ImageError as exc:
         raise ValueError(f"{path}: {exc}") from None
     except OSError as exc:

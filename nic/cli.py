@@ -215,6 +215,7 @@ def atomic_output(name: str, exclusive: bool = False) -> Iterator[_CountingStrea
         yield from _write_in_place(name)
         return
     folder = path.parent if str(path.parent) else Path(".")
+    mode = _replaced_mode(path, name)
     tmp = None
     try:
         try:  # the name cut short: a 255-byte name is valid, and its temporary one must be too
@@ -225,7 +226,7 @@ def atomic_output(name: str, exclusive: bool = False) -> Iterator[_CountingStrea
             raise _write_error(name, exc) from None
         yield from _written(os.fdopen(fd, "wb"), name, sync=True)
         try:
-            os.chmod(tmp, 0o666 & ~_umask())
+            os.chmod(tmp, mode)
             if not exclusive or not _linked(tmp, path, name):
                 os.replace(tmp, path)
         except OSError as exc:
@@ -237,6 +238,20 @@ def atomic_output(name: str, exclusive: bool = False) -> Iterator[_CountingStrea
                 os.unlink(tmp)
             except OSError:
                 pass
+
+
+def _replaced_mode(path: Path, name: str) -> int:
+    """The permissions of the file that will be at ``path``: those of the file it replaces,
+    as writing into it would keep them (a private 600 file stays private), else the
+    umask's. A file this process may not write is refused, as a shell's ``>`` refuses it,
+    though the folder would let a rename replace it."""
+    try:
+        existing = os.stat(path)
+    except OSError:
+        return 0o666 & ~_umask()
+    if not os.access(path, os.W_OK):
+        raise NicError(f"{name}: permission denied (the file is not writable)")
+    return stat.S_IMODE(existing.st_mode) & 0o777
 
 
 def _linked(tmp: str, path: Path, name: str) -> bool:
@@ -304,10 +319,12 @@ def _link_chain(name: str, most: int = 40) -> Iterator[str]:
 
 
 def _image_format(target: str, out_format: str) -> str:
-    """A decode's output format: its name's extension's, or ``--format``'s for a device
-    or a pipe named without one (/dev/null, >(…))."""
+    """A decode's output format: its name's extension's, or ``--format``'s for stdout
+    ('-') and for a device or a pipe named without one (/dev/null, >(…))."""
     from .images import OUTPUT_FORMATS, ImageError, output_format
 
+    if target == "-":
+        return OUTPUT_FORMATS["." + out_format]
     try:
         return output_format(target)
     except ImageError:
@@ -315,7 +332,7 @@ def _image_format(target: str, out_format: str) -> str:
             mode = os.stat(target).st_mode
         except OSError:
             mode = None
-        if target != "-" and _in_place(target, mode):
+        if _in_place(target, mode):
             return OUTPUT_FORMATS["." + out_format]
         raise
 
@@ -461,6 +478,8 @@ weights_option = click.option("--weights", type=click.Path(dir_okay=False), defa
                               help="Weights file to use instead of the installed ones.")
 max_pixels_option = click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS,
                                  show_default=True, help="Refuse images with more pixels than this.")
+background_option = click.option("--background", metavar="COLOUR", default=None,
+                                 help="Flatten transparent input onto this colour (e.g. white, #808080).")
 force_option = click.option("-f", "--force", is_flag=True,
                             help="Replace an output beside IN that is already there (without -o or -d, "
                                  "nic does not replace a file).")
@@ -551,8 +570,9 @@ def plan_outputs(inputs: tuple[str, ...], output: str | None, out_dir: str | Non
             raise click.UsageError(f"{seen[os.path.realpath(target)]} and {source} would write the same output "
                                    f"file {target}")
         seen[os.path.realpath(target)] = source
-    if any(s != "-" and t != "-" and _same_file(s, t) for s, t in pairs):
-        raise click.UsageError("an output would overwrite its own input")
+    for source, target in pairs:
+        if source != "-" and target != "-" and _same_file(source, target):
+            raise NicError(f"{target}: would overwrite its own input {source}")
     return pairs
 
 
@@ -580,7 +600,7 @@ def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: b
             raise NicError(f"{out_dir}: cannot create directory ({exc.strerror or exc})") from None
     batch = len(pairs) > 1
     console = stderr_console() if batch or verbose else None  # rich only when it prints
-    totals = {"files": 0, "failed": 0, "in": 0, "out": 0, "bits": 0.0}
+    totals = {"files": 0, "failed": 0, "in": 0, "out": 0, "bits": 0, "pixels": 0}
 
     def one(source: str, target: str) -> None:
         started = time.perf_counter()
@@ -601,7 +621,8 @@ def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: b
         totals["files"] += 1
         totals["in"] += size_in
         totals["out"] += size_out
-        totals["bits"] += 8 * nic_bytes / pixels
+        totals["bits"] += 8 * nic_bytes
+        totals["pixels"] += pixels
         if verbose:
             console.print(f"{source} → {target}: {note}, {size_in} → {size_out} bytes, "
                           f"{8 * nic_bytes / pixels:.4f} bpp, {time.perf_counter() - started:.2f} s")
@@ -627,11 +648,12 @@ def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: b
     from rich.table import Table
 
     table = Table(title=None, show_header=True, header_style="bold")
-    for column in ("coded", "failed", "bytes in", "bytes out", "mean bpp"):
+    for column in ("coded", "failed", "bytes in", "bytes out", "bpp"):
         table.add_column(column, justify="right")
-    mean_bpp = totals["bits"] / totals["files"] if totals["files"] else float("nan")
+    # The batch's bits over its pixels: a mean per file would let a 1x1 image's 700 bpp dominate.
+    bpp = totals["bits"] / totals["pixels"] if totals["pixels"] else float("nan")
     table.add_row(str(totals["files"]), str(totals["failed"]), str(totals["in"]), str(totals["out"]),
-                  f"{mean_bpp:.4f}")
+                  f"{bpp:.4f}")
     console.print(table)
     if totals["failed"]:
         sys.exit(1)
@@ -661,8 +683,7 @@ def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: b
               help=f"Model family to encode with [default: {DEFAULT_FAMILY}, or pixels where that file is worth "
                    "its bits: lower rate + λ·distortion, at most 1.5x the size]; 'pixels' codes the pixels themselves (no model; "
                    "lossless at -q 8). Decoding always follows the file.")
-@click.option("--background", metavar="COLOUR", default=None,
-              help="Flatten transparent input onto this colour (e.g. white, #808080).")
+@background_option
 @click.option("--strip", is_flag=True, help="Do not store the input's ICC profile and EXIF.")
 @force_option
 @threads_option
@@ -689,7 +710,11 @@ def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, qua
                 return streamed
         else:
             data = read_input(source)
+        from .container import MAGIC
         from .images import read_image_with_metadata
+
+        if data[:len(MAGIC)] == MAGIC:
+            warnings.warn("the input is a .nic file: it is decoded and coded again, losing quality a second time")
 
         pixels, icc_profile, exif = read_image_with_metadata(data, background=background, max_pixels=max_pixels)
         if strip:
@@ -750,14 +775,14 @@ def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, qua
 @cli.command()
 @click.argument("inputs", metavar="IN...", nargs=-1, required=True)
 @click.option("-o", "--output", metavar="OUT", default=None,
-              help="Output image; the format follows the extension, PNG for '-' "
+              help="Output image; the format follows the extension, --format's for '-' "
                    "[default: IN with .png, stdout for '-'].")
 @click.option("-d", "--out-dir", metavar="DIR", default=None,
               help="Write each IN's image into DIR (created if missing).")
 @click.option("--format", "out_format", type=click.Choice(["png", "jpg", "webp", "tif", "bmp", "ppm"]),
               default="png", show_default=True,
-              help="Image format with -d, a default output name, or an output named without an extension "
-                   "(/dev/null, a pipe).")
+              help="Image format with -d, a default output name, stdout ('-'), or an output named without "
+                   "an extension (/dev/null, a pipe).")
 @click.option("--strip", is_flag=True, help="Do not restore the ICC profile and EXIF stored in IN.")
 @force_option
 @threads_option
@@ -773,7 +798,7 @@ def decode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, out
     keep = output is None and out_dir is None and not force  # files beside the inputs stay
 
     def work(source: str, target: str, batch: bool):
-        from .container import COLOUR_GRAY, parse_header
+        from .container import COLOUR_GRAY, SECTION_STEP, unpack, unpack_step
         from .images import write_image
         from .streaming import STREAMED_FORMATS, row_writer
 
@@ -782,9 +807,12 @@ def decode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, out
         set_threads(threads)
         from .api import decode_pixels, decode_rows
 
-        h = parse_header(data, max_pixels)
+        parsed = unpack(data, max_pixels)
+        h = parsed.header
+        step = dict(parsed.sections).get(SECTION_STEP)
         arithmetic = run_precision(precision, h.width * h.height)
-        note = f"{h.width}x{h.height}, quality {h.quality}, {arithmetic}"
+        note = (f"{h.width}x{h.height}, quality {_stored_quality(h.quality, None if step is None else unpack_step(step))}"
+                f", {arithmetic}")
         with image_progress(h.width * h.height, f"decoding {Path(source).name}", not batch) as progress:
             with atomic_output(target, keep) as stream:
                 writers = []
@@ -811,7 +839,8 @@ def decode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, out
 
 @cli.command()
 @click.argument("image", metavar="IMAGE")
-@click.option("-o", "--output", metavar="OUT.png", required=True, help="The sheet (PNG).")
+@click.option("-o", "--output", metavar="OUT.png", required=True,
+              help="The sheet, in its extension's format (PNG, JPEG at quality 95, …; PNG for '-').")
 @click.option("--size", "target_size", metavar="SIZE", default=None,
               help="Byte budget of every codec's file, e.g. 20KB.")
 @click.option("--bpp", "target_bpp", type=click.FloatRange(min=0, min_open=True), default=None, callback=_finite,
@@ -825,21 +854,26 @@ def decode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, out
 @click.option("--model", "family", type=click.Choice(list(FAMILY_NAMES)), default=None,
               help=f"Model family [default: as nic encode, {DEFAULT_FAMILY} or pixels, whichever file is "
                    "worth its bits].")
+@background_option
 @threads_option
 @weights_option
 @max_pixels_option
 def compare(image: str, output: str, target_size: str | None, target_bpp: float | None, crop: str | None,
-            scale: int, codecs: str, family: str | None, threads: int | None, weights: str | None,
-            max_pixels: int) -> None:
+            scale: int, codecs: str, family: str | None, background: str | None, threads: int | None,
+            weights: str | None, max_pixels: int) -> None:
     """Write a sheet of IMAGE as nic and the other codecs code it at the same file size."""
     if (target_size is None) == (target_bpp is None):
         raise click.UsageError("give one of --size and --bpp")
     if image != "-" and output != "-" and _same_file(image, output):
-        raise click.UsageError("the sheet would overwrite its own input")
-    from .images import read_image
+        raise NicError(f"{output}: the sheet would overwrite its own input {image}")
+    from .images import output_format, read_image, write_image
 
     try:
-        pixels = read_image(read_input(image), max_pixels=max_pixels)
+        fmt = output_format(output)
+    except _domain_errors() as exc:
+        raise NicError(str(exc)) from None
+    try:
+        pixels = read_image(read_input(image), background=background, max_pixels=max_pixels)
     except _domain_errors() as exc:
         raise NicError(f"{image}: {exc}") from None
     height, width = pixels.shape[:2]
@@ -869,12 +903,9 @@ def compare(image: str, output: str, target_size: str | None, target_bpp: float 
     if len(shown[1].data) > budget:  # nic's panel is what the sheet is for: shown, and said
         click.echo(f"nic: nic's smallest file ({len(shown[1].data)} bytes) is over the budget of {budget} bytes",
                    err=True)
-    picture = sheet(shown, region, scale)
-    import io
+    import numpy as np
 
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    write_output(output, buffer.getvalue())
+    write_output(output, write_image(np.asarray(sheet(shown, region, scale).convert("RGB")), fmt))
 
 
 def parse_crop(text: str, width: int, height: int) -> tuple[int, int, int, int]:
@@ -911,9 +942,7 @@ def info(file: str, max_pixels: int) -> None:
     rows = [
         ("format version", str(h.version)),
         ("model id", f"{h.model_id} ({name_of(h.model_id)})"),
-        ("quality", str(h.quality) if step is None else
-         f"{h.quality}'s networks, step {step[0] / 256:.3f}"
-         + (f" (a quality between {h.quality - 1} and {h.quality})" if step[0] > 256 else "")),
+        ("quality", _stored_quality(h.quality, step)),
         ("size", f"{h.width}x{h.height}"),
         ("colour", COLOUR_NAMES[h.colour] + (" (of an all-gray RGB image: decodes to RGB)"
                                              if SECTION_GRAY_RGB in dict(parsed.sections) else "")),
@@ -931,6 +960,15 @@ def info(file: str, max_pixels: int) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")
+
+
+def _stored_quality(quality: int, step: tuple[int, int] | None) -> str:
+    """A file's quality as ``nic info`` and ``decode -v`` say it: the trained quality, or
+    its networks with the STEP section's step (a quality between two trained ones)."""
+    if step is None:
+        return str(quality)
+    return (f"{quality}'s networks, step {step[0] / 256:.3f}"
+            + (f" (a quality between {quality - 1} and {quality})" if step[0] > 256 else ""))
 
 
 def _first_bytes(parts, count: int) -> bytes:
@@ -1139,7 +1177,7 @@ def export(checkpoint: str, output: str, half: bool) -> None:
     if target is None:
         raise NicError(f"{output}: weights are written to a file (with a .digest file beside it), not here")
     if _same_file(checkpoint, output):
-        raise click.UsageError("the weights would overwrite the checkpoint")
+        raise NicError("the weights would overwrite the checkpoint")
     if not target.parent.is_dir():
         raise NicError(f"{output}: directory does not exist")
     try:
@@ -1214,7 +1252,7 @@ def bench(folder: str | None, qualities: str | None, codecs: str, json_out: str 
                 from .bench import list_images
 
                 if any(_same_file(name, str(p)) for p in list_images(Path(folder))):
-                    raise click.UsageError(f"{name} is one of the images being measured")
+                    raise NicError(f"{name} is one of the images being measured")
     set_threads(threads)
     try:
         run_precision(precision, 1 << 62)  # keeps freed memory if bf16 may run (auto: on large images)
@@ -1318,8 +1356,9 @@ def main() -> None:
     except ModuleNotFoundError as exc:
         if exc.name != "torch" or os.environ.get("NIC_DEBUG"):
             raise
-        click.echo("nic: error: this needs PyTorch (training, effort 2..4, bench), "
-                   "which is not installed: pip install 'nic[train]'", err=True)
+        from .families import NEEDS_TORCH
+
+        click.echo(f"nic: error: {NEEDS_TORCH}", err=True)
         sys.exit(1)
     except Exception as exc:  # a bug, not bad input: still one line, unless debugging
         if os.environ.get("NIC_DEBUG"):

@@ -48,7 +48,7 @@ import numpy as np
 from . import engine
 from .coding import CorruptStream, IntegerTables, LatentCoder
 from .container import FormatError, Substream
-from .families import expect_substreams, trainable_names
+from .families import expect_substreams, import_with_torch, trainable_names
 from .tiling import (DOWNSAMPLING, LatentStore, PixelRows, Progress, latent_store, quantize_into,
                      quantize_tiled, reconstruct_into, reconstruct_tiled)
 
@@ -315,9 +315,7 @@ class Model:
         if self._network is None:
             with _BUILDING:
                 if self._network is None:
-                    from .factorized_torch import from_arrays as torch_from_arrays
-
-                    self._network = torch_from_arrays(self._arrays)
+                    self._network = import_with_torch("nic.factorized_torch").from_arrays(self._arrays)
         return self._network
 
 
@@ -373,9 +371,8 @@ def quantize_latents(model: Model, pixels: np.ndarray, quality: int, effort: int
     (nic.tiling) at effort 1, chosen by D + λR at higher efforts (nic.quantization)."""
     if effort == 1:
         return quantize_tiled(model, pixels, quality, progress=progress)
-    from .quantization import quantize  # torch: the search differentiates through g_s
-
-    return quantize(trainable(model), pixels, quality, effort, progress=progress)
+    quantization = import_with_torch("nic.quantization")  # the search differentiates through g_s
+    return quantization.quantize(trainable(model), pixels, quality, effort, progress=progress)
 
 
 def reconstruct(model: Model, latents: np.ndarray, quality: int, height: int, width: int, gray: bool,

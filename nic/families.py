@@ -147,14 +147,34 @@ def load(arrays: dict[str, np.ndarray]):
     """The model that codes files with a weights file's arrays (its family's ``load``,
     numpy only, where the family has one; else its trainable model)."""
     module = family(model_id_of(arrays))
-    loader = module.load if hasattr(module, "load") else module.from_arrays
+    loader = module.load if defines(module, "load") else module.from_arrays
     return loader(arrays)
 
 
 def reads_lazily(arrays) -> bool:
     """Whether the family of these weights codes from arrays read as it uses them (its
     ``load`` does); else the whole file is read at once."""
-    return hasattr(family(model_id_of(arrays)), "load")
+    return defines(family(model_id_of(arrays)), "load")
+
+
+def defines(module, name: str) -> bool:
+    """Whether a family module defines ``name`` itself. ``hasattr`` would ask its
+    ``__getattr__`` (:func:`trainable_names`), which imports the torch twin to answer."""
+    return name in vars(module)
+
+
+NEEDS_TORCH = "this needs PyTorch (training, effort 2..4, bench), which is not installed: pip install 'nic[train]'"
+
+
+def import_with_torch(module: str):
+    """A module that imports torch (a family's torch twin, ``nic.quantization``), imported;
+    where torch is missing, a ModuleNotFoundError (name "torch") that says what to install."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != "torch":
+            raise
+        raise ModuleNotFoundError(NEEDS_TORCH, name="torch") from None
 
 
 def trainable_names(module: str, owner: str):
@@ -165,7 +185,7 @@ def trainable_names(module: str, owner: str):
         if name.startswith("__"):
             raise AttributeError(name)
         try:
-            return getattr(importlib.import_module(module), name)
+            return getattr(import_with_torch(module), name)
         except AttributeError:
             raise AttributeError(f"module {owner!r} has no attribute {name!r}") from None
 

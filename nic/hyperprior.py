@@ -49,7 +49,7 @@ from . import context, engine, factorized, overlay, trellis
 from .coding import (DISTRIBUTIONS, LATENT_LIMIT, SCALE_COUNT, SCALE_MAX, SCALE_MIN, CodeLengths, CorruptStream,
                      IndexedCoder, IntegerTables, LatentCoder)
 from .container import UNIT_STEP, FormatError, Substream
-from .families import expect_substreams, trainable_names
+from .families import expect_substreams, import_with_torch, trainable_names
 from .integer import (BIAS_LIMIT, MAX_SHIFT, MEAN_BITS, NARROW_WEIGHT_MAX,  # noqa: F401
                       WEIGHT_MAX, finish, scale_of)  # h_s's bounds, its layers' last step
 from .tiling import (LatentStore, PixelRows, Progress, analysis_into, analysis_latents, latent_store,
@@ -483,9 +483,7 @@ class Model:
         if self._network is None:
             with _BUILDING:
                 if self._network is None:
-                    from .hyperprior_torch import from_arrays as torch_from_arrays
-
-                    self._network = torch_from_arrays(self._arrays)
+                    self._network = import_with_torch("nic.hyperprior_torch").from_arrays(self._arrays)
         return self._network
 
     def hyper_encode(self, y: np.ndarray, quality: int) -> np.ndarray:
@@ -625,7 +623,7 @@ def compress(model: Model, source: np.ndarray | PixelRows, quality: int, effort:
         target: LatentStore = y
         context_search = effort != 1 and model.config.has_context and tcq is None
         if effort != 1:  # torch: the search differentiates through g_s; the image is in memory
-            from .quantization import quantize_residuals
+            quantize_residuals = import_with_torch("nic.quantization").quantize_residuals
 
             whole = y.rows(0, shape[1])
             if context_search:  # each latent's (μ, t) as the passes code effort 1's latents

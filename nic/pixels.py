@@ -789,9 +789,11 @@ def _dictionary_bytes(values: np.ndarray, coding: int) -> bytes:
     return (values if coding == INTERLEAVED else values.transpose(2, 0, 1)).tobytes()
 
 
-def dictionary_trial(pixels: np.ndarray, step: int = 1, effort: int = 1) -> Trial:
+def dictionary_trial(pixels: np.ndarray, step: int = 1, effort: int = 1, limit_bits: float | None = None
+                     ) -> Trial | None:
     """The pixels (H, W, 1|3) in the smaller of the dictionary codings (DICTIONARIES) at
-    ``step``, compressed with the ``effort``'s preset (EFFORT_PRESETS), kept for coding."""
+    ``step``, compressed with the ``effort``'s preset (EFFORT_PRESETS), kept for coding.
+    Given ``limit_bits``, a coding stops once its code outgrows them (None: neither fits)."""
     values = _quantized_values(pixels, step)
     squared = 0
     if step > 1:
@@ -799,10 +801,38 @@ def dictionary_trial(pixels: np.ndarray, step: int = 1, effort: int = 1) -> Tria
     filters = [{"id": lzma.FILTER_LZMA2, "preset": _preset(effort), "dict_size": _dictionary_size(values.size)}]
     found = None
     for coding in (INTERLEAVED, PLANES) if pixels.shape[2] > 1 else (INTERLEAVED,):
-        packed = lzma.compress(_dictionary_bytes(values, coding), format=lzma.FORMAT_RAW, filters=filters)
+        data = _dictionary_bytes(values, coding)
+        if limit_bits is None:
+            packed = lzma.compress(data, format=lzma.FORMAT_RAW, filters=filters)
+        else:
+            packed = _compressed_within(data, filters, limit_bits / 8)
+            if packed is None:
+                continue
         if found is None or len(packed) < len(found.packed):
             found = Trial(step, squared, np.zeros((0, 2 * SPAN + 1), np.int64), [], predictor=coding, packed=packed)
     return found
+
+
+LIMITED_PIECE = 1 << 16
+"""Bytes fed to LZMA2 at a time where a trial stops at a size (:func:`_compressed_within`)."""
+
+
+def _compressed_within(data: bytes, filters: list, limit: float) -> bytes | None:
+    """``lzma.compress(data)`` in raw LZMA2, or None once its output passes ``limit`` bytes
+    (seen a chunk late: LZMA2 writes its output in chunks of up to 64 KiB). liblzma's
+    output does not depend on how its input is cut."""
+    compressor = lzma.LZMACompressor(format=lzma.FORMAT_RAW, filters=filters)
+    out = []
+    size = 0
+    view = memoryview(data)
+    for start in range(0, len(data), LIMITED_PIECE):
+        out.append(compressor.compress(view[start:start + LIMITED_PIECE]))
+        size += len(out[-1])
+        if size > limit:
+            return None
+    out.append(compressor.flush())
+    packed = b"".join(out)
+    return packed if len(packed) <= limit else None
 
 
 def _dictionary_size(count: int) -> int:

@@ -380,10 +380,11 @@ def test_bench_command_refuses_bad_options(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "no images" in runner.invoke(cli, ["bench", str(empty)]).output
-    for args in (["-q", "4-2"], ["-q", "nan"], ["--json", ""], ["--json", str(folder / "a.png")],
-                 ["--json", "-", "--plot", "-"]):
+    for args in (["-q", "4-2"], ["-q", "nan"], ["--json", ""], ["--json", "-", "--plot", "-"]):
         result = runner.invoke(cli, ["bench", str(folder), "--codecs", "none", *args])
         assert result.exit_code == 2, (args, result.output)
+    measured = runner.invoke(cli, ["bench", str(folder), "--codecs", "none", "--json", str(folder / "a.png")])
+    assert measured.exit_code == 1 and "one of the images being measured" in measured.output
     late = runner.invoke(cli, ["bench", str(folder), "--codecs", "none", "--json", str(tmp_path / "no" / "r.json")])
     assert late.exit_code == 1 and "directory does not exist" in late.output  # before the sweep
     assert (folder / "a.png").read_bytes()[:4] == b"\x89PNG"

@@ -513,14 +513,23 @@ def test_an_open_files_name_is_appended_to_and_write_errors_name_the_output(tmp_
     assert run_cli("decode", "-", "-o", os.devnull, input=nic_file).exit_code == 0  # PNG, by --format
 
 
+def test_format_applies_to_stdout(tmp_path):
+    """`nic decode x.nic -o - --format jpg > x.jpg` writes a JPEG, as -o /dev/stdout does."""
+    src = write_png(tmp_path / "in.png", smooth_image(16, 24))
+    nic_file = run_cli("encode", str(src), "-o", "-").stdout_bytes
+    for args in (["decode", "-", "--format", "jpg"], ["decode", "-", "-o", "-", "--format", "ppm"], ["decode", "-"]):
+        out = run_cli(*args, input=nic_file).stdout_bytes
+        assert Image.open(io.BytesIO(out)).format == {"jpg": "JPEG", "ppm": "PPM"}.get(args[-1], "PNG")
+
+
 def test_an_output_that_is_its_input_by_another_name_is_refused(tmp_path, monkeypatch):
     src = write_png(tmp_path / "a.png", smooth_image(16, 16))
     (tmp_path / "l.png").symlink_to("a.png")
     monkeypatch.chdir(tmp_path)
     for output in ("./a.png", str(src), "l.png", "../" + tmp_path.name + "/a.png"):
         result = CliRunner().invoke(cli, ["encode", "a.png", "-o", output])
-        assert result.exit_code == 2 and "overwrite its own input" in result.output, (output, result.output)
-    assert CliRunner().invoke(cli, ["encode", "l.png", "-o", "a.png"]).exit_code == 2
+        assert result.exit_code == 1 and result.output == f"nic: error: {output}: would overwrite its own input a.png\n"
+    assert CliRunner().invoke(cli, ["encode", "l.png", "-o", "a.png"]).exit_code == 1
     assert (tmp_path / "a.png").read_bytes() == png_bytes(smooth_image(16, 16))
 
 
@@ -671,3 +680,33 @@ def test_a_second_sigterm_does_not_interrupt_the_clean_up():
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_a_replaced_output_keeps_its_permissions_and_a_read_only_one_is_refused(tmp_path, monkeypatch):
+    """As writing into the file would: a private (600) output stays private; one this
+    process may not write is refused, though the folder would let a rename replace it."""
+    src = write_png(tmp_path / "in.png", smooth_image(16, 16))
+    out = tmp_path / "out.nic"
+    out.write_bytes(b"old")
+    out.chmod(0o600)
+    assert run_cli("encode", str(src), "-o", str(out)).exit_code == 0
+    assert out.read_bytes()[:4] == b"\x89NIC" and (out.stat().st_mode & 0o777) == 0o600
+    fresh = tmp_path / "fresh.nic"
+    assert run_cli("encode", str(src), "-o", str(fresh)).exit_code == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (fresh.stat().st_mode & 0o777) == 0o666 & ~umask
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if str(path) == str(out) else access(path, mode, **kw))
+    before = out.read_bytes()
+    result = CliRunner().invoke(cli, ["encode", str(src), "-q", "2", "-o", str(out)])
+    assert result.exit_code == 1 and result.output == f"nic: error: {out}: permission denied (the file is not writable)\n"
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["fresh.nic", "in.png", "out.nic"]
+
+
+def test_encoding_a_nic_file_warns_of_the_second_generation(tmp_path):
+    src = write_png(tmp_path / "in.png", smooth_image(16, 24))
+    assert run_cli("encode", str(src), "-o", str(tmp_path / "a.nic")).exit_code == 0
+    result = CliRunner().invoke(cli, ["encode", str(tmp_path / "a.nic"), "-o", str(tmp_path / "b.nic")])
+    assert result.exit_code == 0 and "the input is a .nic file" in result.stderr
+    assert result.stderr.count("warning") == 1

@@ -163,8 +163,11 @@ def test_batch_encode_and_decode_continue_past_failures(tmp_path):
     inputs = [str(tmp_path / f"img{i}.png") for i in range(3)] + [str(tmp_path / "broken.png")]
     result = CliRunner().invoke(cli, ["encode", *inputs, "-d", str(tmp_path / "out")])
     assert result.exit_code == 1
-    assert "broken.png" in result.output and "mean bpp" in result.output
+    assert "broken.png" in result.output and "bpp" in result.output
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["img0.nic", "img1.nic", "img2.nic"]
+    # The summary's bpp is the batch's bits over its pixels, not a mean of the files' bpp.
+    bits = sum(8 * p.stat().st_size for p in (tmp_path / "out").iterdir())
+    assert f"{bits / sum((16 + i) * 20 for i in range(3)):.4f}" in result.output
     nics = sorted(str(p) for p in (tmp_path / "out").iterdir())
     result = CliRunner().invoke(cli, ["decode", *nics, "-d", str(tmp_path / "dec")])
     assert result.exit_code == 0, result.output

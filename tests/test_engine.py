@@ -96,7 +96,10 @@ def test_encode_decode_and_info_run_without_torch(tmp_path):
     Image.fromarray(smooth_image(40, 56)).save(image)
     for args in (["encode", str(image), "-o", str(tmp_path / "a.nic"), "-j", "1"],
                  ["decode", str(tmp_path / "a.nic"), "-o", str(tmp_path / "b.png")],
-                 ["info", str(tmp_path / "a.nic")]):
+                 ["info", str(tmp_path / "a.nic")],
+                 # the factorized family between its qualities, and by size (no step: the quality below)
+                 ["encode", str(image), "--model", "factorized", "-q", "3.5", "-o", str(tmp_path / "c.nic")],
+                 ["encode", str(image), "--model", "factorized", "--size", "2000", "-o", str(tmp_path / "d.nic")]):
         proc = subprocess.run([sys.executable, "-c", NO_TORCH, *args], capture_output=True, timeout=120)
         assert proc.returncode == 0, proc.stderr.decode()
     assert Image.open(tmp_path / "b.png").size == (56, 40)
@@ -112,6 +115,26 @@ def test_what_needs_torch_says_how_to_install_it(tmp_path, args):
     lines = proc.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and "pip install 'nic[train]'" in lines[0], lines
     assert not (tmp_path / "a.nic").exists()
+
+
+def test_the_library_says_what_to_install_for_effort_two_without_torch():
+    """nic.encode(effort=2) where torch is missing: a ModuleNotFoundError (name "torch") that
+    says what to install; the pixels family's efforts need no torch."""
+    probe = """
+import sys
+sys.modules["torch"] = None
+import numpy as np
+import nic
+image = (np.indices((24, 32)).sum(0) * 5 % 256).astype(np.uint8)
+assert nic.encode(image, effort=4, model="pixels")
+try:
+    nic.encode(image, effort=2)
+except ModuleNotFoundError as exc:
+    print(exc.name, exc)
+"""
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode().startswith("torch this needs PyTorch") and "pip install 'nic[train]'" in proc.stdout.decode()
 
 
 def test_the_same_bits_with_any_thread_count(monkeypatch):

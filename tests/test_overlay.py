@@ -139,6 +139,26 @@ def test_the_default_puts_pixel_tiles_over_a_caption():
     assert container.unpack(api.encode_pixels(top, 3)).substreams()[0].name == b"tmap"
 
 
+def test_an_exact_pixels_file_no_larger_than_an_overlay_replaces_it():
+    """A screenshot at quality 1: the pixels family's estimates said no (text's repeats lie
+    far apart), the overlay beat the model's file, and the exact file is smaller still:
+    the default keeps the exact one, so quality 1 is not larger than quality 2."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (384, 256), "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([0, 0, 384, 24], fill=(40, 60, 120))
+    draw.text((8, 6), "nic - a learned codec", fill="white")
+    for line in range(12):
+        draw.text((10, 34 + line * 18), f"line {line}: the quick brown fox jumps over the lazy dog 0123456789",
+                  fill=(0, 0, 0))
+    pixels = np.asarray(image).copy()
+    exact = api.encode_pixels(pixels, 8, family="pixels")
+    data = api.encode_pixels(pixels, 1)
+    assert len(data) <= len(exact) and len(data) <= len(api.encode_pixels(pixels, 2))
+    np.testing.assert_array_equal(api.decode_pixels(data).pixels, pixels)
+
+
 def test_photos_without_such_tiles_are_not_looked_at():
     assert not overlay.candidates(hardset.photo_like()).any()
     assert not overlay.candidates(smooth_image(200, 300)).any()

@@ -164,6 +164,15 @@ def test_default_encoder_takes_one_pixel_high_or_wide_images(tiny_hyperprior_wei
     assert api.decode_pixels(data, tiny_hyperprior_weights).pixels.shape == shape
 
 
+def test_a_one_pixel_image_is_kept_exact_where_that_is_no_larger():
+    """The dictionary coding's size is exact (LZMA2's output): no range coder margin, so
+    a 1x1 image's exact file (90 bytes) wins over the model's lossy one (94)."""
+    image = np.array([[[200, 30, 40]]], np.uint8)
+    data = api.encode_pixels(image, 4)
+    assert len(data) <= len(api.encode_pixels(image, 4, family="hyperprior"))
+    assert np.array_equal(api.decode_pixels(data).pixels, image)
+
+
 def test_a_tall_image_is_scanned_on_its_side():
     """A tall image's rows are its columns: pass A loops over the shorter side."""
     image = drawing(128, 48)

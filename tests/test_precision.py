@@ -173,3 +173,17 @@ def test_pillow_plugin_takes_a_precision():
     opened = Image.open(io.BytesIO(saved.getvalue()))
     opened.precision = "fp32"
     np.testing.assert_array_equal(np.asarray(opened), api.decode_pixels(saved.getvalue(), precision="fp32").pixels)
+
+
+def test_the_top_level_api_takes_a_precision():
+    """nic.encode and nic.decode take ``precision`` as the README shows, and pass it on."""
+    import nic
+
+    pixels = smooth_image(32, 48)
+    data = nic.encode(pixels, quality=1, model="factorized", precision="fp32")
+    assert data == api.encode_pixels(pixels, 1, family="factorized", precision="fp32")
+    np.testing.assert_array_equal(np.asarray(nic.decode(data, precision="fp32")),
+                                  api.decode_pixels(data, precision="fp32").pixels)
+    for call in (lambda: nic.encode(pixels, precision="half"), lambda: nic.decode(data, precision="half")):
+        with pytest.raises(precision.PrecisionError, match="precision must be one of"):
+            call()
