@@ -207,7 +207,7 @@ def encode_pixels(pixels: np.ndarray, quality: float = 4, weights: str | Path | 
         data = _or_pixels(pixels, data, quality, channels, gray_rgb, icc_profile, exif, rows, weight, effort)
         if data is kept:
             data = _or_overlay(pixels, data, model, digest, quality, step, channels, gray_rgb, icc_profile, exif,
-                               rows, weight)
+                               rows, weight, y_hat[0] if y_hat else None)
             if data is not kept:  # an overlay: text or line art; the exact file may be smaller still
                 data = _or_exact(pixels, data, quality, channels, gray_rgb, icc_profile, exif, effort)
     return data
@@ -270,60 +270,54 @@ def _worth(bits: float, error: int, model_bits: float, model_error: int, weight:
 
 def _or_overlay(pixels: np.ndarray, data: bytes, model, digest: bytes, quality: int, step, channels: int,
                 gray_rgb: bool, icc_profile: bytes | None, exif: bytes | None, rows: Rows,
-                weight: float) -> bytes:
+                weight: float, y_hat=None) -> bytes:
     """The default's third try, where the model's file is kept: the same model with pixel
     tiles over the tiles it reconstructs worst (nic.overlay), where :func:`_worth` says so
-    (``weight``: λ/channels of the requested quality). ``rows``: the model's file decoded. The overlay's model
+    (``weight``: λ/channels of the requested quality). ``rows``: the model's file decoded,
+    ``y_hat`` its latents (the candidate tiles' pixels are synthesized from them alone). The overlay's model
     part is coded at effort 1 whatever the effort of ``data``: a second search would
     double a slow encode."""
     from . import overlay
 
-    if not _synthesizes(model, pixels):
+    if not _synthesizes(model, pixels) or y_hat is None:
         return data
     looked = overlay.candidates(pixels)
     if not looked.any():
         return data
-    height = pixels.shape[0]
-    # The model's rows down to the last candidate's: the synthesis stops there.
-    needed = min(height, (int(np.flatnonzero(looked.any(axis=1))[-1]) + 1) * overlay.TILE)
-    model_pixels = _first_rows(rows, needed)[..., :pixels.shape[2]]
-    choice = overlay.choose(pixels, model_pixels, looked, weight)
+    choice = overlay.choose(pixels, _candidate_pixels(model, y_hat, quality, pixels, looked), looked, weight)
     if choice is None:
         return data
-    y_hat: list = []
+    y_hat_overlay: list = []
     other = _overlay_file(pixels, choice, model, digest, quality, step, channels, gray_rgb, icc_profile, exif,
-                          y_hat.append, weight)
+                          y_hat_overlay.append, weight)
     bits, model_bits = _coded_bits(other), _coded_bits(data)
     if bits > GROWTH * model_bits:
         return data
-    model_error = (int(np.sum((model_pixels.astype(np.int64) - pixels) ** 2)) if needed == height
-                   else squared_error(rows, pixels))
+    model_error = squared_error(rows, pixels)
     # The overlay file's rows as its decoder makes them: its tiles decoded, pasted over
     # the synthesis of its model part.
     tile_map, packed = overlay.decode(container.unpack(other).substreams()[:len(overlay.NAMES)], *pixels.shape[:2],
                                       pixels.shape[2] == 1)
-    error = squared_error(_synthesized(model, y_hat[0], quality, pixels, (packed, tile_map)), pixels)
+    error = squared_error(_synthesized(model, y_hat_overlay[0], quality, pixels, (packed, tile_map)), pixels)
     return other if _worth(bits, error, model_bits, model_error, weight) else data
 
 
-class _Enough(Exception):
-    """A sink of :func:`_first_rows` has its rows."""
+def _candidate_pixels(model, y_hat, quality: int, pixels: np.ndarray, looked: np.ndarray) -> np.ndarray:
+    """The model's decoded pixels where nic.overlay.choose reads them, the ``looked`` tiles
+    (zero elsewhere): each row of tiles' run from its first looked tile to its last,
+    synthesized from the latents that reach it (nic.tiling.reconstruct_window), not the
+    whole image (a photo with one caption-like tile paid a whole g_s for it)."""
+    from .overlay import TILE
+    from .tiling import reconstruct_window
 
-
-def _first_rows(rows: Rows, count: int) -> np.ndarray:
-    """The first ``count`` pixel rows of a file; its decode stops once it has them."""
-    got: list[np.ndarray] = []
-
-    def add(strip: np.ndarray) -> None:
-        got.append(strip)
-        if sum(len(r) for r in got) >= count:
-            raise _Enough
-
-    try:
-        rows(add)
-    except _Enough:
-        pass
-    return np.concatenate(got)[:count]
+    height, width, planes = pixels.shape
+    out = np.zeros_like(pixels)
+    for r in np.flatnonzero(looked.any(axis=1)):
+        columns = np.flatnonzero(looked[r])
+        r0, r1 = r * TILE, min(height, (r + 1) * TILE)
+        c0, c1 = columns[0] * TILE, min(width, (columns[-1] + 1) * TILE)
+        out[r0:r1, c0:c1] = reconstruct_window(model.base, y_hat, quality, planes == 1, r0, r1, c0, c1)
+    return out
 
 
 def _lambdas(model) -> list[float]:

@@ -713,10 +713,9 @@ def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, qua
         from .container import MAGIC
         from .images import read_image_with_metadata
 
-        if data[:len(MAGIC)] == MAGIC:
-            warnings.warn("the input is a .nic file: it is decoded and coded again, losing quality a second time")
-
         pixels, icc_profile, exif = read_image_with_metadata(data, background=background, max_pixels=max_pixels)
+        if data[:len(MAGIC)] == MAGIC:  # decoded (the Pillow plugin): said once it has decoded
+            warnings.warn("the input is a .nic file: it is decoded and coded again, losing quality a second time")
         if strip:
             icc_profile = exif = None
         set_threads(threads)

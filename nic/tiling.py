@@ -498,6 +498,24 @@ def reconstruct_into(model, latents: LatentStore, quality: int, height: int, wid
         sink(strip)
 
 
+def reconstruct_window(model, latents: LatentStore, quality: int, gray: bool, r0: int, r1: int, c0: int,
+                       c1: int) -> np.ndarray:
+    """uint8 pixels (r1 − r0, c1 − c0, 1|3) of the image's rows r0..r1 and columns c0..c1
+    (inside the image), decoded from the latents that reach them (the window with g_s's
+    halo): the pixels :func:`reconstruct_into` makes there, without the rest of the image
+    (to float rounding: the products are summed in blocks of other sizes)."""
+    d = DOWNSAMPLING
+    _, rows, cols = latents.shape
+    halo = synthesis_halo(model.transforms(quality)[1])
+    a0, a1 = _with_halo(r0 // d, -(-r1 // d), rows, halo)
+    b0, b1 = _with_halo(c0 // d, -(-c1 // d), cols, halo)
+    x_hat = model.synthesis_array(latents.rows(a0, a1)[:, :, b0:b1].astype(np.float32), quality)
+    x_hat = x_hat[:, r0 - a0 * d:r1 - a0 * d, c0 - b0 * d:c1 - b0 * d]
+    if gray:
+        x_hat = x_hat.mean(axis=0, keepdims=True, dtype=np.float32)
+    return to_pixels(x_hat).transpose(1, 2, 0)
+
+
 def to_pixels(x_hat: np.ndarray) -> np.ndarray:
     """uint8 of float pixels in [0, 1]: NaN → 0, clipped, ×255, rounded half to even."""
     x = np.fmax(x_hat, np.float32(0.0))  # NaN → 0 (fmax takes the number), and −inf

@@ -222,6 +222,22 @@ def test_rows_read_in_strips_give_the_same_file(chunk, family):
     assert b"".join(bytes(p) for p in spilled) == reference
 
 
+@pytest.mark.parametrize("gray", [False, True])
+def test_a_window_decodes_to_the_pixels_of_the_whole_image(model, gray):
+    """reconstruct_window: a window of the image from the latents that reach it, at the
+    image's borders and inside, is the whole image's pixels there (to a level, where a
+    sum lies within float rounding of a half)."""
+    pixels = textured_image(100, 150, 1 if gray else 3, seed=4)
+    latents = tiling.quantize_tiled(model, pixels, 4)
+    whole = tiling.reconstruct_tiled(model, latents, 4, 100, 150, gray)
+    store = tiling.LatentStore(latents.shape, array=latents)
+    for r0, r1, c0, c1 in [(0, 100, 0, 150), (0, 64, 64, 150), (40, 70, 20, 90), (64, 100, 0, 64)]:
+        window = tiling.reconstruct_window(model, store, 4, gray, r0, r1, c0, c1)
+        assert window.shape == (r1 - r0, c1 - c0, 1 if gray else 3)
+        assert np.abs(window.astype(int) - whole[r0:r1, c0:c1]).max() <= 1
+        assert np.mean(window != whole[r0:r1, c0:c1]) < 1e-3
+
+
 def test_rows_decoded_in_strips_equal_the_whole_image():
     pixels = smooth_image(100, 70, channels=1, seed=5)
     data = api.encode_pixels(pixels, 5, family="factorized")
