@@ -220,7 +220,9 @@ def atomic_output(name: str, exclusive: bool = False) -> Iterator[_CountingStrea
     try:
         try:  # the name cut short: a 255-byte name is valid, and its temporary one must be too
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:64]}.", suffix=".tmp", dir=folder)
-        except FileNotFoundError:
+        except FileNotFoundError as exc:
+            if folder.is_dir():  # /proc: a folder where no file can be made
+                raise _write_error(name, exc) from None
             raise NicError(f"{name}: directory does not exist") from None
         except OSError as exc:
             raise _write_error(name, exc) from None
@@ -924,7 +926,8 @@ def parse_crop(text: str, width: int, height: int) -> tuple[int, int, int, int]:
 @max_pixels_option
 def info(file: str, max_pixels: int) -> None:
     """Print the header fields of .nic FILE ('-' for stdin) and its bpp."""
-    from .container import COLOUR_NAMES, SECTION_GRAY_RGB, SECTION_STEP, FormatError, unpack, unpack_step
+    from .container import (COLOUR_NAMES, SECTION_EXIF, SECTION_GRAY_RGB, SECTION_ICC, SECTION_STEP, FormatError, unpack,
+                            unpack_step)
     from .families import name_of
 
     data = read_nic_input(file, max_pixels)
@@ -953,9 +956,11 @@ def info(file: str, max_pixels: int) -> None:
         ("file bytes", str(len(data))),
         ("bpp", f"{8 * len(data) / (h.width * h.height):.4f}"),
     ]
+    metadata = {SECTION_ICC: "the ICC profile, restored on decode", SECTION_EXIF: "the EXIF, restored on decode"}
     for kind, body in parsed.sections:
         if kind not in (SECTION_GRAY_RGB, SECTION_STEP):
-            rows.append((f"section {kind.decode()}", f"{len(body)} bytes (skipped)"))
+            what = metadata.get(kind, "unknown to this nic, skipped when decoding")
+            rows.append((f"section {kind.decode(errors='replace')}", f"{len(body)} bytes ({what})"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")

@@ -60,7 +60,7 @@ def test_metadata_survives_and_strip_drops_it(tmp_path):
     runner = CliRunner()
     assert runner.invoke(cli, ["encode", str(tmp_path / "in.jpg"), "-o", str(tmp_path / "a.nic")]).exit_code == 0
     info = runner.invoke(cli, ["info", str(tmp_path / "a.nic")]).output
-    assert "iCCP" in info and "eXIf" in info
+    assert "iCCP" in info and "eXIf" in info and "the ICC profile, restored on decode" in info
     assert runner.invoke(cli, ["decode", str(tmp_path / "a.nic"), "-o", str(tmp_path / "a.png")]).exit_code == 0
     with Image.open(tmp_path / "a.png") as out:
         assert out.size == (40, 56)  # turned upright on encode
