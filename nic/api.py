@@ -204,10 +204,11 @@ def encode_pixels(pixels: np.ndarray, quality: float = 4, weights: str | Path | 
                 lambda sink: decode_rows(kept, lambda header, icc, exif: sink, weights,
                                          precision=getattr(model, "precision", "fp32")))
         weight = _lambda(_lambdas(model), requested) / pixels.shape[2]
-        data = _or_pixels(pixels, data, quality, channels, gray_rgb, icc_profile, exif, rows, weight, effort)
+        model_error = _Error(rows, pixels)
+        data = _or_pixels(pixels, data, quality, channels, gray_rgb, icc_profile, exif, model_error, weight, effort)
         if data is kept:
             data = _or_overlay(pixels, data, model, digest, quality, step, channels, gray_rgb, icc_profile, exif,
-                               rows, weight, y_hat[0] if y_hat else None)
+                               rows, model_error, weight, y_hat[0] if y_hat else None)
             if data is not kept:  # an overlay: text or line art; the exact file may be smaller still
                 data = _or_exact(pixels, data, quality, channels, gray_rgb, icc_profile, exif, effort)
     return data
@@ -215,6 +216,23 @@ def encode_pixels(pixels: np.ndarray, quality: float = 4, weights: str | Path | 
 
 Rows = Callable[[Callable[[np.ndarray], None]], None]
 """rows(sink): hands ``sink`` a file's decoded pixel rows, strip by strip, top to bottom."""
+
+
+class _Error:
+    """The squared error of a file's decoded ``rows`` against ``pixels``, computed when
+    first asked (a decode of the whole file), once for the default's tries."""
+
+    def __init__(self, rows: Rows, pixels: np.ndarray):
+        self._rows, self._pixels, self._value = rows, pixels, None
+
+    def __call__(self) -> int:
+        if self._value is None:
+            self._value = squared_error(self._rows, self._pixels)
+        return self._value
+
+    def known(self, decoded: np.ndarray) -> None:
+        """The whole file's decoded pixels, where a try made them anyway."""
+        self._value = int(np.sum((decoded.astype(np.int64) - self._pixels) ** 2))
 
 
 def _synthesizes(model, pixels: np.ndarray) -> bool:
@@ -270,11 +288,12 @@ def _worth(bits: float, error: int, model_bits: float, model_error: int, weight:
 
 def _or_overlay(pixels: np.ndarray, data: bytes, model, digest: bytes, quality: int, step, channels: int,
                 gray_rgb: bool, icc_profile: bytes | None, exif: bytes | None, rows: Rows,
-                weight: float, y_hat=None) -> bytes:
+                model_error: _Error, weight: float, y_hat=None) -> bytes:
     """The default's third try, where the model's file is kept: the same model with pixel
     tiles over the tiles it reconstructs worst (nic.overlay), where :func:`_worth` says so
     (``weight``: λ/channels of the requested quality). ``rows``: the model's file decoded,
-    ``y_hat`` its latents (the candidate tiles' pixels are synthesized from them alone). The overlay's model
+    ``model_error`` their squared error, ``y_hat`` its latents (the candidate tiles' pixels
+    are synthesized from them: :func:`_candidate_pixels`). The overlay's model
     part is coded at effort 1 whatever the effort of ``data``: a second search would
     double a slow encode."""
     from . import overlay
@@ -284,7 +303,8 @@ def _or_overlay(pixels: np.ndarray, data: bytes, model, digest: bytes, quality: 
     looked = overlay.candidates(pixels)
     if not looked.any():
         return data
-    choice = overlay.choose(pixels, _candidate_pixels(model, y_hat, quality, pixels, looked), looked, weight)
+    candidate_pixels = _candidate_pixels(model, y_hat, quality, pixels, looked, rows, model_error)
+    choice = overlay.choose(pixels, candidate_pixels, looked, weight)
     if choice is None:
         return data
     y_hat_overlay: list = []
@@ -293,29 +313,47 @@ def _or_overlay(pixels: np.ndarray, data: bytes, model, digest: bytes, quality: 
     bits, model_bits = _coded_bits(other), _coded_bits(data)
     if bits > GROWTH * model_bits:
         return data
-    model_error = squared_error(rows, pixels)
     # The overlay file's rows as its decoder makes them: its tiles decoded, pasted over
     # the synthesis of its model part.
     tile_map, packed = overlay.decode(container.unpack(other).substreams()[:len(overlay.NAMES)], *pixels.shape[:2],
                                       pixels.shape[2] == 1)
     error = squared_error(_synthesized(model, y_hat_overlay[0], quality, pixels, (packed, tile_map)), pixels)
-    return other if _worth(bits, error, model_bits, model_error, weight) else data
+    return other if _worth(bits, error, model_bits, model_error(), weight) else data
 
 
-def _candidate_pixels(model, y_hat, quality: int, pixels: np.ndarray, looked: np.ndarray) -> np.ndarray:
+def _candidate_pixels(model, y_hat, quality: int, pixels: np.ndarray, looked: np.ndarray, rows: Rows,
+                      model_error: _Error) -> np.ndarray:
     """The model's decoded pixels where nic.overlay.choose reads them, the ``looked`` tiles
-    (zero elsewhere): each row of tiles' run from its first looked tile to its last,
-    synthesized from the latents that reach it (nic.tiling.reconstruct_window), not the
-    whole image (a photo with one caption-like tile paid a whole g_s for it)."""
+    (zero elsewhere): each run of rows of tiles with candidates, from its first candidate
+    column to its last, synthesized from the latents that reach it
+    (nic.tiling.reconstruct_window; a photo with one caption-like tile paid a whole g_s
+    for it); the whole image from ``rows`` where the windows and their halos would cover
+    half of it or more (its error then goes to ``model_error``)."""
     from .overlay import TILE
-    from .tiling import reconstruct_window
+    from .tiling import DOWNSAMPLING, reconstruct_window, synthesis_halo
 
     height, width, planes = pixels.shape
+    halo = sum(synthesis_halo(model.base.transforms(quality)[1])) * DOWNSAMPLING
+    windows = []
+    with_candidates = np.flatnonzero(looked.any(axis=1))
+    for run in np.split(with_candidates, np.flatnonzero(np.diff(with_candidates) > 1) + 1):
+        columns = np.flatnonzero(looked[run].any(axis=0))
+        windows.append((run[0] * TILE, min(height, (run[-1] + 1) * TILE),
+                        columns[0] * TILE, min(width, (columns[-1] + 1) * TILE)))
+    if sum((r1 - r0 + halo) * (c1 - c0 + halo) for r0, r1, c0, c1 in windows) >= height * width / 2:
+        whole = np.empty_like(pixels)
+        filled = 0
+
+        def into(strip: np.ndarray) -> None:
+            nonlocal filled
+            whole[filled:filled + len(strip)] = strip[..., :planes]
+            filled += len(strip)
+
+        rows(into)
+        model_error.known(whole)
+        return whole
     out = np.zeros_like(pixels)
-    for r in np.flatnonzero(looked.any(axis=1)):
-        columns = np.flatnonzero(looked[r])
-        r0, r1 = r * TILE, min(height, (r + 1) * TILE)
-        c0, c1 = columns[0] * TILE, min(width, (columns[-1] + 1) * TILE)
+    for r0, r1, c0, c1 in windows:
         out[r0:r1, c0:c1] = reconstruct_window(model.base, y_hat, quality, planes == 1, r0, r1, c0, c1)
     return out
 
@@ -362,9 +400,10 @@ output, is exact and needs none)."""
 
 
 def _or_pixels(pixels: np.ndarray, data: bytes, quality: int, channels: int, gray_rgb: bool,
-               icc_profile: bytes | None, exif: bytes | None, rows: Rows, weight: float, effort: int = 1) -> bytes:
+               icc_profile: bytes | None, exif: bytes | None, model_error: Callable[[], int], weight: float,
+               effort: int = 1) -> bytes:
     """The default's second try: the ``pixels`` family's file (nic.pixels) instead of the
-    model's ``data`` (decoded: ``rows``) where it is worth it (text, line art,
+    model's ``data`` (decoded, the squared error ``model_error()``) where it is worth it (text, line art,
     screenshots, flat colour): exact and no larger, or of lower J by :func:`_worth`'s
     rule (``weight``: λ/channels of the requested quality); else ``data``. The pixel step
     of ``quality`` (nic.pixels.step_of; the quality whose networks coded ``data``, so 3.5
@@ -373,33 +412,36 @@ def _or_pixels(pixels: np.ndarray, data: bytes, quality: int, channels: int, gra
     stronger preset (nic.pixels.stronger)."""
     from . import pixels as family_pixels
 
-    height, width = pixels.shape[:2]
     model_bits = _coded_bits(data)
-    model_error: list[int] = []
-
-    def error() -> int:  # the model's, asked once and only where a step is not exact
-        if not model_error:
-            model_error.append(squared_error(rows, pixels))
-        return model_error[0]
 
     def kept(bits: float, squared: int) -> bool:  # exact and no larger: no need to decode the model's
-        return (squared == 0 and bits <= model_bits) or _worth(bits, squared, model_bits, error(), weight)
+        return (squared == 0 and bits <= model_bits) or _worth(bits, squared, model_bits, model_error(), weight)
 
     def cost(found) -> float | None:
         slack = 0 if found.predictor in family_pixels.DICTIONARIES else CODER_SLACK  # LZMA2's size is exact
         bits = found.bits() + 8.0 * (PIXELS_OVERHEAD - CODER_SLACK + slack)
         return bits + weight * found.squared_error if kept(bits, found.squared_error) else None
 
-    model = family_pixels.MODEL
-    quality = min(quality, model.qualities)  # the step's hint, and a header field: the step is in the file
+    quality = min(quality, family_pixels.MODEL.qualities)  # the step's hint: the step itself is in the file
     found = family_pixels.cheapest(pixels, model_bits - 8.0 * PIXELS_OVERHEAD,
                                    GROWTH * model_bits - 8.0 * PIXELS_OVERHEAD, cost, family_pixels.step_of(quality))
     if found is None:
         return data
-    found = family_pixels.stronger(found, pixels, effort)
-    other = b"".join(_file_parts(model, family_pixels.NO_WEIGHTS, quality, channels, width, height,
-                                 family_pixels.encode_trial(found, height, width), icc_profile, exif, gray_rgb))
+    other = _pixels_file(found, pixels, quality, channels, gray_rgb, icc_profile, exif, effort)
     return other if kept(_coded_bits(other), found.squared_error) else data
+
+
+def _pixels_file(found, pixels: np.ndarray, quality: float, channels: int, gray_rgb: bool,
+                 icc_profile: bytes | None, exif: bytes | None, effort: int) -> bytes:
+    """The pixels family's file of a trial (nic.pixels), its dictionary coding compressed
+    again with ``effort``'s preset where that is stronger (nic.pixels.stronger)."""
+    from . import pixels as family_pixels
+
+    height, width = pixels.shape[:2]
+    model = family_pixels.MODEL
+    found = family_pixels.stronger(found, pixels, effort)
+    return b"".join(_file_parts(model, family_pixels.NO_WEIGHTS, min(quality, model.qualities), channels, width,
+                                height, family_pixels.encode_trial(found, height, width), icc_profile, exif, gray_rgb))
 
 
 def _or_exact(pixels: np.ndarray, data: bytes, quality: int, channels: int, gray_rgb: bool,
@@ -412,15 +454,11 @@ def _or_exact(pixels: np.ndarray, data: bytes, quality: int, channels: int, gray
     photo with a caption it reads a fraction of the image."""
     from . import pixels as family_pixels
 
-    height, width = pixels.shape[:2]
     bits = _coded_bits(data)
     found = family_pixels.dictionary_trial(pixels, limit_bits=bits)
     if found is None:
         return data
-    found = family_pixels.stronger(found, pixels, effort)
-    model = family_pixels.MODEL
-    other = b"".join(_file_parts(model, family_pixels.NO_WEIGHTS, min(quality, model.qualities), channels, width,
-                                 height, family_pixels.encode_trial(found, height, width), icc_profile, exif, gray_rgb))
+    other = _pixels_file(found, pixels, quality, channels, gray_rgb, icc_profile, exif, effort)
     return other if _coded_bits(other) <= bits else data
 
 

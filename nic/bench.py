@@ -939,8 +939,10 @@ class BenchOptions:
     precision: str = "auto"  # the transforms' arithmetic (nic.precision); the report records what ran
 
 
-def _read(path: Path) -> np.ndarray:
-    """Pixels of one image file by nic's input policy (nic.images); ValueError naming the file."""
+def _read(path: Path, warn: bool = True) -> np.ndarray:
+    """Pixels of one image file by nic's input policy (nic.images); ValueError naming the
+    file; its warnings (several frames) named by the file, or dropped without ``warn``
+    (read again after a first read said them)."""
     import warnings
 
     from .images import ImageError, read_image
@@ -949,7 +951,7 @@ def _read(path: Path) -> np.ndarray:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
             pixels = read_image(path.read_bytes())
-        for warning in caught:  # named by its file, as nic encode names its inputs'
+        for warning in caught if warn else ():  # named by its file, as nic encode names its inputs'
             warnings.warn(type(warning.message)(f"{path}: {warning.message}"), stacklevel=2)
         return pixels
     except ImageError as exc:
@@ -960,9 +962,10 @@ def _read(path: Path) -> np.ndarray:
 
 def _images(paths: Sequence[Path], sizes: list[dict]):
     """(name, pixels) one image at a time, so a large folder never sits in memory at once;
-    appends each image's size to ``sizes`` for the report."""
+    appends each image's size to ``sizes`` for the report. The images were read once
+    before (a check that each can be), which said their warnings."""
     for path in paths:
-        pixels = _read(path)
+        pixels = _read(path, warn=False)
         sizes.append({"name": path.name, "width": int(pixels.shape[1]), "height": int(pixels.shape[0])})
         yield path.name, pixels
 

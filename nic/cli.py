@@ -251,8 +251,8 @@ def _replaced_mode(path: Path, name: str) -> int:
         existing = os.stat(path)
     except OSError:
         return 0o666 & ~_umask()
-    if not os.access(path, os.W_OK):
-        raise NicError(f"{name}: permission denied (the file is not writable)")
+    if not os.access(path, os.W_OK, effective_ids=os.access in os.supports_effective_ids):
+        raise NicError(f"{name}: the file is not writable")
     return stat.S_IMODE(existing.st_mode) & 0o777
 
 
@@ -717,7 +717,8 @@ def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, qua
 
         pixels, icc_profile, exif = read_image_with_metadata(data, background=background, max_pixels=max_pixels)
         if data[:len(MAGIC)] == MAGIC:  # decoded (the Pillow plugin): said once it has decoded
-            warnings.warn("the input is a .nic file: it is decoded and coded again, losing quality a second time")
+            warnings.warn("the input is a .nic file: its decoded pixels are coded again (where either coding is "
+                          "lossy, a second generation of loss)")
         if strip:
             icc_profile = exif = None
         set_threads(threads)
@@ -799,7 +800,7 @@ def decode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, out
     keep = output is None and out_dir is None and not force  # files beside the inputs stay
 
     def work(source: str, target: str, batch: bool):
-        from .container import COLOUR_GRAY, SECTION_STEP, unpack, unpack_step
+        from .container import COLOUR_GRAY, SECTION_STEP, parse_header, unpack, unpack_step
         from .images import write_image
         from .streaming import STREAMED_FORMATS, row_writer
 
@@ -808,12 +809,13 @@ def decode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, out
         set_threads(threads)
         from .api import decode_pixels, decode_rows
 
-        parsed = unpack(data, max_pixels)
-        h = parsed.header
-        step = dict(parsed.sections).get(SECTION_STEP)
+        h = parse_header(data, max_pixels)
         arithmetic = run_precision(precision, h.width * h.height)
-        note = (f"{h.width}x{h.height}, quality {_stored_quality(h.quality, None if step is None else unpack_step(step))}"
-                f", {arithmetic}")
+        note = ""
+        if verbose:  # the STEP section of a quality between two: the sections parsed for it
+            step = dict(unpack(data, max_pixels).sections).get(SECTION_STEP)
+            note = (f"{h.width}x{h.height}, quality "
+                    f"{_stored_quality(h.quality, None if step is None else unpack_step(step))}, {arithmetic}")
         with image_progress(h.width * h.height, f"decoding {Path(source).name}", not batch) as progress:
             with atomic_output(target, keep) as stream:
                 writers = []
@@ -841,7 +843,8 @@ def decode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, out
 @cli.command()
 @click.argument("image", metavar="IMAGE")
 @click.option("-o", "--output", metavar="OUT.png", required=True,
-              help="The sheet, in its extension's format (PNG, JPEG at quality 95, …; PNG for '-').")
+              help="The sheet, in its extension's format (PNG, JPEG at quality 95, …; PNG for '-', a device "
+                   "or a pipe).")
 @click.option("--size", "target_size", metavar="SIZE", default=None,
               help="Byte budget of every codec's file, e.g. 20KB.")
 @click.option("--bpp", "target_bpp", type=click.FloatRange(min=0, min_open=True), default=None, callback=_finite,
@@ -867,10 +870,10 @@ def compare(image: str, output: str, target_size: str | None, target_bpp: float 
         raise click.UsageError("give one of --size and --bpp")
     if image != "-" and output != "-" and _same_file(image, output):
         raise NicError(f"{output}: the sheet would overwrite its own input {image}")
-    from .images import output_format, read_image, write_image
+    from .images import read_image, write_image
 
     try:
-        fmt = output_format(output)
+        fmt = _image_format(output, "png")  # a device, a pipe or stdout: PNG
     except _domain_errors() as exc:
         raise NicError(str(exc)) from None
     try:

@@ -499,21 +499,33 @@ def reconstruct_into(model, latents: LatentStore, quality: int, height: int, wid
 
 
 def reconstruct_window(model, latents: LatentStore, quality: int, gray: bool, r0: int, r1: int, c0: int,
-                       c1: int) -> np.ndarray:
+                       c1: int, tile: int | None = None) -> np.ndarray:
     """uint8 pixels (r1 − r0, c1 − c0, 1|3) of the image's rows r0..r1 and columns c0..c1
-    (inside the image), decoded from the latents that reach them (the window with g_s's
-    halo): the pixels :func:`reconstruct_into` makes there, without the rest of the image
-    (to float rounding: the products are summed in blocks of other sizes)."""
+    (inside the image), decoded from the latents that reach them, a tile with g_s's halo
+    at a time as :func:`reconstruct_into` decodes (memory bounded by the tile, not the
+    window): its pixels there, without the rest of the image (to float rounding: the
+    products are summed in blocks of other sizes)."""
     d = DOWNSAMPLING
     _, rows, cols = latents.shape
     halo = synthesis_halo(model.transforms(quality)[1])
-    a0, a1 = _with_halo(r0 // d, -(-r1 // d), rows, halo)
-    b0, b1 = _with_halo(c0 // d, -(-c1 // d), cols, halo)
-    x_hat = model.synthesis_array(latents.rows(a0, a1)[:, :, b0:b1].astype(np.float32), quality)
-    x_hat = x_hat[:, r0 - a0 * d:r1 - a0 * d, c0 - b0 * d:c1 - b0 * d]
-    if gray:
-        x_hat = x_hat.mean(axis=0, keepdims=True, dtype=np.float32)
-    return to_pixels(x_hat).transpose(1, 2, 0)
+    core = check_tile(DEFAULT_TILE if tile is None else tile)
+    out = np.empty((r1 - r0, c1 - c0, 1 if gray else 3), dtype=np.uint8)
+    first_row, first_col = r0 // d, c0 // d
+    for s0, s1 in _splits(-(-r1 // d) - first_row, core):
+        t0, t1 = first_row + s0, first_row + s1  # latent rows of this core
+        a0, a1 = _with_halo(t0, t1, rows, halo)
+        band = latents.rows(a0, a1)
+        p0, p1 = max(r0, t0 * d), min(r1, t1 * d)  # its pixel rows inside the window
+        for u0, u1 in _splits(-(-c1 // d) - first_col, core):
+            v0, v1 = first_col + u0, first_col + u1
+            b0, b1 = _with_halo(v0, v1, cols, halo)
+            q0, q1 = max(c0, v0 * d), min(c1, v1 * d)
+            x_hat = model.synthesis_array(band[:, :, b0:b1].astype(np.float32), quality)
+            x_hat = x_hat[:, p0 - a0 * d:p1 - a0 * d, q0 - b0 * d:q1 - b0 * d]
+            if gray:
+                x_hat = x_hat.mean(axis=0, keepdims=True, dtype=np.float32)
+            out[p0 - r0:p1 - r0, q0 - c0:q1 - c0] = to_pixels(x_hat).transpose(1, 2, 0)
+    return out
 
 
 def to_pixels(x_hat: np.ndarray) -> np.ndarray:
