@@ -257,9 +257,13 @@ def image_metadata(im: Image.Image) -> tuple[bytes | None, bytes | None]:
     stores pixels already turned upright."""
     icc = im.info.get("icc_profile") or None
     try:
-        exif = im.getexif()
-        exif.pop(ORIENTATION, None)
-        exif_bytes = exif.tobytes() if len(exif) else None
+        exif = im.getexif()  # the image's own (Pillow caches it): the tag is put back below
+        orientation = exif.pop(ORIENTATION, None)
+        try:
+            exif_bytes = exif.tobytes() if len(exif) else None
+        finally:
+            if orientation is not None:  # the caller's image keeps its tag (a second encode turns it again)
+                exif[ORIENTATION] = orientation
     except Exception:  # unreadable EXIF is dropped, not fatal: the pixels are what matter
         exif_bytes = None
     return icc, exif_bytes

@@ -95,6 +95,20 @@ def test_pillow_open_exposes_metadata_and_png_keeps_it(tmp_path):
     assert nic.decode((tmp_path / "a.nic").read_bytes()).info["icc_profile"] == FAKE_ICC
 
 
+def test_an_exif_rotated_image_is_turned_upright_every_time_and_left_as_it_was(tmp_path):
+    """nic.encode twice on one opened image, and the Pillow plugin's save: upright each
+    time (the image is shown 40 wide, 56 high), and the caller's image keeps its tag."""
+    photo_with_metadata(tmp_path / "in.jpg")
+    with Image.open(tmp_path / "in.jpg") as im:
+        assert [nic.decode(nic.encode(im)).size for _ in range(2)] == [(40, 56), (40, 56)]
+        assert im.getexif().get(0x0112) == 6
+        im.save(tmp_path / "saved.nic")
+        assert im.getexif().get(0x0112) == 6
+    with Image.open(tmp_path / "saved.nic") as out:
+        assert out.size == (40, 56) and 0x0112 not in out.getexif()
+        assert out.getexif().get(0x010F) == "nic test camera"
+
+
 def test_pillow_save_strip_and_explicit_metadata(tmp_path):
     nic_with_metadata(tmp_path / "a.nic")
     with Image.open(tmp_path / "a.nic") as im:
