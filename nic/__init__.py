@@ -30,7 +30,7 @@ def encode(image: Image.Image | NDArray[np.uint8], quality: float = 4, weights: 
            background: str | None = None, strip: bool = False, effort: int = 1, model: str | None = None,
            precision: str = "auto") -> bytes:
     """Encode a Pillow image or uint8 array of shape (H, W), (H, W, 1|3|4) to .nic bytes
-    (see :func:`nic.api.encode`) at ``quality`` 1..8 (3.5: between two), with the ``weights`` file given or
+    (see :func:`nic.api.encode`) at ``quality`` 1..8 (3.5: between two, at effort 1), with the ``weights`` file given or
     the installed ones. Transparency is refused unless flattened onto ``background`` (a
     colour name, #hex, or an (R, G, B) tuple); a
     Pillow image's ICC profile and EXIF travel along unless ``strip``; ``effort`` 2..4

@@ -1023,6 +1023,8 @@ def run_command(opts: BenchOptions, out=None, err=None) -> dict:
     paths = all_paths[: opts.limit] if opts.limit else all_paths
     for path in paths:  # an unreadable image stops the run now, not after the others' minutes
         _read(path)
+    for path in opts.compare:  # as must a report to compare with that is not one
+        load_nic_curve(Path(path))
     baselines, skipped = baseline_status(parse_codecs(opts.codecs))
     for name, why in skipped.items():
         err.print(f"note: skipping {name}: {why}")

@@ -701,6 +701,10 @@ def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, qua
     """Encode images IN... (PNG, JPEG, WebP, TIFF, …; '-' for stdin) to .nic."""
     if sum(x is not None for x in (quality, target_size, target_bpp)) > 1:
         raise click.UsageError("give one of -q, --size and --bpp")
+    if effort > 1 and quality is not None and quality != int(quality) and weights is None \
+            and family in (None, DEFAULT_FAMILY):
+        raise click.UsageError(f"a quality between the trained ones (-q {quality:g}) is coded at effort 1; "
+                               "give -e 1 or a whole -q")
     max_bytes = parse_size(target_size) if target_size is not None else None
     pairs = plan_outputs(inputs, output, out_dir, ".nic")
     keep = output is None and out_dir is None and not force  # files beside the inputs stay
@@ -1123,7 +1127,8 @@ def train(data, out, minutes, steps, qualities, lambdas, N, M, patch, batch, syn
           finetune_decoder, mixed, finetune_effort, specialize, own_N, bf16, channels_last, compiled, device, seed,
           log_every, holdout, validation, validate_minutes, threads) -> None:
     """Train (or resume) on the images under DATA folders (never on Kodak)."""
-    from .train import TrainOptions, bf16_is_fast, checked_lambdas, checked_own_N, train as run_training
+    from .train import (CHECKPOINT_NAME, TrainOptions, bf16_is_fast, checked_lambdas, checked_own_N,
+                        train as run_training)
 
     if minutes is None and steps is None:
         raise click.UsageError("give --minutes or --steps")
@@ -1160,14 +1165,29 @@ def train(data, out, minutes, steps, qualities, lambdas, N, M, patch, batch, syn
         console.print(f"validation at step {step}: " + ", ".join(
             f"q{r['quality']} {r['bpp']:.3f} bpp {r['psnr']:.2f} dB" for r in rows))
 
+    existed = Path(out).exists()
+
+    def forget_empty_run() -> None:  # a run stopped before it saved anything leaves no folder
+        if not existed:
+            try:
+                Path(out).rmdir()
+            except OSError:  # not empty, or not there
+                pass
+
     try:
         path = run_training(opts, report, report_validation)
     except ValueError as exc:
+        forget_empty_run()
         raise NicError(str(exc)) from None
     except OSError as exc:  # the run folder or a data file: named by the error
+        forget_empty_run()
         raise NicError(f"{exc.filename or out}: {exc.strerror or exc}") from None
     except KeyboardInterrupt as exc:  # Ctrl-C, or nic.train.Stopped by SIGTERM: 128 + the signal
-        console.print(f"stopped; checkpoint saved in {out}, run the same command to resume")
+        if (Path(out) / CHECKPOINT_NAME).exists():
+            console.print(f"stopped; checkpoint saved in {out}, run the same command to resume")
+        else:
+            forget_empty_run()
+            console.print("stopped before the first checkpoint: nothing saved")
         sys.exit(128 + getattr(exc, "signum", signal.SIGINT))
     console.print(f"checkpoint: {path}")
 

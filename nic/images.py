@@ -98,7 +98,8 @@ def pixels_from_image(im: Image.Image, background: str | tuple | None = None) ->
         if alpha.min(initial=255) < 255:
             if background is None:
                 raise ImageError("input has transparency, which nic does not store; flatten it onto a "
-                                 "colour with --background (e.g. --background white)")
+                                 "colour with --background (e.g. --background white; in Python, "
+                                 "background=\"white\")")
             colour = background_colour(background)
             base = Image.new("RGB", im.size, colour)
             base.paste(im.convert("RGBA"), mask=im.getchannel("A"))

@@ -10,12 +10,15 @@ Opening reads the file and validates its header (cheap, no torch), and puts the
 ICC profile and EXIF the file carries in ``info["icc_profile"]`` and ``info["exif"]``
 straight away, as Pillow's JPEG plugin does; the pixels are decoded on first access,
 like any lazy Pillow format, at the precision of the image's ``precision`` attribute
-("auto" unless set before the pixels are read; ``NicImageFile.precision`` for all).
+("auto" unless set before the pixels are read; ``NicImageFile.precision`` for all) and
+with the weights file of its ``weights`` attribute (None: the installed ones, which is
+also where a file names weights that are not installed: OSError).
 A damaged file still opens; reading its pixels raises OSError naming the damage, as
 Pillow's own formats do, and ``verify()`` checks its CRCs without decoding it.
 
 Saving takes ``quality=`` (1..8, default 4; 3.5 lies between two), ``effort=`` (1..4, default 1),
-``model=`` (the model family, "factorized" or "hyperprior"), ``precision=`` ("auto",
+``model=`` (the model family, "factorized" or "hyperprior"), ``weights=`` (a weights
+file, as ``nic encode --weights``), ``precision=`` ("auto",
 "fp32" or "bf16": the transforms' arithmetic, nic.precision) and ``background=``
 (a colour to flatten transparency onto), as :func:`nic.encode` does,
 and Pillow's usual metadata keywords: ``icc_profile=`` and ``exif=`` (bytes, or an
@@ -49,6 +52,7 @@ class NicImageFile(ImageFile.ImageFile):
     format = FORMAT
     format_description = "nic learned image codec"
     precision = "auto"  # g_s's arithmetic when the pixels are decoded (nic.precision)
+    weights = None  # a weights file to decode with (None: the installed ones)
 
     def _open(self) -> None:
         head = self.fp.read(HEADER_SIZE)
@@ -85,7 +89,7 @@ class NicImageFile(ImageFile.ImageFile):
             from .weights import WeightsError
 
             try:
-                decoded = decode_pixels(self._nic_data, precision=self.precision)
+                decoded = decode_pixels(self._nic_data, self.weights, precision=self.precision)
             except FormatError as exc:  # what Pillow's formats raise for a broken file
                 raise OSError(f"broken .nic file: {exc}") from exc
             except WeightsError as exc:  # the weights it needs are not installed: no pixels either
@@ -167,8 +171,8 @@ def _save(im: Image.Image, fp: IO[bytes], filename: str | bytes) -> None:
     # nic.api.encode reads metadata only from the image, so the pieces it is made of
     # are called here, in the same order, to put explicit metadata in their place.
     pixels = pixels_from_image(im, options.get("background"))
-    fp.write(encode_pixels(pixels, quality, None, icc_profile, exif, effort, family=options.get("model"),
-                           precision=options.get("precision", "auto")))
+    fp.write(encode_pixels(pixels, quality, options.get("weights"), icc_profile, exif, effort,
+                           family=options.get("model"), precision=options.get("precision", "auto")))
 
 
 def _save_all(im: Image.Image, fp: IO[bytes], filename: str | bytes) -> None:

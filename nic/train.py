@@ -112,6 +112,10 @@ def find_images(folders: list[Path], exclude: list[str], purpose: str = "trainin
     return files
 
 
+CHECKPOINT_NAME = "checkpoint.pt"
+"""A run folder's checkpoint (resumed by the same command)."""
+
+
 class Stopped(KeyboardInterrupt):
     """Training stopped by a signal (SIGTERM), as Ctrl-C stops it, with the signal's number."""
 
@@ -277,7 +281,7 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
             torch.cuda.set_device(device)
     leader = rank == 0
-    ckpt_path = opts.out / "checkpoint.pt"
+    ckpt_path = opts.out / CHECKPOINT_NAME
     rng = random.Random(opts.seed + rank)
     torch.manual_seed(opts.seed)  # the same initial weights on every rank
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -345,6 +346,12 @@ def test_bench_command_writes_json_and_png(tmp_path, request):
     again = json.loads((tmp_path / "again.json").read_text())
     (compared,) = [v for k, v in again["bd_rate"]["against"].items() if k.startswith("compare:")]
     assert compared["bd_rate_percent"] == pytest.approx(0.0, abs=1e-9)
+    # A report to compare with that is not one stops the run before it measures anything.
+    started = time.perf_counter()
+    result = CliRunner().invoke(cli, ["bench", str(folder), "--codecs", "none", "-q", "1,8", "--compare",
+                                      str(folder / "notes.txt"), *_weights_args(request)])
+    assert result.exit_code == 1 and "not a nic bench JSON report" in result.output
+    assert "bench took" not in result.output and time.perf_counter() - started < 5
 
 
 def test_bench_command_speed_mode(tmp_path, request):

@@ -710,3 +710,8 @@ def test_encoding_a_nic_file_warns_of_the_second_generation(tmp_path):
     result = CliRunner().invoke(cli, ["encode", str(tmp_path / "a.nic"), "-o", str(tmp_path / "b.nic")])
     assert result.exit_code == 0 and "the input is a .nic file" in result.stderr
     assert result.stderr.count("warning") == 1
+
+
+def test_a_quality_between_two_at_a_higher_effort_is_a_usage_error_before_any_work(tmp_path):
+    result = CliRunner().invoke(cli, ["encode", str(tmp_path / "missing.png"), "-q", "3.5", "-e", "2"])
+    assert result.exit_code == 2 and "coded at effort 1" in result.output

@@ -294,3 +294,24 @@ def test_metadata_and_pixels_of_the_wrong_type_are_type_errors():
             api.encode_pixels(smooth_image(8, 8), **metadata)
     with pytest.raises(TypeError):
         nic.encode(None)
+
+
+def test_the_pillow_plugin_codes_with_other_weights(tmp_path, tiny_weights):
+    """save(weights=) encodes with them; an image's ``weights`` attribute decodes with them
+    (without it, a file of weights not installed raises OSError on load)."""
+    pixels = smooth_image(32, 48, seed=3)
+    Image.fromarray(pixels).save(tmp_path / "a.nic", quality=2, weights=tiny_weights)
+    data = (tmp_path / "a.nic").read_bytes()
+    assert data == nic.api.encode_pixels(pixels, 2, tiny_weights)
+    with Image.open(tmp_path / "a.nic") as im:
+        with pytest.raises(OSError, match="cannot decode"):
+            im.load()
+    with Image.open(tmp_path / "a.nic") as im:
+        im.weights = tiny_weights
+        assert np.array_equal(np.asarray(im), nic.api.decode_pixels(data, tiny_weights).pixels)
+
+
+@pytest.mark.parametrize("effort", [2.0, "2", True, 0, 5])
+def test_the_library_refuses_an_effort_that_is_not_1_to_4(effort):
+    with pytest.raises(ValueError, match=f"effort must be an integer 1..4, got {effort!r}"):
+        nic.encode(smooth_image(16, 16), effort=effort, model="pixels")

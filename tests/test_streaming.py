@@ -19,7 +19,7 @@ from nic.streaming import STREAMED_FORMATS, RowReader, open_rows, row_writer
 
 MODES = {"L": (0, 1), "RGB": (2, 3), "LA": (4, 2), "RGBA": (6, 4)}
 TRANSPARENT = ("input has transparency, which nic does not store; flatten it onto a "
-               "colour with --background (e.g. --background white)")
+               "colour with --background (e.g. --background white; in Python, background=\"white\")")
 
 
 # ----------------------------------------------------------------- PNG helpers
