@@ -180,7 +180,9 @@ def encode_pixels(pixels: np.ndarray, quality: float = 4, weights: str | Path | 
         raise TypeError(f"pixels must be a numpy array, got {type(pixels).__name__}")
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] not in (1, 3):
         raise ValueError("pixels must be uint8 of shape (H, W, 3) or (H, W, 1)")
-    if isinstance(effort, bool) or not isinstance(effort, numbers.Integral) or not 1 <= effort <= 4:
+    if isinstance(effort, bool) or not isinstance(effort, numbers.Real):
+        raise TypeError(f"effort must be an integer 1..4, got {effort!r}")
+    if not (float(effort).is_integer() and 1 <= effort <= 4):
         raise ValueError(f"effort must be an integer 1..4, got {effort!r}")
     effort = int(effort)
     _check_metadata(icc_profile, exif)

@@ -1023,8 +1023,8 @@ def run_command(opts: BenchOptions, out=None, err=None) -> dict:
     paths = all_paths[: opts.limit] if opts.limit else all_paths
     for path in paths:  # an unreadable image stops the run now, not after the others' minutes
         _read(path)
-    for path in opts.compare:  # as must a report to compare with that is not one
-        load_nic_curve(Path(path))
+    # As must a report to compare with that is not one: each read once (it may be a pipe).
+    compared = {path: load_nic_curve(Path(path)) for path in opts.compare}
     baselines, skipped = baseline_status(parse_codecs(opts.codecs))
     for name, why in skipped.items():
         err.print(f"note: skipping {name}: {why}")
@@ -1059,7 +1059,7 @@ def run_command(opts: BenchOptions, out=None, err=None) -> dict:
     if opts.speed:
         report.update(_run_speed(paths, sizes, qualities, baselines, opts, load_ms, torch_ms, out, err))
     else:
-        report.update(_run_rd(paths, sizes, qualities, baselines, opts, kodak, len(all_paths), out, err))
+        report.update(_run_rd(paths, sizes, qualities, baselines, opts, kodak, len(all_paths), out, err, compared))
     report["elapsed_s"] = time.perf_counter() - started  # the whole command, model load included
     err.print(f"bench took {report['elapsed_s'] / 60:.1f} min")
     if opts.json_out:
@@ -1090,7 +1090,10 @@ def _library_versions() -> dict:
 
 
 def _run_rd(paths: Sequence[Path], sizes: list[dict], qualities: list[int], baselines: list[str],
-            opts: BenchOptions, kodak: bool, folder_count: int, out, err) -> dict:
+            opts: BenchOptions, kodak: bool, folder_count: int, out, err,
+            compared: dict[str, tuple[str, list[float], list[float]]]) -> dict:
+    """The RD sweep and its report; ``compared``: the curves of --compare's reports
+    (load_nic_curve), by their names."""
     from rich.table import Table
 
     plan: list[tuple[str, float]] = [("nic", q) for q in qualities]
@@ -1130,8 +1133,7 @@ def _run_rd(paths: Sequence[Path], sizes: list[dict], qualities: list[int], base
     for codec in baselines:
         references[codec] = (BASELINES[codec].label, "this run", BASELINES[codec].label + " (this run)",
                              [p.mean("bpp") for p in curves[codec]], [p.mean("psnr") for p in curves[codec]])
-    for path in opts.compare:
-        name, rates, psnrs = load_nic_curve(Path(path))
+    for path, (name, rates, psnrs) in compared.items():
         references[f"compare:{path}"] = (name, str(path), f"{name} ({path})", rates, psnrs)
     anchors = load_anchors().get("anchors", {}) if kodak else {}
     if kodak and not anchors:

@@ -703,8 +703,7 @@ def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, qua
         raise click.UsageError("give one of -q, --size and --bpp")
     if effort > 1 and quality is not None and quality != int(quality) and weights is None \
             and family in (None, DEFAULT_FAMILY):
-        raise click.UsageError(f"a quality between the trained ones (-q {quality:g}) is coded at effort 1; "
-                               "give -e 1 or a whole -q")
+        raise click.UsageError(f"a quality between the trained ones (-q {quality:g}) is coded at effort 1 only")
     max_bytes = parse_size(target_size) if target_size is not None else None
     pairs = plan_outputs(inputs, output, out_dir, ".nic")
     keep = output is None and out_dir is None and not force  # files beside the inputs stay
@@ -1165,14 +1164,18 @@ def train(data, out, minutes, steps, qualities, lambdas, N, M, patch, batch, syn
         console.print(f"validation at step {step}: " + ", ".join(
             f"q{r['quality']} {r['bpp']:.3f} bpp {r['psnr']:.2f} dB" for r in rows))
 
-    existed = Path(out).exists()
+    made = []  # the folders the run would make: OUT and its missing parents, deepest first
+    folder = Path(out)
+    while not os.path.lexists(folder) and folder != folder.parent:
+        made.append(folder)
+        folder = folder.parent
 
     def forget_empty_run() -> None:  # a run stopped before it saved anything leaves no folder
-        if not existed:
+        for folder in made:
             try:
-                Path(out).rmdir()
+                folder.rmdir()
             except OSError:  # not empty, or not there
-                pass
+                return
 
     try:
         path = run_training(opts, report, report_validation)

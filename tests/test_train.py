@@ -364,7 +364,7 @@ def test_training_stopped_by_sigterm_exits_143(tmp_path, photos, monkeypatch):
     import nic.train as training
 
     def stopped(opts, *args, **kwargs):
-        opts.out.mkdir()
+        opts.out.mkdir(parents=True)
         if opts.out.name == "run":  # stopped after its first checkpoint
             (opts.out / training.CHECKPOINT_NAME).write_bytes(b"saved")
         raise training.Stopped(signal.SIGTERM)
@@ -373,5 +373,6 @@ def test_training_stopped_by_sigterm_exits_143(tmp_path, photos, monkeypatch):
     result = CliRunner().invoke(cli, ["train", str(photos), "--out", str(tmp_path / "run"), "--steps", "1", *TINY])
     assert result.exit_code == 143 and "checkpoint saved" in result.output
     # Stopped before any checkpoint: said so, and the run folder it made is gone.
-    result = CliRunner().invoke(cli, ["train", str(photos), "--out", str(tmp_path / "early"), "--steps", "1", *TINY])
+    result = CliRunner().invoke(cli, ["train", str(photos), "--out", str(tmp_path / "early" / "run1"), "--steps", "1",
+                                      *TINY])
     assert result.exit_code == 143 and "nothing saved" in result.output and not (tmp_path / "early").exists()
