@@ -1174,8 +1174,9 @@ def train(data, out, minutes, steps, qualities, lambdas, N, M, patch, batch, syn
         for folder in made:
             try:
                 folder.rmdir()
-            except OSError:  # not empty, or not there
-                return
+            except OSError:
+                if os.path.lexists(folder):  # not empty: it and its parents stay
+                    return
 
     try:
         path = run_training(opts, report, report_validation)
