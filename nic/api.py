@@ -308,7 +308,7 @@ def _or_overlay(pixels: np.ndarray, data: bytes, model, digest: bytes, quality: 
     looked = overlay.candidates(pixels)
     if not looked.any():
         return data
-    candidate_pixels = _candidate_pixels(model, y_hat, quality, pixels, looked, rows, model_error)
+    candidate_pixels = _candidate_pixels(model, y_hat, quality, pixels, looked, model_error)
     choice = overlay.choose(pixels, candidate_pixels, looked, weight)
     if choice is None:
         return data
@@ -326,13 +326,13 @@ def _or_overlay(pixels: np.ndarray, data: bytes, model, digest: bytes, quality: 
     return other if _worth(bits, error, model_bits, model_error(), weight) else data
 
 
-def _candidate_pixels(model, y_hat, quality: int, pixels: np.ndarray, looked: np.ndarray, rows: Rows,
+def _candidate_pixels(model, y_hat, quality: int, pixels: np.ndarray, looked: np.ndarray,
                       model_error: _Error) -> np.ndarray:
     """The model's decoded pixels where nic.overlay.choose reads them, the ``looked`` tiles
     (zero elsewhere): each run of rows of tiles with candidates, from its first candidate
     column to its last, synthesized from the latents that reach it
     (nic.tiling.reconstruct_window; a photo with one caption-like tile paid a whole g_s
-    for it); the whole image from ``rows`` where the windows and their halos would cover
+    for it); the whole image, one window, where the windows and their halos would cover
     half of it or more (its error then goes to ``model_error``)."""
     from .overlay import TILE
     from .tiling import DOWNSAMPLING, reconstruct_window, synthesis_halo
@@ -345,21 +345,14 @@ def _candidate_pixels(model, y_hat, quality: int, pixels: np.ndarray, looked: np
         columns = np.flatnonzero(looked[run].any(axis=0))
         windows.append((run[0] * TILE, min(height, (run[-1] + 1) * TILE),
                         columns[0] * TILE, min(width, (columns[-1] + 1) * TILE)))
-    if sum((r1 - r0 + halo) * (c1 - c0 + halo) for r0, r1, c0, c1 in windows) >= height * width / 2:
-        whole = np.empty_like(pixels)
-        filled = 0
-
-        def into(strip: np.ndarray) -> None:
-            nonlocal filled
-            whole[filled:filled + len(strip)] = strip[..., :planes]
-            filled += len(strip)
-
-        rows(into)
-        model_error.known(whole)
-        return whole
+    whole = sum((r1 - r0 + halo) * (c1 - c0 + halo) for r0, r1, c0, c1 in windows) >= height * width / 2
+    if whole:
+        windows = [(0, height, 0, width)]
     out = np.zeros_like(pixels)
     for r0, r1, c0, c1 in windows:
         out[r0:r1, c0:c1] = reconstruct_window(model.base, y_hat, quality, planes == 1, r0, r1, c0, c1)
+    if whole:
+        model_error.known(out)
     return out
 
 

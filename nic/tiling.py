@@ -486,11 +486,8 @@ def reconstruct_into(model, latents: LatentStore, quality: int, height: int, wid
             b0, b1 = _with_halo(c0, c1, cols, halo)
             # The core's pixels, cropped to the image (the padding is never written).
             q0, q1 = c0 * d, min(c1 * d, width)
-            x_hat = model.synthesis_array(band[:, :, b0:b1].astype(np.float32), quality)
-            x_hat = x_hat[:, p0 - a0 * d:p1 - a0 * d, q0 - b0 * d:q1 - b0 * d]
-            if gray:
-                x_hat = x_hat.mean(axis=0, keepdims=True, dtype=np.float32)
-            strip[:, q0:q1] = to_pixels(x_hat).transpose(1, 2, 0)
+            strip[:, q0:q1] = _core_pixels(model, band[:, :, b0:b1], quality, gray, p0 - a0 * d, p1 - a0 * d,
+                                           q0 - b0 * d, q1 - b0 * d)
             done += 1
             if progress is not None:
                 progress(done, len(row_runs) * len(col_runs))
@@ -520,12 +517,19 @@ def reconstruct_window(model, latents: LatentStore, quality: int, gray: bool, r0
             v0, v1 = first_col + u0, first_col + u1
             b0, b1 = _with_halo(v0, v1, cols, halo)
             q0, q1 = max(c0, v0 * d), min(c1, v1 * d)
-            x_hat = model.synthesis_array(band[:, :, b0:b1].astype(np.float32), quality)
-            x_hat = x_hat[:, p0 - a0 * d:p1 - a0 * d, q0 - b0 * d:q1 - b0 * d]
-            if gray:
-                x_hat = x_hat.mean(axis=0, keepdims=True, dtype=np.float32)
-            out[p0 - r0:p1 - r0, q0 - c0:q1 - c0] = to_pixels(x_hat).transpose(1, 2, 0)
+            out[p0 - r0:p1 - r0, q0 - c0:q1 - c0] = _core_pixels(model, band[:, :, b0:b1], quality, gray,
+                                                                 p0 - a0 * d, p1 - a0 * d, q0 - b0 * d, q1 - b0 * d)
     return out
+
+
+def _core_pixels(model, latents: np.ndarray, quality: int, gray: bool, y0: int, y1: int, x0: int,
+                 x1: int) -> np.ndarray:
+    """uint8 pixels (y1 − y0, x1 − x0, 1|3) of g_s on a tile's latents with their halo
+    (M, rows, cols), cropped to the core's rows y0..y1 and columns x0..x1 of its output."""
+    x_hat = model.synthesis_array(latents.astype(np.float32), quality)[:, y0:y1, x0:x1]
+    if gray:
+        x_hat = x_hat.mean(axis=0, keepdims=True, dtype=np.float32)
+    return to_pixels(x_hat).transpose(1, 2, 0)
 
 
 def to_pixels(x_hat: np.ndarray) -> np.ndarray:
