@@ -653,9 +653,8 @@ def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: b
     for column in ("coded", "failed", "bytes in", "bytes out", "bpp"):
         table.add_column(column, justify="right")
     # The batch's bits over its pixels: a mean per file would let a 1x1 image's 700 bpp dominate.
-    bpp = totals["bits"] / totals["pixels"] if totals["pixels"] else float("nan")
-    table.add_row(str(totals["files"]), str(totals["failed"]), str(totals["in"]), str(totals["out"]),
-                  f"{bpp:.4f}")
+    bpp = f"{totals['bits'] / totals['pixels']:.4f}" if totals["pixels"] else "–"
+    table.add_row(str(totals["files"]), str(totals["failed"]), str(totals["in"]), str(totals["out"]), bpp)
     console.print(table)
     if totals["failed"]:
         sys.exit(1)
@@ -704,6 +703,8 @@ def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, qua
     if effort > 1 and quality is not None and quality != int(quality) and weights is None \
             and family in (None, DEFAULT_FAMILY):
         raise click.UsageError(f"a quality between the trained ones (-q {quality:g}) is coded at effort 1 only")
+    if quality is not None:
+        _check_quality(quality, weights, family)
     max_bytes = parse_size(target_size) if target_size is not None else None
     pairs = plan_outputs(inputs, output, out_dir, ".nic")
     keep = output is None and out_dir is None and not force  # files beside the inputs stay
@@ -970,6 +971,21 @@ def info(file: str, max_pixels: int) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")
+
+
+def _check_quality(quality: float, weights: str | None, family: str | None) -> None:
+    """-q above the weights' highest quality: a usage error before any input is read
+    (once, not once an input). The weights are loaded here for it (cached for the work)."""
+    from .families import name_of
+    from .weights import WeightsError, default_weights
+
+    try:
+        model, _ = default_weights(weights, family, coding=True)
+    except WeightsError as exc:
+        raise NicError(str(exc)) from None
+    if quality > model.qualities:
+        raise click.BadParameter(f"{quality:g} is above {model.qualities}, the highest quality of the "
+                                 f"{name_of(model.config.model_id)} model", param_hint="'-q' / '--quality'")
 
 
 def _stored_quality(quality: int, step: tuple[int, int] | None) -> str:

@@ -309,6 +309,9 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
         config = model.config
         if opts.lambdas and not retarget and config.lambdas != lambdas:
             raise ValueError(f"the checkpoint in {opts.out} was trained for λ {config.lambdas}, not {lambdas}")
+        if opts.init is None and (opts.N, opts.M) != (config.N, config.M):
+            raise ValueError(f"the checkpoint in {opts.out} is a model of --N {config.N} --M {config.M}, "
+                             f"not --N {opts.N} --M {opts.M}: resume with its sizes, or train into another --out")
     elif opts.init is not None:
         from .weights import default_weights
 

@@ -172,17 +172,18 @@ def test_usage_errors_exit_2(tmp_path):
     assert result.exit_code == 2
 
 
-def test_quality_beyond_the_weights_is_a_one_line_error(tmp_path):
+def test_quality_beyond_the_weights_is_a_usage_error(tmp_path):
     """-q takes up to 255 (weights may have more qualities than the shipped 8); the
-    weights decide, with a message that says their range."""
+    weights decide, before any input is read: a usage error (exit 2, as -q 0 is) that
+    says their range, once for a batch."""
     source = write_png(tmp_path / "img.png", smooth_image(16, 16))
     for args in (["encode", str(source), "-q", "9", "-o", str(tmp_path / "x.nic")],
-                 ["encode", "-", "-q", "9", "-o", str(tmp_path / "x.nic")]):
+                 ["encode", "-", "-q", "9", "-o", str(tmp_path / "x.nic")],
+                 ["encode", str(source), str(source), "-q", "9", "-d", str(tmp_path / "out")]):
         result = CliRunner().invoke(cli, args, input=source.read_bytes())
-        assert result.exit_code == 1, result.output
-        assert result.output.startswith("nic: error: ") and result.output.count("\n") == 1, result.output
-        assert result.output.endswith(": quality must be 1..8, got 9\n"), result.output
-        assert not (tmp_path / "x.nic").exists()
+        assert result.exit_code == 2, result.output
+        assert result.output.count("9 is above 8, the highest quality of the hyperprior model") == 1, result.output
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["img.png"]
 
 
 def test_failed_encode_never_clobbers_existing_output(tmp_path):

@@ -199,6 +199,9 @@ def test_lambda_sets_up_a_new_model(tmp_path, photos):
     changed[changed.index("0.02")] = "0.03"  # resuming with other λ is refused
     result = CliRunner().invoke(cli, changed)
     assert result.exit_code == 1 and "was trained for λ" in result.output
+    wider = [*args[:-len(TINY)], *TINY, "--N", "16"]  # and so is resuming as another size of model
+    result = CliRunner().invoke(cli, wider)
+    assert result.exit_code == 1 and "is a model of --N 8 --M 8, not --N 16 --M 8" in result.output
     result = CliRunner().invoke(cli, ["train", str(photos), "--out", str(tmp_path / "r2"), "--steps", "1",
                                       "--lambda", "0.02", "--quality", "3", *TINY])
     assert result.exit_code == 1 and "qualities 1..1" in result.output

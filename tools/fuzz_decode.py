@@ -53,7 +53,8 @@ def main() -> int:
     while time.perf_counter() - started < args.seconds:
         for target in targets:
             try:
-                seed(round_seed)(target)()
+                with fuzz.watchdog():
+                    seed(round_seed)(target)()
             except Exception:
                 traceback.print_exc()
                 print(f"\nINVARIANT VIOLATED in {target.__name__}, seed {round_seed}", file=sys.stderr)
