@@ -148,7 +148,7 @@ def _model(weights: str | Path | None, family: str | None, quality: float, preci
     module = _family(model)
     if quality == int(quality) or not _has_steps(module):
         return model, digest, int(quality), None
-    coded, step = module.step_for(quality)
+    coded, step = module.step_for(quality, digest)
     return model, digest, coded, step
 
 

@@ -1,15 +1,16 @@
 """The ``nic`` command line: all I/O and every exit code live here.
 
 Exit codes: 0 success, 1 error (one line on stderr, no traceback), 2 usage error,
-130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Outputs are written to a temporary
-file beside the target and renamed into place, so a failure, Ctrl-C or SIGTERM never
-leaves a partial or clobbered file.
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM), 129 hung up (SIGHUP). Outputs are
+written to a temporary file beside the target and renamed into place, so a failure,
+Ctrl-C, SIGTERM or SIGHUP never leaves a partial or clobbered file.
 torch is imported only by the commands that run the model, so ``nic --help`` and
 ``nic info`` stay fast.
 """
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
@@ -55,19 +56,28 @@ def Interrupted() -> Stopped:  # noqa: N802 (raised like the exception it makes)
     return Stopped("interrupted", 130)
 
 
-def TerminatedExit() -> Stopped:  # noqa: N802
-    """SIGTERM: exit code 143."""
-    return Stopped("terminated", 143)
+def TerminatedExit(signum: int = signal.SIGTERM) -> Stopped:  # noqa: N802
+    """SIGTERM: exit code 143; SIGHUP (the terminal or the ssh session closed): 129."""
+    return Stopped("terminated" if signum == signal.SIGTERM else "hung up", 128 + signum)
+
+
+STOPPING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+"""Signals whose default would kill nic outright: they raise Terminated instead."""
 
 
 class Terminated(BaseException):
-    """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt, so that every
-    ``finally`` runs (a temporary output file is removed) before nic exits."""
+    """SIGTERM or SIGHUP, raised in the main thread as Ctrl-C raises KeyboardInterrupt, so
+    that every ``finally`` runs (a temporary output file is removed) before nic exits."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _raise_terminated(signum, frame) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not interrupt the clean-up
-    raise Terminated()
+    for other in STOPPING_SIGNALS:  # a second one must not interrupt the clean-up
+        signal.signal(other, signal.SIG_IGN)
+    raise Terminated(signum)
 
 
 class NicGroup(click.Group):
@@ -78,8 +88,8 @@ class NicGroup(click.Group):
             return super().invoke(ctx)
         except KeyboardInterrupt:
             raise Interrupted() from None
-        except Terminated:
-            raise TerminatedExit() from None
+        except Terminated as exc:
+            raise TerminatedExit(exc.signum) from None
 
 
 def _domain_errors():
@@ -101,7 +111,7 @@ def read_input(name: str, limit: int = IMAGE_INPUT_LIMIT, first: int | None = No
     With ``first`` and ``more``, the first ``first`` bytes are read, then ``more(head)``
     gives the real limit (a .nic header says how long its file can be), so a stream of
     garbage is refused after a few bytes instead of after ``limit``."""
-    if name == "-" and sys.stdin.isatty():
+    if name == "-" and standard("input").isatty():
         raise NicError("refusing to read binary data from a terminal; pipe something in")
     with (open_input(name) if name != "-" else nullcontext(sys.stdin.buffer)) as stream:
         return read_stream(stream, name, limit, first, more)
@@ -165,13 +175,21 @@ class _CountingStream:
         self.written = 0
 
     def write(self, data) -> int:
+        """Writes all of ``data``: a buffered stream may take only part of it and return
+        the count without an error (stdout, when a pipe's reader goes away during the
+        write), so the rest is written again, and the next write fails."""
+        view = memoryview(data).cast("B")
+        size = view.nbytes
         try:
-            self.stream.write(data)
+            while view.nbytes:
+                taken = self.stream.write(view)
+                if taken == 0:
+                    raise NicError(f"{self.name}: cannot write (the output takes no more bytes)")
+                view = view[view.nbytes if taken is None else taken:]
         except BrokenPipeError:
             raise
         except OSError as exc:
             raise _write_error(self.name, exc) from None
-        size = memoryview(data).nbytes
         self.written += size
         return size
 
@@ -179,8 +197,19 @@ class _CountingStream:
 def _detach_stdout() -> None:
     """Point stdout at /dev/null, so that Python's flush at exit does not fail (and
     print a second error) on bytes still buffered for a broken or full output."""
+    if sys.stdout is None:
+        return
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
+
+
+def standard(which: str):
+    """sys.stdin ("input") or sys.stdout ("output"), NicError where the process was
+    started with it closed (``<&-``, ``>&-``: Python then has None for it)."""
+    stream = sys.stdin if which == "input" else sys.stdout
+    if stream is None:
+        raise NicError(f"-: standard {which} is closed")
+    return stream
 
 
 @contextmanager
@@ -194,7 +223,7 @@ def atomic_output(name: str, exclusive: bool = False) -> Iterator[_CountingStrea
     is kept, and the output fails (the temporary file is linked, not renamed, into
     place: two processes cannot both find the name free)."""
     if name == "-":
-        if sys.stdout.isatty():
+        if standard("output").isatty():
             raise NicError("refusing to write binary data to a terminal; use -o FILE or a pipe")
         try:
             yield _CountingStream(sys.stdout.buffer, name)
@@ -240,6 +269,25 @@ def atomic_output(name: str, exclusive: bool = False) -> Iterator[_CountingStrea
                 os.unlink(tmp)
             except OSError:
                 pass
+
+
+def check_writable(name: str) -> None:
+    """NicError, before any work, for what writing ``name`` would end in: binary data for
+    a terminal, a folder that is not there or may not be written, a file that may not be
+    replaced. (The write itself still reports what only it can find: a full disk.)"""
+    if name == "-":
+        if standard("output").isatty():
+            raise NicError("refusing to write binary data to a terminal; use -o FILE or a pipe")
+        return
+    path = _output_path(name)
+    if path is None:
+        return
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise NicError(f"{name}: directory does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        raise NicError(f"{name}: permission denied")
+    _replaced_mode(path, name)
 
 
 def _replaced_mode(path: Path, name: str) -> int:
@@ -320,23 +368,31 @@ def _link_chain(name: str, most: int = 40) -> Iterator[str]:
             return
 
 
-def _image_format(target: str, out_format: str) -> str:
+def _image_format(target: str, out_format: str, explicit: bool = False) -> str:
     """A decode's output format: its name's extension's, or ``--format``'s for stdout
-    ('-') and for a device or a pipe named without one (/dev/null, >(…))."""
+    ('-'), for a name without an extension and for a device or a pipe (/dev/null, >(…)).
+    ``explicit`` (--format given): a name whose extension says another format is a usage
+    error, not silently the extension's."""
     from .images import OUTPUT_FORMATS, ImageError, output_format
 
+    asked = OUTPUT_FORMATS["." + out_format]
     if target == "-":
-        return OUTPUT_FORMATS["." + out_format]
+        return asked
+    if os.path.isdir(target):
+        raise NicError(f"{target}: is a directory")
     try:
-        return output_format(target)
+        found = output_format(target)
     except ImageError:
         try:
             mode = os.stat(target).st_mode
         except OSError:
             mode = None
-        if _in_place(target, mode):
-            return OUTPUT_FORMATS["." + out_format]
+        if _in_place(target, mode) or not os.path.splitext(os.path.basename(target))[1]:
+            return asked
         raise
+    if explicit and found != asked:
+        raise click.UsageError(f"--format {out_format} asks for {asked}, and {target} names a {found} file")
+    return found
 
 
 def _write_in_place(name: str) -> Iterator[_CountingStream]:
@@ -442,7 +498,22 @@ def default_output(source: str, suffix: str) -> str:
         raise NicError("the input name is empty")
     if not Path(source).name:  # '.', '/': nothing to name an output after
         raise NicError(f"{source}: is a directory")
+    if not _beside_ok(source):
+        raise NicError(f"{source}: not a file to write an output beside; name the output with -o")
     return str(Path(source).with_suffix(suffix))
+
+
+def _beside_ok(source: str) -> bool:
+    """Whether an output may be named after ``source`` and put beside it: not for a pipe,
+    a device or a name in /dev or /proc (/dev/stdin, /dev/fd/63 of ``<(…)``, which may
+    even lead to a regular file), where the name beside it would be nonsense."""
+    if os.path.abspath(source).startswith(("/dev/", "/proc/")):
+        return False
+    try:
+        mode = os.stat(source).st_mode
+    except OSError:  # not there: reading it says so
+        return True
+    return stat.S_ISREG(mode) or stat.S_ISDIR(mode)  # (a directory: reading it says so)
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -480,7 +551,19 @@ weights_option = click.option("--weights", type=click.Path(dir_okay=False), defa
                               help="Weights file to use instead of the installed ones.")
 max_pixels_option = click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS,
                                  show_default=True, help="Refuse images with more pixels than this.")
-background_option = click.option("--background", metavar="COLOUR", default=None,
+def _colour(ctx, param, value: str | None) -> str | None:
+    """--background checked when it is given, not when an image first needs it."""
+    if value is not None:
+        from .images import ImageError, background_colour
+
+        try:
+            background_colour(value)
+        except ImageError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
+background_option = click.option("--background", metavar="COLOUR", default=None, callback=_colour,
                                  help="Flatten transparent input onto this colour (e.g. white, #808080).")
 force_option = click.option("-f", "--force", is_flag=True,
                             help="Replace an output beside IN that is already there (without -o or -d, "
@@ -608,6 +691,7 @@ def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: b
         started = time.perf_counter()
         if keep_existing:
             _check_free(target, batch)
+        check_writable(target)
         try:
             with warnings.catch_warnings(record=True) as caught:  # one job at a time: named by its input
                 warnings.simplefilter("always", UserWarning)
@@ -802,6 +886,11 @@ def decode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, out
     """Decode .nic files IN... ('-' for stdin) to images."""
     pairs = plan_outputs(inputs, output, out_dir, "." + out_format)
     keep = output is None and out_dir is None and not force  # files beside the inputs stay
+    explicit = click.get_current_context().get_parameter_source("out_format") != click.core.ParameterSource.DEFAULT
+    try:  # every output's format, before any work
+        formats = {target: _image_format(target, out_format, explicit) for _, target in pairs}
+    except _domain_errors() as exc:
+        raise NicError(str(exc)) from None
 
     def work(source: str, target: str, batch: bool):
         from .container import COLOUR_GRAY, SECTION_STEP, parse_header, unpack, unpack_step
@@ -809,11 +898,13 @@ def decode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, out
         from .streaming import STREAMED_FORMATS, row_writer
 
         data = read_nic_input(source, max_pixels)
-        fmt = _image_format(target, out_format)
+        fmt = formats[target]
         set_threads(threads)
         from .api import decode_pixels, decode_rows
 
         h = parse_header(data, max_pixels)
+        if target.lower().endswith(".pgm") and h.colour != COLOUR_GRAY:  # Pillow would write colour in it
+            raise NicError(f"{target}: a .pgm file is gray and the image is in colour; name it .ppm or .pnm")
         arithmetic = run_precision(precision, h.width * h.height)
         note = ""
         if verbose:  # the STEP section of a quality between two: the sections parsed for it
@@ -847,8 +938,8 @@ def decode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, out
 @cli.command()
 @click.argument("image", metavar="IMAGE")
 @click.option("-o", "--output", metavar="OUT.png", required=True,
-              help="The sheet, in its extension's format (PNG, JPEG at quality 95, …; PNG for '-', a device "
-                   "or a pipe).")
+              help="The sheet, in its extension's format (PNG, JPEG at quality 95, …; PNG for '-', a name "
+                   "without an extension, a device or a pipe).")
 @click.option("--size", "target_size", metavar="SIZE", default=None,
               help="Byte budget of every codec's file, e.g. 20KB.")
 @click.option("--bpp", "target_bpp", type=click.FloatRange(min=0, min_open=True), default=None, callback=_finite,
@@ -937,6 +1028,7 @@ def info(file: str, max_pixels: int) -> None:
                             unpack_step)
     from .families import name_of
 
+    standard("output")  # what it is for
     data = read_nic_input(file, max_pixels)
     try:
         parsed = unpack(data, max_pixels)
@@ -1021,7 +1113,7 @@ def _quality_note(data: bytes, asked: float) -> str:
         from .hyperprior import step_for
 
         # A step between the two trained qualities (STEP), unless it rounds to none.
-        return f"quality {asked:g}" if step_for(asked)[1] != UNIT_STEP else f"quality {header.quality}"
+        return f"quality {asked:g}" if step_for(asked, header.weights_hash)[1] != UNIT_STEP else f"quality {header.quality}"
     return f"quality {header.quality} ({asked:g} asked: {name_of(header.model_id)} files hold trained qualities)"
 
 
@@ -1271,6 +1363,7 @@ def bench(folder: str | None, qualities: str | None, codecs: str, json_out: str 
     """Rate-distortion (bpp, PSNR, MS-SSIM, BD-rate) of nic and Pillow codecs on the images in DIR."""
     from .bench import BenchOptions, run_command
 
+    standard("output")  # its tables
     if (folder is None) == (not hard):
         raise click.UsageError("give DIR, or --hard for the generated hard-content set (not both)")
     if hard and (report_dir or plot_out or speed or limit or compare or effort != 1):
@@ -1377,6 +1470,10 @@ def _warnings_as_lines() -> None:
     warnings.simplefilter("always", UserWarning)
 
 
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
+"""The errors of writing to stdout that main() says in one line."""
+
+
 def main() -> None:
     # Idle OpenMP threads sleep instead of spinning: measured faster when the machine
     # is busy (docs/speed.md), and it must be set before torch is imported.
@@ -1385,8 +1482,9 @@ def main() -> None:
     # BLAS threads would only compete with them. Before numpy is imported.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     _warnings_as_lines()
-    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # `kill`: cleaned up like Ctrl-C
-        signal.signal(signal.SIGTERM, _raise_terminated)
+    for signum in STOPPING_SIGNALS:  # `kill`, a closed terminal: cleaned up like Ctrl-C
+        if signal.getsignal(signum) == signal.SIG_DFL:  # (not where nohup ignores SIGHUP)
+            signal.signal(signum, _raise_terminated)
     # Not standalone: click would print "Aborted!" and exit 1 for Ctrl-C; every exit
     # code is decided here instead.
     try:
@@ -1397,9 +1495,13 @@ def main() -> None:
     except (click.Abort, KeyboardInterrupt):  # Ctrl-C before a command started (still parsing)
         Interrupted().show()
         sys.exit(130)
-    except Terminated:
-        TerminatedExit().show()
-        sys.exit(143)
+    except Terminated as exc:
+        stopped = TerminatedExit(exc.signum)
+        stopped.show()
+        sys.exit(stopped.exit_code)
+    except BrokenPipeError:  # stdout's reader went away (`nic info a.nic | head -1`): not our error
+        _detach_stdout()
+        sys.exit(1)
     except ModuleNotFoundError as exc:
         if exc.name != "torch" or os.environ.get("NIC_DEBUG"):
             raise
@@ -1410,6 +1512,12 @@ def main() -> None:
     except Exception as exc:  # a bug, not bad input: still one line, unless debugging
         if os.environ.get("NIC_DEBUG"):
             raise
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno in WRITE_ERRORS:
+            # What nic prints (info, bench's tables) into a full disk or a failing device;
+            # its files' errors are NicErrors that name them.
+            click.echo(f"nic: error: -: cannot write ({exc.strerror})", err=True)
+            _detach_stdout()
+            sys.exit(1)
         click.echo(f"nic: internal error: {type(exc).__name__}: {exc} (NIC_DEBUG=1 shows where)", err=True)
         sys.exit(1)
     # --help and --version return click's exit code (0); a finished command returns None.

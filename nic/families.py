@@ -16,9 +16,10 @@ by its config's ``model_id``. A family is a module named after it, with
   to bottom; FormatError for a payload that does not fit the family (names, shapes,
   corrupt streams: :func:`expect_substreams`),
 
-optionally ``step_for(quality)``: (trained quality, step) for a quality between two
-trained ones, which ``compress`` and ``decompress`` then take as ``step=`` (the file's
-critical STEP section; without it a fractional quality falls to the trained one below),
+optionally ``step_for(quality, weights_hash)``: (trained quality, step) for a quality
+between two trained ones, which ``compress`` and ``decompress`` then take as ``step=``
+(the file's critical STEP section; without it a fractional quality falls to the trained
+one below),
 and its model object has ``qualities`` and ``latent_channels``. Training is each
 family's own (``model.forward``, :mod:`nic.train`). :mod:`nic.api` only dispatches.
 

@@ -71,19 +71,32 @@ is one block."""
 
 STEP_SPAN = 0.625
 """A quality q between two trained ones, n − 1 < q < n, codes with quality n's networks and
-a coarser step Δ = 2**(STEP_SPAN·(n − q)) (measured on Kodak: Δ = 2**0.625 takes quality
-4's files to about quality 3's size, and the points in between lie 0.03–0.10 dB below
-the line through the trained qualities' points; docs/results/hyperprior.md, section 13)."""
+a coarser step Δ = 2**(span·(n − q)): the span is the interval's own where the weights
+have measured spans (:data:`STEP_SPANS`), else this one (measured on Kodak with earlier
+weights: Δ = 2**0.625 took quality 4's files to about quality 3's size, and the points in
+between lay 0.03–0.10 dB below the line through the trained qualities' points;
+docs/results/hyperprior.md, section 13)."""
+
+STEP_SPANS = {
+    "4a9658ae22f8a830": (1.05, 0.80, 0.52, 0.59, 0.52, 0.49, 0.48),
+}
+"""Per weights hash, the span of each interval (1, 2) … (7, 8): the one that takes quality
+n's networks to quality n − 1's file size, so that the size grows on through a trained
+quality (measured on training photos by tools/step_spans.py; docs/results/hyperprior.md,
+section 13). The shipped weights' q1 is a larger step down than the others (λ 0.0011)."""
 
 
-def step_for(quality: float) -> tuple[int, tuple[int, int]]:
+def step_for(quality: float, weights_hash: bytes = b"") -> tuple[int, tuple[int, int]]:
     """(the trained quality whose networks code, (Δ·256, table shift)) for a quality that
-    may lie between two trained ones. The shift is how many entries of the log-spaced
-    scale table Δ spans, so a residual in units of Δ gets the table of σ/Δ."""
+    may lie between two trained ones, with the spans of the weights ``weights_hash``
+    where measured. The shift is how many entries of the log-spaced scale table Δ spans,
+    so a residual in units of Δ gets the table of σ/Δ."""
     n = int(np.ceil(quality))
     if n == quality:
         return n, UNIT_STEP
-    delta = 2.0 ** (STEP_SPAN * (n - quality))
+    spans = STEP_SPANS.get(weights_hash.hex())
+    span = spans[n - 2] if spans is not None and 2 <= n <= len(spans) + 1 else STEP_SPAN
+    delta = 2.0 ** (span * (n - quality))
     ratio = (SCALE_MAX / SCALE_MIN) ** (1.0 / (SCALE_COUNT - 1))
     return n, (int(round(256 * delta)), int(round(np.log(delta) / np.log(ratio))))
 

@@ -117,7 +117,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 
 class Stopped(KeyboardInterrupt):
-    """Training stopped by a signal (SIGTERM), as Ctrl-C stops it, with the signal's number."""
+    """Training stopped by a signal (SIGTERM, SIGHUP), as Ctrl-C stops it, with the signal's number."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
@@ -442,11 +442,15 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
         if report_validation:
             report_validation(step, rows)
 
+    # SIGTERM, and SIGHUP (the terminal or the ssh session closed) unless nohup ignores it.
+    stopping = [s for s in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) != signal.SIG_IGN]
+
     def stop_on_signal(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop: the checkpoint is being saved
+        for other in stopping:  # one stop: the checkpoint is being saved
+            signal.signal(other, signal.SIG_IGN)
         raise Stopped(signum)  # a KeyboardInterrupt: the finally clause below saves a checkpoint
 
-    previous_handler = signal.signal(signal.SIGTERM, stop_on_signal)
+    previous_handlers = {s: signal.signal(s, stop_on_signal) for s in stopping}
     last_save = last_validation = time.monotonic()
     window_px, window_t = 0, 0.0
     sums, counted = np.zeros(3), 0
@@ -524,7 +528,8 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
         for handle in (log_file, val_file):
             if handle is not None:
                 handle.close()
-        signal.signal(signal.SIGTERM, previous_handler)
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
         if world > 1:
             if completed:
                 # Leave together (not after an error: the others may be inside another

@@ -136,6 +136,9 @@ def test_alpha_is_refused_unless_flattened(tmp_path):
     opaque = np.dstack([smooth_image(20, 20), np.full((20, 20), 255, np.uint8)])
     src.write_bytes(png_bytes(opaque, "RGBA"))
     assert run_cli("encode", str(src), "-o", str(tmp_path / "b.nic")).exit_code == 0
+    # A colour that is none: a usage error before any image is read, opaque or not.
+    result = CliRunner().invoke(cli, ["encode", str(src), "--background", "notacolour", "-o", str(tmp_path / "c.nic")])
+    assert result.exit_code == 2 and "Invalid value for '--background': unknown background colour" in result.output
 
 
 def test_same_input_gives_same_bytes_with_1_and_2_threads(tmp_path):
@@ -196,10 +199,17 @@ def test_failed_encode_never_clobbers_existing_output(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.png", "keep.nic"]
 
 
-def test_unwritable_destination_is_a_clean_error(tmp_path):
+def test_unwritable_destination_is_a_clean_error_before_any_work(tmp_path, monkeypatch):
+    """A missing folder or a terminal for binary output is said before the encode (a
+    --size search of a large photo takes a minute), not after it."""
+    from nic import api
+
     src = write_png(tmp_path / "in.png", smooth_image(16, 16))
-    result = CliRunner().invoke(cli, ["encode", str(src), "-o", str(tmp_path / "no" / "dir" / "x.nic")])
-    assert result.exit_code == 1 and "directory does not exist" in result.output
+    monkeypatch.setattr(api, "encode_pixels", lambda *a, **k: pytest.fail("encoded before the output was checked"))
+    monkeypatch.setattr(api, "encode_to_target", lambda *a, **k: pytest.fail("encoded before the output was checked"))
+    for extra in ([], ["--size", "1KB"]):
+        result = CliRunner().invoke(cli, ["encode", str(src), "-o", str(tmp_path / "no" / "dir" / "x.nic"), *extra])
+        assert result.exit_code == 1 and result.output.endswith("x.nic: directory does not exist\n"), result.output
 
 
 def test_corrupt_file_is_refused_by_decode(tmp_path):
@@ -264,6 +274,48 @@ def test_real_processes_in_a_pipeline(tmp_path):
     assert (tmp_path / "a.nic").read_bytes() == encoded.stdout
 
 
+def test_a_reader_that_goes_away_mid_write_fails_the_command(tmp_path):
+    """`nic decode … -o - | head -c 1000`: the reader leaves while nic is blocked writing a
+    large image, the write takes part of it without an error, and nic writes the rest
+    again, so the pipe's error ends it: exit 1, quietly, not 0 with the output cut short."""
+    src = write_png(tmp_path / "in.png", smooth_image(600, 800, seed=5))
+    assert run_cli("encode", str(src), "-o", str(tmp_path / "a.nic")).exit_code == 0
+    process = subprocess.Popen([sys.executable, "-m", "nic", "decode", str(tmp_path / "a.nic"), "-o", "-",
+                                "--format", "bmp"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert len(process.stdout.read(1000)) == 1000
+        time.sleep(0.5)  # nic blocked in its write of the 1.4 MB image into the 64 KiB pipe
+        process.stdout.close()
+        assert process.wait(timeout=120) == 1
+        assert process.stderr.read() == b""
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+
+
+def test_a_write_taken_in_part_is_finished_or_fails():
+    from nic.cli import _CountingStream
+
+    class Partial(io.BytesIO):  # takes at most 7 bytes a call, without an error
+        def write(self, data):
+            return super().write(bytes(data[:7]))
+
+    stream = _CountingStream(Partial(), "-")
+    assert stream.write(b"0123456789" * 5) == 50 and stream.stream.getvalue() == b"0123456789" * 5
+    assert stream.written == 50
+
+    class Gone(Partial):  # then the reader goes away
+        def write(self, data):
+            if self.tell():
+                raise BrokenPipeError()
+            return super().write(data)
+
+    with pytest.raises(BrokenPipeError):
+        _CountingStream(Gone(), "-").write(b"0123456789")
+
+
 def _unread_bytes(pipe) -> int:
     count = array.array("i", [0])
     fcntl.ioctl(pipe.fileno(), termios.FIONREAD, count)
@@ -272,15 +324,17 @@ def _unread_bytes(pipe) -> int:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="FIONREAD on a pipe's write end is Linux behaviour")
 @pytest.mark.parametrize("signum,code,line", [(signal.SIGINT, 130, "nic: interrupted\n"),
-                                              (signal.SIGTERM, 143, "nic: terminated\n")])
-def test_ctrl_c_and_sigterm_are_one_line_and_their_exit_codes(tmp_path, signum, code, line):
+                                              (signal.SIGTERM, 143, "nic: terminated\n"),
+                                              (signal.SIGHUP, 129, "nic: hung up\n")])
+def test_ctrl_c_sigterm_and_sighup_are_one_line_and_their_exit_codes(tmp_path, signum, code, line):
     target = tmp_path / "out.png"
     process = subprocess.Popen(
         [sys.executable, "-m", "nic", "decode", "-", "-o", str(target)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         # A shell without job control starts background jobs with SIGINT ignored, and
         # Python keeps an ignored SIGINT ignored: the test would then hang, not fail.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        # (SIGHUP too, where the tests run under nohup.)
+        preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGHUP)],
     )
     try:
         # Part of a header: once nic has read it, it is blocked waiting for the rest,
@@ -335,6 +389,38 @@ def test_full_disk_behind_stdout_is_the_outputs_one_line_error(tmp_path):
     source = write_png(tmp_path / "img.png", smooth_image(16, 16))
     with open("/dev/full", "wb") as full:
         result = subprocess.run([sys.executable, "-m", "nic", "encode", str(source), "-o", "-"],
+                                stdout=full, stderr=subprocess.PIPE, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.decode() == "nic: error: -: cannot write (No space left on device)\n"
+
+
+@pytest.mark.parametrize("closed", [0, 1])
+def test_a_closed_stdin_or_stdout_is_a_one_line_error(tmp_path, closed):
+    """`nic … <&-` / `>&-`: the command that needs the closed stream says so in one line
+    (Python starts with None for it); one that does not need it runs."""
+    source = write_png(tmp_path / "img.png", smooth_image(16, 16))
+    needs = {0: [["encode", "-", "-o", str(tmp_path / "x.nic")], ["decode", "-", "-o", str(tmp_path / "x.png")]],
+             1: [["encode", str(source), "-o", "-"], ["info", str(tmp_path / "a.nic")]]}[closed]
+    assert run_cli("encode", str(source), "-o", str(tmp_path / "a.nic")).exit_code == 0
+    which = ("input", "output")[closed]
+    for args in needs:
+        result = subprocess.run([sys.executable, "-m", "nic", *args], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE if closed == 0 else None, stderr=subprocess.PIPE,
+                                preexec_fn=lambda: os.close(closed), timeout=120)
+        assert result.returncode == 1, (args, result.stderr)
+        assert result.stderr.decode() == f"nic: error: -: standard {which} is closed\n"
+    result = subprocess.run([sys.executable, "-m", "nic", "decode", str(tmp_path / "a.nic"), "-o",
+                             str(tmp_path / "a.png")], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: os.close(closed), timeout=120)
+    assert result.returncode == 0 and (tmp_path / "a.png").is_file(), result.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_what_info_prints_into_a_full_disk_is_a_one_line_error(tmp_path):
+    source = write_png(tmp_path / "img.png", smooth_image(16, 16))
+    assert run_cli("encode", str(source), "-o", str(tmp_path / "a.nic")).exit_code == 0
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run([sys.executable, "-m", "nic", "info", str(tmp_path / "a.nic")],
                                 stdout=full, stderr=subprocess.PIPE, timeout=120)
     assert result.returncode == 1
     assert result.stderr.decode() == "nic: error: -: cannot write (No space left on device)\n"
@@ -452,6 +538,21 @@ def test_named_pipe_input_is_opened_once(tmp_path):
     assert (tmp_path / "a.nic").stat().st_size > 0
 
 
+def test_no_output_is_named_after_a_pipe_or_a_device(tmp_path):
+    """`nic encode /dev/stdin`, `nic encode <(…)`, a FIFO: no /dev/stdin.nic (made as a
+    file by root), no /dev/fd/63.nic, no in.nic beside a pipe; -o names it, and -d
+    names it after the input."""
+    fifo = tmp_path / "in.png"
+    os.mkfifo(fifo)
+    for source in (str(fifo), "/dev/stdin", "/dev/fd/0"):
+        for command in ("encode", "decode"):
+            result = CliRunner().invoke(cli, [command, source])
+            assert result.exit_code == 1, result.output
+            assert result.output == f"nic: error: {source}: not a file to write an output beside; name the " \
+                                    "output with -o\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
+
+
 def test_temporary_file_errors_are_not_blamed_on_the_output(tmp_path, monkeypatch):
     import tempfile
 
@@ -521,6 +622,23 @@ def test_format_applies_to_stdout(tmp_path):
     for args in (["decode", "-", "--format", "jpg"], ["decode", "-", "-o", "-", "--format", "ppm"], ["decode", "-"]):
         out = run_cli(*args, input=nic_file).stdout_bytes
         assert Image.open(io.BytesIO(out)).format == {"jpg": "JPEG", "ppm": "PPM"}.get(args[-1], "PNG")
+
+
+def test_format_names_the_format_of_an_output_without_an_extension_and_may_not_contradict_one(tmp_path):
+    src = write_png(tmp_path / "in.png", smooth_image(16, 24))
+    assert run_cli("encode", str(src), "-o", str(tmp_path / "a.nic")).exit_code == 0
+    nic_file = str(tmp_path / "a.nic")
+    assert run_cli("decode", nic_file, "-o", str(tmp_path / "plain"), "--format", "jpg").exit_code == 0
+    assert Image.open(tmp_path / "plain").format == "JPEG"
+    assert run_cli("decode", nic_file, "-o", str(tmp_path / "same.png"), "--format", "png").exit_code == 0
+    before = sorted(p.name for p in tmp_path.iterdir())
+    contradicted = CliRunner().invoke(cli, ["decode", nic_file, "-o", str(tmp_path / "x.png"), "--format", "jpg"])
+    assert contradicted.exit_code == 2 and "--format jpg asks for JPEG, and" in contradicted.output
+    gray = CliRunner().invoke(cli, ["decode", nic_file, "-o", str(tmp_path / "x.pgm")])  # Pillow would write P6
+    assert gray.exit_code == 1 and "a .pgm file is gray and the image is in colour" in gray.output
+    folder = CliRunner().invoke(cli, ["decode", nic_file, "-o", str(tmp_path)])
+    assert folder.exit_code == 1 and folder.output == f"nic: error: {tmp_path}: is a directory\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 def test_an_output_that_is_its_input_by_another_name_is_refused(tmp_path, monkeypatch):

@@ -271,6 +271,19 @@ def test_shipped_hyperprior_files_decode_to_the_same_integers(threads, quality):
                  lambda d: context_integers(model, d), threads)
 
 
+def test_a_file_of_the_first_step_span_keeps_decoding(threads):
+    """A -q 3.5 file as written before the shipped weights had a span per interval
+    (Δ = 2**(0.625·0.5), nic.hyperprior.STEP_SPAN), kept as it was made and never re-made,
+    decodes with 2 threads to the integers recorded where it was made: the decoder takes
+    the step from the file's STEP section."""
+    path = GOLDEN.parent / "hyperprior-span0.625-q3.5.nic"
+    recorded = json.loads(path.with_suffix(".json").read_text())
+    model, _ = default_weights(family="hyperprior", coding=True)
+    threads(2)
+    assert {k: v for k, v in recorded.items() if k not in ("weights_hash", "made_on")} == \
+        context_integers(model, path.read_bytes())
+
+
 def pixels_integers(data: bytes) -> dict:
     """SHA-256 of the indices and the pixels a pixels-family file decodes to."""
     decoded = api.decode_pixels(data)

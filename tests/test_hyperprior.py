@@ -437,6 +437,19 @@ def test_a_quality_between_two_trained_ones_codes_with_a_coarser_step(tmp_path):
         api.decode_pixels(forged)
 
 
+def test_the_shipped_weights_have_a_span_for_each_interval():
+    """A quality between two trained ones takes the measured span of its interval for the
+    shipped weights (nic.hyperprior.STEP_SPANS: Δ = 2**(span·(n − q))), and STEP_SPAN for
+    weights without a table."""
+    model, digest = weights.default_weights(family="hyperprior", coding=True)
+    spans = hyperprior.STEP_SPANS[digest.hex()]
+    assert len(spans) == model.qualities - 1
+    for n, span in zip(range(2, model.qualities + 1), spans):
+        coded, (size, _) = hyperprior.step_for(n - 0.5, digest)
+        assert coded == n and size == round(256 * 2 ** (span * 0.5))
+    assert hyperprior.step_for(1.5, bytes(8))[1][0] == round(256 * 2 ** (hyperprior.STEP_SPAN * 0.5))
+
+
 @pytest.mark.parametrize("quality, channels", [(3, 3), (2.5, 3), (3, 1)])
 def test_the_y_hat_the_encoder_hands_back_synthesizes_to_the_decoded_pixels(tmp_path, quality, channels):
     """The default's later tries (nic.api) synthesize the model's file from ŷ instead of
