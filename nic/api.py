@@ -510,6 +510,12 @@ def encode_to_target(pixels: np.ndarray, max_bytes: int, weights: str | Path | N
         return len(results[quality])
 
     if size_at(low) > max_bytes:
+        if family is None and weights is None:
+            # The default's lowest quality is over: the pixels family's coarser steps may fit
+            # (text, line art: the default's own file is often the pixels family's already).
+            data, quality = encode_to_target(pixels, max_bytes, None, icc_profile, exif, effort, "pixels", precision)
+            if len(data) <= max_bytes:
+                return data, quality
         return results[low], low
     while low < high:  # invariant: size_at(low) fits
         middle = (low + high + 1) // 2

@@ -677,7 +677,8 @@ def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: b
     a pair whose output is already there fails (:func:`_check_free`) before any work.
 
     One input: an error is fatal (one line, exit 1). Several: every file is tried,
-    with a progress bar on a terminal and a summary table; exit 1 if any failed."""
+    with a progress bar on a terminal and a summary table (on a terminal, with -v, or
+    where one failed); exit 1 if any failed."""
     if out_dir is not None:
         try:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -739,7 +740,8 @@ def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: b
     # The batch's bits over its pixels: a mean per file would let a 1x1 image's 700 bpp dominate.
     bpp = f"{totals['bits'] / totals['pixels']:.4f}" if totals["pixels"] else "–"
     table.add_row(str(totals["files"]), str(totals["failed"]), str(totals["in"]), str(totals["out"]), bpp)
-    console.print(table)
+    if console.is_terminal or verbose or totals["failed"]:  # else quiet, as on success a cron job wants
+        console.print(table)
     if totals["failed"]:
         sys.exit(1)
 

@@ -76,6 +76,14 @@ def test_ms_ssim_identical_is_one_and_noise_lowers_it():
     assert 0.0 < m_strong < m_mild < 1.0
 
 
+def test_an_exact_image_counts_as_the_cap_in_a_mean():
+    """A lossless image (PSNR inf) leaves the curve's mean finite, so its BD-rate exists."""
+    from nic.bench import PSNR_CAP, Point
+
+    point = Point("nic", 4, "q4", [{"psnr": 30.0, "bpp": 1.0}, {"psnr": math.inf, "bpp": 2.0}])
+    assert point.mean("psnr") == (30.0 + PSNR_CAP) / 2 and point.mean("bpp") == 1.5
+
+
 def test_ms_ssim_is_the_mean_over_channels():
     rng = np.random.default_rng(2)
     image = smooth_image(48, 48, seed=5)
