@@ -618,13 +618,13 @@ def parse_size(text: str) -> int:
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
     unit = match.group(2).upper() if match else None
     if not match or unit not in SIZE_UNITS:
-        raise click.BadParameter(f"{text!r} is not a size like 50KB, 1.5MB, 64KiB or 20000")
+        raise click.BadParameter(f"{text!r} is not a size like 50KB, 1.5MB, 64KiB or 20000", param_hint="'--size'")
     number = float(match.group(1)) * SIZE_UNITS[unit]
     if not math.isfinite(number):
-        raise click.BadParameter(f"{text!r} is too large a size")
+        raise click.BadParameter(f"{text!r} is too large a size", param_hint="'--size'")
     size = int(number)
     if size < 1:
-        raise click.BadParameter("the size must be at least 1 byte")
+        raise click.BadParameter("the size must be at least 1 byte", param_hint="'--size'")
     return size
 
 
@@ -682,6 +682,8 @@ def run_jobs(pairs: list[tuple[str, str]], work, out_dir: str | None, verbose: b
     if out_dir is not None:
         try:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
+        except FileExistsError:  # a file, or a link to nowhere
+            raise NicError(f"{out_dir}: not a directory") from None
         except OSError as exc:
             raise NicError(f"{out_dir}: cannot create directory ({exc.strerror or exc})") from None
     batch = len(pairs) > 1

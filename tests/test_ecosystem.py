@@ -211,6 +211,9 @@ def test_batch_usage_errors(tmp_path):
     assert runner.invoke(cli, ["encode", "a.png", "b.png", "-o", "x.nic"]).exit_code == 2
     assert runner.invoke(cli, ["encode", "-", "b.png", "-d", str(tmp_path)]).exit_code == 2
     assert runner.invoke(cli, ["encode", "x/a.png", "y/a.png", "-d", str(tmp_path)]).exit_code == 2
+    (tmp_path / "afile").write_bytes(b"")
+    result = runner.invoke(cli, ["encode", "x/a.png", "y/b.png", "-d", str(tmp_path / "afile")])
+    assert result.exit_code == 1 and result.output == f"nic: error: {tmp_path / 'afile'}: not a directory\n"
 
 
 def test_pillow_verify_checks_the_crcs_without_decoding(tmp_path):
