@@ -498,7 +498,8 @@ def encode_to_target(pixels: np.ndarray, max_bytes: int, weights: str | Path | N
     """(file, quality) of the largest file not above ``max_bytes``, as cwebp -size does:
     a binary search over the trained qualities, then, where the family codes qualities
     between them (effort 1), a bisection between the last that fits and the next; the
-    smallest file if none fits."""
+    smallest file if none fits. With neither ``family`` nor ``weights`` given, where the
+    default's quality 1 is over, the pixels family's files too."""
     model, _, _, _ = _model(weights, family, 1)
     low, high = 1, model.qualities
     results: dict[float, bytes] = {}
@@ -514,7 +515,7 @@ def encode_to_target(pixels: np.ndarray, max_bytes: int, weights: str | Path | N
             # The default's lowest quality is over: the pixels family's coarser steps may fit
             # (text, line art: the default's own file is often the pixels family's already).
             data, quality = encode_to_target(pixels, max_bytes, None, icc_profile, exif, effort, "pixels", precision)
-            if len(data) <= max_bytes:
+            if len(data) < len(results[low]):  # it fits, or is the smaller miss
                 return data, quality
         return results[low], low
     while low < high:  # invariant: size_at(low) fits

@@ -10,7 +10,6 @@ torch is imported only by the commands that run the model, so ``nic --help`` and
 
 from __future__ import annotations
 
-import errno
 import math
 import os
 import re
@@ -23,7 +22,7 @@ import time
 import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NoReturn
 
 import click
 
@@ -183,9 +182,9 @@ class _CountingStream:
         try:
             while view.nbytes:
                 taken = self.stream.write(view)
-                if taken == 0:
+                if not taken:  # 0, or None from a non-blocking stream that took nothing
                     raise NicError(f"{self.name}: cannot write (the output takes no more bytes)")
-                view = view[view.nbytes if taken is None else taken:]
+                view = view[taken:]
         except BrokenPipeError:
             raise
         except OSError as exc:
@@ -201,6 +200,33 @@ def _detach_stdout() -> None:
         return
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
+
+
+class PrintedOutput:
+    """stdout for what a command prints (info's fields, bench's tables), as a text file
+    whose write errors are the output's one-line NicError (a full disk behind ``> file``);
+    a reader that went away stays BrokenPipeError (main(): a quiet exit 1)."""
+
+    def _do(self, name: str, *args):
+        try:
+            return getattr(standard("output"), name)(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            _detach_stdout()
+            raise _write_error("-", exc) from None
+
+    def write(self, text: str) -> int:
+        return self._do("write", text)
+
+    def flush(self) -> None:
+        self._do("flush")
+
+    def isatty(self) -> bool:
+        return standard("output").isatty()
+
+    def fileno(self) -> int:
+        return standard("output").fileno()
 
 
 def standard(which: str):
@@ -223,8 +249,7 @@ def atomic_output(name: str, exclusive: bool = False) -> Iterator[_CountingStrea
     is kept, and the output fails (the temporary file is linked, not renamed, into
     place: two processes cannot both find the name free)."""
     if name == "-":
-        if standard("output").isatty():
-            raise NicError("refusing to write binary data to a terminal; use -o FILE or a pipe")
+        check_writable(name)  # not a terminal
         try:
             yield _CountingStream(sys.stdout.buffer, name)
             try:
@@ -395,6 +420,13 @@ def _image_format(target: str, out_format: str, explicit: bool = False) -> str:
     return found
 
 
+def _gray_name(target: str, gray: bool, what: str) -> None:
+    """NicError for colour pixels into a name that says gray (.pgm): Pillow would write a
+    colour PPM under it."""
+    if target.lower().endswith(".pgm") and not gray:
+        raise NicError(f"{target}: a .pgm file is gray and {what} is in colour; name it .ppm or .pnm")
+
+
 def _write_in_place(name: str) -> Iterator[_CountingStream]:
     """atomic_output for a device, a pipe or an open file: nothing to rename. Opened to
     append, so that a redirection's earlier bytes stay (``>> log``); a pipe without a
@@ -505,15 +537,14 @@ def default_output(source: str, suffix: str) -> str:
 
 def _beside_ok(source: str) -> bool:
     """Whether an output may be named after ``source`` and put beside it: not for a pipe,
-    a device or a name in /dev or /proc (/dev/stdin, /dev/fd/63 of ``<(…)``, which may
-    even lead to a regular file), where the name beside it would be nonsense."""
-    if os.path.abspath(source).startswith(("/dev/", "/proc/")):
-        return False
+    a device or an open descriptor's name (/dev/stdin, /dev/fd/63 of ``<(…)``, which may
+    even lead to a regular file: :func:`_in_place`), where the name beside it would be
+    nonsense. A file that is not there passes: reading it says so."""
     try:
         mode = os.stat(source).st_mode
-    except OSError:  # not there: reading it says so
-        return True
-    return stat.S_ISREG(mode) or stat.S_ISDIR(mode)  # (a directory: reading it says so)
+    except OSError:
+        mode = None
+    return not _in_place(source, mode)
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -551,6 +582,8 @@ weights_option = click.option("--weights", type=click.Path(dir_okay=False), defa
                               help="Weights file to use instead of the installed ones.")
 max_pixels_option = click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS,
                                  show_default=True, help="Refuse images with more pixels than this.")
+
+
 def _colour(ctx, param, value: str | None) -> str | None:
     """--background checked when it is given, not when an image first needs it."""
     if value is not None:
@@ -907,8 +940,7 @@ def decode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, out
         from .api import decode_pixels, decode_rows
 
         h = parse_header(data, max_pixels)
-        if target.lower().endswith(".pgm") and h.colour != COLOUR_GRAY:  # Pillow would write colour in it
-            raise NicError(f"{target}: a .pgm file is gray and the image is in colour; name it .ppm or .pnm")
+        _gray_name(target, h.colour == COLOUR_GRAY, "the image")
         arithmetic = run_precision(precision, h.width * h.height)
         note = ""
         if verbose:  # the STEP section of a quality between two: the sections parsed for it
@@ -973,6 +1005,7 @@ def compare(image: str, output: str, target_size: str | None, target_bpp: float 
 
     try:
         fmt = _image_format(output, "png")  # a device, a pipe or stdout: PNG
+        _gray_name(output, False, "the sheet")
     except _domain_errors() as exc:
         raise NicError(str(exc)) from None
     try:
@@ -1065,8 +1098,9 @@ def info(file: str, max_pixels: int) -> None:
             what = metadata.get(kind, "unknown to this nic, skipped when decoding")
             rows.append((f"section {kind.decode(errors='replace')}", f"{len(body)} bytes ({what})"))
     width = max(len(k) for k, _ in rows)
+    printed = PrintedOutput()
     for key, value in rows:
-        click.echo(f"{key:<{width}}  {value}")
+        click.echo(f"{key:<{width}}  {value}", file=printed)
 
 
 def _check_quality(quality: float, weights: str | None, family: str | None) -> None:
@@ -1117,7 +1151,8 @@ def _quality_note(data: bytes, asked: float) -> str:
         from .hyperprior import step_for
 
         # A step between the two trained qualities (STEP), unless it rounds to none.
-        return f"quality {asked:g}" if step_for(asked, header.weights_hash)[1] != UNIT_STEP else f"quality {header.quality}"
+        stepped = step_for(asked, header.weights_hash)[1] != UNIT_STEP
+        return f"quality {asked:g}" if stepped else f"quality {header.quality}"
     return f"quality {header.quality} ({asked:g} asked: {name_of(header.model_id)} files hold trained qualities)"
 
 
@@ -1189,8 +1224,10 @@ def check_device(device: str) -> None:
 @click.option("--lambda", "lambdas", type=click.FloatRange(0, 1e6, min_open=True, max_open=True), multiple=True,
               help="A new model's rate-distortion λ, one per quality, lowest first (repeatable) "
                    "[default: 8 qualities, λ 0.0018 … 0.18]; with --specialize, a new λ for each --quality.")
-@click.option("--N", "N", type=click.IntRange(8), default=128, show_default=True, help="Hidden channels.")
-@click.option("--M", "M", type=click.IntRange(8), default=192, show_default=True, help="Latent channels.")
+@click.option("--N", "N", type=click.IntRange(8), default=None, show_default="128",
+              help="Hidden channels of a new model (a resumed run keeps its own).")
+@click.option("--M", "M", type=click.IntRange(8), default=None, show_default="192",
+              help="Latent channels of a new model (a resumed run keeps its own).")
 @click.option("--patch", type=click.IntRange(16), default=128, show_default=True,
               help="Side of the square training crops, in pixels.")
 @click.option("--batch", type=click.IntRange(1), default=8, show_default=True, help="Crops per step.")
@@ -1298,12 +1335,15 @@ def train(data, out, minutes, steps, qualities, lambdas, N, M, patch, batch, syn
     except OSError as exc:  # the run folder or a data file: named by the error
         forget_empty_run()
         raise NicError(f"{exc.filename or out}: {exc.strerror or exc}") from None
-    except KeyboardInterrupt as exc:  # Ctrl-C, or nic.train.Stopped by SIGTERM: 128 + the signal
-        if (Path(out) / CHECKPOINT_NAME).exists():
-            console.print(f"stopped; checkpoint saved in {out}, run the same command to resume")
-        else:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or nic.train.Stopped by SIGTERM, SIGHUP: 128 + the signal
+        saved = (Path(out) / CHECKPOINT_NAME).exists()
+        if not saved:
             forget_empty_run()
-            console.print("stopped before the first checkpoint: nothing saved")
+        try:  # (after a SIGHUP the terminal may be gone)
+            console.print(f"stopped; checkpoint saved in {out}, run the same command to resume" if saved
+                          else "stopped before the first checkpoint: nothing saved")
+        except OSError:
+            pass
         sys.exit(128 + getattr(exc, "signum", signal.SIGINT))
     console.print(f"checkpoint: {path}")
 
@@ -1410,7 +1450,10 @@ def bench(folder: str | None, qualities: str | None, codecs: str, json_out: str 
             return
         err = stderr_console()
         # The tables go to stderr where stdout carries the JSON or the plot.
-        run_command(opts, out=err if "-" in (json_out, plot_out) else None, err=err)
+        from rich.console import Console
+
+        run_command(opts, out=err if "-" in (json_out, plot_out) else Console(file=PrintedOutput(), highlight=False),
+                    err=err)
     except _domain_errors() as exc:
         raise NicError(str(exc)) from None
 
@@ -1458,7 +1501,7 @@ def bench_hard(qualities: str | None, codecs: str, json_out: str | None, family:
         click.echo(f"{row['image']} q{row['quality']}: {row['bpp']:.3f} bpp, {row['psnr']:.2f} dB", err=True)
 
     rows = run_hard(qualities, codecs, weights, family, report=report, precision=precision)
-    click.echo(hard_table(rows), err=json_out == "-")
+    click.echo(hard_table(rows), err=json_out == "-", file=None if json_out == "-" else PrintedOutput())
     if json_out:
         with atomic_output(json_out) as stream:
             stream.write(json.dumps(json_safe({"hard": rows}), indent=1).encode())
@@ -1474,8 +1517,14 @@ def _warnings_as_lines() -> None:
     warnings.simplefilter("always", UserWarning)
 
 
-WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
-"""The errors of writing to stdout that main() says in one line."""
+def _said(exc: click.ClickException) -> NoReturn:
+    """Say ``exc`` on stderr and exit with its code, which stands where stderr cannot be
+    written (the terminal of a SIGHUP is gone: EIO)."""
+    try:
+        exc.show()
+    except OSError:
+        pass
+    sys.exit(exc.exit_code)
 
 
 def main() -> None:
@@ -1494,15 +1543,11 @@ def main() -> None:
     try:
         code = cli.main(prog_name="nic", standalone_mode=False)
     except click.ClickException as exc:  # NicError, Interrupted, usage errors (exit 2)
-        exc.show()
-        sys.exit(exc.exit_code)
+        _said(exc)
     except (click.Abort, KeyboardInterrupt):  # Ctrl-C before a command started (still parsing)
-        Interrupted().show()
-        sys.exit(130)
+        _said(Interrupted())
     except Terminated as exc:
-        stopped = TerminatedExit(exc.signum)
-        stopped.show()
-        sys.exit(stopped.exit_code)
+        _said(TerminatedExit(exc.signum))
     except BrokenPipeError:  # stdout's reader went away (`nic info a.nic | head -1`): not our error
         _detach_stdout()
         sys.exit(1)
@@ -1516,12 +1561,6 @@ def main() -> None:
     except Exception as exc:  # a bug, not bad input: still one line, unless debugging
         if os.environ.get("NIC_DEBUG"):
             raise
-        if isinstance(exc, OSError) and exc.filename is None and exc.errno in WRITE_ERRORS:
-            # What nic prints (info, bench's tables) into a full disk or a failing device;
-            # its files' errors are NicErrors that name them.
-            click.echo(f"nic: error: -: cannot write ({exc.strerror})", err=True)
-            _detach_stdout()
-            sys.exit(1)
         click.echo(f"nic: internal error: {type(exc).__name__}: {exc} (NIC_DEBUG=1 shows where)", err=True)
         sys.exit(1)
     # --help and --version return click's exit code (0); a finished command returns None.

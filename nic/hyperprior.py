@@ -86,7 +86,7 @@ quality (measured on training photos by tools/step_spans.py; docs/results/hyperp
 section 13). The shipped weights' q1 is a larger step down than the others (λ 0.0011)."""
 
 
-def step_for(quality: float, weights_hash: bytes = b"") -> tuple[int, tuple[int, int]]:
+def step_for(quality: float, weights_hash: bytes) -> tuple[int, tuple[int, int]]:
     """(the trained quality whose networks code, (Δ·256, table shift)) for a quality that
     may lie between two trained ones, with the spans of the weights ``weights_hash``
     where measured. The shift is how many entries of the log-spaced scale table Δ spans,

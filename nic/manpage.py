@@ -48,8 +48,17 @@ several inputs, at least one of them failed (the others were still done)
 .B 2
 a usage error (unknown option, bad value)
 .TP
+.B 129
+hung up (SIGHUP: the terminal closed)
+.TP
 .B 130
-interrupted
+interrupted (Ctrl-C)
+.TP
+.B 143
+terminated (SIGTERM)
+.PP
+A failure or a signal leaves no partial output file; \fBnic train\fR saves its checkpoint
+when stopped by any of the three signals.
 .SH ENVIRONMENT
 .TP
 .B NIC_WEIGHTS_DIR

@@ -41,8 +41,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".p
 class TrainOptions:
     data: list[Path]
     out: Path
-    N: int = 128
-    M: int = 192
+    N: int | None = None  # a new model's hidden channels (default: Config's 128); a resumed run's are its own
+    M: int | None = None  # its latent channels (default: Config's 192)
     patch: int = 128
     batch: int = 8
     synthetic: float = 0.0  # share of crops that are generated hard content (nic.hardset.random_crop)
@@ -301,7 +301,7 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
             raise ValueError("--specialize takes one --lambda per --quality, or none")
         retarget = dict(zip(opts.qualities, lambdas))
         lambdas = MSE_LAMBDAS  # the table comes from --init
-    config = Config(N=opts.N, M=opts.M, lambdas=lambdas)
+    config = Config(N=opts.N or Config.N, M=opts.M or Config.M, lambdas=lambdas)
     model = Codec(config)
     state = None
     if ckpt_path.exists():
@@ -309,9 +309,11 @@ def train(opts: TrainOptions, report: Callable[[dict], None] | None = None,
         config = model.config
         if opts.lambdas and not retarget and config.lambdas != lambdas:
             raise ValueError(f"the checkpoint in {opts.out} was trained for λ {config.lambdas}, not {lambdas}")
-        if opts.init is None and (opts.N, opts.M) != (config.N, config.M):
+        asked = {"N": opts.N, "M": opts.M}
+        other = [f"--{k} {v}" for k, v in asked.items() if v is not None and v != getattr(config, k)]
+        if other and opts.init is None:
             raise ValueError(f"the checkpoint in {opts.out} is a model of --N {config.N} --M {config.M}, "
-                             f"not --N {opts.N} --M {opts.M}: resume with its sizes, or train into another --out")
+                             f"not {' '.join(other)}: resume with its sizes, or train into another --out")
     elif opts.init is not None:
         from .weights import default_weights
 

@@ -6,9 +6,11 @@ import array
 import fcntl
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import termios
 import time
 from pathlib import Path
@@ -551,6 +553,13 @@ def test_no_output_is_named_after_a_pipe_or_a_device(tmp_path):
             assert result.output == f"nic: error: {source}: not a file to write an output beside; name the " \
                                     "output with -o\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):  # files there are files like any
+        shm = Path(tempfile.mkdtemp(dir="/dev/shm"))
+        try:
+            write_png(shm / "a.png", smooth_image(16, 16))
+            assert run_cli("encode", str(shm / "a.png")).exit_code == 0 and (shm / "a.nic").is_file()
+        finally:
+            shutil.rmtree(shm)
 
 
 def test_temporary_file_errors_are_not_blamed_on_the_output(tmp_path, monkeypatch):

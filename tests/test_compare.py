@@ -57,6 +57,8 @@ def test_command_writes_a_sheet_and_refuses_bad_options(tmp_path, tiny_weights):
     assert unnamed.exit_code == 0 and Image.open(tmp_path / "sheet").format == "PNG"  # no extension: PNG
     unknown = runner.invoke(cli, [*args, "--background", "white", "-o", str(tmp_path / "sheet.xyz")])
     assert unknown.exit_code == 1 and "cannot tell the output format" in unknown.output
+    gray = runner.invoke(cli, [*args, "--background", "white", "-o", str(tmp_path / "sheet.pgm")])
+    assert gray.exit_code == 1 and "a .pgm file is gray and the sheet is in colour" in gray.output
     bad = runner.invoke(cli, ["compare", str(tmp_path / "a.png"), "--bpp", "1", "-o", str(tmp_path / "t.png"),
                               "--crop", "40,40,64,64", "--weights", tiny_weights])
     assert bad.exit_code == 1 and "not inside the 64x48 image" in bad.output

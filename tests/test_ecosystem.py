@@ -180,7 +180,10 @@ def test_target_size_below_the_defaults_lowest_quality_tries_the_pixels_family(m
 
     monkeypatch.setattr(api, "encode_pixels", sizes)
     pixels = smooth_image(16, 16)
-    assert [len(x) if i == 0 else x for i, x in enumerate(api.encode_to_target(pixels, 540))] == [500, 5]
+    data, quality = api.encode_to_target(pixels, 540)
+    assert (len(data), quality) == (500, 5)
+    data, quality = api.encode_to_target(pixels, 50)  # none fits: the smallest miss
+    assert (len(data), quality) == (100, 1)
     from nic.weights import installed
 
     assert len(api.encode_to_target(pixels, 540, weights=installed())[0]) == 1001  # over, as the CLI says

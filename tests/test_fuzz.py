@@ -58,11 +58,12 @@ keeps every example under about a second; the limit logic itself is tested with
 ALLOCATION_BOUND = 64 << 20
 """Peak traced (Python + numpy) allocation allowed per decode under FUZZ_MAX_PIXELS."""
 
-HANG_SECONDS = 600
-"""A fuzz test running this long is hung (each takes seconds, under a minute on a slow
-machine): faulthandler dumps every thread and exits (``watchdog``)."""
-
 EXAMPLES = int(os.environ.get("NIC_FUZZ_EXAMPLES", "0")) or None
+
+HANG_SECONDS = 600 * max(1.0, (EXAMPLES or 0) / 800)
+"""A fuzz test running this long is hung (each takes seconds, under a minute on a slow
+machine, at the CI's 800 examples or fewer; scaled with NIC_FUZZ_EXAMPLES): faulthandler
+dumps every thread and exits (``watchdog``)."""
 
 INTERESTING = (0, 1, 2, 3, 4, 7, 8, 15, 16, 17, 31, 32, 33, 127, 128, 191, 192, 193, 255, 256,
                0x7FFF, 0x8000, 0xFFFF, 0x10000, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF)

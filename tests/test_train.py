@@ -201,7 +201,9 @@ def test_lambda_sets_up_a_new_model(tmp_path, photos):
     assert result.exit_code == 1 and "was trained for λ" in result.output
     wider = [*args[:-len(TINY)], *TINY, "--N", "16"]  # and so is resuming as another size of model
     result = CliRunner().invoke(cli, wider)
-    assert result.exit_code == 1 and "is a model of --N 8 --M 8, not --N 16 --M 8" in result.output
+    assert result.exit_code == 1 and "is a model of --N 8 --M 8, not --N 16: resume with its sizes" in result.output
+    sizes_left_out = [a for a in args if a not in ("--N", "--M", "8")]  # resumed as it is
+    assert CliRunner().invoke(cli, sizes_left_out).exit_code == 0
     result = CliRunner().invoke(cli, ["train", str(photos), "--out", str(tmp_path / "r2"), "--steps", "1",
                                       "--lambda", "0.02", "--quality", "3", *TINY])
     assert result.exit_code == 1 and "qualities 1..1" in result.output

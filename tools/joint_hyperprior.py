@@ -18,7 +18,7 @@ Every ``--validate-minutes`` (and at the start and end) it codes the held-out ph
 with the float h_s: bits of round(y − μ) under the Gaussian tables' own density, ẑ's
 bits by its density, PSNR of the 8-bit output, and prints them next to the factorized
 family's on the same photos. The state (``RUN/qQ-joint.pt``: the pair, the gains, the
-hyper-networks, the optimizer, the step) is saved every few minutes and on SIGTERM;
+hyper-networks, the optimizer, the step) is saved every few minutes and on SIGTERM or SIGHUP;
 running the same command again resumes. ``tools/hyperprior_quality.py`` and
 ``tools/train_hyperprior.py --export`` take the joint state when it exists.
 
@@ -455,7 +455,9 @@ def main() -> None:
     run = Run(args)
     if run.step == 0:
         run.reference()
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    for signum in (signal.SIGTERM, signal.SIGHUP):  # saved as on Ctrl-C (SIGHUP: unless nohup ignores it)
+        if signal.getsignal(signum) != signal.SIG_IGN:
+            signal.signal(signum, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         run.train()
     except KeyboardInterrupt:
