@@ -821,11 +821,11 @@ def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, qua
     """Encode images IN... (PNG, JPEG, WebP, TIFF, …; '-' for stdin) to .nic."""
     if sum(x is not None for x in (quality, target_size, target_bpp)) > 1:
         raise click.UsageError("give one of -q, --size and --bpp")
+    if quality is not None:
+        _check_quality(quality, weights, family)
     if effort > 1 and quality is not None and quality != int(quality) and weights is None \
             and family in (None, DEFAULT_FAMILY):
         raise click.UsageError(f"a quality between the trained ones (-q {quality:g}) is coded at effort 1 only")
-    if quality is not None:
-        _check_quality(quality, weights, family)
     max_bytes = parse_size(target_size) if target_size is not None else None
     pairs = plan_outputs(inputs, output, out_dir, ".nic")
     keep = output is None and out_dir is None and not force  # files beside the inputs stay

@@ -189,6 +189,8 @@ def test_quality_beyond_the_weights_is_a_usage_error(tmp_path):
         assert result.exit_code == 2, result.output
         assert result.output.count("9 is above 8, the highest quality of the hyperprior model") == 1, result.output
         assert sorted(p.name for p in tmp_path.iterdir()) == ["img.png"]
+    result = CliRunner().invoke(cli, ["encode", str(source), "-q", "8.5", "-e", "2", "-o", str(tmp_path / "x.nic")])
+    assert result.exit_code == 2 and "8.5 is above 8" in result.output  # (not "effort 1 only")
 
 
 def test_failed_encode_never_clobbers_existing_output(tmp_path):
