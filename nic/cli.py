@@ -568,12 +568,18 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+LOG_WIDTH = 160
+"""Columns of rich's tables written to a file or a pipe (rich's own default there is 80,
+which cut bench's codec names to 'factori…' in a log)."""
+
+
 def stderr_console():
     from rich.console import Console
 
     # File names are printed as given: with markup on, 'a[bold]b.png' would lose its
     # brackets and 'no[/x].png' would raise MarkupError; ':fire:' would become an emoji.
-    return Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
+    return Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False,
+                   width=None if sys.stderr is None or sys.stderr.isatty() else LOG_WIDTH)
 
 
 threads_option = click.option("-j", "--threads", type=click.IntRange(1, 1024), default=None,
@@ -864,6 +870,8 @@ def encode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, qua
             note = f"quality {chosen:g} chosen for ≤ {limit} bytes, effort {effort}"
             if len(result) > limit:
                 note += " (not reached: even quality 1 is larger)"
+            elif effort > 1 and chosen == int(chosen):
+                note += " (above effort 1, only the trained qualities)"
         size = write_output(target, result, keep)
         return len(data), size, count, size, f"{note}, {arithmetic}{_coded_as([result])}, {w}x{h}"
 
@@ -1452,8 +1460,9 @@ def bench(folder: str | None, qualities: str | None, codecs: str, json_out: str 
         # The tables go to stderr where stdout carries the JSON or the plot.
         from rich.console import Console
 
-        run_command(opts, out=err if "-" in (json_out, plot_out) else Console(file=PrintedOutput(), highlight=False),
-                    err=err)
+        printed = PrintedOutput()
+        out = Console(file=printed, highlight=False, width=None if printed.isatty() else LOG_WIDTH)
+        run_command(opts, out=err if "-" in (json_out, plot_out) else out, err=err)
     except _domain_errors() as exc:
         raise NicError(str(exc)) from None
 
