@@ -1418,6 +1418,15 @@ def bench(folder: str | None, qualities: str | None, codecs: str, json_out: str 
     standard("output")  # its tables
     if (folder is None) == (not hard):
         raise click.UsageError("give DIR, or --hard for the generated hard-content set (not both)")
+    from .bench import parse_codecs, parse_qualities
+
+    try:  # the options' own errors are usage errors, as encode's are
+        parse_codecs(codecs)
+        asked = parse_qualities(qualities, 255) if qualities is not None else []
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if asked:
+        _check_quality(max(asked), weights, family)
     if hard and (report_dir or plot_out or speed or limit or compare or effort != 1):
         raise click.UsageError("--hard takes -q, --codecs, --json, --model and --weights only")
     if report_dir and (speed or json_out or plot_out):

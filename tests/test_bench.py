@@ -391,7 +391,9 @@ def test_bench_command_refuses_bad_options(tmp_path):
     Image.fromarray(smooth_image(32, 32)).save(folder / "a.png")
     runner = CliRunner()
     bad_codec = runner.invoke(cli, ["bench", str(folder), "--codecs", "gif"])
-    assert bad_codec.exit_code == 1 and "unknown codec" in bad_codec.output
+    assert bad_codec.exit_code == 2 and "unknown codec" in bad_codec.output  # usage errors, as encode's are
+    beyond = runner.invoke(cli, ["bench", str(folder), "--codecs", "none", "-q", "9"])
+    assert beyond.exit_code == 2 and "9 is above 8, the highest quality" in beyond.output
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "no images" in runner.invoke(cli, ["bench", str(empty)]).output
