@@ -406,8 +406,9 @@ def _or_pixels(pixels: np.ndarray, data: bytes, quality: int, channels: int, gra
     rule (``weight``: λ/channels of the requested quality); else ``data``. The pixel step
     of ``quality`` (nic.pixels.step_of; the quality whose networks coded ``data``, so 3.5
     takes 4's) tells the search whether lossy dictionary codings are worth a try. Above
-    effort 1 a dictionary coding, once chosen, is compressed again with the effort's
-    stronger preset (nic.pixels.stronger)."""
+    effort 1 every step of the search's ladder is priced (nic.pixels.cheapest's
+    ``exhaustive``), and a dictionary coding, once chosen, is compressed again with the
+    effort's stronger preset (nic.pixels.stronger)."""
     from . import pixels as family_pixels
 
     model_bits = _coded_bits(data)
@@ -422,7 +423,8 @@ def _or_pixels(pixels: np.ndarray, data: bytes, quality: int, channels: int, gra
 
     quality = min(quality, family_pixels.MODEL.qualities)  # the step's hint: the step itself is in the file
     found = family_pixels.cheapest(pixels, model_bits - 8.0 * PIXELS_OVERHEAD,
-                                   GROWTH * model_bits - 8.0 * PIXELS_OVERHEAD, cost, family_pixels.step_of(quality))
+                                   GROWTH * model_bits - 8.0 * PIXELS_OVERHEAD, cost, family_pixels.step_of(quality),
+                                   exhaustive=effort > 1)
     if found is None:
         return data
     other = _pixels_file(found, pixels, quality, channels, gray_rgb, icc_profile, exif, effort)

@@ -923,7 +923,7 @@ WALK = 4
 
 
 def cheapest(pixels: np.ndarray, gate_bits: float, limit_bits: float, cost: Callable[[Trial], float | None],
-             step: int = 1) -> Trial | None:
+             step: int = 1, exhaustive: bool = False) -> Trial | None:
     """A trial (kept) of least ``cost(trial)`` (None: not a choice) among those whose
     code fits in ``limit_bits``: the dictionary coding's, lossless (:func:`dictionary_trial`;
     taken as it is where it fits ``gate_bits``: exact, and no larger than the model's)
@@ -932,7 +932,8 @@ def cheapest(pixels: np.ndarray, gate_bits: float, limit_bits: float, cost: Call
     (:func:`_scanned_cheapest`); or None. A photo costs two or three estimates: where
     the scan's lossless code and the dictionary's (:func:`_dictionary_estimate`, lossless
     and at ``step``) are all more than :data:`LOSSLESS_GATE` times ``gate_bits`` (the
-    model's file), nothing is tried."""
+    model's file), nothing is tried. ``exhaustive`` (effort 2 and up): every step of the
+    ladder past the finest that fits is priced, not only the walk's while the cost falls."""
     height, width = pixels.shape[:2]
     if height * width > MAX_PIXELS:
         return None
@@ -955,23 +956,23 @@ def cheapest(pixels: np.ndarray, gate_bits: float, limit_bits: float, cost: Call
     # its values quantized to a step repeat where the exact ones do not. Up to 10 trials:
     # only where the estimate at the quality's step says they could pay, small images too.
     if step > 1 and _dictionary_estimate(pixels, step) <= gate:
-        options.append(_dictionary_cheapest(pixels, limit_bits, cost))
+        options.append(_dictionary_cheapest(pixels, limit_bits, cost, exhaustive))
     if estimate <= gate:
-        options.append(_scanned_cheapest(pixels, estimate, gate_bits, limit_bits, cost))
+        options.append(_scanned_cheapest(pixels, estimate, gate_bits, limit_bits, cost, exhaustive))
     priced = [(price, n, found) for n, found in enumerate(options)
               if found is not None and (price := cost(found)) is not None]
     return min(priced)[2] if priced else None
 
 
-def _dictionary_cheapest(pixels: np.ndarray, limit_bits: float, cost: Callable[[Trial], float | None]
-                         ) -> Trial | None:
+def _dictionary_cheapest(pixels: np.ndarray, limit_bits: float, cost: Callable[[Trial], float | None],
+                         exhaustive: bool = False) -> Trial | None:
     """The dictionary coding at the ladder step above 1 of least ``cost(trial)`` among
     those whose code fits in ``limit_bits``, or None (:func:`_ladder_cheapest`)."""
-    return _ladder_cheapest(lambda n: dictionary_trial(pixels, LADDER[n]), 1, limit_bits, cost)
+    return _ladder_cheapest(lambda n: dictionary_trial(pixels, LADDER[n]), 1, limit_bits, cost, None, exhaustive)
 
 
 def _scanned_cheapest(pixels: np.ndarray, estimate: float, gate_bits: float, limit_bits: float,
-                      cost: Callable[[Trial], float | None]) -> Trial | None:
+                      cost: Callable[[Trial], float | None], exhaustive: bool = False) -> Trial | None:
     """The scan's trial (kept) of the ladder step of least ``cost(trial)`` among those
     whose code fits in ``limit_bits``, or None: a scan at step 1 where the lossless
     ``estimate`` fits the limit (taken as it is where it fits ``gate_bits``: exact, and
@@ -987,22 +988,24 @@ def _scanned_cheapest(pixels: np.ndarray, estimate: float, gate_bits: float, lim
     if found is not None and found.bits() <= limit_bits:
         if found.bits() <= gate_bits:  # exact, in no more bits than the model's file: kept as it is
             return found if keep else trial(pixels, found.step, keep=True)
-        best = _ladder_cheapest(scan, 0, limit_bits, cost, start=found)
+        best = _ladder_cheapest(scan, 0, limit_bits, cost, found, exhaustive)
     else:
-        best = _ladder_cheapest(scan, 1 if found is not None else 0, limit_bits, cost)
+        best = _ladder_cheapest(scan, 1 if found is not None else 0, limit_bits, cost, None, exhaustive)
     if best is None:
         return None
     return best if keep else trial(pixels, best.step, keep=True)
 
 
 def _ladder_cheapest(make: Callable[[int], Trial], low: int, limit_bits: float,
-                     cost: Callable[[Trial], float | None], start: Trial | None = None) -> Trial | None:
+                     cost: Callable[[Trial], float | None], start: Trial | None = None,
+                     exhaustive: bool = False) -> Trial | None:
     """The trial (``make(n)``: LADDER[n]'s) of least ``cost(trial)`` among those whose
     code fits in ``limit_bits``, or None: a bisection over LADDER[low:] for the finest
     step that fits (sizes fall with the step only roughly: a step that fits, not always
     the finest), or LADDER[low] itself given its trial ``start`` (which fits), then a
     trial per coarser step not made yet, up to :data:`WALK` of them, until one costs more
-    than the best so far."""
+    than the best so far; with ``exhaustive``, every coarser step (the cost is not convex
+    in the step: the zone plate at q4 has a cheaper minimum further on)."""
     # The bisection's trials that fit and lie within the walk's reach of the finest so far:
     # the walk comes back to them (a few at a time, however large the image).
     fitting: dict[int, Trial] = {}
@@ -1028,10 +1031,10 @@ def _ladder_cheapest(make: Callable[[int], Trial], low: int, limit_bits: float,
                 low = middle + 1
         n = high
     best, least = found, cost(found)
-    for m in range(n + 1, min(len(LADDER), n + 1 + WALK)):
+    for m in range(n + 1, len(LADDER) if exhaustive else min(len(LADDER), n + 1 + WALK)):
         attempt = at(m)
         price = cost(attempt)
-        if price is None:
+        if price is None or (exhaustive and least is not None and price >= least):
             continue
         if least is not None and price >= least:
             break

@@ -387,3 +387,24 @@ def test_a_flat_colour_costs_at_most_0_02_bpp_at_every_quality():
         data = api.encode_pixels(flat, quality)
         assert 8 * len(data) / flat[..., 0].size <= 0.02
         assert np.array_equal(api.decode_pixels(data).pixels, flat)
+
+
+def test_the_ladder_walk_stops_where_the_cost_rises_and_the_exhaustive_search_does_not():
+    """The encoder's search over the step ladder: the walk (effort 1) stops at the first
+    coarser step that costs more; above effort 1 every step is priced, since the cost is
+    not convex in the step (the zone plate at q4 has a cheaper minimum further on)."""
+    costs = [9.0, 5.0, 6.0, 4.5, 7.0, 8.0, 1.0] + [9.0] * (len(pixels.LADDER) - 7)
+
+    class Priced:
+        def __init__(self, n: int):
+            self.n = n
+
+        def bits(self) -> float:
+            return 100.0 - self.n  # every step fits; coarser is smaller
+
+    def cost(found: Priced) -> float:
+        return costs[found.n]
+
+    walked = pixels._ladder_cheapest(Priced, 1, 100.0, cost, start=Priced(1))
+    searched = pixels._ladder_cheapest(Priced, 1, 100.0, cost, start=Priced(1), exhaustive=True)
+    assert (walked.n, searched.n) == (1, 6)
