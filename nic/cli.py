@@ -305,7 +305,10 @@ def check_writable(name: str) -> None:
             raise NicError("refusing to write binary data to a terminal; use -o FILE or a pipe")
         return
     path = _output_path(name)
-    if path is None:
+    if path is None:  # written in place: refused there too if it is this process's terminal
+        fd = _descriptor(name)
+        if fd is not None and _isatty(fd):
+            raise NicError(f"{name}: refusing to write binary data to a terminal")
         return
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
@@ -313,6 +316,28 @@ def check_writable(name: str) -> None:
     if not os.access(folder, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
         raise NicError(f"{name}: permission denied")
     _replaced_mode(path, name)
+
+
+def _descriptor(name: str) -> int | None:
+    """The descriptor of this process that an output name is (/dev/stdout: 1, /dev/fd/N,
+    /proc/self/fd/N), or None."""
+    for step in _link_chain(name):
+        match = re.fullmatch(r"/dev/(stdout|stderr)|/dev/fd/([0-9]+)|/proc/(?:self|thread-self|([0-9]+))"
+                             r"(?:/task/[0-9]+)?/fd/([0-9]+)", step)
+        if match is None:
+            continue
+        named, fd, pid, proc_fd = match.groups()
+        if pid is not None and int(pid) != os.getpid():
+            return None
+        return {"stdout": 1, "stderr": 2}[named] if named else int(fd if fd is not None else proc_fd)
+    return None
+
+
+def _isatty(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
 
 
 def _replaced_mode(path: Path, name: str) -> int:

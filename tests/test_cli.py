@@ -214,6 +214,12 @@ def test_unwritable_destination_is_a_clean_error_before_any_work(tmp_path, monke
     for extra in ([], ["--size", "1KB"]):
         result = CliRunner().invoke(cli, ["encode", str(src), "-o", str(tmp_path / "no" / "dir" / "x.nic"), *extra])
         assert result.exit_code == 1 and result.output.endswith("x.nic: directory does not exist\n"), result.output
+    from nic import cli as cli_module
+
+    monkeypatch.setattr(cli_module, "_isatty", lambda fd: fd == 1)  # /dev/stdout: a terminal
+    result = CliRunner().invoke(cli, ["encode", str(src), "-o", "/dev/stdout"])
+    assert result.exit_code == 1 and result.output == "nic: error: /dev/stdout: refusing to write binary data to " \
+                                                      "a terminal\n"
 
 
 def test_corrupt_file_is_refused_by_decode(tmp_path):
