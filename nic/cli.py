@@ -964,7 +964,7 @@ def decode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, out
 
     def work(source: str, target: str, batch: bool):
         from .container import COLOUR_GRAY, SECTION_STEP, parse_header, unpack, unpack_step
-        from .images import write_image
+        from .images import SIDE_LIMITS, write_image
         from .streaming import STREAMED_FORMATS, row_writer
 
         data = read_nic_input(source, max_pixels)
@@ -974,6 +974,10 @@ def decode(inputs: tuple[str, ...], output: str | None, out_dir: str | None, out
 
         h = parse_header(data, max_pixels)
         _gray_name(target, h.colour == COLOUR_GRAY, "the image")
+        side = SIDE_LIMITS.get(fmt)
+        if side is not None and max(h.width, h.height) > side:  # said now, not after the decode
+            raise NicError(f"{target}: {fmt} holds at most {side} pixels a side, the image is {h.width}x{h.height}; "
+                           "use .png or .tif")
         arithmetic = run_precision(precision, h.width * h.height)
         note = ""
         if verbose:  # the STEP section of a quality between two: the sections parsed for it

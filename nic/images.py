@@ -131,6 +131,14 @@ REFUSED_FORMATS = frozenset({"EPS"})
 ORIENTATION = 0x0112
 """The EXIF orientation tag: nic stores pixels upright, so stored EXIF goes without it."""
 
+LAYOUT_TAGS = (256, 257, 258, 259, 262, 266, 273, 277, 278, 279, 280, 281, 284, 317, 320, 322, 323, 324, 325,
+               338, 339, 347, 34675)
+"""Tags of a TIFF's first IFD that describe that file's own pixels, not the picture:
+its size, bit depth, compression, strips and tiles, sample format and layout, and its
+ICC profile (kept as the ICC). A TIFF input's getexif() holds them; stored in the .nic
+EXIF, they would tell readers of the decoded image a wrong size (before the turn
+upright) and depth (16 for 8) and offsets into a file that is not there."""
+
 
 def input_formats() -> list[str]:
     """The Pillow formats nic reads: all it has, less REFUSED_FORMATS."""
@@ -255,16 +263,15 @@ def read_image(data: bytes, background: str | None = None, max_pixels: int | Non
 
 def image_metadata(im: Image.Image) -> tuple[bytes | None, bytes | None]:
     """(ICC profile, EXIF) of an image, EXIF without its orientation tag, since nic
-    stores pixels already turned upright."""
+    stores pixels already turned upright, and without a TIFF's layout (LAYOUT_TAGS)."""
     icc = im.info.get("icc_profile") or None
     try:
-        exif = im.getexif()  # the image's own (Pillow caches it): the tag is put back below
-        orientation = exif.pop(ORIENTATION, None)
+        exif = im.getexif()  # the image's own (Pillow caches it): the tags are put back below
+        taken = {tag: exif.pop(tag) for tag in (ORIENTATION, *LAYOUT_TAGS) if tag in exif}
         try:
             exif_bytes = exif.tobytes() if len(exif) else None
         finally:
-            if orientation is not None:  # the caller's image keeps its tag (a second encode turns it again)
-                exif[ORIENTATION] = orientation
+            exif.update(taken)  # the caller's image keeps its tags (a second encode turns it again)
     except Exception:  # unreadable EXIF is dropped, not fatal: the pixels are what matter
         exif_bytes = None
     return icc, exif_bytes
@@ -286,6 +293,9 @@ def output_format(name: str | None) -> str:
                          + ", ".join(sorted(OUTPUT_FORMATS)))
     return OUTPUT_FORMATS[suffix]
 
+
+SIDE_LIMITS = {"WEBP": 16383, "JPEG": 65500}
+"""The most pixels a side an output format holds (libwebp's and libjpeg's limits)."""
 
 METADATA_FORMATS = {"PNG", "JPEG", "WEBP", "TIFF"}
 """Output formats that can carry an ICC profile and EXIF through Pillow."""

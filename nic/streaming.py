@@ -36,7 +36,7 @@ from PIL import Image, ImageColor
 
 from . import engine
 from .container import MAX_SECTION
-from .images import ORIENTATION, ImageError, pixels_from_image
+from .images import LAYOUT_TAGS, ORIENTATION, ImageError, pixels_from_image
 
 __all__ = ["RowReader", "RowWriter", "STREAMED_FORMATS", "open_rows", "row_writer"]
 
@@ -365,14 +365,15 @@ def _icc_profile(body: bytes) -> bytes | None:
 
 
 def _exif_without_orientation(body: bytes) -> bytes | None:
-    """EXIF bytes without the orientation tag, None when nothing is left, as
-    images.image_metadata makes them. An orientation to apply, or EXIF that Pillow
+    """EXIF bytes without the orientation tag and a TIFF's layout tags, None when nothing
+    is left, as images.image_metadata makes them. An orientation to apply, or EXIF that Pillow
     fails to parse (it then half-loads it), leaves the file to the whole-image path."""
     exif = Image.Exif()
     try:
         exif.load(b"Exif\x00\x00" + body)  # as PngImagePlugin stores it in info["exif"]
         orientation = exif.get(ORIENTATION)
-        exif.pop(ORIENTATION, None)
+        for tag in (ORIENTATION, *LAYOUT_TAGS):
+            exif.pop(tag, None)
         data = exif.tobytes() if len(exif) else None
     except Exception:  # any parse failure: Pillow's own handling decides
         raise _LeaveToPillow from None

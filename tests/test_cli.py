@@ -641,6 +641,21 @@ def test_format_applies_to_stdout(tmp_path):
         assert Image.open(io.BytesIO(out)).format == {"jpg": "JPEG", "ppm": "PPM"}.get(args[-1], "PNG")
 
 
+def test_an_image_larger_than_its_output_format_holds_is_refused_before_decoding(tmp_path, monkeypatch):
+    """WebP holds at most 16383 pixels a side: a 20000-wide panorama was refused by libwebp
+    after its whole decode (27 s); the header says it first."""
+    from nic import api, images
+
+    src = write_png(tmp_path / "in.png", smooth_image(16, 24))
+    assert run_cli("encode", str(src), "-o", str(tmp_path / "a.nic")).exit_code == 0
+    monkeypatch.setitem(images.SIDE_LIMITS, "WEBP", 20)  # a 24-wide image over it
+    monkeypatch.setattr(api, "decode_pixels", lambda *a, **k: pytest.fail("decoded before the size was checked"))
+    result = CliRunner().invoke(cli, ["decode", str(tmp_path / "a.nic"), "-o", str(tmp_path / "a.webp")])
+    assert result.exit_code == 1 and result.output.endswith(
+        "a.webp: WEBP holds at most 20 pixels a side, the image is 24x16; use .png or .tif\n"), result.output
+    assert not (tmp_path / "a.webp").exists()
+
+
 def test_format_names_the_format_of_an_output_without_an_extension_and_may_not_contradict_one(tmp_path):
     src = write_png(tmp_path / "in.png", smooth_image(16, 24))
     assert run_cli("encode", str(src), "-o", str(tmp_path / "a.nic")).exit_code == 0

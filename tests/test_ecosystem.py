@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -107,6 +109,24 @@ def test_an_exif_rotated_image_is_turned_upright_every_time_and_left_as_it_was(t
     with Image.open(tmp_path / "saved.nic") as out:
         assert out.size == (40, 56) and 0x0112 not in out.getexif()
         assert out.getexif().get(0x010F) == "nic test camera"
+
+
+def test_a_tiffs_layout_tags_are_not_kept_as_exif(tmp_path):
+    """A TIFF's getexif() holds its own size, depth, strips and ICC profile: the .nic
+    file's EXIF keeps the picture's tags (the camera) and not those, which would tell the
+    decoded image's readers a wrong size and depth; the caller's image keeps them."""
+    exif = Image.Exif()
+    exif[0x010F] = "nic test camera"
+    exif[0x0112] = 6
+    Image.fromarray(smooth_image(24, 40)).save(tmp_path / "in.tif", exif=exif.tobytes(),
+                                               icc_profile=icc_profile(b"fake-icc"))
+    with Image.open(tmp_path / "in.tif") as im:
+        assert {256, 257, 258, 273, 34675} <= set(im.getexif())
+        data = nic.encode(im)
+        assert {256, 257, 258, 273, 34675} <= set(im.getexif())
+    with Image.open(io.BytesIO(data)) as out:
+        assert sorted(out.getexif()) == [0x010F] and out.size == (24, 40)
+        assert out.info.get("icc_profile") == icc_profile(b"fake-icc")
 
 
 def test_pillow_save_strip_and_explicit_metadata(tmp_path):
