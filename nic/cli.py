@@ -322,14 +322,14 @@ def _descriptor(name: str) -> int | None:
     """The descriptor of this process that an output name is (/dev/stdout: 1, /dev/fd/N,
     /proc/self/fd/N), or None."""
     for step in _link_chain(name):
-        match = re.fullmatch(r"/dev/(stdout|stderr)|/dev/fd/([0-9]+)|/proc/(?:self|thread-self|([0-9]+))"
-                             r"(?:/task/[0-9]+)?/fd/([0-9]+)", step)
+        match = IN_PLACE.fullmatch(step)
         if match is None:
             continue
-        named, fd, pid, proc_fd = match.groups()
-        if pid is not None and int(pid) != os.getpid():
+        if match["pid"] is not None and int(match["pid"]) != os.getpid():
             return None
-        return {"stdout": 1, "stderr": 2}[named] if named else int(fd if fd is not None else proc_fd)
+        if match["named"]:
+            return {"stdin": 0, "stdout": 1, "stderr": 2}[match["named"]]
+        return int(match["fd"] if match["fd"] is not None else match["proc_fd"])
     return None
 
 
@@ -370,7 +370,8 @@ def _linked(tmp: str, path: Path, name: str) -> bool:
     return True
 
 
-IN_PLACE = re.compile(r"/dev/(stdin|stdout|stderr|fd/[0-9]+)|/proc/(self|thread-self|[0-9]+)(/task/[0-9]+)?/fd/[0-9]+")
+IN_PLACE = re.compile(r"/dev/(?P<named>stdin|stdout|stderr)|/dev/fd/(?P<fd>[0-9]+)"
+                      r"|/proc/(?:self|thread-self|(?P<pid>[0-9]+))(?:/task/[0-9]+)?/fd/(?P<proc_fd>[0-9]+)")
 """Names of an open descriptor's file, written in place: /dev/stdout, /dev/fd/N (``>(…)``),
 /proc/self/fd/N. Resolved, they name the file the descriptor holds, which a rename would
 replace (and a redirection's ``>>`` would lose its earlier lines). Other names under

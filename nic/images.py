@@ -266,15 +266,21 @@ def image_metadata(im: Image.Image) -> tuple[bytes | None, bytes | None]:
     stores pixels already turned upright, and without a TIFF's layout (LAYOUT_TAGS)."""
     icc = im.info.get("icc_profile") or None
     try:
-        exif = im.getexif()  # the image's own (Pillow caches it): the tags are put back below
-        taken = {tag: exif.pop(tag) for tag in (ORIENTATION, *LAYOUT_TAGS) if tag in exif}
-        try:
-            exif_bytes = exif.tobytes() if len(exif) else None
-        finally:
-            exif.update(taken)  # the caller's image keeps its tags (a second encode turns it again)
+        exif_bytes = stored_exif(im.getexif())  # the image's own (Pillow caches it), left as it was
     except Exception:  # unreadable EXIF is dropped, not fatal: the pixels are what matter
         exif_bytes = None
     return icc, exif_bytes
+
+
+def stored_exif(exif: Image.Exif) -> bytes | None:
+    """EXIF bytes as nic stores them: without the orientation tag (the pixels are stored
+    upright) and a TIFF's layout (LAYOUT_TAGS); None when nothing is left. ``exif`` keeps
+    its tags (a caller's image turns again on a second encode)."""
+    taken = {tag: exif.pop(tag) for tag in (ORIENTATION, *LAYOUT_TAGS) if tag in exif}
+    try:
+        return exif.tobytes() if len(exif) else None
+    finally:
+        exif.update(taken)
 
 
 def image_from_pixels(pixels: np.ndarray) -> Image.Image:

@@ -1034,9 +1034,11 @@ def _ladder_cheapest(make: Callable[[int], Trial], low: int, limit_bits: float,
     for m in range(n + 1, len(LADDER) if exhaustive else min(len(LADDER), n + 1 + WALK)):
         attempt = at(m)
         price = cost(attempt)
-        if price is None or (exhaustive and least is not None and price >= least):
+        if price is None:
             continue
         if least is not None and price >= least:
+            if exhaustive:
+                continue
             break
         best, least = attempt, price
     return best if least is not None else None

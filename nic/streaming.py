@@ -36,7 +36,7 @@ from PIL import Image, ImageColor
 
 from . import engine
 from .container import MAX_SECTION
-from .images import LAYOUT_TAGS, ORIENTATION, ImageError, pixels_from_image
+from .images import ORIENTATION, ImageError, pixels_from_image, stored_exif
 
 __all__ = ["RowReader", "RowWriter", "STREAMED_FORMATS", "open_rows", "row_writer"]
 
@@ -372,9 +372,7 @@ def _exif_without_orientation(body: bytes) -> bytes | None:
     try:
         exif.load(b"Exif\x00\x00" + body)  # as PngImagePlugin stores it in info["exif"]
         orientation = exif.get(ORIENTATION)
-        for tag in (ORIENTATION, *LAYOUT_TAGS):
-            exif.pop(tag, None)
-        data = exif.tobytes() if len(exif) else None
+        data = stored_exif(exif)
     except Exception:  # any parse failure: Pillow's own handling decides
         raise _LeaveToPillow from None
     if orientation not in (None, 1):
